@@ -1,0 +1,357 @@
+//! One connection to one peer, and its typed requests.
+//!
+//! A [`Client`] owns a QUIC connection (pinned mutual TLS, see `tls`) and opens one bidirectional
+//! stream per request. Every error names the peer. [`PeerSource`] adapts a client to the download
+//! engine's [`ChunkSource`]. Scheduling across peers is not done here.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::AsyncReadExt;
+
+use crate::download::{ChunkSource, SourceError};
+use crate::manifest::{FileName, Hash32, Manifest};
+use crate::peers::PeerId;
+use crate::protocol::{
+    self, CloseCode, ErrorKind, FileEntry, MAX_RESPONSE_LEN, ProtocolError, RemoteError, Request,
+    Response,
+};
+use crate::tls::SERVER_NAME;
+
+/// How long connecting (UDP + QUIC + TLS handshake) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Upload stream buffer, in bytes.
+const UPLOAD_BUF: usize = 256 * 1024;
+
+/// A request to a peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No connection could be made.
+    #[error("cannot reach {peer} at {addr}: {reason}")]
+    Unreachable {
+        /// Who.
+        peer: PeerId,
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The connection broke.
+    #[error("{peer}: connection lost: {source}")]
+    Connection {
+        /// Who.
+        peer: PeerId,
+        /// The QUIC error.
+        source: quinn::ConnectionError,
+    },
+    /// A stream failed or carried bad data.
+    #[error("{peer}: {source}")]
+    Protocol {
+        /// Who.
+        peer: PeerId,
+        /// What went wrong.
+        source: ProtocolError,
+    },
+    /// The peer answered with an error.
+    #[error("{peer}: {source}")]
+    Remote {
+        /// Who.
+        peer: PeerId,
+        /// Its answer.
+        source: RemoteError,
+    },
+    /// The peer answered with something that does not fit the request.
+    #[error("{peer}: unexpected answer to {request}")]
+    Unexpected {
+        /// Who.
+        peer: PeerId,
+        /// Which request.
+        request: &'static str,
+    },
+    /// A local file could not be read.
+    #[error("reading {path}: {source}")]
+    Local {
+        /// Which file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+impl ClientError {
+    /// Whether the connection is unusable from now on.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, Self::Unreachable { .. } | Self::Connection { .. })
+    }
+
+    /// The remote error kind, if the peer answered with one.
+    pub fn remote_kind(&self) -> Option<ErrorKind> {
+        match self {
+            Self::Remote { source, .. } => Some(source.kind),
+            _ => None,
+        }
+    }
+}
+
+/// What an upload achieved at one peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadStatus {
+    /// The peer stored the file.
+    Stored,
+    /// The peer already served an identical file.
+    AlreadyPresent,
+}
+
+/// A live connection to one peer.
+#[derive(Debug, Clone)]
+pub struct Client {
+    peer: PeerId,
+    conn: quinn::Connection,
+}
+
+impl Client {
+    /// Connects to `peer` at `addr` with `config` (which pins its certificate).
+    pub async fn connect(
+        endpoint: &quinn::Endpoint,
+        config: quinn::ClientConfig,
+        peer: &PeerId,
+        addr: SocketAddr,
+    ) -> Result<Self, ClientError> {
+        let unreachable = |reason: String| ClientError::Unreachable {
+            peer: peer.clone(),
+            addr,
+            reason,
+        };
+        let connecting = endpoint
+            .connect_with(config, addr, SERVER_NAME)
+            .map_err(|e| unreachable(e.to_string()))?;
+        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Err(_) => {
+                return Err(unreachable(format!(
+                    "no answer within {}s (is `qnode --peer {peer} serve` running?)",
+                    CONNECT_TIMEOUT.as_secs()
+                )));
+            }
+            Ok(Err(e)) => return Err(unreachable(describe_handshake_error(peer, &e))),
+            Ok(Ok(c)) => c,
+        };
+        Ok(Self {
+            peer: peer.clone(),
+            conn,
+        })
+    }
+
+    /// Who this is connected to.
+    pub fn peer(&self) -> &PeerId {
+        &self.peer
+    }
+
+    /// Whether the connection is still open.
+    pub fn is_open(&self) -> bool {
+        self.conn.close_reason().is_none()
+    }
+
+    /// Closes the connection politely (the caller should then `wait_idle` the endpoint).
+    pub fn close(&self) {
+        self.conn.close(CloseCode::Done.code().into(), b"done");
+    }
+
+    /// The files the peer serves.
+    pub async fn list(&self) -> Result<Vec<FileEntry>, ClientError> {
+        let (_, _, resp) = self.request(&Request::List, true).await?;
+        match resp {
+            Response::Files(files) => Ok(files),
+            _ => Err(self.unexpected("list")),
+        }
+    }
+
+    /// The manifest of `name`, or `None` if the peer does not serve it.
+    pub async fn describe(&self, name: &FileName) -> Result<Option<Manifest>, ClientError> {
+        let req = Request::Describe { name: name.clone() };
+        match self.request(&req, true).await {
+            Ok((_, _, Response::Manifest(m))) => Ok(Some(m)),
+            Ok(_) => Err(self.unexpected("describe")),
+            Err(e) if e.remote_kind() == Some(ErrorKind::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `len` bytes of `name` at `offset`, unverified (the caller checks them).
+    pub async fn read_chunk(&self, name: &FileName, offset: u64, len: u32) -> Result<Bytes, ClientError> {
+        let req = Request::ReadChunk {
+            name: name.clone(),
+            offset,
+            len,
+        };
+        let (_, mut recv, resp) = self.request(&req, true).await?;
+        match resp {
+            Response::Chunk { len: l } if l == len => {}
+            _ => return Err(self.unexpected("read_chunk")),
+        }
+        // `len` is what we asked for, bounded by our own manifest, so this allocation is ours to size.
+        let mut buf = vec![0u8; len as usize];
+        recv.read_exact(&mut buf).await.map_err(|e| {
+            self.protocol(ProtocolError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, e)))
+        })?;
+        Ok(Bytes::from(buf))
+    }
+
+    /// Uploads the local file at `path` (`size` bytes hashing to `blake3`) as `name`.
+    pub async fn upload(
+        &self,
+        name: &FileName,
+        path: &Path,
+        size: u64,
+        blake3: Hash32,
+    ) -> Result<UploadStatus, ClientError> {
+        let req = Request::Upload {
+            name: name.clone(),
+            size,
+            blake3,
+        };
+        let (mut send, mut recv, resp) = self.request(&req, false).await?;
+        match resp {
+            Response::Ready => {}
+            Response::AlreadyPresent => return Ok(UploadStatus::AlreadyPresent),
+            _ => return Err(self.unexpected("upload")),
+        }
+        let local = |source| ClientError::Local {
+            path: path.display().to_string(),
+            source,
+        };
+        let mut file = tokio::fs::File::open(path).await.map_err(local)?;
+        let mut left = size;
+        let mut buf = vec![0u8; UPLOAD_BUF];
+        while left > 0 {
+            let want = left.min(UPLOAD_BUF as u64) as usize;
+            let n = file.read(&mut buf[..want]).await.map_err(local)?;
+            if n == 0 {
+                return Err(local(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "file shrank while uploading",
+                )));
+            }
+            send.write_all(&buf[..n])
+                .await
+                .map_err(|e| self.protocol(ProtocolError::Io(e.into())))?;
+            left -= n as u64;
+        }
+        // The stream is ours; finishing fails only if it was already reset, which the read reports.
+        let _ = send.finish();
+        match self.read_response(&mut recv).await? {
+            Response::Stored => Ok(UploadStatus::Stored),
+            Response::AlreadyPresent => Ok(UploadStatus::AlreadyPresent),
+            _ => Err(self.unexpected("upload")),
+        }
+    }
+
+    /// Opens a stream, sends `req` (finishing our side if `finish`), and reads the first response.
+    async fn request(
+        &self,
+        req: &Request,
+        finish: bool,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream, Response), ClientError> {
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| self.connection(e))?;
+        protocol::write_msg(&mut send, req)
+            .await
+            .map_err(|e| self.protocol(e))?;
+        if finish {
+            let _ = send.finish();
+        }
+        let resp = self.read_response(&mut recv).await?;
+        Ok((send, recv, resp))
+    }
+
+    async fn read_response(&self, recv: &mut quinn::RecvStream) -> Result<Response, ClientError> {
+        match protocol::read_msg(recv, MAX_RESPONSE_LEN).await {
+            Ok(Response::Error(source)) => Err(ClientError::Remote {
+                peer: self.peer.clone(),
+                source,
+            }),
+            Ok(resp) => Ok(resp),
+            Err(e) => match self.conn.close_reason() {
+                Some(reason) => Err(self.connection(reason)),
+                None => Err(self.protocol(e)),
+            },
+        }
+    }
+
+    fn connection(&self, source: quinn::ConnectionError) -> ClientError {
+        ClientError::Connection {
+            peer: self.peer.clone(),
+            source,
+        }
+    }
+
+    fn protocol(&self, source: ProtocolError) -> ClientError {
+        // A stream error caused by the connection closing is reported as the connection's error.
+        if let Some(reason) = self.conn.close_reason() {
+            return self.connection(reason);
+        }
+        ClientError::Protocol {
+            peer: self.peer.clone(),
+            source,
+        }
+    }
+
+    fn unexpected(&self, request: &'static str) -> ClientError {
+        ClientError::Unexpected {
+            peer: self.peer.clone(),
+            request,
+        }
+    }
+}
+
+/// Turns a failed handshake into a sentence that says what to check.
+fn describe_handshake_error(peer: &PeerId, e: &quinn::ConnectionError) -> String {
+    match e {
+        quinn::ConnectionError::TransportError(t) if t.code.to_string().contains("crypto") || !t.reason.is_empty() => {
+            format!("TLS handshake failed: {}", t.reason)
+        }
+        quinn::ConnectionError::ConnectionClosed(c) => format!(
+            "{peer} refused the TLS handshake ({c}); is our certificate in {peer}'s certs/ folder, and was {peer} restarted since?"
+        ),
+        quinn::ConnectionError::TimedOut => {
+            format!("no answer (is `qnode --peer {peer} serve` running?)")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// A peer serving one file, as the download engine sees it.
+#[derive(Debug, Clone)]
+pub struct PeerSource {
+    client: Client,
+    name: FileName,
+    label: String,
+}
+
+impl PeerSource {
+    /// `client` serving `name`.
+    pub fn new(client: Client, name: FileName) -> Self {
+        let label = client.peer().to_string();
+        Self {
+            client,
+            name,
+            label,
+        }
+    }
+}
+
+impl ChunkSource for PeerSource {
+    fn name(&self) -> &str {
+        &self.label
+    }
+
+    async fn read_chunk(&self, _index: u32, offset: u64, len: u32) -> Result<Bytes, SourceError> {
+        self.client
+            .read_chunk(&self.name, offset, len)
+            .await
+            .map_err(|e| SourceError {
+                fatal: e.is_fatal(),
+                message: e.to_string(),
+            })
+    }
+}

@@ -1,0 +1,632 @@
+//! The download engine: several sources, one verified file.
+//!
+//! Peers are seen only through [`ChunkSource`], so every hard case (slow, dead, lying, different
+//! version) is unit-tested in memory below and again end to end with real processes.
+//!
+//! How it works:
+//! - [`agree`] groups the peers' manifests by file hash and picks one version; peers with another
+//!   version are left out, so chunks of two versions are never mixed.
+//! - [`run`] is pull scheduling: each live source keeps up to `window` chunk requests in flight and
+//!   takes the next pending chunk whenever one finishes, so faster sources do more.
+//! - Every chunk is verified against the manifest off the async workers (`spawn_blocking`) and
+//!   written at its offset in the [`PartialFile`]. A bad chunk strikes its source and is fetched
+//!   again from another; [`Options::max_strikes`] strikes drop the source. A failed request puts the
+//!   chunk back at the front of the queue; a source whose connection is gone, or that fails
+//!   [`Options::max_failures`] requests in a row, is dropped.
+//! - Endgame: once nothing is pending, idle sources duplicate chunks still in flight elsewhere; the
+//!   first verified copy wins and the others are cancelled.
+//!
+//! This module does no printing and names no network types.
+
+use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::manifest::{Hash32, Manifest};
+use crate::store::{PartialFile, StoreError};
+
+/// A failed chunk request.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct SourceError {
+    /// What happened.
+    pub message: String,
+    /// Whether the source is unusable from now on (its connection is gone).
+    pub fatal: bool,
+}
+
+/// Something chunks can be read from: a peer, or an in-memory fake in tests.
+pub trait ChunkSource: Send + Sync + 'static {
+    /// A name for reports (the peer ID).
+    fn name(&self) -> &str;
+
+    /// Reads chunk `index`: `len` bytes at `offset`. The engine verifies what comes back.
+    fn read_chunk(
+        &self,
+        index: u32,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = Result<Bytes, SourceError>> + Send;
+}
+
+/// Tuning of [`run`].
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Chunk requests in flight per source.
+    pub window: usize,
+    /// Corrupt chunks a source may send before it is dropped.
+    pub max_strikes: u32,
+    /// Failed requests in a row before a source is dropped.
+    pub max_failures: u32,
+    /// Longest one chunk request may take before it counts as failed.
+    pub request_timeout: Duration,
+    /// Most copies of one chunk in flight at once during the endgame.
+    pub max_copies: u8,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            window: 8,
+            max_strikes: 3,
+            max_failures: 4,
+            request_timeout: Duration::from_secs(60),
+            max_copies: 2,
+        }
+    }
+}
+
+/// What one source did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceReport {
+    /// The source's name.
+    pub name: String,
+    /// Verified bytes it contributed (first copies only).
+    pub bytes: u64,
+    /// Verified chunks it contributed.
+    pub chunks: u32,
+    /// Chunks it sent that failed verification.
+    pub corrupt: u32,
+    /// Requests that failed (errors and timeouts).
+    pub failures: u32,
+    /// Why it was dropped, if it was.
+    pub dropped: Option<String>,
+}
+
+/// What a download did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DownloadReport {
+    /// Bytes in the file.
+    pub size: u64,
+    /// Per source, in the order given.
+    pub sources: Vec<SourceReport>,
+    /// Wall time of the transfer.
+    pub elapsed: Duration,
+    /// Verified bytes received but not needed (endgame duplicates).
+    pub duplicate_bytes: u64,
+    /// Chunks that had to be requested again (after a failure or a corrupt copy).
+    pub retried_chunks: u32,
+}
+
+/// Progress, reported after every verified chunk.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Verified bytes so far.
+    pub done: u64,
+    /// Bytes in the file.
+    pub total: u64,
+}
+
+/// Why a download failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    /// Every source failed or was dropped; each with its reason.
+    #[error("every peer failed: {}", .0.iter().map(|(n, e)| format!("{n}: {e}")).collect::<Vec<_>>().join("; "))]
+    AllSourcesFailed(Vec<(String, String)>),
+    /// Writing the file failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A task of the engine itself failed.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The outcome of comparing what several peers describe under one name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Agreement {
+    /// The version to download.
+    pub manifest: Manifest,
+    /// Indexes (into the input) of the peers that serve exactly it.
+    pub members: Vec<usize>,
+    /// Indexes of peers that serve another version, with its hash.
+    pub other_versions: Vec<(usize, Hash32)>,
+}
+
+/// Picks the version to download: `wanted` if given, else the one most peers serve (ties go to the
+/// version of the earliest peer). `None` when no peer serves a matching version.
+pub fn agree(described: &[Option<Manifest>], wanted: Option<Hash32>) -> Option<Agreement> {
+    let mut versions: Vec<(Hash32, Vec<usize>)> = Vec::new();
+    for (i, m) in described.iter().enumerate() {
+        let Some(m) = m else { continue };
+        // Same hash and same size (the whole manifest follows from those two).
+        match versions.iter_mut().find(|(_, members)| described[members[0]].as_ref() == Some(m)) {
+            Some((_, members)) => members.push(i),
+            None => versions.push((m.blake3(), vec![i])),
+        }
+    }
+    let (_, members) = match wanted {
+        Some(w) => versions.iter().find(|(h, _)| *h == w)?.clone(),
+        // `max_by_key` keeps the last maximum; reversing keeps the earliest among equals.
+        None => versions.iter().rev().max_by_key(|(_, m)| m.len())?.clone(),
+    };
+    let manifest = described[members[0]].clone()?;
+    let other_versions = described
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| m.as_ref().filter(|m| **m != manifest).map(|m| (i, m.blake3())))
+        .collect();
+    Some(Agreement {
+        manifest,
+        members,
+        other_versions,
+    })
+}
+
+#[derive(Debug, Default)]
+struct ChunkState {
+    done: bool,
+    queued: bool,
+    fetching: u8,
+    checking: u8,
+    /// Sources (by bit, the first 64) that sent this chunk corrupt or failed it.
+    failed_by: u64,
+    cancel: Option<CancellationToken>,
+}
+
+struct SourceState {
+    report: SourceReport,
+    live: bool,
+    in_flight: HashSet<u32>,
+    failures_in_a_row: u32,
+}
+
+type FetchResult = (usize, u32, Result<Bytes, SourceError>);
+type CheckResult = (usize, u32, u64, Result<bool, StoreError>);
+
+/// Downloads every chunk of `manifest` from `sources` into `out`, verifying each.
+///
+/// Returns the report and the partial file, complete and ready for
+/// [`PartialFile::commit`]. Fails only when no source can supply the missing chunks.
+pub async fn run<S: ChunkSource>(
+    manifest: Arc<Manifest>,
+    sources: Vec<Arc<S>>,
+    out: PartialFile,
+    opts: &Options,
+    mut progress: impl FnMut(Progress),
+) -> Result<(DownloadReport, PartialFile), DownloadError> {
+    let started = Instant::now();
+    let out = Arc::new(out);
+    let n = manifest.chunk_count();
+    let mut chunks: Vec<ChunkState> = (0..n).map(|_| ChunkState::default()).collect();
+    let mut pending: VecDeque<u32> = (0..n).collect();
+    for c in &mut chunks {
+        c.queued = true;
+    }
+    let mut outstanding: BTreeSet<u32> = BTreeSet::new();
+    let mut srcs: Vec<SourceState> = sources
+        .iter()
+        .map(|s| SourceState {
+            report: SourceReport {
+                name: s.name().to_owned(),
+                ..SourceReport::default()
+            },
+            live: true,
+            in_flight: HashSet::new(),
+            failures_in_a_row: 0,
+        })
+        .collect();
+    let mut remaining = n;
+    let mut done_bytes = 0u64;
+    let mut duplicate_bytes = 0u64;
+    let mut retried = 0u32;
+    let mut fetches: FuturesUnordered<std::pin::Pin<Box<dyn Future<Output = FetchResult> + Send>>> =
+        FuturesUnordered::new();
+    let mut checks: JoinSet<CheckResult> = JoinSet::new();
+
+    let requeue = |c: u32, chunks: &mut Vec<ChunkState>, pending: &mut VecDeque<u32>, retried: &mut u32| {
+        let st = &mut chunks[c as usize];
+        if !st.done && !st.queued && st.fetching == 0 && st.checking == 0 {
+            st.queued = true;
+            pending.push_front(c);
+            *retried += 1;
+        }
+    };
+
+    while remaining > 0 {
+        // Fill every live source's window: pending chunks first, then endgame duplicates.
+        // One request per source per pass, so a small file is spread over every source.
+        let live: Vec<usize> = (0..srcs.len()).filter(|&s| srcs[s].live).collect();
+        let mut open: Vec<usize> = live.clone();
+        while !open.is_empty() {
+            open.retain(|&s| srcs[s].in_flight.len() < opts.window.max(1));
+            let mut assigned = Vec::new();
+            for &s in &open {
+                let Some(c) = take_pending(s, &live, &mut pending, &mut chunks)
+                    .or_else(|| pick_duplicate(s, &outstanding, &chunks, &srcs[s], opts.max_copies))
+                else {
+                    continue;
+                };
+                assigned.push(s);
+                let st = &mut chunks[c as usize];
+                st.fetching += 1;
+                let cancel = st.cancel.get_or_insert_with(CancellationToken::new).clone();
+                outstanding.insert(c);
+                srcs[s].in_flight.insert(c);
+                let source = sources[s].clone();
+                let offset = manifest.chunk_offset(c);
+                // Chunks are at most MAX_CHUNK_SIZE (64 MiB), so the length fits in u32.
+                let len = manifest.chunk_len(c).unwrap_or(0) as u32;
+                let timeout = opts.request_timeout;
+                fetches.push(Box::pin(async move {
+                    let result = tokio::select! {
+                        r = tokio::time::timeout(timeout, source.read_chunk(c, offset, len)) => match r {
+                            Ok(r) => r,
+                            Err(_) => Err(SourceError { message: format!("chunk {c} timed out after {timeout:?}"), fatal: false }),
+                        },
+                        () = cancel.cancelled() => Err(SourceError { message: "cancelled".into(), fatal: false }),
+                    };
+                    (s, c, result)
+                }));
+            }
+            open = assigned;
+        }
+        if fetches.is_empty() && checks.is_empty() {
+            let reasons = srcs
+                .iter()
+                .map(|s| {
+                    let why = s.report.dropped.clone().unwrap_or_else(|| "no usable chunks".into());
+                    (s.report.name.clone(), why)
+                })
+                .collect();
+            return Err(DownloadError::AllSourcesFailed(reasons));
+        }
+
+        tokio::select! {
+            Some((s, c, result)) = fetches.next(), if !fetches.is_empty() => {
+                let st = &mut chunks[c as usize];
+                st.fetching -= 1;
+                srcs[s].in_flight.remove(&c);
+                if st.fetching == 0 {
+                    outstanding.remove(&c);
+                }
+                match result {
+                    Ok(data) if st.done => duplicate_bytes += data.len() as u64,
+                    Ok(data) if srcs[s].live => {
+                        st.checking += 1;
+                        let manifest = manifest.clone();
+                        let out = out.clone();
+                        checks.spawn_blocking(move || {
+                            let len = data.len() as u64;
+                            if !manifest.verify_chunk(c, &data) {
+                                return (s, c, len, Ok(false));
+                            }
+                            (s, c, len, out.write_at(manifest.chunk_offset(c), &data).map(|()| true))
+                        });
+                    }
+                    // Data from a source already dropped as a liar is not used.
+                    Ok(_) => requeue(c, &mut chunks, &mut pending, &mut retried),
+                    Err(_) if st.done => {}
+                    Err(e) => {
+                        let src = &mut srcs[s];
+                        src.report.failures += 1;
+                        src.failures_in_a_row += 1;
+                        st.failed_by |= bit(s);
+                        if src.live && (e.fatal || src.failures_in_a_row >= opts.max_failures) {
+                            src.live = false;
+                            src.report.dropped = Some(e.message.clone());
+                        }
+                        tracing::debug!(source = %src.report.name, chunk = c, "request failed: {e}");
+                        requeue(c, &mut chunks, &mut pending, &mut retried);
+                    }
+                }
+            }
+            Some(joined) = checks.join_next(), if !checks.is_empty() => {
+                let (s, c, len, verdict) = joined.map_err(|e| DownloadError::Internal(e.to_string()))?;
+                let st = &mut chunks[c as usize];
+                st.checking -= 1;
+                match verdict? {
+                    true if !st.done => {
+                        st.done = true;
+                        if let Some(cancel) = st.cancel.take() {
+                            cancel.cancel();
+                        }
+                        remaining -= 1;
+                        done_bytes += len;
+                        let src = &mut srcs[s];
+                        src.report.bytes += len;
+                        src.report.chunks += 1;
+                        src.failures_in_a_row = 0;
+                        progress(Progress { done: done_bytes, total: manifest.size() });
+                    }
+                    true => duplicate_bytes += len,
+                    false => {
+                        st.failed_by |= bit(s);
+                        let src = &mut srcs[s];
+                        src.report.corrupt += 1;
+                        tracing::warn!(source = %src.report.name, chunk = c, "chunk failed verification");
+                        if src.live && src.report.corrupt >= opts.max_strikes {
+                            src.live = false;
+                            src.report.dropped = Some(format!("sent {} corrupt chunks", src.report.corrupt));
+                        }
+                        requeue(c, &mut chunks, &mut pending, &mut retried);
+                    }
+                }
+            }
+        }
+    }
+
+    // Cancel what is still in flight and let every write finish before handing the file back.
+    drop(fetches);
+    while let Some(joined) = checks.join_next().await {
+        joined.map_err(|e| DownloadError::Internal(e.to_string()))?.3?;
+    }
+    let out = Arc::try_unwrap(out)
+        .map_err(|_| DownloadError::Internal("partial file still shared after the download".into()))?;
+    let report = DownloadReport {
+        size: manifest.size(),
+        sources: srcs.into_iter().map(|s| s.report).collect(),
+        elapsed: started.elapsed(),
+        duplicate_bytes,
+        retried_chunks: retried,
+    };
+    Ok((report, out))
+}
+
+fn bit(source: usize) -> u64 {
+    if source < 64 { 1 << source } else { 0 }
+}
+
+/// The next pending chunk for source `s`: the first one it has not already failed, or, if every
+/// live source has failed it, that one anyway (better a retry than a stall).
+fn take_pending(
+    s: usize,
+    live: &[usize],
+    pending: &mut VecDeque<u32>,
+    chunks: &mut [ChunkState],
+) -> Option<u32> {
+    let all_live = live.iter().fold(0u64, |acc, &l| acc | bit(l));
+    let pos = pending.iter().position(|&c| {
+        let failed = chunks[c as usize].failed_by;
+        failed & bit(s) == 0 || failed & all_live == all_live
+    })?;
+    let c = pending.remove(pos)?;
+    chunks[c as usize].queued = false;
+    Some(c)
+}
+
+/// An endgame duplicate for source `s`: a chunk in flight elsewhere, not yet being checked, with
+/// the fewest copies.
+fn pick_duplicate(
+    s: usize,
+    outstanding: &BTreeSet<u32>,
+    chunks: &[ChunkState],
+    src: &SourceState,
+    max_copies: u8,
+) -> Option<u32> {
+    outstanding
+        .iter()
+        .copied()
+        .filter(|&c| {
+            let st = &chunks[c as usize];
+            !st.done
+                && st.checking == 0
+                && st.fetching < max_copies
+                && st.failed_by & bit(s) == 0
+                && !src.in_flight.contains(&c)
+        })
+        .min_by_key(|&c| chunks[c as usize].fetching)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// An in-memory source with switchable faults.
+    struct Fake {
+        name: String,
+        data: Arc<Vec<u8>>,
+        /// Requests served before every later one fails fatally.
+        fail_after: Option<usize>,
+        /// Chunks it serves corrupted.
+        corrupt: HashSet<u32>,
+        /// Corrupt every chunk.
+        lie_always: bool,
+        /// Delay per request.
+        delay: Duration,
+        /// Never answer.
+        hang: bool,
+        served: AtomicUsize,
+        asked: Mutex<Vec<u32>>,
+    }
+
+    impl Fake {
+        fn new(name: &str, data: &Arc<Vec<u8>>) -> Self {
+            Self {
+                name: name.into(),
+                data: data.clone(),
+                fail_after: None,
+                corrupt: HashSet::new(),
+                lie_always: false,
+                delay: Duration::from_millis(1),
+                hang: false,
+                served: AtomicUsize::new(0),
+                asked: Mutex::default(),
+            }
+        }
+    }
+
+    impl ChunkSource for Fake {
+        fn name(&self) -> &str {
+            &self.name
+        }
+
+        async fn read_chunk(&self, index: u32, offset: u64, len: u32) -> Result<Bytes, SourceError> {
+            self.asked.lock().unwrap().push(index);
+            if self.hang {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(self.delay).await;
+            let n = self.served.fetch_add(1, Ordering::SeqCst);
+            if self.fail_after.is_some_and(|f| n >= f) {
+                return Err(SourceError {
+                    message: "connection lost".into(),
+                    fatal: true,
+                });
+            }
+            let mut bytes = self.data[offset as usize..offset as usize + len as usize].to_vec();
+            if (self.lie_always || self.corrupt.contains(&index)) && !bytes.is_empty() {
+                bytes[0] ^= 0xff;
+            }
+            Ok(Bytes::from(bytes))
+        }
+    }
+
+    fn data(len: usize) -> Arc<Vec<u8>> {
+        Arc::new((0..len).map(|i| (i % 251) as u8 ^ (i / 4096) as u8).collect())
+    }
+
+    async fn fetch(
+        data: &Arc<Vec<u8>>,
+        sources: Vec<Fake>,
+        opts: Options,
+    ) -> (Result<DownloadReport, DownloadError>, Vec<Arc<Fake>>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = Arc::new(Manifest::from_reader(&data[..], data.len() as u64).unwrap());
+        let target = dir.path().join("out");
+        let partial = PartialFile::create(&target, "t", manifest.size()).unwrap();
+        let sources: Vec<Arc<Fake>> = sources.into_iter().map(Arc::new).collect();
+        let result = run(manifest.clone(), sources.clone(), partial, &opts, |_| {}).await;
+        let result = match result {
+            Ok((report, partial)) => {
+                partial.commit(manifest.blake3(), crate::store::Check::Reread).unwrap();
+                assert_eq!(std::fs::read(&target).unwrap(), **data, "byte-identical");
+                Ok(report)
+            }
+            Err(e) => Err(e),
+        };
+        (result, sources, dir)
+    }
+
+    #[tokio::test]
+    async fn every_source_contributes_and_the_result_is_identical() {
+        let d = data(5 << 20);
+        let srcs = vec![Fake::new("a", &d), Fake::new("b", &d), Fake::new("c", &d)];
+        let (r, _, _dir) = fetch(&d, srcs, Options::default()).await;
+        let r = r.unwrap();
+        assert_eq!(r.sources.iter().map(|s| s.bytes).sum::<u64>(), d.len() as u64);
+        assert!(r.sources.iter().all(|s| s.bytes > 0), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn faster_sources_do_more() {
+        let d = data(4 << 20);
+        let mut slow = Fake::new("slow", &d);
+        slow.delay = Duration::from_millis(40);
+        let fast = Fake::new("fast", &d);
+        let opts = Options { window: 2, ..Options::default() };
+        let (r, _, _dir) = fetch(&d, vec![slow, fast], opts).await;
+        let r = r.unwrap();
+        assert!(r.sources[1].bytes > 3 * r.sources[0].bytes, "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_source_that_dies_midway_is_dropped_and_its_chunks_reassigned() {
+        let d = data(3 << 20);
+        let mut dying = Fake::new("dying", &d);
+        dying.fail_after = Some(3);
+        let srcs = vec![dying, Fake::new("ok", &d)];
+        let (r, _, _dir) = fetch(&d, srcs, Options::default()).await;
+        let r = r.unwrap();
+        assert_eq!(r.sources[0].dropped.as_deref(), Some("connection lost"));
+        assert!(r.sources[0].failures > 0 && r.sources[0].bytes == 3 * 256 * 1024, "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn corrupt_chunks_are_refetched_elsewhere_and_a_liar_is_dropped() {
+        let d = data(2 << 20);
+        let mut liar = Fake::new("liar", &d);
+        liar.lie_always = true;
+        let mut flaky = Fake::new("flaky", &d);
+        flaky.corrupt = [0, 5].into();
+        let (r, srcs, _dir) = fetch(&d, vec![liar, flaky, Fake::new("good", &d)], Options::default()).await;
+        let r = r.unwrap();
+        assert_eq!(r.sources[0].bytes, 0);
+        assert_eq!(r.sources[0].dropped.as_deref(), Some("sent 3 corrupt chunks"));
+        assert!(r.sources[1].corrupt <= 2 && r.sources[1].dropped.is_none(), "{r:?}");
+        // A chunk the flaky source corrupted was not asked of it again.
+        let asked = srcs[1].asked.lock().unwrap();
+        for c in [0, 5] {
+            assert!(asked.iter().filter(|&&x| x == c).count() <= 1, "{asked:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hanging_source_is_covered_by_the_endgame() {
+        let d = data(1 << 20);
+        let mut hung = Fake::new("hung", &d);
+        hung.hang = true;
+        let opts = Options { request_timeout: Duration::from_secs(3600), ..Options::default() };
+        let (r, _, _dir) = fetch(&d, vec![hung, Fake::new("ok", &d)], opts).await;
+        let r = r.unwrap();
+        assert_eq!(r.sources[0].bytes, 0);
+        assert_eq!(r.sources[1].bytes, d.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn when_every_source_fails_the_error_names_each() {
+        let d = data(1 << 20);
+        let mut a = Fake::new("a", &d);
+        a.fail_after = Some(0);
+        let mut b = Fake::new("b", &d);
+        b.lie_always = true;
+        let (r, _, dir) = fetch(&d, vec![a, b], Options::default()).await;
+        let err = r.unwrap_err().to_string();
+        assert!(err.contains("a: connection lost") && err.contains("b: sent 3 corrupt chunks"), "{err}");
+        // The partial file is gone.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn empty_and_tiny_files_work() {
+        for len in [0, 1, 1023, 1025] {
+            let d = data(len);
+            let (r, _, _dir) = fetch(&d, vec![Fake::new("a", &d), Fake::new("b", &d)], Options::default()).await;
+            assert_eq!(r.unwrap().size, len as u64);
+        }
+    }
+
+    #[test]
+    fn agreement_takes_the_majority_or_the_wanted_version() {
+        let m = |s: &[u8]| Some(Manifest::from_reader(s, s.len() as u64).unwrap());
+        let (a, b) = (m(b"version a"), m(b"version b"));
+        let described = vec![b.clone(), a.clone(), None, a.clone()];
+        let got = agree(&described, None).unwrap();
+        assert_eq!(got.members, [1, 3]);
+        assert_eq!(got.other_versions, [(0, b.as_ref().unwrap().blake3())]);
+        let got = agree(&described, Some(b.as_ref().unwrap().blake3())).unwrap();
+        assert_eq!(got.members, [0]);
+        // A tie goes to the earliest peer's version.
+        assert_eq!(agree(&[b.clone(), a.clone()], None).unwrap().members, [0]);
+        assert!(agree(&[None, None], None).is_none());
+        assert!(agree(&described, Some([0; 32])).is_none());
+    }
+}

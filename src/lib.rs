@@ -1,0 +1,24 @@
+//! qnode: a peer-to-peer file-sharing node over QUIC.
+//!
+//! Every peer serves its `served_files` folder (`server`) and asks others (`client`), over one
+//! QUIC connection per peer with pinned mutual TLS 1.3 (`tls`, `identity`). Downloads fetch
+//! verified chunks from every peer that serves a file at once (`download`).
+//!
+//! Dependency rules (arrows point one way):
+//! `main → {cli, shell} → {server, client, download} → {protocol, store, tls} → {manifest, peers, identity}`.
+//! - Only `server`, `client` and `tls` name quinn types.
+//! - Only `protocol` turns bytes into messages.
+//! - `download` sees peers only through its `ChunkSource` trait.
+//! - Only `cli`, `shell` and `main` write to stdout.
+
+pub mod cli;
+pub mod client;
+pub mod download;
+pub mod identity;
+pub mod manifest;
+pub mod peers;
+pub mod protocol;
+pub mod server;
+pub mod shell;
+pub mod store;
+pub mod tls;

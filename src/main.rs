@@ -1,0 +1,37 @@
+//! The `qnode` binary: logging, argument parsing, and one-line errors. All logic is in the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use qnode::cli::{Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // `serve` reports each request at the default level; client commands only warnings.
+    let default = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("qnode: error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(qnode::cli::run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("qnode: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,464 @@
+//! What a file is, checked: validated names, manifests, chunk arithmetic and BLAKE3.
+//!
+//! A [`Manifest`] describes a file by its size and the BLAKE3 hash of every chunk. The chunk size is a
+//! pure function of the size ([`chunk_size_for`]), so the same bytes give the same manifest on every
+//! peer and manifests can be compared. Chunk sizes are powers of two of at least 1 KiB, which lets each
+//! chunk's hash be a BLAKE3 *subtree chaining value* (`blake3::hazmat`): merging them gives exactly the
+//! plain BLAKE3 hash of the whole file (what `b3sum` prints). A manifest is therefore self-checking:
+//! its chunk hashes must merge to its root, which is verified whenever one is decoded from the wire.
+//!
+//! This module is synchronous and never touches sockets; it may read a file it is handed.
+
+use std::fmt;
+use std::io::{self, Read};
+
+use blake3::hazmat::{ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root};
+use serde::{Deserialize, Serialize};
+
+/// Longest file name accepted, in bytes (the usual file-system limit).
+pub const MAX_NAME_LEN: usize = 255;
+/// Smallest chunk, in bytes: one BLAKE3 chunk.
+pub const MIN_CHUNK_SIZE: u64 = 1024;
+/// Largest chunk used while a file has at most [`MAX_CHUNKS`] of them, in bytes.
+///
+/// 1 MiB keeps per-request overhead (one stream, one header) below 0.1% while a handful of chunks in
+/// flight per peer still fit in memory many times over.
+pub const PREFERRED_MAX_CHUNK_SIZE: u64 = 1 << 20;
+/// A file is cut into at least this many chunks when that keeps them ≥ [`MIN_CHUNK_SIZE`], so that
+/// even a small text file is shared out among several peers.
+pub const TARGET_MIN_CHUNKS: u64 = 16;
+/// Most chunks in one file; bigger files get bigger chunks. Bounds a manifest to 2 MiB of hashes.
+pub const MAX_CHUNKS: u64 = 1 << 16;
+/// Largest chunk, in bytes (64 MiB).
+pub const MAX_CHUNK_SIZE: u64 = 1 << 26;
+/// Largest file qnode handles, in bytes (4 TiB): [`MAX_CHUNKS`] chunks of [`MAX_CHUNK_SIZE`].
+pub const MAX_FILE_SIZE: u64 = MAX_CHUNKS * MAX_CHUNK_SIZE;
+
+/// A 32-byte BLAKE3 hash or chaining value.
+pub type Hash32 = [u8; 32];
+
+/// A file name that is safe to join to `served_files`: one normal path component.
+///
+/// No `/`, `\`, NUL or control characters, no leading `.` (which also excludes `.`, `..` and our
+/// hidden temporary files), 1–255 bytes. Checked on construction and on deserialization, so a
+/// `FileName` from the wire is as safe as one from the command line.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct FileName(String);
+
+/// Why a file name was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid file name {shown:?}: {why}")]
+pub struct InvalidName {
+    /// The name, shortened if very long.
+    pub shown: String,
+    /// The rule it broke.
+    pub why: &'static str,
+}
+
+impl FileName {
+    /// Validates `name`.
+    pub fn new(name: impl Into<String>) -> Result<Self, InvalidName> {
+        let name = name.into();
+        let why = if name.is_empty() {
+            Some("it is empty")
+        } else if name.len() > MAX_NAME_LEN {
+            Some("it is longer than 255 bytes")
+        } else if name.starts_with('.') {
+            Some("it starts with '.'")
+        } else if name.contains(['/', '\\']) {
+            Some("it contains a path separator")
+        } else if name.chars().any(char::is_control) {
+            Some("it contains a control character")
+        } else {
+            None
+        };
+        match why {
+            None => Ok(Self(name)),
+            Some(why) => {
+                let shown: String = name.chars().take(80).collect();
+                Err(InvalidName { shown, why })
+            }
+        }
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for FileName {
+    type Error = InvalidName;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::new(s)
+    }
+}
+
+impl From<FileName> for String {
+    fn from(n: FileName) -> Self {
+        n.0
+    }
+}
+
+impl fmt::Display for FileName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The chunk size of a file of `size` bytes: a power of two, a pure function of the size.
+pub fn chunk_size_for(size: u64) -> u64 {
+    let small = size
+        .div_ceil(TARGET_MIN_CHUNKS)
+        .next_power_of_two()
+        .clamp(MIN_CHUNK_SIZE, PREFERRED_MAX_CHUNK_SIZE);
+    let needed = size.div_ceil(MAX_CHUNKS).next_power_of_two();
+    small.max(needed).min(MAX_CHUNK_SIZE)
+}
+
+/// How many chunks a file of `size` bytes has (an empty file has one empty chunk).
+pub fn chunk_count_for(size: u64) -> u64 {
+    size.div_ceil(chunk_size_for(size)).max(1)
+}
+
+/// Lower-case hex of a hash.
+pub fn hex(hash: &Hash32) -> String {
+    blake3::Hash::from_bytes(*hash).to_hex().to_string()
+}
+
+/// Parses 64 hex digits into a hash.
+pub fn parse_hex(s: &str) -> Option<Hash32> {
+    blake3::Hash::from_hex(s).ok().map(|h| *h.as_bytes())
+}
+
+/// A file's description: size, chunk hashes and the BLAKE3 hash of the whole file.
+///
+/// Every constructor checks consistency (chunk size and count follow from the size; the chunk hashes
+/// merge to `blake3`), so holding a `Manifest` means holding a coherent one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawManifest", into = "RawManifest")]
+pub struct Manifest {
+    size: u64,
+    chunks: Vec<Hash32>,
+    blake3: Hash32,
+}
+
+/// The wire form of a [`Manifest`], before its checks.
+#[derive(Serialize, Deserialize)]
+struct RawManifest {
+    size: u64,
+    chunk_size: u64,
+    chunks: Vec<Hash32>,
+    blake3: Hash32,
+}
+
+/// Why a manifest was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ManifestError {
+    /// The file is larger than qnode handles.
+    #[error("file of {0} bytes is larger than the 4 TiB qnode handles")]
+    TooLarge(u64),
+    /// Chunk size or count does not follow from the size.
+    #[error("chunk layout does not match the file size")]
+    Layout,
+    /// The chunk hashes do not merge to the claimed file hash.
+    #[error("chunk hashes do not add up to the file hash")]
+    Root,
+}
+
+impl TryFrom<RawManifest> for Manifest {
+    type Error = ManifestError;
+    fn try_from(raw: RawManifest) -> Result<Self, Self::Error> {
+        if raw.size > MAX_FILE_SIZE {
+            return Err(ManifestError::TooLarge(raw.size));
+        }
+        if raw.chunk_size != chunk_size_for(raw.size)
+            || raw.chunks.len() as u64 != chunk_count_for(raw.size)
+        {
+            return Err(ManifestError::Layout);
+        }
+        if merge_root(&raw.chunks) != raw.blake3 {
+            return Err(ManifestError::Root);
+        }
+        Ok(Self {
+            size: raw.size,
+            chunks: raw.chunks,
+            blake3: raw.blake3,
+        })
+    }
+}
+
+impl From<Manifest> for RawManifest {
+    fn from(m: Manifest) -> Self {
+        Self {
+            size: m.size,
+            chunk_size: m.chunk_size(),
+            chunks: m.chunks,
+            blake3: m.blake3,
+        }
+    }
+}
+
+impl Manifest {
+    /// Describes the `size` bytes that `reader` yields, reading them once.
+    ///
+    /// Fails with `UnexpectedEof` if the reader ends early and `InvalidData` if it has more.
+    pub fn from_reader(mut reader: impl Read, size: u64) -> io::Result<Self> {
+        if size > MAX_FILE_SIZE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                ManifestError::TooLarge(size),
+            ));
+        }
+        let chunk_size = chunk_size_for(size);
+        let count = chunk_count_for(size);
+        let mut chunks = Vec::with_capacity(count as usize);
+        let mut buf = vec![0u8; chunk_size.min(256 * 1024) as usize];
+        for index in 0..count {
+            let len = chunk_len(size, index);
+            let mut hasher = ChunkHasher::new(count, index, chunk_size);
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                reader.read_exact(&mut buf[..n])?;
+                hasher.update(&buf[..n]);
+                left -= n as u64;
+            }
+            chunks.push(hasher.finalize());
+        }
+        if reader.read(&mut [0u8; 1])? != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "file grew while it was being hashed",
+            ));
+        }
+        let blake3 = merge_root(&chunks);
+        Ok(Self {
+            size,
+            chunks,
+            blake3,
+        })
+    }
+
+    /// The file's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The chunk size in bytes.
+    pub fn chunk_size(&self) -> u64 {
+        chunk_size_for(self.size)
+    }
+
+    /// How many chunks.
+    pub fn chunk_count(&self) -> u32 {
+        // Fits: at most MAX_CHUNKS (2^16) chunks, checked on construction.
+        self.chunks.len() as u32
+    }
+
+    /// The plain BLAKE3 hash of the whole file.
+    pub fn blake3(&self) -> Hash32 {
+        self.blake3
+    }
+
+    /// Byte offset of chunk `index`.
+    pub fn chunk_offset(&self, index: u32) -> u64 {
+        u64::from(index) * self.chunk_size()
+    }
+
+    /// Length of chunk `index` in bytes (the last may be short), or `None` past the end.
+    pub fn chunk_len(&self, index: u32) -> Option<u64> {
+        (index < self.chunk_count()).then(|| chunk_len(self.size, u64::from(index)))
+    }
+
+    /// Whether `data` is exactly chunk `index`.
+    pub fn verify_chunk(&self, index: u32, data: &[u8]) -> bool {
+        let Some(expected) = self.chunks.get(index as usize) else {
+            return false;
+        };
+        if Some(data.len() as u64) != self.chunk_len(index) {
+            return false;
+        }
+        let mut h = ChunkHasher::new(self.chunks.len() as u64, u64::from(index), self.chunk_size());
+        h.update(data);
+        h.finalize() == *expected
+    }
+}
+
+fn chunk_len(size: u64, index: u64) -> u64 {
+    let cs = chunk_size_for(size);
+    size.saturating_sub(index * cs).min(cs)
+}
+
+/// Hashes one chunk the way its manifest entry is made: a subtree chaining value at the chunk's
+/// offset, or the root hash when the file has a single chunk.
+struct ChunkHasher {
+    hasher: blake3::Hasher,
+    single: bool,
+}
+
+impl ChunkHasher {
+    fn new(count: u64, index: u64, chunk_size: u64) -> Self {
+        let mut hasher = blake3::Hasher::new();
+        if count > 1 {
+            hasher.set_input_offset(index * chunk_size);
+        }
+        Self {
+            hasher,
+            single: count == 1,
+        }
+    }
+
+    fn update(&mut self, data: &[u8]) {
+        self.hasher.update(data);
+    }
+
+    fn finalize(&self) -> Hash32 {
+        if self.single {
+            *self.hasher.finalize().as_bytes()
+        } else {
+            self.hasher.finalize_non_root()
+        }
+    }
+}
+
+/// Merges chunk hashes (as made by [`ChunkHasher`]) into the file's BLAKE3 hash.
+///
+/// BLAKE3's tree is left-balanced: the left subtree holds the largest power-of-two number of
+/// 1 KiB leaves that is less than the total. With power-of-two chunks that split falls on a chunk
+/// boundary, at the largest power of two of *chunks* below their count, so we recurse on that.
+fn merge_root(chunks: &[Hash32]) -> Hash32 {
+    fn merge(cvs: &[ChainingValue], root: bool) -> Hash32 {
+        if cvs.len() == 1 {
+            return cvs[0];
+        }
+        // The largest power of two strictly below the count (count >= 2 here).
+        let split = 1usize << (usize::BITS - 1 - (cvs.len() - 1).leading_zeros());
+        let left = merge(&cvs[..split], false);
+        let right = merge(&cvs[split..], false);
+        if root {
+            *merge_subtrees_root(&left, &right, Mode::Hash).as_bytes()
+        } else {
+            merge_subtrees_non_root(&left, &right, Mode::Hash)
+        }
+    }
+    if chunks.is_empty() {
+        return *blake3::hash(b"").as_bytes();
+    }
+    merge(chunks, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    /// Sizes at every boundary that matters: empty, one byte, around 1 KiB, around a chunk, around
+    /// the chunk-size switch points, and several MiB.
+    const SIZES: &[usize] = &[
+        0, 1, 1023, 1024, 1025, 2048, 4095, 16 * 1024 - 1, 16 * 1024, 16 * 1024 + 1, 17 * 1024,
+        100_000, 1 << 20, (1 << 20) + 1, 16 << 20, (16 << 20) + 1, (5 << 20) + 12345,
+    ];
+
+    #[test]
+    fn file_hash_is_plain_blake3_at_every_boundary() {
+        for &len in SIZES {
+            let d = data(len);
+            let m = Manifest::from_reader(&d[..], len as u64).unwrap();
+            assert_eq!(m.blake3(), *blake3::hash(&d).as_bytes(), "size {len}");
+            for i in 0..m.chunk_count() {
+                let off = m.chunk_offset(i) as usize;
+                let l = m.chunk_len(i).unwrap() as usize;
+                assert!(m.verify_chunk(i, &d[off..off + l]), "size {len} chunk {i}");
+            }
+            let total: u64 = (0..m.chunk_count()).map(|i| m.chunk_len(i).unwrap()).sum();
+            assert_eq!(total, len as u64);
+        }
+    }
+
+    #[test]
+    fn chunk_sizes_are_powers_of_two_and_bounded() {
+        for size in [0u64, 1, 4096, 16 << 10, 1 << 30, 64 << 30, 1 << 40, MAX_FILE_SIZE] {
+            let cs = chunk_size_for(size);
+            assert!(cs.is_power_of_two() && (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs));
+            assert!(chunk_count_for(size) <= MAX_CHUNKS, "{size}");
+        }
+        assert_eq!(chunk_size_for(4096), 1024);
+        assert_eq!(chunk_size_for(1 << 30), 1 << 20);
+        assert_eq!(chunk_count_for(0), 1);
+    }
+
+    #[test]
+    fn wrong_chunks_are_refused() {
+        let d = data(50_000);
+        let m = Manifest::from_reader(&d[..], d.len() as u64).unwrap();
+        let cs = m.chunk_size() as usize;
+        let mut bad = d[..cs].to_vec();
+        bad[10] ^= 1;
+        assert!(!m.verify_chunk(0, &bad));
+        assert!(!m.verify_chunk(0, &d[..cs - 1]), "short chunk");
+        assert!(!m.verify_chunk(1, &d[..cs]), "right bytes, wrong place");
+        assert!(!m.verify_chunk(m.chunk_count(), &[]), "past the end");
+    }
+
+    #[test]
+    fn decoding_checks_consistency() {
+        let d = data(40_000);
+        let m = Manifest::from_reader(&d[..], d.len() as u64).unwrap();
+        let bytes = postcard::to_stdvec(&m).unwrap();
+        assert_eq!(postcard::from_bytes::<Manifest>(&bytes).unwrap(), m);
+
+        let mut raw = RawManifest::from(m.clone());
+        raw.chunks[3][0] ^= 1;
+        assert_eq!(Manifest::try_from(raw).unwrap_err(), ManifestError::Root);
+        // A size that keeps the layout decodes, but then no chunk data fits the last hash.
+        let mut raw = RawManifest::from(m.clone());
+        raw.size += 1;
+        let lying = Manifest::try_from(raw).unwrap();
+        let last = m.chunk_count() - 1;
+        let off = m.chunk_offset(last) as usize;
+        assert!(!lying.verify_chunk(last, &d[off..]));
+        let mut padded = d[off..].to_vec();
+        padded.push(0);
+        assert!(!lying.verify_chunk(last, &padded));
+        let mut raw = RawManifest::from(m.clone());
+        raw.size *= 2;
+        assert_eq!(Manifest::try_from(raw).unwrap_err(), ManifestError::Layout);
+        let mut raw = RawManifest::from(m);
+        raw.chunk_size *= 2;
+        assert_eq!(Manifest::try_from(raw).unwrap_err(), ManifestError::Layout);
+    }
+
+    #[test]
+    fn reader_must_match_the_size() {
+        let d = data(3000);
+        assert_eq!(
+            Manifest::from_reader(&d[..], 3001).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+        assert_eq!(
+            Manifest::from_reader(&d[..], 2999).unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+    }
+
+    #[test]
+    fn names_are_single_safe_components() {
+        for ok in ["hello_world.txt", "a", "lorem ipsum.txt", "ünïcode.txt", "a..b", &"x".repeat(255)] {
+            assert!(FileName::new(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "", ".", "..", ".hidden", "../etc/passwd", "a/b", "a\\b", "/abs", "nul\0", "tab\t",
+            "new\nline", "esc\u{1b}", &"x".repeat(256),
+        ] {
+            assert!(FileName::new(bad).is_err(), "{bad:?}");
+        }
+        // The same rules apply when a name arrives on the wire.
+        let wire = postcard::to_stdvec(&"../x".to_string()).unwrap();
+        assert!(postcard::from_bytes::<FileName>(&wire).is_err());
+    }
+}

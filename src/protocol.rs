@@ -1,0 +1,340 @@
+//! The wire: ALPN, size caps, message types and their framing. Nothing else.
+//!
+//! # Design
+//! - ALPN [`ALPN`] (`qnode/1`) is the version check: a peer speaking another version fails the
+//!   handshake with "no application protocol" instead of misreading bytes. Changing any encoding
+//!   below means a new ALPN; the wire-format tests at the bottom pin every message's bytes.
+//! - One QUIC connection per remote peer; one bidirectional stream per request.
+//! - Every message is a frame: a 4-byte big-endian length, then a postcard-encoded value. The length
+//!   is checked against a per-direction cap *before* anything is allocated ([`MAX_REQUEST_LEN`],
+//!   [`MAX_RESPONSE_LEN`]).
+//! - Stream lifecycles:
+//!   - `List` / `Describe`: request, one response, end.
+//!   - `ReadChunk`: request, a [`Response::Chunk`] header, then exactly `len` raw bytes (not
+//!     re-encoded), end.
+//!   - `Upload`: request, [`Response::Ready`] (or a final answer: `AlreadyPresent` or `Error`), then the
+//!     client sends exactly `size` raw bytes and finishes its side, then one final response
+//!     (`Stored` or `Error`).
+//! - Errors travel as [`Response::Error`] with a machine-readable [`ErrorKind`], never as a dropped
+//!   stream; a request that cannot be decoded (garbage, or a variant from a newer version) is
+//!   answered with [`ErrorKind::BadRequest`].
+//! - Close codes for connections are in [`CloseCode`].
+//!
+//! This module does no file or QUIC work: framing is generic over tokio's `AsyncRead`/`AsyncWrite`.
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::manifest::{FileName, Hash32, Manifest};
+
+/// The application protocol (and version) negotiated in the TLS handshake.
+pub const ALPN: &[u8] = b"qnode/1";
+/// Largest request frame, in bytes. Requests are small: a name of at most 255 bytes and a few numbers.
+pub const MAX_REQUEST_LEN: u32 = 4 * 1024;
+/// Largest response header frame, in bytes (a manifest is at most 2 MiB; a listing at most
+/// [`MAX_LISTED_FILES`] entries).
+pub const MAX_RESPONSE_LEN: u32 = 16 * 1024 * 1024;
+/// Most files one `List` answer carries; the rest are left out (and the server logs it).
+pub const MAX_LISTED_FILES: usize = 40_000;
+
+/// A request, the first frame on a stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// The files this peer serves.
+    List,
+    /// The manifest of one file.
+    Describe {
+        /// Which file.
+        name: FileName,
+    },
+    /// `len` bytes of a file starting at `offset`; the requester verifies them against its manifest.
+    ReadChunk {
+        /// Which file.
+        name: FileName,
+        /// First byte.
+        offset: u64,
+        /// How many bytes (at most `manifest::MAX_CHUNK_SIZE`).
+        len: u32,
+    },
+    /// Store a file under `name`; its bytes follow once the server answers [`Response::Ready`].
+    Upload {
+        /// The name to store it under.
+        name: FileName,
+        /// Its exact size in bytes.
+        size: u64,
+        /// The BLAKE3 hash of its bytes; the server checks it before storing.
+        blake3: Hash32,
+    },
+}
+
+impl Request {
+    /// A short name for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::List => "list",
+            Self::Describe { .. } => "describe",
+            Self::ReadChunk { .. } => "read_chunk",
+            Self::Upload { .. } => "upload",
+        }
+    }
+}
+
+/// One served file, as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Its name.
+    pub name: FileName,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The BLAKE3 hash of its bytes.
+    pub blake3: Hash32,
+}
+
+/// A response frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Answer to `List`.
+    Files(Vec<FileEntry>),
+    /// Answer to `Describe`.
+    Manifest(Manifest),
+    /// Answer to `ReadChunk`: exactly `len` raw bytes follow on the stream.
+    Chunk {
+        /// How many bytes follow.
+        len: u32,
+    },
+    /// `Upload` accepted: send the bytes.
+    Ready,
+    /// `Upload` done: the file is stored and served.
+    Stored,
+    /// `Upload` not needed: an identical file is already served under that name.
+    AlreadyPresent,
+    /// The request failed.
+    Error(RemoteError),
+}
+
+/// Why a request failed, as sent by the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct RemoteError {
+    /// What kind of failure, for callers that branch on it.
+    pub kind: ErrorKind,
+    /// A human message.
+    pub message: String,
+}
+
+impl RemoteError {
+    /// A new error.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// The machine-readable failure kinds that travel on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// Malformed or unsupported request.
+    BadRequest,
+    /// No such file.
+    NotFound,
+    /// A different file already has that name.
+    Conflict,
+    /// Another upload of that name is in progress.
+    Busy,
+    /// Over a size limit.
+    TooLarge,
+    /// The uploaded bytes did not match their announced size or hash.
+    Corrupt,
+    /// The server's disk is full.
+    NoSpace,
+    /// Something went wrong on the server.
+    Internal,
+}
+
+/// Application close codes for QUIC connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum CloseCode {
+    /// The client is done with the connection.
+    Done = 0,
+    /// The server is shutting down.
+    Shutdown = 1,
+    /// The peer may not connect (e.g. it presented our own identity).
+    Refused = 2,
+}
+
+impl CloseCode {
+    /// The code as a QUIC varint value.
+    pub fn code(self) -> u32 {
+        self as u32
+    }
+}
+
+/// A framing or decoding failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The stream failed.
+    #[error("stream failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The stream ended before a frame started.
+    #[error("stream ended before a message")]
+    Closed,
+    /// A frame longer than allowed.
+    #[error("message of {len} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// The announced length.
+        len: u32,
+        /// The cap.
+        max: u32,
+    },
+    /// Bytes that are not a valid message.
+    #[error("malformed message: {0}")]
+    Decode(#[from] postcard::Error),
+}
+
+/// Reads one frame of at most `max` bytes and decodes it.
+pub async fn read_msg<T: DeserializeOwned>(
+    reader: &mut (impl AsyncRead + Unpin),
+    max: u32,
+) -> Result<T, ProtocolError> {
+    let mut len = [0u8; 4];
+    match reader.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ProtocolError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len);
+    if len > max {
+        return Err(ProtocolError::TooLarge { len, max });
+    }
+    let mut buf = vec![0u8; len as usize];
+    reader.read_exact(&mut buf).await?;
+    Ok(postcard::from_bytes(&buf)?)
+}
+
+/// Encodes `msg` and writes it as one frame.
+pub async fn write_msg<T: Serialize>(
+    writer: &mut (impl AsyncWrite + Unpin),
+    msg: &T,
+) -> Result<(), ProtocolError> {
+    writer.write_all(&encode_frame(msg)?).await?;
+    Ok(())
+}
+
+/// Encodes `msg` as one frame (length prefix included), for callers that batch writes.
+pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtocolError> {
+    let mut buf = postcard::to_extend(msg, vec![0u8; 4])?;
+    // A frame we build is far below 4 GiB: our own messages are bounded by the caps above.
+    let len = u32::try_from(buf.len() - 4).map_err(|_| ProtocolError::TooLarge {
+        len: u32::MAX,
+        max: MAX_RESPONSE_LEN,
+    })?;
+    buf[..4].copy_from_slice(&len.to_be_bytes());
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> FileName {
+        FileName::new(s).unwrap()
+    }
+
+    fn frame<T: Serialize>(msg: &T) -> Vec<u8> {
+        encode_frame(msg).unwrap()
+    }
+
+    /// The exact bytes of every message kind. If one of these changes, the wire changed: bump ALPN.
+    #[test]
+    fn request_wire_format_is_pinned() {
+        assert_eq!(frame(&Request::List), [0, 0, 0, 1, 0]);
+        assert_eq!(
+            frame(&Request::Describe { name: name("a.txt") }),
+            [0, 0, 0, 7, 1, 5, b'a', b'.', b't', b'x', b't']
+        );
+        assert_eq!(
+            frame(&Request::ReadChunk {
+                name: name("a"),
+                offset: 300,
+                len: 1024
+            }),
+            [0, 0, 0, 7, 2, 1, b'a', 0xac, 0x02, 0x80, 0x08]
+        );
+        let mut upload = vec![0, 0, 0, 36, 3, 1, b'a', 5];
+        upload.extend([7u8; 32]);
+        assert_eq!(
+            frame(&Request::Upload {
+                name: name("a"),
+                size: 5,
+                blake3: [7; 32]
+            }),
+            upload
+        );
+    }
+
+    #[test]
+    fn response_wire_format_is_pinned() {
+        let mut files = vec![0, 0, 0, 39, 0, 1, 3, b'x', b'.', b'y', 13];
+        files.extend([9u8; 32]);
+        assert_eq!(
+            frame(&Response::Files(vec![FileEntry {
+                name: name("x.y"),
+                size: 13,
+                blake3: [9; 32]
+            }])),
+            files
+        );
+        let m = Manifest::from_reader(&b"hi"[..], 2).unwrap();
+        let mut manifest = vec![0, 0, 0, 69, 1, 2, 0x80, 0x08, 1];
+        manifest.extend(blake3::hash(b"hi").as_bytes());
+        manifest.extend(blake3::hash(b"hi").as_bytes());
+        assert_eq!(frame(&Response::Manifest(m)), manifest);
+        assert_eq!(frame(&Response::Chunk { len: 1 }), [0, 0, 0, 2, 2, 1]);
+        assert_eq!(frame(&Response::Ready), [0, 0, 0, 1, 3]);
+        assert_eq!(frame(&Response::Stored), [0, 0, 0, 1, 4]);
+        assert_eq!(frame(&Response::AlreadyPresent), [0, 0, 0, 1, 5]);
+        assert_eq!(
+            frame(&Response::Error(RemoteError::new(ErrorKind::Conflict, "no"))),
+            [0, 0, 0, 5, 6, 2, 2, b'n', b'o']
+        );
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_over_a_pipe() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        let req = Request::Describe { name: name("lorem_ipsum.txt") };
+        let sent = req.clone();
+        let writer = tokio::spawn(async move { write_msg(&mut a, &sent).await });
+        let got: Request = read_msg(&mut b, MAX_REQUEST_LEN).await.unwrap();
+        writer.await.unwrap().unwrap();
+        assert_eq!(got, req);
+    }
+
+    #[tokio::test]
+    async fn oversized_length_is_refused_before_reading() {
+        let bytes = [0xff, 0xff, 0xff, 0xff, 0];
+        let err = read_msg::<Request>(&mut &bytes[..], MAX_REQUEST_LEN).await.unwrap_err();
+        assert!(matches!(err, ProtocolError::TooLarge { len: u32::MAX, .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn garbage_unknown_tags_bad_names_and_truncation_are_errors() {
+        let cases: [&[u8]; 6] = [
+            &[],                                  // nothing at all
+            &[0, 0, 0, 1, 9],                     // unknown request variant (a newer version)
+            &[0, 0, 0, 5, 1, 3, b'.', b'.', b'/'], // truncated frame
+            &[0, 0, 0, 5, 1, 3, b'.', b'.', b'x'], // invalid name (leading dot)
+            &[0, 0, 0, 4, 1, 2, b'a', 0],          // control character in a name
+            &[0, 0, 0, 3, 1, 9, b'a'],             // string longer than its frame
+        ];
+        for bytes in cases {
+            assert!(
+                read_msg::<Request>(&mut &bytes[..], MAX_REQUEST_LEN).await.is_err(),
+                "{bytes:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! `serve`: answer other peers.
+//!
+//! Shape: accept loop → a task per connection → a task per request stream, all on one
+//! [`TaskTracker`] so shutdown can wait for them. A connection is identified by the pinned
+//! certificate its client presented (the TLS verifier already refused unknown ones); one that
+//! presents our own identity is refused. Each request is handled from a typed [`Request`] and logged
+//! once, naming the peer. Peer input is never trusted: frames are capped before allocation, names
+//! are validated while decoding, ranges are checked, reads from a silent peer time out.
+//!
+//! Shutdown is a future passed in: stop accepting, let in-flight requests finish (bounded), close
+//! every connection with [`CloseCode::Shutdown`], then wait for the closes to be delivered.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::manifest::{FileName, Hash32, MAX_CHUNK_SIZE};
+use crate::peers::PeerId;
+use crate::protocol::{
+    self, CloseCode, ErrorKind, FileEntry, MAX_LISTED_FILES, MAX_REQUEST_LEN, RemoteError, Request,
+    Response,
+};
+use crate::store::{Check, Committed, Store, StoreError};
+use crate::tls::{self, Pins};
+
+/// Default cap on one uploaded file, in bytes (64 GiB).
+pub const DEFAULT_MAX_UPLOAD_SIZE: u64 = 64 << 30;
+/// How long a peer may take to send its request, or the next piece of an upload.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long shutdown waits for in-flight requests.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Uploads are written to disk in pieces of this many bytes.
+const UPLOAD_WRITE_BUF: usize = 1 << 20;
+
+/// Everything the server needs.
+#[derive(Debug)]
+pub struct Server {
+    /// Who we are.
+    pub me: PeerId,
+    /// Our `served_files`.
+    pub store: Arc<Store>,
+    /// Pinned certificates, to name the peer behind each connection.
+    pub pins: Pins,
+    /// Largest upload accepted, in bytes.
+    pub max_upload_size: u64,
+}
+
+/// Serves on `endpoint` until `shutdown` resolves, then shuts down gracefully.
+pub async fn run(endpoint: quinn::Endpoint, server: Arc<Server>, shutdown: impl Future<Output = ()>) {
+    let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let span = info_span!("connection", remote = %incoming.remote_address(), peer = tracing::field::Empty);
+                tracker.spawn(
+                    handle_connection(incoming, server.clone(), tracker.clone(), cancel.clone())
+                        .instrument(span),
+                );
+            }
+        }
+    }
+    info!("shutting down: finishing in-flight requests");
+    endpoint.set_server_config(None);
+    cancel.cancel();
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+        warn!("some requests did not finish within {SHUTDOWN_GRACE:?}; closing anyway");
+    }
+    endpoint.close(CloseCode::Shutdown.code().into(), b"shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    info!("stopped");
+}
+
+async fn handle_connection(
+    incoming: quinn::Incoming,
+    server: Arc<Server>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            info!("handshake failed: {e}");
+            return;
+        }
+    };
+    let Some(peer) = tls::peer_identity(&conn, &server.pins) else {
+        // Unreachable in practice: the verifier accepts only pinned certificates.
+        warn!("connection without a pinned certificate; closing");
+        conn.close(CloseCode::Refused.code().into(), b"unknown peer");
+        return;
+    };
+    if peer == server.me {
+        warn!("refusing a connection that presents our own identity ({peer})");
+        conn.close(CloseCode::Refused.code().into(), b"that is my own identity");
+        return;
+    }
+    tracing::Span::current().record("peer", tracing::field::display(&peer));
+    debug!(%peer, "connected");
+    loop {
+        let stream = tokio::select! {
+            () = cancel.cancelled() => break,
+            s = conn.accept_bi() => s,
+        };
+        match stream {
+            Ok((send, recv)) => {
+                let span = info_span!("request", %peer);
+                tracker.spawn(handle_stream(send, recv, server.clone(), peer.clone()).instrument(span));
+            }
+            Err(
+                quinn::ConnectionError::ApplicationClosed(_)
+                | quinn::ConnectionError::LocallyClosed
+                | quinn::ConnectionError::ConnectionClosed(_),
+            ) => {
+                debug!(%peer, "disconnected");
+                break;
+            }
+            Err(e) => {
+                info!(%peer, "connection ended: {e}");
+                break;
+            }
+        }
+    }
+}
+
+async fn handle_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    server: Arc<Server>,
+    peer: PeerId,
+) {
+    let request = match tokio::time::timeout(READ_TIMEOUT, protocol::read_msg::<Request>(&mut recv, MAX_REQUEST_LEN)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            info!(%peer, "bad request: {e}");
+            let err = RemoteError::new(ErrorKind::BadRequest, format!("unsupported or malformed request: {e}"));
+            respond(&mut send, &Response::Error(err)).await;
+            return;
+        }
+        Err(_) => {
+            info!(%peer, "no request within {READ_TIMEOUT:?}");
+            let _ = send.reset(0u32.into());
+            return;
+        }
+    };
+    let kind = request.kind();
+    let outcome = match request {
+        Request::List => handle_list(&mut send, &server).await,
+        Request::Describe { name } => handle_describe(&mut send, &server, &name).await,
+        Request::ReadChunk { name, offset, len } => {
+            handle_read_chunk(&mut send, &server, &name, offset, len).await
+        }
+        Request::Upload { name, size, blake3 } => {
+            handle_upload(&mut send, &mut recv, &server, &name, size, blake3).await
+        }
+    };
+    match outcome {
+        Ok(summary) => info!(%peer, "{kind} {summary}"),
+        Err(err) => {
+            info!(%peer, "{kind} refused: {}", err.message);
+            respond(&mut send, &Response::Error(err)).await;
+        }
+    }
+}
+
+/// Sends a final response and finishes the stream. Failures mean the peer went away: nothing to do.
+async fn respond(send: &mut quinn::SendStream, resp: &Response) {
+    if protocol::write_msg(send, resp).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+fn store_error(e: StoreError) -> RemoteError {
+    let kind = match &e {
+        StoreError::NotFound(_) => ErrorKind::NotFound,
+        StoreError::Conflict(_) => ErrorKind::Conflict,
+        StoreError::Busy(_) => ErrorKind::Busy,
+        StoreError::OutOfRange { .. } => ErrorKind::BadRequest,
+        StoreError::NoSpace(_) => ErrorKind::NoSpace,
+        StoreError::Corrupt { .. } => ErrorKind::Corrupt,
+        StoreError::Io { .. } => ErrorKind::Internal,
+    };
+    // Internal errors carry local paths; the peer gets the gist, the log gets the detail.
+    if kind == ErrorKind::Internal {
+        warn!("{e}");
+        return RemoteError::new(kind, "internal error on the serving peer");
+    }
+    RemoteError::new(kind, e.to_string())
+}
+
+/// Runs blocking store work off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, RemoteError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(store_error),
+        Err(e) => Err(RemoteError::new(ErrorKind::Internal, format!("task failed: {e}"))),
+    }
+}
+
+fn gone(e: impl std::fmt::Display) -> RemoteError {
+    RemoteError::new(ErrorKind::Internal, format!("stream failed: {e}"))
+}
+
+async fn handle_list(send: &mut quinn::SendStream, server: &Server) -> Result<String, RemoteError> {
+    let store = server.store.clone();
+    let mut files = blocking(move || store.list()).await?;
+    if files.len() > MAX_LISTED_FILES {
+        warn!("listing only the first {MAX_LISTED_FILES} of {} files", files.len());
+        files.truncate(MAX_LISTED_FILES);
+    }
+    let entries: Vec<FileEntry> = files
+        .into_iter()
+        .map(|(name, m)| FileEntry {
+            name,
+            size: m.size(),
+            blake3: m.blake3(),
+        })
+        .collect();
+    let count = entries.len();
+    respond(send, &Response::Files(entries)).await;
+    Ok(format!("-> {count} files"))
+}
+
+async fn handle_describe(
+    send: &mut quinn::SendStream,
+    server: &Server,
+    name: &FileName,
+) -> Result<String, RemoteError> {
+    let store = server.store.clone();
+    let n = name.clone();
+    let manifest = blocking(move || store.manifest(&n)).await?;
+    let summary = format!("{name} -> {} bytes, {} chunks", manifest.size(), manifest.chunk_count());
+    respond(send, &Response::Manifest((*manifest).clone())).await;
+    Ok(summary)
+}
+
+async fn handle_read_chunk(
+    send: &mut quinn::SendStream,
+    server: &Server,
+    name: &FileName,
+    offset: u64,
+    len: u32,
+) -> Result<String, RemoteError> {
+    if u64::from(len) > MAX_CHUNK_SIZE {
+        return Err(RemoteError::new(
+            ErrorKind::TooLarge,
+            format!("chunk of {len} bytes exceeds the limit of {MAX_CHUNK_SIZE}"),
+        ));
+    }
+    let store = server.store.clone();
+    let n = name.clone();
+    let data = blocking(move || store.read_range(&n, offset, len)).await?;
+    let header = protocol::encode_frame(&Response::Chunk { len }).map_err(gone)?;
+    send.write_chunks(&mut [Bytes::from(header), Bytes::from(data)])
+        .await
+        .map_err(gone)?;
+    let _ = send.finish();
+    Ok(format!("{name} @{offset} +{len}"))
+}
+
+async fn handle_upload(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    server: &Server,
+    name: &FileName,
+    size: u64,
+    expected: Hash32,
+) -> Result<String, RemoteError> {
+    if size > server.max_upload_size {
+        return Err(RemoteError::new(
+            ErrorKind::TooLarge,
+            format!("{name} is {size} bytes; this peer accepts uploads up to {} bytes", server.max_upload_size),
+        ));
+    }
+    let store = server.store.clone();
+    let n = name.clone();
+    let Some(upload) = blocking(move || store.begin_upload(&n, size, expected)).await? else {
+        respond(send, &Response::AlreadyPresent).await;
+        return Ok(format!("{name} -> already present"));
+    };
+    protocol::write_msg(send, &Response::Ready).await.map_err(gone)?;
+
+    let upload = Arc::new(upload);
+    let mut hasher = blake3::Hasher::new();
+    let mut received = 0u64;
+    let mut buf: Vec<u8> = Vec::with_capacity(UPLOAD_WRITE_BUF);
+    let short = || RemoteError::new(ErrorKind::Corrupt, format!("{name}: fewer bytes than the announced {size}"));
+    loop {
+        let chunk = match tokio::time::timeout(READ_TIMEOUT, recv.read_chunk(UPLOAD_WRITE_BUF, true)).await {
+            Err(_) => return Err(RemoteError::new(ErrorKind::BadRequest, format!("no upload data for {READ_TIMEOUT:?}"))),
+            Ok(Err(e)) => return Err(gone(e)),
+            Ok(Ok(None)) => break,
+            Ok(Ok(Some(c))) => c.bytes,
+        };
+        if received + chunk.len() as u64 > size {
+            return Err(RemoteError::new(ErrorKind::Corrupt, format!("{name}: more bytes than the announced {size}")));
+        }
+        buf.extend_from_slice(&chunk);
+        if buf.len() >= UPLOAD_WRITE_BUF {
+            received += write_piece(&upload, &mut hasher, received, &mut buf).await?;
+        }
+    }
+    received += write_piece(&upload, &mut hasher, received, &mut buf).await?;
+    if received != size {
+        return Err(short());
+    }
+    let upload = Arc::try_unwrap(upload)
+        .map_err(|_| RemoteError::new(ErrorKind::Internal, "upload still shared"))?;
+    let streamed = *hasher.finalize().as_bytes();
+    let committed = blocking(move || upload.partial.commit(expected, Check::Streamed(streamed))).await?;
+    let (resp, what) = match committed {
+        Committed::Stored => (Response::Stored, "stored"),
+        Committed::AlreadyPresent => (Response::AlreadyPresent, "already present"),
+    };
+    respond(send, &resp).await;
+    Ok(format!("{name} ({size} bytes) -> {what}"))
+}
+
+/// Hashes and writes the buffered piece at `offset`; returns its length and empties the buffer.
+async fn write_piece(
+    upload: &Arc<crate::store::Upload>,
+    hasher: &mut blake3::Hasher,
+    offset: u64,
+    buf: &mut Vec<u8>,
+) -> Result<u64, RemoteError> {
+    if buf.is_empty() {
+        return Ok(0);
+    }
+    let piece = std::mem::replace(buf, Vec::with_capacity(UPLOAD_WRITE_BUF));
+    hasher.update(&piece);
+    let len = piece.len() as u64;
+    let upload = upload.clone();
+    blocking(move || upload.partial.write_at(offset, &piece)).await?;
+    Ok(len)
+}

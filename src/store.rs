@@ -1,0 +1,627 @@
+//! `served_files`: what a peer serves and where downloads and uploads land.
+//!
+//! - Listing keeps regular files with valid names only: symlinks, folders and hidden files (our
+//!   temporary `.<name>…part` files among them) are never listed or served.
+//! - Manifests are cached, keyed by (size, mtime, ctime, inode, device), so a changed file is noticed
+//!   and described afresh; a file that changes while being hashed is hashed again.
+//! - Chunk reads are positional (`read_exact_at`) on a freshly opened, re-checked file.
+//! - [`PartialFile`] is how anything new appears: a hidden temporary file in the target's own folder
+//!   (so the final rename stays on one file system), space reserved up front (a full disk fails at
+//!   once, not half-way), positional writes, fsync, hash check, then a link to the final name that
+//!   never replaces an existing file. An uncommitted one is removed on drop.
+//!
+//! All of it is blocking file I/O: async callers run it on `spawn_blocking`. It knows nothing of
+//! QUIC, postcard or peers, and takes names only as [`FileName`].
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::manifest::{FileName, Hash32, Manifest, hex};
+
+/// A store failure, typed so callers can branch on the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No regular file of that name is served.
+    #[error("{0} is not served here")]
+    NotFound(FileName),
+    /// A different file already has that name.
+    #[error("a different file named {0} already exists")]
+    Conflict(String),
+    /// Another transfer of that name is in progress.
+    #[error("another transfer of {0} is in progress")]
+    Busy(String),
+    /// A read outside the file.
+    #[error("range {offset}+{len} is outside {name} ({size} bytes)")]
+    OutOfRange {
+        /// The file.
+        name: FileName,
+        /// Requested start.
+        offset: u64,
+        /// Requested length.
+        len: u64,
+        /// The file's size.
+        size: u64,
+    },
+    /// The disk is full.
+    #[error("no space left on the device for {0}")]
+    NoSpace(String),
+    /// Written bytes did not hash to what was expected.
+    #[error("{name} is corrupt: expected BLAKE3 {expected}, got {actual}")]
+    Corrupt {
+        /// The file.
+        name: String,
+        /// The expected hash (hex).
+        expected: String,
+        /// What the bytes hash to (hex).
+        actual: String,
+    },
+    /// Any other file-system failure.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What we were doing.
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+impl StoreError {
+    fn io(what: &'static str, path: &Path, source: io::Error) -> Self {
+        if source.raw_os_error() == Some(28) || source.kind() == io::ErrorKind::StorageFull {
+            return Self::NoSpace(path.display().to_string());
+        }
+        Self::Io {
+            what,
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// What identifies one version of a file on disk, for the manifest cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileKey {
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    ino: u64,
+    dev: u64,
+}
+
+impl FileKey {
+    fn of(m: &fs::Metadata) -> Self {
+        Self {
+            size: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+            ino: m.ino(),
+            dev: m.dev(),
+        }
+    }
+}
+
+/// A peer's `served_files` folder.
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+    /// Manifests by name. A std `Mutex`: it is held only for a map lookup or insert, never across
+    /// hashing or an `.await`.
+    cache: Mutex<HashMap<FileName, (FileKey, Arc<Manifest>)>>,
+    /// Names with an upload in progress, so two uploads of one name never interleave.
+    uploads: Arc<Mutex<HashSet<FileName>>>,
+}
+
+impl Store {
+    /// Opens the store at `dir`, which must be a folder.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let dir = dir.into();
+        let meta = fs::metadata(&dir).map_err(|e| StoreError::io("opening", &dir, e))?;
+        if !meta.is_dir() {
+            return Err(StoreError::io(
+                "opening",
+                &dir,
+                io::Error::new(io::ErrorKind::NotADirectory, "not a folder"),
+            ));
+        }
+        Ok(Self {
+            dir,
+            cache: Mutex::default(),
+            uploads: Arc::default(),
+        })
+    }
+
+    /// The folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where `name` lives (whether or not it exists).
+    pub fn path_of(&self, name: &FileName) -> PathBuf {
+        self.dir.join(name.as_str())
+    }
+
+    /// Every served file with its manifest, sorted by name.
+    pub fn list(&self) -> Result<Vec<(FileName, Arc<Manifest>)>, StoreError> {
+        let entries = fs::read_dir(&self.dir).map_err(|e| StoreError::io("listing", &self.dir, e))?;
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::io("listing", &self.dir, e))?;
+            let Some(name) = entry.file_name().to_str().and_then(|n| FileName::new(n).ok()) else {
+                continue;
+            };
+            // `DirEntry::file_type` does not follow symlinks: only real regular files qualify.
+            if !entry.file_type().is_ok_and(|t| t.is_file()) {
+                continue;
+            }
+            match self.manifest(&name) {
+                Ok(m) => out.push((name, m)),
+                // Removed or replaced by a non-file since read_dir: not served.
+                Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// The manifest of `name`, from the cache if the file is unchanged.
+    pub fn manifest(&self, name: &FileName) -> Result<Arc<Manifest>, StoreError> {
+        let path = self.path_of(name);
+        for _attempt in 0..3 {
+            let (file, key) = self.open_regular(name)?;
+            if let Some((k, m)) = self.lock_cache().get(name) {
+                if *k == key {
+                    return Ok(m.clone());
+                }
+            }
+            let manifest = Manifest::from_reader(io::BufReader::with_capacity(1 << 16, &file), key.size);
+            let after = file
+                .metadata()
+                .map(|m| FileKey::of(&m))
+                .map_err(|e| StoreError::io("reading", &path, e))?;
+            match manifest {
+                Ok(m) if after == key => {
+                    let m = Arc::new(m);
+                    self.lock_cache().insert(name.clone(), (key, m.clone()));
+                    return Ok(m);
+                }
+                // Changed while we read it (or it was too large or short): look again.
+                Ok(_) => continue,
+                Err(e) if after != key => {
+                    tracing::debug!(%name, "file changed while hashing: {e}");
+                    continue;
+                }
+                Err(e) => return Err(StoreError::io("hashing", &path, e)),
+            }
+        }
+        Err(StoreError::Busy(format!("{name} (it keeps changing)")))
+    }
+
+    /// The manifest of `name` if a regular file of that name exists.
+    pub fn lookup(&self, name: &FileName) -> Result<Option<Arc<Manifest>>, StoreError> {
+        match self.manifest(name) {
+            Ok(m) => Ok(Some(m)),
+            Err(StoreError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads `len` bytes of `name` at `offset`.
+    pub fn read_range(&self, name: &FileName, offset: u64, len: u32) -> Result<Vec<u8>, StoreError> {
+        let (file, key) = self.open_regular(name)?;
+        let len64 = u64::from(len);
+        if offset.checked_add(len64).is_none_or(|end| end > key.size) {
+            return Err(StoreError::OutOfRange {
+                name: name.clone(),
+                offset,
+                len: len64,
+                size: key.size,
+            });
+        }
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, offset)
+            .map_err(|e| StoreError::io("reading", &self.path_of(name), e))?;
+        Ok(buf)
+    }
+
+    /// Decides an upload of `size` bytes hashing to `blake3` under `name`: `Ok(None)` if an identical
+    /// file is already served, else a reserved [`Upload`] to write into.
+    pub fn begin_upload(
+        &self,
+        name: &FileName,
+        size: u64,
+        blake3: Hash32,
+    ) -> Result<Option<Upload>, StoreError> {
+        if let Some(existing) = self.existing(name)? {
+            return if existing.size() == size && existing.blake3() == blake3 {
+                Ok(None)
+            } else {
+                Err(StoreError::Conflict(name.to_string()))
+            };
+        }
+        let guard = UploadGuard::claim(&self.uploads, name)?;
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let tag = format!(
+            "upload-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let partial = PartialFile::create(&self.path_of(name), &tag, size)?;
+        Ok(Some(Upload {
+            partial,
+            _guard: guard,
+        }))
+    }
+
+    /// The manifest of whatever is at `name`: `None` if nothing, a conflict if it is not a file.
+    fn existing(&self, name: &FileName) -> Result<Option<Arc<Manifest>>, StoreError> {
+        let path = self.path_of(name);
+        match fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::io("inspecting", &path, e)),
+            Ok(m) if !m.is_file() => Err(StoreError::Conflict(name.to_string())),
+            Ok(_) => self.lookup(name),
+        }
+    }
+
+    /// Opens `name` if it is a regular file (not a symlink), returning it with its identity.
+    fn open_regular(&self, name: &FileName) -> Result<(File, FileKey), StoreError> {
+        let path = self.path_of(name);
+        let not_found = || StoreError::NotFound(name.clone());
+        let link = match fs::symlink_metadata(&path) {
+            Ok(m) if m.is_file() => m,
+            Ok(_) => return Err(not_found()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_found()),
+            Err(e) => return Err(StoreError::io("inspecting", &path, e)),
+        };
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_found()),
+            Err(e) => return Err(StoreError::io("opening", &path, e)),
+        };
+        let meta = file
+            .metadata()
+            .map_err(|e| StoreError::io("inspecting", &path, e))?;
+        // Swapped for a symlink or another file between the two looks: refuse.
+        if !meta.is_file() || meta.ino() != link.ino() || meta.dev() != link.dev() {
+            return Err(not_found());
+        }
+        Ok((file, FileKey::of(&meta)))
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<FileName, (FileKey, Arc<Manifest>)>> {
+        // A poisoned lock only means another thread panicked mid-insert of a whole entry; the map
+        // itself is still consistent.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// An upload in progress: its partial file and its claim on the name.
+#[derive(Debug)]
+pub struct Upload {
+    /// Where the bytes go.
+    pub partial: PartialFile,
+    _guard: UploadGuard,
+}
+
+#[derive(Debug)]
+struct UploadGuard {
+    set: Arc<Mutex<HashSet<FileName>>>,
+    name: FileName,
+}
+
+impl UploadGuard {
+    fn claim(set: &Arc<Mutex<HashSet<FileName>>>, name: &FileName) -> Result<Self, StoreError> {
+        let mut names = set.lock().unwrap_or_else(|p| p.into_inner());
+        if !names.insert(name.clone()) {
+            return Err(StoreError::Busy(name.to_string()));
+        }
+        Ok(Self {
+            set: set.clone(),
+            name: name.clone(),
+        })
+    }
+}
+
+impl Drop for UploadGuard {
+    fn drop(&mut self) {
+        let mut names = self.set.lock().unwrap_or_else(|p| p.into_inner());
+        names.remove(&self.name);
+    }
+}
+
+/// How [`PartialFile::commit`] checks the whole file before it appears.
+#[derive(Debug, Clone, Copy)]
+pub enum Check {
+    /// Read the written file back and hash it.
+    Reread,
+    /// The caller hashed the bytes as they streamed in; this is what they hashed to.
+    Streamed(Hash32),
+}
+
+/// What [`PartialFile::commit`] found at the final name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// The file now exists under its final name.
+    Stored,
+    /// An identical file appeared there meanwhile; ours was discarded.
+    AlreadyPresent,
+}
+
+/// A file being written: hidden, pre-sized, removed unless committed.
+#[derive(Debug)]
+pub struct PartialFile {
+    file: File,
+    temp: PathBuf,
+    target: PathBuf,
+    size: u64,
+    committed: bool,
+}
+
+impl PartialFile {
+    /// Starts a file of `size` bytes that will become `target`, as `.<target name>.<tag>.part` in
+    /// the same folder. Space is reserved now, so a full disk fails here. Fails with `Busy` if
+    /// another process is writing the same temporary file.
+    pub fn create(target: &Path, tag: &str, size: u64) -> Result<Self, StoreError> {
+        let dir = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let base = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let temp = dir.join(format!(".{base}.{tag}.part"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(&temp)
+            .map_err(|e| StoreError::io("creating", &temp, e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Err(StoreError::Busy(base)),
+            Err(fs::TryLockError::Error(e)) => return Err(StoreError::io("locking", &temp, e)),
+        }
+        let mut partial = Self {
+            file,
+            temp,
+            target: target.to_owned(),
+            size,
+            committed: false,
+        };
+        partial.reserve()?;
+        Ok(partial)
+    }
+
+    fn reserve(&mut self) -> Result<(), StoreError> {
+        let io = |e| StoreError::io("sizing", &self.temp, e);
+        self.file.set_len(0).map_err(io)?;
+        if self.size > 0 {
+            // posix_fallocate returns the error number itself (it does not set errno).
+            let len = i64::try_from(self.size).map_err(|_| StoreError::NoSpace(self.target.display().to_string()))?;
+            let rc = unsafe {
+                // SAFETY: the fd is owned by `self.file` and open for writing for this whole call.
+                libc::posix_fallocate(std::os::fd::AsRawFd::as_raw_fd(&self.file), 0, len)
+            };
+            match rc {
+                0 => {}
+                libc::ENOSPC | libc::EFBIG => {
+                    return Err(StoreError::NoSpace(self.target.display().to_string()));
+                }
+                // File systems without fallocate: fall back to a sparse file.
+                libc::EOPNOTSUPP | libc::EINVAL => self.file.set_len(self.size).map_err(io)?,
+                e => return Err(io(io::Error::from_raw_os_error(e))),
+            }
+        }
+        Ok(())
+    }
+
+    /// The final path.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// The size it will have.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Writes `data` at `offset` (positional; safe to call from several threads at once).
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        if offset.checked_add(data.len() as u64).is_none_or(|end| end > self.size) {
+            return Err(StoreError::io(
+                "writing",
+                &self.temp,
+                io::Error::new(io::ErrorKind::InvalidInput, "write past the announced size"),
+            ));
+        }
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| StoreError::io("writing", &self.temp, e))
+    }
+
+    /// Syncs, checks the whole file against `expected`, and links it to its final name, which is
+    /// never replaced: if a file is already there, it must be identical (`AlreadyPresent`) or this is
+    /// a `Conflict`.
+    pub fn commit(mut self, expected: Hash32, check: Check) -> Result<Committed, StoreError> {
+        self.file
+            .sync_all()
+            .map_err(|e| StoreError::io("syncing", &self.temp, e))?;
+        let actual = match check {
+            Check::Streamed(h) => h,
+            Check::Reread => {
+                let mut hasher = blake3::Hasher::new();
+                let mut reader = (&self.file).take(self.size);
+                io::Seek::rewind(&mut &self.file)
+                    .map_err(|e| StoreError::io("verifying", &self.temp, e))?;
+                hasher
+                    .update_reader(&mut reader)
+                    .map_err(|e| StoreError::io("verifying", &self.temp, e))?;
+                *hasher.finalize().as_bytes()
+            }
+        };
+        let name = self
+            .target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if actual != expected {
+            return Err(StoreError::Corrupt {
+                name,
+                expected: hex(&expected),
+                actual: hex(&actual),
+            });
+        }
+        match fs::hard_link(&self.temp, &self.target) {
+            Ok(()) => {
+                self.committed = true;
+                let _ = fs::remove_file(&self.temp);
+                if let Some(dir) = self.target.parent() {
+                    // Make the new name durable; failure here loses nothing already verified.
+                    let _ = File::open(dir).and_then(|d| d.sync_all());
+                }
+                Ok(Committed::Stored)
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let same = File::open(&self.target)
+                    .and_then(|f| {
+                        let mut h = blake3::Hasher::new();
+                        h.update_reader(f)?;
+                        Ok(*h.finalize().as_bytes())
+                    })
+                    .is_ok_and(|h| h == expected);
+                if same {
+                    Ok(Committed::AlreadyPresent)
+                } else {
+                    Err(StoreError::Conflict(name))
+                }
+            }
+            Err(e) => Err(StoreError::io("linking", &self.target, e)),
+        }
+    }
+}
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.temp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn name(s: &str) -> FileName {
+        FileName::new(s).unwrap()
+    }
+
+    #[test]
+    fn lists_only_regular_files_with_valid_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs::write(d.join("b.txt"), b"bee").unwrap();
+        fs::write(d.join("a.txt"), b"a").unwrap();
+        fs::write(d.join(".hidden"), b"x").unwrap();
+        fs::write(d.join(".a.txt.1234.part"), b"x").unwrap();
+        fs::create_dir(d.join("sub")).unwrap();
+        let outside = tempfile::NamedTempFile::new().unwrap();
+        symlink(outside.path(), d.join("link.txt")).unwrap();
+        let store = Store::open(d).unwrap();
+        let listed: Vec<_> = store.list().unwrap().into_iter().map(|(n, m)| (n.to_string(), m.size())).collect();
+        assert_eq!(listed, [("a.txt".to_string(), 1), ("b.txt".to_string(), 3)]);
+        assert!(matches!(store.manifest(&name("link.txt")), Err(StoreError::NotFound(_))));
+        assert!(matches!(store.read_range(&name("link.txt"), 0, 1), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn a_changed_file_gets_a_new_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        fs::write(dir.path().join("f"), b"one").unwrap();
+        let first = store.manifest(&name("f")).unwrap();
+        assert_eq!(first.blake3(), *blake3::hash(b"one").as_bytes());
+        fs::write(dir.path().join("f"), b"two").unwrap();
+        assert_eq!(store.manifest(&name("f")).unwrap().blake3(), *blake3::hash(b"two").as_bytes());
+    }
+
+    #[test]
+    fn ranges_outside_the_file_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("f"), b"0123456789").unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.read_range(&name("f"), 2, 3).unwrap(), b"234");
+        assert!(matches!(store.read_range(&name("f"), 8, 3), Err(StoreError::OutOfRange { .. })));
+        assert!(matches!(store.read_range(&name("f"), u64::MAX, 3), Err(StoreError::OutOfRange { .. })));
+    }
+
+    #[test]
+    fn partial_files_appear_only_when_verified_and_never_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.txt");
+        let data = b"hello partial world";
+        let hash = *blake3::hash(data).as_bytes();
+
+        // Dropped without commit: nothing remains.
+        let p = PartialFile::create(&target, "t", data.len() as u64).unwrap();
+        p.write_at(0, data).unwrap();
+        drop(p);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+
+        // Wrong bytes: refused, nothing appears.
+        let p = PartialFile::create(&target, "t", data.len() as u64).unwrap();
+        p.write_at(0, b"hello partial w0rld").unwrap();
+        assert!(matches!(p.commit(hash, Check::Reread), Err(StoreError::Corrupt { .. })));
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+
+        // Right bytes, written out of order: stored.
+        let p = PartialFile::create(&target, "t", data.len() as u64).unwrap();
+        assert!(matches!(PartialFile::create(&target, "t", 1), Err(StoreError::Busy(_))));
+        p.write_at(6, &data[6..]).unwrap();
+        p.write_at(0, &data[..6]).unwrap();
+        assert!(p.write_at(10, &data[..]).is_err(), "past the end");
+        assert_eq!(p.commit(hash, Check::Reread).unwrap(), Committed::Stored);
+        assert_eq!(fs::read(&target).unwrap(), data);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+
+        // Same again: already present. Different: conflict, and the original is untouched.
+        let p = PartialFile::create(&target, "u", data.len() as u64).unwrap();
+        p.write_at(0, data).unwrap();
+        assert_eq!(p.commit(hash, Check::Reread).unwrap(), Committed::AlreadyPresent);
+        let other = b"something else entirely";
+        let p = PartialFile::create(&target, "v", other.len() as u64).unwrap();
+        p.write_at(0, other).unwrap();
+        assert!(matches!(
+            p.commit(*blake3::hash(other).as_bytes(), Check::Reread),
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(fs::read(&target).unwrap(), data);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn uploads_follow_the_conflict_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("have.txt"), b"same").unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let same = *blake3::hash(b"same").as_bytes();
+        assert!(store.begin_upload(&name("have.txt"), 4, same).unwrap().is_none());
+        assert!(matches!(
+            store.begin_upload(&name("have.txt"), 4, [0; 32]),
+            Err(StoreError::Conflict(_))
+        ));
+        let first = store.begin_upload(&name("new.txt"), 4, same).unwrap().unwrap();
+        assert!(matches!(store.begin_upload(&name("new.txt"), 4, same), Err(StoreError::Busy(_))));
+        drop(first);
+        assert!(store.begin_upload(&name("new.txt"), 4, same).unwrap().is_some());
+    }
+}

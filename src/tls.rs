@@ -1,0 +1,299 @@
+//! Pinned mutual TLS 1.3 and the QUIC endpoint settings.
+//!
+//! Trust is a set of pinned certificates (`certs/<id>.pem`), not a CA. rustls' WebPKI verifier
+//! refuses a self-signed certificate used as its own trust anchor, so both directions use our own
+//! verifiers: the client accepts only the exact certificate pinned for the peer it dials; the server
+//! accepts only certificates pinned for some listed peer, and learns the client's ID from which one.
+//! Both still verify the TLS 1.3 handshake signature with the crypto provider: the certificate is
+//! public, the signature is the proof of holding its key. TLS 1.2 is never offered (QUIC needs 1.3).
+//!
+//! Also here: the quinn transport configuration (flow-control windows, stream limits, timeouts) and
+//! UDP socket creation with enlarged buffers. This module never reads `served_files`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms, verify_tls13_signature};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+use crate::identity::Identity;
+use crate::peers::PeerId;
+use crate::protocol::ALPN;
+
+/// The server name every client sends; the verifier ignores it (the pin is the identity).
+pub const SERVER_NAME: &str = "qnode.peer";
+/// Per-stream receive window, in bytes: a whole chunk (1 MiB by default) plus room, so one chunk
+/// needs no flow-control round trip.
+pub const STREAM_RECEIVE_WINDOW: u32 = 4 * 1024 * 1024;
+/// Per-connection receive and send windows, in bytes: enough for a full window of chunk requests
+/// in flight to one peer at hundreds of MB/s × tens of ms.
+pub const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
+/// Most concurrent request streams one peer may open to us.
+pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+/// A connection with no traffic for this long is dropped.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Keep-alive interval, so an idle but healthy connection outlives [`IDLE_TIMEOUT`].
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// Requested UDP socket buffer size, in bytes (the kernel may cap it at `net.core.[rw]mem_max`).
+pub const UDP_BUFFER: usize = 8 * 1024 * 1024;
+
+/// The crypto provider: ring, the one quinn's `rustls-ring` feature brings. Chosen explicitly so no
+/// process-wide default is needed.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The set of pinned certificates, by DER, with the peer each one belongs to.
+#[derive(Debug, Default, Clone)]
+pub struct Pins {
+    by_der: HashMap<Vec<u8>, PeerId>,
+}
+
+impl Pins {
+    /// Pins `cert` as `id`'s certificate.
+    pub fn insert(&mut self, id: PeerId, cert: &CertificateDer<'_>) {
+        self.by_der.insert(cert.as_ref().to_vec(), id);
+    }
+
+    /// The peer whose pinned certificate is `cert`, if any.
+    pub fn peer_of(&self, cert: &CertificateDer<'_>) -> Option<&PeerId> {
+        self.by_der.get(cert.as_ref())
+    }
+
+    /// How many certificates are pinned.
+    pub fn len(&self) -> usize {
+        self.by_der.len()
+    }
+
+    /// Whether no certificate is pinned.
+    pub fn is_empty(&self) -> bool {
+        self.by_der.is_empty()
+    }
+}
+
+/// A TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// rustls refused the configuration (e.g. an unusable key).
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// quinn refused the rustls configuration.
+    #[error("QUIC TLS configuration: {0}")]
+    Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+}
+
+/// The server side of QUIC for `identity`, accepting only clients whose certificate is pinned.
+pub fn server_config(identity: &Identity, pins: Pins) -> Result<quinn::ServerConfig, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(PinnedClients {
+        pins,
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
+    config.transport_config(Arc::new(transport_config()));
+    Ok(config)
+}
+
+/// The client side of QUIC for dialling `peer`, whose certificate must be exactly `pinned`.
+pub fn client_config(
+    identity: &Identity,
+    peer: &PeerId,
+    pinned: CertificateDer<'static>,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(PinnedServer {
+        peer: peer.clone(),
+        pinned,
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(vec![identity.cert.clone()], identity.key.clone_key())?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
+    config.transport_config(Arc::new(transport_config()));
+    Ok(config)
+}
+
+/// Flow control sized for bulk transfer of many 1 MiB chunks at once (quinn's defaults suit about
+/// 100 Mbit/s at 100 ms and a single stream moves at most one stream window per round trip).
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.stream_receive_window(STREAM_RECEIVE_WINDOW.into())
+        .receive_window(CONNECTION_WINDOW.into())
+        .send_window(CONNECTION_WINDOW.into())
+        .max_concurrent_bidi_streams(MAX_CONCURRENT_STREAMS.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .keep_alive_interval(Some(KEEP_ALIVE));
+    // 30 s fits in a QUIC varint of milliseconds, so this conversion cannot fail.
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
+    t
+}
+
+/// Binds a UDP socket at `addr` with enlarged buffers and makes a quinn endpoint of it.
+///
+/// Returns the endpoint and, if the kernel capped the receive buffer, the size it granted.
+pub fn bind_endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<(quinn::Endpoint, Option<usize>)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false).ok();
+    }
+    // Best effort: a capped buffer only costs throughput, and we report it.
+    socket.set_recv_buffer_size(UDP_BUFFER).ok();
+    socket.set_send_buffer_size(UDP_BUFFER).ok();
+    socket.bind(&addr.into())?;
+    // Linux reports twice the usable size it granted.
+    let granted = socket.recv_buffer_size().unwrap_or(0) / 2;
+    let capped = (granted < UDP_BUFFER).then_some(granted);
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket.into(),
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    Ok((endpoint, capped))
+}
+
+/// The pinned peer a connection's client presented, if the handshake gave one.
+pub fn peer_identity(conn: &quinn::Connection, pins: &Pins) -> Option<PeerId> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    pins.peer_of(certs.first()?).cloned()
+}
+
+fn mismatch(msg: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
+        PinError(msg),
+    ))))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct PinError(String);
+
+/// Accepts exactly one certificate: the one pinned for the peer being dialled.
+#[derive(Debug)]
+struct PinnedServer {
+    peer: PeerId,
+    pinned: CertificateDer<'static>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinnedServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if intermediates.is_empty() && end_entity.as_ref() == self.pinned.as_ref() {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(mismatch(format!(
+                "certificate presented by {} does not match certs/{}.pem",
+                self.peer, self.peer
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// Accepts any certificate pinned for a listed peer, and nothing else.
+#[derive(Debug)]
+struct PinnedClients {
+    pins: Pins,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for PinnedClients {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        if intermediates.is_empty() && self.pins.peer_of(end_entity).is_some() {
+            Ok(ClientCertVerified::assertion())
+        } else {
+            Err(mismatch(
+                "client certificate is not pinned for any listed peer".into(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
