@@ -71,6 +71,24 @@ pub struct ServeArgs {
     /// Listen on this address instead of the one peer_settings.txt gives us (e.g. 0.0.0.0:53234)
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    /// Cap on the file data sent to all peers together, in bytes per second (suffixes K, M, G =
+    /// KiB, MiB, GiB; e.g. 20M)
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub max_upload_rate: Option<u64>,
+}
+
+/// Parses `123`, `64K`, `20M`, `1G` (binary multiples) into bytes.
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let (digits, mult) = match s.trim().char_indices().last() {
+        Some((i, 'k' | 'K')) => (&s[..i], 1u64 << 10),
+        Some((i, 'm' | 'M')) => (&s[..i], 1 << 20),
+        Some((i, 'g' | 'G')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    match digits.trim().parse::<u64>() {
+        Ok(n) if n > 0 => n.checked_mul(mult).ok_or_else(|| format!("{s} is too large")),
+        _ => Err(format!("{s:?} is not a positive rate such as 500K or 20M")),
+    }
 }
 
 /// Options of `list`.
@@ -203,6 +221,7 @@ async fn serve(root: &Root, me: &PeerId, args: &ServeArgs) -> anyhow::Result<Exi
         store,
         pins,
         max_upload_size: args.max_upload_size,
+        upload_limit: args.max_upload_rate.map(server::RateLimit::new),
     });
     server::run(endpoint, server, shutdown_signal()).await;
     Ok(ExitCode::SUCCESS)
@@ -321,9 +340,12 @@ impl Node {
     pub async fn list(&self, args: &ListArgs) -> anyhow::Result<bool> {
         let targets = self.select(&args.peers)?;
         let results = join_all(targets.iter().map(|entry| async move {
+            if entry.id == self.me {
+                return self.list_own().await.map_err(|e| e.to_string());
+            }
             match self.client(entry).await {
-                Ok(c) => c.list().await,
-                Err(e) => Err(e),
+                Ok(c) => c.list().await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
             }
         }))
         .await;
@@ -349,7 +371,7 @@ impl Node {
                     peer: entry.id.to_string(),
                     ok: false,
                     files: None,
-                    error: Some(e.to_string()),
+                    error: Some(e),
                 },
             });
         }
@@ -370,6 +392,20 @@ impl Node {
             }
         }
         Ok(ok)
+    }
+
+    /// Our own files, read locally (a peer does not connect to itself).
+    async fn list_own(&self) -> anyhow::Result<Vec<crate::protocol::FileEntry>> {
+        let dir = self.root.served_dir(&self.me);
+        let files = tokio::task::spawn_blocking(move || Store::open(dir)?.list()).await??;
+        Ok(files
+            .into_iter()
+            .map(|(name, m)| crate::protocol::FileEntry {
+                name,
+                size: m.size(),
+                blake3: m.blake3(),
+            })
+            .collect())
     }
 
     /// `upload`: one file to every named peer.
@@ -766,6 +802,10 @@ mod tests {
             assert!(Cli::try_parse_from(args).is_ok(), "{line}");
         }
         assert!(Cli::try_parse_from(["qnode", "--peer", "p5", "upload", "x.txt"]).is_err());
+        assert_eq!(parse_rate("20M"), Ok(20 << 20));
+        assert_eq!(parse_rate("500k"), Ok(500 << 10));
+        assert_eq!(parse_rate("1000"), Ok(1000));
+        assert!(parse_rate("0").is_err() && parse_rate("fast").is_err() && parse_rate("99999999999G").is_err());
         assert!(Cli::try_parse_from(["qnode", "--peer", "../x", "list"]).is_err());
     }
 }

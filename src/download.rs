@@ -188,6 +188,8 @@ struct ChunkState {
     /// Sources (by bit, the first 64) that sent this chunk corrupt or failed it.
     failed_by: u64,
     cancel: Option<CancellationToken>,
+    /// When its oldest copy in flight was requested.
+    started: Option<Instant>,
 }
 
 struct SourceState {
@@ -258,13 +260,21 @@ pub async fn run<S: ChunkSource>(
             open.retain(|&s| srcs[s].in_flight.len() < opts.window.max(1));
             let mut assigned = Vec::new();
             for &s in &open {
-                let Some(c) = take_pending(s, &live, &mut pending, &mut chunks)
-                    .or_else(|| pick_duplicate(s, &outstanding, &chunks, &srcs[s], opts.max_copies))
-                else {
+                // Endgame: only a source with nothing in flight duplicates, one chunk at a time.
+                let Some(c) = take_pending(s, &live, &mut pending, &mut chunks).or_else(|| {
+                    srcs[s]
+                        .in_flight
+                        .is_empty()
+                        .then(|| pick_duplicate(s, &outstanding, &chunks, opts.max_copies))
+                        .flatten()
+                }) else {
                     continue;
                 };
                 assigned.push(s);
                 let st = &mut chunks[c as usize];
+                if st.fetching == 0 {
+                    st.started = Some(Instant::now());
+                }
                 st.fetching += 1;
                 let cancel = st.cancel.get_or_insert_with(CancellationToken::new).clone();
                 outstanding.insert(c);
@@ -411,27 +421,17 @@ fn take_pending(
     Some(c)
 }
 
-/// An endgame duplicate for source `s`: a chunk in flight elsewhere, not yet being checked, with
-/// the fewest copies.
-fn pick_duplicate(
-    s: usize,
-    outstanding: &BTreeSet<u32>,
-    chunks: &[ChunkState],
-    src: &SourceState,
-    max_copies: u8,
-) -> Option<u32> {
+/// An endgame duplicate for source `s`: the chunk in flight elsewhere the longest, not yet being
+/// checked, below the copy limit, and not one `s` already failed.
+fn pick_duplicate(s: usize, outstanding: &BTreeSet<u32>, chunks: &[ChunkState], max_copies: u8) -> Option<u32> {
     outstanding
         .iter()
         .copied()
         .filter(|&c| {
             let st = &chunks[c as usize];
-            !st.done
-                && st.checking == 0
-                && st.fetching < max_copies
-                && st.failed_by & bit(s) == 0
-                && !src.in_flight.contains(&c)
+            !st.done && st.checking == 0 && st.fetching < max_copies && st.failed_by & bit(s) == 0
         })
-        .min_by_key(|&c| chunks[c as usize].fetching)
+        .min_by_key(|&c| (chunks[c as usize].fetching, chunks[c as usize].started))
 }
 
 #[cfg(test)]

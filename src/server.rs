@@ -48,6 +48,38 @@ pub struct Server {
     pub pins: Pins,
     /// Largest upload accepted, in bytes.
     pub max_upload_size: u64,
+    /// Paces chunk data sent to all peers together, if set.
+    pub upload_limit: Option<RateLimit>,
+}
+
+/// A byte-rate limit shared by every connection: a virtual clock that each send advances by
+/// `bytes / rate`, so the long-run rate is exact and a send never waits longer than its own share.
+#[derive(Debug)]
+pub struct RateLimit {
+    bytes_per_sec: f64,
+    next_free: tokio::sync::Mutex<tokio::time::Instant>,
+}
+
+impl RateLimit {
+    /// A limit of `bytes_per_sec` (at least 1).
+    pub fn new(bytes_per_sec: u64) -> Self {
+        Self {
+            bytes_per_sec: bytes_per_sec.max(1) as f64,
+            next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    /// Waits until `bytes` more may be sent.
+    pub async fn acquire(&self, bytes: u64) {
+        let start = {
+            let mut next = self.next_free.lock().await;
+            let now = tokio::time::Instant::now();
+            let start = (*next).max(now);
+            *next = start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec);
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
 }
 
 /// Serves on `endpoint` until `shutdown` resolves, then shuts down gracefully.
@@ -113,8 +145,7 @@ async fn handle_connection(
         };
         match stream {
             Ok((send, recv)) => {
-                let span = info_span!("request", %peer);
-                tracker.spawn(handle_stream(send, recv, server.clone(), peer.clone()).instrument(span));
+                tracker.spawn(handle_stream(send, recv, server.clone()).in_current_span());
             }
             Err(
                 quinn::ConnectionError::ApplicationClosed(_)
@@ -132,22 +163,17 @@ async fn handle_connection(
     }
 }
 
-async fn handle_stream(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    server: Arc<Server>,
-    peer: PeerId,
-) {
+async fn handle_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, server: Arc<Server>) {
     let request = match tokio::time::timeout(READ_TIMEOUT, protocol::read_msg::<Request>(&mut recv, MAX_REQUEST_LEN)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            info!(%peer, "bad request: {e}");
+            info!("bad request: {e}");
             let err = RemoteError::new(ErrorKind::BadRequest, format!("unsupported or malformed request: {e}"));
             respond(&mut send, &Response::Error(err)).await;
             return;
         }
         Err(_) => {
-            info!(%peer, "no request within {READ_TIMEOUT:?}");
+            info!("no request within {READ_TIMEOUT:?}");
             let _ = send.reset(0u32.into());
             return;
         }
@@ -164,11 +190,13 @@ async fn handle_stream(
         }
     };
     match outcome {
-        Ok(summary) => info!(%peer, "{kind} {summary}"),
-        Err(err) => {
-            info!(%peer, "{kind} refused: {}", err.message);
+        Ok(summary) => info!("{kind} {summary}"),
+        Err(Failure::Refused(err)) => {
+            info!("{kind} refused: {}", err.message);
             respond(&mut send, &Response::Error(err)).await;
         }
+        // The requester cancelled (e.g. another peer delivered that chunk first) or went away.
+        Err(Failure::Gone(why)) => debug!("{kind} abandoned: {why}"),
     }
 }
 
@@ -207,11 +235,25 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-fn gone(e: impl std::fmt::Display) -> RemoteError {
-    RemoteError::new(ErrorKind::Internal, format!("stream failed: {e}"))
+/// Why a request ended without success.
+enum Failure {
+    /// Refused, with an answer for the peer.
+    Refused(RemoteError),
+    /// The stream broke; there is no one to answer.
+    Gone(String),
 }
 
-async fn handle_list(send: &mut quinn::SendStream, server: &Server) -> Result<String, RemoteError> {
+impl From<RemoteError> for Failure {
+    fn from(e: RemoteError) -> Self {
+        Self::Refused(e)
+    }
+}
+
+fn gone(e: impl std::fmt::Display) -> Failure {
+    Failure::Gone(e.to_string())
+}
+
+async fn handle_list(send: &mut quinn::SendStream, server: &Server) -> Result<String, Failure> {
     let store = server.store.clone();
     let mut files = blocking(move || store.list()).await?;
     if files.len() > MAX_LISTED_FILES {
@@ -235,7 +277,7 @@ async fn handle_describe(
     send: &mut quinn::SendStream,
     server: &Server,
     name: &FileName,
-) -> Result<String, RemoteError> {
+) -> Result<String, Failure> {
     let store = server.store.clone();
     let n = name.clone();
     let manifest = blocking(move || store.manifest(&n)).await?;
@@ -250,12 +292,16 @@ async fn handle_read_chunk(
     name: &FileName,
     offset: u64,
     len: u32,
-) -> Result<String, RemoteError> {
+) -> Result<String, Failure> {
     if u64::from(len) > MAX_CHUNK_SIZE {
         return Err(RemoteError::new(
             ErrorKind::TooLarge,
             format!("chunk of {len} bytes exceeds the limit of {MAX_CHUNK_SIZE}"),
-        ));
+        )
+        .into());
+    }
+    if let Some(limit) = &server.upload_limit {
+        limit.acquire(u64::from(len)).await;
     }
     let store = server.store.clone();
     let n = name.clone();
@@ -275,12 +321,13 @@ async fn handle_upload(
     name: &FileName,
     size: u64,
     expected: Hash32,
-) -> Result<String, RemoteError> {
+) -> Result<String, Failure> {
     if size > server.max_upload_size {
         return Err(RemoteError::new(
             ErrorKind::TooLarge,
             format!("{name} is {size} bytes; this peer accepts uploads up to {} bytes", server.max_upload_size),
-        ));
+        )
+        .into());
     }
     let store = server.store.clone();
     let n = name.clone();
@@ -297,13 +344,13 @@ async fn handle_upload(
     let short = || RemoteError::new(ErrorKind::Corrupt, format!("{name}: fewer bytes than the announced {size}"));
     loop {
         let chunk = match tokio::time::timeout(READ_TIMEOUT, recv.read_chunk(UPLOAD_WRITE_BUF, true)).await {
-            Err(_) => return Err(RemoteError::new(ErrorKind::BadRequest, format!("no upload data for {READ_TIMEOUT:?}"))),
+            Err(_) => return Err(RemoteError::new(ErrorKind::BadRequest, format!("no upload data for {READ_TIMEOUT:?}")).into()),
             Ok(Err(e)) => return Err(gone(e)),
             Ok(Ok(None)) => break,
             Ok(Ok(Some(c))) => c.bytes,
         };
         if received + chunk.len() as u64 > size {
-            return Err(RemoteError::new(ErrorKind::Corrupt, format!("{name}: more bytes than the announced {size}")));
+            return Err(RemoteError::new(ErrorKind::Corrupt, format!("{name}: more bytes than the announced {size}")).into());
         }
         buf.extend_from_slice(&chunk);
         if buf.len() >= UPLOAD_WRITE_BUF {
@@ -312,10 +359,9 @@ async fn handle_upload(
     }
     received += write_piece(&upload, &mut hasher, received, &mut buf).await?;
     if received != size {
-        return Err(short());
+        return Err(short().into());
     }
-    let upload = Arc::try_unwrap(upload)
-        .map_err(|_| RemoteError::new(ErrorKind::Internal, "upload still shared"))?;
+    let upload = Arc::try_unwrap(upload).map_err(|_| gone("upload still shared"))?;
     let streamed = *hasher.finalize().as_bytes();
     let committed = blocking(move || upload.partial.commit(expected, Check::Streamed(streamed))).await?;
     let (resp, what) = match committed {
