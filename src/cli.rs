@@ -34,7 +34,13 @@ use crate::tls::{self, Pins};
 #[command(name = "qnode", version, about, long_about = None)]
 pub struct Cli {
     /// Folder holding peer_settings.txt, certs/ and one folder per local peer
-    #[arg(long, env = "QNODE_ROOT", default_value = ".", global = true, value_name = "DIR")]
+    #[arg(
+        long,
+        env = "QNODE_ROOT",
+        default_value = ".",
+        global = true,
+        value_name = "DIR"
+    )]
     pub root: PathBuf,
     /// Who we are: a peer ID listed in peer_settings.txt
     #[arg(long, env = "QNODE_PEER", global = true, value_name = "ID")]
@@ -86,7 +92,9 @@ fn parse_rate(s: &str) -> Result<u64, String> {
         _ => (s, 1),
     };
     match digits.trim().parse::<u64>() {
-        Ok(n) if n > 0 => n.checked_mul(mult).ok_or_else(|| format!("{s} is too large")),
+        Ok(n) if n > 0 => n
+            .checked_mul(mult)
+            .ok_or_else(|| format!("{s} is too large")),
         _ => Err(format!("{s:?} is not a positive rate such as 500K or 20M")),
     }
 }
@@ -141,7 +149,10 @@ pub struct DownloadArgs {
 
 /// Runs the parsed command line; the exit code reflects per-peer failures.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let me = cli.peer.clone().context("no peer given: use --peer ID or set QNODE_PEER")?;
+    let me = cli
+        .peer
+        .clone()
+        .context("no peer given: use --peer ID or set QNODE_PEER")?;
     let root = Root::new(cli.root);
     match cli.command {
         Command::Init => init(&root, &me),
@@ -162,7 +173,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn exit(ok: bool) -> ExitCode {
-    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn init(root: &Root, me: &PeerId) -> anyhow::Result<ExitCode> {
@@ -174,26 +189,36 @@ fn init(root: &Root, me: &PeerId) -> anyhow::Result<ExitCode> {
             root.key_path(me).display(),
             cert.display()
         ),
-        InitOutcome::Existing => println!("{me}: already initialised (certificate {})", cert.display()),
+        InitOutcome::Existing => {
+            println!("{me}: already initialised (certificate {})", cert.display())
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
 fn load_peers(root: &Root, me: &PeerId) -> anyhow::Result<PeerTable> {
     let path = root.settings_path();
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let table = PeerTable::parse(&text).with_context(|| format!("in {}", path.display()))?;
     if table.get(me).is_none() {
-        bail!("unknown peer ID {me}: it is not listed in {}", path.display());
+        bail!(
+            "unknown peer ID {me}: it is not listed in {}",
+            path.display()
+        );
     }
     Ok(table)
 }
 
 async fn serve(root: &Root, me: &PeerId, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let peers = load_peers(root, me)?;
-    let (identity, outcome) = identity::init(root, me).with_context(|| format!("initialising {me}"))?;
+    let (identity, outcome) =
+        identity::init(root, me).with_context(|| format!("initialising {me}"))?;
     if outcome == InitOutcome::Created {
-        tracing::info!("created a new identity; copy {} to every peer", root.cert_path(me).display());
+        tracing::info!(
+            "created a new identity; copy {} to every peer",
+            root.cert_path(me).display()
+        );
     }
     let mut pins = Pins::default();
     for entry in peers.entries() {
@@ -205,7 +230,10 @@ async fn serve(root: &Root, me: &PeerId, args: &ServeArgs) -> anyhow::Result<Exi
     let store = Arc::new(Store::open(root.served_dir(me))?);
     let config = tls::server_config(&identity, pins.clone())?;
     // peer_settings.txt lists us, checked by load_peers.
-    let addr = args.listen.or(peers.get(me).map(|e| e.addr)).context("no address to listen on")?;
+    let addr = args
+        .listen
+        .or(peers.get(me).map(|e| e.addr))
+        .context("no address to listen on")?;
     let (endpoint, capped) =
         tls::bind_endpoint(addr, Some(config)).with_context(|| format!("listening on {addr}"))?;
     if let Some(granted) = capped {
@@ -287,7 +315,8 @@ impl Node {
         }
         let endpoints: Vec<quinn::Endpoint> = self.lock_endpoints().values().cloned().collect();
         for endpoint in endpoints {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle()).await;
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle()).await;
         }
     }
 
@@ -301,10 +330,15 @@ impl Node {
         if let Some(e) = endpoints.get(&addr.is_ipv6()) {
             return Ok(e.clone());
         }
-        let any: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
-            .parse()
-            .map_err(|e| format!("{e}"))?;
-        let (endpoint, capped) = tls::bind_endpoint(any, None).map_err(|e| format!("binding a UDP socket: {e}"))?;
+        let any: SocketAddr = if addr.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        }
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+        let (endpoint, capped) =
+            tls::bind_endpoint(any, None).map_err(|e| format!("binding a UDP socket: {e}"))?;
         if let Some(granted) = capped {
             tracing::debug!("UDP receive buffer capped at {granted} bytes");
         }
@@ -314,21 +348,26 @@ impl Node {
 
     /// A connection to `entry`, reused if one is open.
     async fn client(&self, entry: &PeerEntry) -> Result<Client, ClientError> {
-        if let Some(c) = self.clients.lock().await.get(&entry.id) {
-            if c.is_open() {
-                return Ok(c.clone());
-            }
+        if let Some(c) = self.clients.lock().await.get(&entry.id)
+            && c.is_open()
+        {
+            return Ok(c.clone());
         }
         let unreachable = |reason: String| ClientError::Unreachable {
             peer: entry.id.clone(),
             addr: entry.addr,
             reason,
         };
-        let pinned = identity::load_cert(&self.root, &entry.id).map_err(|e| unreachable(e.to_string()))?;
-        let config = tls::client_config(&self.identity, &entry.id, pinned).map_err(|e| unreachable(e.to_string()))?;
+        let pinned =
+            identity::load_cert(&self.root, &entry.id).map_err(|e| unreachable(e.to_string()))?;
+        let config = tls::client_config(&self.identity, &entry.id, pinned)
+            .map_err(|e| unreachable(e.to_string()))?;
         let endpoint = self.endpoint_for(entry.addr).map_err(unreachable)?;
         let client = Client::connect(&endpoint, config, &entry.id, entry.addr).await?;
-        self.clients.lock().await.insert(entry.id.clone(), client.clone());
+        self.clients
+            .lock()
+            .await
+            .insert(entry.id.clone(), client.clone());
         Ok(client)
     }
 
@@ -387,7 +426,12 @@ impl Node {
                 let plural = if files.len() == 1 { "" } else { "s" };
                 println!("{}: {} file{plural}", p.peer, files.len());
                 for f in files {
-                    println!("  {:<32} {:>12}  {}", f.name, HumanBytes(f.size).to_string(), &f.blake3[..16]);
+                    println!(
+                        "  {:<32} {:>12}  {}",
+                        f.name,
+                        HumanBytes(f.size).to_string(),
+                        &f.blake3[..16]
+                    );
                 }
             }
         }
@@ -420,10 +464,16 @@ impl Node {
             let (path, name) = (&path, &name);
             async move {
                 if entry.id == self.me {
-                    return Err(format!("{} is this peer; the file is already ours to serve", entry.id));
+                    return Err(format!(
+                        "{} is this peer; the file is already ours to serve",
+                        entry.id
+                    ));
                 }
                 let client = self.client(entry).await.map_err(|e| e.to_string())?;
-                client.upload(name, path, size, hash).await.map_err(|e| e.to_string())
+                client
+                    .upload(name, path, size, hash)
+                    .await
+                    .map_err(|e| e.to_string())
             }
         }))
         .await;
@@ -445,7 +495,11 @@ impl Node {
             });
         }
         for r in report.results.iter().filter(|r| !r.ok) {
-            eprintln!("qnode: error: uploading {name} to {}: {}", r.peer, r.error.as_deref().unwrap_or_default());
+            eprintln!(
+                "qnode: error: uploading {name} to {}: {}",
+                r.peer,
+                r.error.as_deref().unwrap_or_default()
+            );
         }
         if args.json {
             print_json(&report)?;
@@ -473,7 +527,8 @@ impl Node {
                 served.display()
             );
         };
-        let meta = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+        let meta =
+            std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?;
         if !meta.is_file() {
             bail!("{} is not a regular file", path.display());
         }
@@ -489,7 +544,9 @@ impl Node {
         let started = Instant::now();
         let name = FileName::new(args.name.as_str())?;
         let wanted = match &args.blake3 {
-            Some(h) => Some(parse_hex(h).with_context(|| format!("--blake3 {h:?} is not 64 hex digits"))?),
+            Some(h) => {
+                Some(parse_hex(h).with_context(|| format!("--blake3 {h:?} is not 64 hex digits"))?)
+            }
             None => None,
         };
         let target = match &args.output {
@@ -497,7 +554,11 @@ impl Node {
             Some(p) => p.clone(),
             None => self.root.served_dir(&self.me).join(name.as_str()),
         };
-        let candidates: Vec<PeerEntry> = self.select(&args.peers)?.into_iter().filter(|e| e.id != self.me).collect();
+        let candidates: Vec<PeerEntry> = self
+            .select(&args.peers)?
+            .into_iter()
+            .filter(|e| e.id != self.me)
+            .collect();
         if candidates.is_empty() {
             bail!("no peer to download {name} from");
         }
@@ -517,29 +578,45 @@ impl Node {
             match d {
                 Ok((client, m)) => {
                     if m.is_none() {
-                        left_out.push(LeftOut { peer: entry.id.to_string(), reason: format!("does not serve {name}") });
+                        left_out.push(LeftOut {
+                            peer: entry.id.to_string(),
+                            reason: format!("does not serve {name}"),
+                        });
                     }
                     manifests.push(m);
                     clients.push(Some(client));
                 }
                 Err(e) => {
-                    left_out.push(LeftOut { peer: entry.id.to_string(), reason: e.to_string() });
+                    left_out.push(LeftOut {
+                        peer: entry.id.to_string(),
+                        reason: e.to_string(),
+                    });
                     manifests.push(None);
                     clients.push(None);
                 }
             }
         }
         let Some(agreement) = download::agree(&manifests, wanted) else {
-            let why: Vec<String> = left_out.iter().map(|l| format!("{}: {}", l.peer, l.reason)).collect();
+            let why: Vec<String> = left_out
+                .iter()
+                .map(|l| format!("{}: {}", l.peer, l.reason))
+                .collect();
             match wanted {
-                Some(w) => bail!("no peer serves {name} with BLAKE3 {} ({})", hex(&w), why.join("; ")),
+                Some(w) => bail!(
+                    "no peer serves {name} with BLAKE3 {} ({})",
+                    hex(&w),
+                    why.join("; ")
+                ),
                 None => bail!("no peer serves {name} ({})", why.join("; ")),
             }
         };
         for (i, other) in &agreement.other_versions {
             left_out.push(LeftOut {
                 peer: candidates[*i].id.to_string(),
-                reason: format!("serves a different version of {name} (BLAKE3 {})", hex(other)),
+                reason: format!(
+                    "serves a different version of {name} (BLAKE3 {})",
+                    hex(other)
+                ),
             });
         }
         for l in &left_out {
@@ -550,7 +627,15 @@ impl Node {
         // Already there?
         if let Some(existing) = existing_version(&target)? {
             if existing == manifest.blake3() {
-                let report = DownloadOut::new(&name, &target, &manifest, started, "already_present", None, left_out);
+                let report = DownloadOut::new(
+                    &name,
+                    &target,
+                    &manifest,
+                    started,
+                    "already_present",
+                    None,
+                    left_out,
+                );
                 return render_download(&report, args.json).map(|()| true);
             }
             bail!(
@@ -598,13 +683,27 @@ impl Node {
         };
         for s in &report.sources {
             if s.corrupt > 0 {
-                eprintln!("qnode: warning: {} sent {} corrupt chunk(s); they were fetched again from other peers", s.name, s.corrupt);
+                eprintln!(
+                    "qnode: warning: {} sent {} corrupt chunk(s); they were fetched again from other peers",
+                    s.name, s.corrupt
+                );
             }
             if let Some(why) = &s.dropped {
-                eprintln!("qnode: warning: {} dropped during the download: {why}", s.name);
+                eprintln!(
+                    "qnode: warning: {} dropped during the download: {why}",
+                    s.name
+                );
             }
         }
-        let out = DownloadOut::new(&name, &target, &manifest, started, status, Some(&report), left_out);
+        let out = DownloadOut::new(
+            &name,
+            &target,
+            &manifest,
+            started,
+            status,
+            Some(&report),
+            left_out,
+        );
         render_download(&out, args.json)?;
         Ok(true)
     }
@@ -615,8 +714,15 @@ fn existing_version(path: &Path) -> anyhow::Result<Option<Hash32>> {
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("inspecting {}", path.display())),
-        Ok(m) if !m.is_file() => bail!("{} exists and is not a regular file; not overwriting it", path.display()),
-        Ok(_) => Ok(Some(hash_file(path).with_context(|| format!("reading {}", path.display()))?.1)),
+        Ok(m) if !m.is_file() => bail!(
+            "{} exists and is not a regular file; not overwriting it",
+            path.display()
+        ),
+        Ok(_) => Ok(Some(
+            hash_file(path)
+                .with_context(|| format!("reading {}", path.display()))?
+                .1,
+        )),
     }
 }
 
@@ -633,8 +739,9 @@ fn progress_bar(total: u64) -> Option<ProgressBar> {
         return None;
     }
     let bar = ProgressBar::new(total);
-    let style = ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let style =
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
     bar.set_style(style);
     Some(bar)
 }
@@ -751,7 +858,11 @@ fn render_download(out: &DownloadOut, json: bool) -> anyhow::Result<()> {
         return print_json(out);
     }
     if out.status == "already_present" && out.peers.is_empty() {
-        println!("{} is already here ({}, identical); nothing to download", out.path, HumanBytes(out.size));
+        println!(
+            "{} is already here ({}, identical); nothing to download",
+            out.path,
+            HumanBytes(out.size)
+        );
         return Ok(());
     }
     let rate = out.size as f64 / out.seconds.max(1e-9);
@@ -764,14 +875,26 @@ fn render_download(out: &DownloadOut, json: bool) -> anyhow::Result<()> {
         out.path
     );
     for (peer, bytes) in &out.peers {
-        let share = if out.size == 0 { 0.0 } else { *bytes as f64 * 100.0 / out.size as f64 };
+        let share = if out.size == 0 {
+            0.0
+        } else {
+            *bytes as f64 * 100.0 / out.size as f64
+        };
         let fault = out.faults.iter().find(|f| &f.peer == peer);
         let note = match fault {
-            Some(f) if f.dropped.is_some() => format!("  (dropped: {})", f.dropped.as_deref().unwrap_or_default()),
-            Some(f) if f.corrupt_chunks > 0 => format!("  ({} corrupt chunks refetched elsewhere)", f.corrupt_chunks),
+            Some(f) if f.dropped.is_some() => {
+                format!("  (dropped: {})", f.dropped.as_deref().unwrap_or_default())
+            }
+            Some(f) if f.corrupt_chunks > 0 => format!(
+                "  ({} corrupt chunks refetched elsewhere)",
+                f.corrupt_chunks
+            ),
             _ => String::new(),
         };
-        println!("  {peer:<12} {:>12}  {share:5.1}%{note}", HumanBytes(*bytes).to_string());
+        println!(
+            "  {peer:<12} {:>12}  {share:5.1}%{note}",
+            HumanBytes(*bytes).to_string()
+        );
     }
     Ok(())
 }
@@ -805,7 +928,11 @@ mod tests {
         assert_eq!(parse_rate("20M"), Ok(20 << 20));
         assert_eq!(parse_rate("500k"), Ok(500 << 10));
         assert_eq!(parse_rate("1000"), Ok(1000));
-        assert!(parse_rate("0").is_err() && parse_rate("fast").is_err() && parse_rate("99999999999G").is_err());
+        assert!(
+            parse_rate("0").is_err()
+                && parse_rate("fast").is_err()
+                && parse_rate("99999999999G").is_err()
+        );
         assert!(Cli::try_parse_from(["qnode", "--peer", "../x", "list"]).is_err());
     }
 }

@@ -179,7 +179,12 @@ impl Client {
     }
 
     /// `len` bytes of `name` at `offset`, unverified (the caller checks them).
-    pub async fn read_chunk(&self, name: &FileName, offset: u64, len: u32) -> Result<Bytes, ClientError> {
+    pub async fn read_chunk(
+        &self,
+        name: &FileName,
+        offset: u64,
+        len: u32,
+    ) -> Result<Bytes, ClientError> {
         let req = Request::ReadChunk {
             name: name.clone(),
             offset,
@@ -193,7 +198,10 @@ impl Client {
         // `len` is what we asked for, bounded by our own manifest, so this allocation is ours to size.
         let mut buf = vec![0u8; len as usize];
         recv.read_exact(&mut buf).await.map_err(|e| {
-            self.protocol(ProtocolError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, e)))
+            self.protocol(ProtocolError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                e,
+            )))
         })?;
         Ok(Bytes::from(buf))
     }
@@ -307,7 +315,9 @@ impl Client {
 /// Turns a failed handshake into a sentence that says what to check.
 fn describe_handshake_error(peer: &PeerId, e: &quinn::ConnectionError) -> String {
     match e {
-        quinn::ConnectionError::TransportError(t) if t.code.to_string().contains("crypto") || !t.reason.is_empty() => {
+        quinn::ConnectionError::TransportError(t)
+            if t.code.to_string().contains("crypto") || !t.reason.is_empty() =>
+        {
             format!("TLS handshake failed: {}", t.reason)
         }
         quinn::ConnectionError::ConnectionClosed(c) => format!(

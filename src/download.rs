@@ -156,7 +156,10 @@ pub fn agree(described: &[Option<Manifest>], wanted: Option<Hash32>) -> Option<A
     for (i, m) in described.iter().enumerate() {
         let Some(m) = m else { continue };
         // Same hash and same size (the whole manifest follows from those two).
-        match versions.iter_mut().find(|(_, members)| described[members[0]].as_ref() == Some(m)) {
+        match versions
+            .iter_mut()
+            .find(|(_, members)| described[members[0]].as_ref() == Some(m))
+        {
             Some((_, members)) => members.push(i),
             None => versions.push((m.blake3(), vec![i])),
         }
@@ -170,7 +173,11 @@ pub fn agree(described: &[Option<Manifest>], wanted: Option<Hash32>) -> Option<A
     let other_versions = described
         .iter()
         .enumerate()
-        .filter_map(|(i, m)| m.as_ref().filter(|m| **m != manifest).map(|m| (i, m.blake3())))
+        .filter_map(|(i, m)| {
+            m.as_ref()
+                .filter(|m| **m != manifest)
+                .map(|m| (i, m.blake3()))
+        })
         .collect();
     Some(Agreement {
         manifest,
@@ -242,14 +249,15 @@ pub async fn run<S: ChunkSource>(
         FuturesUnordered::new();
     let mut checks: JoinSet<CheckResult> = JoinSet::new();
 
-    let requeue = |c: u32, chunks: &mut Vec<ChunkState>, pending: &mut VecDeque<u32>, retried: &mut u32| {
-        let st = &mut chunks[c as usize];
-        if !st.done && !st.queued && st.fetching == 0 && st.checking == 0 {
-            st.queued = true;
-            pending.push_front(c);
-            *retried += 1;
-        }
-    };
+    let requeue =
+        |c: u32, chunks: &mut Vec<ChunkState>, pending: &mut VecDeque<u32>, retried: &mut u32| {
+            let st = &mut chunks[c as usize];
+            if !st.done && !st.queued && st.fetching == 0 && st.checking == 0 {
+                st.queued = true;
+                pending.push_front(c);
+                *retried += 1;
+            }
+        };
 
     while remaining > 0 {
         // Fill every live source's window: pending chunks first, then endgame duplicates.
@@ -301,7 +309,11 @@ pub async fn run<S: ChunkSource>(
             let reasons = srcs
                 .iter()
                 .map(|s| {
-                    let why = s.report.dropped.clone().unwrap_or_else(|| "no usable chunks".into());
+                    let why = s
+                        .report
+                        .dropped
+                        .clone()
+                        .unwrap_or_else(|| "no usable chunks".into());
                     (s.report.name.clone(), why)
                 })
                 .collect();
@@ -385,10 +397,13 @@ pub async fn run<S: ChunkSource>(
     // Cancel what is still in flight and let every write finish before handing the file back.
     drop(fetches);
     while let Some(joined) = checks.join_next().await {
-        joined.map_err(|e| DownloadError::Internal(e.to_string()))?.3?;
+        joined
+            .map_err(|e| DownloadError::Internal(e.to_string()))?
+            .3?;
     }
-    let out = Arc::try_unwrap(out)
-        .map_err(|_| DownloadError::Internal("partial file still shared after the download".into()))?;
+    let out = Arc::try_unwrap(out).map_err(|_| {
+        DownloadError::Internal("partial file still shared after the download".into())
+    })?;
     let report = DownloadReport {
         size: manifest.size(),
         sources: srcs.into_iter().map(|s| s.report).collect(),
@@ -423,7 +438,12 @@ fn take_pending(
 
 /// An endgame duplicate for source `s`: the chunk in flight elsewhere the longest, not yet being
 /// checked, below the copy limit, and not one `s` already failed.
-fn pick_duplicate(s: usize, outstanding: &BTreeSet<u32>, chunks: &[ChunkState], max_copies: u8) -> Option<u32> {
+fn pick_duplicate(
+    s: usize,
+    outstanding: &BTreeSet<u32>,
+    chunks: &[ChunkState],
+    max_copies: u8,
+) -> Option<u32> {
     outstanding
         .iter()
         .copied()
@@ -479,7 +499,12 @@ mod tests {
             &self.name
         }
 
-        async fn read_chunk(&self, index: u32, offset: u64, len: u32) -> Result<Bytes, SourceError> {
+        async fn read_chunk(
+            &self,
+            index: u32,
+            offset: u64,
+            len: u32,
+        ) -> Result<Bytes, SourceError> {
             self.asked.lock().unwrap().push(index);
             if self.hang {
                 std::future::pending::<()>().await;
@@ -501,14 +526,22 @@ mod tests {
     }
 
     fn data(len: usize) -> Arc<Vec<u8>> {
-        Arc::new((0..len).map(|i| (i % 251) as u8 ^ (i / 4096) as u8).collect())
+        Arc::new(
+            (0..len)
+                .map(|i| (i % 251) as u8 ^ (i / 4096) as u8)
+                .collect(),
+        )
     }
 
     async fn fetch(
         data: &Arc<Vec<u8>>,
         sources: Vec<Fake>,
         opts: Options,
-    ) -> (Result<DownloadReport, DownloadError>, Vec<Arc<Fake>>, tempfile::TempDir) {
+    ) -> (
+        Result<DownloadReport, DownloadError>,
+        Vec<Arc<Fake>>,
+        tempfile::TempDir,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let manifest = Arc::new(Manifest::from_reader(&data[..], data.len() as u64).unwrap());
         let target = dir.path().join("out");
@@ -517,7 +550,9 @@ mod tests {
         let result = run(manifest.clone(), sources.clone(), partial, &opts, |_| {}).await;
         let result = match result {
             Ok((report, partial)) => {
-                partial.commit(manifest.blake3(), crate::store::Check::Reread).unwrap();
+                partial
+                    .commit(manifest.blake3(), crate::store::Check::Reread)
+                    .unwrap();
                 assert_eq!(std::fs::read(&target).unwrap(), **data, "byte-identical");
                 Ok(report)
             }
@@ -532,7 +567,10 @@ mod tests {
         let srcs = vec![Fake::new("a", &d), Fake::new("b", &d), Fake::new("c", &d)];
         let (r, _, _dir) = fetch(&d, srcs, Options::default()).await;
         let r = r.unwrap();
-        assert_eq!(r.sources.iter().map(|s| s.bytes).sum::<u64>(), d.len() as u64);
+        assert_eq!(
+            r.sources.iter().map(|s| s.bytes).sum::<u64>(),
+            d.len() as u64
+        );
         assert!(r.sources.iter().all(|s| s.bytes > 0), "{r:?}");
     }
 
@@ -542,7 +580,10 @@ mod tests {
         let mut slow = Fake::new("slow", &d);
         slow.delay = Duration::from_millis(40);
         let fast = Fake::new("fast", &d);
-        let opts = Options { window: 2, ..Options::default() };
+        let opts = Options {
+            window: 2,
+            ..Options::default()
+        };
         let (r, _, _dir) = fetch(&d, vec![slow, fast], opts).await;
         let r = r.unwrap();
         assert!(r.sources[1].bytes > 3 * r.sources[0].bytes, "{r:?}");
@@ -557,7 +598,10 @@ mod tests {
         let (r, _, _dir) = fetch(&d, srcs, Options::default()).await;
         let r = r.unwrap();
         assert_eq!(r.sources[0].dropped.as_deref(), Some("connection lost"));
-        assert!(r.sources[0].failures > 0 && r.sources[0].bytes == 3 * 256 * 1024, "{r:?}");
+        assert!(
+            r.sources[0].failures > 0 && r.sources[0].bytes == 3 * 256 * 1024,
+            "{r:?}"
+        );
     }
 
     #[tokio::test]
@@ -567,11 +611,22 @@ mod tests {
         liar.lie_always = true;
         let mut flaky = Fake::new("flaky", &d);
         flaky.corrupt = [0, 5].into();
-        let (r, srcs, _dir) = fetch(&d, vec![liar, flaky, Fake::new("good", &d)], Options::default()).await;
+        let (r, srcs, _dir) = fetch(
+            &d,
+            vec![liar, flaky, Fake::new("good", &d)],
+            Options::default(),
+        )
+        .await;
         let r = r.unwrap();
         assert_eq!(r.sources[0].bytes, 0);
-        assert_eq!(r.sources[0].dropped.as_deref(), Some("sent 3 corrupt chunks"));
-        assert!(r.sources[1].corrupt <= 2 && r.sources[1].dropped.is_none(), "{r:?}");
+        assert_eq!(
+            r.sources[0].dropped.as_deref(),
+            Some("sent 3 corrupt chunks")
+        );
+        assert!(
+            r.sources[1].corrupt <= 2 && r.sources[1].dropped.is_none(),
+            "{r:?}"
+        );
         // A chunk the flaky source corrupted was not asked of it again.
         let asked = srcs[1].asked.lock().unwrap();
         for c in [0, 5] {
@@ -584,7 +639,10 @@ mod tests {
         let d = data(1 << 20);
         let mut hung = Fake::new("hung", &d);
         hung.hang = true;
-        let opts = Options { request_timeout: Duration::from_secs(3600), ..Options::default() };
+        let opts = Options {
+            request_timeout: Duration::from_secs(3600),
+            ..Options::default()
+        };
         let (r, _, _dir) = fetch(&d, vec![hung, Fake::new("ok", &d)], opts).await;
         let r = r.unwrap();
         assert_eq!(r.sources[0].bytes, 0);
@@ -600,7 +658,10 @@ mod tests {
         b.lie_always = true;
         let (r, _, dir) = fetch(&d, vec![a, b], Options::default()).await;
         let err = r.unwrap_err().to_string();
-        assert!(err.contains("a: connection lost") && err.contains("b: sent 3 corrupt chunks"), "{err}");
+        assert!(
+            err.contains("a: connection lost") && err.contains("b: sent 3 corrupt chunks"),
+            "{err}"
+        );
         // The partial file is gone.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
@@ -609,7 +670,12 @@ mod tests {
     async fn empty_and_tiny_files_work() {
         for len in [0, 1, 1023, 1025] {
             let d = data(len);
-            let (r, _, _dir) = fetch(&d, vec![Fake::new("a", &d), Fake::new("b", &d)], Options::default()).await;
+            let (r, _, _dir) = fetch(
+                &d,
+                vec![Fake::new("a", &d), Fake::new("b", &d)],
+                Options::default(),
+            )
+            .await;
             assert_eq!(r.unwrap().size, len as u64);
         }
     }

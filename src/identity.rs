@@ -68,7 +68,9 @@ pub enum IdentityError {
         path: PathBuf,
     },
     /// A peer's certificate is not there.
-    #[error("no certificate for peer {id}: copy certs/{id}.pem from {id}'s root (made by `qnode --peer {id} init`) to {path}")]
+    #[error(
+        "no certificate for peer {id}: copy certs/{id}.pem from {id}'s root (made by `qnode --peer {id} init`) to {path}"
+    )]
     MissingCert {
         /// Whose.
         id: PeerId,
@@ -84,7 +86,9 @@ pub enum IdentityError {
         path: PathBuf,
     },
     /// `certs/<id>.pem` differs from the local identity's certificate.
-    #[error("{published} does not match {id}'s own certificate {own}: if {id}'s key was replaced on purpose, delete {published} and run init again, then copy it to every peer")]
+    #[error(
+        "{published} does not match {id}'s own certificate {own}: if {id}'s key was replaced on purpose, delete {published} and run init again, then copy it to every peer"
+    )]
     PublishedMismatch {
         /// Who.
         id: PeerId,
@@ -227,7 +231,10 @@ mod tests {
         let id: PeerId = "p1".parse().unwrap();
         let (first, outcome) = init(&root, &id).unwrap();
         assert_eq!(outcome, InitOutcome::Created);
-        let mode = fs::metadata(root.key_path(&id)).unwrap().permissions().mode();
+        let mode = fs::metadata(root.key_path(&id))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(root.served_dir(&id).is_dir());
         assert_eq!(load_cert(&root, &id).unwrap(), first.cert);

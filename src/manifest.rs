@@ -12,7 +12,9 @@
 use std::fmt;
 use std::io::{self, Read};
 
-use blake3::hazmat::{ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root};
+use blake3::hazmat::{
+    ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root,
+};
 use serde::{Deserialize, Serialize};
 
 /// Longest file name accepted, in bytes (the usual file-system limit).
@@ -280,7 +282,11 @@ impl Manifest {
         if Some(data.len() as u64) != self.chunk_len(index) {
             return false;
         }
-        let mut h = ChunkHasher::new(self.chunks.len() as u64, u64::from(index), self.chunk_size());
+        let mut h = ChunkHasher::new(
+            self.chunks.len() as u64,
+            u64::from(index),
+            self.chunk_size(),
+        );
         h.update(data);
         h.finalize() == *expected
     }
@@ -360,8 +366,23 @@ mod tests {
     /// Sizes at every boundary that matters: empty, one byte, around 1 KiB, around a chunk, around
     /// the chunk-size switch points, and several MiB.
     const SIZES: &[usize] = &[
-        0, 1, 1023, 1024, 1025, 2048, 4095, 16 * 1024 - 1, 16 * 1024, 16 * 1024 + 1, 17 * 1024,
-        100_000, 1 << 20, (1 << 20) + 1, 16 << 20, (16 << 20) + 1, (5 << 20) + 12345,
+        0,
+        1,
+        1023,
+        1024,
+        1025,
+        2048,
+        4095,
+        16 * 1024 - 1,
+        16 * 1024,
+        16 * 1024 + 1,
+        17 * 1024,
+        100_000,
+        1 << 20,
+        (1 << 20) + 1,
+        16 << 20,
+        (16 << 20) + 1,
+        (5 << 20) + 12345,
     ];
 
     #[test]
@@ -382,7 +403,16 @@ mod tests {
 
     #[test]
     fn chunk_sizes_are_powers_of_two_and_bounded() {
-        for size in [0u64, 1, 4096, 16 << 10, 1 << 30, 64 << 30, 1 << 40, MAX_FILE_SIZE] {
+        for size in [
+            0u64,
+            1,
+            4096,
+            16 << 10,
+            1 << 30,
+            64 << 30,
+            1 << 40,
+            MAX_FILE_SIZE,
+        ] {
             let cs = chunk_size_for(size);
             assert!(cs.is_power_of_two() && (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs));
             assert!(chunk_count_for(size) <= MAX_CHUNKS, "{size}");
@@ -448,12 +478,30 @@ mod tests {
 
     #[test]
     fn names_are_single_safe_components() {
-        for ok in ["hello_world.txt", "a", "lorem ipsum.txt", "ünïcode.txt", "a..b", &"x".repeat(255)] {
+        for ok in [
+            "hello_world.txt",
+            "a",
+            "lorem ipsum.txt",
+            "ünïcode.txt",
+            "a..b",
+            &"x".repeat(255),
+        ] {
             assert!(FileName::new(ok).is_ok(), "{ok}");
         }
         for bad in [
-            "", ".", "..", ".hidden", "../etc/passwd", "a/b", "a\\b", "/abs", "nul\0", "tab\t",
-            "new\nline", "esc\u{1b}", &"x".repeat(256),
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "../etc/passwd",
+            "a/b",
+            "a\\b",
+            "/abs",
+            "nul\0",
+            "tab\t",
+            "new\nline",
+            "esc\u{1b}",
+            &"x".repeat(256),
         ] {
             assert!(FileName::new(bad).is_err(), "{bad:?}");
         }

@@ -21,7 +21,9 @@ pub struct PeerId(String);
 
 /// Why a peer ID was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid peer ID {0:?}: use 1-64 letters, digits, '-', '_' or '.', not starting with '.' or '-'")]
+#[error(
+    "invalid peer ID {0:?}: use 1-64 letters, digits, '-', '_' or '.', not starting with '.' or '-'"
+)]
 pub struct InvalidPeerId(pub String);
 
 impl PeerId {
@@ -38,8 +40,7 @@ impl FromStr for PeerId {
         let ok = !s.is_empty()
             && s.len() <= MAX_PEER_ID_LEN
             && !s.starts_with(['.', '-'])
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
         if ok {
             Ok(Self(s.to_owned()))
@@ -293,7 +294,10 @@ mod tests {
             ("p1 1.2.3.4 0\n", "line 1: invalid port"),
             ("p1 1.2.3.4 70000\n", "line 1: invalid port"),
             ("../x 1.2.3.4 5\n", "line 1: invalid peer ID"),
-            ("p1 1.2.3.4 5\n#\np1 1.2.3.4 6\n", "line 3: duplicate peer ID p1 (first defined on line 1)"),
+            (
+                "p1 1.2.3.4 5\n#\np1 1.2.3.4 6\n",
+                "line 3: duplicate peer ID p1 (first defined on line 1)",
+            ),
         ];
         for (text, want) in cases {
             let err = PeerTable::parse(text).unwrap_err().to_string();
@@ -307,7 +311,18 @@ mod tests {
             assert!(ok.parse::<PeerId>().is_ok(), "{ok}");
         }
         let long = "a".repeat(65);
-        for bad in ["", ".", "..", ".p", "-p", "a/b", "a\\b", "a b", "é", long.as_str()] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".p",
+            "-p",
+            "a/b",
+            "a\\b",
+            "a b",
+            "é",
+            long.as_str(),
+        ] {
             assert!(bad.parse::<PeerId>().is_err(), "{bad:?}");
         }
     }
@@ -315,7 +330,12 @@ mod tests {
     #[test]
     fn select_defaults_to_everyone_else_and_rejects_unknown() {
         let t = PeerTable::parse("p1 127.0.0.1 1\np2 127.0.0.1 2\np3 127.0.0.1 3\n").unwrap();
-        let all: Vec<_> = t.select(&id("p2"), &[]).unwrap().into_iter().map(|e| e.id).collect();
+        let all: Vec<_> = t
+            .select(&id("p2"), &[])
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
         assert_eq!(all, [id("p1"), id("p3")]);
         let some: Vec<_> = t
             .select(&id("p2"), &[id("p3"), id("p1"), id("p3")])
@@ -324,6 +344,9 @@ mod tests {
             .map(|e| e.id)
             .collect();
         assert_eq!(some, [id("p3"), id("p1")]);
-        assert_eq!(t.select(&id("p2"), &[id("p9")]).unwrap_err(), UnknownPeer(id("p9")));
+        assert_eq!(
+            t.select(&id("p2"), &[id("p9")]).unwrap_err(),
+            UnknownPeer(id("p9"))
+        );
     }
 }

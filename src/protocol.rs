@@ -202,7 +202,9 @@ pub async fn read_msg<T: DeserializeOwned>(
     let mut len = [0u8; 4];
     match reader.read_exact(&mut len).await {
         Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ProtocolError::Closed),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(ProtocolError::Closed);
+        }
         Err(e) => return Err(e.into()),
     }
     let len = u32::from_be_bytes(len);
@@ -252,7 +254,9 @@ mod tests {
     fn request_wire_format_is_pinned() {
         assert_eq!(frame(&Request::List), [0, 0, 0, 1, 0]);
         assert_eq!(
-            frame(&Request::Describe { name: name("a.txt") }),
+            frame(&Request::Describe {
+                name: name("a.txt")
+            }),
             [0, 0, 0, 7, 1, 5, b'a', b'.', b't', b'x', b't']
         );
         assert_eq!(
@@ -297,7 +301,10 @@ mod tests {
         assert_eq!(frame(&Response::Stored), [0, 0, 0, 1, 4]);
         assert_eq!(frame(&Response::AlreadyPresent), [0, 0, 0, 1, 5]);
         assert_eq!(
-            frame(&Response::Error(RemoteError::new(ErrorKind::Conflict, "no"))),
+            frame(&Response::Error(RemoteError::new(
+                ErrorKind::Conflict,
+                "no"
+            ))),
             [0, 0, 0, 5, 6, 2, 2, b'n', b'o']
         );
     }
@@ -305,7 +312,9 @@ mod tests {
     #[tokio::test]
     async fn frames_round_trip_over_a_pipe() {
         let (mut a, mut b) = tokio::io::duplex(64);
-        let req = Request::Describe { name: name("lorem_ipsum.txt") };
+        let req = Request::Describe {
+            name: name("lorem_ipsum.txt"),
+        };
         let sent = req.clone();
         let writer = tokio::spawn(async move { write_msg(&mut a, &sent).await });
         let got: Request = read_msg(&mut b, MAX_REQUEST_LEN).await.unwrap();
@@ -316,15 +325,20 @@ mod tests {
     #[tokio::test]
     async fn oversized_length_is_refused_before_reading() {
         let bytes = [0xff, 0xff, 0xff, 0xff, 0];
-        let err = read_msg::<Request>(&mut &bytes[..], MAX_REQUEST_LEN).await.unwrap_err();
-        assert!(matches!(err, ProtocolError::TooLarge { len: u32::MAX, .. }), "{err}");
+        let err = read_msg::<Request>(&mut &bytes[..], MAX_REQUEST_LEN)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ProtocolError::TooLarge { len: u32::MAX, .. }),
+            "{err}"
+        );
     }
 
     #[tokio::test]
     async fn garbage_unknown_tags_bad_names_and_truncation_are_errors() {
         let cases: [&[u8]; 6] = [
-            &[],                                  // nothing at all
-            &[0, 0, 0, 1, 9],                     // unknown request variant (a newer version)
+            &[],                                   // nothing at all
+            &[0, 0, 0, 1, 9],                      // unknown request variant (a newer version)
             &[0, 0, 0, 5, 1, 3, b'.', b'.', b'/'], // truncated frame
             &[0, 0, 0, 5, 1, 3, b'.', b'.', b'x'], // invalid name (leading dot)
             &[0, 0, 0, 4, 1, 2, b'a', 0],          // control character in a name
@@ -332,7 +346,9 @@ mod tests {
         ];
         for bytes in cases {
             assert!(
-                read_msg::<Request>(&mut &bytes[..], MAX_REQUEST_LEN).await.is_err(),
+                read_msg::<Request>(&mut &bytes[..], MAX_REQUEST_LEN)
+                    .await
+                    .is_err(),
                 "{bytes:?}"
             );
         }

@@ -83,7 +83,11 @@ impl RateLimit {
 }
 
 /// Serves on `endpoint` until `shutdown` resolves, then shuts down gracefully.
-pub async fn run(endpoint: quinn::Endpoint, server: Arc<Server>, shutdown: impl Future<Output = ()>) {
+pub async fn run(
+    endpoint: quinn::Endpoint,
+    server: Arc<Server>,
+    shutdown: impl Future<Output = ()>,
+) {
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
     tokio::pin!(shutdown);
@@ -104,7 +108,10 @@ pub async fn run(endpoint: quinn::Endpoint, server: Arc<Server>, shutdown: impl 
     endpoint.set_server_config(None);
     cancel.cancel();
     tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
         warn!("some requests did not finish within {SHUTDOWN_GRACE:?}; closing anyway");
     }
     endpoint.close(CloseCode::Shutdown.code().into(), b"shutting down");
@@ -163,12 +170,24 @@ async fn handle_connection(
     }
 }
 
-async fn handle_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, server: Arc<Server>) {
-    let request = match tokio::time::timeout(READ_TIMEOUT, protocol::read_msg::<Request>(&mut recv, MAX_REQUEST_LEN)).await {
+async fn handle_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    server: Arc<Server>,
+) {
+    let request = match tokio::time::timeout(
+        READ_TIMEOUT,
+        protocol::read_msg::<Request>(&mut recv, MAX_REQUEST_LEN),
+    )
+    .await
+    {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             info!("bad request: {e}");
-            let err = RemoteError::new(ErrorKind::BadRequest, format!("unsupported or malformed request: {e}"));
+            let err = RemoteError::new(
+                ErrorKind::BadRequest,
+                format!("unsupported or malformed request: {e}"),
+            );
             respond(&mut send, &Response::Error(err)).await;
             return;
         }
@@ -231,7 +250,10 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, RemoteError> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(store_error),
-        Err(e) => Err(RemoteError::new(ErrorKind::Internal, format!("task failed: {e}"))),
+        Err(e) => Err(RemoteError::new(
+            ErrorKind::Internal,
+            format!("task failed: {e}"),
+        )),
     }
 }
 
@@ -257,7 +279,10 @@ async fn handle_list(send: &mut quinn::SendStream, server: &Server) -> Result<St
     let store = server.store.clone();
     let mut files = blocking(move || store.list()).await?;
     if files.len() > MAX_LISTED_FILES {
-        warn!("listing only the first {MAX_LISTED_FILES} of {} files", files.len());
+        warn!(
+            "listing only the first {MAX_LISTED_FILES} of {} files",
+            files.len()
+        );
         files.truncate(MAX_LISTED_FILES);
     }
     let entries: Vec<FileEntry> = files
@@ -281,7 +306,11 @@ async fn handle_describe(
     let store = server.store.clone();
     let n = name.clone();
     let manifest = blocking(move || store.manifest(&n)).await?;
-    let summary = format!("{name} -> {} bytes, {} chunks", manifest.size(), manifest.chunk_count());
+    let summary = format!(
+        "{name} -> {} bytes, {} chunks",
+        manifest.size(),
+        manifest.chunk_count()
+    );
     respond(send, &Response::Manifest((*manifest).clone())).await;
     Ok(summary)
 }
@@ -325,7 +354,10 @@ async fn handle_upload(
     if size > server.max_upload_size {
         return Err(RemoteError::new(
             ErrorKind::TooLarge,
-            format!("{name} is {size} bytes; this peer accepts uploads up to {} bytes", server.max_upload_size),
+            format!(
+                "{name} is {size} bytes; this peer accepts uploads up to {} bytes",
+                server.max_upload_size
+            ),
         )
         .into());
     }
@@ -335,22 +367,41 @@ async fn handle_upload(
         respond(send, &Response::AlreadyPresent).await;
         return Ok(format!("{name} -> already present"));
     };
-    protocol::write_msg(send, &Response::Ready).await.map_err(gone)?;
+    protocol::write_msg(send, &Response::Ready)
+        .await
+        .map_err(gone)?;
 
     let upload = Arc::new(upload);
     let mut hasher = blake3::Hasher::new();
     let mut received = 0u64;
     let mut buf: Vec<u8> = Vec::with_capacity(UPLOAD_WRITE_BUF);
-    let short = || RemoteError::new(ErrorKind::Corrupt, format!("{name}: fewer bytes than the announced {size}"));
+    let short = || {
+        RemoteError::new(
+            ErrorKind::Corrupt,
+            format!("{name}: fewer bytes than the announced {size}"),
+        )
+    };
     loop {
-        let chunk = match tokio::time::timeout(READ_TIMEOUT, recv.read_chunk(UPLOAD_WRITE_BUF, true)).await {
-            Err(_) => return Err(RemoteError::new(ErrorKind::BadRequest, format!("no upload data for {READ_TIMEOUT:?}")).into()),
-            Ok(Err(e)) => return Err(gone(e)),
-            Ok(Ok(None)) => break,
-            Ok(Ok(Some(c))) => c.bytes,
-        };
+        let chunk =
+            match tokio::time::timeout(READ_TIMEOUT, recv.read_chunk(UPLOAD_WRITE_BUF, true)).await
+            {
+                Err(_) => {
+                    return Err(RemoteError::new(
+                        ErrorKind::BadRequest,
+                        format!("no upload data for {READ_TIMEOUT:?}"),
+                    )
+                    .into());
+                }
+                Ok(Err(e)) => return Err(gone(e)),
+                Ok(Ok(None)) => break,
+                Ok(Ok(Some(c))) => c.bytes,
+            };
         if received + chunk.len() as u64 > size {
-            return Err(RemoteError::new(ErrorKind::Corrupt, format!("{name}: more bytes than the announced {size}")).into());
+            return Err(RemoteError::new(
+                ErrorKind::Corrupt,
+                format!("{name}: more bytes than the announced {size}"),
+            )
+            .into());
         }
         buf.extend_from_slice(&chunk);
         if buf.len() >= UPLOAD_WRITE_BUF {
@@ -363,7 +414,8 @@ async fn handle_upload(
     }
     let upload = Arc::try_unwrap(upload).map_err(|_| gone("upload still shared"))?;
     let streamed = *hasher.finalize().as_bytes();
-    let committed = blocking(move || upload.partial.commit(expected, Check::Streamed(streamed))).await?;
+    let committed =
+        blocking(move || upload.partial.commit(expected, Check::Streamed(streamed))).await?;
     let (resp, what) = match committed {
         Committed::Stored => (Response::Stored, "stored"),
         Committed::AlreadyPresent => (Response::AlreadyPresent, "already present"),

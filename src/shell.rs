@@ -31,7 +31,11 @@ enum Action {
 }
 
 #[derive(Debug, Parser)]
-#[command(no_binary_name = true, disable_help_flag = true, disable_version_flag = true)]
+#[command(
+    no_binary_name = true,
+    disable_help_flag = true,
+    disable_version_flag = true
+)]
 struct Line {
     #[command(subcommand)]
     command: Command,

@@ -149,11 +149,16 @@ impl Store {
 
     /// Every served file with its manifest, sorted by name.
     pub fn list(&self) -> Result<Vec<(FileName, Arc<Manifest>)>, StoreError> {
-        let entries = fs::read_dir(&self.dir).map_err(|e| StoreError::io("listing", &self.dir, e))?;
+        let entries =
+            fs::read_dir(&self.dir).map_err(|e| StoreError::io("listing", &self.dir, e))?;
         let mut out = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| StoreError::io("listing", &self.dir, e))?;
-            let Some(name) = entry.file_name().to_str().and_then(|n| FileName::new(n).ok()) else {
+            let Some(name) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| FileName::new(n).ok())
+            else {
                 continue;
             };
             // `DirEntry::file_type` does not follow symlinks: only real regular files qualify.
@@ -176,12 +181,13 @@ impl Store {
         let path = self.path_of(name);
         for _attempt in 0..3 {
             let (file, key) = self.open_regular(name)?;
-            if let Some((k, m)) = self.lock_cache().get(name) {
-                if *k == key {
-                    return Ok(m.clone());
-                }
+            if let Some((k, m)) = self.lock_cache().get(name)
+                && *k == key
+            {
+                return Ok(m.clone());
             }
-            let manifest = Manifest::from_reader(io::BufReader::with_capacity(1 << 16, &file), key.size);
+            let manifest =
+                Manifest::from_reader(io::BufReader::with_capacity(1 << 16, &file), key.size);
             let after = file
                 .metadata()
                 .map(|m| FileKey::of(&m))
@@ -214,7 +220,12 @@ impl Store {
     }
 
     /// Reads `len` bytes of `name` at `offset`.
-    pub fn read_range(&self, name: &FileName, offset: u64, len: u32) -> Result<Vec<u8>, StoreError> {
+    pub fn read_range(
+        &self,
+        name: &FileName,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<u8>, StoreError> {
         let (file, key) = self.open_regular(name)?;
         let len64 = u64::from(len);
         if offset.checked_add(len64).is_none_or(|end| end > key.size) {
@@ -370,7 +381,10 @@ impl PartialFile {
     /// the same folder. Space is reserved now, so a full disk fails here. Fails with `Busy` if
     /// another process is writing the same temporary file.
     pub fn create(target: &Path, tag: &str, size: u64) -> Result<Self, StoreError> {
-        let dir = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = target
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         let base = target
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -405,7 +419,8 @@ impl PartialFile {
         self.file.set_len(0).map_err(io)?;
         if self.size > 0 {
             // posix_fallocate returns the error number itself (it does not set errno).
-            let len = i64::try_from(self.size).map_err(|_| StoreError::NoSpace(self.target.display().to_string()))?;
+            let len = i64::try_from(self.size)
+                .map_err(|_| StoreError::NoSpace(self.target.display().to_string()))?;
             let rc = unsafe {
                 // SAFETY: the fd is owned by `self.file` and open for writing for this whole call.
                 libc::posix_fallocate(std::os::fd::AsRawFd::as_raw_fd(&self.file), 0, len)
@@ -435,7 +450,10 @@ impl PartialFile {
 
     /// Writes `data` at `offset` (positional; safe to call from several threads at once).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
-        if offset.checked_add(data.len() as u64).is_none_or(|end| end > self.size) {
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > self.size)
+        {
             return Err(StoreError::io(
                 "writing",
                 &self.temp,
@@ -537,10 +555,21 @@ mod tests {
         let outside = tempfile::NamedTempFile::new().unwrap();
         symlink(outside.path(), d.join("link.txt")).unwrap();
         let store = Store::open(d).unwrap();
-        let listed: Vec<_> = store.list().unwrap().into_iter().map(|(n, m)| (n.to_string(), m.size())).collect();
+        let listed: Vec<_> = store
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|(n, m)| (n.to_string(), m.size()))
+            .collect();
         assert_eq!(listed, [("a.txt".to_string(), 1), ("b.txt".to_string(), 3)]);
-        assert!(matches!(store.manifest(&name("link.txt")), Err(StoreError::NotFound(_))));
-        assert!(matches!(store.read_range(&name("link.txt"), 0, 1), Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            store.manifest(&name("link.txt")),
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            store.read_range(&name("link.txt"), 0, 1),
+            Err(StoreError::NotFound(_))
+        ));
     }
 
     #[test]
@@ -551,7 +580,10 @@ mod tests {
         let first = store.manifest(&name("f")).unwrap();
         assert_eq!(first.blake3(), *blake3::hash(b"one").as_bytes());
         fs::write(dir.path().join("f"), b"two").unwrap();
-        assert_eq!(store.manifest(&name("f")).unwrap().blake3(), *blake3::hash(b"two").as_bytes());
+        assert_eq!(
+            store.manifest(&name("f")).unwrap().blake3(),
+            *blake3::hash(b"two").as_bytes()
+        );
     }
 
     #[test]
@@ -560,8 +592,14 @@ mod tests {
         fs::write(dir.path().join("f"), b"0123456789").unwrap();
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.read_range(&name("f"), 2, 3).unwrap(), b"234");
-        assert!(matches!(store.read_range(&name("f"), 8, 3), Err(StoreError::OutOfRange { .. })));
-        assert!(matches!(store.read_range(&name("f"), u64::MAX, 3), Err(StoreError::OutOfRange { .. })));
+        assert!(matches!(
+            store.read_range(&name("f"), 8, 3),
+            Err(StoreError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            store.read_range(&name("f"), u64::MAX, 3),
+            Err(StoreError::OutOfRange { .. })
+        ));
     }
 
     #[test]
@@ -580,12 +618,18 @@ mod tests {
         // Wrong bytes: refused, nothing appears.
         let p = PartialFile::create(&target, "t", data.len() as u64).unwrap();
         p.write_at(0, b"hello partial w0rld").unwrap();
-        assert!(matches!(p.commit(hash, Check::Reread), Err(StoreError::Corrupt { .. })));
+        assert!(matches!(
+            p.commit(hash, Check::Reread),
+            Err(StoreError::Corrupt { .. })
+        ));
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
 
         // Right bytes, written out of order: stored.
         let p = PartialFile::create(&target, "t", data.len() as u64).unwrap();
-        assert!(matches!(PartialFile::create(&target, "t", 1), Err(StoreError::Busy(_))));
+        assert!(matches!(
+            PartialFile::create(&target, "t", 1),
+            Err(StoreError::Busy(_))
+        ));
         p.write_at(6, &data[6..]).unwrap();
         p.write_at(0, &data[..6]).unwrap();
         assert!(p.write_at(10, &data[..]).is_err(), "past the end");
@@ -596,7 +640,10 @@ mod tests {
         // Same again: already present. Different: conflict, and the original is untouched.
         let p = PartialFile::create(&target, "u", data.len() as u64).unwrap();
         p.write_at(0, data).unwrap();
-        assert_eq!(p.commit(hash, Check::Reread).unwrap(), Committed::AlreadyPresent);
+        assert_eq!(
+            p.commit(hash, Check::Reread).unwrap(),
+            Committed::AlreadyPresent
+        );
         let other = b"something else entirely";
         let p = PartialFile::create(&target, "v", other.len() as u64).unwrap();
         p.write_at(0, other).unwrap();
@@ -614,14 +661,30 @@ mod tests {
         fs::write(dir.path().join("have.txt"), b"same").unwrap();
         let store = Store::open(dir.path()).unwrap();
         let same = *blake3::hash(b"same").as_bytes();
-        assert!(store.begin_upload(&name("have.txt"), 4, same).unwrap().is_none());
+        assert!(
+            store
+                .begin_upload(&name("have.txt"), 4, same)
+                .unwrap()
+                .is_none()
+        );
         assert!(matches!(
             store.begin_upload(&name("have.txt"), 4, [0; 32]),
             Err(StoreError::Conflict(_))
         ));
-        let first = store.begin_upload(&name("new.txt"), 4, same).unwrap().unwrap();
-        assert!(matches!(store.begin_upload(&name("new.txt"), 4, same), Err(StoreError::Busy(_))));
+        let first = store
+            .begin_upload(&name("new.txt"), 4, same)
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            store.begin_upload(&name("new.txt"), 4, same),
+            Err(StoreError::Busy(_))
+        ));
         drop(first);
-        assert!(store.begin_upload(&name("new.txt"), 4, same).unwrap().is_some());
+        assert!(
+            store
+                .begin_upload(&name("new.txt"), 4, same)
+                .unwrap()
+                .is_some()
+        );
     }
 }

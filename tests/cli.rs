@@ -1,0 +1,532 @@
+//! End-to-end tests: the real `qnode` binary, as separate processes, on real UDP sockets.
+
+mod util;
+
+use std::time::Duration;
+
+use util::{Net, TestResult, b3, leftovers, random_bytes};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+#[test]
+fn list_upload_and_download_between_peers() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    net.put("p1", "hello_world.txt", b"Hello World!\n")?;
+    let _p1 = net.serve("p1", &[])?;
+
+    // list, human and JSON
+    let out = net.ok("p2", &["list", "p1"])?;
+    assert!(out.stdout().contains("hello_world.txt"), "{out}");
+    let json = net.json("p2", &["filelist", "p1", "--json"])?;
+    assert_eq!(json["peers"][0]["peer"], "p1");
+    assert_eq!(json["peers"][0]["ok"], true);
+    assert_eq!(json["peers"][0]["files"][0]["name"], "hello_world.txt");
+    assert_eq!(json["peers"][0]["files"][0]["size"], 13);
+    assert_eq!(
+        json["peers"][0]["files"][0]["blake3"],
+        b3(b"Hello World!\n")
+    );
+
+    // download lands in our served_files
+    let json = net.json("p2", &["download", "hello_world.txt", "p1", "--json"])?;
+    assert_eq!(
+        std::fs::read(net.served("p2").join("hello_world.txt"))?,
+        b"Hello World!\n"
+    );
+    assert_eq!(json["size"], 13);
+    assert_eq!(json["peers"]["p1"], 13);
+    assert_eq!(json["blake3"], b3(b"Hello World!\n"));
+    assert!(json["seconds"].as_f64().is_some_and(|s| s > 0.0), "{json}");
+
+    // again: already there, exit 0
+    let out = net.ok("p2", &["download", "hello_world.txt", "p1"])?;
+    assert!(out.stdout().contains("already here"), "{out}");
+
+    // upload a path; p1 serves it afterwards
+    let notes = net.root().join("notes.txt");
+    std::fs::write(&notes, b"remember the milk\n")?;
+    let json = net.json("p2", &["upload", notes.to_str().unwrap(), "p1", "--json"])?;
+    assert_eq!(json["name"], "notes.txt");
+    assert_eq!(json["results"][0]["peer"], "p1");
+    assert_eq!(json["results"][0]["status"], "stored");
+    assert_eq!(
+        std::fs::read(net.served("p1").join("notes.txt"))?,
+        b"remember the milk\n"
+    );
+
+    // upload a bare name from our own served_files; identical => already_present
+    let json = net.json("p2", &["upload", "hello_world.txt", "p1", "--json"])?;
+    assert_eq!(json["results"][0]["status"], "already_present");
+    assert!(leftovers(&net.served("p1")).is_empty());
+    Ok(())
+}
+
+#[test]
+fn multi_megabyte_download_from_three_peers_uses_every_peer() -> TestResult {
+    let net = Net::new(&["p1", "p2", "p3", "p4"])?;
+    let data = random_bytes(6 << 20, 1);
+    for p in ["p1", "p2", "p3"] {
+        net.put(p, "big.bin", &data)?;
+    }
+    // Paced so that all three take part however the machine schedules them.
+    let _servers: Vec<_> = ["p1", "p2", "p3"]
+        .iter()
+        .map(|p| net.serve(p, &["--max-upload-rate", "8M"]))
+        .collect::<Result<_, _>>()?;
+    let json = net.json("p4", &["download", "big.bin", "--json"])?;
+    let got = std::fs::read(net.served("p4").join("big.bin"))?;
+    assert!(got == data, "downloaded bytes differ");
+    assert_eq!(json["size"], data.len());
+    assert_eq!(json["blake3"], b3(&data));
+    let mut total = 0;
+    for p in ["p1", "p2", "p3"] {
+        let share = json["peers"][p].as_u64().unwrap_or(0);
+        assert!(share > 0, "{p} did not contribute: {json}");
+        total += share;
+    }
+    assert_eq!(total, data.len() as u64, "{json}");
+    assert!(leftovers(&net.served("p4")).is_empty());
+    Ok(())
+}
+
+#[test]
+fn download_survives_a_peer_killed_midway() -> TestResult {
+    let net = Net::new(&["p1", "p2", "p3", "p4"])?;
+    let data = random_bytes(4 << 20, 2);
+    for p in ["p1", "p2", "p3"] {
+        net.put(p, "f.bin", &data)?;
+    }
+    let mut servers: Vec<_> = ["p1", "p2", "p3"]
+        .iter()
+        .map(|p| net.serve(p, &["--max-upload-rate", "1M"]))
+        .collect::<Result<_, _>>()?;
+    let download = net
+        .cmd("p4", &["download", "f.bin", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    // Once p3 has served two chunks, kill it hard.
+    servers[2].wait_for_log_count("read_chunk f.bin", 2, WAIT)?;
+    servers[2].kill();
+    let out = util::Out {
+        what: "p4 download f.bin --json".into(),
+        output: download.wait_with_output()?,
+    };
+    assert!(out.success(), "{out}");
+    let json = out.json()?;
+    assert!(std::fs::read(net.served("p4").join("f.bin"))? == data);
+    // p3 delivered something before it died, and the others covered the rest (its requests in
+    // flight were re-fetched from idle peers rather than waited out).
+    let share = |p: &str| json["peers"][p].as_u64().unwrap_or(0);
+    assert!(
+        share("p3") > 0 && share("p3") < data.len() as u64 / 3,
+        "{json}"
+    );
+    assert_eq!(
+        share("p1") + share("p2") + share("p3"),
+        data.len() as u64,
+        "{json}"
+    );
+    assert!(
+        json["seconds"].as_f64().unwrap() < 25.0,
+        "must not wait for the idle timeout: {json}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_peer_serving_corrupted_data_is_caught_and_named() -> TestResult {
+    let net = Net::new(&["p1", "p2", "p3", "p4"])?;
+    let data = random_bytes(4 << 20, 3);
+    for p in ["p1", "p2", "p3"] {
+        net.put(p, "f.bin", &data)?;
+    }
+    let servers: Vec<_> = ["p1", "p2", "p3"]
+        .iter()
+        .map(|p| net.serve(p, &["--max-upload-rate", "1M"]))
+        .collect::<Result<_, _>>()?;
+    let download = net
+        .cmd("p4", &["download", "f.bin", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // After p3 described the file, its copy changes on disk (same size, other bytes).
+    servers[2].wait_for_log("describe f.bin", WAIT)?;
+    std::fs::write(net.served("p3").join("f.bin"), random_bytes(data.len(), 99))?;
+    let out = util::Out {
+        what: "p4 download f.bin --json".into(),
+        output: download.wait_with_output()?,
+    };
+    assert!(out.success(), "{out}");
+    assert!(
+        std::fs::read(net.served("p4").join("f.bin"))? == data,
+        "result must be the described version"
+    );
+    let json = out.json()?;
+    let fault = json["faults"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["peer"] == "p3")
+        .cloned();
+    let fault = fault.unwrap_or_else(|| panic!("p3 not named in faults: {json}"));
+    assert!(fault["corrupt_chunks"].as_u64().unwrap() >= 1, "{json}");
+    assert!(out.stderr().contains("p3 sent"), "{out}");
+    Ok(())
+}
+
+#[test]
+fn peers_with_a_different_version_are_left_out() -> TestResult {
+    let net = Net::new(&["p1", "p2", "p3", "p4"])?;
+    let v1 = random_bytes(300_000, 4);
+    let v2 = random_bytes(300_000, 5);
+    net.put("p1", "doc.txt", &v1)?;
+    net.put("p2", "doc.txt", &v1)?;
+    net.put("p3", "doc.txt", &v2)?;
+    let _s: Vec<_> = ["p1", "p2", "p3"]
+        .iter()
+        .map(|p| net.serve(p, &[]))
+        .collect::<Result<_, _>>()?;
+
+    let out = net.ok("p4", &["download", "doc.txt", "--json"])?;
+    let json = out.json()?;
+    assert!(
+        std::fs::read(net.served("p4").join("doc.txt"))? == v1,
+        "majority version expected"
+    );
+    assert!(json["peers"].get("p3").is_none(), "{json}");
+    let left = json["left_out"].as_array().unwrap();
+    assert!(
+        left.iter()
+            .any(|l| l["peer"] == "p3"
+                && l["reason"].as_str().unwrap().contains("different version")),
+        "{json}"
+    );
+    assert!(out.stderr().contains("p3 left out"), "{out}");
+
+    // The other version on request, from the one peer that has it, elsewhere.
+    let other = net.root().join("v2.txt");
+    let json = net.json(
+        "p4",
+        &[
+            "download",
+            "doc.txt",
+            "--blake3",
+            &b3(&v2),
+            "--output",
+            other.to_str().unwrap(),
+            "--json",
+        ],
+    )?;
+    assert!(std::fs::read(&other)? == v2);
+    assert_eq!(json["peers"]["p3"], 300_000);
+
+    // Saving over our own different copy is refused.
+    let out = net.fails("p4", &["download", "doc.txt", "--blake3", &b3(&v2)])?;
+    assert!(out.stderr().contains("different content"), "{out}");
+    assert!(std::fs::read(net.served("p4").join("doc.txt"))? == v1);
+    Ok(())
+}
+
+#[test]
+fn an_impostor_certificate_is_refused_both_ways() -> TestResult {
+    let net = Net::new(&["p1", "p2", "p3"])?;
+    net.put("p1", "secret.txt", b"for listed peers only")?;
+    let p1 = net.serve("p1", &[])?;
+    net.ok("p2", &["list", "p1"])?;
+
+    // An impostor with its own key claims to be p2 (it has the public certs/ folder).
+    let evil = Net::new(&[])?;
+    std::fs::copy(
+        net.root().join("peer_settings.txt"),
+        evil.root().join("peer_settings.txt"),
+    )?;
+    std::fs::create_dir_all(evil.root().join("certs"))?;
+    std::fs::copy(
+        net.root().join("certs/p1.pem"),
+        evil.root().join("certs/p1.pem"),
+    )?;
+    evil.ok("p2", &["init"])?;
+    let out = evil.fails("p2", &["download", "secret.txt", "p1"])?;
+    assert!(out.stderr().contains("qnode: error:"), "{out}");
+    assert!(!evil.served("p2").join("secret.txt").exists());
+    p1.wait_for_log("handshake failed", WAIT)?;
+
+    // A client whose pin for p1 is wrong refuses p1 (certificate mismatch).
+    std::fs::copy(
+        net.root().join("certs/p3.pem"),
+        net.root().join("certs/p1.pem"),
+    )?;
+    let out = net.fails("p2", &["list", "p1"])?;
+    assert!(
+        out.stderr().contains("does not match certs/p1.pem"),
+        "{out}"
+    );
+
+    // A missing certificate says which file to copy.
+    std::fs::remove_file(net.root().join("certs/p1.pem"))?;
+    let out = net.fails("p2", &["list", "p1"])?;
+    assert!(out.stderr().contains("copy certs/p1.pem"), "{out}");
+    Ok(())
+}
+
+#[test]
+fn traversal_names_are_refused_and_nothing_outside_served_files_is_touched() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    std::fs::write(net.root().join("outside.txt"), b"not shared")?;
+    std::os::unix::fs::symlink(
+        net.root().join("outside.txt"),
+        net.served("p1").join("link.txt"),
+    )?;
+    std::fs::create_dir(net.served("p1").join("sub"))?;
+    std::fs::write(net.served("p1").join("sub/inner.txt"), b"x")?;
+    net.put("p1", ".hidden", b"x")?;
+    let _p1 = net.serve("p1", &[])?;
+
+    let json = net.json("p2", &["list", "p1", "--json"])?;
+    assert_eq!(json["peers"][0]["files"], serde_json::json!([]), "{json}");
+
+    for name in [
+        "../outside.txt",
+        "..",
+        "sub/inner.txt",
+        ".hidden",
+        "/etc/passwd",
+        "a\\b",
+    ] {
+        let out = net.fails("p2", &["download", name, "p1"])?;
+        let err = out.stderr();
+        assert!(err.contains("invalid file name"), "{out}");
+        assert_eq!(err.lines().count(), 1, "one line: {out}");
+    }
+    let out = net.fails("p2", &["download", "link.txt", "p1"])?;
+    assert!(out.stderr().contains("no peer serves link.txt"), "{out}");
+    let out = net.fails("p2", &["download", "sub", "p1"])?;
+    assert!(out.stderr().contains("no peer serves sub"), "{out}");
+    let entries: Vec<_> = std::fs::read_dir(net.served("p2"))?.collect();
+    assert!(entries.is_empty(), "nothing may be written");
+    assert_eq!(
+        std::fs::read(net.root().join("outside.txt"))?,
+        b"not shared"
+    );
+    Ok(())
+}
+
+#[test]
+fn upload_never_overwrites_a_different_file_and_concurrent_uploads_do_not_interleave() -> TestResult
+{
+    let net = Net::new(&["p1", "p2", "p3"])?;
+    net.put("p1", "notes.txt", b"p1's notes")?;
+    let _p1 = net.serve("p1", &[])?;
+
+    let mine = net.root().join("notes.txt");
+    std::fs::write(&mine, b"p2's different notes")?;
+    let out = net.fails("p2", &["upload", mine.to_str().unwrap(), "p1", "--json"])?;
+    let json = out.json()?;
+    assert_eq!(json["results"][0]["ok"], false);
+    assert!(
+        json["results"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("already exists"),
+        "{json}"
+    );
+    assert_eq!(
+        std::fs::read(net.served("p1").join("notes.txt"))?,
+        b"p1's notes"
+    );
+
+    // Two peers push different 8 MiB files under one name at once.
+    let a = random_bytes(8 << 20, 10);
+    let b = random_bytes(8 << 20, 11);
+    let (pa, pb) = (net.root().join("a/same.bin"), net.root().join("b/same.bin"));
+    std::fs::create_dir_all(pa.parent().unwrap())?;
+    std::fs::create_dir_all(pb.parent().unwrap())?;
+    std::fs::write(&pa, &a)?;
+    std::fs::write(&pb, &b)?;
+    let (sa, sb) = (pa.to_str().unwrap(), pb.to_str().unwrap());
+    let (ra, rb) = std::thread::scope(|s| {
+        let ha = s.spawn(|| net.cmd("p2", &["upload", sa, "p1"]).output());
+        let hb = s.spawn(|| net.cmd("p3", &["upload", sb, "p1"]).output());
+        (ha.join().unwrap(), hb.join().unwrap())
+    });
+    let (ra, rb) = (ra?, rb?);
+    let stored = std::fs::read(net.served("p1").join("same.bin"))?;
+    assert!(
+        stored == a || stored == b,
+        "stored file must be one upload, whole"
+    );
+    let (winner, loser) = if stored == a { (&ra, &rb) } else { (&rb, &ra) };
+    assert!(
+        winner.status.success(),
+        "{}",
+        String::from_utf8_lossy(&winner.stderr)
+    );
+    let why = String::from_utf8_lossy(&loser.stderr);
+    assert!(!loser.status.success(), "the other upload must be refused");
+    assert!(
+        why.contains("in progress") || why.contains("already exists"),
+        "{why}"
+    );
+    assert!(
+        leftovers(&net.served("p1")).is_empty(),
+        "{:?}",
+        leftovers(&net.served("p1"))
+    );
+    Ok(())
+}
+
+#[test]
+fn an_interrupted_download_leaves_nothing_under_the_name() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    let data = random_bytes(2 << 20, 6);
+    net.put("p1", "slow.bin", &data)?;
+    let p1 = net.serve("p1", &["--max-upload-rate", "256K"])?;
+
+    // SIGKILL: no chance to clean up, still nothing under the name.
+    let mut child = net.cmd("p2", &["download", "slow.bin", "p1"]).spawn()?;
+    p1.wait_for_log_count("read_chunk slow.bin", 2, WAIT)?;
+    child.kill()?;
+    child.wait()?;
+    assert!(!net.served("p2").join("slow.bin").exists());
+
+    // SIGINT: cleans up its temporary file too.
+    let child = net
+        .cmd("p2", &["download", "slow.bin", "p1"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    p1.wait_for_log_count("read_chunk slow.bin", 6, WAIT)?;
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let out = util::Out {
+        what: "p2 download slow.bin p1 (SIGINT)".into(),
+        output: child.wait_with_output()?,
+    };
+    assert!(!out.success(), "{out}");
+    assert!(out.stderr().contains("interrupted"), "{out}");
+    assert!(!net.served("p2").join("slow.bin").exists());
+    assert!(
+        leftovers(&net.served("p2")).is_empty(),
+        "{:?}",
+        leftovers(&net.served("p2"))
+    );
+    Ok(())
+}
+
+#[test]
+fn shell_speaks_the_seed_lines_and_carries_on_after_errors() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    net.put("p1", "hello_world.txt", b"Hello World!\n")?;
+    let _p1 = net.serve("p1", &[])?;
+    let up = net.root().join("up.txt");
+    std::fs::write(&up, b"uploaded from the shell\n")?;
+    let script = format!(
+        "help\n#FILELIST p1\n#BOGUS line\n#DOWNLOAD missing.txt p1\n#DOWNLOAD hello_world.txt p1\n#UPLOAD {} p1\nfilelist p1 --json\nquit\n#FILELIST p1\n",
+        up.display()
+    );
+    let mut child = net
+        .cmd("p2", &["shell"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(script.as_bytes())?;
+    let out = util::Out {
+        what: "p2 shell".into(),
+        output: child.wait_with_output()?,
+    };
+    let (so, se) = (out.stdout(), out.stderr());
+    assert!(so.contains("#FILELIST"), "help text: {out}");
+    assert!(so.contains("p1: 1 file"), "{out}");
+    assert!(se.contains("unknown command \"#BOGUS\""), "{out}");
+    assert!(se.contains("no peer serves missing.txt"), "{out}");
+    assert!(so.contains("downloaded hello_world.txt"), "{out}");
+    assert!(so.contains("p1: stored up.txt"), "{out}");
+    assert!(
+        so.contains("\"name\":\"up.txt\""),
+        "json line from the shell: {out}"
+    );
+    // quit stopped it: the last #FILELIST never ran.
+    assert_eq!(so.matches("p1: ").count(), 2, "{out}");
+    assert!(
+        !out.success(),
+        "errors make the exit status non-zero: {out}"
+    );
+    assert_eq!(
+        std::fs::read(net.served("p2").join("hello_world.txt"))?,
+        b"Hello World!\n"
+    );
+    Ok(())
+}
+
+#[test]
+fn failures_are_one_clear_line_and_a_non_zero_exit() -> TestResult {
+    let net = Net::new(&["p1", "p2", "p3"])?;
+    net.put("p1", "a.txt", b"a")?;
+    let _p1 = net.serve("p1", &[])?;
+
+    let one_line = |out: &util::Out, needle: &str| {
+        let err = out.stderr();
+        assert!(
+            err.starts_with("qnode: error: ") && err.contains(needle),
+            "{needle}: {out}"
+        );
+        assert!(
+            !err.contains("panicked") && !err.contains("backtrace"),
+            "{out}"
+        );
+    };
+    one_line(&net.fails("p9", &["list"])?, "unknown peer ID p9");
+    one_line(&net.fails("p2", &["list", "p7"])?, "unknown peer ID p7");
+    one_line(
+        &net.fails("p2", &["download", "nope.txt", "p1"])?,
+        "no peer serves nope.txt",
+    );
+    one_line(
+        &net.fails("p2", &["upload", "/does/not/exist", "p1"])?,
+        "no such file",
+    );
+
+    // An unreachable peer gets its own line; the others are still listed.
+    let out = net.fails("p2", &["list", "p1", "p3", "--json"])?;
+    let json = out.json()?;
+    assert_eq!(json["peers"][0]["ok"], true);
+    assert_eq!(json["peers"][1]["ok"], false);
+    assert!(
+        json["peers"][1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot reach p3"),
+        "{json}"
+    );
+    assert_eq!(out.stderr().lines().count(), 1, "{out}");
+
+    // A broken settings file names the line.
+    let settings = net.root().join("peer_settings.txt");
+    let good = std::fs::read_to_string(&settings)?;
+    std::fs::write(&settings, format!("{good}p4 127.0.0.1\n"))?;
+    one_line(&net.fails("p2", &["list"])?, "line 5: expected");
+    std::fs::write(&settings, format!("{good}p1 127.0.0.1 9\n"))?;
+    one_line(&net.fails("p2", &["list"])?, "line 5: duplicate peer ID p1");
+    std::fs::write(&settings, good)?;
+
+    // Not initialised yet.
+    let fresh = Net::new(&[])?;
+    std::fs::copy(&settings, fresh.root().join("peer_settings.txt"))?;
+    one_line(&fresh.fails("p2", &["list"])?, "qnode --peer p2 init");
+    Ok(())
+}
+
+#[test]
+fn sigterm_stops_a_server_cleanly_and_promptly() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    net.put("p1", "a.txt", b"a")?;
+    let mut p1 = net.serve("p1", &[])?;
+    net.ok("p2", &["list", "p1"])?;
+    p1.signal(libc::SIGTERM);
+    let status = p1.wait_exit(Duration::from_secs(10))?;
+    assert!(status.success(), "exit status {status}; log:\n{}", p1.log());
+    assert!(p1.log().contains("stopped"));
+    Ok(())
+}

@@ -1,0 +1,296 @@
+//! Test harness: a temporary qnode root with N peers on 127.0.0.1, servers as real child processes.
+//!
+//! Servers are killed on drop; readiness is the `serving` log line, waited for with a deadline.
+//! Every command runs with `RUST_LOG` and the `QNODE_*` variables cleared.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader};
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+pub type TestResult = anyhow::Result<()>;
+
+/// The binary under test.
+pub fn qnode_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_qnode")
+}
+
+/// A temporary root with peers listed in its `peer_settings.txt`, all initialised.
+pub struct Net {
+    pub dir: tempfile::TempDir,
+    pub peers: Vec<(String, u16)>,
+}
+
+impl Net {
+    /// A root with peers `ids`, each on a free UDP port of 127.0.0.1, each initialised.
+    pub fn new(ids: &[&str]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut peers = Vec::new();
+        let mut settings = String::from("# test network\n");
+        // Hold every socket until all ports are chosen, so no two peers get the same one.
+        let sockets: Vec<UdpSocket> = ids
+            .iter()
+            .map(|_| UdpSocket::bind("127.0.0.1:0"))
+            .collect::<Result<_, _>>()?;
+        for (id, sock) in ids.iter().zip(&sockets) {
+            let port = sock.local_addr()?.port();
+            settings.push_str(&format!("{id} 127.0.0.1 {port}\n"));
+            peers.push((id.to_string(), port));
+        }
+        drop(sockets);
+        std::fs::write(dir.path().join("peer_settings.txt"), settings)?;
+        let net = Self { dir, peers };
+        for id in ids {
+            net.ok(id, &["init"])?;
+        }
+        Ok(net)
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn served(&self, id: &str) -> PathBuf {
+        self.root().join(id).join("served_files")
+    }
+
+    /// Writes a file into `id`'s served_files.
+    pub fn put(&self, id: &str, name: &str, data: &[u8]) -> anyhow::Result<PathBuf> {
+        let path = self.served(id).join(name);
+        std::fs::write(&path, data)?;
+        Ok(path)
+    }
+
+    /// A `qnode --root R --peer ID ARGS` command with a clean environment.
+    pub fn cmd(&self, id: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(qnode_bin());
+        c.arg("--root")
+            .arg(self.root())
+            .arg("--peer")
+            .arg(id)
+            .args(args);
+        c.env_remove("RUST_LOG")
+            .env_remove("QNODE_ROOT")
+            .env_remove("QNODE_PEER")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs a command to completion.
+    pub fn run(&self, id: &str, args: &[&str]) -> anyhow::Result<Out> {
+        let output = self.cmd(id, args).output()?;
+        Ok(Out::new(format!("{id} {}", args.join(" ")), output))
+    }
+
+    /// Runs a command that must succeed.
+    pub fn ok(&self, id: &str, args: &[&str]) -> anyhow::Result<Out> {
+        let out = self.run(id, args)?;
+        if !out.success() {
+            bail!("command failed:\n{out}");
+        }
+        Ok(out)
+    }
+
+    /// Runs a command that must fail; returns its output.
+    pub fn fails(&self, id: &str, args: &[&str]) -> anyhow::Result<Out> {
+        let out = self.run(id, args)?;
+        if out.success() {
+            bail!("command should have failed:\n{out}");
+        }
+        Ok(out)
+    }
+
+    /// Runs a command that must succeed and print one JSON object.
+    pub fn json(&self, id: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let out = self.ok(id, args)?;
+        out.json()
+    }
+
+    /// Starts `qnode serve` for `id` with extra args and waits until it listens.
+    pub fn serve(&self, id: &str, extra: &[&str]) -> anyhow::Result<Server> {
+        let mut args = vec!["serve"];
+        args.extend_from_slice(extra);
+        let mut cmd = self.cmd(id, &args);
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn()?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let server = Server {
+            id: id.to_string(),
+            child: Some(child),
+            log,
+        };
+        server.wait_for_log(" serving ", Duration::from_secs(30))?;
+        Ok(server)
+    }
+}
+
+/// A running `qnode serve`, killed on drop.
+pub struct Server {
+    pub id: String,
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    /// Waits until the log contains `needle` at least once.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> TestResult {
+        self.wait_for_log_count(needle, 1, timeout)
+    }
+
+    /// Waits until the log contains `needle` at least `count` times.
+    pub fn wait_for_log_count(&self, needle: &str, count: usize, timeout: Duration) -> TestResult {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().matches(needle).count() >= count {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} never logged {needle:?} x{count}; log:\n{}",
+                    self.id,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child's.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the process to exit (after a signal), with a deadline; returns its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().context("already reaped")?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not exit within {timeout:?}; log:\n{}",
+                    self.id,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A finished command's output, printable in failure messages.
+pub struct Out {
+    pub what: String,
+    pub output: Output,
+}
+
+impl Out {
+    fn new(what: String, output: Output) -> Self {
+        Self { what, output }
+    }
+
+    pub fn success(&self) -> bool {
+        self.output.status.success()
+    }
+
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+
+    pub fn json(&self) -> anyhow::Result<serde_json::Value> {
+        serde_json::from_str(self.stdout().trim())
+            .with_context(|| format!("stdout is not one JSON object:\n{self}"))
+    }
+}
+
+impl std::fmt::Display for Out {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "$ qnode {}\nstatus: {}\n--- stdout\n{}--- stderr\n{}",
+            self.what,
+            self.output.status,
+            self.stdout(),
+            self.stderr()
+        )
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), different per seed.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// The hex BLAKE3 of some bytes.
+pub fn b3(data: &[u8]) -> String {
+    blake3::hash(data).to_hex().to_string()
+}
+
+/// Hidden temporary files left in a folder.
+pub fn leftovers(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".part"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
