@@ -38,13 +38,13 @@ pub enum ClientError {
         /// Why.
         reason: String,
     },
-    /// The connection broke.
-    #[error("{peer}: connection lost: {source}")]
+    /// The connection broke or was refused (the reason names the peer).
+    #[error("{reason}")]
     Connection {
         /// Who.
         peer: PeerId,
-        /// The QUIC error.
-        source: quinn::ConnectionError,
+        /// What happened, explained.
+        reason: String,
     },
     /// A stream failed or carried bad data.
     #[error("{peer}: {source}")]
@@ -134,7 +134,7 @@ impl Client {
                     CONNECT_TIMEOUT.as_secs()
                 )));
             }
-            Ok(Err(e)) => return Err(unreachable(describe_handshake_error(peer, &e))),
+            Ok(Err(e)) => return Err(unreachable(explain(peer, &e))),
             Ok(Ok(c)) => c,
         };
         Ok(Self {
@@ -286,10 +286,10 @@ impl Client {
         }
     }
 
-    fn connection(&self, source: quinn::ConnectionError) -> ClientError {
+    fn connection(&self, e: quinn::ConnectionError) -> ClientError {
         ClientError::Connection {
             peer: self.peer.clone(),
-            source,
+            reason: explain(&self.peer, &e),
         }
     }
 
@@ -312,21 +312,49 @@ impl Client {
     }
 }
 
-/// Turns a failed handshake into a sentence that says what to check.
-fn describe_handshake_error(peer: &PeerId, e: &quinn::ConnectionError) -> String {
+/// The TLS alert carried in a QUIC crypto error code (0x100-0x1ff), if it is one.
+fn tls_alert(code: quinn::TransportErrorCode) -> Option<u8> {
+    let c = u64::from(code);
+    (0x100..=0x1ff).contains(&c).then_some((c & 0xff) as u8)
+}
+
+/// The TLS alert for "no application protocol" (no ALPN in common).
+const NO_APPLICATION_PROTOCOL: u8 = 120;
+
+/// Turns a connection failure into a sentence that says what to check.
+fn explain(peer: &PeerId, e: &quinn::ConnectionError) -> String {
+    use quinn::ConnectionError as E;
+    let version = || {
+        format!(
+            "{peer} does not speak {} (another qnode version?)",
+            String::from_utf8_lossy(protocol::ALPN)
+        )
+    };
     match e {
-        quinn::ConnectionError::TransportError(t)
-            if t.code.to_string().contains("crypto") || !t.reason.is_empty() =>
-        {
-            format!("TLS handshake failed: {}", t.reason)
+        E::TransportError(t) => match tls_alert(t.code) {
+            Some(NO_APPLICATION_PROTOCOL) => version(),
+            Some(_) => format!(
+                "the certificate {peer} presented does not match certs/{peer}.pem (if {peer}'s key was replaced, copy its new certs/{peer}.pem here)"
+            ),
+            None => format!("connection to {peer} failed: {t}"),
+        },
+        E::ConnectionClosed(c) => match tls_alert(c.error_code) {
+            Some(NO_APPLICATION_PROTOCOL) => version(),
+            Some(_) => format!(
+                "{peer} refused our certificate (does {peer}'s certs/ folder hold our current certificate, and was {peer} restarted after it was copied?)"
+            ),
+            None => format!("connection closed by {peer}: {c}"),
+        },
+        E::ApplicationClosed(c) if c.error_code == CloseCode::Shutdown.code().into() => {
+            format!("{peer} is shutting down")
         }
-        quinn::ConnectionError::ConnectionClosed(c) => format!(
-            "{peer} refused the TLS handshake ({c}); is our certificate in {peer}'s certs/ folder, and was {peer} restarted since?"
+        E::ApplicationClosed(c) => format!(
+            "{peer} closed the connection: {}",
+            String::from_utf8_lossy(&c.reason)
         ),
-        quinn::ConnectionError::TimedOut => {
-            format!("no answer (is `qnode --peer {peer} serve` running?)")
-        }
-        other => other.to_string(),
+        E::TimedOut => format!("{peer} stopped answering"),
+        E::Reset => format!("{peer} reset the connection (did it restart?)"),
+        other => format!("connection to {peer} lost: {other}"),
     }
 }
 

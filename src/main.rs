@@ -7,7 +7,21 @@ use qnode::cli::{Cli, Command};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version: clap's own output on stdout.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!(
+                "qnode: error: {} (see qnode --help)",
+                one_line(&e.to_string())
+            );
+            return ExitCode::from(2);
+        }
+    };
     // `serve` reports each request at the default level; client commands only warnings.
     let default = match cli.command {
         Command::Serve(_) => "info",
@@ -35,4 +49,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Folds a clap usage error into one line: its message without the "error:" prefix and usage block.
+fn one_line(rendered: &str) -> String {
+    let message = rendered.split("\n\nUsage:").next().unwrap_or(rendered);
+    let message = message.trim().trim_start_matches("error:").trim();
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
 }
