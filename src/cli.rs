@@ -650,27 +650,57 @@ impl Node {
             .filter_map(|&i| clients[i].clone())
             .map(|c| Arc::new(PeerSource::new(c, name.clone())))
             .collect();
+        // The temporary file is named after the version, so an interrupted download of the same
+        // version resumes from the chunks it holds (re-verified from disk, never trusted).
         let tag = hex(&manifest.blake3())[..16].to_owned();
         let partial = PartialFile::create(&target, &tag, manifest.size())
             .with_context(|| format!("preparing {}", target.display()))?;
+        let partial = Arc::new(partial);
+        let have = if partial.resumed() {
+            let (p, m) = (partial.clone(), manifest.clone());
+            tokio::task::spawn_blocking(move || p.verified_chunks(&m))
+                .await?
+                .with_context(|| format!("resuming {}", target.display()))?
+        } else {
+            Vec::new()
+        };
         let bar = progress_bar(manifest.size());
         let opts = Options {
             window: args.window.max(1),
             ..Options::default()
         };
-        let engine = download::run(manifest.clone(), sources, partial, &opts, |p| {
-            if let Some(bar) = &bar {
-                bar.set_position(p.done);
-            }
-        });
+        let engine = download::run(
+            manifest.clone(),
+            sources,
+            partial.clone(),
+            &have,
+            &opts,
+            |p| {
+                if let Some(bar) = &bar {
+                    bar.set_position(p.done);
+                }
+            },
+        );
         let outcome = tokio::select! {
-            r = engine => r,
-            _ = tokio::signal::ctrl_c() => bail!("interrupted; nothing was written under {}", target.display()),
+            r = engine => r.map_err(anyhow::Error::from),
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
         };
         if let Some(bar) = &bar {
             bar.finish_and_clear();
         }
-        let (report, partial) = outcome.with_context(|| format!("downloading {name}"))?;
+        let report = match outcome {
+            Ok(r) => r,
+            Err(e) => {
+                // Verified chunks stay in the hidden temporary file for the next attempt.
+                partial.keep_for_resume();
+                return Err(e.context(format!(
+                    "downloading {name}: nothing was written under {}; run the same command again to resume",
+                    target.display()
+                )));
+            }
+        };
+        let partial = Arc::try_unwrap(partial)
+            .map_err(|_| anyhow::anyhow!("internal error: the partial file is still in use"))?;
         let committed = tokio::task::spawn_blocking({
             let expected = manifest.blake3();
             move || partial.commit(expected, Check::Reread)
@@ -816,6 +846,7 @@ struct DownloadOut {
     status: &'static str,
     faults: Vec<Fault>,
     left_out: Vec<LeftOut>,
+    resumed_bytes: u64,
 }
 
 impl DownloadOut {
@@ -849,6 +880,7 @@ impl DownloadOut {
                 })
                 .collect(),
             left_out,
+            resumed_bytes: report.map_or(0, |r| r.resumed_bytes),
         }
     }
 }
@@ -874,6 +906,13 @@ fn render_download(out: &DownloadOut, json: bool) -> anyhow::Result<()> {
         HumanBytes(rate as u64),
         out.path
     );
+    if out.resumed_bytes > 0 {
+        println!(
+            "  {:<12} {:>12}  (verified from an earlier attempt)",
+            "resumed",
+            HumanBytes(out.resumed_bytes).to_string()
+        );
+    }
     for (peer, bytes) in &out.peers {
         let share = if out.size == 0 {
             0.0

@@ -113,6 +113,8 @@ pub struct DownloadReport {
     pub duplicate_bytes: u64,
     /// Chunks that had to be requested again (after a failure or a corrupt copy).
     pub retried_chunks: u32,
+    /// Bytes already present and verified before the transfer (resumed).
+    pub resumed_bytes: u64,
 }
 
 /// Progress, reported after every verified chunk.
@@ -209,24 +211,34 @@ struct SourceState {
 type FetchResult = (usize, u32, Result<Bytes, SourceError>);
 type CheckResult = (usize, u32, u64, Result<bool, StoreError>);
 
-/// Downloads every chunk of `manifest` from `sources` into `out`, verifying each.
+/// Downloads every chunk of `manifest` that `have` does not mark as present from `sources` into
+/// `out`, verifying each.
 ///
-/// Returns the report and the partial file, complete and ready for
-/// [`PartialFile::commit`]. Fails only when no source can supply the missing chunks.
+/// On success every chunk is in `out` and no task holds it any more, so the caller can unwrap its
+/// `Arc` and [`PartialFile::commit`] it. Fails only when no source can supply the missing chunks.
 pub async fn run<S: ChunkSource>(
     manifest: Arc<Manifest>,
     sources: Vec<Arc<S>>,
-    out: PartialFile,
+    out: Arc<PartialFile>,
+    have: &[bool],
     opts: &Options,
     mut progress: impl FnMut(Progress),
-) -> Result<(DownloadReport, PartialFile), DownloadError> {
+) -> Result<DownloadReport, DownloadError> {
     let started = Instant::now();
-    let out = Arc::new(out);
     let n = manifest.chunk_count();
     let mut chunks: Vec<ChunkState> = (0..n).map(|_| ChunkState::default()).collect();
-    let mut pending: VecDeque<u32> = (0..n).collect();
-    for c in &mut chunks {
-        c.queued = true;
+    let mut pending: VecDeque<u32> = VecDeque::new();
+    let mut remaining = n;
+    let mut resumed_bytes = 0u64;
+    for (i, c) in chunks.iter_mut().enumerate() {
+        if have.get(i).copied().unwrap_or(false) {
+            c.done = true;
+            remaining -= 1;
+            resumed_bytes += manifest.chunk_len(i as u32).unwrap_or(0);
+        } else {
+            c.queued = true;
+            pending.push_back(i as u32);
+        }
     }
     let mut outstanding: BTreeSet<u32> = BTreeSet::new();
     let mut srcs: Vec<SourceState> = sources
@@ -241,8 +253,7 @@ pub async fn run<S: ChunkSource>(
             failures_in_a_row: 0,
         })
         .collect();
-    let mut remaining = n;
-    let mut done_bytes = 0u64;
+    let mut done_bytes = resumed_bytes;
     let mut duplicate_bytes = 0u64;
     let mut retried = 0u32;
     let mut fetches: FuturesUnordered<std::pin::Pin<Box<dyn Future<Output = FetchResult> + Send>>> =
@@ -401,17 +412,16 @@ pub async fn run<S: ChunkSource>(
             .map_err(|e| DownloadError::Internal(e.to_string()))?
             .3?;
     }
-    let out = Arc::try_unwrap(out).map_err(|_| {
-        DownloadError::Internal("partial file still shared after the download".into())
-    })?;
+    drop(out);
     let report = DownloadReport {
         size: manifest.size(),
         sources: srcs.into_iter().map(|s| s.report).collect(),
         elapsed: started.elapsed(),
         duplicate_bytes,
         retried_chunks: retried,
+        resumed_bytes,
     };
-    Ok((report, out))
+    Ok(report)
 }
 
 fn bit(source: usize) -> u64 {
@@ -545,18 +555,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let manifest = Arc::new(Manifest::from_reader(&data[..], data.len() as u64).unwrap());
         let target = dir.path().join("out");
-        let partial = PartialFile::create(&target, "t", manifest.size()).unwrap();
+        let partial = Arc::new(PartialFile::create(&target, "t", manifest.size()).unwrap());
         let sources: Vec<Arc<Fake>> = sources.into_iter().map(Arc::new).collect();
-        let result = run(manifest.clone(), sources.clone(), partial, &opts, |_| {}).await;
+        let result = run(
+            manifest.clone(),
+            sources.clone(),
+            partial.clone(),
+            &[],
+            &opts,
+            |_| {},
+        )
+        .await;
         let result = match result {
-            Ok((report, partial)) => {
+            Ok(report) => {
+                let partial = Arc::try_unwrap(partial).unwrap();
                 partial
                     .commit(manifest.blake3(), crate::store::Check::Reread)
                     .unwrap();
                 assert_eq!(std::fs::read(&target).unwrap(), **data, "byte-identical");
                 Ok(report)
             }
-            Err(e) => Err(e),
+            Err(e) => {
+                drop(partial);
+                Err(e)
+            }
         };
         (result, sources, dir)
     }
@@ -664,6 +686,40 @@ mod tests {
         );
         // The partial file is gone.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn chunks_already_present_are_not_fetched() {
+        let d = data(1 << 20);
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = Arc::new(Manifest::from_reader(&d[..], d.len() as u64).unwrap());
+        let partial =
+            Arc::new(PartialFile::create(&dir.path().join("out"), "t", manifest.size()).unwrap());
+        let have: Vec<bool> = (0..manifest.chunk_count()).map(|i| i % 2 == 0).collect();
+        for i in (0..manifest.chunk_count()).filter(|i| i % 2 == 0) {
+            let off = manifest.chunk_offset(i);
+            let len = manifest.chunk_len(i).unwrap();
+            partial
+                .write_at(off, &d[off as usize..(off + len) as usize])
+                .unwrap();
+        }
+        let src = Arc::new(Fake::new("a", &d));
+        let r = run(
+            manifest.clone(),
+            vec![src.clone()],
+            partial.clone(),
+            &have,
+            &Options::default(),
+            |_| {},
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.resumed_bytes + r.sources[0].bytes, d.len() as u64);
+        assert!(src.asked.lock().unwrap().iter().all(|c| c % 2 == 1));
+        let partial = Arc::try_unwrap(partial).unwrap();
+        partial
+            .commit(manifest.blake3(), crate::store::Check::Reread)
+            .unwrap();
     }
 
     #[tokio::test]

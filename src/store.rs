@@ -18,7 +18,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::manifest::{FileName, Hash32, Manifest, hex};
@@ -366,20 +366,25 @@ pub enum Committed {
     AlreadyPresent,
 }
 
-/// A file being written: hidden, pre-sized, removed unless committed.
+/// A file being written: hidden, pre-sized, removed on drop unless committed or kept for resume.
 #[derive(Debug)]
 pub struct PartialFile {
     file: File,
     temp: PathBuf,
     target: PathBuf,
     size: u64,
-    committed: bool,
+    resumed: bool,
+    /// Set once committed, or when the caller keeps it to resume later.
+    keep: AtomicBool,
 }
 
 impl PartialFile {
     /// Starts a file of `size` bytes that will become `target`, as `.<target name>.<tag>.part` in
     /// the same folder. Space is reserved now, so a full disk fails here. Fails with `Busy` if
-    /// another process is writing the same temporary file.
+    /// another process is writing the same temporary file. If a temporary file of that name and
+    /// size is already there (an interrupted earlier attempt with the same tag), its contents are
+    /// kept and [`resumed`](Self::resumed) is true: [`verified_chunks`](Self::verified_chunks) tells
+    /// which of them are usable.
     pub fn create(target: &Path, tag: &str, size: u64) -> Result<Self, StoreError> {
         let dir = target
             .parent()
@@ -403,12 +408,14 @@ impl PartialFile {
             Err(fs::TryLockError::WouldBlock) => return Err(StoreError::Busy(base)),
             Err(fs::TryLockError::Error(e)) => return Err(StoreError::io("locking", &temp, e)),
         }
+        let existing = file.metadata().map(|m| m.len()).unwrap_or(0);
         let mut partial = Self {
             file,
             temp,
             target: target.to_owned(),
             size,
-            committed: false,
+            resumed: size > 0 && existing == size,
+            keep: AtomicBool::new(false),
         };
         partial.reserve()?;
         Ok(partial)
@@ -416,7 +423,9 @@ impl PartialFile {
 
     fn reserve(&mut self) -> Result<(), StoreError> {
         let io = |e| StoreError::io("sizing", &self.temp, e);
-        self.file.set_len(0).map_err(io)?;
+        if !self.resumed {
+            self.file.set_len(0).map_err(io)?;
+        }
         if self.size > 0 {
             // posix_fallocate returns the error number itself (it does not set errno).
             let len = i64::try_from(self.size)
@@ -441,6 +450,37 @@ impl PartialFile {
     /// The final path.
     pub fn target(&self) -> &Path {
         &self.target
+    }
+
+    /// Whether an earlier attempt's temporary file was found and kept.
+    pub fn resumed(&self) -> bool {
+        self.resumed
+    }
+
+    /// Keeps the temporary file when this is dropped, so a later attempt can resume from it.
+    pub fn keep_for_resume(&self) {
+        self.keep.store(true, Ordering::SeqCst);
+    }
+
+    /// Which chunks of `manifest` the file already holds, verified by hashing what is on disk.
+    /// All false unless [`resumed`](Self::resumed).
+    pub fn verified_chunks(&self, manifest: &Manifest) -> Result<Vec<bool>, StoreError> {
+        let n = manifest.chunk_count();
+        if !self.resumed || manifest.size() != self.size {
+            return Ok(vec![false; n as usize]);
+        }
+        let mut buf = Vec::new();
+        (0..n)
+            .map(|i| {
+                // Chunk lengths come from a validated manifest: at most MAX_CHUNK_SIZE.
+                let len = manifest.chunk_len(i).unwrap_or(0) as usize;
+                buf.resize(len, 0);
+                self.file
+                    .read_exact_at(&mut buf, manifest.chunk_offset(i))
+                    .map_err(|e| StoreError::io("resuming", &self.temp, e))?;
+                Ok(manifest.verify_chunk(i, &buf))
+            })
+            .collect()
     }
 
     /// The size it will have.
@@ -468,7 +508,7 @@ impl PartialFile {
     /// Syncs, checks the whole file against `expected`, and links it to its final name, which is
     /// never replaced: if a file is already there, it must be identical (`AlreadyPresent`) or this is
     /// a `Conflict`.
-    pub fn commit(mut self, expected: Hash32, check: Check) -> Result<Committed, StoreError> {
+    pub fn commit(self, expected: Hash32, check: Check) -> Result<Committed, StoreError> {
         self.file
             .sync_all()
             .map_err(|e| StoreError::io("syncing", &self.temp, e))?;
@@ -499,7 +539,7 @@ impl PartialFile {
         }
         match fs::hard_link(&self.temp, &self.target) {
             Ok(()) => {
-                self.committed = true;
+                self.keep.store(true, Ordering::SeqCst);
                 let _ = fs::remove_file(&self.temp);
                 if let Some(dir) = self.target.parent() {
                     // Make the new name durable; failure here loses nothing already verified.
@@ -508,6 +548,8 @@ impl PartialFile {
                 Ok(Committed::Stored)
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                // Ours is not needed either way; a failed commit must not leave it for a resume.
+                self.keep.store(false, Ordering::SeqCst);
                 let same = File::open(&self.target)
                     .and_then(|f| {
                         let mut h = blake3::Hasher::new();
@@ -528,7 +570,7 @@ impl PartialFile {
 
 impl Drop for PartialFile {
     fn drop(&mut self) {
-        if !self.committed {
+        if !self.keep.load(Ordering::SeqCst) {
             let _ = fs::remove_file(&self.temp);
         }
     }
@@ -653,6 +695,39 @@ mod tests {
         ));
         assert_eq!(fs::read(&target).unwrap(), data);
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_kept_partial_file_resumes_with_its_verified_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("big");
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i * 31 % 251) as u8).collect();
+        let m = Manifest::from_reader(&data[..], data.len() as u64).unwrap();
+        let p = PartialFile::create(&target, "t", m.size()).unwrap();
+        assert!(!p.resumed());
+        for i in [0u32, 2, 3] {
+            let off = m.chunk_offset(i) as usize;
+            p.write_at(
+                off as u64,
+                &data[off..off + m.chunk_len(i).unwrap() as usize],
+            )
+            .unwrap();
+        }
+        p.keep_for_resume();
+        drop(p);
+        let p = PartialFile::create(&target, "t", m.size()).unwrap();
+        assert!(p.resumed());
+        let have = p.verified_chunks(&m).unwrap();
+        let want: Vec<bool> = (0..m.chunk_count())
+            .map(|i| [0, 2, 3].contains(&i))
+            .collect();
+        assert_eq!(have, want);
+        drop(p);
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "not kept this time"
+        );
     }
 
     #[test]

@@ -376,25 +376,30 @@ fn upload_never_overwrites_a_different_file_and_concurrent_uploads_do_not_interl
 }
 
 #[test]
-fn an_interrupted_download_leaves_nothing_under_the_name() -> TestResult {
+fn an_interrupted_download_leaves_nothing_under_the_name_and_resumes() -> TestResult {
     let net = Net::new(&["p1", "p2"])?;
     let data = random_bytes(2 << 20, 6);
     net.put("p1", "slow.bin", &data)?;
     let p1 = net.serve("p1", &["--max-upload-rate", "256K"])?;
+    let name = net.served("p2").join("slow.bin");
 
-    // SIGKILL: no chance to clean up, still nothing under the name.
+    // SIGKILL: no chance to clean up; nothing under the name, only the hidden partial file.
     let mut child = net.cmd("p2", &["download", "slow.bin", "p1"]).spawn()?;
     p1.wait_for_log_count("read_chunk slow.bin", 2, WAIT)?;
     child.kill()?;
     child.wait()?;
-    assert!(!net.served("p2").join("slow.bin").exists());
+    assert!(!name.exists());
+    assert!(
+        net.json("p2", &["list", "p2", "--json"])?["peers"][0]["files"] == serde_json::json!([])
+    );
 
-    // SIGINT: cleans up its temporary file too.
+    // SIGINT: a clean stop with a one-line message; still nothing under the name.
     let child = net
         .cmd("p2", &["download", "slow.bin", "p1"])
         .stderr(std::process::Stdio::piped())
         .spawn()?;
     p1.wait_for_log_count("read_chunk slow.bin", 6, WAIT)?;
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child's.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGINT);
     }
@@ -403,13 +408,25 @@ fn an_interrupted_download_leaves_nothing_under_the_name() -> TestResult {
         output: child.wait_with_output()?,
     };
     assert!(!out.success(), "{out}");
-    assert!(out.stderr().contains("interrupted"), "{out}");
-    assert!(!net.served("p2").join("slow.bin").exists());
     assert!(
-        leftovers(&net.served("p2")).is_empty(),
-        "{:?}",
-        leftovers(&net.served("p2"))
+        out.stderr().contains("interrupted") && out.stderr().lines().count() == 1,
+        "{out}"
     );
+    assert!(!name.exists());
+    assert_eq!(
+        leftovers(&net.served("p2")).len(),
+        1,
+        "the partial file is kept for resuming"
+    );
+
+    // Again: the chunks verified before are not fetched a second time.
+    let json = net.json("p2", &["download", "slow.bin", "p1", "--json"])?;
+    assert!(std::fs::read(&name)? == data);
+    let resumed = json["resumed_bytes"].as_u64().unwrap();
+    let fetched = json["peers"]["p1"].as_u64().unwrap();
+    assert!(resumed > 0, "{json}");
+    assert_eq!(resumed + fetched, data.len() as u64, "{json}");
+    assert!(leftovers(&net.served("p2")).is_empty());
     Ok(())
 }
 
