@@ -250,6 +250,7 @@ async fn serve(root: &Root, me: &PeerId, args: &ServeArgs) -> anyhow::Result<Exi
         pins,
         max_upload_size: args.max_upload_size,
         upload_limit: args.max_upload_rate.map(server::RateLimit::new),
+        sent: Default::default(),
     });
     server::run(endpoint, server, shutdown_signal()).await;
     Ok(ExitCode::SUCCESS)

@@ -10,6 +10,7 @@
 //! Shutdown is a future passed in: stop accepting, let in-flight requests finish (bounded), close
 //! every connection with [`CloseCode::Shutdown`], then wait for the closes to be delivered.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,6 +51,23 @@ pub struct Server {
     pub max_upload_size: u64,
     /// Paces chunk data sent to all peers together, if set.
     pub upload_limit: Option<RateLimit>,
+    /// Chunk bytes sent to each peer since the last report.
+    pub sent: std::sync::Mutex<HashMap<PeerId, u64>>,
+}
+
+/// How often `serve` logs what it sent to each peer (only when it sent something).
+pub const STATS_INTERVAL: Duration = Duration::from_secs(10);
+
+impl Server {
+    fn count_sent(&self, peer: &PeerId, bytes: u64) {
+        // Held only for one map update; a poisoned lock still holds valid counters.
+        let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        *sent.entry(peer.clone()).or_default() += bytes;
+    }
+
+    fn take_sent(&self) -> HashMap<PeerId, u64> {
+        std::mem::take(&mut *self.sent.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 /// A byte-rate limit shared by every connection: a virtual clock that each send advances by
@@ -91,9 +109,12 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
     tokio::pin!(shutdown);
+    let mut stats = tokio::time::interval(STATS_INTERVAL);
+    stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            _ = stats.tick() => log_stats(&server),
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
                 let span = info_span!("connection", remote = %incoming.remote_address(), peer = tracing::field::Empty);
@@ -105,6 +126,7 @@ pub async fn run(
         }
     }
     info!("shutting down: finishing in-flight requests");
+    log_stats(&server);
     endpoint.set_server_config(None);
     cancel.cancel();
     tracker.close();
@@ -117,6 +139,19 @@ pub async fn run(
     endpoint.close(CloseCode::Shutdown.code().into(), b"shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     info!("stopped");
+}
+
+fn log_stats(server: &Server) {
+    let mut sent: Vec<(PeerId, u64)> = server.take_sent().into_iter().collect();
+    sent.sort();
+    let secs = STATS_INTERVAL.as_secs_f64();
+    for (peer, bytes) in sent {
+        info!(
+            "sent {peer} {:.1} MiB in the last {secs:.0} s ({:.1} MiB/s)",
+            bytes as f64 / 1048576.0,
+            bytes as f64 / 1048576.0 / secs
+        );
+    }
 }
 
 async fn handle_connection(
@@ -152,7 +187,9 @@ async fn handle_connection(
         };
         match stream {
             Ok((send, recv)) => {
-                tracker.spawn(handle_stream(send, recv, server.clone()).in_current_span());
+                tracker.spawn(
+                    handle_stream(send, recv, server.clone(), peer.clone()).in_current_span(),
+                );
             }
             Err(
                 quinn::ConnectionError::ApplicationClosed(_)
@@ -174,6 +211,7 @@ async fn handle_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     server: Arc<Server>,
+    peer: PeerId,
 ) {
     let request = match tokio::time::timeout(
         READ_TIMEOUT,
@@ -202,7 +240,7 @@ async fn handle_stream(
         Request::List => handle_list(&mut send, &server).await,
         Request::Describe { name } => handle_describe(&mut send, &server, &name).await,
         Request::ReadChunk { name, offset, len } => {
-            handle_read_chunk(&mut send, &server, &name, offset, len).await
+            handle_read_chunk(&mut send, &server, &peer, &name, offset, len).await
         }
         Request::Upload { name, size, blake3 } => {
             handle_upload(&mut send, &mut recv, &server, &name, size, blake3).await
@@ -318,6 +356,7 @@ async fn handle_describe(
 async fn handle_read_chunk(
     send: &mut quinn::SendStream,
     server: &Server,
+    peer: &PeerId,
     name: &FileName,
     offset: u64,
     len: u32,
@@ -340,6 +379,7 @@ async fn handle_read_chunk(
         .await
         .map_err(gone)?;
     let _ = send.finish();
+    server.count_sent(peer, u64::from(len));
     Ok(format!("{name} @{offset} +{len}"))
 }
 
