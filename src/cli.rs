@@ -704,7 +704,7 @@ impl Node {
             .map_err(|_| anyhow::anyhow!("internal error: the partial file is still in use"))?;
         let committed = tokio::task::spawn_blocking({
             let expected = manifest.blake3();
-            move || partial.commit(expected, Check::Reread)
+            move || partial.commit(expected, Check::Chunks)
         })
         .await?
         .with_context(|| format!("saving {}", target.display()))?;

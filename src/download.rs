@@ -335,9 +335,14 @@ pub async fn run<S: ChunkSource>(
             Some((s, c, result)) = fetches.next(), if !fetches.is_empty() => {
                 let st = &mut chunks[c as usize];
                 st.fetching -= 1;
-                srcs[s].in_flight.remove(&c);
                 if st.fetching == 0 {
                     outstanding.remove(&c);
+                }
+                // A chunk keeps its source's window slot until it is verified and written, so a
+                // slow disk slows the requests instead of piling up chunks in memory.
+                let keep_slot = matches!(&result, Ok(_) if !st.done && srcs[s].live);
+                if !keep_slot {
+                    srcs[s].in_flight.remove(&c);
                 }
                 match result {
                     Ok(data) if st.done => duplicate_bytes += data.len() as u64,
@@ -372,6 +377,7 @@ pub async fn run<S: ChunkSource>(
             }
             Some(joined) = checks.join_next(), if !checks.is_empty() => {
                 let (s, c, len, verdict) = joined.map_err(|e| DownloadError::Internal(e.to_string()))?;
+                srcs[s].in_flight.remove(&c);
                 let st = &mut chunks[c as usize];
                 st.checking -= 1;
                 match verdict? {
