@@ -340,7 +340,7 @@ pub async fn run<S: ChunkSource>(
                 }
                 // A chunk keeps its source's window slot until it is verified and written, so a
                 // slow disk slows the requests instead of piling up chunks in memory.
-                let keep_slot = matches!(&result, Ok(_) if !st.done && srcs[s].live);
+                let keep_slot = result.is_ok() && !st.done && srcs[s].live;
                 if !keep_slot {
                     srcs[s].in_flight.remove(&c);
                 }
