@@ -1,0 +1,729 @@
+//! Transfer benchmark: `cargo bench --bench transfer` (or `benches/run.sh`, which installs the tools).
+//!
+//! Runs the real release `qnode` binary as separate processes and prints one table: scenario,
+//! qnode MB/s, the reference MB/s, their ratio, downloader CPU·s per GiB and peak RSS of the
+//! downloader and the servers (median and min–max over the runs). Scenarios:
+//!
+//! - `loopback-1src`: one source on 127.0.0.1, disk to disk, verified; reference: an in-repo QUIC
+//!   probe (this crate's quinn, TLS and transport settings; 8 concurrent 4 MiB streams from memory),
+//!   the ceiling for one connection on this machine, measured in the same run.
+//! - `small-list-10k` / `small-1KiB`: `list` of a peer serving 10,000 files (warm cache) and a 1 KiB
+//!   download, process start to exit.
+//! - `ns-…`: each source in its own network namespace behind a veth link whose uplink is limited
+//!   with `tc tbf`; the downloader in another. Reference: N × the single-source figure measured in
+//!   the same run (the target is ≥ 0.95 of it), and `aria2c` from as many nginx servers behind the
+//!   same links when both are installed. Needs root, `ip` and `tc`; skipped with a note otherwise.
+//!
+//! Environment: `QNODE_BENCH_SIZE` (bytes, default 1 GiB), `QNODE_BENCH_NS_SIZE` (default 256 MiB),
+//! `QNODE_BENCH_RUNS` (default 3), `QNODE_BENCH_SKIP_NS=1`.
+//! Every namespace and process it starts is removed at the end, also on failure.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+const QNODE: &str = env!("CARGO_BIN_EXE_qnode");
+
+fn env_u64(key: &str, default: u64) -> u64 {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Resources a finished child used.
+#[derive(Clone, Copy, Debug, Default)]
+struct Usage {
+    wall: f64,
+    cpu: f64,
+    max_rss_kib: u64,
+    ok: bool,
+}
+
+/// Waits for `child` with wait4 to get its CPU time and peak RSS.
+fn wait_usage(child: Child, started: Instant) -> Usage {
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 fills it for our own child, which std has not reaped.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    std::mem::forget(child);
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Usage {
+        wall: started.elapsed().as_secs_f64(),
+        cpu: secs(ru.ru_utime) + secs(ru.ru_stime),
+        max_rss_kib: ru.ru_maxrss as u64,
+        ok: rc == pid && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+    }
+}
+
+/// Peak RSS of a running process, from /proc.
+fn vm_hwm_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+struct Row {
+    scenario: String,
+    qnode: Vec<f64>,
+    reference: Vec<f64>,
+    reference_name: String,
+    cpu_per_gib: Vec<f64>,
+    rss_down_mib: Vec<f64>,
+    rss_serve_mib: Vec<f64>,
+    unit: &'static str,
+}
+
+fn stats(v: &[f64]) -> String {
+    if v.is_empty() {
+        return "-".into();
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let med = s[s.len() / 2];
+    if s.len() == 1 {
+        format!("{med:.1}")
+    } else {
+        format!("{med:.1} ({:.1}–{:.1})", s[0], s[s.len() - 1])
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    s.get(s.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn print_table(rows: &[Row]) {
+    println!();
+    println!(
+        "| scenario | qnode | reference | ratio | CPU·s/GiB (downloader) | peak RSS MiB downloader | peak RSS MiB servers |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for r in rows {
+        let ratio = if r.reference.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.2}", median(&r.qnode) / median(&r.reference).max(1e-9))
+        };
+        let reference = if r.reference.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{} {}", stats(&r.reference), r.reference_name)
+        };
+        println!(
+            "| {} | {} {} | {} | {} | {} | {} | {} |",
+            r.scenario,
+            stats(&r.qnode),
+            r.unit,
+            reference,
+            ratio,
+            stats(&r.cpu_per_gib),
+            stats(&r.rss_down_mib),
+            stats(&r.rss_serve_mib)
+        );
+    }
+}
+
+/// A root with peers at the given addresses, all initialised.
+struct Root {
+    dir: tempfile::TempDir,
+}
+
+impl Root {
+    fn new(peers: &[(&str, String)]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let settings: String = peers
+            .iter()
+            .map(|(id, addr)| format!("{id} {addr}\n"))
+            .collect();
+        std::fs::write(dir.path().join("peer_settings.txt"), settings)?;
+        let root = Self { dir };
+        for (id, _) in peers {
+            let out = root.cmd(None, id, &["init"]).output()?;
+            if !out.status.success() {
+                bail!("init {id}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        Ok(root)
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn served(&self, id: &str) -> PathBuf {
+        self.path().join(id).join("served_files")
+    }
+
+    /// `qnode --root R --peer ID args`, inside network namespace `ns` if given.
+    fn cmd(&self, ns: Option<&str>, id: &str, args: &[&str]) -> Command {
+        let mut c = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, QNODE]);
+                c
+            }
+            None => Command::new(QNODE),
+        };
+        c.arg("--root")
+            .arg(self.path())
+            .args(["--peer", id])
+            .args(args);
+        c.env_remove("RUST_LOG").stdin(Stdio::null());
+        c
+    }
+
+    /// Starts `serve` and waits until another peer can list it.
+    fn serve(
+        &self,
+        ns: Option<&str>,
+        id: &str,
+        extra: &[&str],
+        asker: (&str, Option<&str>),
+    ) -> anyhow::Result<Child> {
+        let mut args = vec!["serve"];
+        args.extend_from_slice(extra);
+        let child = self
+            .cmd(ns, id, &args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = self
+                .cmd(asker.1, asker.0, &["list", id])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()?;
+            if ok.success() {
+                return Ok(child);
+            }
+            if Instant::now() > deadline {
+                bail!("{id} did not come up");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Downloads `name` as `id` into a fresh output path; returns usage (and checks success).
+    fn download(
+        &self,
+        ns: Option<&str>,
+        id: &str,
+        name: &str,
+        peers: &[&str],
+    ) -> anyhow::Result<Usage> {
+        let out = self.path().join(format!("{id}-out.bin"));
+        let _ = std::fs::remove_file(&out);
+        let mut args = vec!["download", name];
+        args.extend_from_slice(peers);
+        args.extend_from_slice(&["--output", out.to_str().unwrap_or_default()]);
+        let started = Instant::now();
+        let child = self
+            .cmd(ns, id, &args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let usage = wait_usage(child, started);
+        let _ = std::fs::remove_file(&out);
+        if !usage.ok {
+            bail!("download of {name} by {id} failed");
+        }
+        Ok(usage)
+    }
+}
+
+fn stop(children: &mut Vec<Child>) -> Vec<u64> {
+    let rss = children.iter().map(|c| vm_hwm_kib(c.id())).collect();
+    for c in children.iter_mut() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    children.clear();
+    rss
+}
+
+fn random_file(path: &Path, size: u64) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut left = size;
+    let mut buf = vec![0u8; 1 << 20];
+    while left > 0 {
+        for c in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+fn loopback(size: u64, runs: usize) -> anyhow::Result<Vec<Row>> {
+    let root = Root::new(&[
+        ("s1", "127.0.0.1 47311".into()),
+        ("d", "127.0.0.1 47312".into()),
+    ])?;
+    random_file(&root.served("s1").join("big.bin"), size)?;
+    let mut servers = vec![root.serve(None, "s1", &[], ("d", None))?];
+    // Warm the server's manifest cache (hashing the file once), as a long-running server has.
+    root.cmd(None, "d", &["list", "s1"]).output()?;
+    let mut row = Row {
+        scenario: format!("loopback-1src {} MiB", size >> 20),
+        qnode: vec![],
+        reference: vec![],
+        reference_name: "probe".into(),
+        cpu_per_gib: vec![],
+        rss_down_mib: vec![],
+        rss_serve_mib: vec![],
+        unit: "MB/s",
+    };
+    let gib = size as f64 / (1u64 << 30) as f64;
+    for i in 0..runs {
+        let u = root.download(None, "d", "big.bin", &["s1"])?;
+        row.qnode.push(size as f64 / 1e6 / u.wall);
+        row.cpu_per_gib.push(u.cpu / gib);
+        row.rss_down_mib.push(u.max_rss_kib as f64 / 1024.0);
+        let probe = probe_mb_s(&root, size)?;
+        row.reference.push(probe);
+        eprintln!(
+            "  run {}: qnode {:.0} MB/s, probe {:.0} MB/s",
+            i + 1,
+            size as f64 / 1e6 / u.wall,
+            probe
+        );
+    }
+    row.rss_serve_mib = stop(&mut servers)
+        .into_iter()
+        .map(|k| k as f64 / 1024.0)
+        .collect();
+    Ok(vec![row])
+}
+
+/// The ceiling: one QUIC connection with this crate's TLS and transport settings, 8 concurrent
+/// 4 MiB streams of in-memory data, client and server in this process.
+fn probe_mb_s(root: &Root, total: u64) -> anyhow::Result<f64> {
+    use qnode::{identity, peers, tls};
+    let r = peers::Root::new(root.path());
+    let (s1, d): (peers::PeerId, peers::PeerId) = ("s1".parse()?, "d".parse()?);
+    let server_id = identity::load(&r, &s1)?;
+    let client_id = identity::load(&r, &d)?;
+    let mut pins = tls::Pins::default();
+    pins.insert(d.clone(), &client_id.cert);
+    let server_cfg = tls::server_config(&server_id, pins)?;
+    let client_cfg = tls::client_config(&client_id, &s1, server_id.cert.clone())?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let (server, _) = tls::bind_endpoint("127.0.0.1:0".parse()?, Some(server_cfg))?;
+        let addr = server.local_addr()?;
+        let data = bytes::Bytes::from(vec![0xabu8; 4 << 20]);
+        tokio::spawn(async move {
+            while let Some(inc) = server.accept().await {
+                let data = data.clone();
+                tokio::spawn(async move {
+                    let Ok(conn) = inc.await else { return };
+                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                        let data = data.clone();
+                        tokio::spawn(async move {
+                            let _ = recv.read_to_end(16).await;
+                            let _ = send.write_chunk(data).await;
+                            let _ = send.finish();
+                        });
+                    }
+                });
+            }
+        });
+        let (client, _) = tls::bind_endpoint("127.0.0.1:0".parse()?, None)?;
+        let conn = client
+            .connect_with(client_cfg, addr, tls::SERVER_NAME)?
+            .await?;
+        let streams = total.div_ceil(4 << 20);
+        let sem = Arc::new(tokio::sync::Semaphore::new(8));
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..streams {
+            let permit = sem.clone().acquire_owned().await?;
+            let conn = conn.clone();
+            tasks.spawn(async move {
+                let _permit = permit;
+                let (mut send, mut recv) = conn.open_bi().await?;
+                send.write_all(b"go").await?;
+                send.finish()?;
+                let mut n = 0usize;
+                while let Some(chunk) = recv.read_chunk(1 << 20, true).await? {
+                    n += chunk.bytes.len();
+                }
+                anyhow::Ok(n)
+            });
+        }
+        let mut got = 0usize;
+        while let Some(r) = tasks.join_next().await {
+            got += r??;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        conn.close(0u32.into(), b"done");
+        client.wait_idle().await;
+        anyhow::Ok(got as f64 / 1e6 / secs)
+    })
+}
+
+fn small(runs: usize) -> anyhow::Result<Vec<Row>> {
+    let root = Root::new(&[
+        ("s1", "127.0.0.1 47321".into()),
+        ("d", "127.0.0.1 47322".into()),
+    ])?;
+    for i in 0..10_000 {
+        std::fs::write(
+            root.served("s1").join(format!("file{i:05}.txt")),
+            format!("file {i}\n"),
+        )?;
+    }
+    std::fs::write(root.served("s1").join("one_kib.txt"), vec![b'x'; 1024])?;
+    let mut servers = vec![root.serve(None, "s1", &[], ("d", None))?];
+    let mut list = Row {
+        scenario: "small-list-10k (warm)".into(),
+        qnode: vec![],
+        reference: vec![],
+        reference_name: String::new(),
+        cpu_per_gib: vec![],
+        rss_down_mib: vec![],
+        rss_serve_mib: vec![],
+        unit: "ms",
+    };
+    let mut one = Row {
+        scenario: "small-1KiB download".into(),
+        ..list_clone(&list)
+    };
+    for _ in 0..runs {
+        let started = Instant::now();
+        let child = root
+            .cmd(None, "d", &["list", "s1"])
+            .stdout(Stdio::null())
+            .spawn()?;
+        let u = wait_usage(child, started);
+        list.qnode.push(u.wall * 1000.0);
+        list.rss_down_mib.push(u.max_rss_kib as f64 / 1024.0);
+        let u = root.download(None, "d", "one_kib.txt", &["s1"])?;
+        one.qnode.push(u.wall * 1000.0);
+        one.rss_down_mib.push(u.max_rss_kib as f64 / 1024.0);
+    }
+    let rss: Vec<f64> = stop(&mut servers)
+        .into_iter()
+        .map(|k| k as f64 / 1024.0)
+        .collect();
+    list.rss_serve_mib = rss.clone();
+    one.rss_serve_mib = rss;
+    Ok(vec![list, one])
+}
+
+fn list_clone(r: &Row) -> Row {
+    Row {
+        scenario: r.scenario.clone(),
+        qnode: vec![],
+        reference: vec![],
+        reference_name: r.reference_name.clone(),
+        cpu_per_gib: vec![],
+        rss_down_mib: vec![],
+        rss_serve_mib: vec![],
+        unit: r.unit,
+    }
+}
+
+/// Namespaces, veth links and tbf limits, removed on drop.
+struct Netns {
+    names: Vec<String>,
+}
+
+impl Netns {
+    fn sh(args: &[&str]) -> anyhow::Result<()> {
+        let st = Command::new(args[0])
+            .args(&args[1..])
+            .stderr(Stdio::null())
+            .status()?;
+        if !st.success() {
+            bail!("{} failed", args.join(" "));
+        }
+        Ok(())
+    }
+
+    /// A downloader namespace `qb-c` and one namespace per rate, `qb-s<i>` at 10.77.<i>.2,
+    /// whose uplink to the downloader is limited to `rate`.
+    fn new(rates: &[&str]) -> anyhow::Result<Self> {
+        let mut ns = Self { names: vec![] };
+        ns.add("qb-c")?;
+        Self::sh(&[
+            "ip", "netns", "exec", "qb-c", "ip", "link", "set", "lo", "up",
+        ])?;
+        for (i, rate) in rates.iter().enumerate() {
+            let i = i + 1;
+            let s = format!("qb-s{i}");
+            ns.add(&s)?;
+            let (a, b) = (format!("qbc{i}"), format!("qbs{i}"));
+            Self::sh(&[
+                "ip", "link", "add", &a, "netns", "qb-c", "type", "veth", "peer", "name", &b,
+                "netns", &s,
+            ])?;
+            Self::sh(&[
+                "ip",
+                "netns",
+                "exec",
+                "qb-c",
+                "ip",
+                "addr",
+                "add",
+                &format!("10.77.{i}.1/24"),
+                "dev",
+                &a,
+            ])?;
+            Self::sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &s,
+                "ip",
+                "addr",
+                "add",
+                &format!("10.77.{i}.2/24"),
+                "dev",
+                &b,
+            ])?;
+            Self::sh(&["ip", "netns", "exec", "qb-c", "ip", "link", "set", &a, "up"])?;
+            Self::sh(&["ip", "netns", "exec", &s, "ip", "link", "set", &b, "up"])?;
+            Self::sh(&["ip", "netns", "exec", &s, "ip", "link", "set", "lo", "up"])?;
+            Self::sh(&[
+                "ip", "netns", "exec", &s, "tc", "qdisc", "add", "dev", &b, "root", "tbf", "rate",
+                rate, "burst", "256kb", "latency", "50ms",
+            ])?;
+        }
+        Ok(ns)
+    }
+
+    fn add(&mut self, name: &str) -> anyhow::Result<()> {
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
+        Self::sh(&["ip", "netns", "add", name])?;
+        self.names.push(name.to_string());
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+fn rate_mbit(rate: &str) -> f64 {
+    rate.trim_end_matches("mbit").parse().unwrap_or(0.0)
+}
+
+/// One namespace run: sources behind `rates`, each serving the same file.
+fn ns_run(rates: &[&str], size: u64) -> anyhow::Result<(Usage, Vec<u64>)> {
+    let _ns = Netns::new(rates)?;
+    let mut peers: Vec<(String, String)> = (1..=rates.len())
+        .map(|i| (format!("s{i}"), format!("10.77.{i}.2 47400")))
+        .collect();
+    peers.push(("d".into(), "10.77.1.1 47401".into()));
+    let refs: Vec<(&str, String)> = peers.iter().map(|(a, b)| (a.as_str(), b.clone())).collect();
+    let root = Root::new(&refs)?;
+    let file = root.path().join("payload.bin");
+    random_file(&file, size)?;
+    let mut servers = Vec::new();
+    for i in 1..=rates.len() {
+        let id = format!("s{i}");
+        std::fs::hard_link(&file, root.served(&id).join("big.bin"))
+            .or_else(|_| std::fs::copy(&file, root.served(&id).join("big.bin")).map(|_| ()))?;
+        servers.push(root.serve(Some(&format!("qb-s{i}")), &id, &[], ("d", Some("qb-c")))?);
+        root.cmd(Some("qb-c"), "d", &["list", &id]).output()?;
+    }
+    let ids: Vec<String> = (1..=rates.len()).map(|i| format!("s{i}")).collect();
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let usage = root.download(Some("qb-c"), "d", "big.bin", &id_refs);
+    let rss = stop(&mut servers);
+    Ok((usage?, rss))
+}
+
+fn aria2_run(rates: &[&str], size: u64) -> anyhow::Result<f64> {
+    let _ns = Netns::new(rates)?;
+    let dir = tempfile::tempdir()?;
+    random_file(&dir.path().join("big.bin"), size)?;
+    let mut nginx = Vec::new();
+    for i in 1..=rates.len() {
+        let conf = dir.path().join(format!("nginx{i}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off; pid {d}/nginx{i}.pid; error_log /dev/null; events {{}}\n\
+                 http {{ access_log off; sendfile on; server {{ listen 10.77.{i}.2:8080; root {d}; }} \
+                 client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d}; }}\n",
+                d = dir.path().display()
+            ),
+        )?;
+        nginx.push(
+            Command::new("ip")
+                .args(["netns", "exec", &format!("qb-s{i}"), "nginx", "-c"])
+                .arg(&conf)
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let urls: Vec<String> = (1..=rates.len())
+        .map(|i| format!("http://10.77.{i}.2:8080/big.bin"))
+        .collect();
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out)?;
+    let started = Instant::now();
+    let st = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "qb-c",
+            "aria2c",
+            "-q",
+            "--allow-overwrite=true",
+            "-x1",
+        ])
+        .arg(format!("-s{}", rates.len()))
+        .arg("-d")
+        .arg(&out)
+        .args(&urls)
+        .status()?;
+    let secs = started.elapsed().as_secs_f64();
+    for mut n in nginx {
+        let _ = n.kill();
+        let _ = n.wait();
+    }
+    if !st.success() {
+        bail!("aria2c failed");
+    }
+    Ok(size as f64 / 1e6 / secs)
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn namespaces(size: u64, runs: usize) -> anyhow::Result<Vec<Row>> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !have("ip") || !have("tc") {
+        eprintln!(
+            "SKIPPED ns-* scenarios: they need root, ip and tc (benches/run.sh installs them)"
+        );
+        return Ok(vec![]);
+    }
+    let with_aria = have("aria2c") && have("nginx");
+    if !with_aria {
+        eprintln!(
+            "note: aria2c or nginx missing; ns-* rows have no aria2c reference (benches/run.sh installs them)"
+        );
+    }
+    let mut rows = Vec::new();
+    let mut single = Vec::new();
+    let profiles: Vec<(String, Vec<&str>)> = vec![
+        ("ns-1src 200mbit".into(), vec!["200mbit"]),
+        ("ns-2src 200mbit".into(), vec!["200mbit"; 2]),
+        ("ns-4src 200mbit".into(), vec!["200mbit"; 4]),
+        (
+            "ns-3src 50/100/400mbit".into(),
+            vec!["50mbit", "100mbit", "400mbit"],
+        ),
+    ];
+    for (name, rates) in profiles {
+        let mut row = Row {
+            scenario: format!("{name} {} MiB", size >> 20),
+            qnode: vec![],
+            reference: vec![],
+            reference_name: String::new(),
+            cpu_per_gib: vec![],
+            rss_down_mib: vec![],
+            rss_serve_mib: vec![],
+            unit: "MB/s",
+        };
+        let gib = size as f64 / (1u64 << 30) as f64;
+        let mut aria = Vec::new();
+        for _ in 0..runs {
+            let (u, rss) = ns_run(&rates, size)?;
+            let mbs = size as f64 / 1e6 / u.wall;
+            row.qnode.push(mbs);
+            row.cpu_per_gib.push(u.cpu / gib);
+            row.rss_down_mib.push(u.max_rss_kib as f64 / 1024.0);
+            row.rss_serve_mib
+                .extend(rss.into_iter().map(|k| k as f64 / 1024.0));
+            if with_aria {
+                aria.push(aria2_run(&rates, size)?);
+            }
+        }
+        if rates.len() == 1 {
+            single = row.qnode.clone();
+        }
+        eprintln!("  {}: qnode {}", row.scenario, stats(&row.qnode));
+        rows.push(row);
+        let last = rows.last_mut().context("row")?;
+        if rates.iter().all(|r| *r == rates[0]) && rates.len() > 1 {
+            // Reference: N × the single-source figure of this run.
+            last.reference = single.iter().map(|s| s * rates.len() as f64).collect();
+            last.reference_name = format!("({}× 1src)", rates.len());
+        } else if rates.len() > 1 {
+            // Reference: the links' raw capacity in MB/s (payload is at most ~95% of it).
+            let raw: f64 = rates.iter().map(|r| rate_mbit(r)).sum::<f64>() / 8.0;
+            last.reference = vec![raw];
+            last.reference_name = "(raw link sum)".into();
+        }
+        if with_aria {
+            let mut extra = list_clone(last);
+            extra.scenario = format!("{} vs aria2c", last.scenario);
+            extra.qnode = last.qnode.clone();
+            extra.reference = aria;
+            extra.reference_name = "aria2c".into();
+            rows.push(extra);
+        }
+    }
+    Ok(rows)
+}
+
+fn main() -> anyhow::Result<()> {
+    // `cargo bench` passes `--bench`; nothing else to parse.
+    let size = env_u64("QNODE_BENCH_SIZE", 1 << 30);
+    let ns_size = env_u64("QNODE_BENCH_NS_SIZE", 256 << 20);
+    let runs = env_u64("QNODE_BENCH_RUNS", 3) as usize;
+    eprintln!(
+        "qnode transfer benchmark: {runs} runs each; {} MiB loopback, {} MiB namespaces",
+        size >> 20,
+        ns_size >> 20
+    );
+    let mut rows = Vec::new();
+    eprintln!("loopback, one source…");
+    rows.extend(loopback(size, runs)?);
+    eprintln!("small things…");
+    rows.extend(small(runs)?);
+    if std::env::var("QNODE_BENCH_SKIP_NS").is_err() {
+        eprintln!("namespaces…");
+        rows.extend(namespaces(ns_size, runs)?);
+    }
+    print_table(&rows);
+    Ok(())
+}
