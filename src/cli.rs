@@ -272,6 +272,9 @@ async fn shutdown_signal() {
     }
 }
 
+/// How long a client command waits for its connection closes to be sent.
+pub const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_millis(15);
+
 /// A client-side session: who we are, the peers, and connections reused across commands.
 pub struct Node {
     root: Root,
@@ -309,15 +312,19 @@ impl Node {
         }
     }
 
-    /// Closes every connection and lets the closes reach the peers.
+    /// Closes every connection and gives the closes a moment to leave.
+    ///
+    /// quinn's `wait_idle` waits out the draining period (3 × PTO, about 80 ms even on loopback,
+    /// since PTO includes the 25 ms ACK delay) only to resend the close if it was lost; the close
+    /// itself goes out at once. A lost close costs the peer an idle timeout, nothing else, so the
+    /// wait is capped at [`CLOSE_GRACE`].
     pub async fn finish(&self) {
         for client in self.clients.lock().await.values() {
             client.close();
         }
         let endpoints: Vec<quinn::Endpoint> = self.lock_endpoints().values().cloned().collect();
         for endpoint in endpoints {
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle()).await;
+            let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
         }
     }
 
