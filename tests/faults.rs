@@ -2,7 +2,6 @@
 
 mod util;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use util::{Net, TestResult, leftovers, random_bytes};
@@ -13,18 +12,13 @@ const WAIT: Duration = Duration::from_secs(30);
 fn sigterm_during_transfers_ends_cleanly_and_the_download_moves_on() -> TestResult {
     let net = Net::new(&["p1", "p2", "p3", "p4"])?;
     let data = random_bytes(4 << 20, 21);
-    for p in ["p1", "p2", "p3"] {
-        net.put(p, "f.bin", &data)?;
-    }
-    let mut servers: Vec<_> = ["p1", "p2", "p3"]
-        .iter()
-        .map(|p| net.serve(p, &["--max-upload-rate", "1M"]))
-        .collect::<Result<_, _>>()?;
-    let download = net
-        .cmd("p4", &["download", "f.bin", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mut servers = net.seed(
+        &["p1", "p2", "p3"],
+        "f.bin",
+        &data,
+        &["--max-upload-rate", "1M"],
+    )?;
+    let download = net.spawn("p4", &["download", "f.bin", "--json"])?;
     servers[2].wait_for_log_count("read_chunk f.bin", 2, WAIT)?;
     servers[2].signal(libc::SIGTERM);
     let status = servers[2].wait_exit(Duration::from_secs(15))?;
@@ -35,10 +29,7 @@ fn sigterm_during_transfers_ends_cleanly_and_the_download_moves_on() -> TestResu
     );
     assert!(servers[2].log().contains("stopped"));
 
-    let out = util::Out {
-        what: "p4 download f.bin --json".into(),
-        output: download.wait_with_output()?,
-    };
+    let out = util::Out::of(download)?;
     assert!(out.success(), "{out}");
     assert!(std::fs::read(net.served("p4").join("f.bin"))? == data);
     let json = out.json()?;

@@ -112,6 +112,32 @@ impl Net {
         out.json()
     }
 
+    /// Puts `data` as `name` into each of `ids`' served_files and starts them serving with `extra`.
+    pub fn seed(
+        &self,
+        ids: &[&str],
+        name: &str,
+        data: &[u8],
+        extra: &[&str],
+    ) -> anyhow::Result<Vec<Server>> {
+        ids.iter()
+            .map(|id| {
+                self.put(id, name, data)?;
+                self.serve(id, extra)
+            })
+            .collect()
+    }
+
+    /// Starts a command in the background with stdout and stderr piped (see [`Out::of`]).
+    pub fn spawn(&self, id: &str, args: &[&str]) -> anyhow::Result<(String, Child)> {
+        let child = self
+            .cmd(id, args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        Ok((format!("{id} {}", args.join(" ")), child))
+    }
+
     /// Starts `qnode serve` for `id` with extra args and waits until it listens.
     pub fn serve(&self, id: &str, extra: &[&str]) -> anyhow::Result<Server> {
         let mut args = vec!["serve"];
@@ -231,6 +257,11 @@ pub struct Out {
 impl Out {
     fn new(what: String, output: Output) -> Self {
         Self { what, output }
+    }
+
+    /// Waits for a command started with [`Net::spawn`].
+    pub fn of(spawned: (String, Child)) -> anyhow::Result<Self> {
+        Ok(Self::new(spawned.0, spawned.1.wait_with_output()?))
     }
 
     pub fn success(&self) -> bool {
