@@ -43,20 +43,38 @@ struct Usage {
     ok: bool,
 }
 
-/// Waits for `child` with wait4 to get its CPU time and peak RSS.
+/// Waits for `child` with wait4 to get its CPU time, sampling its peak RSS from /proc meanwhile.
+///
+/// `ru_maxrss` is not used for RSS: Linux carries the parent's high-water mark into a forked child
+/// and across exec, so it would report this benchmark's own size. `VmHWM` belongs to the child's
+/// own address space and only grows, so the last sample before exit is its peak.
 fn wait_usage(child: Child, started: Instant) -> Usage {
-    let pid = child.id() as libc::pid_t;
+    let pid = child.id();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(vm_hwm_kib(pid));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            peak
+        })
+    };
     let mut status = 0;
     // SAFETY: rusage is plain data; wait4 fills it for our own child, which std has not reaped.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    let rc = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut ru) };
     std::mem::forget(child);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap_or(0);
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     Usage {
         wall: started.elapsed().as_secs_f64(),
         cpu: secs(ru.ru_utime) + secs(ru.ru_stime),
-        max_rss_kib: ru.ru_maxrss as u64,
-        ok: rc == pid && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        max_rss_kib: peak,
+        ok: rc == pid as libc::pid_t && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
     }
 }
 
