@@ -139,9 +139,9 @@ pub struct DownloadArgs {
     /// Fetch this version (BLAKE3 hex) when peers disagree; default: the one most peers serve
     #[arg(long, value_name = "HEX")]
     pub blake3: Option<String>,
-    /// Chunk requests in flight per peer
-    #[arg(long, default_value_t = Options::default().window, value_name = "N")]
-    pub window: usize,
+    /// Chunk requests in flight per peer (default: adaptive, sized to each peer's rate × RTT)
+    #[arg(long, value_name = "N")]
+    pub window: Option<usize>,
     /// Print one JSON object instead of text
     #[arg(long)]
     pub json: bool,
@@ -674,7 +674,7 @@ impl Node {
         };
         let bar = progress_bar(manifest.size());
         let opts = Options {
-            window: args.window.max(1),
+            fixed_window: args.window,
             ..Options::default()
         };
         let engine = download::run(

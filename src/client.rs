@@ -148,6 +148,11 @@ impl Client {
         &self.peer
     }
 
+    /// The connection's current round-trip estimate.
+    pub fn rtt(&self) -> Duration {
+        self.conn.rtt()
+    }
+
     /// Whether the connection is still open.
     pub fn is_open(&self) -> bool {
         self.conn.close_reason().is_none()
@@ -391,5 +396,9 @@ impl ChunkSource for PeerSource {
                 fatal: e.is_fatal(),
                 message: e.to_string(),
             })
+    }
+
+    fn rtt(&self) -> Option<Duration> {
+        Some(self.client.rtt())
     }
 }

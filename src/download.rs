@@ -54,13 +54,33 @@ pub trait ChunkSource: Send + Sync + 'static {
         offset: u64,
         len: u32,
     ) -> impl Future<Output = Result<Bytes, SourceError>> + Send;
+
+    /// The current round-trip time to the source, if known; it sizes the request window.
+    fn rtt(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// Tuning of [`run`].
+///
+/// Each source's window (chunk requests in flight, counting chunks still being verified and
+/// written) follows its measured delivery rate and round-trip time, as libtorrent sizes its request
+/// queue: `ceil(rate × (rtt + queue_time) / chunk) + 1`, within `min_window..=max_window`. Since
+/// the window bounds the rate it measures, the margin lets it grow by a factor of
+/// `(rtt + queue_time) / rtt` per adjustment until the link, not the window, is the limit. All
+/// sources together never have more than `max_in_flight_bytes` in flight, which bounds memory.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Chunk requests in flight per source.
-    pub window: usize,
+    /// A fixed window for every source, instead of the adaptive one.
+    pub fixed_window: Option<usize>,
+    /// Smallest adaptive window (also the starting one).
+    pub min_window: usize,
+    /// Largest adaptive window.
+    pub max_window: usize,
+    /// The margin of requests queued beyond one round trip, as time at the source's rate.
+    pub queue_time: Duration,
+    /// Cap on the bytes of all chunks in flight, across sources.
+    pub max_in_flight_bytes: u64,
     /// Corrupt chunks a source may send before it is dropped.
     pub max_strikes: u32,
     /// Failed requests in a row before a source is dropped.
@@ -74,7 +94,11 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
-            window: 8,
+            fixed_window: None,
+            min_window: 4,
+            max_window: 64,
+            queue_time: Duration::from_millis(50),
+            max_in_flight_bytes: 32 << 20,
             max_strikes: 3,
             max_failures: 4,
             request_timeout: Duration::from_secs(60),
@@ -98,6 +122,8 @@ pub struct SourceReport {
     pub failures: u32,
     /// Why it was dropped, if it was.
     pub dropped: Option<String>,
+    /// The largest window it was given.
+    pub max_window: usize,
 }
 
 /// What a download did.
@@ -206,6 +232,46 @@ struct SourceState {
     live: bool,
     in_flight: HashSet<u32>,
     failures_in_a_row: u32,
+    /// Smoothed delivery rate in bytes per second (0 until measured).
+    rate: f64,
+    /// Bytes delivered since `sample_start`.
+    sample_bytes: u64,
+    sample_start: Instant,
+    window: usize,
+}
+
+/// How long a delivery-rate sample lasts before it updates the smoothed rate.
+const RATE_SAMPLE: Duration = Duration::from_millis(200);
+
+impl SourceState {
+    fn delivered(&mut self, bytes: u64) {
+        self.sample_bytes += bytes;
+        let dt = self.sample_start.elapsed();
+        if dt >= RATE_SAMPLE {
+            let inst = self.sample_bytes as f64 / dt.as_secs_f64();
+            // Rise at once, decay slowly: too small a window costs throughput, too large a
+            // little memory (and the global cap bounds that).
+            self.rate = inst.max(0.7 * self.rate + 0.3 * inst);
+            self.sample_bytes = 0;
+            self.sample_start = Instant::now();
+        }
+    }
+
+    fn resize(&mut self, opts: &Options, rtt: Option<Duration>, chunk_size: u64) {
+        self.window = match opts.fixed_window {
+            Some(w) => w.max(1),
+            None => {
+                let horizon = rtt.unwrap_or_default() + opts.queue_time;
+                let want =
+                    (self.rate * horizon.as_secs_f64() / chunk_size as f64).ceil() as usize + 1;
+                want.clamp(
+                    opts.min_window.max(1),
+                    opts.max_window.max(opts.min_window.max(1)),
+                )
+            }
+        };
+        self.report.max_window = self.report.max_window.max(self.window);
+    }
 }
 
 type FetchResult = (usize, u32, Result<Bytes, SourceError>);
@@ -251,6 +317,10 @@ pub async fn run<S: ChunkSource>(
             live: true,
             in_flight: HashSet::new(),
             failures_in_a_row: 0,
+            rate: 0.0,
+            sample_bytes: 0,
+            sample_start: Instant::now(),
+            window: 0,
         })
         .collect();
     let mut done_bytes = resumed_bytes;
@@ -274,11 +344,22 @@ pub async fn run<S: ChunkSource>(
         // Fill every live source's window: pending chunks first, then endgame duplicates.
         // One request per source per pass, so a small file is spread over every source.
         let live: Vec<usize> = (0..srcs.len()).filter(|&s| srcs[s].live).collect();
+        for &s in &live {
+            srcs[s].resize(opts, sources[s].rtt(), manifest.chunk_size());
+        }
+        let mut in_flight_bytes: u64 =
+            srcs.iter().map(|s| s.in_flight.len() as u64).sum::<u64>() * manifest.chunk_size();
         let mut open: Vec<usize> = live.clone();
         while !open.is_empty() {
-            open.retain(|&s| srcs[s].in_flight.len() < opts.window.max(1));
+            open.retain(|&s| srcs[s].in_flight.len() < srcs[s].window);
             let mut assigned = Vec::new();
             for &s in &open {
+                // The global cap; a source with nothing in flight may always ask for one chunk.
+                if in_flight_bytes + manifest.chunk_size() > opts.max_in_flight_bytes
+                    && !srcs[s].in_flight.is_empty()
+                {
+                    continue;
+                }
                 // Endgame: only a source with nothing in flight duplicates, one chunk at a time.
                 let Some(c) = take_pending(s, &live, &mut pending, &mut chunks).or_else(|| {
                     srcs[s]
@@ -298,6 +379,7 @@ pub async fn run<S: ChunkSource>(
                 let cancel = st.cancel.get_or_insert_with(CancellationToken::new).clone();
                 outstanding.insert(c);
                 srcs[s].in_flight.insert(c);
+                in_flight_bytes += manifest.chunk_size();
                 let source = sources[s].clone();
                 let offset = manifest.chunk_offset(c);
                 // Chunks are at most MAX_CHUNK_SIZE (64 MiB), so the length fits in u32.
@@ -392,6 +474,7 @@ pub async fn run<S: ChunkSource>(
                         src.report.bytes += len;
                         src.report.chunks += 1;
                         src.failures_in_a_row = 0;
+                        src.delivered(len);
                         progress(Progress { done: done_bytes, total: manifest.size() });
                     }
                     true => duplicate_bytes += len,
@@ -492,6 +575,8 @@ mod tests {
         hang: bool,
         served: AtomicUsize,
         asked: Mutex<Vec<u32>>,
+        /// Requests in progress and their peak, shared by the fakes of one test.
+        busy: Arc<(AtomicUsize, AtomicUsize)>,
     }
 
     impl Fake {
@@ -506,6 +591,7 @@ mod tests {
                 hang: false,
                 served: AtomicUsize::new(0),
                 asked: Mutex::default(),
+                busy: Arc::default(),
             }
         }
     }
@@ -522,6 +608,9 @@ mod tests {
             len: u32,
         ) -> Result<Bytes, SourceError> {
             self.asked.lock().unwrap().push(index);
+            let now = self.busy.0.fetch_add(1, Ordering::SeqCst) + 1;
+            self.busy.1.fetch_max(now, Ordering::SeqCst);
+            let _done = Finally(&self.busy.0);
             if self.hang {
                 std::future::pending::<()>().await;
             }
@@ -538,6 +627,19 @@ mod tests {
                 bytes[0] ^= 0xff;
             }
             Ok(Bytes::from(bytes))
+        }
+
+        fn rtt(&self) -> Option<Duration> {
+            Some(self.delay)
+        }
+    }
+
+    /// Decrements a counter when dropped (also when the request future is cancelled).
+    struct Finally<'a>(&'a AtomicUsize);
+
+    impl Drop for Finally<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
@@ -609,7 +711,7 @@ mod tests {
         slow.delay = Duration::from_millis(40);
         let fast = Fake::new("fast", &d);
         let opts = Options {
-            window: 2,
+            fixed_window: Some(2),
             ..Options::default()
         };
         let (r, _, _dir) = fetch(&d, vec![slow, fast], opts).await;
@@ -692,6 +794,43 @@ mod tests {
         );
         // The partial file is gone.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_window_grows_to_cover_a_long_round_trip() {
+        let d = data(48 << 20);
+        let mut far = Fake::new("far", &d);
+        far.delay = Duration::from_millis(100);
+        let (r, _, _dir) = fetch(&d, vec![far], Options::default()).await;
+        let r = r.unwrap();
+        // At the starting window (4 x 1 MiB per 100 ms) the rate would stay near 40 MiB/s; the
+        // window must have grown well past it.
+        assert!(r.sources[0].max_window > 8, "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn many_sources_share_the_in_flight_cap() {
+        let d = data(16 << 20);
+        let busy: Arc<(AtomicUsize, AtomicUsize)> = Arc::default();
+        let srcs: Vec<Fake> = (0..8)
+            .map(|i| {
+                let mut f = Fake::new(&format!("s{i}"), &d);
+                f.delay = Duration::from_millis(20);
+                f.busy = busy.clone();
+                f
+            })
+            .collect();
+        // 4 MiB of 1 MiB chunks, though each source alone would be allowed 8.
+        let opts = Options {
+            max_in_flight_bytes: 4 << 20,
+            fixed_window: Some(8),
+            ..Options::default()
+        };
+        let (r, _, _dir) = fetch(&d, srcs, opts).await;
+        r.unwrap();
+        let peak = busy.1.load(Ordering::SeqCst);
+        // The cap, or one request per source (a source with none in flight may always ask).
+        assert!((4..=8).contains(&peak), "peak requests in flight: {peak}");
     }
 
     #[tokio::test]
