@@ -14,8 +14,13 @@
 //!   the same run (the target is ≥ 0.95 of it), and `aria2c` from as many nginx servers behind the
 //!   same links when both are installed. Needs root, `ip` and `tc`; skipped with a note otherwise.
 //!
-//! Environment: `QNODE_BENCH_SIZE` (bytes, default 1 GiB), `QNODE_BENCH_NS_SIZE` (default 256 MiB),
-//! `QNODE_BENCH_RUNS` (default 3), `QNODE_BENCH_SKIP_NS=1`.
+//! - `rtt100ms-…`: sources on loopback behind a user-space UDP relay of this file that adds 50 ms
+//!   each way and paces the server→client direction to 400 Mbit/s (these machines have no netem).
+//!   Reference: the link's raw rate, and for 3 sources 3 × the single-source figure.
+//!
+//! Environment: `QNODE_BENCH_SIZE` (bytes, default 1 GiB), `QNODE_BENCH_NS_SIZE` (namespace and
+//! relay scenarios, default 256 MiB), `QNODE_BENCH_RUNS` (default 3), `QNODE_BENCH_ONLY` (a comma
+//! list of `loopback`, `small`, `long`, `ns`), `QNODE_BENCH_SKIP_NS=1`.
 //! Every namespace and process it starts is removed at the end, also on failure.
 
 use std::path::{Path, PathBuf};
@@ -99,6 +104,21 @@ struct Row {
     rss_down_mib: Vec<f64>,
     rss_serve_mib: Vec<f64>,
     unit: &'static str,
+}
+
+impl Row {
+    fn new(scenario: &str, unit: &'static str) -> Self {
+        Self {
+            scenario: scenario.into(),
+            qnode: vec![],
+            reference: vec![],
+            reference_name: String::new(),
+            cpu_per_gib: vec![],
+            rss_down_mib: vec![],
+            rss_serve_mib: vec![],
+            unit,
+        }
+    }
 }
 
 fn stats(v: &[f64]) -> String {
@@ -246,6 +266,9 @@ impl Root {
         let mut args = vec!["download", name];
         args.extend_from_slice(peers);
         args.extend_from_slice(&["--output", out.to_str().unwrap_or_default()]);
+        // Extra download flags for experiments, e.g. QNODE_BENCH_DL_ARGS="--window 32".
+        let extra = std::env::var("QNODE_BENCH_DL_ARGS").unwrap_or_default();
+        args.extend(extra.split_whitespace());
         let started = Instant::now();
         let child = self
             .cmd(ns, id, &args)
@@ -301,16 +324,8 @@ fn loopback(size: u64, runs: usize) -> anyhow::Result<Vec<Row>> {
     let mut servers = vec![root.serve(None, "s1", &[], ("d", None))?];
     // Warm the server's manifest cache (hashing the file once), as a long-running server has.
     root.cmd(None, "d", &["list", "s1"]).output()?;
-    let mut row = Row {
-        scenario: format!("loopback-1src {} MiB", size >> 20),
-        qnode: vec![],
-        reference: vec![],
-        reference_name: "probe".into(),
-        cpu_per_gib: vec![],
-        rss_down_mib: vec![],
-        rss_serve_mib: vec![],
-        unit: "MB/s",
-    };
+    let mut row = Row::new(&format!("loopback-1src {} MiB", size >> 20), "MB/s");
+    row.reference_name = "probe".into();
     let gib = size as f64 / (1u64 << 30) as f64;
     for i in 0..runs {
         let u = root.download(None, "d", "big.bin", &["s1"])?;
@@ -343,7 +358,7 @@ fn probe_mb_s(root: &Root, total: u64) -> anyhow::Result<f64> {
     let client_id = identity::load(&r, &d)?;
     let mut pins = tls::Pins::default();
     pins.insert(d.clone(), &client_id.cert);
-    let server_cfg = tls::server_config(&server_id, pins)?;
+    let server_cfg = tls::server_config(&server_id, pins, tls::Congestion::default())?;
     let client_cfg = tls::client_config(&client_id, &s1, server_id.cert.clone())?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
@@ -413,20 +428,8 @@ fn small(runs: usize) -> anyhow::Result<Vec<Row>> {
     }
     std::fs::write(root.served("s1").join("one_kib.txt"), vec![b'x'; 1024])?;
     let mut servers = vec![root.serve(None, "s1", &[], ("d", None))?];
-    let mut list = Row {
-        scenario: "small-list-10k (warm)".into(),
-        qnode: vec![],
-        reference: vec![],
-        reference_name: String::new(),
-        cpu_per_gib: vec![],
-        rss_down_mib: vec![],
-        rss_serve_mib: vec![],
-        unit: "ms",
-    };
-    let mut one = Row {
-        scenario: "small-1KiB download".into(),
-        ..list_clone(&list)
-    };
+    let mut list = Row::new("small-list-10k (warm)", "ms");
+    let mut one = Row::new("small-1KiB download", "ms");
     for _ in 0..runs {
         let started = Instant::now();
         let child = root
@@ -447,19 +450,6 @@ fn small(runs: usize) -> anyhow::Result<Vec<Row>> {
     list.rss_serve_mib = rss.clone();
     one.rss_serve_mib = rss;
     Ok(vec![list, one])
-}
-
-fn list_clone(r: &Row) -> Row {
-    Row {
-        scenario: r.scenario.clone(),
-        qnode: vec![],
-        reference: vec![],
-        reference_name: r.reference_name.clone(),
-        cpu_per_gib: vec![],
-        rss_down_mib: vec![],
-        rss_serve_mib: vec![],
-        unit: r.unit,
-    }
 }
 
 /// Namespaces, veth links and tbf limits, removed on drop.
@@ -637,6 +627,178 @@ fn aria2_run(rates: &[&str], size: u64) -> anyhow::Result<f64> {
     Ok(size as f64 / 1e6 / secs)
 }
 
+/// A user-space UDP relay standing in for a long link (these machines have no netem): datagrams
+/// from the one client go to `upstream` and back, each after `delay`, the server→client direction
+/// paced to `rate` bytes/s with a queue of `queue` of delay beyond which it drops (like tbf).
+struct Relay {
+    addr: std::net::SocketAddr,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Relay {
+    fn start(
+        upstream: std::net::SocketAddr,
+        delay: Duration,
+        rate: f64,
+        queue: Duration,
+    ) -> anyhow::Result<Self> {
+        use tokio::net::UdpSocket;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        // Large socket buffers: a relay that drops on its own socket would look like a lossy link.
+        let bind = || -> anyhow::Result<UdpSocket> {
+            let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+            sock.set_recv_buffer_size(8 << 20)?;
+            sock.set_send_buffer_size(8 << 20)?;
+            sock.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>()?.into())?;
+            sock.set_nonblocking(true)?;
+            Ok(UdpSocket::from_std(sock.into())?)
+        };
+        let addr = rt.block_on(async {
+            let front = Arc::new(bind()?);
+            let back = Arc::new(bind()?);
+            back.connect(upstream).await?;
+            let addr = front.local_addr()?;
+            let client: Arc<std::sync::Mutex<Option<std::net::SocketAddr>>> = Arc::default();
+            // client -> server: delay only.
+            let (to_server, mut rx_s) =
+                tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+            {
+                let (front, client) = (front.clone(), client.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                        *client.lock().unwrap() = Some(from);
+                        let _ = to_server
+                            .send((tokio::time::Instant::now() + delay, buf[..n].to_vec()));
+                    }
+                });
+            }
+            {
+                let back = back.clone();
+                tokio::spawn(async move {
+                    while let Some((at, pkt)) = rx_s.recv().await {
+                        tokio::time::sleep_until(at).await;
+                        let _ = back.send(&pkt).await;
+                    }
+                });
+            }
+            // server -> client: paced to `rate`, then delayed; tail drop past `queue`.
+            let (to_client, mut rx_c) =
+                tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+            {
+                let back = back.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    let mut next_free = tokio::time::Instant::now();
+                    while let Ok(n) = back.recv(&mut buf).await {
+                        let now = tokio::time::Instant::now();
+                        let start = next_free.max(now);
+                        if start - now > queue {
+                            continue; // queue full: drop
+                        }
+                        next_free = start + Duration::from_secs_f64(n as f64 / rate);
+                        let _ = to_client.send((next_free + delay, buf[..n].to_vec()));
+                    }
+                });
+            }
+            tokio::spawn(async move {
+                while let Some((at, pkt)) = rx_c.recv().await {
+                    tokio::time::sleep_until(at).await;
+                    let to = *client.lock().unwrap();
+                    if let Some(to) = to {
+                        let _ = front.send_to(&pkt, to).await;
+                    }
+                }
+            });
+            anyhow::Ok(addr)
+        })?;
+        Ok(Self { addr, _rt: rt })
+    }
+}
+
+/// Sources behind relays with `rtt` and a `mbit` cap each, on loopback.
+fn rtt_run(sources: usize, rtt: Duration, mbit: f64, size: u64) -> anyhow::Result<Usage> {
+    let ports: Vec<u16> = (0..sources).map(|i| 47700 + i as u16).collect();
+    // The servers listen on their real ports; the downloader's settings point at the relays.
+    let mut relays = Vec::new();
+    for p in &ports {
+        let upstream = format!("127.0.0.1:{p}").parse()?;
+        let queue = Duration::from_millis(env_u64("QNODE_BENCH_RELAY_QUEUE_MS", 50));
+        relays.push(Relay::start(upstream, rtt / 2, mbit * 1e6 / 8.0, queue)?);
+    }
+    let mut peers: Vec<(String, String)> = relays
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            (
+                format!("s{}", i + 1),
+                format!("127.0.0.1 {}", r.addr.port()),
+            )
+        })
+        .collect();
+    peers.push(("d".into(), "127.0.0.1 47799".into()));
+    let refs: Vec<(&str, String)> = peers.iter().map(|(a, b)| (a.as_str(), b.clone())).collect();
+    let root = Root::new(&refs)?;
+    let file = root.path().join("payload.bin");
+    random_file(&file, size)?;
+    let mut servers = Vec::new();
+    for (i, p) in ports.iter().enumerate() {
+        let id = format!("s{}", i + 1);
+        std::fs::hard_link(&file, root.served(&id).join("big.bin"))?;
+        let listen = format!("127.0.0.1:{p}");
+        let cc = std::env::var("QNODE_BENCH_CC").unwrap_or_else(|_| "cubic".into());
+        servers.push(root.serve(
+            None,
+            &id,
+            &["--listen", &listen, "--congestion", &cc],
+            ("d", None),
+        )?);
+        root.cmd(None, "d", &["list", &id]).output()?;
+    }
+    let ids: Vec<String> = (1..=sources).map(|i| format!("s{i}")).collect();
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let usage = root.download(None, "d", "big.bin", &id_refs);
+    stop(&mut servers);
+    usage
+}
+
+fn long_links(size: u64, runs: usize) -> anyhow::Result<Vec<Row>> {
+    let rtt = Duration::from_millis(env_u64("QNODE_BENCH_RTT_MS", 100));
+    let mbit = env_u64("QNODE_BENCH_MBIT", 400) as f64;
+    let mut rows = Vec::new();
+    let mut single = Vec::new();
+    for sources in [1usize, 3] {
+        let name = format!(
+            "rtt{}ms-{sources}src {mbit}mbit {} MiB",
+            rtt.as_millis(),
+            size >> 20
+        );
+        let mut row = Row::new(&name, "MB/s");
+        let gib = size as f64 / (1u64 << 30) as f64;
+        for _ in 0..runs {
+            let u = rtt_run(sources, rtt, mbit, size)?;
+            row.qnode.push(size as f64 / 1e6 / u.wall);
+            row.cpu_per_gib.push(u.cpu / gib);
+            row.rss_down_mib.push(u.max_rss_kib as f64 / 1024.0);
+        }
+        eprintln!("  {}: qnode {}", row.scenario, stats(&row.qnode));
+        if sources == 1 {
+            single = row.qnode.clone();
+            // Reference: the link's raw rate in MB/s; payload is at most ~95% of it.
+            row.reference = vec![mbit / 8.0];
+            row.reference_name = "(raw link)".into();
+        } else {
+            row.reference = single.iter().map(|s| s * sources as f64).collect();
+            row.reference_name = format!("({sources}× 1src)");
+        }
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
 fn have(tool: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
@@ -671,16 +833,7 @@ fn namespaces(size: u64, runs: usize) -> anyhow::Result<Vec<Row>> {
         ),
     ];
     for (name, rates) in profiles {
-        let mut row = Row {
-            scenario: format!("{name} {} MiB", size >> 20),
-            qnode: vec![],
-            reference: vec![],
-            reference_name: String::new(),
-            cpu_per_gib: vec![],
-            rss_down_mib: vec![],
-            rss_serve_mib: vec![],
-            unit: "MB/s",
-        };
+        let mut row = Row::new(&format!("{name} {} MiB", size >> 20), "MB/s");
         let gib = size as f64 / (1u64 << 30) as f64;
         let mut aria = Vec::new();
         for _ in 0..runs {
@@ -712,8 +865,7 @@ fn namespaces(size: u64, runs: usize) -> anyhow::Result<Vec<Row>> {
             last.reference_name = "(raw link sum)".into();
         }
         if with_aria {
-            let mut extra = list_clone(last);
-            extra.scenario = format!("{} vs aria2c", last.scenario);
+            let mut extra = Row::new(&format!("{} vs aria2c", last.scenario), last.unit);
             extra.qnode = last.qnode.clone();
             extra.reference = aria;
             extra.reference_name = "aria2c".into();
@@ -733,12 +885,22 @@ fn main() -> anyhow::Result<()> {
         size >> 20,
         ns_size >> 20
     );
+    let only = std::env::var("QNODE_BENCH_ONLY").unwrap_or_default();
+    let want = |group: &str| only.is_empty() || only.split(',').any(|g| g == group);
     let mut rows = Vec::new();
-    eprintln!("loopback, one source…");
-    rows.extend(loopback(size, runs)?);
-    eprintln!("small things…");
-    rows.extend(small(runs)?);
-    if std::env::var("QNODE_BENCH_SKIP_NS").is_err() {
+    if want("loopback") {
+        eprintln!("loopback, one source…");
+        rows.extend(loopback(size, runs)?);
+    }
+    if want("small") {
+        eprintln!("small things…");
+        rows.extend(small(runs)?);
+    }
+    if want("long") {
+        eprintln!("long links (100 ms RTT relays)…");
+        rows.extend(long_links(ns_size, runs)?);
+    }
+    if want("ns") && std::env::var("QNODE_BENCH_SKIP_NS").is_err() {
         eprintln!("namespaces…");
         rows.extend(namespaces(ns_size, runs)?);
     }

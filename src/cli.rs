@@ -81,6 +81,9 @@ pub struct ServeArgs {
     /// KiB, MiB, GiB; e.g. 20M)
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub max_upload_rate: Option<u64>,
+    /// Congestion controller for what we send
+    #[arg(long, value_enum, default_value_t)]
+    pub congestion: tls::Congestion,
 }
 
 /// Parses `123`, `64K`, `20M`, `1G` (binary multiples) into bytes.
@@ -228,7 +231,7 @@ async fn serve(root: &Root, me: &PeerId, args: &ServeArgs) -> anyhow::Result<Exi
         }
     }
     let store = Arc::new(Store::open(root.served_dir(me))?);
-    let config = tls::server_config(&identity, pins.clone())?;
+    let config = tls::server_config(&identity, pins.clone(), args.congestion)?;
     // peer_settings.txt lists us, checked by load_peers.
     let addr = args
         .listen

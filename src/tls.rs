@@ -88,8 +88,25 @@ pub enum TlsError {
     Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
 }
 
-/// The server side of QUIC for `identity`, accepting only clients whose certificate is pinned.
-pub fn server_config(identity: &Identity, pins: Pins) -> Result<quinn::ServerConfig, TlsError> {
+/// The congestion controller a sender uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Congestion {
+    /// CUBIC (RFC 9438), quinn's default.
+    #[default]
+    Cubic,
+    /// BBR (quinn marks its implementation experimental).
+    Bbr,
+    /// NewReno (RFC 9002).
+    Newreno,
+}
+
+/// The server side of QUIC for `identity`, accepting only clients whose certificate is pinned,
+/// sending with congestion controller `cc`.
+pub fn server_config(
+    identity: &Identity,
+    pins: Pins,
+    cc: Congestion,
+) -> Result<quinn::ServerConfig, TlsError> {
     let provider = provider();
     let verifier = Arc::new(PinnedClients {
         pins,
@@ -101,7 +118,20 @@ pub fn server_config(identity: &Identity, pins: Pins) -> Result<quinn::ServerCon
         .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
-    config.transport_config(Arc::new(transport_config()));
+    let mut transport = transport_config();
+    match cc {
+        Congestion::Cubic => {}
+        Congestion::Bbr => {
+            transport
+                .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        }
+        Congestion::Newreno => {
+            transport.congestion_controller_factory(Arc::new(
+                quinn::congestion::NewRenoConfig::default(),
+            ));
+        }
+    }
+    config.transport_config(Arc::new(transport));
     Ok(config)
 }
 
