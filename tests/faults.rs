@@ -4,7 +4,7 @@ mod util;
 
 use std::time::Duration;
 
-use util::{Net, TestResult, leftovers, random_bytes};
+use util::{Net, Out, TestResult, leftovers, random_bytes};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -29,7 +29,7 @@ fn sigterm_during_transfers_ends_cleanly_and_the_download_moves_on() -> TestResu
     );
     assert!(servers[2].log().contains("stopped"));
 
-    let out = util::Out::of(download)?;
+    let out = Out::of(download)?;
     assert!(out.success(), "{out}");
     assert!(std::fs::read(net.served("p4").join("f.bin"))? == data);
     let json = out.json()?;
@@ -112,5 +112,72 @@ fn a_full_disk_fails_cleanly_and_the_peer_keeps_serving() -> TestResult {
     net.ok("p1", &["upload", "small.txt", "p2"])?;
     let json = net.json("p1", &["list", "p2", "--json"])?;
     assert_eq!(json["peers"][0]["files"][0]["name"], "small.txt");
+    Ok(())
+}
+
+/// Current resident memory of a process, in KiB.
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn twenty_downloaders_at_once_then_two_hundred_in_a_row_with_flat_seeder_memory() -> TestResult {
+    let downloaders: Vec<String> = (1..=20).map(|i| format!("d{i}")).collect();
+    let mut ids = vec!["p1", "p2", "p3"];
+    ids.extend(downloaders.iter().map(String::as_str));
+    let net = Net::new(&ids)?;
+    let data = random_bytes(2 << 20, 41);
+    let servers = net.seed(&["p1", "p2", "p3"], "f.bin", &data, &[])?;
+
+    let running: Vec<_> = downloaders
+        .iter()
+        .map(|d| net.spawn(d, &["download", "f.bin", "p1", "p2", "p3"]))
+        .collect::<Result<_, _>>()?;
+    for spawned in running {
+        let out = Out::of(spawned)?;
+        assert!(out.success(), "{out}");
+    }
+    for d in &downloaders {
+        assert!(std::fs::read(net.served(d).join("f.bin"))? == data, "{d}");
+    }
+
+    let small = random_bytes(64 << 10, 42);
+    net.put("p1", "small.bin", &small)?;
+    let start = rss_kib(servers[0].pid());
+    let out_path = net.root().join("again.bin");
+    for i in 0..200 {
+        let _ = std::fs::remove_file(&out_path);
+        let out = net.run(
+            "d1",
+            &[
+                "download",
+                "small.bin",
+                "p1",
+                "--output",
+                out_path.to_str().unwrap(),
+            ],
+        )?;
+        assert!(out.success(), "download {i}: {out}");
+    }
+    assert!(std::fs::read(&out_path)? == small);
+    let end = rss_kib(servers[0].pid());
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "seeder p1 resident memory: {} KiB after 20 concurrent downloads, {} KiB after 200 more",
+        start,
+        end
+    );
+    assert!(
+        end < start + 16 * 1024,
+        "seeder memory grew from {start} KiB to {end} KiB"
+    );
     Ok(())
 }

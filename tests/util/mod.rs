@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+pub mod netns;
+
 pub type TestResult = anyhow::Result<()>;
 
 /// The binary under test.
@@ -25,6 +27,8 @@ pub fn qnode_bin() -> &'static str {
 pub struct Net {
     pub dir: tempfile::TempDir,
     pub peers: Vec<(String, u16)>,
+    /// The network namespace each peer runs in, for peers on a [`netns::TestNet`].
+    hosts: std::collections::HashMap<String, String>,
 }
 
 impl Net {
@@ -45,7 +49,29 @@ impl Net {
         }
         drop(sockets);
         std::fs::write(dir.path().join("peer_settings.txt"), settings)?;
-        let net = Self { dir, peers };
+        let net = Self {
+            dir,
+            peers,
+            hosts: Default::default(),
+        };
+        for id in ids {
+            net.ok(id, &["init"])?;
+        }
+        Ok(net)
+    }
+
+    /// A root whose peers `ids` are hosts 1..=n of `tn`, each running in its namespace.
+    pub fn on_hosts(ids: &[&str], tn: &netns::TestNet) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut settings = String::new();
+        let mut hosts = std::collections::HashMap::new();
+        for (i, id) in ids.iter().enumerate() {
+            settings.push_str(&format!("{id} {} 47000\n", tn.ip(i + 1)));
+            hosts.insert(id.to_string(), tn.ns(i + 1).to_string());
+        }
+        std::fs::write(dir.path().join("peer_settings.txt"), settings)?;
+        let peers = ids.iter().map(|id| (id.to_string(), 47000)).collect();
+        let net = Self { dir, peers, hosts };
         for id in ids {
             net.ok(id, &["init"])?;
         }
@@ -69,7 +95,14 @@ impl Net {
 
     /// A `qnode --root R --peer ID ARGS` command with a clean environment.
     pub fn cmd(&self, id: &str, args: &[&str]) -> Command {
-        let mut c = Command::new(qnode_bin());
+        let mut c = match self.hosts.get(id) {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, qnode_bin()]);
+                c
+            }
+            None => Command::new(qnode_bin()),
+        };
         c.arg("--root")
             .arg(self.root())
             .arg("--peer")

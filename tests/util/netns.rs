@@ -1,0 +1,212 @@
+//! A private multi-host network for tests: each host is a network namespace joined by a veth pair
+//! to a bridge in a "switch" namespace, on 10.99.0.0/24. Per-host uplink limits (`tc tbf`),
+//! random loss (`nft ... numgen random`) and cutting a host's link are available. Everything is
+//! removed on drop, also when a test fails. Traffic stays inside these namespaces.
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{Context, bail};
+
+/// Whether this process can build namespaces; if not, says so on stderr (uncaptured) and returns
+/// false so the test can return early.
+pub fn available(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let tools = ["ip", "tc", "nft", "ethtool"].iter().all(|t| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if root && tools {
+        return true;
+    }
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: needs root and ip, tc, nft, ethtool (.ci/run installs them)"
+    );
+    false
+}
+
+fn sh(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The test network.
+pub struct TestNet {
+    prefix: String,
+    switch: String,
+    hosts: Vec<String>,
+}
+
+impl TestNet {
+    /// A switch and `n` hosts, `h1`..`hn` at 10.99.0.1..n.
+    pub fn new(n: usize) -> anyhow::Result<Self> {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let prefix = format!(
+            "qt{}x{}",
+            std::process::id() % 100_000,
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let switch = format!("{prefix}-sw");
+        let mut net = Self {
+            prefix: prefix.clone(),
+            switch: switch.clone(),
+            hosts: vec![],
+        };
+        sh(&["ip", "netns", "add", &switch])?;
+        sh(&["ip", "-n", &switch, "link", "add", "br0", "type", "bridge"])?;
+        sh(&["ip", "-n", &switch, "link", "set", "br0", "up"])?;
+        for i in 1..=n {
+            let ns = format!("{prefix}-h{i}");
+            sh(&["ip", "netns", "add", &ns])?;
+            net.hosts.push(ns.clone());
+            let port = format!("p{i}");
+            sh(&[
+                "ip", "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port,
+                "netns", &switch,
+            ])?;
+            sh(&["ip", "-n", &switch, "link", "set", &port, "master", "br0"])?;
+            sh(&["ip", "-n", &switch, "link", "set", &port, "up"])?;
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.99.0.{i}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(net)
+    }
+
+    /// The namespace of host `i` (1-based).
+    pub fn ns(&self, i: usize) -> &str {
+        &self.hosts[i - 1]
+    }
+
+    /// The address of host `i`.
+    pub fn ip(&self, i: usize) -> String {
+        format!("10.99.0.{i}")
+    }
+
+    /// Limits what host `i` sends to `rate` (tc syntax, e.g. "20mbit").
+    pub fn limit(&self, i: usize, rate: &str) -> anyhow::Result<()> {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            self.ns(i),
+            "tc",
+            "qdisc",
+            "replace",
+            "dev",
+            "eth0",
+            "root",
+            "tbf",
+            "rate",
+            rate,
+            "burst",
+            "64kb",
+            "latency",
+            "50ms",
+        ])
+    }
+
+    /// Drops `percent`% of the UDP datagrams host `i` sends, at random, one by one (offloads off
+    /// so that a drop is one packet, not a batch).
+    pub fn loss(&self, i: usize, percent: u32) -> anyhow::Result<()> {
+        let ns = self.ns(i);
+        sh(&[
+            "ip", "netns", "exec", ns, "ethtool", "-K", "eth0", "gso", "off", "gro", "off", "tso",
+            "off",
+        ])?;
+        sh(&[
+            "ip", "netns", "exec", ns, "nft", "add", "table", "inet", "qtloss",
+        ])?;
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "nft",
+            "add",
+            "chain",
+            "inet",
+            "qtloss",
+            "out",
+            "{ type filter hook output priority 0 ; }",
+        ])?;
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "nft",
+            "add",
+            "rule",
+            "inet",
+            "qtloss",
+            "out",
+            "meta",
+            "l4proto",
+            "udp",
+            "numgen",
+            "random",
+            "mod",
+            "100",
+            "<",
+            &percent.to_string(),
+            "drop",
+        ])
+    }
+
+    /// Cuts (`up = false`) or restores host `i`'s link.
+    pub fn link(&self, i: usize, up: bool) -> anyhow::Result<()> {
+        let state = if up { "up" } else { "down" };
+        sh(&[
+            "ip",
+            "-n",
+            &self.switch,
+            "link",
+            "set",
+            &format!("p{i}"),
+            state,
+        ])
+        .with_context(|| format!("setting {}'s link {state}", self.ns(i)))
+    }
+
+    /// A prefix unique to this network (for naming).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        for ns in self.hosts.iter().chain(std::iter::once(&self.switch)) {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
