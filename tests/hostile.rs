@@ -227,7 +227,29 @@ async fn hostile_requests_are_refused_and_the_server_keeps_serving() -> TestResu
     }
     conn.close(0u32.into(), b"bye");
 
-    // Still up, nothing escaped served_files, no panic in its log.
+    // Datagrams that never become a handshake: garbage, and a truncated client Initial.
+    let port = net.peers.iter().find(|(p, _)| p == "p1").unwrap().1;
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    for i in 0..500u32 {
+        let mut junk = util::random_bytes(1200, u64::from(i));
+        if i % 2 == 0 {
+            junk[0] = 0xc0; // long header, Initial
+            junk[1..5].copy_from_slice(&1u32.to_be_bytes()); // QUIC v1
+        }
+        udp.send_to(&junk, ("127.0.0.1", port))?;
+    }
+
+    // Still up, memory bounded, nothing escaped served_files, no panic in its log.
+    let rss = std::fs::read_to_string(format!("/proc/{}/status", server.pid()))?;
+    let rss_kib: u64 = rss
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        rss_kib < 128 * 1024,
+        "server peak RSS {rss_kib} KiB after the hostile run"
+    );
     let out = net.ok("p3", &["download", "ok.txt", "p1"])?;
     assert!(out.success());
     assert_eq!(std::fs::read(net.root().join("secret.txt"))?, b"outside");
