@@ -213,7 +213,12 @@ pub async fn read_msg<T: DeserializeOwned>(
     }
     let mut buf = vec![0u8; len as usize];
     reader.read_exact(&mut buf).await?;
-    Ok(postcard::from_bytes(&buf)?)
+    decode(&buf)
+}
+
+/// Decodes one message body (a frame without its length prefix).
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, ProtocolError> {
+    Ok(postcard::from_bytes(body)?)
 }
 
 /// Encodes `msg` and writes it as one frame.

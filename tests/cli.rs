@@ -122,9 +122,9 @@ fn download_survives_a_peer_killed_midway() -> TestResult {
 }
 
 #[test]
-fn a_peer_serving_corrupted_data_is_caught_and_named() -> TestResult {
+fn a_peer_serving_corrupted_data_is_caught_named_and_dropped() -> TestResult {
     let net = Net::new(&["p1", "p2", "p3", "p4"])?;
-    let data = random_bytes(4 << 20, 3);
+    let data = random_bytes(8 << 20, 3);
     let servers = net.seed(
         &["p1", "p2", "p3"],
         "f.bin",
@@ -149,7 +149,11 @@ fn a_peer_serving_corrupted_data_is_caught_and_named() -> TestResult {
         .find(|f| f["peer"] == "p3")
         .cloned();
     let fault = fault.unwrap_or_else(|| panic!("p3 not named in faults: {json}"));
-    assert!(fault["corrupt_chunks"].as_u64().unwrap() >= 1, "{json}");
+    assert!(fault["corrupt_chunks"].as_u64().unwrap() >= 3, "{json}");
+    assert_eq!(
+        fault["dropped"], "sent 3 corrupt chunks",
+        "dropped after repeated failures: {json}"
+    );
     assert!(out.stderr().contains("p3 sent"), "{out}");
     Ok(())
 }

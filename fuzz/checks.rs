@@ -1,0 +1,65 @@
+//! Properties the fuzz targets check, shared with `tests/fuzz_corpus.rs`, which replays the
+//! committed corpus through them in every `cargo test`. Each returns normally or panics.
+
+use qnode::manifest::FileName;
+use qnode::peers::PeerTable;
+use qnode::protocol::{Request, Response, decode, encode_frame};
+
+/// Any bytes: decoding a request never panics; what decodes re-encodes to an equal request.
+pub fn request(data: &[u8]) {
+    if let Ok(req) = decode::<Request>(data) {
+        let frame = encode_frame(&req).expect("a decoded request encodes");
+        assert_eq!(decode::<Request>(&frame[4..]).expect("re-decodes"), req);
+    }
+}
+
+/// Any bytes: decoding a response header never panics; a decoded manifest is self-consistent.
+pub fn response(data: &[u8]) {
+    if let Ok(resp) = decode::<Response>(data) {
+        if let Response::Manifest(m) = &resp {
+            let total: u64 = (0..m.chunk_count())
+                .map(|i| m.chunk_len(i).unwrap_or(0))
+                .sum();
+            assert_eq!(total, m.size());
+        }
+        let frame = encode_frame(&resp).expect("a decoded response encodes");
+        assert_eq!(decode::<Response>(&frame[4..]).expect("re-decodes"), resp);
+    }
+}
+
+/// Any text: the settings parser never panics; what it accepts has unique IDs and real ports.
+pub fn settings(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(table) = PeerTable::parse(text) {
+        let mut ids: Vec<_> = table.entries().iter().map(|e| e.id.clone()).collect();
+        let n = ids.len();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), n, "duplicate IDs accepted");
+        assert!(table.entries().iter().all(|e| e.addr.port() != 0));
+    }
+}
+
+/// Any text: an accepted name is one normal path component that stays inside its folder.
+pub fn name(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(name) = FileName::new(text) {
+        let s = name.as_str();
+        assert!(!s.is_empty() && s.len() <= 255);
+        assert!(!s.starts_with('.') && !s.contains(['/', '\\', '\0']));
+        let mut parts = std::path::Path::new(s).components();
+        assert!(matches!(
+            parts.next(),
+            Some(std::path::Component::Normal(_))
+        ));
+        assert!(parts.next().is_none());
+        assert_eq!(
+            std::path::Path::new("/base").join(s).parent(),
+            Some(std::path::Path::new("/base"))
+        );
+    }
+}

@@ -1,0 +1,26 @@
+//! Replays the committed fuzz corpus (`fuzz/corpus/<target>/`) through the same checks the fuzz
+//! targets run, so inputs that once found a problem keep being tried in every `cargo test`.
+
+#[path = "../fuzz/checks.rs"]
+mod checks;
+
+#[test]
+fn committed_fuzz_corpus_replays_cleanly() -> anyhow::Result<()> {
+    let targets: [(&str, fn(&[u8])); 4] = [
+        ("request", checks::request),
+        ("response", checks::response),
+        ("settings", checks::settings),
+        ("name", checks::name),
+    ];
+    let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    for (target, check) in targets {
+        let mut count = 0;
+        for entry in std::fs::read_dir(base.join(target))? {
+            let path = entry?.path();
+            check(&std::fs::read(&path)?);
+            count += 1;
+        }
+        assert!(count > 0, "no corpus for {target}");
+    }
+    Ok(())
+}
