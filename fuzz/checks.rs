@@ -6,7 +6,7 @@ use qnode::peers::PeerTable;
 use qnode::protocol::{Request, Response, decode, encode_frame};
 
 /// Any bytes: decoding a request never panics; what decodes re-encodes to an equal request.
-pub fn request(data: &[u8]) {
+pub(crate) fn request(data: &[u8]) {
     if let Ok(req) = decode::<Request>(data) {
         let frame = encode_frame(&req).expect("a decoded request encodes");
         assert_eq!(decode::<Request>(&frame[4..]).expect("re-decodes"), req);
@@ -14,7 +14,7 @@ pub fn request(data: &[u8]) {
 }
 
 /// Any bytes: decoding a response header never panics; a decoded manifest is self-consistent.
-pub fn response(data: &[u8]) {
+pub(crate) fn response(data: &[u8]) {
     if let Ok(resp) = decode::<Response>(data) {
         if let Response::Manifest(m) = &resp {
             let total: u64 = (0..m.chunk_count())
@@ -28,7 +28,7 @@ pub fn response(data: &[u8]) {
 }
 
 /// Any text: the settings parser never panics; what it accepts has unique IDs and real ports.
-pub fn settings(data: &[u8]) {
+pub(crate) fn settings(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
@@ -43,7 +43,7 @@ pub fn settings(data: &[u8]) {
 }
 
 /// Any text: an accepted name is one normal path component that stays inside its folder.
-pub fn name(data: &[u8]) {
+pub(crate) fn name(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };

@@ -4,9 +4,12 @@
 #[path = "../fuzz/checks.rs"]
 mod checks;
 
+/// A fuzz target's check.
+type Check = fn(&[u8]);
+
 #[test]
 fn committed_fuzz_corpus_replays_cleanly() -> anyhow::Result<()> {
-    let targets: [(&str, fn(&[u8])); 4] = [
+    let targets: [(&str, Check); 4] = [
         ("request", checks::request),
         ("response", checks::response),
         ("settings", checks::settings),
