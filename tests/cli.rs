@@ -106,13 +106,11 @@ fn download_survives_a_peer_killed_midway() -> TestResult {
     assert!(out.success(), "{out}");
     let json = out.json()?;
     assert!(std::fs::read(net.served("p4").join("f.bin"))? == data);
-    // p3 delivered something before it died, and the others covered the rest (its requests in
-    // flight were re-fetched from idle peers rather than waited out).
+    // The others covered what p3 did not deliver (its requests in flight were re-fetched from idle
+    // peers rather than waited out). A server's log line means "handed to QUIC", not "delivered",
+    // so p3 may have delivered nothing at all.
     let share = |p: &str| json["peers"][p].as_u64().unwrap_or(0);
-    assert!(
-        share("p3") > 0 && share("p3") < data.len() as u64 / 3,
-        "{json}"
-    );
+    assert!(share("p3") < data.len() as u64 / 3, "{json}");
     assert_eq!(
         share("p1") + share("p2") + share("p3"),
         data.len() as u64,
