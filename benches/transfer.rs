@@ -18,8 +18,9 @@
 //!   each way and paces the server→client direction to 400 Mbit/s (these machines have no netem).
 //!   Reference: the link's raw rate, and for 3 sources 3 × the single-source figure.
 //!
-//! Environment: `QNODE_BENCH_SIZE` (bytes, default 1 GiB), `QNODE_BENCH_NS_SIZE` (namespace and
-//! relay scenarios, default 256 MiB), `QNODE_BENCH_RUNS` (default 3), `QNODE_BENCH_ONLY` (a comma
+//! Environment: `QNODE_BENCH_SIZE` (bytes, default 1 GiB), `QNODE_BENCH_NS_SIZE` (namespace
+//! scenarios, default 256 MiB), `QNODE_BENCH_LONG_SIZE` (relay scenarios, default 512 MiB: at
+//! 100 ms a shorter transfer mostly measures slow start), `QNODE_BENCH_RUNS` (default 3), `QNODE_BENCH_ONLY` (a comma
 //! list of `loopback`, `small`, `long`, `ns`), `QNODE_BENCH_SKIP_NS=1`.
 //! Every namespace and process it starts is removed at the end, also on failure.
 
@@ -351,6 +352,11 @@ fn loopback(size: u64, runs: usize) -> anyhow::Result<Vec<Row>> {
 /// The ceiling: one QUIC connection with this crate's TLS and transport settings, 8 concurrent
 /// 4 MiB streams of in-memory data, client and server in this process.
 fn probe_mb_s(root: &Root, total: u64) -> anyhow::Result<f64> {
+    probe_via(root, total, None)
+}
+
+/// The probe, optionally through a relay of (`rtt`, `mbit`).
+fn probe_via(root: &Root, total: u64, relay: Option<(Duration, f64)>) -> anyhow::Result<f64> {
     use qnode::{identity, peers, tls};
     let r = peers::Root::new(root.path());
     let (s1, d): (peers::PeerId, peers::PeerId) = ("s1".parse()?, "d".parse()?);
@@ -363,7 +369,27 @@ fn probe_mb_s(root: &Root, total: u64) -> anyhow::Result<f64> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let (server, _) = tls::bind_endpoint("127.0.0.1:0".parse()?, Some(server_cfg))?;
-        let addr = server.local_addr()?;
+        let mut addr = server.local_addr()?;
+        // The relay runs its own runtime: start it from a plain thread, and hand it back out of
+        // this one to be dropped outside it.
+        let relay = match relay {
+            Some((rtt, mbit)) => {
+                let upstream = addr;
+                let r = std::thread::spawn(move || {
+                    Relay::start(
+                        upstream,
+                        rtt / 2,
+                        mbit * 1e6 / 8.0,
+                        Duration::from_millis(env_u64("QNODE_BENCH_RELAY_QUEUE_MS", 50)),
+                    )
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("relay thread panicked"))??;
+                addr = r.addr;
+                Some(r)
+            }
+            None => None,
+        };
         let data = bytes::Bytes::from(vec![0xabu8; 4 << 20]);
         tokio::spawn(async move {
             while let Some(inc) = server.accept().await {
@@ -411,7 +437,11 @@ fn probe_mb_s(root: &Root, total: u64) -> anyhow::Result<f64> {
         let secs = started.elapsed().as_secs_f64();
         conn.close(0u32.into(), b"done");
         client.wait_idle().await;
-        anyhow::Ok(got as f64 / 1e6 / secs)
+        anyhow::Ok((got as f64 / 1e6 / secs, relay))
+    })
+    .map(|(mb_s, relay)| {
+        drop(relay);
+        mb_s
     })
 }
 
@@ -787,9 +817,14 @@ fn long_links(size: u64, runs: usize) -> anyhow::Result<Vec<Row>> {
         eprintln!("  {}: qnode {}", row.scenario, stats(&row.qnode));
         if sources == 1 {
             single = row.qnode.clone();
-            // Reference: the link's raw rate in MB/s; payload is at most ~95% of it.
-            row.reference = vec![mbit / 8.0];
-            row.reference_name = "(raw link)".into();
+            // Reference: the probe through the same relay (the ceiling for one QUIC connection
+            // there); the link's raw rate is mbit / 8 MB/s.
+            let root = Root::new(&[("s1", "127.0.0.1 1".into()), ("d", "127.0.0.1 2".into())])?;
+            for _ in 0..runs {
+                row.reference
+                    .push(probe_via(&root, size, Some((rtt, mbit)))?);
+            }
+            row.reference_name = format!("probe (raw link {:.0})", mbit / 8.0);
         } else {
             row.reference = single.iter().map(|s| s * sources as f64).collect();
             row.reference_name = format!("({sources}× 1src)");
@@ -898,7 +933,10 @@ fn main() -> anyhow::Result<()> {
     }
     if want("long") {
         eprintln!("long links (100 ms RTT relays)…");
-        rows.extend(long_links(ns_size, runs)?);
+        rows.extend(long_links(
+            env_u64("QNODE_BENCH_LONG_SIZE", 512 << 20),
+            runs,
+        )?);
     }
     if want("ns") && std::env::var("QNODE_BENCH_SKIP_NS").is_err() {
         eprintln!("namespaces…");

@@ -79,7 +79,8 @@ pub struct Options {
     pub max_window: usize,
     /// The margin of requests queued beyond one round trip, as time at the source's rate.
     pub queue_time: Duration,
-    /// Cap on the bytes of all chunks in flight, across sources.
+    /// Cap on the bytes of all chunks in flight, across sources (16 MiB: above a 1 Gbit/s × 100 ms
+    /// path, while keeping a 1 GiB loopback transfer under 64 MiB of RSS at both ends).
     pub max_in_flight_bytes: u64,
     /// Corrupt chunks a source may send before it is dropped.
     pub max_strikes: u32,
@@ -98,7 +99,7 @@ impl Default for Options {
             min_window: 4,
             max_window: 64,
             queue_time: Duration::from_millis(50),
-            max_in_flight_bytes: 32 << 20,
+            max_in_flight_bytes: 16 << 20,
             max_strikes: 3,
             max_failures: 4,
             request_timeout: Duration::from_secs(60),
