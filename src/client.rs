@@ -22,6 +22,8 @@ use crate::tls::SERVER_NAME;
 
 /// How long connecting (UDP + QUIC + TLS handshake) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Alignment of chunk buffers, for direct I/O.
+const PAGE: usize = 4096;
 /// Upload stream buffer, in bytes.
 const UPLOAD_BUF: usize = 256 * 1024;
 
@@ -201,14 +203,19 @@ impl Client {
             _ => return Err(self.unexpected("read_chunk")),
         }
         // `len` is what we asked for, bounded by our own manifest, so this allocation is ours to size.
-        let mut buf = vec![0u8; len as usize];
-        recv.read_exact(&mut buf).await.map_err(|e| {
-            self.protocol(ProtocolError::Io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                e,
-            )))
-        })?;
-        Ok(Bytes::from(buf))
+        // The bytes start on a page boundary inside the buffer, so the store can write them with
+        // O_DIRECT (no page-cache copy).
+        let mut buf = vec![0u8; len as usize + PAGE];
+        let start = buf.as_ptr().align_offset(PAGE).min(PAGE);
+        recv.read_exact(&mut buf[start..start + len as usize])
+            .await
+            .map_err(|e| {
+                self.protocol(ProtocolError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    e,
+                )))
+            })?;
+        Ok(Bytes::from(buf).slice(start..start + len as usize))
     }
 
     /// Uploads the local file at `path` (`size` bytes hashing to `blake3`) as `name`.
