@@ -236,9 +236,20 @@ impl Store {
                 size: key.size,
             });
         }
-        let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, offset)
-            .map_err(|e| StoreError::io("reading", &self.path_of(name), e))?;
+        // The file handle is ours alone (opened for this read), so seeking it is free of races;
+        // `read_to_end` fills spare capacity without zeroing it first.
+        let io = |e| StoreError::io("reading", &self.path_of(name), e);
+        let mut file = file;
+        io::Seek::seek(&mut file, io::SeekFrom::Start(offset)).map_err(io)?;
+        let mut buf = Vec::with_capacity(len as usize);
+        file.take(len64).read_to_end(&mut buf).map_err(io)?;
+        if buf.len() != len as usize {
+            // Shrunk since we looked at its size.
+            return Err(io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "file shrank while reading",
+            )));
+        }
         Ok(buf)
     }
 
