@@ -29,7 +29,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 
 const QNODE: &str = env!("CARGO_BIN_EXE_qnode");
 
@@ -482,71 +482,71 @@ fn small(runs: usize) -> anyhow::Result<Vec<Row>> {
     Ok(vec![list, one])
 }
 
-/// Namespaces, veth links and tbf limits, removed on drop.
+/// Namespaces, veth links, tbf limits and optional random loss, removed on drop.
 struct Netns {
     names: Vec<String>,
 }
 
 impl Netns {
-    fn sh(args: &[&str]) -> anyhow::Result<()> {
+    fn sh(line: &str) -> anyhow::Result<()> {
+        let args: Vec<&str> = line.split_whitespace().collect();
         let st = Command::new(args[0])
             .args(&args[1..])
             .stderr(Stdio::null())
             .status()?;
         if !st.success() {
-            bail!("{} failed", args.join(" "));
+            bail!("{line} failed");
         }
         Ok(())
     }
 
-    /// A downloader namespace `qb-c` and one namespace per rate, `qb-s<i>` at 10.77.<i>.2,
-    /// whose uplink to the downloader is limited to `rate`.
-    fn new(rates: &[&str]) -> anyhow::Result<Self> {
+    /// A downloader namespace `qb-c` and one namespace per rate, `qb-s<i>` at 10.77.<i>.2, whose
+    /// uplink to the downloader is limited to `rate`. With `loss_pct` > 0 every link drops that
+    /// share of UDP datagrams in both directions (nft), with offloads off so a drop is one packet.
+    fn new(rates: &[&str], loss_pct: u32) -> anyhow::Result<Self> {
         let mut ns = Self { names: vec![] };
         ns.add("qb-c")?;
-        Self::sh(&[
-            "ip", "netns", "exec", "qb-c", "ip", "link", "set", "lo", "up",
-        ])?;
+        Self::sh("ip -n qb-c link set lo up")?;
         for (i, rate) in rates.iter().enumerate() {
             let i = i + 1;
             let s = format!("qb-s{i}");
             ns.add(&s)?;
             let (a, b) = (format!("qbc{i}"), format!("qbs{i}"));
-            Self::sh(&[
-                "ip", "link", "add", &a, "netns", "qb-c", "type", "veth", "peer", "name", &b,
-                "netns", &s,
-            ])?;
-            Self::sh(&[
-                "ip",
-                "netns",
-                "exec",
-                "qb-c",
-                "ip",
-                "addr",
-                "add",
-                &format!("10.77.{i}.1/24"),
-                "dev",
-                &a,
-            ])?;
-            Self::sh(&[
-                "ip",
-                "netns",
-                "exec",
-                &s,
-                "ip",
-                "addr",
-                "add",
-                &format!("10.77.{i}.2/24"),
-                "dev",
-                &b,
-            ])?;
-            Self::sh(&["ip", "netns", "exec", "qb-c", "ip", "link", "set", &a, "up"])?;
-            Self::sh(&["ip", "netns", "exec", &s, "ip", "link", "set", &b, "up"])?;
-            Self::sh(&["ip", "netns", "exec", &s, "ip", "link", "set", "lo", "up"])?;
-            Self::sh(&[
-                "ip", "netns", "exec", &s, "tc", "qdisc", "add", "dev", &b, "root", "tbf", "rate",
-                rate, "burst", "256kb", "latency", "50ms",
-            ])?;
+            Self::sh(&format!(
+                "ip link add {a} netns qb-c type veth peer name {b} netns {s}"
+            ))?;
+            Self::sh(&format!("ip -n qb-c addr add 10.77.{i}.1/24 dev {a}"))?;
+            Self::sh(&format!("ip -n {s} addr add 10.77.{i}.2/24 dev {b}"))?;
+            Self::sh(&format!("ip -n qb-c link set {a} up"))?;
+            Self::sh(&format!("ip -n {s} link set {b} up"))?;
+            Self::sh(&format!("ip -n {s} link set lo up"))?;
+            Self::sh(&format!(
+                "ip netns exec {s} tc qdisc add dev {b} root tbf rate {rate} burst 256kb latency 50ms"
+            ))?;
+            if loss_pct > 0 {
+                for (space, dev) in [("qb-c", &a), (s.as_str(), &b)] {
+                    Self::sh(&format!(
+                        "ip netns exec {space} ethtool -K {dev} gso off gro off tso off"
+                    ))?;
+                }
+            }
+        }
+        if loss_pct > 0 {
+            for space in std::iter::once("qb-c".to_string())
+                .chain((1..=rates.len()).map(|i| format!("qb-s{i}")))
+            {
+                Self::sh(&format!("ip netns exec {space} nft add table inet qbloss"))?;
+                let st = Command::new("ip")
+                    .args([
+                        "netns", "exec", &space, "nft", "add", "chain", "inet", "qbloss", "out",
+                    ])
+                    .arg("{ type filter hook output priority 0 ; }")
+                    .status()?;
+                anyhow::ensure!(st.success(), "nft chain in {space}");
+                Self::sh(&format!(
+                    "ip netns exec {space} nft add rule inet qbloss out meta l4proto udp numgen random mod 100 < {loss_pct} drop"
+                ))?;
+            }
         }
         Ok(ns)
     }
@@ -556,7 +556,7 @@ impl Netns {
             .args(["netns", "del", name])
             .stderr(Stdio::null())
             .status();
-        Self::sh(&["ip", "netns", "add", name])?;
+        Self::sh(&format!("ip netns add {name}"))?;
         self.names.push(name.to_string());
         Ok(())
     }
@@ -575,8 +575,8 @@ fn rate_mbit(rate: &str) -> f64 {
 }
 
 /// One namespace run: sources behind `rates`, each serving the same file.
-fn ns_run(rates: &[&str], size: u64) -> anyhow::Result<(Usage, Vec<u64>)> {
-    let _ns = Netns::new(rates)?;
+fn ns_run(rates: &[&str], loss_pct: u32, size: u64) -> anyhow::Result<(Usage, Vec<u64>)> {
+    let _ns = Netns::new(rates, loss_pct)?;
     let mut peers: Vec<(String, String)> = (1..=rates.len())
         .map(|i| (format!("s{i}"), format!("10.77.{i}.2 47400")))
         .collect();
@@ -601,7 +601,7 @@ fn ns_run(rates: &[&str], size: u64) -> anyhow::Result<(Usage, Vec<u64>)> {
 }
 
 fn aria2_run(rates: &[&str], size: u64) -> anyhow::Result<f64> {
-    let _ns = Netns::new(rates)?;
+    let _ns = Netns::new(rates, 0)?;
     let dir = tempfile::tempdir()?;
     random_file(&dir.path().join("big.bin"), size)?;
     let mut nginx = Vec::new();
@@ -857,55 +857,107 @@ fn namespaces(size: u64, runs: usize) -> anyhow::Result<Vec<Row>> {
         );
     }
     let mut rows = Vec::new();
-    let mut single = Vec::new();
-    let profiles: Vec<(String, Vec<&str>)> = vec![
-        ("ns-1src 200mbit".into(), vec!["200mbit"]),
-        ("ns-2src 200mbit".into(), vec!["200mbit"; 2]),
-        ("ns-4src 200mbit".into(), vec!["200mbit"; 4]),
+    // (name, per-source uplink rates, loss %, reference: the row it is compared with)
+    enum Reference {
+        None,
+        TimesSingle,
+        RawSum,
+        Row(&'static str),
+    }
+    let profiles: Vec<(&str, Vec<&str>, u32, Reference)> = vec![
+        ("ns-1src 200mbit", vec!["200mbit"], 0, Reference::None),
         (
-            "ns-3src 50/100/400mbit".into(),
+            "ns-2src 200mbit",
+            vec!["200mbit"; 2],
+            0,
+            Reference::TimesSingle,
+        ),
+        (
+            "ns-4src 200mbit",
+            vec!["200mbit"; 4],
+            0,
+            Reference::TimesSingle,
+        ),
+        (
+            "ns-8src 200mbit",
+            vec!["200mbit"; 8],
+            0,
+            Reference::TimesSingle,
+        ),
+        (
+            "ns-3src 50/100/400mbit",
             vec!["50mbit", "100mbit", "400mbit"],
+            0,
+            Reference::RawSum,
+        ),
+        (
+            "ns-3src 200mbit",
+            vec!["200mbit"; 3],
+            0,
+            Reference::TimesSingle,
+        ),
+        (
+            "ns-3src 200mbit 2% loss",
+            vec!["200mbit"; 3],
+            2,
+            Reference::Row("ns-3src 200mbit"),
         ),
     ];
-    for (name, rates) in profiles {
+    let mut measured: Vec<(&str, Vec<f64>)> = Vec::new();
+    for (name, rates, loss, reference) in profiles {
         let mut row = Row::new(&format!("{name} {} MiB", size >> 20), "MB/s");
         let gib = size as f64 / (1u64 << 30) as f64;
         let mut aria = Vec::new();
         for _ in 0..runs {
-            let (u, rss) = ns_run(&rates, size)?;
-            let mbs = size as f64 / 1e6 / u.wall;
-            row.qnode.push(mbs);
+            let (u, rss) = ns_run(&rates, loss, size)?;
+            row.qnode.push(size as f64 / 1e6 / u.wall);
             row.cpu_per_gib.push(u.cpu / gib);
             row.rss_down_mib.push(u.max_rss_kib as f64 / 1024.0);
             row.rss_serve_mib
                 .extend(rss.into_iter().map(|k| k as f64 / 1024.0));
-            if with_aria {
+            if with_aria && loss == 0 {
                 aria.push(aria2_run(&rates, size)?);
             }
         }
-        if rates.len() == 1 {
-            single = row.qnode.clone();
-        }
         eprintln!("  {}: qnode {}", row.scenario, stats(&row.qnode));
-        rows.push(row);
-        let last = rows.last_mut().context("row")?;
-        if rates.iter().all(|r| *r == rates[0]) && rates.len() > 1 {
-            // Reference: N × the single-source figure of this run.
-            last.reference = single.iter().map(|s| s * rates.len() as f64).collect();
-            last.reference_name = format!("({}× 1src)", rates.len());
-        } else if rates.len() > 1 {
-            // Reference: the links' raw capacity in MB/s (payload is at most ~95% of it).
-            let raw: f64 = rates.iter().map(|r| rate_mbit(r)).sum::<f64>() / 8.0;
-            last.reference = vec![raw];
-            last.reference_name = "(raw link sum)".into();
+        let single = measured
+            .iter()
+            .find(|(n, _)| *n == "ns-1src 200mbit")
+            .map(|(_, v)| v.clone());
+        match reference {
+            Reference::None => {}
+            Reference::TimesSingle => {
+                row.reference = single
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|s| s * rates.len() as f64)
+                    .collect();
+                row.reference_name = format!("({}× 1src)", rates.len());
+            }
+            Reference::RawSum => {
+                // The links' raw capacity in MB/s (payload is at most ~95% of it).
+                row.reference = vec![rates.iter().map(|r| rate_mbit(r)).sum::<f64>() / 8.0];
+                row.reference_name = "(raw link sum)".into();
+            }
+            Reference::Row(other) => {
+                row.reference = measured
+                    .iter()
+                    .find(|(n, _)| *n == other)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default();
+                row.reference_name = "(no loss)".into();
+            }
         }
-        if with_aria {
-            let mut extra = Row::new(&format!("{} vs aria2c", last.scenario), last.unit);
-            extra.qnode = last.qnode.clone();
+        measured.push((name, row.qnode.clone()));
+        let aria_row = (!aria.is_empty()).then(|| {
+            let mut extra = Row::new(&format!("{} vs aria2c", row.scenario), row.unit);
+            extra.qnode = row.qnode.clone();
             extra.reference = aria;
             extra.reference_name = "aria2c".into();
-            rows.push(extra);
-        }
+            extra
+        });
+        rows.push(row);
+        rows.extend(aria_row);
     }
     Ok(rows)
 }
