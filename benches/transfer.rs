@@ -7,6 +7,9 @@
 //! - `loopback-1src`: one source on 127.0.0.1, disk to disk, verified; reference: an in-repo QUIC
 //!   probe (this crate's quinn, TLS and transport settings; 8 concurrent 4 MiB streams from memory),
 //!   the ceiling for one connection on this machine, measured in the same run.
+//!   Also `sendme` (iroh-blobs, BLAKE3-verified, disk to disk) on the same file, both ends in a
+//!   network namespace with only loopback, `--relay disabled`, `send --ticket-type addresses`; its
+//!   rows' CPU and RSS columns are sendme's receiver.
 //! - `small-list-10k` / `small-1KiB`: `list` of a peer serving 10,000 files (warm cache) and a 1 KiB
 //!   download, process start to exit.
 //! - `ns-…`: each source in its own network namespace behind a veth link whose uplink is limited
@@ -316,6 +319,86 @@ fn random_file(path: &Path, size: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// sendme (iroh-blobs) on loopback, both ends in a namespace with no route out, relay disabled.
+/// Returns MB/s per run of `sendme receive`, or `None` if sendme or root is missing.
+fn sendme_runs(file: &Path, size: u64, runs: usize) -> anyhow::Result<Option<Vec<Usage>>> {
+    let bin = std::env::var("QNODE_BENCH_SENDME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-tools/bin/sendme")
+        });
+    // SAFETY: geteuid has no preconditions.
+    if !bin.exists() || unsafe { libc::geteuid() } != 0 || !have("ip") {
+        eprintln!(
+            "note: no sendme reference (needs root, ip, and {}; benches/run.sh installs it)",
+            bin.display()
+        );
+        return Ok(None);
+    }
+    let ns = Netns::isolated("qb-sm")?;
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let send = Command::new("ip")
+        .args(["netns", "exec", &ns.names[0]])
+        .arg(&bin)
+        .args(["send"])
+        .arg(file)
+        .args([
+            "--relay",
+            "disabled",
+            "--ticket-type",
+            "addresses",
+            "--no-progress",
+        ])
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut send = KillOnDrop(send);
+    // The ticket is printed once the sender has imported (hashed) the file; the rest of its
+    // output keeps being drained so the sender never blocks on a full pipe.
+    let (tx, rx) = std::sync::mpsc::channel();
+    if let Some(out) = send.0.stdout.take() {
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(t) = line.split_whitespace().find(|w| w.starts_with("blob")) {
+                    let _ = tx.send(t.to_string());
+                }
+            }
+        });
+    }
+    let ticket = rx.recv_timeout(Duration::from_secs(120)).ok();
+    let ticket = ticket.ok_or_else(|| anyhow::anyhow!("sendme printed no ticket"))?;
+    let mut usages = Vec::new();
+    for _ in 0..runs {
+        let recv = tempfile::tempdir()?;
+        let started = Instant::now();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.names[0]])
+            .arg(&bin)
+            .args(["receive", &ticket, "--relay", "disabled", "--no-progress"])
+            .current_dir(recv.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let u = wait_usage(child, started);
+        let got = std::fs::metadata(recv.path().join(file.file_name().unwrap_or_default()))?.len();
+        anyhow::ensure!(u.ok && got == size, "sendme receive failed");
+        usages.push(u);
+    }
+    Ok(Some(usages))
+}
+
+/// Kills a child process when dropped.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn loopback(size: u64, runs: usize) -> anyhow::Result<Vec<Row>> {
     let root = Root::new(&[
         ("s1", "127.0.0.1 47311".into()),
@@ -346,7 +429,27 @@ fn loopback(size: u64, runs: usize) -> anyhow::Result<Vec<Row>> {
         .into_iter()
         .map(|k| k as f64 / 1024.0)
         .collect();
-    Ok(vec![row])
+    let mut rows = vec![row];
+    if let Some(usages) = sendme_runs(&root.served("s1").join("big.bin"), size, runs)? {
+        let mut sm = Row::new(
+            &format!("loopback-1src {} MiB vs sendme", size >> 20),
+            "MB/s",
+        );
+        sm.qnode = rows[0].qnode.clone();
+        sm.reference = usages.iter().map(|u| size as f64 / 1e6 / u.wall).collect();
+        sm.reference_name = "sendme".into();
+        sm.cpu_per_gib = usages
+            .iter()
+            .map(|u| u.cpu / (size as f64 / (1u64 << 30) as f64))
+            .collect();
+        sm.rss_down_mib = usages
+            .iter()
+            .map(|u| u.max_rss_kib as f64 / 1024.0)
+            .collect();
+        eprintln!("  sendme: {}", stats(&sm.reference));
+        rows.push(sm);
+    }
+    Ok(rows)
 }
 
 /// The ceiling: one QUIC connection with this crate's TLS and transport settings, 8 concurrent
@@ -548,6 +651,14 @@ impl Netns {
                 ))?;
             }
         }
+        Ok(ns)
+    }
+
+    /// One namespace with only loopback: no route out.
+    fn isolated(name: &str) -> anyhow::Result<Self> {
+        let mut ns = Self { names: vec![] };
+        ns.add(name)?;
+        Self::sh(&format!("ip -n {name} link set lo up"))?;
         Ok(ns)
     }
 
