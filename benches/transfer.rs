@@ -711,6 +711,20 @@ fn ns_run(rates: &[&str], loss_pct: u32, size: u64) -> anyhow::Result<(Usage, Ve
     Ok((usage?, rss))
 }
 
+/// An nginx master, stopped on drop with SIGTERM (fast shutdown: it stops its workers, which a
+/// SIGKILL of the master would orphan).
+struct NginxGuard(Child);
+
+impl Drop for NginxGuard {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child's.
+        unsafe {
+            libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let _ = self.0.wait();
+    }
+}
+
 fn aria2_run(rates: &[&str], size: u64) -> anyhow::Result<f64> {
     let _ns = Netns::new(rates, 0)?;
     let dir = tempfile::tempdir()?;
@@ -727,13 +741,17 @@ fn aria2_run(rates: &[&str], size: u64) -> anyhow::Result<f64> {
                 d = dir.path().display()
             ),
         )?;
-        nginx.push(
+        // `ip netns exec` execs nginx, so the child's pid is nginx's master. Nothing of ours is
+        // inherited (a worker holding our stdout would outlive the run).
+        nginx.push(NginxGuard(
             Command::new("ip")
                 .args(["netns", "exec", &format!("qb-s{i}"), "nginx", "-c"])
                 .arg(&conf)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()?,
-        );
+        ));
     }
     std::thread::sleep(Duration::from_millis(500));
     let urls: Vec<String> = (1..=rates.len())
@@ -758,10 +776,7 @@ fn aria2_run(rates: &[&str], size: u64) -> anyhow::Result<f64> {
         .args(&urls)
         .status()?;
     let secs = started.elapsed().as_secs_f64();
-    for mut n in nginx {
-        let _ = n.kill();
-        let _ = n.wait();
-    }
+    drop(nginx);
     if !st.success() {
         bail!("aria2c failed");
     }
@@ -1015,7 +1030,12 @@ fn namespaces(size: u64, runs: usize) -> anyhow::Result<Vec<Row>> {
         ),
     ];
     let mut measured: Vec<(&str, Vec<f64>)> = Vec::new();
+    // QNODE_BENCH_NS_PROFILES: run only the profiles whose name contains one of these words.
+    let filter = std::env::var("QNODE_BENCH_NS_PROFILES").unwrap_or_default();
     for (name, rates, loss, reference) in profiles {
+        if !filter.is_empty() && !filter.split(',').any(|f| name.contains(f)) {
+            continue;
+        }
         let mut row = Row::new(&format!("{name} {} MiB", size >> 20), "MB/s");
         let gib = size as f64 / (1u64 << 30) as f64;
         let mut aria = Vec::new();
