@@ -523,3 +523,40 @@ fn sigterm_stops_a_server_cleanly_and_promptly() -> TestResult {
     assert!(p1.log().contains("stopped"));
     Ok(())
 }
+
+#[test]
+fn ipv6_peers_and_an_output_folder_work() -> TestResult {
+    let net = Net::new(&[])?;
+    // Two peers on ::1 (one written with brackets), on free ports.
+    let a = std::net::UdpSocket::bind("[::1]:0")?;
+    let b = std::net::UdpSocket::bind("[::1]:0")?;
+    let settings = format!(
+        "v1 ::1 {}\nv2 [::1] {}\n",
+        a.local_addr()?.port(),
+        b.local_addr()?.port()
+    );
+    drop((a, b));
+    std::fs::write(net.root().join("peer_settings.txt"), settings)?;
+    net.ok("v1", &["init"])?;
+    net.ok("v2", &["init"])?;
+    let data = random_bytes(300_000, 51);
+    net.put("v1", "six.bin", &data)?;
+    let _v1 = net.serve("v1", &[])?;
+    let folder = net.root().join("downloads");
+    std::fs::create_dir(&folder)?;
+    let json = net.json(
+        "v2",
+        &[
+            "download",
+            "six.bin",
+            "v1",
+            "--output",
+            folder.to_str().unwrap(),
+            "--json",
+        ],
+    )?;
+    assert!(std::fs::read(folder.join("six.bin"))? == data);
+    assert_eq!(json["path"], folder.join("six.bin").to_str().unwrap());
+    assert!(!net.served("v2").join("six.bin").exists());
+    Ok(())
+}
