@@ -222,20 +222,16 @@ impl Server {
 
     /// Waits until the log contains `needle` at least `count` times.
     pub fn wait_for_log_count(&self, needle: &str, count: usize, timeout: Duration) -> TestResult {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.log().matches(needle).count() >= count {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{} never logged {needle:?} x{count}; log:\n{}",
-                    self.id,
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        poll(timeout, || {
+            Ok((self.log().matches(needle).count() >= count).then_some(()))
+        })
+        .with_context(|| {
+            format!(
+                "{} never logged {needle:?} x{count}; log:\n{}",
+                self.id,
+                self.log()
+            )
+        })
     }
 
     /// Sends a signal.
@@ -256,22 +252,34 @@ impl Server {
 
     /// Waits for the process to exit (after a signal), with a deadline; returns its exit status.
     pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
         let child = self.child.as_mut().context("already reaped")?;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                self.child = None;
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{} did not exit within {timeout:?}; log:\n{}",
-                    self.id,
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let status = poll(timeout, || Ok(child.try_wait()?));
+        let status = status.with_context(|| {
+            format!(
+                "{} did not exit within {timeout:?}; log:\n{}",
+                self.id,
+                self.log()
+            )
+        })?;
+        self.child = None;
+        Ok(status)
+    }
+}
+
+/// Calls `check` every 20 ms until it returns a value, or fails after `timeout`.
+pub fn poll<T>(
+    timeout: Duration,
+    mut check: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check()? {
+            return Ok(v);
         }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -31,7 +31,13 @@ pub fn available(test: &str) -> bool {
     false
 }
 
-fn sh(args: &[&str]) -> anyhow::Result<()> {
+/// Runs a command given as one line (arguments separated by spaces).
+fn sh(line: &str) -> anyhow::Result<()> {
+    let args: Vec<&str> = line.split_whitespace().collect();
+    sh_args(&args)
+}
+
+fn sh_args(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new(args[0])
         .args(&args[1..])
         .stdin(Stdio::null())
@@ -68,32 +74,21 @@ impl TestNet {
             switch: switch.clone(),
             hosts: vec![],
         };
-        sh(&["ip", "netns", "add", &switch])?;
-        sh(&["ip", "-n", &switch, "link", "add", "br0", "type", "bridge"])?;
-        sh(&["ip", "-n", &switch, "link", "set", "br0", "up"])?;
+        sh(&format!("ip netns add {switch}"))?;
+        sh(&format!("ip -n {switch} link add br0 type bridge"))?;
+        sh(&format!("ip -n {switch} link set br0 up"))?;
         for i in 1..=n {
             let ns = format!("{prefix}-h{i}");
-            sh(&["ip", "netns", "add", &ns])?;
+            sh(&format!("ip netns add {ns}"))?;
             net.hosts.push(ns.clone());
-            let port = format!("p{i}");
-            sh(&[
-                "ip", "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port,
-                "netns", &switch,
-            ])?;
-            sh(&["ip", "-n", &switch, "link", "set", &port, "master", "br0"])?;
-            sh(&["ip", "-n", &switch, "link", "set", &port, "up"])?;
-            sh(&[
-                "ip",
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("10.99.0.{i}/24"),
-                "dev",
-                "eth0",
-            ])?;
-            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
-            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+            sh(&format!(
+                "ip link add eth0 netns {ns} type veth peer name p{i} netns {switch}"
+            ))?;
+            sh(&format!("ip -n {switch} link set p{i} master br0"))?;
+            sh(&format!("ip -n {switch} link set p{i} up"))?;
+            sh(&format!("ip -n {ns} addr add 10.99.0.{i}/24 dev eth0"))?;
+            sh(&format!("ip -n {ns} link set eth0 up"))?;
+            sh(&format!("ip -n {ns} link set lo up"))?;
         }
         Ok(net)
     }
@@ -110,39 +105,21 @@ impl TestNet {
 
     /// Limits what host `i` sends to `rate` (tc syntax, e.g. "20mbit").
     pub fn limit(&self, i: usize, rate: &str) -> anyhow::Result<()> {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            self.ns(i),
-            "tc",
-            "qdisc",
-            "replace",
-            "dev",
-            "eth0",
-            "root",
-            "tbf",
-            "rate",
-            rate,
-            "burst",
-            "64kb",
-            "latency",
-            "50ms",
-        ])
+        sh(&format!(
+            "ip netns exec {} tc qdisc replace dev eth0 root tbf rate {rate} burst 64kb latency 50ms",
+            self.ns(i)
+        ))
     }
 
     /// Drops `percent`% of the UDP datagrams host `i` sends, at random, one by one (offloads off
     /// so that a drop is one packet, not a batch).
     pub fn loss(&self, i: usize, percent: u32) -> anyhow::Result<()> {
         let ns = self.ns(i);
-        sh(&[
-            "ip", "netns", "exec", ns, "ethtool", "-K", "eth0", "gso", "off", "gro", "off", "tso",
-            "off",
-        ])?;
-        sh(&[
-            "ip", "netns", "exec", ns, "nft", "add", "table", "inet", "qtloss",
-        ])?;
-        sh(&[
+        sh(&format!(
+            "ip netns exec {ns} ethtool -K eth0 gso off gro off tso off"
+        ))?;
+        sh(&format!("ip netns exec {ns} nft add table inet qtloss"))?;
+        sh_args(&[
             "ip",
             "netns",
             "exec",
@@ -155,43 +132,16 @@ impl TestNet {
             "out",
             "{ type filter hook output priority 0 ; }",
         ])?;
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            ns,
-            "nft",
-            "add",
-            "rule",
-            "inet",
-            "qtloss",
-            "out",
-            "meta",
-            "l4proto",
-            "udp",
-            "numgen",
-            "random",
-            "mod",
-            "100",
-            "<",
-            &percent.to_string(),
-            "drop",
-        ])
+        sh(&format!(
+            "ip netns exec {ns} nft add rule inet qtloss out meta l4proto udp numgen random mod 100 < {percent} drop"
+        ))
     }
 
     /// Cuts (`up = false`) or restores host `i`'s link.
     pub fn link(&self, i: usize, up: bool) -> anyhow::Result<()> {
         let state = if up { "up" } else { "down" };
-        sh(&[
-            "ip",
-            "-n",
-            &self.switch,
-            "link",
-            "set",
-            &format!("p{i}"),
-            state,
-        ])
-        .with_context(|| format!("setting {}'s link {state}", self.ns(i)))
+        sh(&format!("ip -n {} link set p{i} {state}", self.switch))
+            .with_context(|| format!("setting {}'s link {state}", self.ns(i)))
     }
 
     /// A prefix unique to this network (for naming).
