@@ -19,7 +19,7 @@ use futures_util::future::join_all;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::client::{Client, ClientError, PeerSource, UploadStatus};
+use crate::client::{Client, ClientError, PeerSource, Redial, UploadStatus};
 use crate::download::{self, DownloadReport, Options};
 use crate::identity::{self, Identity, InitOutcome};
 use crate::manifest::{FileName, Hash32, Manifest, hex, parse_hex};
@@ -364,6 +364,17 @@ impl Node {
         {
             return Ok(c.clone());
         }
+        let dial = self.redial(entry)?;
+        let client = Client::connect(&dial.endpoint, dial.config, &entry.id, entry.addr).await?;
+        self.clients
+            .lock()
+            .await
+            .insert(entry.id.clone(), client.clone());
+        Ok(client)
+    }
+
+    /// What connecting to `entry` needs: our endpoint and a configuration pinning its certificate.
+    fn redial(&self, entry: &PeerEntry) -> Result<Redial, ClientError> {
         let unreachable = |reason: String| ClientError::Unreachable {
             peer: entry.id.clone(),
             addr: entry.addr,
@@ -374,12 +385,11 @@ impl Node {
         let config = tls::client_config(&self.identity, &entry.id, pinned)
             .map_err(|e| unreachable(e.to_string()))?;
         let endpoint = self.endpoint_for(entry.addr).map_err(unreachable)?;
-        let client = Client::connect(&endpoint, config, &entry.id, entry.addr).await?;
-        self.clients
-            .lock()
-            .await
-            .insert(entry.id.clone(), client.clone());
-        Ok(client)
+        Ok(Redial {
+            endpoint,
+            config,
+            addr: entry.addr,
+        })
     }
 
     fn select(&self, named: &[PeerId]) -> anyhow::Result<Vec<PeerEntry>> {
@@ -655,12 +665,13 @@ impl Node {
             );
         }
 
-        let sources: Vec<Arc<PeerSource>> = agreement
-            .members
-            .iter()
-            .filter_map(|&i| clients[i].clone())
-            .map(|c| Arc::new(PeerSource::new(c, name.clone())))
-            .collect();
+        let mut sources: Vec<Arc<PeerSource>> = Vec::new();
+        for &i in &agreement.members {
+            if let Some(client) = clients[i].clone() {
+                let redial = self.redial(&candidates[i])?;
+                sources.push(Arc::new(PeerSource::new(client, name.clone(), redial)));
+            }
+        }
         // The temporary file is named after the version, so an interrupted download of the same
         // version resumes from the chunks it holds (re-verified from disk, never trusted).
         let tag = hex(&manifest.blake3())[..16].to_owned();
@@ -682,7 +693,7 @@ impl Node {
         };
         let engine = download::run(
             manifest.clone(),
-            sources,
+            sources.clone(),
             partial.clone(),
             &have,
             &opts,
@@ -698,6 +709,10 @@ impl Node {
         };
         if let Some(bar) = &bar {
             bar.finish_and_clear();
+        }
+        // Connections made again during the download are not in the session's pool: close them.
+        for source in &sources {
+            source.close().await;
         }
         let report = match outcome {
             Ok(r) => r,
@@ -841,6 +856,7 @@ struct Fault {
     peer: String,
     corrupt_chunks: u32,
     failed_requests: u32,
+    reconnects: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     dropped: Option<String>,
 }
@@ -887,6 +903,7 @@ impl DownloadOut {
                     peer: s.name.clone(),
                     corrupt_chunks: s.corrupt,
                     failed_requests: s.failures,
+                    reconnects: s.reconnects,
                     dropped: s.dropped.clone(),
                 })
                 .collect(),

@@ -370,23 +370,58 @@ fn explain(peer: &PeerId, e: &quinn::ConnectionError) -> String {
     }
 }
 
-/// A peer serving one file, as the download engine sees it.
+/// How to connect to a peer again: its endpoint, pinned configuration and address.
 #[derive(Debug, Clone)]
+pub struct Redial {
+    /// The local endpoint.
+    pub endpoint: quinn::Endpoint,
+    /// The client configuration pinning the peer's certificate.
+    pub config: quinn::ClientConfig,
+    /// The peer's address.
+    pub addr: SocketAddr,
+}
+
+/// A peer serving one file, as the download engine sees it. If its connection is lost, the next
+/// request connects again (the engine decides when to ask, with backoff).
+#[derive(Debug)]
 pub struct PeerSource {
-    client: Client,
+    client: tokio::sync::Mutex<Client>,
+    redial: Redial,
     name: FileName,
     label: String,
 }
 
 impl PeerSource {
-    /// `client` serving `name`.
-    pub fn new(client: Client, name: FileName) -> Self {
+    /// `client` serving `name`, reconnecting with `redial` when needed.
+    pub fn new(client: Client, name: FileName, redial: Redial) -> Self {
         let label = client.peer().to_string();
         Self {
-            client,
+            client: tokio::sync::Mutex::new(client),
+            redial,
             name,
             label,
         }
+    }
+
+    /// The current connection, made again if the last one was lost.
+    async fn client(&self) -> Result<Client, ClientError> {
+        let mut current = self.client.lock().await;
+        if !current.is_open() {
+            let peer = current.peer().clone();
+            *current = Client::connect(
+                &self.redial.endpoint,
+                self.redial.config.clone(),
+                &peer,
+                self.redial.addr,
+            )
+            .await?;
+        }
+        Ok(current.clone())
+    }
+
+    /// Closes the current connection.
+    pub async fn close(&self) {
+        self.client.lock().await.close();
     }
 }
 
@@ -396,16 +431,19 @@ impl ChunkSource for PeerSource {
     }
 
     async fn read_chunk(&self, _index: u32, offset: u64, len: u32) -> Result<Bytes, SourceError> {
-        self.client
+        let fail = |e: ClientError| SourceError {
+            fatal: e.is_fatal(),
+            message: e.to_string(),
+        };
+        let client = self.client().await.map_err(fail)?;
+        client
             .read_chunk(&self.name, offset, len)
             .await
-            .map_err(|e| SourceError {
-                fatal: e.is_fatal(),
-                message: e.to_string(),
-            })
+            .map_err(fail)
     }
 
     fn rtt(&self) -> Option<Duration> {
-        Some(self.client.rtt())
+        // Not waiting for a reconnect in progress: the window keeps its last size meanwhile.
+        self.client.try_lock().ok().map(|c| c.rtt())
     }
 }

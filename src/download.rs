@@ -86,6 +86,11 @@ pub struct Options {
     pub max_strikes: u32,
     /// Failed requests in a row before a source is dropped.
     pub max_failures: u32,
+    /// Times a source whose connection is lost is given a rest and tried again (the source
+    /// reconnects on its next request) before it is dropped.
+    pub max_reconnects: u32,
+    /// The first rest; each further one doubles it.
+    pub reconnect_backoff: Duration,
     /// Longest one chunk request may take before it counts as failed.
     pub request_timeout: Duration,
     /// Most copies of one chunk in flight at once during the endgame.
@@ -102,6 +107,8 @@ impl Default for Options {
             max_in_flight_bytes: 16 << 20,
             max_strikes: 3,
             max_failures: 4,
+            max_reconnects: 3,
+            reconnect_backoff: Duration::from_secs(1),
             request_timeout: Duration::from_secs(60),
             max_copies: 2,
         }
@@ -125,6 +132,8 @@ pub struct SourceReport {
     pub dropped: Option<String>,
     /// The largest window it was given.
     pub max_window: usize,
+    /// Times it lost its connection and was tried again.
+    pub reconnects: u32,
 }
 
 /// What a download did.
@@ -239,6 +248,10 @@ struct SourceState {
     sample_bytes: u64,
     sample_start: Instant,
     window: usize,
+    /// Lost connections since it last delivered a chunk.
+    lost: u32,
+    /// Not asked for anything until then (its connection was lost).
+    resting_until: Option<Instant>,
 }
 
 /// How long a delivery-rate sample lasts before it updates the smoothed rate.
@@ -322,6 +335,8 @@ pub async fn run<S: ChunkSource>(
             sample_bytes: 0,
             sample_start: Instant::now(),
             window: 0,
+            lost: 0,
+            resting_until: None,
         })
         .collect();
     let mut done_bytes = resumed_bytes;
@@ -344,7 +359,20 @@ pub async fn run<S: ChunkSource>(
     while remaining > 0 {
         // Fill every live source's window: pending chunks first, then endgame duplicates.
         // One request per source per pass, so a small file is spread over every source.
-        let live: Vec<usize> = (0..srcs.len()).filter(|&s| srcs[s].live).collect();
+        let now = Instant::now();
+        for src in &mut srcs {
+            if src.resting_until.is_some_and(|t| t <= now) {
+                src.resting_until = None;
+            }
+        }
+        let live: Vec<usize> = (0..srcs.len())
+            .filter(|&s| srcs[s].live && srcs[s].resting_until.is_none())
+            .collect();
+        let next_wake = srcs
+            .iter()
+            .filter(|s| s.live)
+            .filter_map(|s| s.resting_until)
+            .min();
         for &s in &live {
             srcs[s].resize(opts, sources[s].rtt(), manifest.chunk_size());
         }
@@ -400,6 +428,11 @@ pub async fn run<S: ChunkSource>(
             open = assigned;
         }
         if fetches.is_empty() && checks.is_empty() {
+            if let Some(wake) = next_wake {
+                // Only resting sources are left: wait for the first to be tried again.
+                tokio::time::sleep_until(wake.into()).await;
+                continue;
+            }
             let reasons = srcs
                 .iter()
                 .map(|s| {
@@ -415,6 +448,8 @@ pub async fn run<S: ChunkSource>(
         }
 
         tokio::select! {
+            // A resting source may be asked again.
+            () = tokio::time::sleep_until(next_wake.unwrap_or(now).into()), if next_wake.is_some() => {}
             Some((s, c, result)) = fetches.next(), if !fetches.is_empty() => {
                 let st = &mut chunks[c as usize];
                 st.fetching -= 1;
@@ -451,8 +486,23 @@ pub async fn run<S: ChunkSource>(
                         let src = &mut srcs[s];
                         src.report.failures += 1;
                         src.failures_in_a_row += 1;
-                        st.failed_by |= bit(s);
-                        if src.live && (e.fatal || src.failures_in_a_row >= opts.max_failures) {
+                        // A lost connection says nothing about the chunk: after reconnecting, the
+                        // source may take it again. A timeout or an error answer does.
+                        if !e.fatal {
+                            st.failed_by |= bit(s);
+                        }
+                        let resting = src.resting_until.is_some_and(|t| t > Instant::now());
+                        if src.live && e.fatal && !resting && src.lost < opts.max_reconnects {
+                            // Connection lost: rest, then the source reconnects on its next request.
+                            let rest = opts.reconnect_backoff * 2u32.pow(src.lost.min(16));
+                            src.lost += 1;
+                            src.report.reconnects += 1;
+                            src.resting_until = Some(Instant::now() + rest);
+                            tracing::info!(source = %src.report.name, "connection lost; trying again in {rest:?}");
+                        } else if src.live
+                            && !resting
+                            && (e.fatal || src.failures_in_a_row >= opts.max_failures)
+                        {
                             src.live = false;
                             src.report.dropped = Some(e.message.clone());
                         }
@@ -478,6 +528,7 @@ pub async fn run<S: ChunkSource>(
                         src.report.bytes += len;
                         src.report.chunks += 1;
                         src.failures_in_a_row = 0;
+                        src.lost = 0;
                         src.delivered(len);
                         progress(Progress { done: done_bytes, total: manifest.size() });
                     }
@@ -567,8 +618,10 @@ mod tests {
     struct Fake {
         name: String,
         data: Arc<Vec<u8>>,
-        /// Requests served before every later one fails fatally.
+        /// Requests served before later ones fail fatally ...
         fail_after: Option<usize>,
+        /// ... until this many requests were made (then it works again).
+        recover_at: Option<usize>,
         /// Chunks it serves corrupted.
         corrupt: HashSet<u32>,
         /// Corrupt every chunk.
@@ -589,6 +642,7 @@ mod tests {
                 name: name.into(),
                 data: data.clone(),
                 fail_after: None,
+                recover_at: None,
                 corrupt: HashSet::new(),
                 lie_always: false,
                 delay: Duration::from_millis(1),
@@ -620,7 +674,7 @@ mod tests {
             }
             tokio::time::sleep(self.delay).await;
             let n = self.served.fetch_add(1, Ordering::SeqCst);
-            if self.fail_after.is_some_and(|f| n >= f) {
+            if self.fail_after.is_some_and(|f| n >= f) && self.recover_at.is_none_or(|r| n < r) {
                 return Err(SourceError {
                     message: "connection lost".into(),
                     fatal: true,
@@ -729,12 +783,43 @@ mod tests {
         let mut dying = Fake::new("dying", &d);
         dying.fail_after = Some(3);
         let srcs = vec![dying, Fake::new("ok", &d)];
-        let (r, _, _dir) = fetch(&d, srcs, Options::default()).await;
+        // No second chance: the drop path (retrying is tested below).
+        let opts = Options {
+            max_reconnects: 0,
+            ..Options::default()
+        };
+        let (r, _, _dir) = fetch(&d, srcs, opts).await;
         let r = r.unwrap();
         assert_eq!(r.sources[0].dropped.as_deref(), Some("connection lost"));
         assert!(
             r.sources[0].failures > 0 && r.sources[0].bytes == 3 * 256 * 1024,
             "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_source_that_loses_its_connection_is_tried_again_and_used() {
+        let d = data(4 << 20);
+        // Requests 2..6 fail (its connection is "lost" twice: each retry spends its window of
+        // 2), then it works again while the slow source is still busy.
+        let mut flaky = Fake::new("flaky", &d);
+        flaky.fail_after = Some(2);
+        flaky.recover_at = Some(6);
+        let mut slow = Fake::new("slow", &d);
+        slow.delay = Duration::from_millis(30);
+        let opts = Options {
+            reconnect_backoff: Duration::from_millis(20),
+            fixed_window: Some(2),
+            ..Options::default()
+        };
+        let (r, srcs, _dir) = fetch(&d, vec![flaky, slow], opts).await;
+        let r = r.unwrap();
+        assert!(r.sources[0].reconnects >= 1, "{r:?}");
+        assert!(r.sources[0].dropped.is_none(), "{r:?}");
+        let served_after_recovery = srcs[0].served.load(Ordering::SeqCst);
+        assert!(
+            served_after_recovery > 9,
+            "used again after it recovered: {r:?}"
         );
     }
 
@@ -790,7 +875,11 @@ mod tests {
         a.fail_after = Some(0);
         let mut b = Fake::new("b", &d);
         b.lie_always = true;
-        let (r, _, dir) = fetch(&d, vec![a, b], Options::default()).await;
+        let opts = Options {
+            reconnect_backoff: Duration::from_millis(1),
+            ..Options::default()
+        };
+        let (r, _, dir) = fetch(&d, vec![a, b], opts).await;
         let err = r.unwrap_err().to_string();
         assert!(
             err.contains("a: connection lost") && err.contains("b: sent 3 corrupt chunks"),

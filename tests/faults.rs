@@ -181,3 +181,34 @@ fn twenty_downloaders_at_once_then_two_hundred_in_a_row_with_flat_seeder_memory(
     );
     Ok(())
 }
+
+#[test]
+fn a_seeder_restarted_mid_download_is_reconnected_and_used_again() -> TestResult {
+    let net = Net::new(&["p1", "p2", "p3"])?;
+    // p1 is slow (256 KiB/s: alone it would need about a minute), so the download is certainly
+    // still running when p2 is back, however long its restart and the retry backoff take.
+    let data = random_bytes(12 << 20, 61);
+    net.put("p1", "f.bin", &data)?;
+    net.put("p2", "f.bin", &data)?;
+    let _p1 = net.serve("p1", &["--max-upload-rate", "256K"])?;
+    let mut servers = [net.serve("p2", &["--max-upload-rate", "1M"])?];
+    let download = net.spawn("p3", &["download", "f.bin", "--json"])?;
+    servers[0].wait_for_log_count("read_chunk f.bin", 2, WAIT)?;
+    // A restart: SIGTERM (connections closed with "shutting down"), then serve again.
+    servers[0].signal(libc::SIGTERM);
+    assert!(servers[0].wait_exit(Duration::from_secs(15))?.success());
+    let again = net.serve("p2", &["--max-upload-rate", "1M"])?;
+    again.wait_for_log("read_chunk f.bin", WAIT)?;
+    let out = Out::of(download)?;
+    assert!(out.success(), "{out}");
+    assert!(std::fs::read(net.served("p3").join("f.bin"))? == data);
+    let json = out.json()?;
+    let p2 = json["faults"]
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["peer"] == "p2"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(p2["reconnects"].as_u64().unwrap_or(0) >= 1, "{json}");
+    assert!(p2.get("dropped").is_none(), "{json}");
+    Ok(())
+}
