@@ -471,7 +471,7 @@ fn probe_via(root: &Root, total: u64, relay: Option<(Duration, f64)>) -> anyhow:
     let client_cfg = tls::client_config(&client_id, &s1, server_id.cert.clone())?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let (server, _) = tls::bind_endpoint("127.0.0.1:0".parse()?, Some(server_cfg))?;
+        let (server, _) = tls::bind_endpoint("127.0.0.1:0".parse()?, Some(server_cfg), None)?;
         let mut addr = server.local_addr()?;
         // The relay runs its own runtime: start it from a plain thread, and hand it back out of
         // this one to be dropped outside it.
@@ -510,7 +510,7 @@ fn probe_via(root: &Root, total: u64, relay: Option<(Duration, f64)>) -> anyhow:
                 });
             }
         });
-        let (client, _) = tls::bind_endpoint("127.0.0.1:0".parse()?, None)?;
+        let (client, _) = tls::bind_endpoint("127.0.0.1:0".parse()?, None, None)?;
         let conn = client
             .connect_with(client_cfg, addr, tls::SERVER_NAME)?
             .await?;

@@ -238,7 +238,8 @@ async fn serve(root: &Root, me: &PeerId, args: &ServeArgs) -> anyhow::Result<Exi
         .or(peers.get(me).map(|e| e.addr))
         .context("no address to listen on")?;
     let (endpoint, capped) =
-        tls::bind_endpoint(addr, Some(config)).with_context(|| format!("listening on {addr}"))?;
+        tls::bind_endpoint(addr, Some(config), Some(tls::reset_key(&identity)))
+            .with_context(|| format!("listening on {addr}"))?;
     if let Some(granted) = capped {
         tracing::warn!(
             "the kernel capped the UDP receive buffer at {} (wanted {}); raise net.core.rmem_max for full speed",
@@ -348,8 +349,8 @@ impl Node {
         }
         .parse()
         .map_err(|e| format!("{e}"))?;
-        let (endpoint, capped) =
-            tls::bind_endpoint(any, None).map_err(|e| format!("binding a UDP socket: {e}"))?;
+        let (endpoint, capped) = tls::bind_endpoint(any, None, None)
+            .map_err(|e| format!("binding a UDP socket: {e}"))?;
         if let Some(granted) = capped {
             tracing::debug!("UDP receive buffer capped at {granted} bytes");
         }

@@ -173,12 +173,23 @@ pub fn transport_config() -> quinn::TransportConfig {
     t
 }
 
-/// Binds a UDP socket at `addr` with enlarged buffers and makes a quinn endpoint of it.
+/// The stateless-reset key of a serving peer, derived from its private key.
+///
+/// With a key that survives restarts, a peer that crashed and came back answers packets of its
+/// old connections with a valid stateless reset (RFC 9000 §10.3), so clients learn at once that
+/// those connections are gone (and reconnect) instead of waiting for the idle timeout.
+pub fn reset_key(identity: &Identity) -> [u8; 32] {
+    blake3::derive_key("qnode stateless reset key v1", identity.key.secret_der())
+}
+
+/// Binds a UDP socket at `addr` with enlarged buffers and makes a quinn endpoint of it, with
+/// `reset_key` for stateless resets (a random one if `None`).
 ///
 /// Returns the endpoint and, if the kernel capped the receive buffer, the size it granted.
 pub fn bind_endpoint(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
+    reset_key: Option<[u8; 32]>,
 ) -> std::io::Result<(quinn::Endpoint, Option<usize>)> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
@@ -192,12 +203,25 @@ pub fn bind_endpoint(
     // Linux reports twice the usable size it granted.
     let granted = socket.recv_buffer_size().unwrap_or(0) / 2;
     let capped = (granted < UDP_BUFFER).then_some(granted);
-    let endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        server,
-        socket.into(),
-        Arc::new(quinn::TokioRuntime),
-    )?;
+    let config = match reset_key {
+        Some(key) => {
+            let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
+            let mut config = quinn::EndpointConfig::new(Arc::new(hmac));
+            // Connection IDs are checked with a keyed hash before a reset is even considered:
+            // that key must survive restarts too.
+            let derived = blake3::derive_key("qnode connection id key v1", &key);
+            let mut cid_key = [0u8; 8];
+            cid_key.copy_from_slice(&derived[..8]);
+            let cid_key = u64::from_le_bytes(cid_key);
+            config.cid_generator(move || {
+                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+            });
+            config
+        }
+        None => quinn::EndpointConfig::default(),
+    };
+    let endpoint =
+        quinn::Endpoint::new(config, server, socket.into(), Arc::new(quinn::TokioRuntime))?;
     Ok((endpoint, capped))
 }
 

@@ -212,3 +212,26 @@ fn a_seeder_restarted_mid_download_is_reconnected_and_used_again() -> TestResult
     assert!(p2.get("dropped").is_none(), "{json}");
     Ok(())
 }
+
+#[test]
+fn a_seeder_killed_and_restarted_resets_old_connections_and_is_used_again() -> TestResult {
+    let net = Net::new(&["p1", "p2", "p3"])?;
+    let data = random_bytes(12 << 20, 62);
+    net.put("p1", "f.bin", &data)?;
+    net.put("p2", "f.bin", &data)?;
+    let _p1 = net.serve("p1", &["--max-upload-rate", "256K"])?;
+    let mut p2 = net.serve("p2", &["--max-upload-rate", "1M"])?;
+    let download = net.spawn("p3", &["download", "f.bin", "--json"])?;
+    p2.wait_for_log_count("read_chunk f.bin", 2, WAIT)?;
+    // A crash: no goodbye to anyone. The restarted process has the same identity, so the same
+    // stateless-reset key: it resets the old connection when the downloader next sends on it (a
+    // keep-alive within 5 s), and the downloader reconnects. Without that, the downloader would
+    // only notice at the 30 s idle timeout; the bound below is half of that.
+    p2.kill();
+    let again = net.serve("p2", &["--max-upload-rate", "1M"])?;
+    again.wait_for_log("read_chunk f.bin", Duration::from_secs(15))?;
+    let out = Out::of(download)?;
+    assert!(out.success(), "{out}");
+    assert!(std::fs::read(net.served("p3").join("f.bin"))? == data);
+    Ok(())
+}

@@ -23,7 +23,7 @@ async fn connect(
     let peer: PeerId = peer.parse()?;
     let id = identity::load(&root, &me)?;
     let config = tls::client_config(&id, &peer, identity::load_cert(&root, &peer)?)?;
-    let (endpoint, _) = tls::bind_endpoint("127.0.0.1:0".parse()?, None)?;
+    let (endpoint, _) = tls::bind_endpoint("127.0.0.1:0".parse()?, None, None)?;
     let port = net
         .peers
         .iter()
