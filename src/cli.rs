@@ -466,11 +466,7 @@ impl Node {
         let files = tokio::task::spawn_blocking(move || Store::open(dir)?.list()).await??;
         Ok(files
             .into_iter()
-            .map(|(name, m)| crate::protocol::FileEntry {
-                name,
-                size: m.size(),
-                blake3: m.blake3(),
-            })
+            .map(|(name, m)| crate::protocol::FileEntry::new(name, &m))
             .collect())
     }
 

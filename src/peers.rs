@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 
 /// Longest peer ID accepted, in bytes.
@@ -221,11 +221,6 @@ impl Root {
     /// A root at `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self { dir: dir.into() }
-    }
-
-    /// The root folder itself.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// `peer_settings.txt`.

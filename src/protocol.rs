@@ -90,6 +90,17 @@ pub struct FileEntry {
     pub blake3: Hash32,
 }
 
+impl FileEntry {
+    /// The listing entry of `name`, described by `manifest`.
+    pub fn new(name: FileName, manifest: &Manifest) -> Self {
+        Self {
+            name,
+            size: manifest.size(),
+            blake3: manifest.blake3(),
+        }
+    }
+}
+
 /// A response frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {

@@ -325,11 +325,7 @@ async fn handle_list(send: &mut quinn::SendStream, server: &Server) -> Result<St
     }
     let entries: Vec<FileEntry> = files
         .into_iter()
-        .map(|(name, m)| FileEntry {
-            name,
-            size: m.size(),
-            blake3: m.blake3(),
-        })
+        .map(|(name, m)| FileEntry::new(name, &m))
         .collect();
     let count = entries.len();
     respond(send, &Response::Files(entries)).await;

@@ -471,11 +471,6 @@ impl PartialFile {
         Ok(())
     }
 
-    /// The final path.
-    pub fn target(&self) -> &Path {
-        &self.target
-    }
-
     /// Whether an earlier attempt's temporary file was found and kept.
     pub fn resumed(&self) -> bool {
         self.resumed
@@ -505,11 +500,6 @@ impl PartialFile {
                 Ok(manifest.verify_chunk(i, &buf))
             })
             .collect()
-    }
-
-    /// The size it will have.
-    pub fn size(&self) -> u64 {
-        self.size
     }
 
     /// Writes `data` at `offset` (positional; safe to call from several threads at once).

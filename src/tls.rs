@@ -65,16 +65,6 @@ impl Pins {
     pub fn peer_of(&self, cert: &CertificateDer<'_>) -> Option<&PeerId> {
         self.by_der.get(cert.as_ref())
     }
-
-    /// How many certificates are pinned.
-    pub fn len(&self) -> usize {
-        self.by_der.len()
-    }
-
-    /// Whether no certificate is pinned.
-    pub fn is_empty(&self) -> bool {
-        self.by_der.is_empty()
-    }
 }
 
 /// A TLS configuration could not be built.

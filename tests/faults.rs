@@ -115,18 +115,6 @@ fn a_full_disk_fails_cleanly_and_the_peer_keeps_serving() -> TestResult {
     Ok(())
 }
 
-/// Current resident memory of a process, in KiB.
-fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 #[test]
 fn twenty_downloaders_at_once_then_two_hundred_in_a_row_with_flat_seeder_memory() -> TestResult {
     let downloaders: Vec<String> = (1..=20).map(|i| format!("d{i}")).collect();
@@ -150,7 +138,7 @@ fn twenty_downloaders_at_once_then_two_hundred_in_a_row_with_flat_seeder_memory(
 
     let small = random_bytes(64 << 10, 42);
     net.put("p1", "small.bin", &small)?;
-    let start = rss_kib(servers[0].pid());
+    let start = util::proc_status_kib(servers[0].pid(), "VmRSS");
     let out_path = net.root().join("again.bin");
     for i in 0..200 {
         let _ = std::fs::remove_file(&out_path);
@@ -167,7 +155,7 @@ fn twenty_downloaders_at_once_then_two_hundred_in_a_row_with_flat_seeder_memory(
         assert!(out.success(), "download {i}: {out}");
     }
     assert!(std::fs::read(&out_path)? == small);
-    let end = rss_kib(servers[0].pid());
+    let end = util::proc_status_kib(servers[0].pid(), "VmRSS");
     use std::io::Write;
     let _ = writeln!(
         std::io::stderr(),
@@ -182,27 +170,42 @@ fn twenty_downloaders_at_once_then_two_hundred_in_a_row_with_flat_seeder_memory(
     Ok(())
 }
 
-#[test]
-fn a_seeder_restarted_mid_download_is_reconnected_and_used_again() -> TestResult {
+/// p1 (slow) and p2 serve a file to p3; once p2 has served two chunks, `stop` takes it down and it
+/// is started again, and must be asked for chunks again within `back_within`. Returns the
+/// download's JSON, after checking the download succeeded byte for byte.
+fn seeder_goes_down_and_comes_back(
+    seed: u64,
+    stop: impl FnOnce(&mut util::Server) -> TestResult,
+    back_within: Duration,
+) -> anyhow::Result<serde_json::Value> {
     let net = Net::new(&["p1", "p2", "p3"])?;
     // p1 is slow (256 KiB/s: alone it would need about a minute), so the download is certainly
     // still running when p2 is back, however long its restart and the retry backoff take.
-    let data = random_bytes(12 << 20, 61);
+    let data = random_bytes(12 << 20, seed);
     net.put("p1", "f.bin", &data)?;
     net.put("p2", "f.bin", &data)?;
     let _p1 = net.serve("p1", &["--max-upload-rate", "256K"])?;
-    let mut servers = [net.serve("p2", &["--max-upload-rate", "1M"])?];
+    let mut p2 = net.serve("p2", &["--max-upload-rate", "1M"])?;
     let download = net.spawn("p3", &["download", "f.bin", "--json"])?;
-    servers[0].wait_for_log_count("read_chunk f.bin", 2, WAIT)?;
-    // A restart: SIGTERM (connections closed with "shutting down"), then serve again.
-    servers[0].signal(libc::SIGTERM);
-    assert!(servers[0].wait_exit(Duration::from_secs(15))?.success());
+    p2.wait_for_log_count("read_chunk f.bin", 2, WAIT)?;
+    stop(&mut p2)?;
     let again = net.serve("p2", &["--max-upload-rate", "1M"])?;
-    again.wait_for_log("read_chunk f.bin", WAIT)?;
+    again.wait_for_log("read_chunk f.bin", back_within)?;
     let out = Out::of(download)?;
     assert!(out.success(), "{out}");
     assert!(std::fs::read(net.served("p3").join("f.bin"))? == data);
-    let json = out.json()?;
+    out.json()
+}
+
+#[test]
+fn a_seeder_restarted_mid_download_is_reconnected_and_used_again() -> TestResult {
+    // A restart: SIGTERM (connections closed with "shutting down"), then serve again.
+    let sigterm = |p2: &mut util::Server| {
+        p2.signal(libc::SIGTERM);
+        assert!(p2.wait_exit(Duration::from_secs(15))?.success());
+        Ok(())
+    };
+    let json = seeder_goes_down_and_comes_back(61, sigterm, WAIT)?;
     let p2 = json["faults"]
         .as_array()
         .and_then(|f| f.iter().find(|f| f["peer"] == "p2"))
@@ -215,23 +218,14 @@ fn a_seeder_restarted_mid_download_is_reconnected_and_used_again() -> TestResult
 
 #[test]
 fn a_seeder_killed_and_restarted_resets_old_connections_and_is_used_again() -> TestResult {
-    let net = Net::new(&["p1", "p2", "p3"])?;
-    let data = random_bytes(12 << 20, 62);
-    net.put("p1", "f.bin", &data)?;
-    net.put("p2", "f.bin", &data)?;
-    let _p1 = net.serve("p1", &["--max-upload-rate", "256K"])?;
-    let mut p2 = net.serve("p2", &["--max-upload-rate", "1M"])?;
-    let download = net.spawn("p3", &["download", "f.bin", "--json"])?;
-    p2.wait_for_log_count("read_chunk f.bin", 2, WAIT)?;
     // A crash: no goodbye to anyone. The restarted process has the same identity, so the same
     // stateless-reset key: it resets the old connection when the downloader next sends on it (a
     // keep-alive within 5 s), and the downloader reconnects. Without that, the downloader would
-    // only notice at the 30 s idle timeout; the bound below is half of that.
-    p2.kill();
-    let again = net.serve("p2", &["--max-upload-rate", "1M"])?;
-    again.wait_for_log("read_chunk f.bin", Duration::from_secs(15))?;
-    let out = Out::of(download)?;
-    assert!(out.success(), "{out}");
-    assert!(std::fs::read(net.served("p3").join("f.bin"))? == data);
+    // only notice at the 30 s idle timeout; the bound is half of that.
+    let sigkill = |p2: &mut util::Server| {
+        p2.kill();
+        Ok(())
+    };
+    seeder_goes_down_and_comes_back(62, sigkill, Duration::from_secs(15))?;
     Ok(())
 }

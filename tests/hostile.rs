@@ -240,12 +240,7 @@ async fn hostile_requests_are_refused_and_the_server_keeps_serving() -> TestResu
     }
 
     // Still up, memory bounded, nothing escaped served_files, no panic in its log.
-    let rss = std::fs::read_to_string(format!("/proc/{}/status", server.pid()))?;
-    let rss_kib: u64 = rss
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0);
+    let rss_kib = util::proc_status_kib(server.pid(), "VmHWM");
     assert!(
         rss_kib < 128 * 1024,
         "server peak RSS {rss_kib} KiB after the hostile run"

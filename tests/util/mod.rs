@@ -336,6 +336,19 @@ impl std::fmt::Display for Out {
     }
 }
 
+/// A size field (`VmRSS`, `VmHWM`, …) of a process's /proc status, in KiB (0 if unreadable).
+pub fn proc_status_kib(pid: i32, field: &str) -> u64 {
+    let prefix = format!("{field}:");
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(&prefix))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Deterministic pseudo-random bytes (xorshift), different per seed.
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

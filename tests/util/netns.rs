@@ -54,7 +54,6 @@ fn sh_args(args: &[&str]) -> anyhow::Result<()> {
 
 /// The test network.
 pub struct TestNet {
-    prefix: String,
     switch: String,
     hosts: Vec<String>,
 }
@@ -70,7 +69,6 @@ impl TestNet {
         );
         let switch = format!("{prefix}-sw");
         let mut net = Self {
-            prefix: prefix.clone(),
             switch: switch.clone(),
             hosts: vec![],
         };
@@ -142,11 +140,6 @@ impl TestNet {
         let state = if up { "up" } else { "down" };
         sh(&format!("ip -n {} link set p{i} {state}", self.switch))
             .with_context(|| format!("setting {}'s link {state}", self.ns(i)))
-    }
-
-    /// A prefix unique to this network (for naming).
-    pub fn prefix(&self) -> &str {
-        &self.prefix
     }
 }
 
