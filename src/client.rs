@@ -204,17 +204,31 @@ impl Client {
         }
         // `len` is what we asked for, bounded by our own manifest, so this allocation is ours to size.
         // The bytes start on a page boundary inside the buffer, so the store can write them with
-        // O_DIRECT (no page-cache copy).
-        let mut buf = vec![0u8; len as usize + PAGE];
+        // O_DIRECT (no page-cache copy). They are appended as quinn hands them over: one copy, and
+        // no zeroing of a buffer about to be overwritten.
+        let want = len as usize;
+        let mut buf: Vec<u8> = Vec::with_capacity(want + PAGE);
         let start = buf.as_ptr().align_offset(PAGE).min(PAGE);
-        recv.read_exact(&mut buf[start..start + len as usize])
-            .await
-            .map_err(|e| {
-                self.protocol(ProtocolError::Io(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    e,
-                )))
-            })?;
+        buf.resize(start, 0);
+        let broken = |why: String| {
+            self.protocol(ProtocolError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                why,
+            )))
+        };
+        while buf.len() < start + want {
+            let left = start + want - buf.len();
+            match recv.read_chunk(left, true).await {
+                Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+                Ok(None) => {
+                    return Err(broken(format!(
+                        "stream ended after {} of {want} bytes",
+                        buf.len() - start
+                    )));
+                }
+                Err(e) => return Err(broken(e.to_string())),
+            }
+        }
         Ok(Bytes::from(buf).slice(start..start + len as usize))
     }
 
