@@ -25,7 +25,8 @@
 //! Environment: `QNODE_BENCH_SIZE` (bytes, default 1 GiB), `QNODE_BENCH_NS_SIZE` (namespace
 //! scenarios, default 256 MiB), `QNODE_BENCH_LONG_SIZE` (relay scenarios, default 512 MiB: at
 //! 100 ms a shorter transfer mostly measures slow start), `QNODE_BENCH_RUNS` (default 3), `QNODE_BENCH_ONLY` (a comma
-//! list of `loopback`, `small`, `long`, `ns`), `QNODE_BENCH_SKIP_NS=1`.
+//! list of `loopback`, `small`, `long`, `ns`), `QNODE_BENCH_SKIP_NS=1`, `QNODE_BENCH_BIN` (another
+//! qnode binary to measure, e.g. a copy of an earlier build).
 //! Every namespace and process it starts is removed at the end, also on failure.
 
 use std::path::{Path, PathBuf};
@@ -35,7 +36,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
-const QNODE: &str = env!("CARGO_BIN_EXE_qnode");
+/// The qnode binary under test: this build's, or `QNODE_BENCH_BIN` (to compare two builds).
+fn qnode() -> String {
+    std::env::var("QNODE_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_qnode").into())
+}
 
 fn env_u64(key: &str, default: u64) -> u64 {
     std::env::var(key)
@@ -213,10 +217,10 @@ impl Root {
         let mut c = match ns {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, QNODE]);
+                c.args(["netns", "exec", ns, &qnode()]);
                 c
             }
-            None => Command::new(QNODE),
+            None => Command::new(qnode()),
         };
         c.arg("--root")
             .arg(self.path())
@@ -316,7 +320,10 @@ fn random_file(path: &Path, size: u64) -> anyhow::Result<()> {
         f.write_all(&buf[..n])?;
         left -= n as u64;
     }
-    f.flush()?;
+    // On disk before anything is timed: otherwise the kernel writes the fresh file back while
+    // the transfer runs, competing with the downloader's own writes (8 sources at 200 Mbit/s
+    // measured 159 MB/s that way, against 188 MB/s from a settled file).
+    f.into_inner()?.sync_all()?;
     Ok(())
 }
 
@@ -697,11 +704,16 @@ fn ns_run(rates: &[&str], loss_pct: u32, size: u64) -> anyhow::Result<(Usage, Ve
     let root = Root::new(&refs)?;
     let file = root.path().join("payload.bin");
     random_file(&file, size)?;
+    // Every link first: a new link changes the file's ctime, which tells a server that already
+    // hashed it that the file changed (it hashes it again, inside the timed download).
+    for i in 1..=rates.len() {
+        let served = root.served(&format!("s{i}")).join("big.bin");
+        std::fs::hard_link(&file, &served)
+            .or_else(|_| std::fs::copy(&file, &served).map(|_| ()))?;
+    }
     let mut servers = Vec::new();
     for i in 1..=rates.len() {
         let id = format!("s{i}");
-        std::fs::hard_link(&file, root.served(&id).join("big.bin"))
-            .or_else(|_| std::fs::copy(&file, root.served(&id).join("big.bin")).map(|_| ()))?;
         servers.push(root.serve(Some(&format!("qb-s{i}")), &id, &[], ("d", Some("qb-c")))?);
         root.cmd(Some("qb-c"), "d", &["list", &id]).output()?;
     }
@@ -995,10 +1007,13 @@ fn rtt_run(sources: usize, rtt: Duration, mbit: f64, size: u64) -> anyhow::Resul
     let root = Root::new(&refs)?;
     let file = root.path().join("payload.bin");
     random_file(&file, size)?;
+    // Every link before any server hashes the file (see `ns_run`).
+    for i in 1..=sources {
+        std::fs::hard_link(&file, root.served(&format!("s{i}")).join("big.bin"))?;
+    }
     let mut servers = Vec::new();
     for (i, p) in ports.iter().enumerate() {
         let id = format!("s{}", i + 1);
-        std::fs::hard_link(&file, root.served(&id).join("big.bin"))?;
         let listen = format!("127.0.0.1:{p}");
         let cc = std::env::var("QNODE_BENCH_CC").unwrap_or_else(|_| "cubic".into());
         servers.push(root.serve(
