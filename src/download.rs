@@ -18,7 +18,7 @@
 //!
 //! This module does no printing and names no network types.
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -248,13 +248,16 @@ struct ChunkState {
 struct SourceState {
     report: SourceReport,
     live: bool,
-    in_flight: HashSet<u32>,
+    /// Chunks asked of it, with when they were asked (they arrive in that order).
+    in_flight: HashMap<u32, Instant>,
     failures_in_a_row: u32,
     /// Smoothed delivery rate in bytes per second (0 until measured).
     rate: f64,
     /// Bytes delivered since `sample_start`.
     sample_bytes: u64,
     sample_start: Instant,
+    /// When it last delivered a verified chunk (or started).
+    last_delivery: Instant,
     window: usize,
     /// Lost connections since it last delivered a chunk.
     lost: u32,
@@ -262,11 +265,34 @@ struct SourceState {
     resting_until: Option<Instant>,
 }
 
+/// Silence after which a source with requests in flight counts as stalled (see `stalled`).
+const STALL: Duration = Duration::from_secs(1);
+
 /// How long a delivery-rate sample lasts before it updates the smoothed rate.
 const RATE_SAMPLE: Duration = Duration::from_millis(200);
 
 impl SourceState {
+    fn new(name: &str) -> Self {
+        Self {
+            report: SourceReport {
+                name: name.to_owned(),
+                ..SourceReport::default()
+            },
+            live: true,
+            in_flight: HashMap::new(),
+            failures_in_a_row: 0,
+            rate: 0.0,
+            sample_bytes: 0,
+            sample_start: Instant::now(),
+            last_delivery: Instant::now(),
+            window: 0,
+            lost: 0,
+            resting_until: None,
+        }
+    }
+
     fn delivered(&mut self, bytes: u64) {
+        self.last_delivery = Instant::now();
         self.sample_bytes += bytes;
         let dt = self.sample_start.elapsed();
         if dt >= RATE_SAMPLE {
@@ -277,6 +303,14 @@ impl SourceState {
             self.sample_bytes = 0;
             self.sample_start = Instant::now();
         }
+    }
+
+    /// Asked for chunks but silent for longer than four chunks' time at its rate (and at least
+    /// `STALL`): whatever it holds is not expected soon.
+    fn stalled(&self, chunk_size: u64) -> bool {
+        let four_chunks = 4.0 * chunk_size as f64 / self.rate.max(1.0);
+        let silent = self.last_delivery.elapsed();
+        !self.in_flight.is_empty() && silent > STALL && silent.as_secs_f64() > four_chunks
     }
 
     fn resize(&mut self, opts: &Options, rtt: Option<Duration>, chunk_size: u64) {
@@ -329,24 +363,7 @@ pub async fn run<S: ChunkSource>(
         }
     }
     let mut outstanding: BTreeSet<u32> = BTreeSet::new();
-    let mut srcs: Vec<SourceState> = sources
-        .iter()
-        .map(|s| SourceState {
-            report: SourceReport {
-                name: s.name().to_owned(),
-                ..SourceReport::default()
-            },
-            live: true,
-            in_flight: HashSet::new(),
-            failures_in_a_row: 0,
-            rate: 0.0,
-            sample_bytes: 0,
-            sample_start: Instant::now(),
-            window: 0,
-            lost: 0,
-            resting_until: None,
-        })
-        .collect();
+    let mut srcs: Vec<SourceState> = sources.iter().map(|s| SourceState::new(s.name())).collect();
     let mut done_bytes = resumed_bytes;
     let mut duplicate_bytes = 0u64;
     let mut retried = 0u32;
@@ -405,7 +422,16 @@ pub async fn run<S: ChunkSource>(
                     srcs[s]
                         .in_flight
                         .is_empty()
-                        .then(|| pick_duplicate(s, &outstanding, &chunks, opts.max_copies))
+                        .then(|| {
+                            pick_duplicate(
+                                s,
+                                &outstanding,
+                                &chunks,
+                                &srcs,
+                                manifest.chunk_size(),
+                                opts.max_copies,
+                            )
+                        })
                         .flatten()
                 }) else {
                     continue;
@@ -418,7 +444,7 @@ pub async fn run<S: ChunkSource>(
                 st.fetching += 1;
                 let cancel = st.cancel.get_or_insert_with(CancellationToken::new).clone();
                 outstanding.insert(c);
-                srcs[s].in_flight.insert(c);
+                srcs[s].in_flight.insert(c, Instant::now());
                 in_flight_bytes += manifest.chunk_size();
                 let source = sources[s].clone();
                 let offset = manifest.chunk_offset(c);
@@ -601,14 +627,42 @@ fn take_pending(
     Some(c)
 }
 
-/// An endgame duplicate for source `s`: the chunk in flight elsewhere the longest, not yet being
-/// checked, below the copy limit, and not one `s` already failed.
+/// An endgame duplicate for source `s`: of the chunks in flight elsewhere, not yet being checked,
+/// below the copy limit and not failed by `s` (fewest copies first), the one expected to arrive
+/// last.
+///
+/// Sources send chunks whole in the order asked, so a chunk waits for those asked of the same
+/// source before it: it is expected after `position × chunk / rate`. A source that has not
+/// delivered for a while (or never) is not expected to deliver at all, so its chunks come first.
 fn pick_duplicate(
     s: usize,
     outstanding: &BTreeSet<u32>,
     chunks: &[ChunkState],
+    srcs: &[SourceState],
+    chunk_size: u64,
     max_copies: u8,
 ) -> Option<u32> {
+    let mut eta: HashMap<u32, f64> = HashMap::new();
+    for src in srcs {
+        let mut queue: Vec<(Instant, u32)> = src
+            .in_flight
+            .iter()
+            .filter(|&(&c, _)| chunks[c as usize].checking == 0)
+            .map(|(&c, &at)| (at, c))
+            .collect();
+        queue.sort_unstable();
+        let per_chunk = if src.rate > 0.0 && !src.stalled(chunk_size) {
+            chunk_size as f64 / src.rate
+        } else {
+            f64::INFINITY
+        };
+        for (k, &(_, c)) in queue.iter().enumerate() {
+            let secs = (k + 1) as f64 * per_chunk;
+            eta.entry(c)
+                .and_modify(|e| *e = e.min(secs))
+                .or_insert(secs);
+        }
+    }
     outstanding
         .iter()
         .copied()
@@ -616,12 +670,23 @@ fn pick_duplicate(
             let st = &chunks[c as usize];
             !st.done && st.checking == 0 && st.fetching < max_copies && st.failed_by & bit(s) == 0
         })
-        .min_by_key(|&c| (chunks[c as usize].fetching, chunks[c as usize].started))
+        .min_by(|&a, &b| {
+            let (ca, cb) = (&chunks[a as usize], &chunks[b as usize]);
+            let (ea, eb) = (eta.get(&a).copied(), eta.get(&b).copied());
+            ca.fetching
+                .cmp(&cb.fetching)
+                .then(
+                    eb.unwrap_or(f64::INFINITY)
+                        .total_cmp(&ea.unwrap_or(f64::INFINITY)),
+                )
+                .then(ca.started.cmp(&cb.started))
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -936,6 +1001,48 @@ mod tests {
         let peak = busy.1.load(Ordering::SeqCst);
         // The cap, or one request per source (a source with none in flight may always ask).
         assert!((4..=8).contains(&peak), "peak requests in flight: {peak}");
+    }
+
+    #[test]
+    fn the_endgame_duplicates_the_chunk_expected_last() {
+        const MIB: u64 = 1 << 20;
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // Source 0 (10 MiB/s) was asked for chunks 2, 1, 0 in that order; source 1 (1 MiB/s)
+        // for chunk 3 only; source 2 (idle) looks for a duplicate.
+        let asked = [
+            (2u32, 0, at(0)),
+            (1, 0, at(1)),
+            (0, 0, at(2)),
+            (3, 1, at(0)),
+        ];
+        let mut chunks: Vec<ChunkState> = (0..4).map(|_| ChunkState::default()).collect();
+        let mut srcs: Vec<SourceState> = ["fast", "slow", "idle"]
+            .into_iter()
+            .map(SourceState::new)
+            .collect();
+        for (c, s, when) in asked {
+            chunks[c as usize].fetching = 1;
+            chunks[c as usize].started = Some(when);
+            srcs[s].in_flight.insert(c, when);
+        }
+        srcs[0].rate = 10.0 * MIB as f64;
+        srcs[1].rate = MIB as f64;
+        let outstanding: BTreeSet<u32> = [0, 1, 2, 3].into();
+        let pick = |chunks: &[ChunkState], srcs: &[SourceState]| {
+            pick_duplicate(2, &outstanding, chunks, srcs, MIB, 2)
+        };
+        // The slow source's one chunk (expected in 1 s) before the fast one's last (0.3 s).
+        assert_eq!(pick(&chunks, &srcs), Some(3));
+        chunks[3].fetching = 2;
+        assert_eq!(pick(&chunks, &srcs), Some(0));
+        // A source silent for longer than `STALL` is not expected to deliver: oldest first.
+        chunks[3].fetching = 1;
+        srcs[0].last_delivery = Instant::now() - STALL * 2;
+        assert_eq!(pick(&chunks, &srcs), Some(2));
+        // Nothing the idle source itself failed.
+        chunks[2].failed_by |= bit(2);
+        assert_eq!(pick(&chunks, &srcs), Some(1));
     }
 
     #[tokio::test]
