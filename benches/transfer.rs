@@ -23,9 +23,10 @@
 //!   Reference: the link's raw rate, and for 3 sources 3 × the single-source figure.
 //!
 //! Environment: `QNODE_BENCH_SIZE` (bytes, default 1 GiB), `QNODE_BENCH_NS_SIZE` (namespace
-//! scenarios, default 256 MiB), `QNODE_BENCH_LONG_SIZE` (relay scenarios, default 512 MiB: at
-//! 100 ms a shorter transfer mostly measures slow start), `QNODE_BENCH_RUNS` (default 3), `QNODE_BENCH_ONLY` (a comma
-//! list of `loopback`, `small`, `long`, `ns`), `QNODE_BENCH_SKIP_NS=1`, `QNODE_BENCH_BIN` (another
+//! scenarios, default 256 MiB), `QNODE_BENCH_LONG_SIZE` (relay scenarios, default 1 GiB: at
+//! 100 ms and 400 Mbit/s, slow start costs about a second whatever the size — measured with a
+//! per-100 ms trace of the probe — so a short transfer mostly measures it),
+//! `QNODE_BENCH_RUNS` (default 3), `QNODE_BENCH_ONLY` (a comma list of `loopback`, `small`, `long`, `ns`), `QNODE_BENCH_SKIP_NS=1`, `QNODE_BENCH_BIN` (another
 //! qnode binary to measure, e.g. a copy of an earlier build).
 //! Every namespace and process it starts is removed at the end, also on failure.
 
@@ -1232,10 +1233,7 @@ fn main() -> anyhow::Result<()> {
     }
     if want("long") {
         eprintln!("long links (100 ms RTT relays)…");
-        rows.extend(long_links(
-            env_u64("QNODE_BENCH_LONG_SIZE", 512 << 20),
-            runs,
-        )?);
+        rows.extend(long_links(env_u64("QNODE_BENCH_LONG_SIZE", 1 << 30), runs)?);
     }
     if want("ns") && std::env::var("QNODE_BENCH_SKIP_NS").is_err() {
         eprintln!("namespaces…");
