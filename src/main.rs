@@ -36,7 +36,18 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
-    let runtime = match tokio::runtime::Runtime::new() {
+    // Client commands run their async work on this one thread (hashing and disk writes still go
+    // to the blocking pool): every wake-up across threads was a context switch. Measured (cargo
+    // bench, QNODE_BENCH_BIN A/B): 1 GiB loopback 714-755 -> 796 MB/s, 1.4 -> 1.3 CPU·s/GiB;
+    // one 200 Mbit/s source 5.1 -> 3.3 CPU·s/GiB, eight 3.7 -> 3.0, at the same throughput.
+    // `serve` answers many peers at once and keeps a worker per core.
+    let runtime = match cli.command {
+        Command::Serve(_) => tokio::runtime::Runtime::new(),
+        _ => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+    };
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("qnode: error: starting the async runtime: {e}");
