@@ -241,8 +241,6 @@ struct ChunkState {
     /// Sources (by bit, the first 64) that sent this chunk corrupt or failed it.
     failed_by: u64,
     cancel: Option<CancellationToken>,
-    /// When its oldest copy in flight was requested.
-    started: Option<Instant>,
 }
 
 struct SourceState {
@@ -398,15 +396,15 @@ pub async fn run<S: ChunkSource>(
             .filter(|s| s.live)
             .filter_map(|s| s.resting_until)
             .min();
+        // Each source's window, and what the links hold (rate × RTT) for the global cap.
+        let mut on_the_wire = 0.0;
         for &s in &live {
-            srcs[s].resize(opts, sources[s].rtt(), manifest.chunk_size());
+            let rtt = sources[s].rtt();
+            srcs[s].resize(opts, rtt, manifest.chunk_size());
+            on_the_wire += srcs[s].rate * rtt.unwrap_or_default().as_secs_f64();
         }
         let mut in_flight_bytes: u64 =
             srcs.iter().map(|s| s.in_flight.len() as u64).sum::<u64>() * manifest.chunk_size();
-        let on_the_wire: f64 = live
-            .iter()
-            .map(|&s| srcs[s].rate * sources[s].rtt().unwrap_or_default().as_secs_f64())
-            .sum();
         let cap = opts.max_in_flight_bytes + (on_the_wire as u64).min(opts.max_on_the_wire_bytes);
         let mut open: Vec<usize> = live.clone();
         while !open.is_empty() {
@@ -438,9 +436,6 @@ pub async fn run<S: ChunkSource>(
                 };
                 assigned.push(s);
                 let st = &mut chunks[c as usize];
-                if st.fetching == 0 {
-                    st.started = Some(Instant::now());
-                }
                 st.fetching += 1;
                 let cancel = st.cancel.get_or_insert_with(CancellationToken::new).clone();
                 outstanding.insert(c);
@@ -642,7 +637,8 @@ fn pick_duplicate(
     chunk_size: u64,
     max_copies: u8,
 ) -> Option<u32> {
-    let mut eta: HashMap<u32, f64> = HashMap::new();
+    // Per chunk in flight: when it is expected, and when its oldest copy was asked for.
+    let mut eta: HashMap<u32, (f64, Instant)> = HashMap::new();
     for src in srcs {
         let mut queue: Vec<(Instant, u32)> = src
             .in_flight
@@ -656,11 +652,14 @@ fn pick_duplicate(
         } else {
             f64::INFINITY
         };
-        for (k, &(_, c)) in queue.iter().enumerate() {
+        for (k, &(asked, c)) in queue.iter().enumerate() {
             let secs = (k + 1) as f64 * per_chunk;
             eta.entry(c)
-                .and_modify(|e| *e = e.min(secs))
-                .or_insert(secs);
+                .and_modify(|(e, a)| {
+                    *e = e.min(secs);
+                    *a = (*a).min(asked);
+                })
+                .or_insert((secs, asked));
         }
     }
     outstanding
@@ -671,15 +670,13 @@ fn pick_duplicate(
             !st.done && st.checking == 0 && st.fetching < max_copies && st.failed_by & bit(s) == 0
         })
         .min_by(|&a, &b| {
-            let (ca, cb) = (&chunks[a as usize], &chunks[b as usize]);
-            let (ea, eb) = (eta.get(&a).copied(), eta.get(&b).copied());
-            ca.fetching
-                .cmp(&cb.fetching)
-                .then(
-                    eb.unwrap_or(f64::INFINITY)
-                        .total_cmp(&ea.unwrap_or(f64::INFINITY)),
-                )
-                .then(ca.started.cmp(&cb.started))
+            let (ea, eb) = (eta.get(&a), eta.get(&b));
+            let expected = |e: Option<&(f64, Instant)>| e.map_or(f64::INFINITY, |e| e.0);
+            chunks[a as usize]
+                .fetching
+                .cmp(&chunks[b as usize].fetching)
+                .then(expected(eb).total_cmp(&expected(ea)))
+                .then(ea.map(|e| e.1).cmp(&eb.map(|e| e.1)))
         })
 }
 
@@ -1023,7 +1020,6 @@ mod tests {
             .collect();
         for (c, s, when) in asked {
             chunks[c as usize].fetching = 1;
-            chunks[c as usize].started = Some(when);
             srcs[s].in_flight.insert(c, when);
         }
         srcs[0].rate = 10.0 * MIB as f64;
