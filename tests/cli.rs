@@ -4,7 +4,7 @@ mod util;
 
 use std::time::Duration;
 
-use util::{Net, TestResult, b3, leftovers, random_bytes};
+use util::{Net, TestResult, b3, leftovers, random_bytes, share, shares};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -77,13 +77,14 @@ fn multi_megabyte_download_from_three_peers_uses_every_peer() -> TestResult {
     assert!(got == data, "downloaded bytes differ");
     assert_eq!(json["size"], data.len());
     assert_eq!(json["blake3"], b3(&data));
-    let mut total = 0;
     for p in ["p1", "p2", "p3"] {
-        let share = json["peers"][p].as_u64().unwrap_or(0);
-        assert!(share > 0, "{p} did not contribute: {json}");
-        total += share;
+        assert!(share(&json, p) > 0, "{p} did not contribute: {json}");
     }
-    assert_eq!(total, data.len() as u64, "{json}");
+    assert_eq!(
+        shares(&json, &["p1", "p2", "p3"]),
+        data.len() as u64,
+        "{json}"
+    );
     assert!(leftovers(&net.served("p4")).is_empty());
     Ok(())
 }
@@ -109,10 +110,9 @@ fn download_survives_a_peer_killed_midway() -> TestResult {
     // The others covered what p3 did not deliver (its requests in flight were re-fetched from idle
     // peers rather than waited out). A server's log line means "handed to QUIC", not "delivered",
     // so p3 may have delivered nothing at all.
-    let share = |p: &str| json["peers"][p].as_u64().unwrap_or(0);
-    assert!(share("p3") < data.len() as u64 / 3, "{json}");
+    assert!(share(&json, "p3") < data.len() as u64 / 3, "{json}");
     assert_eq!(
-        share("p1") + share("p2") + share("p3"),
+        shares(&json, &["p1", "p2", "p3"]),
         data.len() as u64,
         "{json}"
     );

@@ -368,6 +368,16 @@ pub fn b3(data: &[u8]) -> String {
     blake3::hash(data).to_hex().to_string()
 }
 
+/// The bytes a download's `--json` report credits to `peer` (0 if none).
+pub fn share(json: &serde_json::Value, peer: &str) -> u64 {
+    json["peers"][peer].as_u64().unwrap_or(0)
+}
+
+/// The bytes a download's `--json` report credits to `peers`, together.
+pub fn shares(json: &serde_json::Value, peers: &[&str]) -> u64 {
+    peers.iter().map(|p| share(json, p)).sum()
+}
+
 /// Hidden temporary files left in a folder.
 pub fn leftovers(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
