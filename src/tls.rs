@@ -239,6 +239,13 @@ fn mismatch(msg: String) -> rustls::Error {
 #[error("{0}")]
 struct PinError(String);
 
+/// Both verifiers: only TLS 1.3 is offered, so a TLS 1.2 signature is never accepted.
+fn tls12_refused() -> Result<HandshakeSignatureValid, rustls::Error> {
+    Err(rustls::Error::PeerIncompatible(
+        rustls::PeerIncompatible::Tls12NotOffered,
+    ))
+}
+
 /// Accepts exactly one certificate: the one pinned for the peer being dialled.
 #[derive(Debug)]
 struct PinnedServer {
@@ -272,9 +279,7 @@ impl ServerCertVerifier for PinnedServer {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
+        tls12_refused()
     }
 
     fn verify_tls13_signature(
@@ -328,9 +333,7 @@ impl ClientCertVerifier for PinnedClients {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
+        tls12_refused()
     }
 
     fn verify_tls13_signature(
