@@ -231,6 +231,14 @@ async fn serve(root: &Root, me: &PeerId, args: &ServeArgs) -> anyhow::Result<Exi
         }
     }
     let store = Arc::new(Store::open(root.served_dir(me))?);
+    match store.remove_stale_uploads() {
+        Ok((0, _)) => {}
+        Ok((files, bytes)) => tracing::info!(
+            "removed {files} upload temporary files left by an earlier run ({})",
+            HumanBytes(bytes)
+        ),
+        Err(e) => tracing::warn!("could not look for stale upload files: {e}"),
+    }
     let config = tls::server_config(&identity, pins.clone(), args.congestion)?;
     // peer_settings.txt lists us, checked by load_peers.
     let addr = args
@@ -248,14 +256,13 @@ async fn serve(root: &Root, me: &PeerId, args: &ServeArgs) -> anyhow::Result<Exi
         );
     }
     tracing::info!("{me} serving {} on {addr}", store.dir().display());
-    let server = Arc::new(Server {
-        me: me.clone(),
+    let server = Arc::new(Server::new(
+        me.clone(),
         store,
         pins,
-        max_upload_size: args.max_upload_size,
-        upload_limit: args.max_upload_rate.map(server::RateLimit::new),
-        sent: Default::default(),
-    });
+        args.max_upload_size,
+        args.max_upload_rate.map(server::RateLimit::new),
+    ));
     server::run(endpoint, server, shutdown_signal()).await;
     Ok(ExitCode::SUCCESS)
 }

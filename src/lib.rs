@@ -15,6 +15,7 @@ pub mod cli;
 pub mod client;
 pub mod download;
 pub mod identity;
+pub mod limits;
 pub mod manifest;
 pub mod peers;
 pub mod protocol;

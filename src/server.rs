@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::limits::{MemoryBudget, Note, RefusalLog, Refused, UploadSlots};
 use crate::manifest::{FileName, Hash32, MAX_CHUNK_SIZE};
 use crate::peers::PeerId;
 use crate::protocol::{
@@ -53,12 +54,42 @@ pub struct Server {
     pub upload_limit: Option<RateLimit>,
     /// Chunk bytes sent to each peer since the last report.
     pub sent: std::sync::Mutex<HashMap<PeerId, u64>>,
+    /// Memory for chunk replies, per peer and in all.
+    pub budget: MemoryBudget,
+    /// Uploads in progress, per peer, and the disk they may still take.
+    pub uploads: UploadSlots,
+    /// Refused handshakes, logged a few at a time.
+    pub refusals: RefusalLog,
 }
+
+/// Refused handshakes logged in full per [`STATS_INTERVAL`]; the rest are counted in one line.
+pub const REFUSALS_LOGGED: u32 = 5;
 
 /// How often `serve` logs what it sent to each peer (only when it sent something).
 pub const STATS_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Server {
+    /// A server for `me` on `store`, with the default memory and upload limits.
+    pub fn new(
+        me: PeerId,
+        store: Arc<Store>,
+        pins: Pins,
+        max_upload_size: u64,
+        upload_limit: Option<RateLimit>,
+    ) -> Self {
+        Self {
+            me,
+            store,
+            pins,
+            max_upload_size,
+            upload_limit,
+            sent: Default::default(),
+            budget: MemoryBudget::default(),
+            uploads: UploadSlots::default(),
+            refusals: RefusalLog::new(REFUSALS_LOGGED, STATS_INTERVAL, std::time::Instant::now()),
+        }
+    }
+
     fn count_sent(&self, peer: &PeerId, bytes: u64) {
         // Held only for one map update; a poisoned lock still holds valid counters.
         let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
@@ -142,6 +173,10 @@ pub async fn run(
 }
 
 fn log_stats(server: &Server) {
+    let unlogged = server.refusals.take_unlogged(std::time::Instant::now());
+    if unlogged > 0 {
+        info!("{unlogged} more handshakes failed since the last report (not logged one by one)");
+    }
     let mut sent: Vec<(PeerId, u64)> = server.take_sent().into_iter().collect();
     sent.sort();
     let secs = STATS_INTERVAL.as_secs_f64();
@@ -163,7 +198,10 @@ async fn handle_connection(
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
-            info!("handshake failed: {e}");
+            // A flood of refused handshakes must not flood the log: a few in full, then a count.
+            if server.refusals.note(std::time::Instant::now()) == Note::Log {
+                info!("handshake failed: {e}");
+            }
             return;
         }
     };
@@ -243,7 +281,7 @@ async fn handle_stream(
             handle_read_chunk(&mut send, &server, &peer, &name, offset, len).await
         }
         Request::Upload { name, size, blake3 } => {
-            handle_upload(&mut send, &mut recv, &server, &name, size, blake3).await
+            handle_upload(&mut send, &mut recv, &server, &peer, &name, size, blake3).await
         }
     };
     match outcome {
@@ -269,7 +307,7 @@ fn store_error(e: StoreError) -> RemoteError {
         StoreError::NotFound(_) => ErrorKind::NotFound,
         StoreError::Conflict(_) => ErrorKind::Conflict,
         StoreError::Busy(_) => ErrorKind::Busy,
-        StoreError::OutOfRange { .. } => ErrorKind::BadRequest,
+        StoreError::OutOfRange { .. } | StoreError::NotAChunk { .. } => ErrorKind::BadRequest,
         StoreError::NoSpace(_) => ErrorKind::NoSpace,
         StoreError::Corrupt { .. } => ErrorKind::Corrupt,
         StoreError::Io { .. } => ErrorKind::Internal,
@@ -367,11 +405,17 @@ async fn handle_read_chunk(
     if let Some(limit) = &server.upload_limit {
         limit.acquire(u64::from(len)).await;
     }
+    // Memory for the chunk is claimed before it is read and held until quinn has taken all of it:
+    // first from this peer's share (a peer that does not read stalls only itself), then from
+    // the share of all peers together.
+    let _held = server.budget.claim(peer, len).await;
     let store = server.store.clone();
     let n = name.clone();
-    let data = blocking(move || store.read_range(&n, offset, len)).await?;
+    let data = blocking(move || store.read_chunk(&n, offset, len)).await?;
     let header = protocol::encode_frame(&Response::Chunk { len }).map_err(gone)?;
-    send.write_chunks(&mut [Bytes::from(header), Bytes::from(data)])
+    // `write_all_chunks`, not `write_chunks`: the latter writes only what flow control allows
+    // at that moment and says how much, and the rest would be lost.
+    send.write_all_chunks(&mut [Bytes::from(header), Bytes::from(data)])
         .await
         .map_err(gone)?;
     let _ = send.finish();
@@ -383,6 +427,7 @@ async fn handle_upload(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     server: &Server,
+    peer: &PeerId,
     name: &FileName,
     size: u64,
     expected: Hash32,
@@ -397,6 +442,17 @@ async fn handle_upload(
         )
         .into());
     }
+    let store = server.store.clone();
+    let (free, total) = blocking(move || store.disk_space()).await?;
+    // Held until the upload ends: a slot of this peer's few, and the announced bytes counted
+    // against the free disk less the reserve kept for our own downloads.
+    let _slot = server
+        .uploads
+        .admit(peer, size, free, total)
+        .map_err(|e| match e {
+            Refused::TooMany(_) => RemoteError::new(ErrorKind::Busy, e.to_string()),
+            Refused::Disk { .. } => RemoteError::new(ErrorKind::NoSpace, e.to_string()),
+        })?;
     let store = server.store.clone();
     let n = name.clone();
     let Some(upload) = blocking(move || store.begin_upload(&n, size, expected)).await? else {

@@ -4,7 +4,8 @@
 //!   temporary `.<name>…part` files among them) are never listed or served.
 //! - Manifests are cached, keyed by (size, mtime, ctime, inode, device), so a changed file is noticed
 //!   and described afresh; a file that changes while being hashed is hashed again.
-//! - Chunk reads are positional (`read_exact_at`) on a freshly opened, re-checked file.
+//! - Chunk reads open the file afresh, re-check it, and read one chunk of its layout at most
+//!   (seek, then read into spare capacity: no zeroing of a buffer about to be filled).
 //! - [`PartialFile`] is how anything new appears: a hidden temporary file in the target's own folder
 //!   (so the final rename stays on one file system), space reserved up front (a full disk fails at
 //!   once, not half-way), positional writes, fsync, hash check, then a link to the final name that
@@ -21,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::manifest::{FileName, Hash32, Manifest, hex};
+use crate::manifest::{FileName, Hash32, Manifest, chunk_size_for, hex};
 
 /// A store failure, typed so callers can branch on the cause.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +47,20 @@ pub enum StoreError {
         len: u64,
         /// The file's size.
         size: u64,
+    },
+    /// A read that is not one chunk of the file's layout.
+    #[error(
+        "range {offset}+{len} of {name} is not one chunk (chunks are {chunk} bytes, at multiples of it)"
+    )]
+    NotAChunk {
+        /// The file.
+        name: FileName,
+        /// Requested start.
+        offset: u64,
+        /// Requested length.
+        len: u64,
+        /// The file's chunk size.
+        chunk: u64,
     },
     /// The disk is full.
     #[error("no space left on the device for {0}")]
@@ -74,7 +89,9 @@ pub enum StoreError {
 
 impl StoreError {
     fn io(what: &'static str, path: &Path, source: io::Error) -> Self {
-        if source.raw_os_error() == Some(28) || source.kind() == io::ErrorKind::StorageFull {
+        if source.raw_os_error() == Some(libc::ENOSPC)
+            || source.kind() == io::ErrorKind::StorageFull
+        {
             return Self::NoSpace(path.display().to_string());
         }
         Self::Io {
@@ -227,6 +244,17 @@ impl Store {
         len: u32,
     ) -> Result<Vec<u8>, StoreError> {
         let (file, key) = self.open_regular(name)?;
+        self.read_open(name, file, key, offset, len)
+    }
+
+    fn read_open(
+        &self,
+        name: &FileName,
+        file: File,
+        key: FileKey,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<u8>, StoreError> {
         let len64 = u64::from(len);
         if offset.checked_add(len64).is_none_or(|end| end > key.size) {
             return Err(StoreError::OutOfRange {
@@ -253,6 +281,28 @@ impl Store {
         Ok(buf)
     }
 
+    /// Reads one chunk of `name`: `offset` must start a chunk of the file's layout
+    /// ([`chunk_size_for`] its size) and `len` be at most one chunk, so a request can never make
+    /// the server hold more than one chunk of memory, whatever length it asks for.
+    pub fn read_chunk(
+        &self,
+        name: &FileName,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<u8>, StoreError> {
+        let (file, key) = self.open_regular(name)?;
+        let chunk = chunk_size_for(key.size);
+        if !offset.is_multiple_of(chunk) || u64::from(len) > chunk {
+            return Err(StoreError::NotAChunk {
+                name: name.clone(),
+                offset,
+                len: u64::from(len),
+                chunk,
+            });
+        }
+        self.read_open(name, file, key, offset, len)
+    }
+
     /// Decides an upload of `size` bytes hashing to `blake3` under `name`: `Ok(None)` if an identical
     /// file is already served, else a reserved [`Upload`] to write into.
     pub fn begin_upload(
@@ -271,11 +321,11 @@ impl Store {
         let guard = UploadGuard::claim(&self.uploads, name)?;
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let tag = format!(
-            "upload-{}-{}",
+            "{UPLOAD_TAG}{}-{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        let partial = PartialFile::create(&self.path_of(name), &tag, size)?;
+        let partial = PartialFile::create_sparse(&self.path_of(name), &tag, size)?;
         Ok(Some(Upload {
             partial,
             _guard: guard,
@@ -294,28 +344,68 @@ impl Store {
     }
 
     /// Opens `name` if it is a regular file (not a symlink), returning it with its identity.
+    ///
+    /// Opened without following a link and without blocking (a FIFO put in its place would block
+    /// `open` forever), then checked with `fstat`: what was opened is what is read.
     fn open_regular(&self, name: &FileName) -> Result<(File, FileKey), StoreError> {
         let path = self.path_of(name);
         let not_found = || StoreError::NotFound(name.clone());
-        let link = match fs::symlink_metadata(&path) {
-            Ok(m) if m.is_file() => m,
-            Ok(_) => return Err(not_found()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_found()),
-            Err(e) => return Err(StoreError::io("inspecting", &path, e)),
-        };
-        let file = match File::open(&path) {
+        let file = match open_nofollow(&path) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_found()),
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::ELOOP)
+                    || e.raw_os_error() == Some(libc::ENXIO) =>
+            {
+                return Err(not_found());
+            }
             Err(e) => return Err(StoreError::io("opening", &path, e)),
         };
         let meta = file
             .metadata()
             .map_err(|e| StoreError::io("inspecting", &path, e))?;
-        // Swapped for a symlink or another file between the two looks: refuse.
-        if !meta.is_file() || meta.ino() != link.ino() || meta.dev() != link.dev() {
+        if !meta.is_file() {
             return Err(not_found());
         }
         Ok((file, FileKey::of(&meta)))
+    }
+
+    /// Removes upload temporary files left by a server that was killed: those no live process
+    /// holds locked. Downloads' `.part` files stay (they are for resuming). Returns how many
+    /// files and bytes were removed.
+    pub fn remove_stale_uploads(&self) -> Result<(usize, u64), StoreError> {
+        let entries =
+            fs::read_dir(&self.dir).map_err(|e| StoreError::io("listing", &self.dir, e))?;
+        let (mut files, mut bytes) = (0, 0);
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if !(name.starts_with('.') && name.ends_with(".part") && name.contains(UPLOAD_TAG)) {
+                continue;
+            }
+            let path = entry.path();
+            let Ok(file) = open_nofollow(&path) else {
+                // A symlink or a FIFO under our temporary name is not ours: remove the name.
+                if fs::remove_file(&path).is_ok() {
+                    files += 1;
+                }
+                continue;
+            };
+            // A live upload holds its lock; only unlocked ones are stale.
+            if file.try_lock().is_ok() {
+                let len = file.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+                if fs::remove_file(&path).is_ok() {
+                    files += 1;
+                    bytes += len;
+                }
+            }
+        }
+        Ok((files, bytes))
+    }
+
+    /// Free and total bytes of the file system holding the store, as an unprivileged user sees it.
+    pub fn disk_space(&self) -> Result<(u64, u64), StoreError> {
+        disk_space(&self.dir).map_err(|e| StoreError::io("measuring free space on", &self.dir, e))
     }
 
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<FileName, (FileKey, Arc<Manifest>)>> {
@@ -404,6 +494,17 @@ impl PartialFile {
     /// kept and [`resumed`](Self::resumed) is true: [`verified_chunks`](Self::verified_chunks) tells
     /// which of them are usable.
     pub fn create(target: &Path, tag: &str, size: u64) -> Result<Self, StoreError> {
+        Self::open(target, tag, size, Reserve::Upfront)
+    }
+
+    /// Like [`create`](Self::create), but disk space is taken only as bytes are written: for
+    /// uploads, whose announced size is a peer's claim, so a peer that announces much and sends
+    /// little holds no disk.
+    pub fn create_sparse(target: &Path, tag: &str, size: u64) -> Result<Self, StoreError> {
+        Self::open(target, tag, size, Reserve::AsWritten)
+    }
+
+    fn open(target: &Path, tag: &str, size: u64, reserve: Reserve) -> Result<Self, StoreError> {
         let dir = target
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -413,25 +514,21 @@ impl PartialFile {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let temp = dir.join(format!(".{base}.{tag}.part"));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .open(&temp)
-            .map_err(|e| StoreError::io("creating", &temp, e))?;
+        let file = open_temp(&temp)?;
         match file.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => return Err(StoreError::Busy(base)),
             Err(fs::TryLockError::Error(e)) => return Err(StoreError::io("locking", &temp, e)),
         }
         let existing = file.metadata().map(|m| m.len()).unwrap_or(0);
+        // Opened again through our own descriptor, not the name: the name may have been swapped
+        // since, and O_DIRECT must reach the same file.
         let direct = OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_DIRECT)
-            .open(&temp)
-            .ok();
+            .open(fd_path(&file))
+            .ok()
+            .filter(|d| same_file(d, &file));
         let mut partial = Self {
             file,
             direct,
@@ -441,14 +538,17 @@ impl PartialFile {
             resumed: size > 0 && existing == size,
             keep: AtomicBool::new(false),
         };
-        partial.reserve()?;
+        partial.reserve(reserve)?;
         Ok(partial)
     }
 
-    fn reserve(&mut self) -> Result<(), StoreError> {
+    fn reserve(&mut self, reserve: Reserve) -> Result<(), StoreError> {
         let io = |e| StoreError::io("sizing", &self.temp, e);
         if !self.resumed {
             self.file.set_len(0).map_err(io)?;
+        }
+        if reserve == Reserve::AsWritten {
+            return self.file.set_len(self.size).map_err(io);
         }
         if self.size > 0 {
             // posix_fallocate returns the error number itself (it does not set errno).
@@ -559,7 +659,7 @@ impl PartialFile {
                 actual: hex(&actual),
             });
         }
-        match fs::hard_link(&self.temp, &self.target) {
+        match link_descriptor(&self.file, &self.temp, &self.target) {
             Ok(()) => {
                 self.keep.store(true, Ordering::SeqCst);
                 let _ = fs::remove_file(&self.temp);
@@ -572,8 +672,11 @@ impl PartialFile {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 // Ours is not needed either way; a failed commit must not leave it for a resume.
                 self.keep.store(false, Ordering::SeqCst);
-                let same = File::open(&self.target)
+                let same = open_nofollow(&self.target)
                     .and_then(|f| {
+                        if !f.metadata()?.is_file() {
+                            return Err(io::Error::other("not a regular file"));
+                        }
                         let mut h = blake3::Hasher::new();
                         h.update_reader(f)?;
                         Ok(*h.finalize().as_bytes())
@@ -596,6 +699,132 @@ impl Drop for PartialFile {
             let _ = fs::remove_file(&self.temp);
         }
     }
+}
+
+/// How a [`PartialFile`] takes its disk space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reserve {
+    /// All of it at creation, so a full disk fails at once.
+    Upfront,
+    /// As bytes are written.
+    AsWritten,
+}
+
+/// What upload temporary file names carry after the target's name: `.<name>.upload-<pid>-<n>.part`.
+const UPLOAD_TAG: &str = "upload-";
+
+/// Opens `path` for reading without following a symlink and without blocking on a FIFO.
+fn open_nofollow(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+}
+
+/// Opens (or creates) a temporary file at `temp` that is surely a regular file of ours: a symlink,
+/// FIFO or other non-regular file planted under that name is removed (the name, never what it
+/// points to) and the file created anew, exclusively.
+fn open_temp(temp: &Path) -> Result<File, StoreError> {
+    let opts = |excl: bool| {
+        let mut o = OpenOptions::new();
+        o.read(true)
+            .write(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+        if excl {
+            o.create_new(true);
+        } else {
+            o.create(true).truncate(false);
+        }
+        o
+    };
+    match opts(false).open(temp) {
+        Ok(f) if f.metadata().is_ok_and(|m| m.is_file()) => return Ok(f),
+        // Opened, but a FIFO or a device: planted.
+        Ok(_) => {}
+        // A symlink (O_NOFOLLOW) or a FIFO without a reader: planted.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENXIO)) => {}
+        Err(e) => return Err(StoreError::io("creating", temp, e)),
+    }
+    tracing::warn!(
+        "{} was not a regular file (a symlink or FIFO planted there?); replacing it",
+        temp.display()
+    );
+    fs::remove_file(temp).map_err(|e| StoreError::io("removing a planted", temp, e))?;
+    let file = opts(true)
+        .open(temp)
+        .map_err(|e| StoreError::io("creating", temp, e))?;
+    Ok(file)
+}
+
+/// `/proc/self/fd/N` of an open file: a name for exactly that file.
+fn fd_path(file: &File) -> PathBuf {
+    PathBuf::from(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(file)
+    ))
+}
+
+fn same_file(a: &File, b: &File) -> bool {
+    match (a.metadata(), b.metadata()) {
+        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+        _ => false,
+    }
+}
+
+/// Gives the file open as `file` (whose name is `temp`) the new name `target`, which must not
+/// exist. Linked through the descriptor, so what appears is the file we wrote and verified even if
+/// `temp` was swapped for a symlink meanwhile; where /proc is missing, by name after checking that
+/// the name is still our file.
+fn link_descriptor(file: &File, temp: &Path, target: &Path) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::other("NUL in a path"))
+    };
+    let (src, dst) = (c(&fd_path(file))?, c(target)?);
+    // SAFETY: both are valid NUL-terminated paths that outlive the call.
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            src.as_ptr(),
+            libc::AT_FDCWD,
+            dst.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.kind() == io::ErrorKind::AlreadyExists {
+        return Err(err);
+    }
+    // No /proc: link by name, if the name is still a regular file and the one we hold.
+    let by_name = fs::symlink_metadata(temp)?;
+    let ours = file.metadata()?;
+    if !by_name.is_file() || by_name.ino() != ours.ino() || by_name.dev() != ours.dev() {
+        return Err(io::Error::other(format!(
+            "{} was replaced while it was written",
+            temp.display()
+        )));
+    }
+    fs::hard_link(temp, target)
+}
+
+fn disk_space(dir: &Path) -> io::Result<(u64, u64)> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c =
+        CString::new(dir.as_os_str().as_bytes()).map_err(|_| io::Error::other("NUL in a path"))?;
+    // SAFETY: an all-zero statvfs is a valid value to be overwritten; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid, writable statvfs and `c` a valid path for the whole call.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let unit = st.f_frsize as u64;
+    Ok((st.f_bavail as u64 * unit, st.f_blocks as u64 * unit))
 }
 
 #[cfg(test)]
@@ -801,5 +1030,110 @@ mod tests {
                 .unwrap()
                 .is_some()
         );
+    }
+
+    #[test]
+    fn chunk_reads_must_be_one_chunk_of_the_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        // 40 KiB: 16 chunks would be 2.5 KiB, so chunks are 2 KiB (a power of two).
+        let data: Vec<u8> = (0..40 * 1024u32).map(|i| (i % 251) as u8).collect();
+        fs::write(dir.path().join("f"), &data).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let chunk = chunk_size_for(data.len() as u64);
+        let c = chunk as u32;
+        assert_eq!(
+            store.read_chunk(&name("f"), chunk, c).unwrap(),
+            &data[chunk as usize..2 * chunk as usize]
+        );
+        for (offset, len) in [(1, 10), (0, c + 1), (0, 64 << 20), (chunk / 2, c / 2)] {
+            assert!(
+                matches!(
+                    store.read_chunk(&name("f"), offset, len),
+                    Err(StoreError::NotAChunk { .. })
+                ),
+                "{offset}+{len}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_symlink_planted_at_a_temp_name_is_replaced_and_its_target_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let target = dir.path().join("out.txt");
+        symlink(&victim, dir.path().join(".out.txt.t.part")).unwrap();
+        // A link to a missing path must not create that path either.
+        let missing = outside.path().join("created");
+        symlink(&missing, dir.path().join(".out.txt.u.part")).unwrap();
+        let data = b"new bytes";
+        for tag in ["t", "u"] {
+            let p = PartialFile::create(&target, tag, data.len() as u64).unwrap();
+            p.write_at(0, data).unwrap();
+            if tag == "t" {
+                let hash = *blake3::hash(data).as_bytes();
+                assert_eq!(p.commit(hash, Check::Reread).unwrap(), Committed::Stored);
+            }
+        }
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(!missing.exists());
+        assert!(fs::symlink_metadata(&target).unwrap().is_file());
+        assert_eq!(fs::read(&target).unwrap(), data);
+    }
+
+    #[test]
+    fn a_fifo_in_place_of_a_served_file_is_not_found_and_never_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe.txt");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let store = Store::open(dir.path()).unwrap();
+        // Without O_NONBLOCK this open would wait for a writer forever.
+        assert!(matches!(
+            store.open_regular(&name("pipe.txt")),
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            store.read_chunk(&name("pipe.txt"), 0, 1),
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn uploads_take_disk_as_bytes_arrive_and_stale_ones_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let size = 1 << 30;
+        let up = store
+            .begin_upload(&name("big.txt"), size, [0; 32])
+            .unwrap()
+            .unwrap();
+        up.partial.write_at(0, b"x").unwrap();
+        let temp = fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().contains("upload-"))
+            .unwrap()
+            .path();
+        let blocks = fs::metadata(&temp).unwrap().blocks() * 512;
+        assert!(
+            blocks < 1 << 20,
+            "{blocks} bytes allocated for 1 byte written"
+        );
+        // While the upload is alive its file is locked, so it is not stale.
+        assert_eq!(store.remove_stale_uploads().unwrap().0, 0);
+        // A dead server's upload (kept as if killed), and a download's .part, which stays.
+        up.partial.keep_for_resume();
+        drop(up);
+        fs::write(
+            dir.path().join(".dl.txt.0123456789abcdef.part"),
+            b"resume me",
+        )
+        .unwrap();
+        assert_eq!(store.remove_stale_uploads().unwrap().0, 1);
+        assert!(!temp.exists());
+        assert!(dir.path().join(".dl.txt.0123456789abcdef.part").exists());
     }
 }

@@ -1,0 +1,306 @@
+//! What one listed peer may take from a serving peer: memory for chunk replies, concurrent uploads,
+//! and disk. Bookkeeping only: no sockets, no files.
+//!
+//! - [`MemoryBudget`]: bytes of chunk data read from disk and not yet handed to QUIC. Each peer has a
+//!   share of its own (a peer that never reads its replies stalls only itself) and all peers
+//!   together share a larger one, so the server's memory for replies is bounded whatever anyone
+//!   asks.
+//! - [`UploadSlots`]: uploads in progress, at most a few per peer, and the bytes they announced, so
+//!   what all uploads may still write stays below the free disk less a reserve kept for the node's
+//!   own downloads.
+//! - [`RefusalLog`]: refused handshakes are logged one by one up to a few per interval, then
+//!   counted and summarised, so a flood cannot fill the log.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::manifest::MAX_CHUNK_SIZE;
+use crate::peers::PeerId;
+
+/// Chunk bytes one peer may have read and not yet taken (64 MiB: one chunk of the largest size).
+pub const PEER_REPLY_MEMORY: u32 = MAX_CHUNK_SIZE as u32;
+/// Chunk bytes all peers together may have read and not yet taken (256 MiB).
+pub const TOTAL_REPLY_MEMORY: u32 = 256 << 20;
+/// Uploads one peer may have in progress at once.
+pub const UPLOADS_PER_PEER: usize = 4;
+/// Share of the disk (in percent of its size) that uploads leave free for the node's own downloads.
+pub const DISK_RESERVE_PERCENT: u64 = 5;
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (every update is one
+/// assignment or one map operation).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Bytes of chunk replies held in memory, per peer and in all.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    per_peer: u32,
+    total: u32,
+    all: Arc<Semaphore>,
+    peers: Mutex<HashMap<PeerId, Arc<Semaphore>>>,
+}
+
+/// Memory claimed for one reply; given back on drop.
+#[derive(Debug)]
+pub struct Held {
+    _peer: OwnedSemaphorePermit,
+    _all: OwnedSemaphorePermit,
+}
+
+impl Default for MemoryBudget {
+    fn default() -> Self {
+        Self::new(PEER_REPLY_MEMORY, TOTAL_REPLY_MEMORY)
+    }
+}
+
+impl MemoryBudget {
+    /// A budget of `per_peer` bytes for each peer and `all` bytes for all of them.
+    pub fn new(per_peer: u32, all: u32) -> Self {
+        Self {
+            per_peer,
+            total: all.max(per_peer),
+            all: Arc::new(Semaphore::new(all.max(per_peer) as usize)),
+            peers: Mutex::default(),
+        }
+    }
+
+    /// Waits until `len` bytes may be held for `peer` (its own share first, then the common one),
+    /// and claims them. `len` above a share is claimed as the whole share.
+    pub async fn claim(&self, peer: &PeerId, len: u32) -> Held {
+        let mine = lock(&self.peers)
+            .entry(peer.clone())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per_peer as usize)))
+            .clone();
+        let len = len.min(self.per_peer);
+        let peer_permit = acquire(mine, len).await;
+        let all_permit = acquire(self.all.clone(), len).await;
+        Held {
+            _peer: peer_permit,
+            _all: all_permit,
+        }
+    }
+
+    /// Bytes held for all peers now.
+    pub fn held(&self) -> usize {
+        (self.total as usize).saturating_sub(self.all.available_permits())
+    }
+}
+
+async fn acquire(sem: Arc<Semaphore>, n: u32) -> OwnedSemaphorePermit {
+    loop {
+        // These semaphores are never closed, so acquiring can only wait, never fail; the loop
+        // keeps that true without an unwrap.
+        if let Ok(p) = sem.clone().acquire_many_owned(n).await {
+            return p;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Uploads in progress: how many each peer has, and the bytes all of them may still write.
+#[derive(Debug, Default)]
+pub struct UploadSlots {
+    state: Arc<Mutex<SlotState>>,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    per_peer: HashMap<PeerId, usize>,
+    announced: u64,
+}
+
+/// Why an upload was not admitted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// The peer already has its share of uploads in progress.
+    #[error("{0} uploads from this peer are already in progress; try again when one ends")]
+    TooMany(usize),
+    /// The upload would eat into the disk kept free.
+    #[error(
+        "no space left for an upload of {size} bytes: {free} bytes free, {pending} promised to uploads in progress, {reserve} kept free for downloads"
+    )]
+    Disk {
+        /// The announced size.
+        size: u64,
+        /// Free bytes now.
+        free: u64,
+        /// Bytes other uploads may still write.
+        pending: u64,
+        /// Bytes kept free.
+        reserve: u64,
+    },
+}
+
+/// One admitted upload; frees its slot and its announced bytes on drop.
+#[derive(Debug)]
+pub struct UploadSlot {
+    state: Arc<Mutex<SlotState>>,
+    peer: PeerId,
+    size: u64,
+}
+
+impl UploadSlots {
+    /// Admits an upload of `size` bytes from `peer` onto a disk with `free` bytes available of
+    /// `total`, if the peer has a slot left and the disk keeps its reserve once every upload in
+    /// progress has written all it announced.
+    pub fn admit(
+        &self,
+        peer: &PeerId,
+        size: u64,
+        free: u64,
+        total: u64,
+    ) -> Result<UploadSlot, Refused> {
+        let mut st = lock(&self.state);
+        let count = st.per_peer.get(peer).copied().unwrap_or(0);
+        if count >= UPLOADS_PER_PEER {
+            return Err(Refused::TooMany(count));
+        }
+        let reserve = total / 100 * DISK_RESERVE_PERCENT;
+        let needed = st.announced.saturating_add(size).saturating_add(reserve);
+        if needed > free {
+            return Err(Refused::Disk {
+                size,
+                free,
+                pending: st.announced,
+                reserve,
+            });
+        }
+        *st.per_peer.entry(peer.clone()).or_default() += 1;
+        st.announced += size;
+        Ok(UploadSlot {
+            state: self.state.clone(),
+            peer: peer.clone(),
+            size,
+        })
+    }
+}
+
+impl Drop for UploadSlot {
+    fn drop(&mut self) {
+        let mut st = lock(&self.state);
+        st.announced = st.announced.saturating_sub(self.size);
+        if let Some(n) = st.per_peer.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                st.per_peer.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Refused handshakes: the first few of each interval are logged in full, the rest counted.
+#[derive(Debug)]
+pub struct RefusalLog {
+    per_interval: u32,
+    interval: Duration,
+    state: Mutex<(Instant, u32)>,
+}
+
+/// What to do with one refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Note {
+    /// Log it in full.
+    Log,
+    /// Count it only.
+    Count,
+}
+
+impl RefusalLog {
+    /// Logs up to `per_interval` refusals in full per `interval`, starting at `now`.
+    pub fn new(per_interval: u32, interval: Duration, now: Instant) -> Self {
+        Self {
+            per_interval,
+            interval,
+            state: Mutex::new((now, 0)),
+        }
+    }
+
+    /// Notes one refusal at `now`.
+    pub fn note(&self, now: Instant) -> Note {
+        let mut st = lock(&self.state);
+        if now.duration_since(st.0) >= self.interval && st.1 <= self.per_interval {
+            *st = (now, 0);
+        }
+        st.1 += 1;
+        if st.1 <= self.per_interval {
+            Note::Log
+        } else {
+            Note::Count
+        }
+    }
+
+    /// How many refusals were counted but not logged since the last call, starting a new
+    /// interval; 0 if none.
+    pub fn take_unlogged(&self, now: Instant) -> u32 {
+        let mut st = lock(&self.state);
+        let unlogged = st.1.saturating_sub(self.per_interval);
+        *st = (now, 0);
+        unlogged
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(s: &str) -> PeerId {
+        s.parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn one_peer_cannot_hold_more_than_its_share_and_others_still_get_memory() {
+        let budget = MemoryBudget::new(4, 6);
+        let p1 = peer("p1");
+        let a1 = budget.claim(&p1, 3).await;
+        // p1 has 1 byte of its share left: a 2-byte claim waits.
+        let blocked = tokio::time::timeout(Duration::from_millis(20), budget.claim(&p1, 2));
+        assert!(blocked.await.is_err(), "p1 is over its share");
+        // p2 is served from the common budget meanwhile.
+        let b = tokio::time::timeout(Duration::from_millis(20), budget.claim(&peer("p2"), 3))
+            .await
+            .expect("p2 gets memory while p1 waits");
+        assert_eq!(budget.held(), 6);
+        drop(a1);
+        drop(b);
+        assert_eq!(budget.held(), 0);
+    }
+
+    #[test]
+    fn uploads_are_capped_per_peer_and_by_the_disk_reserve() {
+        let slots = UploadSlots::default();
+        let total = 1000;
+        // 5% of 1000 is kept free: 950 of 1000 free bytes may be promised.
+        let held: Vec<_> = (0..UPLOADS_PER_PEER)
+            .map(|_| slots.admit(&peer("p1"), 100, 1000, total).unwrap())
+            .collect();
+        assert_eq!(
+            slots.admit(&peer("p1"), 1, 1000, total).unwrap_err(),
+            Refused::TooMany(UPLOADS_PER_PEER)
+        );
+        // 400 promised: another peer may have 550 more, not 551.
+        assert!(matches!(
+            slots.admit(&peer("p2"), 551, 1000, total),
+            Err(Refused::Disk { pending: 400, .. })
+        ));
+        let ok = slots.admit(&peer("p2"), 550, 1000, total).unwrap();
+        drop(held);
+        drop(ok);
+        assert!(slots.admit(&peer("p1"), 950, 1000, total).is_ok());
+    }
+
+    #[test]
+    fn refusals_past_the_first_few_are_counted_not_logged() {
+        let t0 = Instant::now();
+        let log = RefusalLog::new(3, Duration::from_secs(10), t0);
+        let notes: Vec<_> = (0..10).map(|_| log.note(t0)).collect();
+        assert_eq!(notes.iter().filter(|n| **n == Note::Log).count(), 3);
+        assert_eq!(log.take_unlogged(t0), 7);
+        assert_eq!(log.take_unlogged(t0), 0);
+        // A new interval logs again.
+        assert_eq!(log.note(t0 + Duration::from_secs(11)), Note::Log);
+    }
+}
