@@ -41,29 +41,6 @@ fn sigterm_during_transfers_ends_cleanly_and_the_download_moves_on() -> TestResu
     Ok(())
 }
 
-/// A tmpfs mounted over a folder for the length of a test.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &std::path::Path, size: &str) -> anyhow::Result<Self> {
-        let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()?;
-        anyhow::ensure!(st.success(), "mount tmpfs on {} failed", dir.display());
-        Ok(Self(dir.to_owned()))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 #[test]
 fn a_full_disk_fails_cleanly_and_the_peer_keeps_serving() -> TestResult {
     // SAFETY: geteuid has no preconditions.
@@ -78,7 +55,7 @@ fn a_full_disk_fails_cleanly_and_the_peer_keeps_serving() -> TestResult {
         return Ok(());
     }
     let net = Net::new(&["p1", "p2"])?;
-    let _tmpfs = Tmpfs::mount(&net.served("p2"), "1m")?;
+    let _tmpfs = util::Tmpfs::mount(&net.served("p2"), "1m")?;
     let big = random_bytes(3 << 20, 22);
     net.put("p1", "big.bin", &big)?;
     let _p1 = net.serve("p1", &[])?;

@@ -18,9 +18,13 @@ pub mod netns;
 
 pub type TestResult = anyhow::Result<()>;
 
-/// The binary under test.
+/// The binary under test: this build's, or `QNODE_TEST_BIN` (to show that a test fails on an older
+/// build).
 pub fn qnode_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_qnode")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("QNODE_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_qnode").into())
+    })
 }
 
 /// A temporary root with peers listed in its `peer_settings.txt`, all initialised.
@@ -388,4 +392,24 @@ pub fn leftovers(dir: &Path) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// A tmpfs mounted over a folder for the length of a test.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> anyhow::Result<Self> {
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()?;
+        anyhow::ensure!(st.success(), "mount tmpfs on {} failed", dir.display());
+        Ok(Self(dir.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
 }
