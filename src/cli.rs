@@ -187,13 +187,13 @@ fn init(root: &Root, me: &PeerId) -> anyhow::Result<ExitCode> {
     let (_, outcome) = identity::init(root, me).with_context(|| format!("initialising {me}"))?;
     let cert = root.cert_path(me);
     match outcome {
-        InitOutcome::Created => println!(
+        InitOutcome::Created => crate::outln!(
             "{me}: created a key pair ({}) and certificate ({}); copy the certificate to every peer's certs/",
             root.key_path(me).display(),
             cert.display()
         ),
         InitOutcome::Existing => {
-            println!("{me}: already initialised (certificate {})", cert.display())
+            crate::outln!("{me}: already initialised (certificate {})", cert.display())
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -201,8 +201,10 @@ fn init(root: &Root, me: &PeerId) -> anyhow::Result<ExitCode> {
 
 fn load_peers(root: &Root, me: &PeerId) -> anyhow::Result<PeerTable> {
     let path = root.settings_path();
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let (bytes, _) = crate::peers::read_small_file(&path, crate::peers::MAX_SETTINGS_LEN)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| anyhow::anyhow!("{} is not UTF-8 text", path.display()))?;
     let table = PeerTable::parse(&text).with_context(|| format!("in {}", path.display()))?;
     if table.get(me).is_none() {
         bail!(
@@ -445,7 +447,7 @@ impl Node {
         }
         let ok = report.peers.iter().all(|p| p.ok);
         for p in report.peers.iter().filter(|p| !p.ok) {
-            eprintln!("qnode: error: {}", p.error.as_deref().unwrap_or_default());
+            crate::errln!("qnode: error: {}", p.error.as_deref().unwrap_or_default());
         }
         if args.json {
             print_json(&report)?;
@@ -453,9 +455,9 @@ impl Node {
             for p in report.peers.iter().filter(|p| p.ok) {
                 let files = p.files.as_deref().unwrap_or_default();
                 let plural = if files.len() == 1 { "" } else { "s" };
-                println!("{}: {} file{plural}", p.peer, files.len());
+                crate::outln!("{}: {} file{plural}", p.peer, files.len());
                 for f in files {
-                    println!(
+                    crate::outln!(
                         "  {:<32} {:>12}  {}",
                         f.name,
                         HumanBytes(f.size).to_string(),
@@ -520,7 +522,7 @@ impl Node {
             });
         }
         for r in report.results.iter().filter(|r| !r.ok) {
-            eprintln!(
+            crate::errln!(
                 "qnode: error: uploading {name} to {}: {}",
                 r.peer,
                 r.error.as_deref().unwrap_or_default()
@@ -531,8 +533,10 @@ impl Node {
         } else {
             for r in report.results.iter().filter(|r| r.ok) {
                 match r.status {
-                    Some("stored") => println!("{}: stored {name} ({})", r.peer, HumanBytes(size)),
-                    _ => println!("{}: already has {name}", r.peer),
+                    Some("stored") => {
+                        crate::outln!("{}: stored {name} ({})", r.peer, HumanBytes(size))
+                    }
+                    _ => crate::outln!("{}: already has {name}", r.peer),
                 }
             }
         }
@@ -645,7 +649,7 @@ impl Node {
             });
         }
         for l in &left_out {
-            eprintln!("qnode: warning: {} left out: {}", l.peer, l.reason);
+            crate::errln!("qnode: warning: {} left out: {}", l.peer, l.reason);
         }
         let manifest = Arc::new(agreement.manifest);
 
@@ -743,13 +747,14 @@ impl Node {
         };
         for s in &report.sources {
             if s.corrupt > 0 {
-                eprintln!(
+                crate::errln!(
                     "qnode: warning: {} sent {} corrupt chunk(s); they were fetched again from other peers",
-                    s.name, s.corrupt
+                    s.name,
+                    s.corrupt
                 );
             }
             if let Some(why) = &s.dropped {
-                eprintln!(
+                crate::errln!(
                     "qnode: warning: {} dropped during the download: {why}",
                     s.name
                 );
@@ -807,7 +812,7 @@ fn progress_bar(total: u64) -> Option<ProgressBar> {
 }
 
 fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string(value)?);
+    crate::outln!("{}", serde_json::to_string(value)?);
     Ok(())
 }
 
@@ -922,7 +927,7 @@ fn render_download(out: &DownloadOut, json: bool) -> anyhow::Result<()> {
         return print_json(out);
     }
     if out.status == "already_present" && out.peers.is_empty() {
-        println!(
+        crate::outln!(
             "{} is already here ({}, identical); nothing to download",
             out.path,
             HumanBytes(out.size)
@@ -930,7 +935,7 @@ fn render_download(out: &DownloadOut, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     let rate = out.size as f64 / out.seconds.max(1e-9);
-    println!(
+    crate::outln!(
         "downloaded {} ({}) in {:.2} s, {}/s -> {}",
         out.name,
         HumanBytes(out.size),
@@ -939,7 +944,7 @@ fn render_download(out: &DownloadOut, json: bool) -> anyhow::Result<()> {
         out.path
     );
     if out.resumed_bytes > 0 {
-        println!(
+        crate::outln!(
             "  {:<12} {:>12}  (verified from an earlier attempt)",
             "resumed",
             HumanBytes(out.resumed_bytes).to_string()
@@ -962,7 +967,7 @@ fn render_download(out: &DownloadOut, json: bool) -> anyhow::Result<()> {
             ),
             _ => String::new(),
         };
-        println!(
+        crate::outln!(
             "  {peer:<12} {:>12}  {share:5.1}%{note}",
             HumanBytes(*bytes).to_string()
         );

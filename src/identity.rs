@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::peers::{PeerId, Root};
+use crate::peers::{PeerId, Root, read_small_file};
 
 /// The local peer's identity, ready for TLS.
 #[derive(Debug)]
@@ -36,6 +36,9 @@ impl Clone for Identity {
         }
     }
 }
+
+/// Largest key or certificate file read, in bytes (ours are under 1 KiB).
+pub const MAX_PEM_LEN: u64 = 64 * 1024;
 
 /// Whether `init` made a new identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +99,14 @@ pub enum IdentityError {
         published: PathBuf,
         /// `<id>/identity.pem`.
         own: PathBuf,
+    },
+    /// The private key can be read by others than its owner.
+    #[error("{path} is readable by others (mode {mode:03o}); it must be private: chmod 600 {path}")]
+    KeyExposed {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
     },
     /// Key generation failed.
     #[error("generating a key pair: {0}")]
@@ -165,8 +176,19 @@ pub fn init(root: &Root, id: &PeerId) -> Result<(Identity, InitOutcome), Identit
 pub fn load(root: &Root, id: &PeerId) -> Result<Identity, IdentityError> {
     let key_path = root.key_path(id);
     let own_path = root.own_cert_path(id);
-    let key_pem = match fs::read(&key_path) {
-        Ok(k) => k,
+    let key_pem = match read_small_file(&key_path, MAX_PEM_LEN) {
+        Ok((k, meta)) => {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode() & 0o777;
+            // As ssh does: a key others can read is no longer private.
+            if mode & 0o077 != 0 {
+                return Err(IdentityError::KeyExposed {
+                    path: key_path,
+                    mode,
+                });
+            }
+            k
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(IdentityError::NotInitialized {
                 id: id.clone(),
@@ -200,7 +222,7 @@ pub fn load_cert(root: &Root, id: &PeerId) -> Result<CertificateDer<'static>, Id
 }
 
 fn read_cert(path: &Path) -> Result<CertificateDer<'static>, IdentityError> {
-    let pem = fs::read(path).map_err(io_err("reading", path))?;
+    let (pem, _) = read_small_file(path, MAX_PEM_LEN).map_err(io_err("reading", path))?;
     CertificateDer::from_pem_slice(&pem).map_err(|_| IdentityError::BadPem {
         what: "certificate",
         path: path.to_owned(),

@@ -22,4 +22,5 @@ pub mod protocol;
 pub mod server;
 pub mod shell;
 pub mod store;
+pub mod term;
 pub mod tls;

@@ -16,7 +16,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!(
+            qnode::errln!(
                 "qnode: error: {} (see qnode --help)",
                 one_line(&e.to_string())
             );
@@ -50,17 +50,38 @@ fn main() -> ExitCode {
     let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("qnode: error: starting the async runtime: {e}");
+            qnode::errln!("qnode: error: starting the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(qnode::cli::run(cli)) {
+    let result = runtime.block_on(qnode::cli::run(cli));
+    // Store work still running on the blocking pool (a read stuck on a hung file system, say)
+    // must not keep the process alive once the command is done.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("qnode: error: {e:#}");
+            qnode::errln!("qnode: error: {}", error_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: a message that already ends with its
+/// cause's text (as "reading x: Is a directory (os error 21)" does) does not repeat it.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// Folds a clap usage error into one line: its message without the "error:" prefix and usage block.

@@ -4,11 +4,54 @@
 //! seed's format) and [`Root`], the paths of a qnode root on disk. It does no network I/O and knows
 //! nothing of TLS.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+
+/// Largest `peer_settings.txt` read, in bytes (100,000 peers take about 3 MB).
+pub const MAX_SETTINGS_LEN: u64 = 64 << 20;
+/// Longest part of a bad line quoted in an error, in characters.
+const QUOTED: usize = 80;
+
+/// Reads a small local file (settings, a key, a certificate) whole: it must be a regular file (a
+/// FIFO would block and `/dev/zero` never end) of at most `max` bytes. Symlinks are followed; what
+/// they lead to is checked. Returns the bytes and the file's metadata.
+pub fn read_small_file(path: &Path, max: u64) -> io::Result<(Vec<u8>, fs::Metadata)> {
+    let file: File = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    if meta.len() > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} bytes, more than the {max} expected", meta.len()),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // Capped again in case it grows while we read.
+    file.take(max).read_to_end(&mut bytes)?;
+    Ok((bytes, meta))
+}
+
+/// `text` cut to [`QUOTED`] characters, marked if cut.
+fn quote(text: &str) -> String {
+    match text.char_indices().nth(QUOTED) {
+        Some((end, _)) => format!("{}… ({} bytes)", &text[..end], text.len()),
+        None => text.to_owned(),
+    }
+}
 
 /// Longest peer ID accepted, in bytes.
 pub const MAX_PEER_ID_LEN: usize = 64;
@@ -122,7 +165,7 @@ impl PeerTable {
     /// Parses the text of `peer_settings.txt`. Blank lines and `#` comments are ignored.
     pub fn parse(text: &str) -> Result<Self, SettingsError> {
         let mut entries: Vec<PeerEntry> = Vec::new();
-        let mut lines_of: Vec<usize> = Vec::new();
+        let mut line_of: HashMap<PeerId, usize> = HashMap::new();
         for (i, raw) in text.lines().enumerate() {
             let line = i + 1;
             let content = raw.split('#').next().unwrap_or_default().trim();
@@ -133,7 +176,7 @@ impl PeerTable {
             let [id, ip, port] = fields[..] else {
                 return Err(SettingsError::Malformed {
                     line,
-                    found: content.to_owned(),
+                    found: quote(content),
                 });
             };
             let id: PeerId = id
@@ -145,29 +188,25 @@ impl PeerTable {
                 .parse()
                 .map_err(|_| SettingsError::BadAddress {
                     line,
-                    found: ip.to_owned(),
+                    found: quote(ip),
                 })?;
             let port: u16 = match port.parse() {
                 Ok(p) if p != 0 => p,
                 _ => {
                     return Err(SettingsError::BadPort {
                         line,
-                        found: port.to_owned(),
+                        found: quote(port),
                     });
                 }
             };
-            if let Some(pos) = entries.iter().position(|e| e.id == id) {
-                return Err(SettingsError::Duplicate {
-                    line,
-                    first: lines_of[pos],
-                    id,
-                });
+            if let Some(&first) = line_of.get(&id) {
+                return Err(SettingsError::Duplicate { line, first, id });
             }
+            line_of.insert(id.clone(), line);
             entries.push(PeerEntry {
                 id,
                 addr: SocketAddr::new(ip, port),
             });
-            lines_of.push(line);
         }
         Ok(Self { entries })
     }

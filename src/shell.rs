@@ -77,29 +77,29 @@ pub async fn run(node: &Node) -> bool {
     let mut all_ok = true;
     loop {
         if interactive {
-            eprint!("qnode> ");
+            crate::errp!("qnode> ");
         }
         let line = match lines.next_line().await {
             Ok(Some(l)) => l,
             Ok(None) => break,
             Err(e) => {
-                eprintln!("qnode: error: reading stdin: {e}");
+                crate::errln!("qnode: error: reading stdin: {e}");
                 return false;
             }
         };
         match parse(&line) {
             Ok(None) => {}
             Ok(Some(Action::Quit)) => break,
-            Ok(Some(Action::Help)) => println!("{HELP}"),
+            Ok(Some(Action::Help)) => crate::outln!("{HELP}"),
             Ok(Some(Action::Run(command))) => match node.execute(command).await {
                 Ok(ok) => all_ok &= ok,
                 Err(e) => {
-                    eprintln!("qnode: error: {e:#}");
+                    crate::errln!("qnode: error: {e:#}");
                     all_ok = false;
                 }
             },
             Err(msg) => {
-                eprintln!("qnode: error: {msg}");
+                crate::errln!("qnode: error: {msg}");
                 all_ok = false;
             }
         }

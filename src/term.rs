@@ -1,0 +1,34 @@
+//! Writing to stdout and stderr without panicking when either is closed (`qnode list | head -1`,
+//! `2>&-`): the `println!` family panics on a failed write; these macros drop the text instead,
+//! so the command still finishes its work and decides its exit code as usual.
+
+use std::io::Write;
+
+/// Writes to stdout; a closed or broken stdout is ignored.
+pub fn out(args: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_fmt(args).and_then(|()| out.flush());
+}
+
+/// Writes to stderr; a closed or broken stderr is ignored.
+pub fn err(args: std::fmt::Arguments<'_>) {
+    let _ = std::io::stderr().lock().write_fmt(args);
+}
+
+/// `println!` that never panics.
+#[macro_export]
+macro_rules! outln {
+    ($($t:tt)*) => { $crate::term::out(format_args!("{}\n", format_args!($($t)*))) };
+}
+
+/// `eprintln!` that never panics.
+#[macro_export]
+macro_rules! errln {
+    ($($t:tt)*) => { $crate::term::err(format_args!("{}\n", format_args!($($t)*))) };
+}
+
+/// `eprint!` that never panics.
+#[macro_export]
+macro_rules! errp {
+    ($($t:tt)*) => { $crate::term::err(format_args!($($t)*)) };
+}
