@@ -411,7 +411,14 @@ impl Node {
         let targets = self.select(&args.peers)?;
         let results = join_all(targets.iter().map(|entry| async move {
             if entry.id == self.me {
-                return self.list_own().await.map_err(|e| e.to_string());
+                return self
+                    .list_own()
+                    .await
+                    .map(|f| {
+                        let n = f.len() as u64;
+                        (f, n)
+                    })
+                    .map_err(|e| e.to_string());
             }
             match self.client(entry).await {
                 Ok(c) => c.list().await.map_err(|e| e.to_string()),
@@ -422,9 +429,10 @@ impl Node {
         let mut report = ListReport { peers: Vec::new() };
         for (entry, result) in targets.iter().zip(results) {
             report.peers.push(match result {
-                Ok(files) => PeerFiles {
+                Ok((files, total)) => PeerFiles {
                     peer: entry.id.to_string(),
                     ok: true,
+                    total: (total > files.len() as u64).then_some(total),
                     files: Some(
                         files
                             .into_iter()
@@ -440,6 +448,7 @@ impl Node {
                 Err(e) => PeerFiles {
                     peer: entry.id.to_string(),
                     ok: false,
+                    total: None,
                     files: None,
                     error: Some(e),
                 },
@@ -448,6 +457,15 @@ impl Node {
         let ok = report.peers.iter().all(|p| p.ok);
         for p in report.peers.iter().filter(|p| !p.ok) {
             crate::errln!("qnode: error: {}", p.error.as_deref().unwrap_or_default());
+        }
+        for p in &report.peers {
+            if let (Some(total), Some(files)) = (p.total, &p.files) {
+                crate::errln!(
+                    "qnode: warning: {} serves {total} files; only the first {} (by name) are listed",
+                    p.peer,
+                    files.len()
+                );
+            }
         }
         if args.json {
             print_json(&report)?;
@@ -825,6 +843,9 @@ struct ListReport {
 struct PeerFiles {
     peer: String,
     ok: bool,
+    /// How many files the peer serves, present only when the listing was cut.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    total: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     files: Option<Vec<FileOut>>,
     #[serde(skip_serializing_if = "Option::is_none")]

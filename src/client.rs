@@ -165,11 +165,16 @@ impl Client {
         self.conn.close(CloseCode::Done.code().into(), b"done");
     }
 
-    /// The files the peer serves.
-    pub async fn list(&self) -> Result<Vec<FileEntry>, ClientError> {
+    /// The files the peer serves (the first `MAX_LISTED_FILES` if there are more), and how many
+    /// it serves.
+    pub async fn list(&self) -> Result<(Vec<FileEntry>, u64), ClientError> {
         let (_, _, resp) = self.request(&Request::List, true).await?;
         match resp {
-            Response::Files(files) => Ok(files),
+            Response::Files(files) => {
+                let n = files.len() as u64;
+                Ok((files, n))
+            }
+            Response::FilesCut { files, total } => Ok((files, total)),
             _ => Err(self.unexpected("list")),
         }
     }

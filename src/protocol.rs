@@ -34,7 +34,8 @@ pub const MAX_REQUEST_LEN: u32 = 4 * 1024;
 /// Largest response header frame, in bytes (a manifest is at most 2 MiB; a listing at most
 /// [`MAX_LISTED_FILES`] entries).
 pub const MAX_RESPONSE_LEN: u32 = 16 * 1024 * 1024;
-/// Most files one `List` answer carries; the rest are left out (and the server logs it).
+/// Most files one `List` answer carries; the rest are left out, and the answer says how many there
+/// are ([`Response::FilesCut`]).
 pub const MAX_LISTED_FILES: usize = 40_000;
 
 /// A request, the first frame on a stream.
@@ -121,6 +122,15 @@ pub enum Response {
     AlreadyPresent,
     /// The request failed.
     Error(RemoteError),
+    /// Answer to `List` when the peer serves more files than one answer carries: the first
+    /// [`MAX_LISTED_FILES`] by name, and how many there are. (Added after `qnode/1` first shipped;
+    /// a server sends it only when it must cut a listing, which older servers did silently.)
+    FilesCut {
+        /// The first files, by name.
+        files: Vec<FileEntry>,
+        /// How many files the peer serves.
+        total: u64,
+    },
 }
 
 /// Why a request failed, as sent by the server.
@@ -322,6 +332,20 @@ mod tests {
                 "no"
             ))),
             [0, 0, 0, 5, 6, 2, 2, b'n', b'o']
+        );
+        let mut cut = vec![0, 0, 0, 42, 7, 1, 3, b'x', b'.', b'y', 13];
+        cut.extend([9u8; 32]);
+        cut.extend([0xc0, 0x84, 0x3d]); // 1,000,000 as a varint
+        assert_eq!(
+            frame(&Response::FilesCut {
+                files: vec![FileEntry {
+                    name: name("x.y"),
+                    size: 13,
+                    blake3: [9; 32]
+                }],
+                total: 1_000_000
+            }),
+            cut
         );
     }
 

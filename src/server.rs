@@ -354,19 +354,27 @@ fn gone(e: impl std::fmt::Display) -> Failure {
 async fn handle_list(send: &mut quinn::SendStream, server: &Server) -> Result<String, Failure> {
     let store = server.store.clone();
     let mut files = blocking(move || store.list()).await?;
-    if files.len() > MAX_LISTED_FILES {
-        warn!(
-            "listing only the first {MAX_LISTED_FILES} of {} files",
-            files.len()
-        );
-        files.truncate(MAX_LISTED_FILES);
-    }
+    let total = files.len();
+    files.truncate(MAX_LISTED_FILES);
     let entries: Vec<FileEntry> = files
         .into_iter()
         .map(|(name, m)| FileEntry::new(name, &m))
         .collect();
     let count = entries.len();
-    respond(send, &Response::Files(entries)).await;
+    if total > count {
+        warn!("listing only the first {count} of {total} files");
+        let total = total as u64;
+        respond(
+            send,
+            &Response::FilesCut {
+                files: entries,
+                total,
+            },
+        )
+        .await;
+    } else {
+        respond(send, &Response::Files(entries)).await;
+    }
     Ok(format!("-> {count} files"))
 }
 

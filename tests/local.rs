@@ -168,3 +168,29 @@ fn closed_stdout_and_stderr_end_quietly_without_a_panic() -> TestResult {
     assert_eq!(status.code(), Some(1));
     Ok(())
 }
+
+#[test]
+fn a_listing_cut_at_the_cap_says_so() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    let cap = qnode::protocol::MAX_LISTED_FILES;
+    for i in 0..cap + 5 {
+        std::fs::File::create(net.served("p1").join(format!("f{i:06}.txt")))?;
+    }
+    let _p1 = net.serve("p1", &[])?;
+    let out = net.ok("p2", &["list", "p1", "--json"])?;
+    let json = out.json()?;
+    assert_eq!(json["peers"][0]["files"].as_array().unwrap().len(), cap);
+    assert_eq!(json["peers"][0]["total"], cap + 5);
+    assert!(
+        out.stderr().contains(&format!("serves {} files", cap + 5)),
+        "{out}"
+    );
+    // Under the cap: no total, no warning.
+    let small = Net::new(&["p1", "p2"])?;
+    small.put("p1", "a.txt", b"a")?;
+    let _s = small.serve("p1", &[])?;
+    let out = small.ok("p2", &["list", "p1", "--json"])?;
+    assert!(out.json()?["peers"][0].get("total").is_none());
+    assert_eq!(out.stderr(), "");
+    Ok(())
+}
