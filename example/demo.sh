@@ -10,7 +10,10 @@ cd "$here"
 
 echo "== building qnode (release)"
 cargo build --release --quiet --manifest-path "$here/../Cargo.toml"
-qnode="$here/../target/release/qnode"
+# The binary cargo built, wherever its target folder is (CARGO_TARGET_DIR, a config file).
+target_dir="$(cargo metadata --format-version 1 --no-deps --manifest-path "$here/../Cargo.toml" |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
+qnode="${target_dir:-$here/../target}/release/qnode"
 export QNODE_ROOT="$here"
 unset RUST_LOG QNODE_PEER
 
