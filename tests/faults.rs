@@ -43,15 +43,10 @@ fn sigterm_during_transfers_ends_cleanly_and_the_download_moves_on() -> TestResu
 
 #[test]
 fn a_full_disk_fails_cleanly_and_the_peer_keeps_serving() -> TestResult {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        // Written to the stderr handle directly: libtest captures only the print macros, and a
-        // skipped fault test must be seen.
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED a_full_disk_fails_cleanly_and_the_peer_keeps_serving: needs root to mount a tmpfs"
-        );
+    if !util::is_root(
+        "a_full_disk_fails_cleanly_and_the_peer_keeps_serving",
+        "to mount a tmpfs",
+    ) {
         return Ok(());
     }
     let net = Net::new(&["p1", "p2"])?;

@@ -163,14 +163,6 @@ async fn hostile_requests_are_refused_and_the_server_keeps_serving() -> TestResu
     );
 
     // Uploads: a terabyte claim; more bytes than claimed; fewer bytes than claimed.
-    let upload = |name: &str, size| {
-        encode_frame(&Request::Upload {
-            name: FileName::new(name).unwrap(),
-            size,
-            blake3: [0; 32],
-        })
-        .unwrap()
-    };
     expect_error(
         raw(&conn, &upload("tb.bin", 1 << 40)).await?,
         ErrorKind::TooLarge,
@@ -288,6 +280,16 @@ async fn read_reply(mut recv: quinn::RecvStream) -> anyhow::Result<(u32, Vec<u8>
     Ok((len, recv.read_to_end(64 << 20).await?))
 }
 
+/// An upload request for `name` announcing `size` bytes (hashing to zeros: never stored).
+fn upload(name: &str, size: u64) -> Vec<u8> {
+    encode_frame(&Request::Upload {
+        name: FileName::new(name).unwrap(),
+        size,
+        blake3: [0; 32],
+    })
+    .unwrap()
+}
+
 fn chunk_request(name: &FileName, offset: u64, len: u32) -> Vec<u8> {
     encode_frame(&Request::ReadChunk {
         name: name.clone(),
@@ -391,14 +393,6 @@ async fn announced_uploads_take_no_disk_and_a_peer_gets_only_a_few_at_once() -> 
     let net = Net::new(&["p1", "p2", "p3"])?;
     let server = net.serve("p1", &[])?;
     let (_ep, conn) = connect(&net, "p2", "p1").await?;
-    let upload = |name: &str, size| {
-        encode_frame(&Request::Upload {
-            name: FileName::new(name).unwrap(),
-            size,
-            blake3: [0; 32],
-        })
-        .unwrap()
-    };
     // Four uploads announced at 2 GiB each, trickling one byte: they hold almost no disk.
     let mut open = Vec::new();
     for i in 0..4 {
@@ -447,33 +441,19 @@ async fn announced_uploads_take_no_disk_and_a_peer_gets_only_a_few_at_once() -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_keep_a_share_of_the_disk_free() -> TestResult {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED uploads_keep_a_share_of_the_disk_free: needs root to mount a tmpfs"
-        );
+    if !util::is_root("uploads_keep_a_share_of_the_disk_free", "to mount a tmpfs") {
         return Ok(());
     }
     let net = Net::new(&["p1", "p2"])?;
     let _tmpfs = util::Tmpfs::mount(&net.served("p1"), "64m")?;
     let _server = net.serve("p1", &[])?;
     let (_ep, conn) = connect(&net, "p2", "p1").await?;
-    let upload = |size| {
-        encode_frame(&Request::Upload {
-            name: FileName::new("fill.bin").unwrap(),
-            size,
-            blake3: [0; 32],
-        })
-        .unwrap()
-    };
     // 63 MiB of 64 would leave less than the 5% kept free: refused before a byte moves.
-    let resp = raw(&conn, &upload(63 << 20)).await?;
+    let resp = raw(&conn, &upload("fill.bin", 63 << 20)).await?;
     expect_error(resp, ErrorKind::NoSpace, "63 of 64 MiB");
     // 32 MiB fits.
     let (mut send, mut recv) = conn.open_bi().await?;
-    send.write_all(&upload(32 << 20)).await?;
+    send.write_all(&upload("fill.bin", 32 << 20)).await?;
     let ready: Response = protocol::read_msg(&mut recv, MAX_RESPONSE_LEN).await?;
     assert_eq!(ready, Response::Ready);
     Ok(())

@@ -413,3 +413,16 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// Whether we run as root; if not, says on stderr that `test` is skipped and why.
+pub fn is_root(test: &str, why: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    // Written to the stderr handle directly: libtest captures only the print macros, and a
+    // skipped test must be seen.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: needs root {why}");
+    false
+}
