@@ -26,6 +26,9 @@ pub const PEER_REPLY_MEMORY: u32 = MAX_CHUNK_SIZE as u32;
 pub const TOTAL_REPLY_MEMORY: u32 = 256 << 20;
 /// Uploads one peer may have in progress at once.
 pub const UPLOADS_PER_PEER: usize = 4;
+/// Connections one peer may have open to a server at once (each CLI command opens one; a peer that
+/// crashed may leave a few until they time out).
+pub const CONNECTIONS_PER_PEER: usize = 8;
 /// Share of the disk (in percent of its size) that uploads leave free for the node's own downloads.
 pub const DISK_RESERVE_PERCENT: u64 = 5;
 
@@ -192,6 +195,47 @@ impl Drop for UploadSlot {
     }
 }
 
+/// Open connections per peer.
+#[derive(Debug, Default)]
+pub struct ConnectionSlots {
+    open: Arc<Mutex<HashMap<PeerId, usize>>>,
+}
+
+/// One admitted connection; frees its slot on drop.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    open: Arc<Mutex<HashMap<PeerId, usize>>>,
+    peer: PeerId,
+}
+
+impl ConnectionSlots {
+    /// Admits one more connection of `peer`, if it has fewer than [`CONNECTIONS_PER_PEER`].
+    pub fn admit(&self, peer: &PeerId) -> Option<ConnectionSlot> {
+        let mut open = lock(&self.open);
+        let n = open.entry(peer.clone()).or_default();
+        if *n >= CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(ConnectionSlot {
+            open: self.open.clone(),
+            peer: peer.clone(),
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut open = lock(&self.open);
+        if let Some(n) = open.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.peer);
+            }
+        }
+    }
+}
+
 /// Refused handshakes: the first few of each interval are logged in full, the rest counted.
 #[derive(Debug)]
 pub struct RefusalLog {
@@ -290,6 +334,18 @@ mod tests {
         drop(held);
         drop(ok);
         assert!(slots.admit(&peer("p1"), 950, 1000, total).is_ok());
+    }
+
+    #[test]
+    fn a_peer_gets_a_bounded_number_of_connections() {
+        let slots = ConnectionSlots::default();
+        let held: Vec<_> = (0..CONNECTIONS_PER_PEER)
+            .map(|_| slots.admit(&peer("p1")).unwrap())
+            .collect();
+        assert!(slots.admit(&peer("p1")).is_none());
+        assert!(slots.admit(&peer("p2")).is_some());
+        drop(held);
+        assert!(slots.admit(&peer("p1")).is_some());
     }
 
     #[test]

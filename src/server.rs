@@ -20,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::limits::{MemoryBudget, Note, RefusalLog, Refused, UploadSlots};
+use crate::limits::{
+    CONNECTIONS_PER_PEER, ConnectionSlots, MemoryBudget, Note, RefusalLog, Refused, UploadSlots,
+};
 use crate::manifest::{FileName, Hash32, MAX_CHUNK_SIZE};
 use crate::peers::PeerId;
 use crate::protocol::{
@@ -60,6 +62,8 @@ pub struct Server {
     pub uploads: UploadSlots,
     /// Refused handshakes, logged a few at a time.
     pub refusals: RefusalLog,
+    /// Open connections per peer.
+    pub connections: ConnectionSlots,
 }
 
 /// Refused handshakes logged in full per [`STATS_INTERVAL`]; the rest are counted in one line.
@@ -87,6 +91,7 @@ impl Server {
             budget: MemoryBudget::default(),
             uploads: UploadSlots::default(),
             refusals: RefusalLog::new(REFUSALS_LOGGED, STATS_INTERVAL, std::time::Instant::now()),
+            connections: ConnectionSlots::default(),
         }
     }
 
@@ -175,7 +180,9 @@ pub async fn run(
 fn log_stats(server: &Server) {
     let unlogged = server.refusals.take_unlogged(std::time::Instant::now());
     if unlogged > 0 {
-        info!("{unlogged} more handshakes failed since the last report (not logged one by one)");
+        info!(
+            "{unlogged} more handshakes failed or connections were refused since the last report (not logged one by one)"
+        );
     }
     let mut sent: Vec<(PeerId, u64)> = server.take_sent().into_iter().collect();
     sent.sort();
@@ -216,6 +223,14 @@ async fn handle_connection(
         conn.close(CloseCode::Refused.code().into(), b"that is my own identity");
         return;
     }
+    // Each connection may hold a send window of data in QUIC's buffers: a peer gets a few.
+    let Some(_slot) = server.connections.admit(&peer) else {
+        if server.refusals.note(std::time::Instant::now()) == Note::Log {
+            warn!("refusing a connection from {peer}: it already has {CONNECTIONS_PER_PEER} open");
+        }
+        conn.close(CloseCode::Refused.code().into(), b"too many connections");
+        return;
+    };
     tracing::Span::current().record("peer", tracing::field::display(&peer));
     debug!(%peer, "connected");
     loop {

@@ -499,3 +499,40 @@ async fn a_flood_of_refused_handshakes_is_summarised_not_logged_one_by_one() -> 
     assert!(log.contains("more handshakes failed"), "{log}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_gets_a_bounded_number_of_connections() -> TestResult {
+    let net = Net::new(&["p1", "p2", "p3"])?;
+    net.put("p1", "ok.txt", b"fine")?;
+    let server = net.serve("p1", &[])?;
+    let list = encode_frame(&Request::List)?;
+    let mut open = Vec::new();
+    for i in 0..qnode::limits::CONNECTIONS_PER_PEER {
+        let (ep, conn) = connect(&net, "p2", "p1").await?;
+        assert!(
+            matches!(raw(&conn, &list).await?, Response::Files(_)),
+            "connection {i}"
+        );
+        open.push((ep, conn));
+    }
+    let (_ep, extra) = connect(&net, "p2", "p1").await?;
+    assert!(raw(&extra, &list).await.is_err(), "one connection too many");
+    server.wait_for_log("already has", std::time::Duration::from_secs(10))?;
+    // Another peer is not affected, and a closed connection frees its slot.
+    net.ok("p3", &["list", "p1"])?;
+    let (ep, conn) = open.pop().unwrap();
+    conn.close(0u32.into(), b"done");
+    ep.wait_idle().await;
+    let mut served = false;
+    for _ in 0..50 {
+        // The server may not have seen the close yet: a refused attempt is retried afresh.
+        let (_ep2, again) = connect(&net, "p2", "p1").await?;
+        if matches!(raw(&again, &list).await, Ok(Response::Files(_))) {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(served, "a freed slot is used again");
+    Ok(())
+}
