@@ -241,7 +241,14 @@ impl Drop for ConnectionSlot {
 pub struct RefusalLog {
     per_interval: u32,
     interval: Duration,
-    state: Mutex<(Instant, u32)>,
+    state: Mutex<RefusalState>,
+}
+
+#[derive(Debug)]
+struct RefusalState {
+    window_start: Instant,
+    logged: u32,
+    unlogged: u32,
 }
 
 /// What to do with one refusal.
@@ -259,31 +266,33 @@ impl RefusalLog {
         Self {
             per_interval,
             interval,
-            state: Mutex::new((now, 0)),
+            state: Mutex::new(RefusalState {
+                window_start: now,
+                logged: 0,
+                unlogged: 0,
+            }),
         }
     }
 
     /// Notes one refusal at `now`.
     pub fn note(&self, now: Instant) -> Note {
         let mut st = lock(&self.state);
-        if now.duration_since(st.0) >= self.interval && st.1 <= self.per_interval {
-            *st = (now, 0);
+        if now.duration_since(st.window_start) >= self.interval {
+            st.window_start = now;
+            st.logged = 0;
         }
-        st.1 += 1;
-        if st.1 <= self.per_interval {
+        if st.logged < self.per_interval {
+            st.logged += 1;
             Note::Log
         } else {
+            st.unlogged += 1;
             Note::Count
         }
     }
 
-    /// How many refusals were counted but not logged since the last call, starting a new
-    /// interval; 0 if none.
-    pub fn take_unlogged(&self, now: Instant) -> u32 {
-        let mut st = lock(&self.state);
-        let unlogged = st.1.saturating_sub(self.per_interval);
-        *st = (now, 0);
-        unlogged
+    /// How many refusals were counted but not logged since the last call; 0 if none.
+    pub fn take_unlogged(&self) -> u32 {
+        std::mem::take(&mut lock(&self.state).unlogged)
     }
 }
 
@@ -354,8 +363,10 @@ mod tests {
         let log = RefusalLog::new(3, Duration::from_secs(10), t0);
         let notes: Vec<_> = (0..10).map(|_| log.note(t0)).collect();
         assert_eq!(notes.iter().filter(|n| **n == Note::Log).count(), 3);
-        assert_eq!(log.take_unlogged(t0), 7);
-        assert_eq!(log.take_unlogged(t0), 0);
+        assert_eq!(log.take_unlogged(), 7);
+        assert_eq!(log.take_unlogged(), 0);
+        // Taking the count does not open a new window: still counted only.
+        assert_eq!(log.note(t0 + Duration::from_secs(9)), Note::Count);
         // A new interval logs again.
         assert_eq!(log.note(t0 + Duration::from_secs(11)), Note::Log);
     }

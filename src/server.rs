@@ -178,7 +178,7 @@ pub async fn run(
 }
 
 fn log_stats(server: &Server) {
-    let unlogged = server.refusals.take_unlogged(std::time::Instant::now());
+    let unlogged = server.refusals.take_unlogged();
     if unlogged > 0 {
         info!(
             "{unlogged} more handshakes failed or connections were refused since the last report (not logged one by one)"

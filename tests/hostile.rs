@@ -476,6 +476,7 @@ async fn a_flood_of_refused_handshakes_is_summarised_not_logged_one_by_one() -> 
     let port = net.peers.iter().find(|(p, _)| p == "p1").unwrap().1;
     let real_p1 = identity::load_cert(&Root::new(net.root()), &p1)?;
     let (endpoint, _) = tls::bind_endpoint("127.0.0.1:0".parse()?, None, None)?;
+    let flood = std::time::Instant::now();
     for _ in 0..200 {
         let config = tls::client_config(&fake, &p1, real_p1.clone())?;
         let attempt = endpoint.connect_with(
@@ -492,9 +493,13 @@ async fn a_flood_of_refused_handshakes_is_summarised_not_logged_one_by_one() -> 
     server.wait_exit(std::time::Duration::from_secs(15))?;
     let log = server.log();
     let one_by_one = log.matches("handshake failed:").count();
+    // 5 in full per 10 s report interval; a slow (loaded) machine may stretch the flood over
+    // several intervals, each with its own 5.
+    let intervals = flood.elapsed().as_secs() as usize / 10 + 2;
+    let allowed = qnode::server::REFUSALS_LOGGED as usize * intervals;
     assert!(
-        (1..=10).contains(&one_by_one),
-        "{one_by_one} refusals logged one by one"
+        (1..=allowed).contains(&one_by_one),
+        "{one_by_one} of 200 refusals logged one by one (at most {allowed})"
     );
     assert!(log.contains("more handshakes failed"), "{log}");
     Ok(())
