@@ -5,11 +5,14 @@
 //! verified chunks from every peer that serves a file at once (`download`).
 //!
 //! Dependency rules (arrows point one way):
-//! `main → {cli, shell} → {server, client, download} → {protocol, store, tls} → {manifest, peers, identity}`.
+//! `main → {cli, shell} → {server, client, download} → {protocol, store, tls, limits} → {manifest, peers, identity}`.
 //! - Only `server`, `client` and `tls` name quinn types.
 //! - Only `protocol` turns bytes into messages.
 //! - `download` sees peers only through its `ChunkSource` trait.
-//! - Only `cli`, `shell` and `main` write to stdout.
+//! - Only `cli`, `shell` and `main` write to stdout, through `term` (which never panics on a closed
+//!   stream).
+//! - `limits` is the server's bookkeeping of what each peer may take (memory, uploads, disk,
+//!   connections); it does no I/O.
 
 pub mod cli;
 pub mod client;
