@@ -153,7 +153,7 @@ pub fn init(root: &Root, id: &PeerId) -> Result<(Identity, InitOutcome), Identit
     let identity = load(root, id)?;
 
     let published = root.cert_path(id);
-    match fs::read(&published) {
+    match read_small_file(&published, MAX_PEM_LEN) {
         Ok(_) => {
             if load_cert(root, id)? != identity.cert {
                 return Err(IdentityError::PublishedMismatch {
@@ -164,7 +164,8 @@ pub fn init(root: &Root, id: &PeerId) -> Result<(Identity, InitOutcome), Identit
             }
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let pem = fs::read(&own_path).map_err(io_err("reading", &own_path))?;
+            let (pem, _) =
+                read_small_file(&own_path, MAX_PEM_LEN).map_err(io_err("reading", &own_path))?;
             write_new(&published, &pem, 0o644)?;
         }
         Err(e) => return Err(io_err("reading", &published)(e)),

@@ -71,19 +71,17 @@ impl MemoryBudget {
         }
     }
 
-    /// Waits until `len` bytes may be held for `peer` (its own share first, then the common one),
-    /// and claims them. `len` above a share is claimed as the whole share.
-    pub async fn claim(&self, peer: &PeerId, len: u32) -> Held {
+    /// The budget of `peer`: looked up once per connection, so a chunk claims its memory without
+    /// a map lookup. Every connection of one peer shares that peer's share.
+    pub fn for_peer(&self, peer: &PeerId) -> PeerBudget {
         let mine = lock(&self.peers)
             .entry(peer.clone())
             .or_insert_with(|| Arc::new(Semaphore::new(self.per_peer as usize)))
             .clone();
-        let len = len.min(self.per_peer);
-        let peer_permit = acquire(mine, len).await;
-        let all_permit = acquire(self.all.clone(), len).await;
-        Held {
-            _peer: peer_permit,
-            _all: all_permit,
+        PeerBudget {
+            per_peer: self.per_peer,
+            mine,
+            all: self.all.clone(),
         }
     }
 
@@ -93,27 +91,79 @@ impl MemoryBudget {
     }
 }
 
-async fn acquire(sem: Arc<Semaphore>, n: u32) -> OwnedSemaphorePermit {
-    loop {
-        // These semaphores are never closed, so acquiring can only wait, never fail; the loop
-        // keeps that true without an unwrap.
-        if let Ok(p) = sem.clone().acquire_many_owned(n).await {
-            return p;
+/// One peer's share of a [`MemoryBudget`], and the common share.
+#[derive(Debug)]
+pub struct PeerBudget {
+    per_peer: u32,
+    mine: Arc<Semaphore>,
+    all: Arc<Semaphore>,
+}
+
+impl PeerBudget {
+    /// Waits until `len` bytes may be held (the peer's own share first, then the common one), and
+    /// claims them. `len` above a share is claimed as the whole share.
+    pub async fn claim(&self, len: u32) -> Held {
+        let len = len.min(self.per_peer);
+        Held {
+            _peer: acquire(&self.mine, len).await,
+            _all: acquire(&self.all, len).await,
         }
-        tokio::task::yield_now().await;
+    }
+}
+
+async fn acquire(sem: &Arc<Semaphore>, n: u32) -> OwnedSemaphorePermit {
+    // Invariant: these semaphores are never closed (nothing calls `close`), so acquiring can only
+    // wait, never fail; and `n` is at most the semaphore's size, so it is granted eventually.
+    sem.clone()
+        .acquire_many_owned(n)
+        .await
+        .expect("reply-memory semaphores are never closed")
+}
+
+/// How many of something (connections, uploads) each peer has open.
+#[derive(Debug, Default)]
+struct PeerCounts(Arc<Mutex<HashMap<PeerId, usize>>>);
+
+/// One counted thing; uncounted on drop.
+#[derive(Debug)]
+struct Counted {
+    counts: Arc<Mutex<HashMap<PeerId, usize>>>,
+    peer: PeerId,
+}
+
+impl PeerCounts {
+    /// Counts one more for `peer` if it has fewer than `max`.
+    fn admit(&self, peer: &PeerId, max: usize) -> Option<Counted> {
+        let mut counts = lock(&self.0);
+        let n = counts.entry(peer.clone()).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Counted {
+            counts: self.0.clone(),
+            peer: peer.clone(),
+        })
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut counts = lock(&self.counts);
+        if let Some(n) = counts.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.peer);
+            }
+        }
     }
 }
 
 /// Uploads in progress: how many each peer has, and the bytes all of them may still write.
 #[derive(Debug, Default)]
 pub struct UploadSlots {
-    state: Arc<Mutex<SlotState>>,
-}
-
-#[derive(Debug, Default)]
-struct SlotState {
-    per_peer: HashMap<PeerId, usize>,
-    announced: u64,
+    counts: PeerCounts,
+    announced: Arc<Mutex<u64>>,
 }
 
 /// Why an upload was not admitted.
@@ -141,8 +191,8 @@ pub enum Refused {
 /// One admitted upload; frees its slot and its announced bytes on drop.
 #[derive(Debug)]
 pub struct UploadSlot {
-    state: Arc<Mutex<SlotState>>,
-    peer: PeerId,
+    _counted: Counted,
+    announced: Arc<Mutex<u64>>,
     size: u64,
 }
 
@@ -157,26 +207,24 @@ impl UploadSlots {
         free: u64,
         total: u64,
     ) -> Result<UploadSlot, Refused> {
-        let mut st = lock(&self.state);
-        let count = st.per_peer.get(peer).copied().unwrap_or(0);
-        if count >= UPLOADS_PER_PEER {
-            return Err(Refused::TooMany(count));
-        }
+        let counted = self
+            .counts
+            .admit(peer, UPLOADS_PER_PEER)
+            .ok_or(Refused::TooMany(UPLOADS_PER_PEER))?;
         let reserve = total / 100 * DISK_RESERVE_PERCENT;
-        let needed = st.announced.saturating_add(size).saturating_add(reserve);
-        if needed > free {
+        let mut announced = lock(&self.announced);
+        if announced.saturating_add(size).saturating_add(reserve) > free {
             return Err(Refused::Disk {
                 size,
                 free,
-                pending: st.announced,
+                pending: *announced,
                 reserve,
             });
         }
-        *st.per_peer.entry(peer.clone()).or_default() += 1;
-        st.announced += size;
+        *announced += size;
         Ok(UploadSlot {
-            state: self.state.clone(),
-            peer: peer.clone(),
+            _counted: counted,
+            announced: self.announced.clone(),
             size,
         })
     }
@@ -184,55 +232,26 @@ impl UploadSlots {
 
 impl Drop for UploadSlot {
     fn drop(&mut self) {
-        let mut st = lock(&self.state);
-        st.announced = st.announced.saturating_sub(self.size);
-        if let Some(n) = st.per_peer.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
-                st.per_peer.remove(&self.peer);
-            }
-        }
+        let mut announced = lock(&self.announced);
+        *announced = announced.saturating_sub(self.size);
     }
 }
 
 /// Open connections per peer.
 #[derive(Debug, Default)]
-pub struct ConnectionSlots {
-    open: Arc<Mutex<HashMap<PeerId, usize>>>,
-}
+pub struct ConnectionSlots(PeerCounts);
 
 /// One admitted connection; frees its slot on drop.
 #[derive(Debug)]
 pub struct ConnectionSlot {
-    open: Arc<Mutex<HashMap<PeerId, usize>>>,
-    peer: PeerId,
+    _counted: Counted,
 }
 
 impl ConnectionSlots {
     /// Admits one more connection of `peer`, if it has fewer than [`CONNECTIONS_PER_PEER`].
     pub fn admit(&self, peer: &PeerId) -> Option<ConnectionSlot> {
-        let mut open = lock(&self.open);
-        let n = open.entry(peer.clone()).or_default();
-        if *n >= CONNECTIONS_PER_PEER {
-            return None;
-        }
-        *n += 1;
-        Some(ConnectionSlot {
-            open: self.open.clone(),
-            peer: peer.clone(),
-        })
-    }
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        let mut open = lock(&self.open);
-        if let Some(n) = open.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.peer);
-            }
-        }
+        let _counted = self.0.admit(peer, CONNECTIONS_PER_PEER)?;
+        Some(ConnectionSlot { _counted })
     }
 }
 
@@ -307,13 +326,19 @@ mod tests {
     #[tokio::test]
     async fn one_peer_cannot_hold_more_than_its_share_and_others_still_get_memory() {
         let budget = MemoryBudget::new(4, 6);
-        let p1 = peer("p1");
-        let a1 = budget.claim(&p1, 3).await;
-        // p1 has 1 byte of its share left: a 2-byte claim waits.
-        let blocked = tokio::time::timeout(Duration::from_millis(20), budget.claim(&p1, 2));
+        let (p1, p2) = (budget.for_peer(&peer("p1")), budget.for_peer(&peer("p2")));
+        let a1 = p1.claim(3).await;
+        // p1 has 1 byte of its share left: a 2-byte claim waits, on this or another connection.
+        let blocked = tokio::time::timeout(Duration::from_millis(20), p1.claim(2));
         assert!(blocked.await.is_err(), "p1 is over its share");
+        let again = budget.for_peer(&peer("p1"));
+        let blocked = tokio::time::timeout(Duration::from_millis(20), again.claim(2));
+        assert!(
+            blocked.await.is_err(),
+            "p1's other connection shares its share"
+        );
         // p2 is served from the common budget meanwhile.
-        let b = tokio::time::timeout(Duration::from_millis(20), budget.claim(&peer("p2"), 3))
+        let b = tokio::time::timeout(Duration::from_millis(20), p2.claim(3))
             .await
             .expect("p2 gets memory while p1 waits");
         assert_eq!(budget.held(), 6);

@@ -61,27 +61,10 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            qnode::errln!("qnode: error: {}", error_line(&e));
+            qnode::errln!("qnode: error: {}", qnode::term::error_line(&e));
             ExitCode::FAILURE
         }
     }
-}
-
-/// The error and its causes on one line, each cause once: a message that already ends with its
-/// cause's text (as "reading x: Is a directory (os error 21)" does) does not repeat it.
-fn error_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if line.ends_with(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
 }
 
 /// Folds a clap usage error into one line: its message without the "error:" prefix and usage block.

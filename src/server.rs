@@ -21,7 +21,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::limits::{
-    CONNECTIONS_PER_PEER, ConnectionSlots, MemoryBudget, Note, RefusalLog, Refused, UploadSlots,
+    CONNECTIONS_PER_PEER, ConnectionSlots, MemoryBudget, Note, PeerBudget, RefusalLog, Refused,
+    UploadSlots,
 };
 use crate::manifest::{FileName, Hash32, MAX_CHUNK_SIZE};
 use crate::peers::PeerId;
@@ -233,6 +234,7 @@ async fn handle_connection(
     };
     tracing::Span::current().record("peer", tracing::field::display(&peer));
     debug!(%peer, "connected");
+    let budget = Arc::new(server.budget.for_peer(&peer));
     loop {
         let stream = tokio::select! {
             () = cancel.cancelled() => break,
@@ -241,7 +243,8 @@ async fn handle_connection(
         match stream {
             Ok((send, recv)) => {
                 tracker.spawn(
-                    handle_stream(send, recv, server.clone(), peer.clone()).in_current_span(),
+                    handle_stream(send, recv, server.clone(), peer.clone(), budget.clone())
+                        .in_current_span(),
                 );
             }
             Err(
@@ -265,6 +268,7 @@ async fn handle_stream(
     mut recv: quinn::RecvStream,
     server: Arc<Server>,
     peer: PeerId,
+    budget: Arc<PeerBudget>,
 ) {
     let request = match tokio::time::timeout(
         READ_TIMEOUT,
@@ -293,7 +297,7 @@ async fn handle_stream(
         Request::List => handle_list(&mut send, &server).await,
         Request::Describe { name } => handle_describe(&mut send, &server, &name).await,
         Request::ReadChunk { name, offset, len } => {
-            handle_read_chunk(&mut send, &server, &peer, &name, offset, len).await
+            handle_read_chunk(&mut send, &server, &peer, &budget, &name, offset, len).await
         }
         Request::Upload { name, size, blake3 } => {
             handle_upload(&mut send, &mut recv, &server, &peer, &name, size, blake3).await
@@ -414,6 +418,7 @@ async fn handle_read_chunk(
     send: &mut quinn::SendStream,
     server: &Server,
     peer: &PeerId,
+    budget: &PeerBudget,
     name: &FileName,
     offset: u64,
     len: u32,
@@ -431,7 +436,7 @@ async fn handle_read_chunk(
     // Memory for the chunk is claimed before it is read and held until quinn has taken all of it:
     // first from this peer's share (a peer that does not read stalls only itself), then from
     // the share of all peers together.
-    let _held = server.budget.claim(peer, len).await;
+    let _held = budget.claim(len).await;
     let store = server.store.clone();
     let n = name.clone();
     let data = blocking(move || store.read_chunk(&n, offset, len)).await?;

@@ -94,7 +94,7 @@ pub async fn run(node: &Node) -> bool {
             Ok(Some(Action::Run(command))) => match node.execute(command).await {
                 Ok(ok) => all_ok &= ok,
                 Err(e) => {
-                    crate::errln!("qnode: error: {e:#}");
+                    crate::errln!("qnode: error: {}", crate::term::error_line(&e));
                     all_ok = false;
                 }
             },

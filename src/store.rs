@@ -352,11 +352,7 @@ impl Store {
         let not_found = || StoreError::NotFound(name.clone());
         let file = match open_nofollow(&path) {
             Ok(f) => f,
-            Err(e)
-                if e.kind() == io::ErrorKind::NotFound
-                    || e.raw_os_error() == Some(libc::ELOOP)
-                    || e.raw_os_error() == Some(libc::ENXIO) =>
-            {
+            Err(e) if e.kind() == io::ErrorKind::NotFound || not_regular(&e) => {
                 return Err(not_found());
             }
             Err(e) => return Err(StoreError::io("opening", &path, e)),
@@ -713,6 +709,12 @@ enum Reserve {
 /// What upload temporary file names carry after the target's name: `.<name>.upload-<pid>-<n>.part`.
 const UPLOAD_TAG: &str = "upload-";
 
+/// Whether an `open` with `O_NOFOLLOW | O_NONBLOCK` failed because the name is not a regular file:
+/// a symlink (`ELOOP`) or a FIFO without a reader (`ENXIO`).
+fn not_regular(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENXIO))
+}
+
 /// Opens `path` for reading without following a symlink and without blocking on a FIFO.
 fn open_nofollow(path: &Path) -> io::Result<File> {
     OpenOptions::new()
@@ -742,8 +744,7 @@ fn open_temp(temp: &Path) -> Result<File, StoreError> {
         Ok(f) if f.metadata().is_ok_and(|m| m.is_file()) => return Ok(f),
         // Opened, but a FIFO or a device: planted.
         Ok(_) => {}
-        // A symlink (O_NOFOLLOW) or a FIFO without a reader: planted.
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENXIO)) => {}
+        Err(e) if not_regular(&e) => {}
         Err(e) => return Err(StoreError::io("creating", temp, e)),
     }
     tracing::warn!(
@@ -767,9 +768,20 @@ fn fd_path(file: &File) -> PathBuf {
 
 fn same_file(a: &File, b: &File) -> bool {
     match (a.metadata(), b.metadata()) {
-        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+        (Ok(a), Ok(b)) => same_inode(&a, &b),
         _ => false,
     }
+}
+
+fn same_inode(a: &fs::Metadata, b: &fs::Metadata) -> bool {
+    a.ino() == b.ino() && a.dev() == b.dev()
+}
+
+/// `path` as a C string, for the few calls std does not wrap.
+fn c_path(path: &Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other("NUL in a path"))
 }
 
 /// Gives the file open as `file` (whose name is `temp`) the new name `target`, which must not
@@ -777,12 +789,7 @@ fn same_file(a: &File, b: &File) -> bool {
 /// `temp` was swapped for a symlink meanwhile; where /proc is missing, by name after checking that
 /// the name is still our file.
 fn link_descriptor(file: &File, temp: &Path, target: &Path) -> io::Result<()> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let c = |p: &Path| {
-        CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::other("NUL in a path"))
-    };
-    let (src, dst) = (c(&fd_path(file))?, c(target)?);
+    let (src, dst) = (c_path(&fd_path(file))?, c_path(target)?);
     // SAFETY: both are valid NUL-terminated paths that outlive the call.
     let rc = unsafe {
         libc::linkat(
@@ -803,7 +810,7 @@ fn link_descriptor(file: &File, temp: &Path, target: &Path) -> io::Result<()> {
     // No /proc: link by name, if the name is still a regular file and the one we hold.
     let by_name = fs::symlink_metadata(temp)?;
     let ours = file.metadata()?;
-    if !by_name.is_file() || by_name.ino() != ours.ino() || by_name.dev() != ours.dev() {
+    if !by_name.is_file() || !same_inode(&by_name, &ours) {
         return Err(io::Error::other(format!(
             "{} was replaced while it was written",
             temp.display()
@@ -813,10 +820,7 @@ fn link_descriptor(file: &File, temp: &Path, target: &Path) -> io::Result<()> {
 }
 
 fn disk_space(dir: &Path) -> io::Result<(u64, u64)> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let c =
-        CString::new(dir.as_os_str().as_bytes()).map_err(|_| io::Error::other("NUL in a path"))?;
+    let c = c_path(dir)?;
     // SAFETY: an all-zero statvfs is a valid value to be overwritten; the path is NUL-terminated.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: `st` is a valid, writable statvfs and `c` a valid path for the whole call.
@@ -834,6 +838,10 @@ mod tests {
 
     fn name(s: &str) -> FileName {
         FileName::new(s).unwrap()
+    }
+
+    fn not_found<T>(r: Result<T, StoreError>) -> bool {
+        matches!(r, Err(StoreError::NotFound(_)))
     }
 
     #[test]
@@ -855,14 +863,8 @@ mod tests {
             .map(|(n, m)| (n.to_string(), m.size()))
             .collect();
         assert_eq!(listed, [("a.txt".to_string(), 1), ("b.txt".to_string(), 3)]);
-        assert!(matches!(
-            store.manifest(&name("link.txt")),
-            Err(StoreError::NotFound(_))
-        ));
-        assert!(matches!(
-            store.read_range(&name("link.txt"), 0, 1),
-            Err(StoreError::NotFound(_))
-        ));
+        assert!(not_found(store.manifest(&name("link.txt"))));
+        assert!(not_found(store.read_range(&name("link.txt"), 0, 1)));
     }
 
     #[test]
@@ -1086,19 +1088,13 @@ mod tests {
     fn a_fifo_in_place_of_a_served_file_is_not_found_and_never_blocks() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("pipe.txt");
-        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        let c = c_path(&fifo).unwrap();
         // SAFETY: a valid path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
         let store = Store::open(dir.path()).unwrap();
         // Without O_NONBLOCK this open would wait for a writer forever.
-        assert!(matches!(
-            store.open_regular(&name("pipe.txt")),
-            Err(StoreError::NotFound(_))
-        ));
-        assert!(matches!(
-            store.read_chunk(&name("pipe.txt"), 0, 1),
-            Err(StoreError::NotFound(_))
-        ));
+        assert!(not_found(store.open_regular(&name("pipe.txt"))));
+        assert!(not_found(store.read_chunk(&name("pipe.txt"), 0, 1)));
     }
 
     #[test]

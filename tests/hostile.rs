@@ -55,10 +55,19 @@ async fn connect_with(
 
 /// Sends raw bytes as a request, finishes, and reads one response.
 async fn raw(conn: &quinn::Connection, bytes: &[u8]) -> anyhow::Result<Response> {
-    let (mut send, mut recv) = conn.open_bi().await?;
+    let (_send, mut recv) = ask(conn, bytes).await?;
+    Ok(protocol::read_msg(&mut recv, MAX_RESPONSE_LEN).await?)
+}
+
+/// Opens a stream, sends raw bytes as a request and finishes; the caller reads (or doesn't).
+async fn ask(
+    conn: &quinn::Connection,
+    bytes: &[u8],
+) -> anyhow::Result<(quinn::SendStream, quinn::RecvStream)> {
+    let (mut send, recv) = conn.open_bi().await?;
     send.write_all(bytes).await?;
     send.finish()?;
-    Ok(protocol::read_msg(&mut recv, MAX_RESPONSE_LEN).await?)
+    Ok((send, recv))
 }
 
 fn frame(payload: &[u8]) -> Vec<u8> {
@@ -314,10 +323,7 @@ async fn chunk_replies_arrive_whole_when_flow_control_holds_them_back() -> TestR
     let name = FileName::new("big.bin")?;
     let mut replies = Vec::new();
     for i in 0..32u64 {
-        let (mut send, recv) = conn.open_bi().await?;
-        send.write_all(&chunk_request(&name, i << 20, 1 << 20))
-            .await?;
-        send.finish()?;
+        let (_send, recv) = ask(&conn, &chunk_request(&name, i << 20, 1 << 20)).await?;
         replies.push(tokio::spawn(read_reply(recv)));
     }
     for (i, r) in replies.into_iter().enumerate() {
@@ -354,11 +360,7 @@ async fn a_peer_that_never_reads_holds_bounded_memory_and_others_are_served() ->
     // connection's flow-control window lets through leaves; the rest would sit in the server.
     let mut held = Vec::new();
     for i in 0..256u64 {
-        let (mut send, recv) = conn.open_bi().await?;
-        send.write_all(&chunk_request(&name, i << 20, 1 << 20))
-            .await?;
-        send.finish()?;
-        held.push((send, recv));
+        held.push(ask(&conn, &chunk_request(&name, i << 20, 1 << 20)).await?);
     }
     // Give the server time to read every chunk it is going to read.
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
