@@ -719,7 +719,7 @@ impl Node {
         };
         let engine = download::run(
             manifest.clone(),
-            sources.clone(),
+            download::fixed_sources(sources.clone()),
             partial.clone(),
             &have,
             &opts,

@@ -450,9 +450,12 @@ impl ChunkSource for PeerSource {
     }
 
     async fn read_chunk(&self, _index: u32, offset: u64, len: u32) -> Result<Bytes, SourceError> {
-        let fail = |e: ClientError| SourceError {
-            fatal: e.is_fatal(),
-            message: e.to_string(),
+        let fail = |e: ClientError| {
+            if e.is_fatal() {
+                SourceError::Lost(Box::new(e))
+            } else {
+                SourceError::Failed(Box::new(e))
+            }
         };
         let client = self.client().await.map_err(fail)?;
         client

@@ -1,45 +1,55 @@
 //! The download engine: several sources, one verified file.
 //!
-//! Peers are seen only through [`ChunkSource`], so every hard case (slow, dead, lying, different
-//! version) is unit-tested in memory below and again end to end with real processes.
+//! Peers are seen only through [`ChunkSource`]; the policy (who is asked for what, windows, caps,
+//! strikes, rests, endgame) is the pure [`Scheduler`] in `schedule`. This module is its driver: it
+//! runs the scheduler's [`Action`]s against the sources, verifies every chunk against the manifest
+//! off the async workers (`spawn_blocking`) and writes it at its offset in the [`PartialFile`], and
+//! turns what happened into [`Event`]s. Sources may join while the download runs (a peer that
+//! answered late).
 //!
-//! How it works:
-//! - [`agree`] groups the peers' manifests by file hash and picks one version; peers with another
-//!   version are left out, so chunks of two versions are never mixed.
-//! - [`run`] is pull scheduling: each live source keeps up to `window` chunk requests in flight and
-//!   takes the next pending chunk whenever one finishes, so faster sources do more.
-//! - Every chunk is verified against the manifest off the async workers (`spawn_blocking`) and
-//!   written at its offset in the [`PartialFile`]. A bad chunk strikes its source and is fetched
-//!   again from another; [`Options::max_strikes`] strikes drop the source. A failed request puts the
-//!   chunk back at the front of the queue; a source whose connection is gone, or that fails
-//!   [`Options::max_failures`] requests in a row, is dropped.
-//! - Endgame: once nothing is pending, idle sources duplicate chunks still in flight elsewhere; the
-//!   first verified copy wins and the others are cancelled.
+//! [`agree`] groups the peers' manifests by file hash and picks one version; peers with another
+//! version are left out, so chunks of two versions are never mixed.
 //!
 //! This module does no printing and names no network types.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::manifest::{Hash32, Manifest};
+use crate::schedule::{Action, ChunkSet, Event, RequestId, Scheduler, SourceId, Status};
+pub use crate::schedule::{Options, SourceReport};
 use crate::store::{PartialFile, StoreError};
 
+/// A boxed error from a source.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// A failed chunk request.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
-pub struct SourceError {
-    /// What happened.
-    pub message: String,
-    /// Whether the source is unusable from now on (its connection is gone).
-    pub fatal: bool,
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The source's connection is gone; it may come back (the source reconnects on its next
+    /// request).
+    #[error("{0}")]
+    Lost(BoxError),
+    /// This request failed; the source may still serve others.
+    #[error("{0}")]
+    Failed(BoxError),
+}
+
+impl SourceError {
+    /// Whether the connection is gone, rather than one request failing.
+    pub fn is_lost(&self) -> bool {
+        matches!(self, Self::Lost(_))
+    }
 }
 
 /// Something chunks can be read from: a peer, or an in-memory fake in tests.
@@ -61,95 +71,12 @@ pub trait ChunkSource: Send + Sync + 'static {
     }
 }
 
-/// Tuning of [`run`].
-///
-/// Each source's window (chunk requests in flight, counting chunks still being verified and
-/// written) follows its measured delivery rate and round-trip time, as libtorrent sizes its request
-/// queue: `ceil(rate × (rtt + queue_time) / chunk) + 1`, within `min_window..=max_window`. Since
-/// the window bounds the rate it measures, the margin lets it grow by a factor of
-/// `(rtt + queue_time) / rtt` per adjustment until the link, not the window, is the limit. All
-/// sources together never have more than `max_in_flight_bytes` in flight, plus what their links
-/// hold (each source's rate × RTT, together at most `max_on_the_wire_bytes`): memory is bounded by
-/// the first, long fat links are kept full by the second.
-#[derive(Debug, Clone)]
-pub struct Options {
-    /// A fixed window for every source, instead of the adaptive one.
-    pub fixed_window: Option<usize>,
-    /// Smallest adaptive window (also the starting one).
-    pub min_window: usize,
-    /// Largest adaptive window.
-    pub max_window: usize,
-    /// The margin of requests queued beyond one round trip, as time at the source's rate.
-    pub queue_time: Duration,
-    /// Cap on the bytes of all chunks in flight, across sources, not counting the bytes still on
-    /// the wire (16 MiB keeps a 1 GiB loopback transfer, where nothing is on the wire for long,
-    /// under 64 MiB of RSS at both ends).
-    pub max_in_flight_bytes: u64,
-    /// Most bytes added to that cap for data on the wire: the sum of each source's rate × RTT.
-    /// Measured with 3 sources at 400 Mbit/s and 100 ms (cargo bench, `long`): a 16 MiB cap
-    /// alone held them to 75 MB/s; with this (48 MiB) 104 MB/s, downloader peak RSS 32 MB.
-    pub max_on_the_wire_bytes: u64,
-    /// Corrupt chunks a source may send before it is dropped.
-    pub max_strikes: u32,
-    /// Failed requests in a row before a source is dropped.
-    pub max_failures: u32,
-    /// Times a source whose connection is lost is given a rest and tried again (the source
-    /// reconnects on its next request) before it is dropped.
-    pub max_reconnects: u32,
-    /// The first rest; each further one doubles it.
-    pub reconnect_backoff: Duration,
-    /// Longest one chunk request may take before it counts as failed.
-    pub request_timeout: Duration,
-    /// Most copies of one chunk in flight at once during the endgame.
-    pub max_copies: u8,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Self {
-            fixed_window: None,
-            min_window: 4,
-            max_window: 64,
-            queue_time: Duration::from_millis(50),
-            max_in_flight_bytes: 16 << 20,
-            max_on_the_wire_bytes: 48 << 20,
-            max_strikes: 3,
-            max_failures: 4,
-            max_reconnects: 3,
-            reconnect_backoff: Duration::from_secs(1),
-            request_timeout: Duration::from_secs(60),
-            max_copies: 2,
-        }
-    }
-}
-
-/// What one source did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SourceReport {
-    /// The source's name.
-    pub name: String,
-    /// Verified bytes it contributed (first copies only).
-    pub bytes: u64,
-    /// Verified chunks it contributed.
-    pub chunks: u32,
-    /// Chunks it sent that failed verification.
-    pub corrupt: u32,
-    /// Requests that failed (errors and timeouts).
-    pub failures: u32,
-    /// Why it was dropped, if it was.
-    pub dropped: Option<String>,
-    /// The largest window it was given.
-    pub max_window: usize,
-    /// Times it lost its connection and was tried again.
-    pub reconnects: u32,
-}
-
 /// What a download did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DownloadReport {
     /// Bytes in the file.
     pub size: u64,
-    /// Per source, in the order given.
+    /// Per source, in the order they joined.
     pub sources: Vec<SourceReport>,
     /// Wall time of the transfer.
     pub elapsed: Duration,
@@ -181,7 +108,7 @@ pub enum DownloadError {
     Store(#[from] StoreError),
     /// A task of the engine itself failed.
     #[error("internal error: {0}")]
-    Internal(String),
+    Internal(#[from] tokio::task::JoinError),
 }
 
 /// The outcome of comparing what several peers describe under one name.
@@ -232,452 +159,214 @@ pub fn agree(described: &[Option<Manifest>], wanted: Option<Hash32>) -> Option<A
     })
 }
 
-#[derive(Debug, Default)]
-struct ChunkState {
-    done: bool,
-    queued: bool,
-    fetching: u8,
-    checking: u8,
-    /// Sources (by bit, the first 64) that sent this chunk corrupt or failed it.
-    failed_by: u64,
-    cancel: Option<CancellationToken>,
+/// The sources of a download: those known at the start, and any that join later (the sender
+/// side of the channel; the download stops waiting for more once every sender is dropped).
+pub type Sources<S> = mpsc::UnboundedReceiver<Arc<S>>;
+
+/// A fixed set of sources, none joining later.
+pub fn fixed_sources<S>(sources: Vec<Arc<S>>) -> Sources<S> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    for s in sources {
+        // The receiver is alive: it is returned below.
+        let _ = tx.send(s);
+    }
+    rx
 }
 
-struct SourceState {
-    report: SourceReport,
-    live: bool,
-    /// Chunks asked of it, with when they were asked (they arrive in that order).
-    in_flight: HashMap<u32, Instant>,
-    failures_in_a_row: u32,
-    /// Smoothed delivery rate in bytes per second (0 until measured).
-    rate: f64,
-    /// Bytes delivered since `sample_start`.
-    sample_bytes: u64,
-    sample_start: Instant,
-    /// When it last delivered a verified chunk (or started).
-    last_delivery: Instant,
-    window: usize,
-    /// Lost connections since it last delivered a chunk.
-    lost: u32,
-    /// Not asked for anything until then (its connection was lost).
-    resting_until: Option<Instant>,
+type Fetch = Pin<Box<dyn Future<Output = (RequestId, Result<Bytes, SourceError>)> + Send>>;
+type Check = (RequestId, Result<bool, StoreError>);
+
+/// The I/O half of a download: the sources, the requests running against them, the checks.
+struct Driver<S> {
+    manifest: Arc<Manifest>,
+    out: Arc<PartialFile>,
+    sources: Vec<Arc<S>>,
+    fetches: FuturesUnordered<Fetch>,
+    /// Requests running: the chunk asked for, and the token that stops the request.
+    running: HashMap<RequestId, (u32, CancellationToken)>,
+    /// Bytes arrived, waiting for the scheduler's verdict.
+    arrived: HashMap<RequestId, (u32, Bytes)>,
+    checks: JoinSet<Check>,
 }
 
-/// Silence after which a source with requests in flight counts as stalled (see `stalled`).
-const STALL: Duration = Duration::from_secs(1);
-
-/// How long a delivery-rate sample lasts before it updates the smoothed rate.
-const RATE_SAMPLE: Duration = Duration::from_millis(200);
-
-impl SourceState {
-    fn new(name: &str) -> Self {
-        Self {
-            report: SourceReport {
-                name: name.to_owned(),
-                ..SourceReport::default()
-            },
-            live: true,
-            in_flight: HashMap::new(),
-            failures_in_a_row: 0,
-            rate: 0.0,
-            sample_bytes: 0,
-            sample_start: Instant::now(),
-            last_delivery: Instant::now(),
-            window: 0,
-            lost: 0,
-            resting_until: None,
-        }
+impl<S: ChunkSource> Driver<S> {
+    fn join(&mut self, sched: &mut Scheduler, source: Arc<S>, now: Instant) {
+        let all = ChunkSet::all(sched.chunk_count());
+        let id = sched.add_source(source.name(), all, now);
+        debug_assert_eq!(id, self.sources.len());
+        self.sources.push(source);
     }
 
-    fn delivered(&mut self, bytes: u64) {
-        self.last_delivery = Instant::now();
-        self.sample_bytes += bytes;
-        let dt = self.sample_start.elapsed();
-        if dt >= RATE_SAMPLE {
-            let inst = self.sample_bytes as f64 / dt.as_secs_f64();
-            // Rise at once, decay slowly: too small a window costs throughput, too large a
-            // little memory (and the global cap bounds that).
-            self.rate = inst.max(0.7 * self.rate + 0.3 * inst);
-            self.sample_bytes = 0;
-            self.sample_start = Instant::now();
-        }
-    }
-
-    /// Asked for chunks but silent for longer than four chunks' time at its rate (and at least
-    /// `STALL`): whatever it holds is not expected soon.
-    fn stalled(&self, chunk_size: u64) -> bool {
-        let four_chunks = 4.0 * chunk_size as f64 / self.rate.max(1.0);
-        let silent = self.last_delivery.elapsed();
-        !self.in_flight.is_empty() && silent > STALL && silent.as_secs_f64() > four_chunks
-    }
-
-    fn resize(&mut self, opts: &Options, rtt: Option<Duration>, chunk_size: u64) {
-        self.window = match opts.fixed_window {
-            Some(w) => w.max(1),
-            None => {
-                let horizon = rtt.unwrap_or_default() + opts.queue_time;
-                let want =
-                    (self.rate * horizon.as_secs_f64() / chunk_size as f64).ceil() as usize + 1;
-                want.clamp(
-                    opts.min_window.max(1),
-                    opts.max_window.max(opts.min_window.max(1)),
-                )
+    /// Carries out the scheduler's actions.
+    fn act(&mut self, actions: Vec<Action>, names: impl Fn(SourceId) -> String) {
+        for action in actions {
+            match action {
+                Action::Ask {
+                    request,
+                    source,
+                    chunk,
+                    offset,
+                    len,
+                } => {
+                    let cancel = CancellationToken::new();
+                    self.running.insert(request, (chunk, cancel.clone()));
+                    let src = self.sources[source].clone();
+                    self.fetches.push(Box::pin(async move {
+                        let result = tokio::select! {
+                            r = src.read_chunk(chunk, offset, len) => r,
+                            () = cancel.cancelled() => Err(SourceError::Failed("cancelled".into())),
+                        };
+                        (request, result)
+                    }));
+                }
+                Action::Verify { request } => {
+                    let Some((chunk, data)) = self.arrived.remove(&request) else {
+                        continue;
+                    };
+                    let manifest = self.manifest.clone();
+                    let out = self.out.clone();
+                    // Hashing and the write run on the blocking pool: measured against doing
+                    // them inline on this task (cargo bench, 1 GiB loopback, interleaved runs),
+                    // 580-596 MB/s against 418-486 MB/s.
+                    self.checks.spawn_blocking(move || {
+                        if !manifest.verify_chunk(chunk, &data) {
+                            return (request, Ok(false));
+                        }
+                        let written = out.write_at(manifest.chunk_offset(chunk), &data);
+                        (request, written.map(|()| true))
+                    });
+                }
+                Action::Discard { request } => {
+                    self.arrived.remove(&request);
+                }
+                Action::Cancel { request } => {
+                    if let Some((_, cancel)) = self.running.remove(&request) {
+                        cancel.cancel();
+                    }
+                }
+                Action::Rest { source, until } => {
+                    let rest = until.saturating_duration_since(Instant::now());
+                    tracing::info!(source = %names(source), "connection lost; trying again in {rest:?}");
+                }
+                Action::Drop { source, reason } => {
+                    tracing::info!(source = %names(source), "dropped: {reason}");
+                }
             }
-        };
-        self.report.max_window = self.report.max_window.max(self.window);
+        }
     }
 }
 
-type FetchResult = (usize, u32, Result<Bytes, SourceError>);
-type CheckResult = (usize, u32, u64, Result<bool, StoreError>);
-
-/// Downloads every chunk of `manifest` that `have` does not mark as present from `sources` into
-/// `out`, verifying each.
+/// Downloads every chunk of `manifest` that `have` does not mark as present into `out`, from the
+/// `sources` (more may join while it runs), verifying each.
 ///
 /// On success every chunk is in `out` and no task holds it any more, so the caller can unwrap its
-/// `Arc` and [`PartialFile::commit`] it. Fails only when no source can supply the missing chunks.
+/// `Arc` and [`PartialFile::commit`] it. Fails only when no source can supply the missing chunks
+/// and no more sources can join.
 pub async fn run<S: ChunkSource>(
     manifest: Arc<Manifest>,
-    sources: Vec<Arc<S>>,
+    mut sources: Sources<S>,
     out: Arc<PartialFile>,
     have: &[bool],
     opts: &Options,
     mut progress: impl FnMut(Progress),
 ) -> Result<DownloadReport, DownloadError> {
     let started = Instant::now();
-    let n = manifest.chunk_count();
-    let mut chunks: Vec<ChunkState> = (0..n).map(|_| ChunkState::default()).collect();
-    let mut pending: VecDeque<u32> = VecDeque::new();
-    let mut remaining = n;
-    let mut resumed_bytes = 0u64;
-    for (i, c) in chunks.iter_mut().enumerate() {
-        if have.get(i).copied().unwrap_or(false) {
-            c.done = true;
-            remaining -= 1;
-            resumed_bytes += manifest.chunk_len(i as u32).unwrap_or(0);
-        } else {
-            c.queued = true;
-            pending.push_back(i as u32);
-        }
-    }
-    let mut outstanding: BTreeSet<u32> = BTreeSet::new();
-    let mut srcs: Vec<SourceState> = sources.iter().map(|s| SourceState::new(s.name())).collect();
-    let mut done_bytes = resumed_bytes;
-    let mut duplicate_bytes = 0u64;
-    let mut retried = 0u32;
-    let mut fetches: FuturesUnordered<std::pin::Pin<Box<dyn Future<Output = FetchResult> + Send>>> =
-        FuturesUnordered::new();
-    let mut checks: JoinSet<CheckResult> = JoinSet::new();
-
-    let requeue =
-        |c: u32, chunks: &mut Vec<ChunkState>, pending: &mut VecDeque<u32>, retried: &mut u32| {
-            let st = &mut chunks[c as usize];
-            if !st.done && !st.queued && st.fetching == 0 && st.checking == 0 {
-                st.queued = true;
-                pending.push_front(c);
-                *retried += 1;
-            }
-        };
-
-    while remaining > 0 {
-        // Fill every live source's window: pending chunks first, then endgame duplicates.
-        // One request per source per pass, so a small file is spread over every source.
+    let mut sched = Scheduler::new(manifest.size(), manifest.chunk_size(), have, opts.clone());
+    let mut io = Driver {
+        manifest: manifest.clone(),
+        out,
+        sources: Vec::new(),
+        fetches: FuturesUnordered::new(),
+        running: HashMap::new(),
+        arrived: HashMap::new(),
+        checks: JoinSet::new(),
+    };
+    let mut joining = true;
+    loop {
         let now = Instant::now();
-        for src in &mut srcs {
-            if src.resting_until.is_some_and(|t| t <= now) {
-                src.resting_until = None;
+        // Sources already waiting join before the first requests, so they are all used at once.
+        while joining {
+            match sources.try_recv() {
+                Ok(s) => io.join(&mut sched, s, now),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => joining = false,
             }
         }
-        let live: Vec<usize> = (0..srcs.len())
-            .filter(|&s| srcs[s].live && srcs[s].resting_until.is_none())
-            .collect();
-        let next_wake = srcs
-            .iter()
-            .filter(|s| s.live)
-            .filter_map(|s| s.resting_until)
-            .min();
-        // Each source's window, and what the links hold (rate × RTT) for the global cap.
-        let mut on_the_wire = 0.0;
-        for &s in &live {
-            let rtt = sources[s].rtt();
-            srcs[s].resize(opts, rtt, manifest.chunk_size());
-            on_the_wire += srcs[s].rate * rtt.unwrap_or_default().as_secs_f64();
+        for (id, s) in io.sources.iter().enumerate() {
+            sched.handle(
+                now,
+                Event::Rtt {
+                    source: id,
+                    rtt: s.rtt(),
+                },
+            );
         }
-        let mut in_flight_bytes: u64 =
-            srcs.iter().map(|s| s.in_flight.len() as u64).sum::<u64>() * manifest.chunk_size();
-        let cap = opts.max_in_flight_bytes + (on_the_wire as u64).min(opts.max_on_the_wire_bytes);
-        let mut open: Vec<usize> = live.clone();
-        while !open.is_empty() {
-            open.retain(|&s| srcs[s].in_flight.len() < srcs[s].window);
-            let mut assigned = Vec::new();
-            for &s in &open {
-                // The global cap; a source with nothing in flight may always ask for one chunk.
-                if in_flight_bytes + manifest.chunk_size() > cap && !srcs[s].in_flight.is_empty() {
-                    continue;
-                }
-                // Endgame: only a source with nothing in flight duplicates, one chunk at a time.
-                let Some(c) = take_pending(s, &live, &mut pending, &mut chunks).or_else(|| {
-                    srcs[s]
-                        .in_flight
-                        .is_empty()
-                        .then(|| {
-                            pick_duplicate(
-                                s,
-                                &outstanding,
-                                &chunks,
-                                &srcs,
-                                manifest.chunk_size(),
-                                opts.max_copies,
-                            )
-                        })
-                        .flatten()
-                }) else {
+        let actions = sched.poll(now);
+        let names: Vec<String> = io.sources.iter().map(|s| s.name().to_owned()).collect();
+        io.act(actions, |s| names.get(s).cloned().unwrap_or_default());
+        match sched.status(now) {
+            Status::Finished => break,
+            Status::Stuck if !joining => {
+                return Err(DownloadError::AllSourcesFailed(sched.failure_reasons()));
+            }
+            _ => {}
+        }
+        let deadline = sched.next_deadline();
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline.unwrap_or(now).into()), if deadline.is_some() => {}
+            joined = sources.recv(), if joining => match joined {
+                Some(s) => io.join(&mut sched, s, Instant::now()),
+                None => joining = false,
+            },
+            Some((request, result)) = io.fetches.next(), if !io.fetches.is_empty() => {
+                // A cancelled request has no one waiting for it.
+                let Some((chunk, _)) = io.running.remove(&request) else {
                     continue;
                 };
-                assigned.push(s);
-                let st = &mut chunks[c as usize];
-                st.fetching += 1;
-                let cancel = st.cancel.get_or_insert_with(CancellationToken::new).clone();
-                outstanding.insert(c);
-                srcs[s].in_flight.insert(c, Instant::now());
-                in_flight_bytes += manifest.chunk_size();
-                let source = sources[s].clone();
-                let offset = manifest.chunk_offset(c);
-                // Chunks are at most MAX_CHUNK_SIZE (64 MiB), so the length fits in u32.
-                let len = manifest.chunk_len(c).unwrap_or(0) as u32;
-                let timeout = opts.request_timeout;
-                fetches.push(Box::pin(async move {
-                    let result = tokio::select! {
-                        r = tokio::time::timeout(timeout, source.read_chunk(c, offset, len)) => match r {
-                            Ok(r) => r,
-                            Err(_) => Err(SourceError { message: format!("chunk {c} timed out after {timeout:?}"), fatal: false }),
-                        },
-                        () = cancel.cancelled() => Err(SourceError { message: "cancelled".into(), fatal: false }),
-                    };
-                    (s, c, result)
-                }));
-            }
-            open = assigned;
-        }
-        if fetches.is_empty() && checks.is_empty() {
-            if let Some(wake) = next_wake {
-                // Only resting sources are left: wait for the first to be tried again.
-                tokio::time::sleep_until(wake.into()).await;
-                continue;
-            }
-            let reasons = srcs
-                .iter()
-                .map(|s| {
-                    let why = s
-                        .report
-                        .dropped
-                        .clone()
-                        .unwrap_or_else(|| "no usable chunks".into());
-                    (s.report.name.clone(), why)
-                })
-                .collect();
-            return Err(DownloadError::AllSourcesFailed(reasons));
-        }
-
-        tokio::select! {
-            // A resting source may be asked again.
-            () = tokio::time::sleep_until(next_wake.unwrap_or(now).into()), if next_wake.is_some() => {}
-            Some((s, c, result)) = fetches.next(), if !fetches.is_empty() => {
-                let st = &mut chunks[c as usize];
-                st.fetching -= 1;
-                if st.fetching == 0 {
-                    outstanding.remove(&c);
-                }
-                // A chunk keeps its source's window slot until it is verified and written, so a
-                // slow disk slows the requests instead of piling up chunks in memory.
-                let keep_slot = result.is_ok() && !st.done && srcs[s].live;
-                if !keep_slot {
-                    srcs[s].in_flight.remove(&c);
-                }
+                let now = Instant::now();
                 match result {
-                    Ok(data) if st.done => duplicate_bytes += data.len() as u64,
-                    Ok(data) if srcs[s].live => {
-                        st.checking += 1;
-                        let manifest = manifest.clone();
-                        let out = out.clone();
-                        // Hashing and the write run on the blocking pool: measured against doing
-                        // them inline on this task (cargo bench, 1 GiB loopback, interleaved runs),
-                        // 580-596 MB/s against 418-486 MB/s.
-                        checks.spawn_blocking(move || {
-                            let len = data.len() as u64;
-                            if !manifest.verify_chunk(c, &data) {
-                                return (s, c, len, Ok(false));
-                            }
-                            (s, c, len, out.write_at(manifest.chunk_offset(c), &data).map(|()| true))
-                        });
+                    Ok(data) => {
+                        io.arrived.insert(request, (chunk, data));
+                        sched.handle(now, Event::Arrived { request });
                     }
-                    // Data from a source already dropped as a liar is not used.
-                    Ok(_) => requeue(c, &mut chunks, &mut pending, &mut retried),
-                    Err(_) if st.done => {}
                     Err(e) => {
-                        let src = &mut srcs[s];
-                        src.report.failures += 1;
-                        src.failures_in_a_row += 1;
-                        // A lost connection says nothing about the chunk: after reconnecting, the
-                        // source may take it again. A timeout or an error answer does.
-                        if !e.fatal {
-                            st.failed_by |= bit(s);
-                        }
-                        let resting = src.resting_until.is_some_and(|t| t > Instant::now());
-                        if src.live && e.fatal && !resting && src.lost < opts.max_reconnects {
-                            // Connection lost: rest, then the source reconnects on its next request.
-                            let rest = opts.reconnect_backoff * 2u32.pow(src.lost.min(16));
-                            src.lost += 1;
-                            src.report.reconnects += 1;
-                            src.resting_until = Some(Instant::now() + rest);
-                            tracing::info!(source = %src.report.name, "connection lost; trying again in {rest:?}");
-                        } else if src.live
-                            && !resting
-                            && (e.fatal || src.failures_in_a_row >= opts.max_failures)
-                        {
-                            src.live = false;
-                            src.report.dropped = Some(e.message.clone());
-                        }
-                        tracing::debug!(source = %src.report.name, chunk = c, "request failed: {e}");
-                        requeue(c, &mut chunks, &mut pending, &mut retried);
+                        tracing::debug!(request, "request failed: {e}");
+                        let lost = e.is_lost();
+                        sched.handle(now, Event::Failed { request, lost, reason: e.to_string() });
                     }
                 }
             }
-            Some(joined) = checks.join_next(), if !checks.is_empty() => {
-                let (s, c, len, verdict) = joined.map_err(|e| DownloadError::Internal(e.to_string()))?;
-                srcs[s].in_flight.remove(&c);
-                let st = &mut chunks[c as usize];
-                st.checking -= 1;
-                match verdict? {
-                    true if !st.done => {
-                        st.done = true;
-                        if let Some(cancel) = st.cancel.take() {
-                            cancel.cancel();
-                        }
-                        remaining -= 1;
-                        done_bytes += len;
-                        let src = &mut srcs[s];
-                        src.report.bytes += len;
-                        src.report.chunks += 1;
-                        src.failures_in_a_row = 0;
-                        src.lost = 0;
-                        src.delivered(len);
-                        progress(Progress { done: done_bytes, total: manifest.size() });
-                    }
-                    true => duplicate_bytes += len,
-                    false => {
-                        st.failed_by |= bit(s);
-                        let src = &mut srcs[s];
-                        src.report.corrupt += 1;
-                        tracing::warn!(source = %src.report.name, chunk = c, "chunk failed verification");
-                        if src.live && src.report.corrupt >= opts.max_strikes {
-                            src.live = false;
-                            src.report.dropped = Some(format!("sent {} corrupt chunks", src.report.corrupt));
-                        }
-                        requeue(c, &mut chunks, &mut pending, &mut retried);
-                    }
+            Some(joined) = io.checks.join_next(), if !io.checks.is_empty() => {
+                let (request, verdict) = joined?;
+                let now = Instant::now();
+                if verdict? {
+                    sched.handle(now, Event::Verified { request });
+                    let (done, total) = sched.progress();
+                    progress(Progress { done, total });
+                } else {
+                    tracing::warn!(request, "chunk failed verification");
+                    sched.handle(now, Event::Corrupt { request });
                 }
             }
         }
     }
 
     // Cancel what is still in flight and let every write finish before handing the file back.
-    drop(fetches);
-    while let Some(joined) = checks.join_next().await {
-        joined
-            .map_err(|e| DownloadError::Internal(e.to_string()))?
-            .3?;
+    drop(sources);
+    drop(io.fetches);
+    while let Some(joined) = io.checks.join_next().await {
+        joined?.1?;
     }
-    drop(out);
-    let report = DownloadReport {
+    drop(io.out);
+    let totals = sched.totals();
+    Ok(DownloadReport {
         size: manifest.size(),
-        sources: srcs.into_iter().map(|s| s.report).collect(),
+        sources: totals.sources,
         elapsed: started.elapsed(),
-        duplicate_bytes,
-        retried_chunks: retried,
-        resumed_bytes,
-    };
-    Ok(report)
-}
-
-fn bit(source: usize) -> u64 {
-    if source < 64 { 1 << source } else { 0 }
-}
-
-/// The next pending chunk for source `s`: the first one it has not already failed, or, if every
-/// live source has failed it, that one anyway (better a retry than a stall).
-fn take_pending(
-    s: usize,
-    live: &[usize],
-    pending: &mut VecDeque<u32>,
-    chunks: &mut [ChunkState],
-) -> Option<u32> {
-    let all_live = live.iter().fold(0u64, |acc, &l| acc | bit(l));
-    let pos = pending.iter().position(|&c| {
-        let failed = chunks[c as usize].failed_by;
-        failed & bit(s) == 0 || failed & all_live == all_live
-    })?;
-    let c = pending.remove(pos)?;
-    chunks[c as usize].queued = false;
-    Some(c)
-}
-
-/// An endgame duplicate for source `s`: of the chunks in flight elsewhere, not yet being checked,
-/// below the copy limit and not failed by `s` (fewest copies first), the one expected to arrive
-/// last.
-///
-/// Sources send chunks whole in the order asked, so a chunk waits for those asked of the same
-/// source before it: it is expected after `position × chunk / rate`. A source that has not
-/// delivered for a while (or never) is not expected to deliver at all, so its chunks come first.
-fn pick_duplicate(
-    s: usize,
-    outstanding: &BTreeSet<u32>,
-    chunks: &[ChunkState],
-    srcs: &[SourceState],
-    chunk_size: u64,
-    max_copies: u8,
-) -> Option<u32> {
-    // Per chunk in flight: when it is expected, and when its oldest copy was asked for.
-    let mut eta: HashMap<u32, (f64, Instant)> = HashMap::new();
-    for src in srcs {
-        let mut queue: Vec<(Instant, u32)> = src
-            .in_flight
-            .iter()
-            .filter(|&(&c, _)| chunks[c as usize].checking == 0)
-            .map(|(&c, &at)| (at, c))
-            .collect();
-        queue.sort_unstable();
-        let per_chunk = if src.rate > 0.0 && !src.stalled(chunk_size) {
-            chunk_size as f64 / src.rate
-        } else {
-            f64::INFINITY
-        };
-        for (k, &(asked, c)) in queue.iter().enumerate() {
-            let secs = (k + 1) as f64 * per_chunk;
-            eta.entry(c)
-                .and_modify(|(e, a)| {
-                    *e = e.min(secs);
-                    *a = (*a).min(asked);
-                })
-                .or_insert((secs, asked));
-        }
-    }
-    outstanding
-        .iter()
-        .copied()
-        .filter(|&c| {
-            let st = &chunks[c as usize];
-            !st.done && st.checking == 0 && st.fetching < max_copies && st.failed_by & bit(s) == 0
-        })
-        .min_by(|&a, &b| {
-            let (ea, eb) = (eta.get(&a), eta.get(&b));
-            let expected = |e: Option<&(f64, Instant)>| e.map_or(f64::INFINITY, |e| e.0);
-            chunks[a as usize]
-                .fetching
-                .cmp(&chunks[b as usize].fetching)
-                .then(expected(eb).total_cmp(&expected(ea)))
-                .then(ea.map(|e| e.1).cmp(&eb.map(|e| e.1)))
-        })
+        duplicate_bytes: totals.duplicate_bytes,
+        retried_chunks: totals.retried_chunks,
+        resumed_bytes: totals.resumed_bytes,
+    })
 }
 
 #[cfg(test)]
@@ -748,10 +437,7 @@ mod tests {
             tokio::time::sleep(self.delay).await;
             let n = self.served.fetch_add(1, Ordering::SeqCst);
             if self.fail_after.is_some_and(|f| n >= f) && self.recover_at.is_none_or(|r| n < r) {
-                return Err(SourceError {
-                    message: "connection lost".into(),
-                    fatal: true,
-                });
+                return Err(SourceError::Lost("connection lost".into()));
             }
             let mut bytes = self.data[offset as usize..offset as usize + len as usize].to_vec();
             if (self.lie_always || self.corrupt.contains(&index)) && !bytes.is_empty() {
@@ -798,7 +484,7 @@ mod tests {
         let sources: Vec<Arc<Fake>> = sources.into_iter().map(Arc::new).collect();
         let result = run(
             manifest.clone(),
-            sources.clone(),
+            fixed_sources(sources.clone()),
             partial.clone(),
             &[],
             &opts,
@@ -1000,47 +686,6 @@ mod tests {
         assert!((4..=8).contains(&peak), "peak requests in flight: {peak}");
     }
 
-    #[test]
-    fn the_endgame_duplicates_the_chunk_expected_last() {
-        const MIB: u64 = 1 << 20;
-        let t0 = Instant::now();
-        let at = |ms: u64| t0 + Duration::from_millis(ms);
-        // Source 0 (10 MiB/s) was asked for chunks 2, 1, 0 in that order; source 1 (1 MiB/s)
-        // for chunk 3 only; source 2 (idle) looks for a duplicate.
-        let asked = [
-            (2u32, 0, at(0)),
-            (1, 0, at(1)),
-            (0, 0, at(2)),
-            (3, 1, at(0)),
-        ];
-        let mut chunks: Vec<ChunkState> = (0..4).map(|_| ChunkState::default()).collect();
-        let mut srcs: Vec<SourceState> = ["fast", "slow", "idle"]
-            .into_iter()
-            .map(SourceState::new)
-            .collect();
-        for (c, s, when) in asked {
-            chunks[c as usize].fetching = 1;
-            srcs[s].in_flight.insert(c, when);
-        }
-        srcs[0].rate = 10.0 * MIB as f64;
-        srcs[1].rate = MIB as f64;
-        let outstanding: BTreeSet<u32> = [0, 1, 2, 3].into();
-        let pick = |chunks: &[ChunkState], srcs: &[SourceState]| {
-            pick_duplicate(2, &outstanding, chunks, srcs, MIB, 2)
-        };
-        // The slow source's one chunk (expected in 1 s) before the fast one's last (0.3 s).
-        assert_eq!(pick(&chunks, &srcs), Some(3));
-        chunks[3].fetching = 2;
-        assert_eq!(pick(&chunks, &srcs), Some(0));
-        // A source silent for longer than `STALL` is not expected to deliver: oldest first.
-        chunks[3].fetching = 1;
-        srcs[0].last_delivery = Instant::now() - STALL * 2;
-        assert_eq!(pick(&chunks, &srcs), Some(2));
-        // Nothing the idle source itself failed.
-        chunks[2].failed_by |= bit(2);
-        assert_eq!(pick(&chunks, &srcs), Some(1));
-    }
-
     #[tokio::test]
     async fn the_cap_grows_by_what_a_long_link_holds() {
         // One source 100 ms away: a 2 MiB cap alone allows 2 chunks in flight, 20 MiB/s. The
@@ -1079,7 +724,7 @@ mod tests {
         let src = Arc::new(Fake::new("a", &d));
         let r = run(
             manifest.clone(),
-            vec![src.clone()],
+            fixed_sources(vec![src.clone()]),
             partial.clone(),
             &have,
             &Options::default(),

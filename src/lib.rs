@@ -22,6 +22,7 @@ pub mod limits;
 pub mod manifest;
 pub mod peers;
 pub mod protocol;
+pub mod schedule;
 pub mod server;
 pub mod shell;
 pub mod store;
