@@ -14,12 +14,14 @@
 //! - `limits` is the server's bookkeeping of what each peer may take (memory, uploads, disk,
 //!   connections); it does no I/O.
 
+pub mod args;
 pub mod cli;
 pub mod client;
 pub mod download;
 pub mod identity;
 pub mod limits;
 pub mod manifest;
+pub mod node;
 pub mod peers;
 pub mod protocol;
 pub mod schedule;

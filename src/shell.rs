@@ -11,7 +11,7 @@ use std::io::IsTerminal;
 use clap::Parser;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::cli::{Command, Node};
+use crate::args::Command;
 
 const HELP: &str = "\
 commands (the leading # is optional, case does not matter):
@@ -71,7 +71,7 @@ fn parse(line: &str) -> Result<Option<Action>, String> {
 }
 
 /// Runs the shell until `quit` or end of input; `false` if any command failed.
-pub async fn run(node: &Node) -> bool {
+pub async fn run(execute: impl AsyncFn(Command) -> anyhow::Result<bool>) -> bool {
     let interactive = std::io::stdin().is_terminal();
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut all_ok = true;
@@ -91,7 +91,7 @@ pub async fn run(node: &Node) -> bool {
             Ok(None) => {}
             Ok(Some(Action::Quit)) => break,
             Ok(Some(Action::Help)) => crate::outln!("{HELP}"),
-            Ok(Some(Action::Run(command))) => match node.execute(command).await {
+            Ok(Some(Action::Run(command))) => match execute(command).await {
                 Ok(ok) => all_ok &= ok,
                 Err(e) => {
                     crate::errln!("qnode: error: {}", crate::term::error_line(&e));

@@ -560,3 +560,55 @@ fn ipv6_peers_and_an_output_folder_work() -> TestResult {
     assert!(!net.served("v2").join("six.bin").exists());
     Ok(())
 }
+
+#[test]
+fn a_listed_peer_that_is_down_does_not_hold_up_a_download() -> TestResult {
+    // p3 is listed but not running: its connection attempt lasts the whole 5 s connect timeout.
+    let net = Net::new(&["p1", "p2", "p3"])?;
+    net.put("p1", "hello.txt", b"hello\n")?;
+    let _p1 = net.serve("p1", &[])?;
+    let started = std::time::Instant::now();
+    let json = net.json("p2", &["download", "hello.txt", "--json"])?;
+    let took = started.elapsed();
+    assert_eq!(
+        std::fs::read(net.served("p2").join("hello.txt"))?,
+        b"hello\n"
+    );
+    assert_eq!(json["peers"]["p1"], 6);
+    // The report still names the peer left out, and why.
+    let left = &json["left_out"][0];
+    assert_eq!(left["peer"], "p3", "{json}");
+    assert!(
+        left["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no answer"),
+        "{json}"
+    );
+    // Well under the connect timeout (it took 5.0 s before the fix).
+    assert!(took < Duration::from_millis(2500), "took {took:?}");
+    Ok(())
+}
+
+#[test]
+fn a_peer_that_answers_late_joins_the_running_download() -> TestResult {
+    // p1 is held to 1 MiB/s; p3 starts only once the download runs, and must take part.
+    let net = Net::new(&["p1", "p2", "p3"])?;
+    let data = random_bytes(8 << 20, 11);
+    net.put("p1", "big.bin", &data)?;
+    net.put("p3", "big.bin", &data)?;
+    let p1 = net.serve("p1", &["--max-upload-rate", "1M"])?;
+    let download = net.spawn("p2", &["download", "big.bin", "--json"])?;
+    p1.wait_for_log("read_chunk", WAIT)?;
+    let _p3 = net.serve("p3", &[])?;
+    let out = util::Out::of(download)?;
+    assert!(out.success(), "{out}");
+    let json = out.json()?;
+    assert_eq!(std::fs::read(net.served("p2").join("big.bin"))?, data);
+    assert!(
+        share(&json, "p3") > 0,
+        "p3 joined late and was used: {json}"
+    );
+    assert_eq!(shares(&json, &["p1", "p3"]), data.len() as u64, "{json}");
+    Ok(())
+}

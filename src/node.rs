@@ -1,0 +1,747 @@
+//! The node session: who we are, the peer table and pinned certificates, our UDP endpoints and
+//! the connections to peers, and the use cases — list, upload, download, serve — each returning a
+//! typed outcome. Nothing here prints: `cli` and `shell` render what comes back.
+//!
+//! A download starts as soon as it knows which version to fetch: when every peer has answered, or
+//! [`DOWNLOAD_GRACE`] after the first answer that serves the file (at once when the wanted
+//! version is given). Peers answering later join the running download if they serve that version.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures_util::StreamExt;
+use futures_util::future::join_all;
+use futures_util::stream::FuturesUnordered;
+use tokio::sync::mpsc;
+
+use crate::client::{Client, ClientError, PeerSource, Redial, UploadStatus};
+use crate::download::{self, DownloadReport, Options, Progress};
+use crate::identity::{self, Identity, InitOutcome};
+use crate::manifest::{FileName, Hash32, Manifest, hex};
+use crate::peers::{PeerEntry, PeerId, PeerTable, Root};
+use crate::protocol::FileEntry;
+use crate::server::{self, Server};
+use crate::store::{Check, Committed, PartialFile, Store};
+use crate::tls::{self, Pins};
+
+/// How long a client command waits for its connection closes to be sent.
+pub const CLOSE_GRACE: Duration = Duration::from_millis(15);
+
+/// How long a download waits for more peers after the first one that serves the file answers.
+/// Answers from peers that are up arrive within a round trip or two of each other; a peer that is
+/// down would otherwise hold the start for the whole connect timeout.
+pub const DOWNLOAD_GRACE: Duration = Duration::from_millis(250);
+
+/// Reads and checks `peer_settings.txt`; `me` must be listed.
+pub fn load_peers(root: &Root, me: &PeerId) -> anyhow::Result<PeerTable> {
+    let path = root.settings_path();
+    let (bytes, _) = crate::peers::read_small_file(&path, crate::peers::MAX_SETTINGS_LEN)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| anyhow::anyhow!("{} is not UTF-8 text", path.display()))?;
+    let table = PeerTable::parse(&text).with_context(|| format!("in {}", path.display()))?;
+    if table.get(me).is_none() {
+        bail!(
+            "unknown peer ID {me}: it is not listed in {}",
+            path.display()
+        );
+    }
+    Ok(table)
+}
+
+/// Why one peer's part of a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerFailure {
+    /// Talking to the peer failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The peer is us.
+    #[error("{0} is this peer; the file is already ours to serve")]
+    IsMe(PeerId),
+    /// Reading our own files failed.
+    #[error(transparent)]
+    Local(anyhow::Error),
+}
+
+/// One peer's files.
+#[derive(Debug)]
+pub struct Listing {
+    /// The files, by name (the first `protocol::MAX_LISTED_FILES` if there are more).
+    pub files: Vec<FileEntry>,
+    /// How many files the peer serves.
+    pub total: u64,
+}
+
+/// What an upload did, per peer.
+#[derive(Debug)]
+pub struct Uploaded {
+    /// The name the file was uploaded as.
+    pub name: FileName,
+    /// Its size.
+    pub size: u64,
+    /// Each peer's outcome, in the order asked.
+    pub results: Vec<(PeerId, Result<UploadStatus, PeerFailure>)>,
+}
+
+/// A validated download request.
+#[derive(Debug, Clone)]
+pub struct DownloadRequest {
+    /// The file.
+    pub name: FileName,
+    /// Peers to fetch from (empty: every other peer).
+    pub peers: Vec<PeerId>,
+    /// Where to write it (a folder means FOLDER/NAME); default our served_files/NAME.
+    pub output: Option<PathBuf>,
+    /// The version wanted, if given.
+    pub blake3: Option<Hash32>,
+    /// A fixed request window per peer, if given.
+    pub window: Option<usize>,
+}
+
+/// Why a peer took no part in a download.
+#[derive(Debug)]
+pub enum LeftOut {
+    /// It does not serve the file.
+    DoesNotServe(FileName),
+    /// It serves another version.
+    OtherVersion(FileName, Hash32),
+    /// It could not be reached or asked.
+    Failed(ClientError),
+    /// It had not answered when the download finished.
+    TooLate,
+}
+
+impl std::fmt::Display for LeftOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::DoesNotServe(name) => write!(f, "does not serve {name}"),
+            Self::OtherVersion(name, h) => write!(
+                f,
+                "serves a different version of {name} (BLAKE3 {})",
+                hex(h)
+            ),
+            Self::Failed(e) => write!(f, "{e}"),
+            Self::TooLate => write!(f, "no answer before the download finished"),
+        }
+    }
+}
+
+/// What happens during a download, for progress display.
+#[derive(Debug)]
+pub enum DownloadEvent<'a> {
+    /// A peer takes no part (reported once per peer, as soon as it is known).
+    LeftOut(&'a PeerId, &'a LeftOut),
+    /// The transfer starts: this many bytes.
+    Started(u64),
+    /// Verified bytes so far.
+    Progress(Progress),
+}
+
+/// How a download ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetched {
+    /// The file was fetched and stored.
+    Downloaded,
+    /// An identical file was already there.
+    AlreadyPresent,
+}
+
+/// What a download did.
+#[derive(Debug)]
+pub struct Downloaded {
+    /// The file.
+    pub name: FileName,
+    /// Where it is.
+    pub target: PathBuf,
+    /// The version fetched.
+    pub manifest: Arc<Manifest>,
+    /// How it ended.
+    pub status: Fetched,
+    /// The transfer, if there was one.
+    pub report: Option<DownloadReport>,
+    /// The peers that took no part, and why.
+    pub left_out: Vec<(PeerId, LeftOut)>,
+    /// Wall time of the whole command.
+    pub elapsed: Duration,
+}
+
+/// How `serve` runs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Largest upload accepted, in bytes.
+    pub max_upload_size: u64,
+    /// Listen here instead of our address in peer_settings.txt.
+    pub listen: Option<SocketAddr>,
+    /// Cap on file data sent to all peers together, in bytes per second.
+    pub max_upload_rate: Option<u64>,
+    /// Congestion controller.
+    pub congestion: tls::Congestion,
+}
+
+/// Serves our files until `shutdown` resolves.
+pub async fn serve(
+    root: &Root,
+    me: &PeerId,
+    opts: &ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let peers = load_peers(root, me)?;
+    let (identity, outcome) =
+        identity::init(root, me).with_context(|| format!("initialising {me}"))?;
+    if outcome == InitOutcome::Created {
+        tracing::info!(
+            "created a new identity; copy {} to every peer",
+            root.cert_path(me).display()
+        );
+    }
+    let mut pins = Pins::default();
+    for entry in peers.entries() {
+        match identity::load_cert(root, &entry.id) {
+            Ok(cert) => pins.insert(entry.id.clone(), &cert),
+            Err(e) => tracing::warn!("{} cannot connect to us: {e}", entry.id),
+        }
+    }
+    let store = Arc::new(Store::open(root.served_dir(me))?);
+    match store.remove_stale_uploads() {
+        Ok((0, _)) => {}
+        Ok((files, bytes)) => tracing::info!(
+            "removed {files} upload temporary files left by an earlier run ({bytes} bytes)"
+        ),
+        Err(e) => tracing::warn!("could not look for stale upload files: {e}"),
+    }
+    let config = tls::server_config(&identity, pins.clone(), opts.congestion)?;
+    // peer_settings.txt lists us, checked by load_peers.
+    let addr = opts
+        .listen
+        .or(peers.get(me).map(|e| e.addr))
+        .context("no address to listen on")?;
+    let (endpoint, capped) =
+        tls::bind_endpoint(addr, Some(config), Some(tls::reset_key(&identity)))
+            .with_context(|| format!("listening on {addr}"))?;
+    if let Some(granted) = capped {
+        tracing::warn!(
+            "the kernel capped the UDP receive buffer at {granted} bytes (wanted {}); raise net.core.rmem_max for full speed",
+            tls::UDP_BUFFER
+        );
+    }
+    tracing::info!("{me} serving {} on {addr}", store.dir().display());
+    let server = Arc::new(Server::new(
+        me.clone(),
+        store,
+        pins,
+        opts.max_upload_size,
+        opts.max_upload_rate.map(server::RateLimit::new),
+    ));
+    server::run(endpoint, server, shutdown).await;
+    Ok(())
+}
+
+/// A client-side session: who we are, the peers, and connections reused across commands.
+pub struct Node {
+    root: Root,
+    me: PeerId,
+    peers: PeerTable,
+    identity: Identity,
+    endpoints: Mutex<HashMap<bool, quinn::Endpoint>>,
+    clients: tokio::sync::Mutex<HashMap<PeerId, Client>>,
+}
+
+impl Node {
+    /// Loads the settings and our identity.
+    pub fn load(root: &Root, me: &PeerId) -> anyhow::Result<Self> {
+        let peers = load_peers(root, me)?;
+        let identity = identity::load(root, me)?;
+        Ok(Self {
+            root: root.clone(),
+            me: me.clone(),
+            peers,
+            identity,
+            endpoints: Mutex::default(),
+            clients: tokio::sync::Mutex::default(),
+        })
+    }
+
+    /// Who we are.
+    pub fn me(&self) -> &PeerId {
+        &self.me
+    }
+
+    /// Our own served_files folder.
+    pub fn served_dir(&self) -> PathBuf {
+        self.root.served_dir(&self.me)
+    }
+
+    /// Closes every connection and gives the closes a moment to leave.
+    ///
+    /// quinn's `wait_idle` waits out the draining period (3 × PTO, about 80 ms even on loopback,
+    /// since PTO includes the 25 ms ACK delay) only to resend the close if it was lost; the close
+    /// itself goes out at once. A lost close costs the peer an idle timeout, nothing else, so the
+    /// wait is capped at [`CLOSE_GRACE`].
+    pub async fn finish(&self) {
+        for client in self.clients.lock().await.values() {
+            client.close();
+        }
+        let endpoints: Vec<quinn::Endpoint> = self.lock_endpoints().values().cloned().collect();
+        for endpoint in endpoints {
+            let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
+        }
+    }
+
+    fn lock_endpoints(&self) -> std::sync::MutexGuard<'_, HashMap<bool, quinn::Endpoint>> {
+        // Only ever held for a lookup or insert of a whole entry, so never inconsistent.
+        self.endpoints.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn endpoint_for(&self, addr: SocketAddr) -> Result<quinn::Endpoint, String> {
+        let mut endpoints = self.lock_endpoints();
+        if let Some(e) = endpoints.get(&addr.is_ipv6()) {
+            return Ok(e.clone());
+        }
+        let any: SocketAddr = if addr.is_ipv6() {
+            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+        } else {
+            SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
+        };
+        let (endpoint, capped) = tls::bind_endpoint(any, None, None)
+            .map_err(|e| format!("binding a UDP socket: {e}"))?;
+        if let Some(granted) = capped {
+            tracing::debug!("UDP receive buffer capped at {granted} bytes");
+        }
+        endpoints.insert(addr.is_ipv6(), endpoint.clone());
+        Ok(endpoint)
+    }
+
+    /// A connection to `entry`, reused if one is open.
+    async fn client(&self, entry: &PeerEntry) -> Result<Client, ClientError> {
+        if let Some(c) = self.clients.lock().await.get(&entry.id)
+            && c.is_open()
+        {
+            return Ok(c.clone());
+        }
+        let dial = self.redial(entry)?;
+        let client = Client::connect(&dial.endpoint, dial.config, &entry.id, entry.addr).await?;
+        self.clients
+            .lock()
+            .await
+            .insert(entry.id.clone(), client.clone());
+        Ok(client)
+    }
+
+    /// What connecting to `entry` needs: our endpoint and a configuration pinning its certificate.
+    fn redial(&self, entry: &PeerEntry) -> Result<Redial, ClientError> {
+        let unreachable = |reason: String| ClientError::Unreachable {
+            peer: entry.id.clone(),
+            addr: entry.addr,
+            reason,
+        };
+        let pinned =
+            identity::load_cert(&self.root, &entry.id).map_err(|e| unreachable(e.to_string()))?;
+        let config = tls::client_config(&self.identity, &entry.id, pinned)
+            .map_err(|e| unreachable(e.to_string()))?;
+        let endpoint = self.endpoint_for(entry.addr).map_err(unreachable)?;
+        Ok(Redial {
+            endpoint,
+            config,
+            addr: entry.addr,
+        })
+    }
+
+    fn select(&self, named: &[PeerId]) -> anyhow::Result<Vec<PeerEntry>> {
+        Ok(self.peers.select(&self.me, named)?)
+    }
+
+    /// `list`: every named peer's files (default: every other peer), in the order named.
+    pub async fn list(
+        &self,
+        peers: &[PeerId],
+    ) -> anyhow::Result<Vec<(PeerId, Result<Listing, PeerFailure>)>> {
+        let targets = self.select(peers)?;
+        let results = join_all(targets.iter().map(|entry| async move {
+            if entry.id == self.me {
+                let files = self.list_own().await.map_err(PeerFailure::Local)?;
+                let total = files.len() as u64;
+                return Ok(Listing { files, total });
+            }
+            let (files, total) = self.client(entry).await?.list().await?;
+            Ok(Listing { files, total })
+        }))
+        .await;
+        Ok(targets.into_iter().map(|e| e.id).zip(results).collect())
+    }
+
+    /// Our own files, read locally (a peer does not connect to itself).
+    async fn list_own(&self) -> anyhow::Result<Vec<FileEntry>> {
+        let dir = self.served_dir();
+        let files = tokio::task::spawn_blocking(move || Store::open(dir)?.list()).await??;
+        Ok(files
+            .into_iter()
+            .map(|(name, m)| FileEntry::new(name, &m))
+            .collect())
+    }
+
+    /// `upload`: one file (a path, or a name in our served_files) to every named peer.
+    pub async fn upload(&self, file: &Path, peers: &[PeerId]) -> anyhow::Result<Uploaded> {
+        let targets = self.select(peers)?;
+        let (path, name) = self.resolve_upload(file)?;
+        let p = path.clone();
+        let (size, hash) = tokio::task::spawn_blocking(move || hash_file(&p))
+            .await?
+            .with_context(|| format!("reading {}", path.display()))?;
+        let results = join_all(targets.iter().map(|entry| {
+            let (path, name) = (&path, &name);
+            async move {
+                if entry.id == self.me {
+                    return Err(PeerFailure::IsMe(entry.id.clone()));
+                }
+                let client = self.client(entry).await?;
+                Ok(client.upload(name, path, size, hash).await?)
+            }
+        }))
+        .await;
+        Ok(Uploaded {
+            name,
+            size,
+            results: targets.into_iter().map(|e| e.id).zip(results).collect(),
+        })
+    }
+
+    fn resolve_upload(&self, file: &Path) -> anyhow::Result<(PathBuf, FileName)> {
+        let served = self.served_dir();
+        let path = if file.exists() {
+            file.to_owned()
+        } else if file.components().count() == 1 && served.join(file).exists() {
+            served.join(file)
+        } else {
+            bail!(
+                "no such file: {} (neither a path nor a file in {})",
+                file.display(),
+                served.display()
+            );
+        };
+        let meta =
+            std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+        if !meta.is_file() {
+            bail!("{} is not a regular file", path.display());
+        }
+        let base = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .with_context(|| format!("{} has no usable file name", path.display()))?;
+        Ok((path.clone(), FileName::new(base)?))
+    }
+
+    /// `download`: fetch one file from every peer that serves it, until done or `interrupt`.
+    pub async fn download(
+        &self,
+        req: &DownloadRequest,
+        interrupt: impl Future<Output = ()>,
+        on: impl FnMut(DownloadEvent<'_>),
+    ) -> anyhow::Result<Downloaded> {
+        let started = Instant::now();
+        let name = &req.name;
+        let target = match &req.output {
+            Some(p) if p.is_dir() => p.join(name.as_str()),
+            Some(p) => p.clone(),
+            None => self.served_dir().join(name.as_str()),
+        };
+        let candidates: Vec<PeerEntry> = self
+            .select(&req.peers)?
+            .into_iter()
+            .filter(|e| e.id != self.me)
+            .collect();
+        if candidates.is_empty() {
+            bail!("no peer to download {name} from");
+        }
+        let on = RefCell::new(on);
+        let report =
+            |peer: &PeerId, why: &LeftOut| (on.borrow_mut())(DownloadEvent::LeftOut(peer, why));
+
+        // Ask everyone what they have under that name; start once the version is known.
+        let mut asking: FuturesUnordered<_> = candidates
+            .iter()
+            .map(|entry| async move {
+                let answer = match self.client(entry).await {
+                    Ok(client) => client.describe(name).await.map(|m| (client, m)),
+                    Err(e) => Err(e),
+                };
+                (entry, answer)
+            })
+            .collect();
+        let mut answers = Answers::new(name.clone());
+        answers
+            .gather(&mut asking, candidates.len(), req.blake3)
+            .await;
+        // When no peer serves the file, the error names each peer's reason instead.
+        let (manifest, members) = answers.agree(req.blake3)?;
+        answers.left_out.iter().for_each(|(p, why)| report(p, why));
+        let mut done = Downloaded {
+            name: name.clone(),
+            target,
+            manifest: Arc::new(manifest),
+            status: Fetched::AlreadyPresent,
+            report: None,
+            left_out: Vec::new(),
+            elapsed: Duration::ZERO,
+        };
+        let manifest = done.manifest.clone();
+        let target = done.target.clone();
+
+        // Already there?
+        match existing_version(&target)? {
+            Some(h) if h == manifest.blake3() => {
+                done.left_out = answers.left_out;
+                done.elapsed = started.elapsed();
+                return Ok(done);
+            }
+            Some(_) => bail!(
+                "{} already exists with different content; not overwriting it (use --output to save elsewhere)",
+                target.display()
+            ),
+            None => {}
+        }
+
+        let (join, sources) = mpsc::unbounded_channel();
+        let opened = RefCell::new(Vec::new());
+        for (entry, client) in members {
+            let source = Arc::new(PeerSource::new(client, name.clone(), self.redial(entry)?));
+            opened.borrow_mut().push(source.clone());
+            let _ = join.send(source);
+        }
+        // The temporary file is named after the version, so an interrupted download of the same
+        // version resumes from the chunks it holds (re-verified from disk, never trusted).
+        let tag = hex(&manifest.blake3())[..16].to_owned();
+        let partial = PartialFile::create(&target, &tag, manifest.size())
+            .with_context(|| format!("preparing {}", target.display()))?;
+        let partial = Arc::new(partial);
+        let have = if partial.resumed() {
+            let (p, m) = (partial.clone(), manifest.clone());
+            tokio::task::spawn_blocking(move || p.verified_chunks(&m))
+                .await?
+                .with_context(|| format!("resuming {}", target.display()))?
+        } else {
+            Vec::new()
+        };
+        (on.borrow_mut())(DownloadEvent::Started(manifest.size()));
+        let opts = Options {
+            fixed_window: req.window,
+            ..Options::default()
+        };
+        let engine = download::run(
+            manifest.clone(),
+            sources,
+            partial.clone(),
+            &have,
+            &opts,
+            |p| (on.borrow_mut())(DownloadEvent::Progress(p)),
+        );
+        // Peers that answer late join if they serve this version.
+        let late_left_out = RefCell::new(Vec::new());
+        let late = async {
+            while let Some((entry, answer)) = asking.next().await {
+                answers.answered.push(entry.id.clone());
+                let why = match answer {
+                    Ok((client, Some(m))) if m == *manifest => match self.redial(entry) {
+                        Ok(redial) => {
+                            let source = Arc::new(PeerSource::new(client, name.clone(), redial));
+                            opened.borrow_mut().push(source.clone());
+                            let _ = join.send(source);
+                            continue;
+                        }
+                        Err(e) => LeftOut::Failed(e),
+                    },
+                    Ok((_, Some(m))) => LeftOut::OtherVersion(name.clone(), m.blake3()),
+                    Ok((_, None)) => LeftOut::DoesNotServe(name.clone()),
+                    Err(e) => LeftOut::Failed(e),
+                };
+                report(&entry.id, &why);
+                late_left_out.borrow_mut().push((entry.id.clone(), why));
+            }
+            // No one else will join: the engine stops waiting for more sources.
+            drop(join);
+        };
+        let outcome = until_engine_ends(engine, late, interrupt).await;
+        // Connections made again during the download are not in the session's pool: close them.
+        for source in opened.into_inner() {
+            source.close().await;
+        }
+        done.left_out = answers.left_out;
+        done.left_out.extend(late_left_out.into_inner());
+        for entry in &candidates {
+            let answered = answers.answered.contains(&entry.id);
+            if !answered {
+                done.left_out.push((entry.id.clone(), LeftOut::TooLate));
+            }
+        }
+        let report = match outcome {
+            Some(Ok(r)) => r,
+            failed => {
+                // Verified chunks stay in the hidden temporary file for the next attempt.
+                partial.keep_for_resume();
+                let e = match failed {
+                    Some(Err(e)) => anyhow::Error::from(e),
+                    _ => anyhow::anyhow!("interrupted"),
+                };
+                return Err(e.context(format!(
+                    "downloading {name}: nothing was written under {}; run the same command again to resume",
+                    target.display()
+                )));
+            }
+        };
+        let partial = Arc::try_unwrap(partial)
+            .map_err(|_| anyhow::anyhow!("internal error: the partial file is still in use"))?;
+        let expected = manifest.blake3();
+        let committed =
+            tokio::task::spawn_blocking(move || partial.commit(expected, Check::Chunks))
+                .await?
+                .with_context(|| format!("saving {}", target.display()))?;
+        done.status = match committed {
+            Committed::Stored => Fetched::Downloaded,
+            Committed::AlreadyPresent => Fetched::AlreadyPresent,
+        };
+        done.report = Some(report);
+        done.elapsed = started.elapsed();
+        Ok(done)
+    }
+}
+
+/// The answers to "what do you serve under that name?" so far.
+struct Answers<'a> {
+    name: FileName,
+    /// Who answered (or failed to).
+    answered: Vec<PeerId>,
+    /// Peers that serve some version, with their connection and manifest.
+    served: Vec<(&'a PeerEntry, Client, Manifest)>,
+    left_out: Vec<(PeerId, LeftOut)>,
+}
+
+type Answer = Result<(Client, Option<Manifest>), ClientError>;
+
+impl<'a> Answers<'a> {
+    fn new(name: FileName) -> Self {
+        Self {
+            name,
+            answered: Vec::new(),
+            served: Vec::new(),
+            left_out: Vec::new(),
+        }
+    }
+
+    /// Takes answers until every peer answered, or the wanted version is offered, or
+    /// [`DOWNLOAD_GRACE`] has passed since the first peer offered a version.
+    async fn gather(
+        &mut self,
+        asking: &mut (impl futures_util::Stream<Item = (&'a PeerEntry, Answer)> + Unpin),
+        peers: usize,
+        wanted: Option<Hash32>,
+    ) {
+        let grace = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(grace);
+        let mut grace_set = false;
+        while self.answered.len() < peers {
+            tokio::select! {
+                Some((entry, answer)) = asking.next() => {
+                    self.take(entry, answer);
+                    if let Some(w) = wanted {
+                        if self.served.iter().any(|s| s.2.blake3() == w) {
+                            return;
+                        }
+                    } else if !self.served.is_empty() && !grace_set {
+                        grace.as_mut().reset((Instant::now() + DOWNLOAD_GRACE).into());
+                        grace_set = true;
+                    }
+                }
+                () = &mut grace, if grace_set => return,
+            }
+        }
+    }
+
+    fn take(&mut self, entry: &'a PeerEntry, answer: Answer) {
+        self.answered.push(entry.id.clone());
+        match answer {
+            Ok((client, Some(m))) => self.served.push((entry, client, m)),
+            Ok((_, None)) => self
+                .left_out
+                .push((entry.id.clone(), LeftOut::DoesNotServe(self.name.clone()))),
+            Err(e) => self.left_out.push((entry.id.clone(), LeftOut::Failed(e))),
+        }
+    }
+
+    /// The version to fetch and the peers serving it; the others are left out.
+    fn agree(
+        &mut self,
+        wanted: Option<Hash32>,
+    ) -> anyhow::Result<(Manifest, Vec<(&'a PeerEntry, Client)>)> {
+        let described: Vec<Option<Manifest>> =
+            self.served.iter().map(|s| Some(s.2.clone())).collect();
+        let Some(agreement) = download::agree(&described, wanted) else {
+            let why: Vec<String> = self
+                .left_out
+                .iter()
+                .map(|(p, l)| format!("{p}: {l}"))
+                .collect();
+            let (name, why) = (&self.name, why.join("; "));
+            match wanted {
+                Some(w) => bail!("no peer serves {name} with BLAKE3 {} ({why})", hex(&w)),
+                None => bail!("no peer serves {name} ({why})"),
+            }
+        };
+        for &(i, other) in &agreement.other_versions {
+            let why = LeftOut::OtherVersion(self.name.clone(), other);
+            self.left_out.push((self.served[i].0.id.clone(), why));
+        }
+        let members = agreement
+            .members
+            .iter()
+            .map(|&i| (self.served[i].0, self.served[i].1.clone()))
+            .collect();
+        Ok((agreement.manifest, members))
+    }
+}
+
+/// Runs `engine` to its end while `late` runs beside it; `None` if `interrupt` comes first.
+async fn until_engine_ends<T>(
+    engine: impl Future<Output = T>,
+    late: impl Future<Output = ()>,
+    interrupt: impl Future<Output = ()>,
+) -> Option<T> {
+    tokio::pin!(engine, late, interrupt);
+    let mut late_done = false;
+    loop {
+        tokio::select! {
+            r = &mut engine => return Some(r),
+            () = &mut late, if !late_done => late_done = true,
+            () = &mut interrupt => return None,
+        }
+    }
+}
+
+/// The BLAKE3 of a regular file at `path`, if one is there.
+fn existing_version(path: &Path) -> anyhow::Result<Option<Hash32>> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("inspecting {}", path.display())),
+        Ok(m) if !m.is_file() => bail!(
+            "{} exists and is not a regular file; not overwriting it",
+            path.display()
+        ),
+        Ok(_) => Ok(Some(
+            hash_file(path)
+                .with_context(|| format!("reading {}", path.display()))?
+                .1,
+        )),
+    }
+}
+
+/// Size and BLAKE3 of a file, reading it once.
+fn hash_file(path: &Path) -> std::io::Result<(u64, Hash32)> {
+    let file = std::fs::File::open(path)?;
+    let size = file.metadata()?.len();
+    let m = Manifest::from_reader(std::io::BufReader::with_capacity(1 << 20, file), size)?;
+    Ok((size, m.blake3()))
+}
