@@ -9,23 +9,17 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::AsyncReadExt;
 
 use crate::download::{ChunkSource, SourceError};
+pub use crate::exchange::UploadStatus;
+use crate::exchange::{self, ExchangeError};
 use crate::manifest::{FileName, Hash32, Manifest};
 use crate::peers::PeerId;
-use crate::protocol::{
-    self, CloseCode, ErrorKind, FileEntry, MAX_RESPONSE_LEN, ProtocolError, RemoteError, Request,
-    Response,
-};
+use crate::protocol::{self, CloseCode, ErrorKind, FileEntry, ProtocolError, RemoteError};
 use crate::tls::SERVER_NAME;
 
 /// How long connecting (UDP + QUIC + TLS handshake) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Alignment of chunk buffers, for direct I/O.
-const PAGE: usize = 4096;
-/// Upload stream buffer, in bytes.
-const UPLOAD_BUF: usize = 256 * 1024;
 
 /// A request to a peer failed.
 #[derive(Debug, thiserror::Error)]
@@ -40,13 +34,13 @@ pub enum ClientError {
         /// Why.
         reason: String,
     },
-    /// The connection broke or was refused (the reason names the peer).
-    #[error("{reason}")]
+    /// The connection broke or was refused (the message names the peer and says what to check).
+    #[error("{}", explain(peer, source))]
     Connection {
         /// Who.
         peer: PeerId,
-        /// What happened, explained.
-        reason: String,
+        /// What happened.
+        source: quinn::ConnectionError,
     },
     /// A stream failed or carried bad data.
     #[error("{peer}: {source}")]
@@ -95,15 +89,6 @@ impl ClientError {
             _ => None,
         }
     }
-}
-
-/// What an upload achieved at one peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UploadStatus {
-    /// The peer stored the file.
-    Stored,
-    /// The peer already served an identical file.
-    AlreadyPresent,
 }
 
 /// A live connection to one peer.
@@ -168,26 +153,18 @@ impl Client {
     /// The files the peer serves (the first `MAX_LISTED_FILES` if there are more), and how many
     /// it serves.
     pub async fn list(&self) -> Result<(Vec<FileEntry>, u64), ClientError> {
-        let (_, _, resp) = self.request(&Request::List, true).await?;
-        match resp {
-            Response::Files(files) => {
-                let n = files.len() as u64;
-                Ok((files, n))
-            }
-            Response::FilesCut { files, total } => Ok((files, total)),
-            _ => Err(self.unexpected("list")),
-        }
+        let (mut send, mut recv) = self.open().await?;
+        exchange::list(&mut send, &mut recv)
+            .await
+            .map_err(|e| self.exchange(e))
     }
 
     /// The manifest of `name`, or `None` if the peer does not serve it.
     pub async fn describe(&self, name: &FileName) -> Result<Option<Manifest>, ClientError> {
-        let req = Request::Describe { name: name.clone() };
-        match self.request(&req, true).await {
-            Ok((_, _, Response::Manifest(m))) => Ok(Some(m)),
-            Ok(_) => Err(self.unexpected("describe")),
-            Err(e) if e.remote_kind() == Some(ErrorKind::NotFound) => Ok(None),
-            Err(e) => Err(e),
-        }
+        let (mut send, mut recv) = self.open().await?;
+        exchange::describe(&mut send, &mut recv, name)
+            .await
+            .map_err(|e| self.exchange(e))
     }
 
     /// `len` bytes of `name` at `offset`, unverified (the caller checks them).
@@ -197,44 +174,10 @@ impl Client {
         offset: u64,
         len: u32,
     ) -> Result<Bytes, ClientError> {
-        let req = Request::ReadChunk {
-            name: name.clone(),
-            offset,
-            len,
-        };
-        let (_, mut recv, resp) = self.request(&req, true).await?;
-        match resp {
-            Response::Chunk { len: l } if l == len => {}
-            _ => return Err(self.unexpected("read_chunk")),
-        }
-        // `len` is what we asked for, bounded by our own manifest, so this allocation is ours to size.
-        // The bytes start on a page boundary inside the buffer, so the store can write them with
-        // O_DIRECT (no page-cache copy). They are appended as quinn hands them over: one copy, and
-        // no zeroing of a buffer about to be overwritten.
-        let want = len as usize;
-        let mut buf: Vec<u8> = Vec::with_capacity(want + PAGE);
-        let start = buf.as_ptr().align_offset(PAGE).min(PAGE);
-        buf.resize(start, 0);
-        let broken = |why: String| {
-            self.protocol(ProtocolError::Io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                why,
-            )))
-        };
-        while buf.len() < start + want {
-            let left = start + want - buf.len();
-            match recv.read_chunk(left, true).await {
-                Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
-                Ok(None) => {
-                    return Err(broken(format!(
-                        "stream ended after {} of {want} bytes",
-                        buf.len() - start
-                    )));
-                }
-                Err(e) => return Err(broken(e.to_string())),
-            }
-        }
-        Ok(Bytes::from(buf).slice(start..start + len as usize))
+        let (mut send, mut recv) = self.open().await?;
+        exchange::read_chunk(&mut send, &mut recv, name, offset, len)
+            .await
+            .map_err(|e| self.exchange(e))
     }
 
     /// Uploads the local file at `path` (`size` bytes hashing to `blake3`) as `name`.
@@ -245,82 +188,42 @@ impl Client {
         size: u64,
         blake3: Hash32,
     ) -> Result<UploadStatus, ClientError> {
-        let req = Request::Upload {
-            name: name.clone(),
-            size,
-            blake3,
-        };
-        let (mut send, mut recv, resp) = self.request(&req, false).await?;
-        match resp {
-            Response::Ready => {}
-            Response::AlreadyPresent => return Ok(UploadStatus::AlreadyPresent),
-            _ => return Err(self.unexpected("upload")),
-        }
         let local = |source| ClientError::Local {
             path: path.display().to_string(),
             source,
         };
         let mut file = tokio::fs::File::open(path).await.map_err(local)?;
-        let mut left = size;
-        let mut buf = vec![0u8; UPLOAD_BUF];
-        while left > 0 {
-            let want = left.min(UPLOAD_BUF as u64) as usize;
-            let n = file.read(&mut buf[..want]).await.map_err(local)?;
-            if n == 0 {
-                return Err(local(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "file shrank while uploading",
-                )));
-            }
-            send.write_all(&buf[..n])
-                .await
-                .map_err(|e| self.protocol(ProtocolError::Io(e.into())))?;
-            left -= n as u64;
-        }
-        // The stream is ours; finishing fails only if it was already reset, which the read reports.
-        let _ = send.finish();
-        match self.read_response(&mut recv).await? {
-            Response::Stored => Ok(UploadStatus::Stored),
-            Response::AlreadyPresent => Ok(UploadStatus::AlreadyPresent),
-            _ => Err(self.unexpected("upload")),
+        let (mut send, mut recv) = self.open().await?;
+        match exchange::upload(&mut send, &mut recv, name, size, blake3, &mut file).await {
+            Ok(status) => Ok(status),
+            Err(ExchangeError::Local(e)) => Err(local(e)),
+            Err(e) => Err(self.exchange(e)),
         }
     }
 
-    /// Opens a stream, sends `req` (finishing our side if `finish`), and reads the first response.
-    async fn request(
-        &self,
-        req: &Request,
-        finish: bool,
-    ) -> Result<(quinn::SendStream, quinn::RecvStream, Response), ClientError> {
-        let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| self.connection(e))?;
-        protocol::write_msg(&mut send, req)
-            .await
-            .map_err(|e| self.protocol(e))?;
-        if finish {
-            let _ = send.finish();
-        }
-        let resp = self.read_response(&mut recv).await?;
-        Ok((send, recv, resp))
+    /// A new request stream.
+    async fn open(&self) -> Result<(quinn::SendStream, quinn::RecvStream), ClientError> {
+        self.conn.open_bi().await.map_err(|e| self.connection(e))
     }
 
-    async fn read_response(&self, recv: &mut quinn::RecvStream) -> Result<Response, ClientError> {
-        match protocol::read_msg(recv, MAX_RESPONSE_LEN).await {
-            Ok(Response::Error(source)) => Err(ClientError::Remote {
-                peer: self.peer.clone(),
+    /// Names the peer in a failed exchange.
+    fn exchange(&self, e: ExchangeError) -> ClientError {
+        let peer = self.peer.clone();
+        match e {
+            ExchangeError::Protocol(source) => self.protocol(source),
+            ExchangeError::Remote(source) => ClientError::Remote { peer, source },
+            ExchangeError::Unexpected(request) => ClientError::Unexpected { peer, request },
+            ExchangeError::Local(source) => ClientError::Local {
+                path: "(local file)".into(),
                 source,
-            }),
-            Ok(resp) => Ok(resp),
-            Err(e) => match self.conn.close_reason() {
-                Some(reason) => Err(self.connection(reason)),
-                None => Err(self.protocol(e)),
             },
         }
     }
 
-    fn connection(&self, e: quinn::ConnectionError) -> ClientError {
+    fn connection(&self, source: quinn::ConnectionError) -> ClientError {
         ClientError::Connection {
             peer: self.peer.clone(),
-            reason: explain(&self.peer, &e),
+            source,
         }
     }
 
@@ -332,13 +235,6 @@ impl Client {
         ClientError::Protocol {
             peer: self.peer.clone(),
             source,
-        }
-    }
-
-    fn unexpected(&self, request: &'static str) -> ClientError {
-        ClientError::Unexpected {
-            peer: self.peer.clone(),
-            request,
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod args;
 pub mod cli;
 pub mod client;
 pub mod download;
+pub mod exchange;
 pub mod identity;
 pub mod limits;
 pub mod manifest;

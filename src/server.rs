@@ -20,16 +20,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::exchange::{self, BodyError};
 use crate::limits::{
     CONNECTIONS_PER_PEER, ConnectionSlots, MemoryBudget, Note, PeerBudget, RefusalLog, Refused,
     UploadSlots,
 };
 use crate::manifest::{FileName, Hash32, MAX_CHUNK_SIZE};
 use crate::peers::PeerId;
-use crate::protocol::{
-    self, CloseCode, ErrorKind, FileEntry, MAX_LISTED_FILES, MAX_REQUEST_LEN, RemoteError, Request,
-    Response,
-};
+use crate::protocol::{CloseCode, ErrorKind, FileEntry, RemoteError, Request, Response};
 use crate::store::{Check, Committed, Store, StoreError};
 use crate::tls::{self, Pins};
 
@@ -270,11 +268,7 @@ async fn handle_stream(
     peer: PeerId,
     budget: Arc<PeerBudget>,
 ) {
-    let request = match tokio::time::timeout(
-        READ_TIMEOUT,
-        protocol::read_msg::<Request>(&mut recv, MAX_REQUEST_LEN),
-    )
-    .await
+    let request = match tokio::time::timeout(READ_TIMEOUT, exchange::read_request(&mut recv)).await
     {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
@@ -314,12 +308,7 @@ async fn handle_stream(
     }
 }
 
-/// Sends a final response and finishes the stream. Failures mean the peer went away: nothing to do.
-async fn respond(send: &mut quinn::SendStream, resp: &Response) {
-    if protocol::write_msg(send, resp).await.is_ok() {
-        let _ = send.finish();
-    }
-}
+use exchange::respond;
 
 fn store_error(e: StoreError) -> RemoteError {
     let kind = match &e {
@@ -372,27 +361,15 @@ fn gone(e: impl std::fmt::Display) -> Failure {
 
 async fn handle_list(send: &mut quinn::SendStream, server: &Server) -> Result<String, Failure> {
     let store = server.store.clone();
-    let mut files = blocking(move || store.list()).await?;
+    let files = blocking(move || store.list()).await?;
     let total = files.len();
-    files.truncate(MAX_LISTED_FILES);
     let entries: Vec<FileEntry> = files
         .into_iter()
         .map(|(name, m)| FileEntry::new(name, &m))
         .collect();
-    let count = entries.len();
+    let count = exchange::send_listing(send, entries).await;
     if total > count {
         warn!("listing only the first {count} of {total} files");
-        let total = total as u64;
-        respond(
-            send,
-            &Response::FilesCut {
-                files: entries,
-                total,
-            },
-        )
-        .await;
-    } else {
-        respond(send, &Response::Files(entries)).await;
     }
     Ok(format!("-> {count} files"))
 }
@@ -440,13 +417,9 @@ async fn handle_read_chunk(
     let store = server.store.clone();
     let n = name.clone();
     let data = blocking(move || store.read_chunk(&n, offset, len)).await?;
-    let header = protocol::encode_frame(&Response::Chunk { len }).map_err(gone)?;
-    // `write_all_chunks`, not `write_chunks`: the latter writes only what flow control allows
-    // at that moment and says how much, and the rest would be lost.
-    send.write_all_chunks(&mut [Bytes::from(header), Bytes::from(data)])
+    exchange::send_chunk(send, Bytes::from(data))
         .await
         .map_err(gone)?;
-    let _ = send.finish();
     server.count_sent(peer, u64::from(len));
     Ok(format!("{name} @{offset} +{len}"))
 }
@@ -487,50 +460,26 @@ async fn handle_upload(
         respond(send, &Response::AlreadyPresent).await;
         return Ok(format!("{name} -> already present"));
     };
-    protocol::write_msg(send, &Response::Ready)
-        .await
-        .map_err(gone)?;
-
     let upload = Arc::new(upload);
     let mut hasher = blake3::Hasher::new();
-    let mut received = 0u64;
-    let mut buf: Vec<u8> = Vec::with_capacity(UPLOAD_WRITE_BUF);
-    let short = || {
-        RemoteError::new(
-            ErrorKind::Corrupt,
-            format!("{name}: fewer bytes than the announced {size}"),
-        )
-    };
-    loop {
-        let chunk =
-            match tokio::time::timeout(READ_TIMEOUT, recv.read_chunk(UPLOAD_WRITE_BUF, true)).await
-            {
-                Err(_) => {
-                    return Err(RemoteError::new(
-                        ErrorKind::BadRequest,
-                        format!("no upload data for {READ_TIMEOUT:?}"),
-                    )
-                    .into());
-                }
-                Ok(Err(e)) => return Err(gone(e)),
-                Ok(Ok(None)) => break,
-                Ok(Ok(Some(c))) => c.bytes,
-            };
-        if received + chunk.len() as u64 > size {
-            return Err(RemoteError::new(
-                ErrorKind::Corrupt,
-                format!("{name}: more bytes than the announced {size}"),
-            )
-            .into());
-        }
-        buf.extend_from_slice(&chunk);
-        if buf.len() >= UPLOAD_WRITE_BUF {
-            received += write_piece(&upload, &mut hasher, received, &mut buf).await?;
-        }
-    }
-    received += write_piece(&upload, &mut hasher, received, &mut buf).await?;
-    if received != size {
-        return Err(short().into());
+    let body = exchange::receive_upload(
+        send,
+        recv,
+        name,
+        size,
+        UPLOAD_WRITE_BUF,
+        READ_TIMEOUT,
+        |offset, piece: Vec<u8>| {
+            hasher.update(&piece);
+            let upload = upload.clone();
+            blocking(move || upload.partial.write_at(offset, &piece))
+        },
+    )
+    .await;
+    match body {
+        Ok(()) => {}
+        Err(BodyError::Refused(e) | BodyError::Sink(e)) => return Err(e.into()),
+        Err(BodyError::Gone(e)) => return Err(gone(e)),
     }
     let upload = Arc::try_unwrap(upload).map_err(|_| gone("upload still shared"))?;
     let streamed = *hasher.finalize().as_bytes();
@@ -542,22 +491,4 @@ async fn handle_upload(
     };
     respond(send, &resp).await;
     Ok(format!("{name} ({size} bytes) -> {what}"))
-}
-
-/// Hashes and writes the buffered piece at `offset`; returns its length and empties the buffer.
-async fn write_piece(
-    upload: &Arc<crate::store::Upload>,
-    hasher: &mut blake3::Hasher,
-    offset: u64,
-    buf: &mut Vec<u8>,
-) -> Result<u64, RemoteError> {
-    if buf.is_empty() {
-        return Ok(0);
-    }
-    let piece = std::mem::replace(buf, Vec::with_capacity(UPLOAD_WRITE_BUF));
-    hasher.update(&piece);
-    let len = piece.len() as u64;
-    let upload = upload.clone();
-    blocking(move || upload.partial.write_at(offset, &piece)).await?;
-    Ok(len)
 }

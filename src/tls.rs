@@ -349,3 +349,12 @@ impl ClientCertVerifier for PinnedClients {
         self.algorithms.supported_schemes()
     }
 }
+
+/// Chunk bytes go to quinn as they are, not copied into its buffers.
+impl crate::exchange::SendBytes for quinn::SendStream {
+    async fn send_bytes(&mut self, bufs: &mut [bytes::Bytes]) -> std::io::Result<()> {
+        // `write_all_chunks`, not `write_chunks`: the latter writes only what flow control allows
+        // at that moment and says how much, and the rest would be lost.
+        self.write_all_chunks(bufs).await.map_err(Into::into)
+    }
+}

@@ -1,0 +1,482 @@
+//! Every request/response exchange, written once: the requester's side and the responder's side
+//! of list, describe, read chunk and upload, over any `AsyncRead`/`AsyncWrite` pair (a QUIC stream
+//! in `client` and `server`, `tokio::io::duplex` in the tests below). The stream lifecycles are in
+//! `protocol`'s documentation; a transform of the bytes (compression, say) has this one place to go.
+//!
+//! Requesters get [`ExchangeError`]s; who the peer is and what its connection says are added by
+//! the caller. Responders get the decoded request from [`read_request`] and answer with the
+//! functions named after the answer.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::manifest::{FileName, Hash32, Manifest};
+use crate::protocol::{
+    self, ErrorKind, FileEntry, MAX_LISTED_FILES, MAX_REQUEST_LEN, MAX_RESPONSE_LEN, ProtocolError,
+    RemoteError, Request, Response,
+};
+
+/// Alignment of chunk buffers, for direct I/O.
+const PAGE: usize = 4096;
+/// Upload stream buffer, in bytes.
+const UPLOAD_BUF: usize = 256 * 1024;
+
+/// A stream that can take owned bytes without copying them (a QUIC send stream hands them to
+/// the connection as they are). The default copies, as any `AsyncWrite` does.
+pub trait SendBytes: AsyncWrite + Unpin + Send {
+    /// Writes all of `bufs`, in order.
+    fn send_bytes(
+        &mut self,
+        bufs: &mut [Bytes],
+    ) -> impl Future<Output = std::io::Result<()>> + Send {
+        async move {
+            for b in bufs.iter() {
+                self.write_all(b).await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+impl SendBytes for tokio::io::DuplexStream {}
+impl<T: AsyncWrite + Send> SendBytes for tokio::io::WriteHalf<T> {}
+
+/// What an upload achieved at one peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadStatus {
+    /// The peer stored the file.
+    Stored,
+    /// The peer already served an identical file.
+    AlreadyPresent,
+}
+
+/// A requester's exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// The stream failed or carried bad data.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The peer answered with an error.
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    /// The peer answered with something that does not fit the request.
+    #[error("unexpected answer to {0}")]
+    Unexpected(&'static str),
+    /// Our own file could not be read.
+    #[error("{0}")]
+    Local(std::io::Error),
+}
+
+fn broken(why: String) -> ExchangeError {
+    ProtocolError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, why)).into()
+}
+
+/// Sends `req`, finishing our side if `finish`, and reads the first response.
+async fn ask(
+    send: &mut impl SendBytes,
+    recv: &mut (impl AsyncRead + Unpin),
+    req: &Request,
+    finish: bool,
+) -> Result<Response, ExchangeError> {
+    protocol::write_msg(send, req).await?;
+    if finish {
+        // Fails only if the stream was already reset, which the read reports.
+        let _ = send.shutdown().await;
+    }
+    response(recv).await
+}
+
+/// Reads one response; an error answer becomes [`ExchangeError::Remote`].
+async fn response(recv: &mut (impl AsyncRead + Unpin)) -> Result<Response, ExchangeError> {
+    match protocol::read_msg(recv, MAX_RESPONSE_LEN).await? {
+        Response::Error(e) => Err(e.into()),
+        r => Ok(r),
+    }
+}
+
+/// `List`: the files the peer serves (the first [`MAX_LISTED_FILES`] if there are more), and how
+/// many it serves.
+pub async fn list(
+    send: &mut impl SendBytes,
+    recv: &mut (impl AsyncRead + Unpin),
+) -> Result<(Vec<FileEntry>, u64), ExchangeError> {
+    match ask(send, recv, &Request::List, true).await? {
+        Response::Files(files) => {
+            let n = files.len() as u64;
+            Ok((files, n))
+        }
+        Response::FilesCut { files, total } => Ok((files, total)),
+        _ => Err(ExchangeError::Unexpected("list")),
+    }
+}
+
+/// `Describe`: the manifest of `name`, or `None` if the peer does not serve it.
+pub async fn describe(
+    send: &mut impl SendBytes,
+    recv: &mut (impl AsyncRead + Unpin),
+    name: &FileName,
+) -> Result<Option<Manifest>, ExchangeError> {
+    let req = Request::Describe { name: name.clone() };
+    match ask(send, recv, &req, true).await {
+        Ok(Response::Manifest(m)) => Ok(Some(m)),
+        Ok(_) => Err(ExchangeError::Unexpected("describe")),
+        Err(ExchangeError::Remote(e)) if e.kind == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `ReadChunk`: `len` bytes of `name` at `offset`, unverified (the caller checks them).
+///
+/// `len` is what we asked for, bounded by our own manifest, so the buffer is ours to size. The
+/// bytes start on a page boundary inside it, so the store can write them with O_DIRECT (no
+/// page-cache copy), and they are appended as the stream hands them over: one copy, and no
+/// zeroing of a buffer about to be overwritten.
+pub async fn read_chunk(
+    send: &mut impl SendBytes,
+    recv: &mut (impl AsyncRead + Unpin),
+    name: &FileName,
+    offset: u64,
+    len: u32,
+) -> Result<Bytes, ExchangeError> {
+    let req = Request::ReadChunk {
+        name: name.clone(),
+        offset,
+        len,
+    };
+    match ask(send, recv, &req, true).await? {
+        Response::Chunk { len: l } if l == len => {}
+        _ => return Err(ExchangeError::Unexpected("read_chunk")),
+    }
+    let want = len as usize;
+    let mut buf: Vec<u8> = Vec::with_capacity(want + PAGE);
+    let start = buf.as_ptr().align_offset(PAGE).min(PAGE);
+    buf.resize(start, 0);
+    let mut body = recv.take(u64::from(len));
+    while buf.len() < start + want {
+        match body.read_buf(&mut buf).await {
+            Ok(0) => {
+                let got = buf.len() - start;
+                return Err(broken(format!("stream ended after {got} of {want} bytes")));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(broken(e.to_string())),
+        }
+    }
+    Ok(Bytes::from(buf).slice(start..start + want))
+}
+
+/// `Upload`: sends `size` bytes read from `file` as `name` (hashing to `blake3`).
+pub async fn upload(
+    send: &mut impl SendBytes,
+    recv: &mut (impl AsyncRead + Unpin),
+    name: &FileName,
+    size: u64,
+    blake3: Hash32,
+    file: &mut (impl AsyncRead + Unpin),
+) -> Result<UploadStatus, ExchangeError> {
+    let req = Request::Upload {
+        name: name.clone(),
+        size,
+        blake3,
+    };
+    match ask(send, recv, &req, false).await? {
+        Response::Ready => {}
+        Response::AlreadyPresent => return Ok(UploadStatus::AlreadyPresent),
+        _ => return Err(ExchangeError::Unexpected("upload")),
+    }
+    let mut left = size;
+    let mut buf = vec![0u8; UPLOAD_BUF];
+    while left > 0 {
+        let want = left.min(UPLOAD_BUF as u64) as usize;
+        let n = file
+            .read(&mut buf[..want])
+            .await
+            .map_err(ExchangeError::Local)?;
+        if n == 0 {
+            return Err(ExchangeError::Local(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "file shrank while uploading",
+            )));
+        }
+        send.write_all(&buf[..n])
+            .await
+            .map_err(|e| ExchangeError::Protocol(e.into()))?;
+        left -= n as u64;
+    }
+    let _ = send.shutdown().await;
+    match response(recv).await? {
+        Response::Stored => Ok(UploadStatus::Stored),
+        Response::AlreadyPresent => Ok(UploadStatus::AlreadyPresent),
+        _ => Err(ExchangeError::Unexpected("upload")),
+    }
+}
+
+/// The responder's first step: the request (capped at [`MAX_REQUEST_LEN`]).
+pub async fn read_request(recv: &mut (impl AsyncRead + Unpin)) -> Result<Request, ProtocolError> {
+    protocol::read_msg(recv, MAX_REQUEST_LEN).await
+}
+
+/// Sends a final response and finishes the stream. Failures mean the peer went away: nothing to
+/// do.
+pub async fn respond(send: &mut impl SendBytes, resp: &Response) {
+    if protocol::write_msg(send, resp).await.is_ok() {
+        let _ = send.shutdown().await;
+    }
+}
+
+/// Answers `List` with `files` (sorted by name): all of them, or the first
+/// [`MAX_LISTED_FILES`] and how many there are. Returns how many were sent.
+pub async fn send_listing(send: &mut impl SendBytes, mut files: Vec<FileEntry>) -> usize {
+    let total = files.len();
+    files.truncate(MAX_LISTED_FILES);
+    let count = files.len();
+    if total > count {
+        let total = total as u64;
+        respond(send, &Response::FilesCut { files, total }).await;
+    } else {
+        respond(send, &Response::Files(files)).await;
+    }
+    count
+}
+
+/// Answers `ReadChunk` with `data`, whole: the header, then the bytes, then the end.
+pub async fn send_chunk(send: &mut impl SendBytes, data: Bytes) -> Result<(), ProtocolError> {
+    let len = u32::try_from(data.len()).map_err(|_| ProtocolError::TooLarge {
+        len: u32::MAX,
+        max: u32::MAX,
+    })?;
+    let header = protocol::encode_frame(&Response::Chunk { len })?;
+    send.send_bytes(&mut [Bytes::from(header), data]).await?;
+    let _ = send.shutdown().await;
+    Ok(())
+}
+
+/// Why receiving an upload's bytes stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError<E> {
+    /// The requester sent more or fewer bytes than announced, or went silent.
+    #[error(transparent)]
+    Refused(RemoteError),
+    /// The stream broke.
+    #[error("stream failed: {0}")]
+    Gone(std::io::Error),
+    /// Storing a piece failed.
+    #[error(transparent)]
+    Sink(E),
+}
+
+/// Answers `Upload` with `Ready`, then receives exactly `size` bytes, handing them to `sink` in
+/// pieces of up to `piece` bytes with their offsets. Each read may take at most `timeout`.
+pub async fn receive_upload<E, F: Future<Output = Result<(), E>>>(
+    send: &mut impl SendBytes,
+    recv: &mut (impl AsyncRead + Unpin),
+    name: &FileName,
+    size: u64,
+    piece: usize,
+    timeout: Duration,
+    mut sink: impl FnMut(u64, Vec<u8>) -> F,
+) -> Result<(), BodyError<E>> {
+    protocol::write_msg(send, &Response::Ready)
+        .await
+        .map_err(|e| BodyError::Gone(std::io::Error::other(e)))?;
+    let mut received = 0u64;
+    let mut buf: Vec<u8> = Vec::with_capacity(piece);
+    loop {
+        // Never more than announced: one byte past `size` is read to notice a longer body.
+        let room = (piece - buf.len()) as u64;
+        let want = room.min(size - received - buf.len() as u64 + 1);
+        let mut limited = (&mut *recv).take(want);
+        let n = match tokio::time::timeout(timeout, limited.read_buf(&mut buf)).await {
+            Err(_) => {
+                return Err(BodyError::Refused(RemoteError::new(
+                    ErrorKind::BadRequest,
+                    format!("no upload data for {timeout:?}"),
+                )));
+            }
+            Ok(Err(e)) => return Err(BodyError::Gone(e)),
+            Ok(Ok(n)) => n,
+        };
+        if received + buf.len() as u64 > size {
+            return Err(BodyError::Refused(RemoteError::new(
+                ErrorKind::Corrupt,
+                format!("{name}: more bytes than the announced {size}"),
+            )));
+        }
+        if buf.len() >= piece || (n == 0 && !buf.is_empty()) {
+            let len = buf.len() as u64;
+            let full = std::mem::replace(&mut buf, Vec::with_capacity(piece));
+            sink(received, full).await.map_err(BodyError::Sink)?;
+            received += len;
+        }
+        if n == 0 {
+            break;
+        }
+    }
+    if received != size {
+        return Err(BodyError::Refused(RemoteError::new(
+            ErrorKind::Corrupt,
+            format!("{name}: fewer bytes than the announced {size}"),
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{ReadHalf, WriteHalf};
+
+    fn name(s: &str) -> FileName {
+        FileName::new(s).unwrap()
+    }
+
+    type Half = (
+        WriteHalf<tokio::io::DuplexStream>,
+        ReadHalf<tokio::io::DuplexStream>,
+    );
+
+    /// Both ends of one stream, over an in-memory pipe.
+    fn pipe() -> (Half, Half) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (ar, aw) = tokio::io::split(a);
+        let (br, bw) = tokio::io::split(b);
+        ((aw, ar), (bw, br))
+    }
+
+    #[tokio::test]
+    async fn list_and_describe_over_a_pipe() {
+        let ((mut cw, mut cr), (mut sw, mut sr)) = pipe();
+        let entry = FileEntry {
+            name: name("a.txt"),
+            size: 3,
+            blake3: [1; 32],
+        };
+        let files = vec![entry.clone(); MAX_LISTED_FILES + 2];
+        let server = tokio::spawn(async move {
+            assert_eq!(read_request(&mut sr).await.unwrap(), Request::List);
+            send_listing(&mut sw, files).await
+        });
+        let (got, total) = list(&mut cw, &mut cr).await.unwrap();
+        assert_eq!(server.await.unwrap(), MAX_LISTED_FILES);
+        assert_eq!(
+            (got.len(), total),
+            (MAX_LISTED_FILES, MAX_LISTED_FILES as u64 + 2)
+        );
+
+        let ((mut cw, mut cr), (mut sw, mut sr)) = pipe();
+        let server = tokio::spawn(async move {
+            let _ = read_request(&mut sr).await.unwrap();
+            let err = RemoteError::new(ErrorKind::NotFound, "no such file");
+            respond(&mut sw, &Response::Error(err)).await;
+        });
+        assert_eq!(describe(&mut cw, &mut cr, &name("x")).await.unwrap(), None);
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_chunk_arrives_whole_and_page_aligned_and_a_short_one_is_an_error() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+        for cut in [false, true] {
+            let ((mut cw, mut cr), (mut sw, mut sr)) = pipe();
+            let body = data.clone();
+            let server = tokio::spawn(async move {
+                let req = read_request(&mut sr).await.unwrap();
+                assert!(matches!(
+                    req,
+                    Request::ReadChunk {
+                        offset: 7,
+                        len: 300_000,
+                        ..
+                    }
+                ));
+                if cut {
+                    let header = protocol::encode_frame(&Response::Chunk { len: 300_000 }).unwrap();
+                    sw.write_all(&header).await.unwrap();
+                    sw.write_all(&body[..1000]).await.unwrap();
+                    sw.shutdown().await.unwrap();
+                } else {
+                    send_chunk(&mut sw, Bytes::from(body)).await.unwrap();
+                }
+            });
+            let got = read_chunk(&mut cw, &mut cr, &name("a"), 7, 300_000).await;
+            server.await.unwrap();
+            if cut {
+                let err = got.unwrap_err().to_string();
+                assert!(err.contains("ended after 1000 of 300000"), "{err}");
+            } else {
+                let got = got.unwrap();
+                assert_eq!(got[..], data[..]);
+                assert_eq!(got.as_ptr() as usize % PAGE, 0);
+            }
+        }
+    }
+
+    /// A responder that receives an upload into memory and answers `Stored` or the refusal.
+    async fn receiver(mut sw: impl SendBytes, mut sr: impl AsyncRead + Unpin) -> Vec<u8> {
+        let Request::Upload { name, size, .. } = read_request(&mut sr).await.unwrap() else {
+            panic!("not an upload");
+        };
+        let mut got = Vec::new();
+        let r = receive_upload(
+            &mut sw,
+            &mut sr,
+            &name,
+            size,
+            64 * 1024,
+            Duration::from_secs(5),
+            |off, piece: Vec<u8>| {
+                assert_eq!(off, got.len() as u64);
+                assert!(piece.len() <= 64 * 1024);
+                got.extend(piece);
+                std::future::ready(Ok::<(), std::io::Error>(()))
+            },
+        )
+        .await;
+        match r {
+            Ok(()) => respond(&mut sw, &Response::Stored).await,
+            Err(BodyError::Refused(e)) => respond(&mut sw, &Response::Error(e)).await,
+            Err(e) => panic!("{e}"),
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn an_upload_is_received_in_pieces_and_a_long_or_short_body_is_refused() {
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let ((mut cw, mut cr), (sw, sr)) = pipe();
+        let server = tokio::spawn(receiver(sw, sr));
+        let mut file = &data[..];
+        let sent = upload(
+            &mut cw,
+            &mut cr,
+            &name("u.bin"),
+            1_000_000,
+            [0; 32],
+            &mut file,
+        )
+        .await;
+        assert_eq!(sent.unwrap(), UploadStatus::Stored);
+        assert_eq!(server.await.unwrap(), data);
+
+        // A requester that sends one byte more, or one less, than it announced.
+        for (body, needle) in [(1_000_001, "more bytes"), (999_999, "fewer bytes")] {
+            let ((mut cw, mut cr), (sw, sr)) = pipe();
+            let server = tokio::spawn(receiver(sw, sr));
+            let req = Request::Upload {
+                name: name("u.bin"),
+                size: 1_000_000,
+                blake3: [0; 32],
+            };
+            protocol::write_msg(&mut cw, &req).await.unwrap();
+            assert_eq!(response(&mut cr).await.unwrap(), Response::Ready);
+            // The responder may stop reading once it has seen too much.
+            let _ = cw.write_all(&vec![7u8; body]).await;
+            let _ = cw.shutdown().await;
+            let err = response(&mut cr).await.unwrap_err().to_string();
+            assert!(err.contains(needle), "{body}: {err}");
+            server.await.unwrap();
+        }
+    }
+}
