@@ -38,6 +38,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
+// The tests' namespaces (one module for both); the bench uses only part of it.
+#[allow(dead_code, unreachable_pub)]
+#[path = "../tests/util/netns.rs"]
+mod netns;
+
 /// The qnode binary under test: this build's, or `QNODE_BENCH_BIN` (to compare two builds).
 fn qnode() -> String {
     std::env::var("QNODE_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_qnode").into())
@@ -345,10 +350,10 @@ fn sendme_runs(file: &Path, size: u64, runs: usize) -> anyhow::Result<Option<Vec
         );
         return Ok(None);
     }
-    let ns = Netns::isolated("qb-sm")?;
+    let ns = netns::TestNet::isolated()?;
     let dir = file.parent().unwrap_or(Path::new("."));
     let send = Command::new("ip")
-        .args(["netns", "exec", &ns.names[0]])
+        .args(["netns", "exec", ns.ns(1)])
         .arg(&bin)
         .args(["send"])
         .arg(file)
@@ -384,7 +389,7 @@ fn sendme_runs(file: &Path, size: u64, runs: usize) -> anyhow::Result<Option<Vec
         let recv = tempfile::tempdir()?;
         let started = Instant::now();
         let child = Command::new("ip")
-            .args(["netns", "exec", &ns.names[0]])
+            .args(["netns", "exec", ns.ns(1)])
             .arg(&bin)
             .args(["receive", &ticket, "--relay", "disabled", "--no-progress"])
             .current_dir(recv.path())
@@ -601,100 +606,20 @@ fn small(runs: usize) -> anyhow::Result<Vec<Row>> {
     Ok(vec![list, one])
 }
 
-/// Namespaces, veth links, tbf limits and optional random loss, removed on drop.
-struct Netns {
-    names: Vec<String>,
-}
-
-impl Netns {
-    fn sh(line: &str) -> anyhow::Result<()> {
-        let args: Vec<&str> = line.split_whitespace().collect();
-        let st = Command::new(args[0])
-            .args(&args[1..])
-            .stderr(Stdio::null())
-            .status()?;
-        if !st.success() {
-            bail!("{line} failed");
-        }
-        Ok(())
+/// The network namespaces of the tests, shared: sources are hosts 1..=n, the downloader is host
+/// n + 1, each source's uplink limited to its rate; with `loss_pct` > 0 every host drops that share
+/// of the UDP datagrams it sends (nft), with offloads off so a drop is one packet.
+fn star(rates: &[&str], loss_pct: u32) -> anyhow::Result<netns::TestNet> {
+    let net = netns::TestNet::new(rates.len() + 1)?;
+    for (i, rate) in rates.iter().enumerate() {
+        net.shape(i + 1, rate, "256kb")?;
     }
-
-    /// A downloader namespace `qb-c` and one namespace per rate, `qb-s<i>` at 10.77.<i>.2, whose
-    /// uplink to the downloader is limited to `rate`. With `loss_pct` > 0 every link drops that
-    /// share of UDP datagrams in both directions (nft), with offloads off so a drop is one packet.
-    fn new(rates: &[&str], loss_pct: u32) -> anyhow::Result<Self> {
-        let mut ns = Self { names: vec![] };
-        ns.add("qb-c")?;
-        Self::sh("ip -n qb-c link set lo up")?;
-        for (i, rate) in rates.iter().enumerate() {
-            let i = i + 1;
-            let s = format!("qb-s{i}");
-            ns.add(&s)?;
-            let (a, b) = (format!("qbc{i}"), format!("qbs{i}"));
-            Self::sh(&format!(
-                "ip link add {a} netns qb-c type veth peer name {b} netns {s}"
-            ))?;
-            Self::sh(&format!("ip -n qb-c addr add 10.77.{i}.1/24 dev {a}"))?;
-            Self::sh(&format!("ip -n {s} addr add 10.77.{i}.2/24 dev {b}"))?;
-            Self::sh(&format!("ip -n qb-c link set {a} up"))?;
-            Self::sh(&format!("ip -n {s} link set {b} up"))?;
-            Self::sh(&format!("ip -n {s} link set lo up"))?;
-            Self::sh(&format!(
-                "ip netns exec {s} tc qdisc add dev {b} root tbf rate {rate} burst 256kb latency 50ms"
-            ))?;
-            if loss_pct > 0 {
-                for (space, dev) in [("qb-c", &a), (s.as_str(), &b)] {
-                    Self::sh(&format!(
-                        "ip netns exec {space} ethtool -K {dev} gso off gro off tso off"
-                    ))?;
-                }
-            }
-        }
-        if loss_pct > 0 {
-            for space in std::iter::once("qb-c".to_string())
-                .chain((1..=rates.len()).map(|i| format!("qb-s{i}")))
-            {
-                Self::sh(&format!("ip netns exec {space} nft add table inet qbloss"))?;
-                let st = Command::new("ip")
-                    .args([
-                        "netns", "exec", &space, "nft", "add", "chain", "inet", "qbloss", "out",
-                    ])
-                    .arg("{ type filter hook output priority 0 ; }")
-                    .status()?;
-                anyhow::ensure!(st.success(), "nft chain in {space}");
-                Self::sh(&format!(
-                    "ip netns exec {space} nft add rule inet qbloss out meta l4proto udp numgen random mod 100 < {loss_pct} drop"
-                ))?;
-            }
-        }
-        Ok(ns)
-    }
-
-    /// One namespace with only loopback: no route out.
-    fn isolated(name: &str) -> anyhow::Result<Self> {
-        let mut ns = Self { names: vec![] };
-        ns.add(name)?;
-        Self::sh(&format!("ip -n {name} link set lo up"))?;
-        Ok(ns)
-    }
-
-    fn add(&mut self, name: &str) -> anyhow::Result<()> {
-        let _ = Command::new("ip")
-            .args(["netns", "del", name])
-            .stderr(Stdio::null())
-            .status();
-        Self::sh(&format!("ip netns add {name}"))?;
-        self.names.push(name.to_string());
-        Ok(())
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for n in &self.names {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
+    if loss_pct > 0 {
+        for i in 1..=rates.len() + 1 {
+            net.loss(i, loss_pct)?;
         }
     }
+    Ok(net)
 }
 
 fn rate_mbit(rate: &str) -> f64 {
@@ -703,11 +628,12 @@ fn rate_mbit(rate: &str) -> f64 {
 
 /// One namespace run: sources behind `rates`, each serving the same file.
 fn ns_run(rates: &[&str], loss_pct: u32, size: u64) -> anyhow::Result<(Usage, Vec<u64>)> {
-    let _ns = Netns::new(rates, loss_pct)?;
+    let net = star(rates, loss_pct)?;
+    let d = rates.len() + 1;
     let mut peers: Vec<(String, String)> = (1..=rates.len())
-        .map(|i| (format!("s{i}"), format!("10.77.{i}.2 47400")))
+        .map(|i| (format!("s{i}"), format!("{} 47400", net.ip(i))))
         .collect();
-    peers.push(("d".into(), "10.77.1.1 47401".into()));
+    peers.push(("d".into(), format!("{} 47401", net.ip(d))));
     let refs: Vec<(&str, String)> = peers.iter().map(|(a, b)| (a.as_str(), b.clone())).collect();
     let root = Root::new(&refs)?;
     let file = root.path().join("payload.bin");
@@ -722,12 +648,12 @@ fn ns_run(rates: &[&str], loss_pct: u32, size: u64) -> anyhow::Result<(Usage, Ve
     let mut servers = Vec::new();
     for i in 1..=rates.len() {
         let id = format!("s{i}");
-        servers.push(root.serve(Some(&format!("qb-s{i}")), &id, &[], ("d", Some("qb-c")))?);
-        root.cmd(Some("qb-c"), "d", &["list", &id]).output()?;
+        servers.push(root.serve(Some(net.ns(i)), &id, &[], ("d", Some(net.ns(d))))?);
+        root.cmd(Some(net.ns(d)), "d", &["list", &id]).output()?;
     }
     let ids: Vec<String> = (1..=rates.len()).map(|i| format!("s{i}")).collect();
     let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let usage = root.download(Some("qb-c"), "d", "big.bin", &id_refs);
+    let usage = root.download(Some(net.ns(d)), "d", "big.bin", &id_refs);
     let rss = stop(&mut servers);
     Ok((usage?, rss))
 }
@@ -747,7 +673,8 @@ impl Drop for NginxGuard {
 }
 
 fn aria2_run(rates: &[&str], size: u64) -> anyhow::Result<f64> {
-    let _ns = Netns::new(rates, 0)?;
+    let net = star(rates, 0)?;
+    let d = rates.len() + 1;
     let dir = tempfile::tempdir()?;
     random_file(&dir.path().join("big.bin"), size)?;
     let mut nginx = Vec::new();
@@ -757,16 +684,17 @@ fn aria2_run(rates: &[&str], size: u64) -> anyhow::Result<f64> {
             &conf,
             format!(
                 "daemon off; pid {d}/nginx{i}.pid; error_log /dev/null; events {{}}\n\
-                 http {{ access_log off; sendfile on; server {{ listen 10.77.{i}.2:8080; root {d}; }} \
+                 http {{ access_log off; sendfile on; server {{ listen {ip}:8080; root {d}; }} \
                  client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d}; }}\n",
-                d = dir.path().display()
+                d = dir.path().display(),
+                ip = net.ip(i)
             ),
         )?;
         // `ip netns exec` execs nginx, so the child's pid is nginx's master. Nothing of ours is
         // inherited (a worker holding our stdout would outlive the run).
         nginx.push(NginxGuard(
             Command::new("ip")
-                .args(["netns", "exec", &format!("qb-s{i}"), "nginx", "-c"])
+                .args(["netns", "exec", net.ns(i), "nginx", "-c"])
                 .arg(&conf)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -776,7 +704,7 @@ fn aria2_run(rates: &[&str], size: u64) -> anyhow::Result<f64> {
     }
     std::thread::sleep(Duration::from_millis(500));
     let urls: Vec<String> = (1..=rates.len())
-        .map(|i| format!("http://10.77.{i}.2:8080/big.bin"))
+        .map(|i| format!("http://{}:8080/big.bin", net.ip(i)))
         .collect();
     let out = dir.path().join("out");
     std::fs::create_dir(&out)?;
@@ -785,7 +713,7 @@ fn aria2_run(rates: &[&str], size: u64) -> anyhow::Result<f64> {
         .args([
             "netns",
             "exec",
-            "qb-c",
+            net.ns(d),
             "aria2c",
             "-q",
             "--allow-overwrite=true",

@@ -4,15 +4,29 @@
 //! QUIC connection per peer with pinned mutual TLS 1.3 (`tls`, `identity`). Downloads fetch
 //! verified chunks from every peer that serves a file at once (`download`).
 //!
-//! Dependency rules (arrows point one way):
-//! `main → {cli, shell} → {server, client, download} → {protocol, store, tls, limits} → {manifest, peers, identity}`.
-//! - Only `server`, `client` and `tls` name quinn types.
-//! - Only `protocol` turns bytes into messages.
-//! - `download` sees peers only through its `ChunkSource` trait.
+//! Layers, top to bottom; each names only layers below it:
+//! - `main`: logging, runtime, one-line errors.
+//! - `cli` (validates what `args` parsed, calls `node`, renders human lines or one JSON object) and
+//!   `shell` (turns the seed's `#FILELIST`/`#UPLOAD`/`#DOWNLOAD` lines into the same `args`; it is
+//!   handed `cli`'s executor, so the two never import each other).
+//! - `node`: the session — identity, peer table, pins, endpoints, connections — and the use cases
+//!   list, upload, download, serve, with typed outcomes. Prints nothing.
+//! - `server` (answers peers), `client` (one connection to one peer), `download` (the driver: runs
+//!   the scheduler's actions against `ChunkSource`s, verifies, writes).
+//! - `exchange`: each request/response exchange, both sides, over any `AsyncRead`/`AsyncWrite`.
+//! - `schedule`: the pure download policy (events in, actions out, time passed in).
+//! - `protocol` (messages and framing), `store` (served_files and temporary files), `tls`
+//!   (QUIC/TLS configuration, endpoints, quinn's stream adapter), `limits` (what each peer may take
+//!   from a server; no I/O).
+//! - `manifest`, `peers`, `identity`, `term`.
+//!
+//! Rules:
+//! - Only `node`, `server`, `client` and `tls` name quinn types.
+//! - Only `protocol` turns bytes into messages; only `exchange` sequences them on a stream.
+//! - `download` sees peers only through its `ChunkSource` trait; `schedule` does no I/O and reads
+//!   no clock.
 //! - Only `cli`, `shell` and `main` write to stdout, through `term` (which never panics on a closed
 //!   stream).
-//! - `limits` is the server's bookkeeping of what each peer may take (memory, uploads, disk,
-//!   connections); it does no I/O.
 
 pub mod args;
 pub mod cli;

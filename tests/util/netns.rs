@@ -1,7 +1,8 @@
-//! A private multi-host network for tests: each host is a network namespace joined by a veth pair
-//! to a bridge in a "switch" namespace, on 10.99.0.0/24. Per-host uplink limits (`tc tbf`),
-//! random loss (`nft ... numgen random`) and cutting a host's link are available. Everything is
-//! removed on drop, also when a test fails. Traffic stays inside these namespaces.
+//! A private multi-host network for tests and the benchmark (`benches/transfer.rs` includes this
+//! file): each host is a network namespace joined by a veth pair to a bridge in a "switch"
+//! namespace, on 10.99.0.0/24. Per-host uplink limits (`tc tbf`), random loss (`nft ... numgen
+//! random`) and cutting a host's link are available. Everything is removed on drop, also when a
+//! test fails. Traffic stays inside these namespaces.
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -54,25 +55,42 @@ fn sh_args(args: &[&str]) -> anyhow::Result<()> {
 
 /// The test network.
 pub struct TestNet {
-    switch: String,
+    switch: Option<String>,
     hosts: Vec<String>,
 }
 
+/// A name prefix no other network of this process (or a concurrent one) uses.
+fn prefix() -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "qt{}x{}",
+        std::process::id() % 100_000,
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
 impl TestNet {
+    /// One host with only loopback: no route anywhere.
+    pub fn isolated() -> anyhow::Result<Self> {
+        let ns = format!("{}-h1", prefix());
+        sh(&format!("ip netns add {ns}"))?;
+        let net = Self {
+            switch: None,
+            hosts: vec![ns.clone()],
+        };
+        sh(&format!("ip -n {ns} link set lo up"))?;
+        Ok(net)
+    }
+
     /// A switch and `n` hosts, `h1`..`hn` at 10.99.0.1..n.
     pub fn new(n: usize) -> anyhow::Result<Self> {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let prefix = format!(
-            "qt{}x{}",
-            std::process::id() % 100_000,
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        );
+        let prefix = prefix();
         let switch = format!("{prefix}-sw");
+        sh(&format!("ip netns add {switch}"))?;
         let mut net = Self {
-            switch: switch.clone(),
+            switch: Some(switch.clone()),
             hosts: vec![],
         };
-        sh(&format!("ip netns add {switch}"))?;
         sh(&format!("ip -n {switch} link add br0 type bridge"))?;
         sh(&format!("ip -n {switch} link set br0 up"))?;
         for i in 1..=n {
@@ -103,8 +121,13 @@ impl TestNet {
 
     /// Limits what host `i` sends to `rate` (tc syntax, e.g. "20mbit").
     pub fn limit(&self, i: usize, rate: &str) -> anyhow::Result<()> {
+        self.shape(i, rate, "64kb")
+    }
+
+    /// Limits what host `i` sends to `rate`, with a token bucket of `burst` (tc syntax).
+    pub fn shape(&self, i: usize, rate: &str, burst: &str) -> anyhow::Result<()> {
         sh(&format!(
-            "ip netns exec {} tc qdisc replace dev eth0 root tbf rate {rate} burst 64kb latency 50ms",
+            "ip netns exec {} tc qdisc replace dev eth0 root tbf rate {rate} burst {burst} latency 50ms",
             self.ns(i)
         ))
     }
@@ -138,14 +161,18 @@ impl TestNet {
     /// Cuts (`up = false`) or restores host `i`'s link.
     pub fn link(&self, i: usize, up: bool) -> anyhow::Result<()> {
         let state = if up { "up" } else { "down" };
-        sh(&format!("ip -n {} link set p{i} {state}", self.switch))
+        let switch = self
+            .switch
+            .as_deref()
+            .context("an isolated host has no link")?;
+        sh(&format!("ip -n {switch} link set p{i} {state}"))
             .with_context(|| format!("setting {}'s link {state}", self.ns(i)))
     }
 }
 
 impl Drop for TestNet {
     fn drop(&mut self) {
-        for ns in self.hosts.iter().chain(std::iter::once(&self.switch)) {
+        for ns in self.hosts.iter().chain(self.switch.as_ref()) {
             let _ = Command::new("ip")
                 .args(["netns", "del", ns])
                 .stderr(Stdio::null())
