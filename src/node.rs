@@ -445,19 +445,7 @@ impl Node {
     ) -> anyhow::Result<Downloaded> {
         let started = Instant::now();
         let name = &req.name;
-        let target = match &req.output {
-            Some(p) if p.is_dir() => p.join(name.as_str()),
-            Some(p) => p.clone(),
-            None => self.served_dir().join(name.as_str()),
-        };
-        let candidates: Vec<PeerEntry> = self
-            .select(&req.peers)?
-            .into_iter()
-            .filter(|e| e.id != self.me)
-            .collect();
-        if candidates.is_empty() {
-            bail!("no peer to download {name} from");
-        }
+        let (target, candidates) = self.download_plan(req)?;
         let on = RefCell::new(on);
         let report =
             |peer: &PeerId, why: &LeftOut| (on.borrow_mut())(DownloadEvent::LeftOut(peer, why));
@@ -513,20 +501,7 @@ impl Node {
             opened.borrow_mut().push(source.clone());
             let _ = join.send(source);
         }
-        // The temporary file is named after the version, so an interrupted download of the same
-        // version resumes from the chunks it holds (re-verified from disk, never trusted).
-        let tag = hex(&manifest.blake3())[..16].to_owned();
-        let partial = PartialFile::create(&target, &tag, manifest.size())
-            .with_context(|| format!("preparing {}", target.display()))?;
-        let partial = Arc::new(partial);
-        let have = if partial.resumed() {
-            let (p, m) = (partial.clone(), manifest.clone());
-            tokio::task::spawn_blocking(move || p.verified_chunks(&m))
-                .await?
-                .with_context(|| format!("resuming {}", target.display()))?
-        } else {
-            Vec::new()
-        };
+        let (partial, have) = open_partial(&target, &manifest).await?;
         (on.borrow_mut())(DownloadEvent::Started(manifest.size()));
         let opts = Options {
             fixed_window: req.window,
@@ -545,19 +520,9 @@ impl Node {
         let late = async {
             while let Some((entry, answer)) = asking.next().await {
                 answers.answered.push(entry.id.clone());
-                let why = match answer {
-                    Ok((client, Some(m))) if m == *manifest => match self.redial(entry) {
-                        Ok(redial) => {
-                            let source = Arc::new(PeerSource::new(client, name.clone(), redial));
-                            opened.borrow_mut().push(source.clone());
-                            let _ = join.send(source);
-                            continue;
-                        }
-                        Err(e) => LeftOut::Failed(e),
-                    },
-                    Ok((_, Some(m))) => LeftOut::OtherVersion(name.clone(), m.blake3()),
-                    Ok((_, None)) => LeftOut::DoesNotServe(name.clone()),
-                    Err(e) => LeftOut::Failed(e),
+                let Some(why) = self.join_late(entry, answer, (name, &manifest), &join, &opened)
+                else {
+                    continue;
                 };
                 report(&entry.id, &why);
                 late_left_out.borrow_mut().push((entry.id.clone(), why));
@@ -572,41 +537,64 @@ impl Node {
         }
         done.left_out = answers.left_out;
         done.left_out.extend(late_left_out.into_inner());
-        for entry in &candidates {
-            let answered = answers.answered.contains(&entry.id);
-            if !answered {
-                done.left_out.push((entry.id.clone(), LeftOut::TooLate));
-            }
-        }
-        let report = match outcome {
-            Some(Ok(r)) => r,
-            failed => {
-                // Verified chunks stay in the hidden temporary file for the next attempt.
-                partial.keep_for_resume();
-                let e = match failed {
-                    Some(Err(e)) => anyhow::Error::from(e),
-                    _ => anyhow::anyhow!("interrupted"),
-                };
-                return Err(e.context(format!(
-                    "downloading {name}: nothing was written under {}; run the same command again to resume",
-                    target.display()
-                )));
-            }
-        };
-        let partial = Arc::try_unwrap(partial)
-            .map_err(|_| anyhow::anyhow!("internal error: the partial file is still in use"))?;
-        let expected = manifest.blake3();
-        let committed =
-            tokio::task::spawn_blocking(move || partial.commit(expected, Check::Chunks))
-                .await?
-                .with_context(|| format!("saving {}", target.display()))?;
-        done.status = match committed {
-            Committed::Stored => Fetched::Downloaded,
-            Committed::AlreadyPresent => Fetched::AlreadyPresent,
-        };
+        let silent = candidates
+            .iter()
+            .filter(|e| !answers.answered.contains(&e.id));
+        done.left_out
+            .extend(silent.map(|e| (e.id.clone(), LeftOut::TooLate)));
+        let report = transferred(outcome, &partial, name, &target)?;
+        done.status = save(partial, &manifest, &target).await?;
         done.report = Some(report);
         done.elapsed = started.elapsed();
         Ok(done)
+    }
+}
+
+impl Node {
+    /// Where a download goes, and whom to ask.
+    fn download_plan(&self, req: &DownloadRequest) -> anyhow::Result<(PathBuf, Vec<PeerEntry>)> {
+        let name = req.name.as_str();
+        let target = match &req.output {
+            Some(p) if p.is_dir() => p.join(name),
+            Some(p) => p.clone(),
+            None => self.served_dir().join(name),
+        };
+        let candidates: Vec<PeerEntry> = self
+            .select(&req.peers)?
+            .into_iter()
+            .filter(|e| e.id != self.me)
+            .collect();
+        if candidates.is_empty() {
+            bail!("no peer to download {name} from");
+        }
+        Ok((target, candidates))
+    }
+
+    /// A peer that answered after the download started: it joins if it serves `manifest`'s
+    /// version; otherwise why it is left out.
+    fn join_late(
+        &self,
+        entry: &PeerEntry,
+        answer: Answer,
+        (name, manifest): (&FileName, &Manifest),
+        join: &mpsc::UnboundedSender<Arc<PeerSource>>,
+        opened: &RefCell<Vec<Arc<PeerSource>>>,
+    ) -> Option<LeftOut> {
+        let why = match answer {
+            Ok((client, Some(m))) if m == *manifest => match self.redial(entry) {
+                Ok(redial) => {
+                    let source = Arc::new(PeerSource::new(client, name.clone(), redial));
+                    opened.borrow_mut().push(source.clone());
+                    let _ = join.send(source);
+                    return None;
+                }
+                Err(e) => LeftOut::Failed(e),
+            },
+            Ok((_, Some(m))) => LeftOut::OtherVersion(name.clone(), m.blake3()),
+            Ok((_, None)) => LeftOut::DoesNotServe(name.clone()),
+            Err(e) => LeftOut::Failed(e),
+        };
+        Some(why)
     }
 }
 
@@ -702,6 +690,67 @@ impl<'a> Answers<'a> {
             .collect();
         Ok((agreement.manifest, members))
     }
+}
+
+/// The temporary file for `manifest`'s version at `target`, and the chunks it already holds.
+///
+/// It is named after the version, so an interrupted download of the same version resumes from the
+/// chunks it holds (re-verified from disk, never trusted).
+async fn open_partial(
+    target: &Path,
+    manifest: &Arc<Manifest>,
+) -> anyhow::Result<(Arc<PartialFile>, Vec<bool>)> {
+    let tag = hex(&manifest.blake3())[..16].to_owned();
+    let partial = PartialFile::create(target, &tag, manifest.size())
+        .with_context(|| format!("preparing {}", target.display()))?;
+    let partial = Arc::new(partial);
+    let have = if partial.resumed() {
+        let (p, m) = (partial.clone(), manifest.clone());
+        tokio::task::spawn_blocking(move || p.verified_chunks(&m))
+            .await?
+            .with_context(|| format!("resuming {}", target.display()))?
+    } else {
+        Vec::new()
+    };
+    Ok((partial, have))
+}
+
+/// The engine's report, or why the transfer failed (`None`: interrupted). A failed transfer's
+/// verified chunks stay in the hidden temporary file for the next attempt.
+fn transferred(
+    outcome: Option<Result<DownloadReport, download::DownloadError>>,
+    partial: &PartialFile,
+    name: &FileName,
+    target: &Path,
+) -> anyhow::Result<DownloadReport> {
+    let e = match outcome {
+        Some(Ok(r)) => return Ok(r),
+        Some(Err(e)) => anyhow::Error::from(e),
+        None => anyhow::anyhow!("interrupted"),
+    };
+    partial.keep_for_resume();
+    Err(e.context(format!(
+        "downloading {name}: nothing was written under {}; run the same command again to resume",
+        target.display()
+    )))
+}
+
+/// Links the finished file to its name (never replacing another file).
+async fn save(
+    partial: Arc<PartialFile>,
+    manifest: &Manifest,
+    target: &Path,
+) -> anyhow::Result<Fetched> {
+    let partial = Arc::try_unwrap(partial)
+        .map_err(|_| anyhow::anyhow!("internal error: the partial file is still in use"))?;
+    let expected = manifest.blake3();
+    let committed = tokio::task::spawn_blocking(move || partial.commit(expected, Check::Chunks))
+        .await?
+        .with_context(|| format!("saving {}", target.display()))?;
+    Ok(match committed {
+        Committed::Stored => Fetched::Downloaded,
+        Committed::AlreadyPresent => Fetched::AlreadyPresent,
+    })
 }
 
 /// Runs `engine` to its end while `late` runs beside it; `None` if `interrupt` comes first.
