@@ -31,6 +31,7 @@
 pub mod args;
 pub mod cli;
 pub mod client;
+pub mod delta;
 pub mod download;
 pub mod exchange;
 pub mod identity;

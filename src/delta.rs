@@ -1,0 +1,294 @@
+//! Moving only what changed: a content-defined tree of a file's bytes, and the plan that builds a
+//! new version from an old copy plus fetched ranges.
+//!
+//! Leaves are FastCDC chunks (about 4 KiB: their boundaries follow the content, so an insertion
+//! disturbs one or two); a group ends after a leaf whose hash has its low [`GROUP_BITS`] bits zero
+//! (about 64 leaves), so group boundaries follow the content too. Each leaf and group has a
+//! [`Sig`]: 8 bytes of BLAKE3 and its length. A peer that wants version V asks for V's group
+//! signatures (about 11 bytes per 256 KiB), expands only the groups its old copy lacks into leaf
+//! signatures, and fetches only the leaves it lacks as byte ranges. A signature match is only a
+//! hint: every chunk of the result is still verified against V's manifest, and a chunk that fails
+//! (a collision, a lying peer) is fetched whole like any other.
+
+use std::collections::HashMap;
+use std::io::Read;
+
+use serde::{Deserialize, Serialize};
+
+/// Smallest, average and largest leaf, in bytes.
+pub const LEAF_SIZES: (u32, u32, u32) = (1024, 4096, 16384);
+/// A group ends after a leaf whose hash has this many low bits zero: 64 leaves on average.
+pub const GROUP_BITS: u32 = 6;
+/// Most leaves in one group (so a group's leaf list is small and its length fits a u32).
+pub const MAX_GROUP_LEAVES: usize = 1024;
+
+/// A leaf's or a group's signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Sig {
+    /// The first 8 bytes of the BLAKE3 hash of its bytes (a leaf) or of its leaves' signatures
+    /// (a group).
+    pub hash: [u8; 8],
+    /// Its length in bytes.
+    pub len: u32,
+}
+
+/// A file's tree: its leaves in order, and its groups as runs of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tree {
+    /// Every leaf, in file order.
+    pub leaves: Vec<Sig>,
+    /// Every group, in file order, with the index of its first leaf and its leaf count.
+    pub groups: Vec<(Sig, u32, u32)>,
+}
+
+fn short(h: blake3::Hash) -> [u8; 8] {
+    let mut out = [0; 8];
+    out.copy_from_slice(&h.as_bytes()[..8]);
+    out
+}
+
+impl Tree {
+    /// The tree of everything `reader` yields.
+    pub fn of(reader: impl Read) -> std::io::Result<Self> {
+        let (min, avg, max) = LEAF_SIZES;
+        let mut tree = Self::default();
+        let mut first = 0usize;
+        for chunk in fastcdc::v2020::StreamCDC::new(reader, min, avg, max) {
+            let chunk = chunk.map_err(|e| match e {
+                fastcdc::v2020::Error::IoError(e) => e,
+                other => std::io::Error::other(other.to_string()),
+            })?;
+            let hash = short(blake3::hash(&chunk.data));
+            tree.leaves.push(Sig {
+                hash,
+                len: chunk.length as u32,
+            });
+            let ends = u64::from_le_bytes(hash).trailing_zeros() >= GROUP_BITS;
+            if ends || tree.leaves.len() - first >= MAX_GROUP_LEAVES {
+                tree.close_group(first);
+                first = tree.leaves.len();
+            }
+        }
+        if first < tree.leaves.len() {
+            tree.close_group(first);
+        }
+        Ok(tree)
+    }
+
+    fn close_group(&mut self, first: usize) {
+        let leaves = &self.leaves[first..];
+        let mut h = blake3::Hasher::new();
+        let mut len = 0u32;
+        for l in leaves {
+            h.update(&l.hash);
+            h.update(&l.len.to_le_bytes());
+            len = len.saturating_add(l.len);
+        }
+        let sig = Sig {
+            hash: short(h.finalize()),
+            len,
+        };
+        self.groups.push((sig, first as u32, leaves.len() as u32));
+    }
+
+    /// The group signatures, in order.
+    pub fn group_sigs(&self) -> Vec<Sig> {
+        self.groups.iter().map(|g| g.0).collect()
+    }
+
+    /// The leaf signatures of groups `first..first + count` (fewer past the end).
+    pub fn leaves_of(&self, first: usize, count: usize) -> Vec<Sig> {
+        let groups = self.groups.get(first..).unwrap_or_default();
+        groups
+            .iter()
+            .take(count)
+            .flat_map(|&(_, f, n)| &self.leaves[f as usize..(f + n) as usize])
+            .copied()
+            .collect()
+    }
+}
+
+/// Where the pieces of an old copy are, by signature.
+#[derive(Debug, Default)]
+pub struct Index {
+    groups: HashMap<Sig, u64>,
+    leaves: HashMap<Sig, u64>,
+}
+
+impl Index {
+    /// The offsets of `old`'s groups and leaves.
+    pub fn of(old: &Tree) -> Self {
+        let mut index = Self::default();
+        let mut offset = 0u64;
+        let mut starts = Vec::with_capacity(old.leaves.len());
+        for l in &old.leaves {
+            starts.push(offset);
+            index.leaves.entry(*l).or_insert(offset);
+            offset += u64::from(l.len);
+        }
+        for &(sig, first, _) in &old.groups {
+            if let Some(&at) = starts.get(first as usize) {
+                index.groups.entry(sig).or_insert(at);
+            }
+        }
+        index
+    }
+}
+
+/// One step of building the new version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Copy `len` bytes of the old copy at `from` to the new file at `to`.
+    Copy {
+        /// Offset in the old copy.
+        from: u64,
+        /// Offset in the new file.
+        to: u64,
+        /// Bytes.
+        len: u64,
+    },
+    /// Fetch `len` bytes of the new version at `at` from a peer.
+    Fetch {
+        /// Offset in the new file.
+        at: u64,
+        /// Bytes.
+        len: u64,
+    },
+}
+
+/// Builds the plan for the new version's groups: groups the old copy holds are copied; for the
+/// others, `leaves` gives each group's leaf signatures (`None`: unknown, fetch the whole group).
+/// Adjacent steps of one kind are merged.
+pub fn plan(new_groups: &[Sig], leaves: &[Option<Vec<Sig>>], old: &Index) -> Vec<Step> {
+    let mut steps: Vec<Step> = Vec::new();
+    let mut push = |step: Step| match (steps.last_mut(), step) {
+        (
+            Some(Step::Copy { from, to, len }),
+            Step::Copy {
+                from: f,
+                to: t,
+                len: l,
+            },
+        ) if *from + *len == f && *to + *len == t => *len += l,
+        (Some(Step::Fetch { at, len }), Step::Fetch { at: a, len: l }) if *at + *len == a => {
+            *len += l
+        }
+        _ => steps.push(step),
+    };
+    let mut at = 0u64;
+    for (i, g) in new_groups.iter().enumerate() {
+        let glen = u64::from(g.len);
+        if let Some(&from) = old.groups.get(g) {
+            push(Step::Copy {
+                from,
+                to: at,
+                len: glen,
+            });
+        } else if let Some(Some(ls)) = leaves.get(i)
+            && ls.iter().map(|l| u64::from(l.len)).sum::<u64>() == glen
+        {
+            let mut to = at;
+            for l in ls {
+                let len = u64::from(l.len);
+                match old.leaves.get(l) {
+                    Some(&from) => push(Step::Copy { from, to, len }),
+                    None => push(Step::Fetch { at: to, len }),
+                }
+                to += len;
+            }
+        } else {
+            push(Step::Fetch { at, len: glen });
+        }
+        at += glen;
+    }
+    steps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Text-like bytes: words from a small vocabulary, lines of varying length.
+    fn text(len: usize, seed: u64) -> Vec<u8> {
+        let words = [
+            "the", "peer", "sends", "a", "chunk", "of", "verified", "text", "over", "quic", "and",
+            "every", "byte", "is", "checked", "before", "it", "lands",
+        ];
+        let mut x = seed | 1;
+        let mut out = Vec::with_capacity(len + 16);
+        while out.len() < len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            out.extend_from_slice(words[(x % words.len() as u64) as usize].as_bytes());
+            out.push(if x % 11 == 0 { b'\n' } else { b' ' });
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// Builds `new` from `old` by the plan, counting fetched bytes.
+    fn rebuild(old: &[u8], new: &[u8]) -> (Vec<u8>, u64) {
+        let (ot, nt) = (Tree::of(old).unwrap(), Tree::of(new).unwrap());
+        let index = Index::of(&ot);
+        let groups = nt.group_sigs();
+        let leaves: Vec<Option<Vec<Sig>>> = (0..groups.len())
+            .map(|i| (!index.groups.contains_key(&groups[i])).then(|| nt.leaves_of(i, 1)))
+            .collect();
+        let mut out = vec![0u8; new.len()];
+        let mut fetched = 0;
+        for step in plan(&groups, &leaves, &index) {
+            match step {
+                Step::Copy { from, to, len } => out[to as usize..(to + len) as usize]
+                    .copy_from_slice(&old[from as usize..(from + len) as usize]),
+                Step::Fetch { at, len } => {
+                    fetched += len;
+                    out[at as usize..(at + len) as usize]
+                        .copy_from_slice(&new[at as usize..(at + len) as usize]);
+                }
+            }
+        }
+        (out, fetched)
+    }
+
+    #[test]
+    fn an_insertion_in_the_middle_fetches_about_one_leaf() {
+        let old = text(4 << 20, 7);
+        let mut new = old.clone();
+        let mid = new.len() / 2;
+        new.splice(mid..mid, b"one new line in the middle\n".iter().copied());
+        let (out, fetched) = rebuild(&old, &new);
+        assert_eq!(out, new);
+        assert!(fetched < 40_000, "fetched {fetched}");
+    }
+
+    #[test]
+    fn scattered_edits_appends_deletions_and_empty_files_rebuild_exactly() {
+        let old = text(2 << 20, 3);
+        let mut edited = old.clone();
+        for k in 1..20 {
+            edited[k * 100_000] ^= 0x20;
+        }
+        let mut deleted = old.clone();
+        deleted.drain(500_000..700_000);
+        let mut appended = old.clone();
+        appended.extend(text(300_000, 9));
+        for new in [edited, deleted, appended, Vec::new(), text(10, 1)] {
+            let (out, fetched) = rebuild(&old, &new);
+            assert_eq!(out, new);
+            assert!(fetched <= new.len() as u64);
+        }
+        let (out, fetched) = rebuild(&[], &old);
+        assert_eq!((out.len(), fetched), (old.len(), old.len() as u64));
+    }
+
+    #[test]
+    fn group_signatures_are_small() {
+        let t = Tree::of(&text(8 << 20, 5)[..]).unwrap();
+        let avg_leaf = (8 << 20) / t.leaves.len();
+        let avg_group = (8 << 20) / t.groups.len();
+        assert!((2048..8192).contains(&avg_leaf), "{avg_leaf}");
+        assert!(avg_group > 64 * 1024, "{avg_group}");
+        assert_eq!(t.leaves_of(0, t.groups.len()), t.leaves);
+    }
+}
