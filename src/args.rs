@@ -104,6 +104,9 @@ pub struct UploadArgs {
     /// Peers to upload to
     #[arg(value_name = "PEERS", required = true)]
     pub peers: Vec<PeerId>,
+    /// Replace a different file of that name at a peer (its old version is kept hidden there)
+    #[arg(long)]
+    pub replace: bool,
     /// Print one JSON object instead of text
     #[arg(long)]
     pub json: bool,
@@ -127,6 +130,10 @@ pub struct DownloadArgs {
     /// Chunk requests in flight per peer (default: adaptive, sized to each peer's rate × RTT)
     #[arg(long, value_name = "N")]
     pub window: Option<usize>,
+    /// If we hold another version of NAME, bring it up to date: reuse its matching bytes, fetch
+    /// the rest, replace it atomically (the old version is kept hidden)
+    #[arg(long)]
+    pub update: bool,
     /// Print one JSON object instead of text
     #[arg(long)]
     pub json: bool,
@@ -153,6 +160,8 @@ mod tests {
             "qnode --peer p5 download x.txt --output /tmp/x --json",
             "qnode --peer p5 shell",
             "qnode --peer p5 init",
+            "qnode --peer p5 download notes.txt p1 --update --json",
+            "qnode --peer p5 upload notes.txt p1 --replace",
         ] {
             let args: Vec<&str> = line.split(' ').collect();
             assert!(Cli::try_parse_from(args).is_ok(), "{line}");

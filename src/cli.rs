@@ -173,7 +173,7 @@ async fn list(node: &Node, args: &ListArgs) -> anyhow::Result<bool> {
 
 /// `upload`: one file to every named peer.
 async fn upload(node: &Node, args: &UploadArgs) -> anyhow::Result<bool> {
-    let uploaded = node.upload(&args.file, &args.peers).await?;
+    let uploaded = node.upload(&args.file, &args.peers, args.replace).await?;
     let name = &uploaded.name;
     let mut report = UploadReport {
         name: name.to_string(),
@@ -183,6 +183,13 @@ async fn upload(node: &Node, args: &UploadArgs) -> anyhow::Result<bool> {
         let (status, error) = match result {
             Ok(UploadStatus::Stored) => (Some(UploadOut::Stored), None),
             Ok(UploadStatus::AlreadyPresent) => (Some(UploadOut::AlreadyPresent), None),
+            Ok(UploadStatus::Replaced) => (Some(UploadOut::Replaced), None),
+            Err(e) if conflict(&e) && !args.replace => (
+                None,
+                Some(format!(
+                    "{e} (upload --replace replaces it; its old version is kept)"
+                )),
+            ),
             Err(e) => (None, Some(e.to_string())),
         };
         report.results.push(UploadResult {
@@ -208,11 +215,21 @@ async fn upload(node: &Node, args: &UploadArgs) -> anyhow::Result<bool> {
                     crate::outln!("{}: stored {name} ({})", r.peer, HumanBytes(uploaded.size))
                 }
                 Some(UploadOut::AlreadyPresent) => crate::outln!("{}: already has {name}", r.peer),
+                Some(UploadOut::Replaced) => crate::outln!(
+                    "{}: replaced its {name} with ours ({}); its old version is kept hidden",
+                    r.peer,
+                    HumanBytes(uploaded.size)
+                ),
                 None => {}
             }
         }
     }
     Ok(report.results.iter().all(|r| r.ok))
+}
+
+/// Whether a peer refused because a different file has that name.
+fn conflict(e: &node::PeerFailure) -> bool {
+    matches!(e, node::PeerFailure::Client(c) if c.remote_kind() == Some(crate::protocol::ErrorKind::Conflict))
 }
 
 /// `download`: fetch one file from every peer that serves it.
@@ -229,6 +246,7 @@ async fn download(node: &Node, args: &DownloadArgs) -> anyhow::Result<bool> {
         output: args.output.clone(),
         blake3,
         window: args.window,
+        update: args.update,
     };
     let mut bar: Option<ProgressBar> = None;
     let interrupted = async {
@@ -289,6 +307,11 @@ async fn download(node: &Node, args: &DownloadArgs) -> anyhow::Result<bool> {
         done.report.as_ref(),
         left_out,
     );
+    let mut out = out;
+    out.reused_bytes = done.reused_bytes;
+    for (peer, bytes) in &done.range_bytes {
+        *out.peers.entry(peer.clone()).or_default() += bytes;
+    }
     render_download(&out, args.json)?;
     Ok(true)
 }
@@ -347,6 +370,7 @@ struct UploadReport {
 enum UploadOut {
     Stored,
     AlreadyPresent,
+    Replaced,
 }
 
 #[derive(Serialize)]
@@ -381,6 +405,7 @@ struct Fault {
 enum Status {
     Downloaded,
     AlreadyPresent,
+    Updated,
 }
 
 impl From<Fetched> for Status {
@@ -388,6 +413,7 @@ impl From<Fetched> for Status {
         match f {
             Fetched::Downloaded => Self::Downloaded,
             Fetched::AlreadyPresent => Self::AlreadyPresent,
+            Fetched::Updated => Self::Updated,
         }
     }
 }
@@ -405,6 +431,8 @@ struct DownloadOut {
     faults: Vec<Fault>,
     left_out: Vec<LeftOutOut>,
     resumed_bytes: u64,
+    /// Bytes taken from our old copy (`--update`).
+    reused_bytes: u64,
 }
 
 impl DownloadOut {
@@ -440,6 +468,7 @@ impl DownloadOut {
                 .collect(),
             left_out,
             resumed_bytes: report.map_or(0, |r| r.resumed_bytes),
+            reused_bytes: 0,
         }
     }
 }
@@ -457,14 +486,27 @@ fn render_download(out: &DownloadOut, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     let rate = out.size as f64 / out.seconds.max(1e-9);
-    crate::outln!(
-        "downloaded {} ({}) in {:.2} s, {}/s -> {}",
-        out.name,
-        HumanBytes(out.size),
-        out.seconds,
-        HumanBytes(rate as u64),
-        out.path
-    );
+    if out.status == Status::Updated {
+        let fetched: u64 = out.peers.values().sum();
+        crate::outln!(
+            "updated {} ({}) in {:.2} s: reused {} from our old copy, fetched {} -> {}",
+            out.name,
+            HumanBytes(out.size),
+            out.seconds,
+            HumanBytes(out.reused_bytes),
+            HumanBytes(fetched),
+            out.path
+        );
+    } else {
+        crate::outln!(
+            "downloaded {} ({}) in {:.2} s, {}/s -> {}",
+            out.name,
+            HumanBytes(out.size),
+            out.seconds,
+            HumanBytes(rate as u64),
+            out.path
+        );
+    }
     if out.resumed_bytes > 0 {
         crate::outln!(
             "  {:<12} {:>12}  (verified from an earlier attempt)",

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::delta::Sig;
 use crate::download::{ChunkSource, SourceError};
 pub use crate::exchange::UploadStatus;
 use crate::exchange::{self, ExchangeError};
@@ -180,13 +181,49 @@ impl Client {
             .map_err(|e| self.exchange(e))
     }
 
-    /// Uploads the local file at `path` (`size` bytes hashing to `blake3`) as `name`.
+    /// `len` bytes of `name` at any `offset` (at most one chunk), unverified.
+    pub async fn read_range(
+        &self,
+        name: &FileName,
+        offset: u64,
+        len: u32,
+    ) -> Result<Bytes, ClientError> {
+        let (mut send, mut recv) = self.open().await?;
+        exchange::read_range(&mut send, &mut recv, name, offset, len)
+            .await
+            .map_err(|e| self.exchange(e))
+    }
+
+    /// The group signatures of version `blake3` of `name`.
+    pub async fn groups(&self, name: &FileName, blake3: Hash32) -> Result<Vec<Sig>, ClientError> {
+        let (mut send, mut recv) = self.open().await?;
+        exchange::groups(&mut send, &mut recv, name, blake3)
+            .await
+            .map_err(|e| self.exchange(e))
+    }
+
+    /// The leaf signatures of groups `first..first + count` of version `blake3` of `name`.
+    pub async fn leaves(
+        &self,
+        name: &FileName,
+        blake3: Hash32,
+        first: u32,
+        count: u32,
+    ) -> Result<Vec<Sig>, ClientError> {
+        let (mut send, mut recv) = self.open().await?;
+        exchange::leaves(&mut send, &mut recv, name, blake3, first, count)
+            .await
+            .map_err(|e| self.exchange(e))
+    }
+
+    /// Uploads the local file at `path` (`size` bytes hashing to `blake3`) as `name`; with
+    /// `replace`, a different file under that name at the peer is replaced.
     pub async fn upload(
         &self,
         name: &FileName,
         path: &Path,
-        size: u64,
-        blake3: Hash32,
+        (size, blake3): (u64, Hash32),
+        replace: bool,
     ) -> Result<UploadStatus, ClientError> {
         let local = |source| ClientError::Local {
             path: path.display().to_string(),
@@ -194,7 +231,8 @@ impl Client {
         };
         let mut file = tokio::fs::File::open(path).await.map_err(local)?;
         let (mut send, mut recv) = self.open().await?;
-        match exchange::upload(&mut send, &mut recv, name, size, blake3, &mut file).await {
+        let sent = exchange::upload(&mut send, &mut recv, name, size, blake3, replace, &mut file);
+        match sent.await {
             Ok(status) => Ok(status),
             Err(ExchangeError::Local(e)) => Err(local(e)),
             Err(e) => Err(self.exchange(e)),
@@ -332,6 +370,30 @@ impl PeerSource {
             .await?;
         }
         Ok(current.clone())
+    }
+
+    /// The group signatures of version `blake3` of the file.
+    pub async fn groups(&self, blake3: Hash32) -> Result<Vec<Sig>, ClientError> {
+        self.client().await?.groups(&self.name, blake3).await
+    }
+
+    /// The leaf signatures of groups `first..first + count` of version `blake3` of the file.
+    pub async fn leaves(
+        &self,
+        blake3: Hash32,
+        first: u32,
+        count: u32,
+    ) -> Result<Vec<Sig>, ClientError> {
+        let client = self.client().await?;
+        client.leaves(&self.name, blake3, first, count).await
+    }
+
+    /// `len` bytes of the file at `offset` (at most one chunk), unverified.
+    pub async fn read_range(&self, offset: u64, len: u32) -> Result<Bytes, ClientError> {
+        self.client()
+            .await?
+            .read_range(&self.name, offset, len)
+            .await
     }
 
     /// Closes the current connection.

@@ -135,6 +135,13 @@ impl Index {
     }
 }
 
+impl Index {
+    /// Whether the old copy holds a group with signature `g`.
+    pub fn holds_group(&self, g: &Sig) -> bool {
+        self.groups.contains_key(g)
+    }
+}
+
 /// One step of building the new version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {

@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::delta::Sig;
 use crate::manifest::{FileName, Hash32, Manifest};
 use crate::protocol::{
     self, ErrorKind, FileEntry, MAX_LISTED_FILES, MAX_REQUEST_LEN, MAX_RESPONSE_LEN, ProtocolError,
@@ -50,6 +51,8 @@ pub enum UploadStatus {
     Stored,
     /// The peer already served an identical file.
     AlreadyPresent,
+    /// The peer replaced its other version of the name with ours (keeping its old one hidden).
+    Replaced,
 }
 
 /// A requester's exchange failed.
@@ -145,9 +148,35 @@ pub async fn read_chunk(
         offset,
         len,
     };
-    match ask(send, recv, &req, true).await? {
+    read_bytes(send, recv, &req, len).await
+}
+
+/// `ReadRange`: `len` bytes of `name` at any `offset` (at most one chunk), unverified.
+pub async fn read_range(
+    send: &mut impl SendBytes,
+    recv: &mut (impl AsyncRead + Unpin),
+    name: &FileName,
+    offset: u64,
+    len: u32,
+) -> Result<Bytes, ExchangeError> {
+    let req = Request::ReadRange {
+        name: name.clone(),
+        offset,
+        len,
+    };
+    read_bytes(send, recv, &req, len).await
+}
+
+/// Sends `req` and reads the `len` raw bytes that follow a `Chunk` header.
+async fn read_bytes(
+    send: &mut impl SendBytes,
+    recv: &mut (impl AsyncRead + Unpin),
+    req: &Request,
+    len: u32,
+) -> Result<Bytes, ExchangeError> {
+    match ask(send, recv, req, true).await? {
         Response::Chunk { len: l } if l == len => {}
-        _ => return Err(ExchangeError::Unexpected("read_chunk")),
+        _ => return Err(ExchangeError::Unexpected(req.kind())),
     }
     let want = len as usize;
     let mut buf: Vec<u8> = Vec::with_capacity(want + PAGE);
@@ -167,19 +196,61 @@ pub async fn read_chunk(
     Ok(Bytes::from(buf).slice(start..start + want))
 }
 
-/// `Upload`: sends `size` bytes read from `file` as `name` (hashing to `blake3`).
+/// `Groups`: the group signatures of version `blake3` of `name`.
+pub async fn groups(
+    send: &mut impl SendBytes,
+    recv: &mut (impl AsyncRead + Unpin),
+    name: &FileName,
+    blake3: Hash32,
+) -> Result<Vec<Sig>, ExchangeError> {
+    let req = Request::Groups {
+        name: name.clone(),
+        blake3,
+    };
+    match ask(send, recv, &req, true).await? {
+        Response::Groups(g) => Ok(g),
+        _ => Err(ExchangeError::Unexpected("groups")),
+    }
+}
+
+/// `Leaves`: the leaf signatures of groups `first..first + count` of version `blake3` of `name`.
+pub async fn leaves(
+    send: &mut impl SendBytes,
+    recv: &mut (impl AsyncRead + Unpin),
+    name: &FileName,
+    blake3: Hash32,
+    first: u32,
+    count: u32,
+) -> Result<Vec<Sig>, ExchangeError> {
+    let req = Request::Leaves {
+        name: name.clone(),
+        blake3,
+        first,
+        count,
+    };
+    match ask(send, recv, &req, true).await? {
+        Response::Leaves(l) => Ok(l),
+        _ => Err(ExchangeError::Unexpected("leaves")),
+    }
+}
+
+/// `Upload` (or `Replace`, if `replace`): sends `size` bytes read from `file` as `name` (hashing to
+/// `blake3`).
+#[allow(clippy::too_many_arguments)]
 pub async fn upload(
     send: &mut impl SendBytes,
     recv: &mut (impl AsyncRead + Unpin),
     name: &FileName,
     size: u64,
     blake3: Hash32,
+    replace: bool,
     file: &mut (impl AsyncRead + Unpin),
 ) -> Result<UploadStatus, ExchangeError> {
-    let req = Request::Upload {
-        name: name.clone(),
-        size,
-        blake3,
+    let name = name.clone();
+    let req = if replace {
+        Request::Replace { name, size, blake3 }
+    } else {
+        Request::Upload { name, size, blake3 }
     };
     match ask(send, recv, &req, false).await? {
         Response::Ready => {}
@@ -209,6 +280,7 @@ pub async fn upload(
     match response(recv).await? {
         Response::Stored => Ok(UploadStatus::Stored),
         Response::AlreadyPresent => Ok(UploadStatus::AlreadyPresent),
+        Response::Replaced => Ok(UploadStatus::Replaced),
         _ => Err(ExchangeError::Unexpected("upload")),
     }
 }
@@ -454,6 +526,7 @@ mod tests {
             &name("u.bin"),
             1_000_000,
             [0; 32],
+            false,
             &mut file,
         )
         .await;

@@ -46,3 +46,4 @@ pub mod shell;
 pub mod store;
 pub mod term;
 pub mod tls;
+pub mod update;

@@ -27,8 +27,9 @@ use crate::manifest::{FileName, Hash32, Manifest, hex};
 use crate::peers::{PeerEntry, PeerId, PeerTable, Root};
 use crate::protocol::FileEntry;
 use crate::server::{self, Server};
-use crate::store::{Check, Committed, PartialFile, Store};
+use crate::store::{Check, Committed, PartialFile, Seen, Store, StoreError};
 use crate::tls::{self, Pins};
+use crate::update;
 
 /// How long a client command waits for its connection closes to be sent.
 pub const CLOSE_GRACE: Duration = Duration::from_millis(15);
@@ -102,6 +103,8 @@ pub struct DownloadRequest {
     pub blake3: Option<Hash32>,
     /// A fixed request window per peer, if given.
     pub window: Option<usize>,
+    /// Bring another version we hold up to date instead of refusing.
+    pub update: bool,
 }
 
 /// Why a peer took no part in a download.
@@ -150,6 +153,8 @@ pub enum Fetched {
     Downloaded,
     /// An identical file was already there.
     AlreadyPresent,
+    /// Our other version was brought up to date and replaced (it is kept hidden).
+    Updated,
 }
 
 /// What a download did.
@@ -169,6 +174,10 @@ pub struct Downloaded {
     pub left_out: Vec<(PeerId, LeftOut)>,
     /// Wall time of the whole command.
     pub elapsed: Duration,
+    /// Bytes taken from our old copy (an update).
+    pub reused_bytes: u64,
+    /// Bytes fetched as ranges before the engine ran (an update), per peer.
+    pub range_bytes: HashMap<String, u64>,
 }
 
 /// How `serve` runs.
@@ -386,7 +395,12 @@ impl Node {
     }
 
     /// `upload`: one file (a path, or a name in our served_files) to every named peer.
-    pub async fn upload(&self, file: &Path, peers: &[PeerId]) -> anyhow::Result<Uploaded> {
+    pub async fn upload(
+        &self,
+        file: &Path,
+        peers: &[PeerId],
+        replace: bool,
+    ) -> anyhow::Result<Uploaded> {
         let targets = self.select(peers)?;
         let (path, name) = self.resolve_upload(file)?;
         let p = path.clone();
@@ -400,7 +414,7 @@ impl Node {
                     return Err(PeerFailure::IsMe(entry.id.clone()));
                 }
                 let client = self.client(entry).await?;
-                Ok(client.upload(name, path, size, hash).await?)
+                Ok(client.upload(name, path, (size, hash), replace).await?)
             }
         }))
         .await;
@@ -476,23 +490,25 @@ impl Node {
             report: None,
             left_out: Vec::new(),
             elapsed: Duration::ZERO,
+            reused_bytes: 0,
+            range_bytes: HashMap::new(),
         };
         let manifest = done.manifest.clone();
         let target = done.target.clone();
 
-        // Already there?
-        match existing_version(&target)? {
-            Some(h) if h == manifest.blake3() => {
+        // Already there, or another version to bring up to date?
+        let old = match existing(&target)? {
+            Some(seen) if seen.blake3 == manifest.blake3() => {
                 done.left_out = answers.left_out;
                 done.elapsed = started.elapsed();
                 return Ok(done);
             }
-            Some(_) => bail!(
-                "{} already exists with different content; not overwriting it (use --output to save elsewhere)",
+            Some(_) if !req.update => bail!(
+                "{} already exists with different content; not overwriting it (use --update to replace it with the peers' version, or --output to save elsewhere)",
                 target.display()
             ),
-            None => {}
-        }
+            old => old,
+        };
 
         let (join, sources) = mpsc::unbounded_channel();
         let opened = RefCell::new(Vec::new());
@@ -501,7 +517,15 @@ impl Node {
             opened.borrow_mut().push(source.clone());
             let _ = join.send(source);
         }
-        let (partial, have) = open_partial(&target, &manifest).await?;
+        let (partial, mut have) = open_partial(&target, &manifest).await?;
+        let resumed = bytes_of(&manifest, &have);
+        if old.is_some() {
+            let peers = opened.borrow().clone();
+            let filled = update::fill(&target, &manifest, &partial, have, &peers).await?;
+            done.reused_bytes = filled.reused;
+            done.range_bytes = filled.fetched;
+            have = filled.have;
+        }
         (on.borrow_mut())(DownloadEvent::Started(manifest.size()));
         let opts = Options {
             fixed_window: req.window,
@@ -542,8 +566,10 @@ impl Node {
             .filter(|e| !answers.answered.contains(&e.id));
         done.left_out
             .extend(silent.map(|e| (e.id.clone(), LeftOut::TooLate)));
-        let report = transferred(outcome, &partial, name, &target)?;
-        done.status = save(partial, &manifest, &target).await?;
+        let mut report = transferred(outcome, &partial, name, &target)?;
+        // Chunks built from our old copy are reused, not resumed.
+        report.resumed_bytes = report.resumed_bytes.min(resumed);
+        done.status = save(partial, &manifest, &target, old).await?;
         done.report = Some(report);
         done.elapsed = started.elapsed();
         Ok(done)
@@ -736,20 +762,26 @@ fn transferred(
 }
 
 /// Links the finished file to its name (never replacing another file).
+/// In place of `old` if given (atomically, keeping it hidden), else under a free name.
 async fn save(
     partial: Arc<PartialFile>,
     manifest: &Manifest,
     target: &Path,
+    old: Option<Seen>,
 ) -> anyhow::Result<Fetched> {
     let partial = Arc::try_unwrap(partial)
         .map_err(|_| anyhow::anyhow!("internal error: the partial file is still in use"))?;
     let expected = manifest.blake3();
-    let committed = tokio::task::spawn_blocking(move || partial.commit(expected, Check::Chunks))
-        .await?
-        .with_context(|| format!("saving {}", target.display()))?;
+    let committed = tokio::task::spawn_blocking(move || match old {
+        Some(old) => partial.commit_replacing(expected, Check::Chunks, old),
+        None => partial.commit(expected, Check::Chunks),
+    })
+    .await?
+    .with_context(|| format!("saving {}", target.display()))?;
     Ok(match committed {
         Committed::Stored => Fetched::Downloaded,
         Committed::AlreadyPresent => Fetched::AlreadyPresent,
+        Committed::Replaced => Fetched::Updated,
     })
 }
 
@@ -770,20 +802,24 @@ async fn until_engine_ends<T>(
     }
 }
 
-/// The BLAKE3 of a regular file at `path`, if one is there.
-fn existing_version(path: &Path) -> anyhow::Result<Option<Hash32>> {
-    match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("inspecting {}", path.display())),
-        Ok(m) if !m.is_file() => bail!(
+/// The bytes of the chunks marked in `have`.
+fn bytes_of(manifest: &Manifest, have: &[bool]) -> u64 {
+    have.iter()
+        .enumerate()
+        .filter(|(_, h)| **h)
+        .map(|(i, _)| manifest.chunk_len(i as u32).unwrap_or(0))
+        .sum()
+}
+
+/// The regular file at `path` as it is now, if one is there.
+fn existing(path: &Path) -> anyhow::Result<Option<Seen>> {
+    match Seen::of(path) {
+        Ok(seen) => Ok(seen),
+        Err(StoreError::Conflict(_)) => bail!(
             "{} exists and is not a regular file; not overwriting it",
             path.display()
         ),
-        Ok(_) => Ok(Some(
-            hash_file(path)
-                .with_context(|| format!("reading {}", path.display()))?
-                .1,
-        )),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
 }
 

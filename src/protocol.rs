@@ -25,6 +25,7 @@
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::delta::Sig;
 use crate::manifest::{FileName, Hash32, Manifest};
 
 /// The application protocol (and version) negotiated in the TLS handshake.
@@ -66,7 +67,50 @@ pub enum Request {
         /// The BLAKE3 hash of its bytes; the server checks it before storing.
         blake3: Hash32,
     },
+    /// The group signatures of version `blake3` of a file (see `delta`), answered with
+    /// [`Response::Groups`]; a peer serving another version answers `Conflict`.
+    Groups {
+        /// Which file.
+        name: FileName,
+        /// Which version.
+        blake3: Hash32,
+    },
+    /// The leaf signatures of groups `first..first + count` of version `blake3` of a file
+    /// (at most [`MAX_GROUPS_PER_REQUEST`]), answered with [`Response::Leaves`].
+    Leaves {
+        /// Which file.
+        name: FileName,
+        /// Which version.
+        blake3: Hash32,
+        /// First group.
+        first: u32,
+        /// How many groups.
+        count: u32,
+    },
+    /// `len` bytes at `offset`, anywhere in the file, at most one chunk of its layout long;
+    /// answered like `ReadChunk`. The requester verifies the chunks it builds from them.
+    ReadRange {
+        /// Which file.
+        name: FileName,
+        /// First byte.
+        offset: u64,
+        /// How many bytes.
+        len: u32,
+    },
+    /// Like `Upload`, but a different file already under `name` is replaced (and kept hidden);
+    /// the final answer is [`Response::Replaced`] then.
+    Replace {
+        /// The name to store it under.
+        name: FileName,
+        /// Its exact size in bytes.
+        size: u64,
+        /// The BLAKE3 hash of its bytes.
+        blake3: Hash32,
+    },
 }
+
+/// Most groups one `Leaves` request may ask for (1024 leaves each at most: under 4 MiB).
+pub const MAX_GROUPS_PER_REQUEST: u32 = 256;
 
 impl Request {
     /// A short name for logs.
@@ -76,6 +120,10 @@ impl Request {
             Self::Describe { .. } => "describe",
             Self::ReadChunk { .. } => "read_chunk",
             Self::Upload { .. } => "upload",
+            Self::Groups { .. } => "groups",
+            Self::Leaves { .. } => "leaves",
+            Self::ReadRange { .. } => "read_range",
+            Self::Replace { .. } => "replace",
         }
     }
 }
@@ -131,6 +179,12 @@ pub enum Response {
         /// How many files the peer serves.
         total: u64,
     },
+    /// Answer to `Groups`.
+    Groups(Vec<Sig>),
+    /// Answer to `Leaves`: the leaves of the groups asked for, in order.
+    Leaves(Vec<Sig>),
+    /// `Replace` done: the file is stored, and the version it replaced is kept hidden.
+    Replaced,
 }
 
 /// Why a request failed, as sent by the server.
@@ -347,6 +401,60 @@ mod tests {
             }),
             cut
         );
+    }
+
+    #[test]
+    fn delta_messages_are_pinned() {
+        let mut groups = vec![0, 0, 0, 35, 4, 1, b'a'];
+        groups.extend([7u8; 32]);
+        assert_eq!(
+            frame(&Request::Groups {
+                name: name("a"),
+                blake3: [7; 32]
+            }),
+            groups
+        );
+        let mut leaves = vec![0, 0, 0, 37, 5, 1, b'a'];
+        leaves.extend([7u8; 32]);
+        leaves.extend([2, 3]);
+        assert_eq!(
+            frame(&Request::Leaves {
+                name: name("a"),
+                blake3: [7; 32],
+                first: 2,
+                count: 3
+            }),
+            leaves
+        );
+        assert_eq!(
+            frame(&Request::ReadRange {
+                name: name("a"),
+                offset: 300,
+                len: 5
+            }),
+            [0, 0, 0, 6, 6, 1, b'a', 0xac, 0x02, 5]
+        );
+        let mut replace = vec![0, 0, 0, 36, 7, 1, b'a', 5];
+        replace.extend([7u8; 32]);
+        assert_eq!(
+            frame(&Request::Replace {
+                name: name("a"),
+                size: 5,
+                blake3: [7; 32]
+            }),
+            replace
+        );
+        let sig = Sig {
+            hash: [1; 8],
+            len: 300,
+        };
+        let mut g = vec![0, 0, 0, 12, 8, 1];
+        g.extend([1u8; 8]);
+        g.extend([0xac, 0x02]);
+        assert_eq!(frame(&Response::Groups(vec![sig])), g);
+        g[4] = 9;
+        assert_eq!(frame(&Response::Leaves(vec![sig])), g);
+        assert_eq!(frame(&Response::Replaced), [0, 0, 0, 1, 10]);
     }
 
     #[tokio::test]

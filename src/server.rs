@@ -27,7 +27,9 @@ use crate::limits::{
 };
 use crate::manifest::{FileName, Hash32, MAX_CHUNK_SIZE};
 use crate::peers::PeerId;
-use crate::protocol::{CloseCode, ErrorKind, FileEntry, RemoteError, Request, Response};
+use crate::protocol::{
+    self, CloseCode, ErrorKind, FileEntry, MAX_GROUPS_PER_REQUEST, RemoteError, Request, Response,
+};
 use crate::store::{Check, Committed, Store, StoreError};
 use crate::tls::{self, Pins};
 
@@ -291,10 +293,43 @@ async fn handle_stream(
         Request::List => handle_list(&mut send, &server).await,
         Request::Describe { name } => handle_describe(&mut send, &server, &name).await,
         Request::ReadChunk { name, offset, len } => {
-            handle_read_chunk(&mut send, &server, &peer, &budget, &name, offset, len).await
+            let piece = Piece::Chunk;
+            handle_read(
+                &mut send,
+                &server,
+                (&peer, &budget),
+                &name,
+                (offset, len),
+                piece,
+            )
+            .await
         }
+        Request::ReadRange { name, offset, len } => {
+            let piece = Piece::Range;
+            handle_read(
+                &mut send,
+                &server,
+                (&peer, &budget),
+                &name,
+                (offset, len),
+                piece,
+            )
+            .await
+        }
+        Request::Groups { name, blake3 } => handle_groups(&mut send, &server, &name, blake3).await,
+        Request::Leaves {
+            name,
+            blake3,
+            first,
+            count,
+        } => handle_leaves(&mut send, &server, &name, blake3, (first, count)).await,
         Request::Upload { name, size, blake3 } => {
-            handle_upload(&mut send, &mut recv, &server, &peer, &name, size, blake3).await
+            let up = (size, blake3, false);
+            handle_upload(&mut send, &mut recv, &server, &peer, &name, up).await
+        }
+        Request::Replace { name, size, blake3 } => {
+            let up = (size, blake3, true);
+            handle_upload(&mut send, &mut recv, &server, &peer, &name, up).await
         }
     };
     match outcome {
@@ -313,7 +348,7 @@ use exchange::respond;
 fn store_error(e: StoreError) -> RemoteError {
     let kind = match &e {
         StoreError::NotFound(_) => ErrorKind::NotFound,
-        StoreError::Conflict(_) => ErrorKind::Conflict,
+        StoreError::Conflict(_) | StoreError::Changed(_) => ErrorKind::Conflict,
         StoreError::Busy(_) => ErrorKind::Busy,
         StoreError::OutOfRange { .. } | StoreError::NotAChunk { .. } => ErrorKind::BadRequest,
         StoreError::NoSpace(_) => ErrorKind::NoSpace,
@@ -391,14 +426,22 @@ async fn handle_describe(
     Ok(summary)
 }
 
-async fn handle_read_chunk(
+/// What a read request may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Piece {
+    /// One chunk of the file's layout.
+    Chunk,
+    /// Any range at most one chunk long.
+    Range,
+}
+
+async fn handle_read(
     send: &mut quinn::SendStream,
     server: &Server,
-    peer: &PeerId,
-    budget: &PeerBudget,
+    (peer, budget): (&PeerId, &PeerBudget),
     name: &FileName,
-    offset: u64,
-    len: u32,
+    (offset, len): (u64, u32),
+    piece: Piece,
 ) -> Result<String, Failure> {
     if u64::from(len) > MAX_CHUNK_SIZE {
         return Err(RemoteError::new(
@@ -410,18 +453,68 @@ async fn handle_read_chunk(
     if let Some(limit) = &server.upload_limit {
         limit.acquire(u64::from(len)).await;
     }
-    // Memory for the chunk is claimed before it is read and held until quinn has taken all of it:
-    // first from this peer's share (a peer that does not read stalls only itself), then from
-    // the share of all peers together.
+    // Memory for the bytes is claimed before they are read and held until quinn has taken all of
+    // them: first from this peer's share (a peer that does not read stalls only itself), then
+    // from the share of all peers together.
     let _held = budget.claim(len).await;
     let store = server.store.clone();
     let n = name.clone();
-    let data = blocking(move || store.read_chunk(&n, offset, len)).await?;
+    let data = blocking(move || match piece {
+        Piece::Chunk => store.read_chunk(&n, offset, len),
+        Piece::Range => store.read_piece(&n, offset, len),
+    })
+    .await?;
     exchange::send_chunk(send, Bytes::from(data))
         .await
         .map_err(gone)?;
     server.count_sent(peer, u64::from(len));
     Ok(format!("{name} @{offset} +{len}"))
+}
+
+async fn handle_groups(
+    send: &mut quinn::SendStream,
+    server: &Server,
+    name: &FileName,
+    blake3: Hash32,
+) -> Result<String, Failure> {
+    let store = server.store.clone();
+    let n = name.clone();
+    let tree = blocking(move || store.tree(&n, blake3)).await?;
+    let groups = tree.group_sigs();
+    let count = groups.len();
+    // Each signature is at most 13 bytes on the wire.
+    if count.saturating_mul(13) > protocol::MAX_RESPONSE_LEN as usize {
+        return Err(RemoteError::new(
+            ErrorKind::TooLarge,
+            format!("{name} has too many groups ({count}) for one answer"),
+        )
+        .into());
+    }
+    respond(send, &Response::Groups(groups)).await;
+    Ok(format!("{name} -> {count} groups"))
+}
+
+async fn handle_leaves(
+    send: &mut quinn::SendStream,
+    server: &Server,
+    name: &FileName,
+    blake3: Hash32,
+    (first, count): (u32, u32),
+) -> Result<String, Failure> {
+    if count > MAX_GROUPS_PER_REQUEST {
+        return Err(RemoteError::new(
+            ErrorKind::TooLarge,
+            format!("at most {MAX_GROUPS_PER_REQUEST} groups per request"),
+        )
+        .into());
+    }
+    let store = server.store.clone();
+    let n = name.clone();
+    let tree = blocking(move || store.tree(&n, blake3)).await?;
+    let leaves = tree.leaves_of(first as usize, count as usize);
+    let n = leaves.len();
+    respond(send, &Response::Leaves(leaves)).await;
+    Ok(format!("{name} groups {first}+{count} -> {n} leaves"))
 }
 
 async fn handle_upload(
@@ -430,8 +523,7 @@ async fn handle_upload(
     server: &Server,
     peer: &PeerId,
     name: &FileName,
-    size: u64,
-    expected: Hash32,
+    (size, expected, replace): (u64, Hash32, bool),
 ) -> Result<String, Failure> {
     if size > server.max_upload_size {
         return Err(RemoteError::new(
@@ -456,7 +548,8 @@ async fn handle_upload(
         })?;
     let store = server.store.clone();
     let n = name.clone();
-    let Some(upload) = blocking(move || store.begin_upload(&n, size, expected)).await? else {
+    let Some(upload) = blocking(move || store.begin_upload(&n, size, expected, replace)).await?
+    else {
         respond(send, &Response::AlreadyPresent).await;
         return Ok(format!("{name} -> already present"));
     };
@@ -483,11 +576,11 @@ async fn handle_upload(
     }
     let upload = Arc::try_unwrap(upload).map_err(|_| gone("upload still shared"))?;
     let streamed = *hasher.finalize().as_bytes();
-    let committed =
-        blocking(move || upload.partial.commit(expected, Check::Streamed(streamed))).await?;
+    let committed = blocking(move || upload.commit(expected, Check::Streamed(streamed))).await?;
     let (resp, what) = match committed {
         Committed::Stored => (Response::Stored, "stored"),
         Committed::AlreadyPresent => (Response::AlreadyPresent, "already present"),
+        Committed::Replaced => (Response::Replaced, "replaced"),
     };
     respond(send, &resp).await;
     Ok(format!("{name} ({size} bytes) -> {what}"))

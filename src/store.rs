@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::delta::Tree;
 use crate::manifest::{FileName, Hash32, Manifest, chunk_size_for, hex};
 
 /// A store failure, typed so callers can branch on the cause.
@@ -36,6 +37,11 @@ pub enum StoreError {
     /// Another transfer of that name is in progress.
     #[error("another transfer of {0} is in progress")]
     Busy(String),
+    /// The file to be replaced changed while its replacement was prepared; neither was lost.
+    #[error(
+        "{0} changed while its new version was being prepared; nothing was replaced (run the command again)"
+    )]
+    Changed(String),
     /// A read outside the file.
     #[error("range {offset}+{len} is outside {name} ({size} bytes)")]
     OutOfRange {
@@ -113,6 +119,12 @@ struct FileKey {
 }
 
 impl FileKey {
+    /// The same file with the same size and mtime (its ctime may differ: a new link).
+    fn same_content(&self, other: &Self) -> bool {
+        (self.ino, self.dev, self.size, self.mtime)
+            == (other.ino, other.dev, other.size, other.mtime)
+    }
+
     fn of(m: &fs::Metadata) -> Self {
         Self {
             size: m.len(),
@@ -133,7 +145,12 @@ pub struct Store {
     cache: Mutex<HashMap<FileName, (FileKey, Arc<Manifest>)>>,
     /// Names with an upload in progress, so two uploads of one name never interleave.
     uploads: Arc<Mutex<HashSet<FileName>>>,
+    /// Content-defined trees (`delta`) of the last few files asked for, by name.
+    trees: Mutex<HashMap<FileName, (FileKey, Arc<Tree>)>>,
 }
+
+/// Trees kept in memory (about 3 bytes of tree per KiB of file).
+const TREES_CACHED: usize = 8;
 
 impl Store {
     /// Opens the store at `dir`, which must be a folder.
@@ -151,6 +168,7 @@ impl Store {
             dir,
             cache: Mutex::default(),
             uploads: Arc::default(),
+            trees: Mutex::default(),
         })
     }
 
@@ -281,6 +299,65 @@ impl Store {
         Ok(buf)
     }
 
+    /// The content-defined tree of version `blake3` of `name`; `Conflict` if the file is now
+    /// another version.
+    pub fn tree(&self, name: &FileName, blake3: Hash32) -> Result<Arc<Tree>, StoreError> {
+        let manifest = self.manifest(name)?;
+        if manifest.blake3() != blake3 {
+            return Err(StoreError::Conflict(format!(
+                "{name} (this peer serves another version now)"
+            )));
+        }
+        let (file, key) = self.open_regular(name)?;
+        if let Some((k, t)) = self.lock_trees().get(name)
+            && *k == key
+        {
+            return Ok(t.clone());
+        }
+        let path = self.path_of(name);
+        let tree = Tree::of(io::BufReader::with_capacity(1 << 16, &file).take(key.size))
+            .map_err(|e| StoreError::io("reading", &path, e))?;
+        let after = file
+            .metadata()
+            .map(|m| FileKey::of(&m))
+            .map_err(|e| StoreError::io("reading", &path, e))?;
+        if after != key {
+            return Err(StoreError::Busy(format!(
+                "{name} (it changed while being read)"
+            )));
+        }
+        let tree = Arc::new(tree);
+        let mut trees = self.lock_trees();
+        if trees.len() >= TREES_CACHED
+            && let Some(evict) = trees.keys().next().cloned()
+        {
+            trees.remove(&evict);
+        }
+        trees.insert(name.clone(), (key, tree.clone()));
+        Ok(tree)
+    }
+
+    /// Reads `len` bytes of `name` at any `offset`, at most one chunk of its layout long (the same
+    /// memory bound as [`read_chunk`](Self::read_chunk)).
+    pub fn read_piece(
+        &self,
+        name: &FileName,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<u8>, StoreError> {
+        let (file, key) = self.open_regular(name)?;
+        let chunk = chunk_size_for(key.size);
+        if u64::from(len) > chunk {
+            return Err(StoreError::NotAChunk {
+                name: name.clone(),
+                offset,
+                len: u64::from(len),
+                chunk,
+            });
+        }
+        self.read_open(name, file, key, offset, len)
+    }
+
     /// Reads one chunk of `name`: `offset` must start a chunk of the file's layout
     /// ([`chunk_size_for`] its size) and `len` be at most one chunk, so a request can never make
     /// the server hold more than one chunk of memory, whatever length it asks for.
@@ -310,13 +387,18 @@ impl Store {
         name: &FileName,
         size: u64,
         blake3: Hash32,
+        replace: bool,
     ) -> Result<Option<Upload>, StoreError> {
+        let mut replacing = None;
         if let Some(existing) = self.existing(name)? {
-            return if existing.size() == size && existing.blake3() == blake3 {
-                Ok(None)
-            } else {
-                Err(StoreError::Conflict(name.to_string()))
-            };
+            if existing.size() == size && existing.blake3() == blake3 {
+                return Ok(None);
+            }
+            if !replace {
+                return Err(StoreError::Conflict(name.to_string()));
+            }
+            // As it is now: if it changes before the upload ends, nothing is replaced.
+            replacing = Seen::of(&self.path_of(name))?;
         }
         let guard = UploadGuard::claim(&self.uploads, name)?;
         static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -328,6 +410,7 @@ impl Store {
         let partial = PartialFile::create_sparse(&self.path_of(name), &tag, size)?;
         Ok(Some(Upload {
             partial,
+            replacing,
             _guard: guard,
         }))
     }
@@ -404,6 +487,11 @@ impl Store {
         disk_space(&self.dir).map_err(|e| StoreError::io("measuring free space on", &self.dir, e))
     }
 
+    fn lock_trees(&self) -> std::sync::MutexGuard<'_, HashMap<FileName, (FileKey, Arc<Tree>)>> {
+        // Held for one lookup or insert of a whole entry, never while hashing.
+        self.trees.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<FileName, (FileKey, Arc<Manifest>)>> {
         // A poisoned lock only means another thread panicked mid-insert of a whole entry; the map
         // itself is still consistent.
@@ -416,7 +504,20 @@ impl Store {
 pub struct Upload {
     /// Where the bytes go.
     pub partial: PartialFile,
+    /// The version it replaces, as seen when the upload began.
+    replacing: Option<Seen>,
     _guard: UploadGuard,
+}
+
+impl Upload {
+    /// Checks and stores the uploaded file: under its free name, or in place of the version it
+    /// replaces (kept hidden; if that version changed meanwhile, nothing is replaced).
+    pub fn commit(self, expected: Hash32, check: Check) -> Result<Committed, StoreError> {
+        match self.replacing {
+            Some(old) => self.partial.commit_replacing(expected, check, old),
+            None => self.partial.commit(expected, check),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -465,6 +566,61 @@ pub enum Committed {
     Stored,
     /// An identical file appeared there meanwhile; ours was discarded.
     AlreadyPresent,
+    /// The file under its name was replaced; the old version is kept in [`DISPLACED_DIR`].
+    Replaced,
+}
+
+/// The hidden folder, next to a replaced file, that keeps the versions it replaced (never listed:
+/// a name starting with a dot is not a served name).
+pub const DISPLACED_DIR: &str = ".qnode-displaced";
+/// Displaced versions kept per name; older ones are removed.
+pub const DISPLACED_KEPT: usize = 3;
+
+/// A regular file as it was seen: its identity on disk and its BLAKE3, so a replacement can tell
+/// whether it changed since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    key: FileKey,
+    /// Its BLAKE3 hash.
+    pub blake3: Hash32,
+}
+
+impl Seen {
+    /// The regular file at `path` (not following a symlink), or `None` if there is none.
+    /// `Conflict` if something else is there.
+    pub fn of(path: &Path) -> Result<Option<Self>, StoreError> {
+        let file = match open_nofollow(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if not_regular(&e) => {
+                return Err(StoreError::Conflict(format!(
+                    "{} (it is not a regular file)",
+                    path.display()
+                )));
+            }
+            Err(e) => return Err(StoreError::io("opening", path, e)),
+        };
+        let io = |e| StoreError::io("reading", path, e);
+        let meta = file.metadata().map_err(io)?;
+        if !meta.is_file() {
+            return Err(StoreError::Conflict(format!(
+                "{} (it is not a regular file)",
+                path.display()
+            )));
+        }
+        let mut h = blake3::Hasher::new();
+        h.update_reader(io::BufReader::with_capacity(1 << 20, &file))
+            .map_err(io)?;
+        let after = file.metadata().map_err(io)?;
+        let key = FileKey::of(&meta);
+        if FileKey::of(&after) != key {
+            return Err(StoreError::Changed(path.display().to_string()));
+        }
+        Ok(Some(Self {
+            key,
+            blake3: *h.finalize().as_bytes(),
+        }))
+    }
 }
 
 /// A file being written: hidden, pre-sized, removed on drop unless committed or kept for resume.
@@ -580,8 +736,16 @@ impl PartialFile {
     /// Which chunks of `manifest` the file already holds, verified by hashing what is on disk.
     /// All false unless [`resumed`](Self::resumed).
     pub fn verified_chunks(&self, manifest: &Manifest) -> Result<Vec<bool>, StoreError> {
+        if !self.resumed {
+            return Ok(vec![false; manifest.chunk_count() as usize]);
+        }
+        self.check_chunks(manifest)
+    }
+
+    /// Which chunks of the file as written so far match `manifest` (reading every one).
+    pub fn check_chunks(&self, manifest: &Manifest) -> Result<Vec<bool>, StoreError> {
         let n = manifest.chunk_count();
-        if !self.resumed || manifest.size() != self.size {
+        if manifest.size() != self.size {
             return Ok(vec![false; n as usize]);
         }
         let mut buf = Vec::new();
@@ -626,6 +790,76 @@ impl PartialFile {
     /// never replaced: if a file is already there, it must be identical (`AlreadyPresent`) or this is
     /// a `Conflict`.
     pub fn commit(self, expected: Hash32, check: Check) -> Result<Committed, StoreError> {
+        let name = self.verify(expected, check)?;
+        self.link(expected, name)
+    }
+
+    /// Syncs and checks the whole file against `expected`, then puts it under its name in place
+    /// of `old` (the file there as it was seen before), atomically: the name holds the old
+    /// version until a `rename` makes it the new one. The old version stays, hard-linked into
+    /// [`DISPLACED_DIR`] next to it. If the name no longer holds `old`, nothing is replaced
+    /// (`Changed`) and this file is kept for a retry.
+    pub fn commit_replacing(
+        self,
+        expected: Hash32,
+        check: Check,
+        old: Seen,
+    ) -> Result<Committed, StoreError> {
+        let name = self.verify(expected, check)?;
+        let dir = self.target.parent().unwrap_or(Path::new(".")).to_owned();
+        let io = |what: &'static str, p: &Path, e| StoreError::io(what, p, e);
+        let keep = dir.join(DISPLACED_DIR);
+        match fs::create_dir(&keep) {
+            Ok(()) => {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = fs::set_permissions(&keep, fs::Permissions::from_mode(0o700));
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io("creating", &keep, e)),
+        }
+        // Still the version seen at the start (ctime too: a change that kept the mtime)?
+        let unchanged = |full: bool| {
+            fs::symlink_metadata(&self.target).is_ok_and(|now| {
+                let now = FileKey::of(&now);
+                now == old.key || (!full && now.same_content(&old.key))
+            })
+        };
+        if !unchanged(true) {
+            self.keep.store(true, Ordering::SeqCst);
+            return Err(StoreError::Changed(name));
+        }
+        let kept = keep.join(format!("{name}.{}", &hex(&old.blake3)[..16]));
+        let linked = match fs::hard_link(&self.target, &kept) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+            // Gone meanwhile: nothing to replace, so nothing to keep.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return self.link(expected, name),
+            Err(e) => return Err(io("keeping the old version of", &self.target, e)),
+        };
+        // Linking changed its ctime; the name must still be that file.
+        if !unchanged(false) {
+            if linked {
+                let _ = fs::remove_file(&kept);
+            }
+            self.keep.store(true, Ordering::SeqCst);
+            return Err(StoreError::Changed(name));
+        }
+        let fresh = self.temp.with_extension("new");
+        let _ = fs::remove_file(&fresh);
+        link_descriptor(&self.file, &self.temp, &fresh).map_err(|e| io("linking", &fresh, e))?;
+        if let Err(e) = fs::rename(&fresh, &self.target) {
+            let _ = fs::remove_file(&fresh);
+            return Err(io("replacing", &self.target, e));
+        }
+        self.keep.store(true, Ordering::SeqCst);
+        let _ = fs::remove_file(&self.temp);
+        let _ = File::open(&dir).and_then(|d| d.sync_all());
+        prune_displaced(&keep, &name);
+        Ok(Committed::Replaced)
+    }
+
+    /// Syncs and checks the file; returns its final name.
+    fn verify(&self, expected: Hash32, check: Check) -> Result<String, StoreError> {
         self.file
             .sync_all()
             .map_err(|e| StoreError::io("syncing", &self.temp, e))?;
@@ -655,6 +889,11 @@ impl PartialFile {
                 actual: hex(&actual),
             });
         }
+        Ok(name)
+    }
+
+    /// Links the verified file to its name, which is never replaced.
+    fn link(self, expected: Hash32, name: String) -> Result<Committed, StoreError> {
         match link_descriptor(&self.file, &self.temp, &self.target) {
             Ok(()) => {
                 self.keep.store(true, Ordering::SeqCst);
@@ -694,6 +933,33 @@ impl Drop for PartialFile {
         if !self.keep.load(Ordering::SeqCst) {
             let _ = fs::remove_file(&self.temp);
         }
+    }
+}
+
+/// Keeps the newest [`DISPLACED_KEPT`] displaced versions of `name` in `keep`.
+fn prune_displaced(keep: &Path, name: &str) {
+    let Ok(entries) = fs::read_dir(keep) else {
+        return;
+    };
+    let prefix = format!("{name}.");
+    // By ctime: when each was displaced (linked here).
+    let mut versions: Vec<((i64, i64), PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name().to_str().is_some_and(|n| {
+                n.strip_prefix(&prefix)
+                    .is_some_and(|rest| rest.len() == 16 && !rest.contains('.'))
+            })
+        })
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            Some(((m.ctime(), m.ctime_nsec()), e.path()))
+        })
+        .collect();
+    versions.sort();
+    let excess = versions.len().saturating_sub(DISPLACED_KEPT);
+    for (_, path) in versions.into_iter().take(excess) {
+        let _ = fs::remove_file(path);
     }
 }
 
@@ -1009,26 +1275,26 @@ mod tests {
         let same = *blake3::hash(b"same").as_bytes();
         assert!(
             store
-                .begin_upload(&name("have.txt"), 4, same)
+                .begin_upload(&name("have.txt"), 4, same, false)
                 .unwrap()
                 .is_none()
         );
         assert!(matches!(
-            store.begin_upload(&name("have.txt"), 4, [0; 32]),
+            store.begin_upload(&name("have.txt"), 4, [0; 32], false),
             Err(StoreError::Conflict(_))
         ));
         let first = store
-            .begin_upload(&name("new.txt"), 4, same)
+            .begin_upload(&name("new.txt"), 4, same, false)
             .unwrap()
             .unwrap();
         assert!(matches!(
-            store.begin_upload(&name("new.txt"), 4, same),
+            store.begin_upload(&name("new.txt"), 4, same, false),
             Err(StoreError::Busy(_))
         ));
         drop(first);
         assert!(
             store
-                .begin_upload(&name("new.txt"), 4, same)
+                .begin_upload(&name("new.txt"), 4, same, false)
                 .unwrap()
                 .is_some()
         );
@@ -1103,7 +1369,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let size = 1 << 30;
         let up = store
-            .begin_upload(&name("big.txt"), size, [0; 32])
+            .begin_upload(&name("big.txt"), size, [0; 32], false)
             .unwrap()
             .unwrap();
         up.partial.write_at(0, b"x").unwrap();

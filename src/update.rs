@@ -1,0 +1,236 @@
+//! `download --update`: fills a new version's temporary file from our old copy wherever the bytes
+//! match, and from the peers (byte ranges) where they don't, before the download engine runs.
+//!
+//! The plan comes from `delta`: the new version's group signatures from one peer, the leaf
+//! signatures of the groups our copy lacks, our own copy's tree computed here. Nothing is trusted:
+//! afterwards every chunk of the temporary file is verified against the manifest, and the engine
+//! fetches whole whatever does not verify (a signature collision, a lying peer, a failed range).
+//! A peer that does not speak the delta requests (an older qnode) only means no reuse.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use futures_util::future::join_all;
+
+use crate::client::PeerSource;
+use crate::delta::{Index, Sig, Step, Tree};
+use crate::download::ChunkSource;
+use crate::manifest::Manifest;
+use crate::protocol::MAX_GROUPS_PER_REQUEST;
+use crate::store::PartialFile;
+
+/// Range requests in flight at once, over all peers.
+const RANGES_IN_FLIGHT: usize = 32;
+
+/// What filling from the old copy did.
+#[derive(Debug, Default)]
+pub struct Filled {
+    /// Bytes copied from our old copy.
+    pub reused: u64,
+    /// Bytes fetched as ranges, per peer name.
+    pub fetched: HashMap<String, u64>,
+    /// Which chunks of the temporary file now verify.
+    pub have: Vec<bool>,
+}
+
+/// Fills `partial` (whose chunks `have` already verify) for `manifest` from the old copy at
+/// `old` and from `sources`.
+pub async fn fill(
+    old: &Path,
+    manifest: &Arc<Manifest>,
+    partial: &Arc<PartialFile>,
+    have: Vec<bool>,
+    sources: &[Arc<PeerSource>],
+) -> anyhow::Result<Filled> {
+    let mut filled = Filled {
+        have,
+        ..Filled::default()
+    };
+    let Some(steps) = plan(old, manifest, sources).await? else {
+        return Ok(filled);
+    };
+    // Steps are cut at chunk boundaries; those inside chunks that already verify (an
+    // interrupted update resumed) are done.
+    let chunk = manifest.chunk_size();
+    let needed = |at: u64| {
+        !filled
+            .have
+            .get((at / chunk) as usize)
+            .copied()
+            .unwrap_or(false)
+    };
+    let mut copies = Vec::new();
+    let mut fetches = Vec::new();
+    for step in steps {
+        let (to, len, from) = match step {
+            Step::Copy { from, to, len } => (to, len, Some(from)),
+            Step::Fetch { at, len } => (at, len, None),
+        };
+        let mut off = to;
+        while off < to + len {
+            let end = (to + len).min((off / chunk + 1) * chunk);
+            if needed(off) {
+                match from {
+                    Some(f) => copies.push((f + (off - to), off, end - off)),
+                    None => fetches.push((off, end - off)),
+                }
+            }
+            off = end;
+        }
+    }
+    let (old_path, p) = (old.to_owned(), partial.clone());
+    filled.reused = tokio::task::spawn_blocking(move || copy(&old_path, &p, &copies)).await??;
+    filled.fetched = fetch(partial, &fetches, chunk, sources).await;
+    let (p, m) = (partial.clone(), manifest.clone());
+    filled.have = tokio::task::spawn_blocking(move || p.check_chunks(&m)).await??;
+    Ok(filled)
+}
+
+/// The steps that build `manifest`'s version from the old copy, or `None` if no peer tells us
+/// the new version's tree.
+async fn plan(
+    old: &Path,
+    manifest: &Manifest,
+    sources: &[Arc<PeerSource>],
+) -> anyhow::Result<Option<Vec<Step>>> {
+    let old_path = old.to_owned();
+    let old_tree = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&old_path)?;
+        Tree::of(std::io::BufReader::with_capacity(1 << 20, file))
+    });
+    let version = manifest.blake3();
+    let mut groups = None;
+    for s in sources {
+        match s.groups(version).await {
+            Ok(g) => {
+                groups = Some((s, g));
+                break;
+            }
+            Err(e) => tracing::info!(source = s.name(), "no tree for the update: {e}"),
+        }
+    }
+    let old_tree = old_tree.await??;
+    let Some((source, groups)) = groups else {
+        return Ok(None);
+    };
+    if groups.iter().map(|g| u64::from(g.len)).sum::<u64>() != manifest.size() {
+        tracing::warn!(
+            source = source.name(),
+            "its tree does not add up to the file; not used"
+        );
+        return Ok(None);
+    }
+    let index = Index::of(&old_tree);
+    let leaves = expand(source, version, &groups, &index).await;
+    Ok(Some(crate::delta::plan(&groups, &leaves, &index)))
+}
+
+/// The leaf signatures of the groups our copy lacks (`None` for the others, or where asking
+/// failed: such a group is fetched whole).
+async fn expand(
+    source: &PeerSource,
+    version: crate::manifest::Hash32,
+    groups: &[Sig],
+    index: &Index,
+) -> Vec<Option<Vec<Sig>>> {
+    let lacking: Vec<usize> = (0..groups.len())
+        .filter(|&i| !index.holds_group(&groups[i]))
+        .collect();
+    // Runs of consecutive lacking groups, each one request.
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for &i in &lacking {
+        match runs.last_mut() {
+            Some((first, n)) if *first + *n == i && *n < MAX_GROUPS_PER_REQUEST as usize => *n += 1,
+            _ => runs.push((i, 1)),
+        }
+    }
+    let answers = join_all(runs.iter().map(|&(first, n)| async move {
+        (
+            first,
+            n,
+            source.leaves(version, first as u32, n as u32).await,
+        )
+    }))
+    .await;
+    let mut out: Vec<Option<Vec<Sig>>> = vec![None; groups.len()];
+    for (first, n, answer) in answers {
+        let Ok(leaves) = answer else { continue };
+        // Split the answer back into groups by their lengths.
+        let mut it = leaves.into_iter();
+        for (i, g) in groups.iter().enumerate().skip(first).take(n) {
+            let mut mine = Vec::new();
+            let mut len = 0u64;
+            while len < u64::from(g.len) {
+                let Some(l) = it.next() else { break };
+                len += u64::from(l.len);
+                mine.push(l);
+            }
+            out[i] = Some(mine);
+        }
+    }
+    out
+}
+
+/// Copies `(from, to, len)` ranges of the old file into `partial`; returns the bytes copied.
+fn copy(old: &Path, partial: &PartialFile, copies: &[(u64, u64, u64)]) -> anyhow::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(old)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0;
+    for &(from, to, len) in copies {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], from + done)?;
+            partial.write_at(to + done, &buf[..n])?;
+            done += n as u64;
+        }
+        total += len;
+    }
+    Ok(total)
+}
+
+/// Fetches `(at, len)` ranges of the new version into `partial`, in pieces that do not cross a
+/// chunk boundary, spread over `sources`. A failed piece is left to the engine (its chunk will
+/// not verify). Returns the bytes fetched per peer.
+async fn fetch(
+    partial: &Arc<PartialFile>,
+    ranges: &[(u64, u64)],
+    chunk: u64,
+    sources: &[Arc<PeerSource>],
+) -> HashMap<String, u64> {
+    let mut pieces = Vec::new();
+    for &(at, len) in ranges {
+        let mut off = at;
+        while off < at + len {
+            let end = (at + len).min((off / chunk + 1) * chunk);
+            pieces.push((off, (end - off) as u32));
+            off = end;
+        }
+    }
+    let mut fetched: HashMap<String, u64> = HashMap::new();
+    if sources.is_empty() {
+        return fetched;
+    }
+    let mut results = futures_util::stream::iter(pieces.into_iter().enumerate())
+        .map(|(k, (off, len))| {
+            let source = sources[k % sources.len()].clone();
+            async move {
+                let got = source.read_range(off, len).await;
+                (source, off, got)
+            }
+        })
+        .buffer_unordered(RANGES_IN_FLIGHT);
+    while let Some((source, off, got)) = results.next().await {
+        let Ok(bytes) = got else { continue };
+        let p = partial.clone();
+        let n = bytes.len() as u64;
+        let written = tokio::task::spawn_blocking(move || p.write_at(off, &bytes)).await;
+        if matches!(written, Ok(Ok(()))) {
+            *fetched.entry(source.name().to_owned()).or_default() += n;
+        }
+    }
+    fetched
+}
