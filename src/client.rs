@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::delta::Sig;
+use crate::delta::{Sig, Tree};
 use crate::download::{ChunkSource, SourceError};
 pub use crate::exchange::UploadStatus;
 use crate::exchange::{self, ExchangeError};
@@ -217,13 +217,14 @@ impl Client {
     }
 
     /// Uploads the local file at `path` (`size` bytes hashing to `blake3`) as `name`; with
-    /// `replace`, a different file under that name at the peer is replaced.
+    /// `replace` (the file's tree), a different file under that name at the peer is replaced,
+    /// sending only what the peer lacks.
     pub async fn upload(
         &self,
         name: &FileName,
         path: &Path,
         (size, blake3): (u64, Hash32),
-        replace: bool,
+        replace: Option<&Tree>,
     ) -> Result<UploadStatus, ClientError> {
         let local = |source| ClientError::Local {
             path: path.display().to_string(),

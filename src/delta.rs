@@ -96,6 +96,19 @@ impl Tree {
         self.groups.iter().map(|g| g.0).collect()
     }
 
+    /// The offset of every leaf, in order.
+    pub fn leaf_offsets(&self) -> Vec<u64> {
+        let mut at = 0u64;
+        self.leaves
+            .iter()
+            .map(|l| {
+                let here = at;
+                at += u64::from(l.len);
+                here
+            })
+            .collect()
+    }
+
     /// The leaf signatures of groups `first..first + count` (fewer past the end).
     pub fn leaves_of(&self, first: usize, count: usize) -> Vec<Sig> {
         let groups = self.groups.get(first..).unwrap_or_default();
@@ -140,6 +153,11 @@ impl Index {
     pub fn holds_group(&self, g: &Sig) -> bool {
         self.groups.contains_key(g)
     }
+
+    /// Whether the old copy holds a leaf with signature `l`.
+    pub fn holds_leaf(&self, l: &Sig) -> bool {
+        self.leaves.contains_key(l)
+    }
 }
 
 /// One step of building the new version.
@@ -161,6 +179,27 @@ pub enum Step {
         /// Bytes.
         len: u64,
     },
+}
+
+/// Splits `leaves` (the leaves of the groups at `indices`, in order) back into those groups by
+/// their lengths; `None` if they do not add up exactly.
+pub fn split(groups: &[Sig], indices: &[u32], leaves: &[Sig]) -> Option<Vec<Option<Vec<Sig>>>> {
+    let mut out: Vec<Option<Vec<Sig>>> = vec![None; groups.len()];
+    let mut it = leaves.iter();
+    for &i in indices {
+        let g = groups.get(i as usize)?;
+        let (mut mine, mut len) = (Vec::new(), 0u64);
+        while len < u64::from(g.len) {
+            let l = it.next()?;
+            len += u64::from(l.len);
+            mine.push(*l);
+        }
+        if len != u64::from(g.len) {
+            return None;
+        }
+        out[i as usize] = Some(mine);
+    }
+    it.next().is_none().then_some(out)
 }
 
 /// Builds the plan for the new version's groups: groups the old copy holds are copied; for the

@@ -10,13 +10,13 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeek, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
 
-use crate::delta::Sig;
+use crate::delta::{self, Index, Sig, Step, Tree};
 use crate::manifest::{FileName, Hash32, Manifest};
 use crate::protocol::{
-    self, ErrorKind, FileEntry, MAX_LISTED_FILES, MAX_REQUEST_LEN, MAX_RESPONSE_LEN, ProtocolError,
-    RemoteError, Request, Response,
+    self, Delta, ErrorKind, FileEntry, MAX_LISTED_FILES, MAX_REQUEST_LEN, MAX_RESPONSE_LEN,
+    ProtocolError, RemoteError, Request, Response,
 };
 
 /// Alignment of chunk buffers, for direct I/O.
@@ -236,6 +236,9 @@ pub async fn leaves(
 
 /// `Upload` (or `Replace`, if `replace`): sends `size` bytes read from `file` as `name` (hashing to
 /// `blake3`).
+///
+/// With `replace`, `tree` is the file's content-defined tree: a peer holding another version asks
+/// for only what it lacks (see [`Delta`]).
 #[allow(clippy::too_many_arguments)]
 pub async fn upload(
     send: &mut impl SendBytes,
@@ -243,20 +246,95 @@ pub async fn upload(
     name: &FileName,
     size: u64,
     blake3: Hash32,
-    replace: bool,
-    file: &mut (impl AsyncRead + Unpin),
+    replace: Option<&Tree>,
+    file: &mut (impl AsyncRead + AsyncSeek + Unpin),
 ) -> Result<UploadStatus, ExchangeError> {
     let name = name.clone();
-    let req = if replace {
+    let req = if replace.is_some() {
         Request::Replace { name, size, blake3 }
     } else {
         Request::Upload { name, size, blake3 }
     };
-    match ask(send, recv, &req, false).await? {
-        Response::Ready => {}
-        Response::AlreadyPresent => return Ok(UploadStatus::AlreadyPresent),
+    match (ask(send, recv, &req, false).await?, replace) {
+        (Response::Ready, _) => send_body(send, size, file).await?,
+        (Response::AlreadyPresent, _) => return Ok(UploadStatus::AlreadyPresent),
+        (Response::SendDelta, Some(tree)) => send_delta(send, recv, tree, file).await?,
         _ => return Err(ExchangeError::Unexpected("upload")),
     }
+    let _ = send.shutdown().await;
+    match response(recv).await? {
+        Response::Stored => Ok(UploadStatus::Stored),
+        Response::AlreadyPresent => Ok(UploadStatus::AlreadyPresent),
+        Response::Replaced => Ok(UploadStatus::Replaced),
+        _ => Err(ExchangeError::Unexpected("upload")),
+    }
+}
+
+/// The requester's side of [`Delta`]: offers `tree`'s groups, then their leaves, then sends the
+/// leaves the peer lacks. Leaves the file positioned at its end (nothing more to send).
+async fn send_delta(
+    send: &mut impl SendBytes,
+    recv: &mut (impl AsyncRead + Unpin),
+    tree: &Tree,
+    file: &mut (impl AsyncRead + AsyncSeek + Unpin),
+) -> Result<(), ExchangeError> {
+    let groups = tree.group_sigs();
+    protocol::write_msg(send, &Delta::Groups(groups.clone())).await?;
+    let missing = lacking(recv, groups.len()).await?;
+    let offsets = tree.leaf_offsets();
+    let mut leaves = Vec::new();
+    let mut at = Vec::new();
+    for &g in &missing {
+        let (_, first, n) = tree.groups[g as usize];
+        for k in first..first + n {
+            leaves.push(tree.leaves[k as usize]);
+            at.push(offsets[k as usize]);
+        }
+    }
+    protocol::write_msg(send, &Delta::Leaves(leaves.clone())).await?;
+    let wanted = lacking(recv, leaves.len()).await?;
+    let mut buf = vec![0u8; UPLOAD_BUF];
+    for &k in &wanted {
+        let (off, len) = (at[k as usize], leaves[k as usize].len as usize);
+        file.seek(std::io::SeekFrom::Start(off))
+            .await
+            .map_err(ExchangeError::Local)?;
+        buf.resize(len, 0);
+        file.read_exact(&mut buf)
+            .await
+            .map_err(ExchangeError::Local)?;
+        send.write_all(&buf)
+            .await
+            .map_err(|e| ExchangeError::Protocol(e.into()))?;
+    }
+    file.seek(std::io::SeekFrom::End(0))
+        .await
+        .map_err(ExchangeError::Local)?;
+    Ok(())
+}
+
+/// Reads a `Lacking` frame: ascending indices below `below`.
+async fn lacking(
+    recv: &mut (impl AsyncRead + Unpin),
+    below: usize,
+) -> Result<Vec<u32>, ExchangeError> {
+    match protocol::read_msg(recv, MAX_RESPONSE_LEN).await? {
+        Delta::Lacking(v)
+            if v.windows(2).all(|w| w[0] < w[1])
+                && v.last().is_none_or(|&l| (l as usize) < below) =>
+        {
+            Ok(v)
+        }
+        _ => Err(ExchangeError::Unexpected("replace")),
+    }
+}
+
+/// Sends `size` bytes of `file`, from where it stands.
+async fn send_body(
+    send: &mut impl SendBytes,
+    size: u64,
+    file: &mut (impl AsyncRead + Unpin),
+) -> Result<(), ExchangeError> {
     let mut left = size;
     let mut buf = vec![0u8; UPLOAD_BUF];
     while left > 0 {
@@ -276,13 +354,7 @@ pub async fn upload(
             .map_err(|e| ExchangeError::Protocol(e.into()))?;
         left -= n as u64;
     }
-    let _ = send.shutdown().await;
-    match response(recv).await? {
-        Response::Stored => Ok(UploadStatus::Stored),
-        Response::AlreadyPresent => Ok(UploadStatus::AlreadyPresent),
-        Response::Replaced => Ok(UploadStatus::Replaced),
-        _ => Err(ExchangeError::Unexpected("upload")),
-    }
+    Ok(())
 }
 
 /// The responder's first step: the request (capped at [`MAX_REQUEST_LEN`]).
@@ -393,6 +465,100 @@ pub async fn receive_upload<E, F: Future<Output = Result<(), E>>>(
         )));
     }
     Ok(())
+}
+
+/// The responder's side of a `Replace` when it holds another version (`old`): asks for the
+/// requester's signatures, says what it lacks, and hands the lacking leaves' bytes to `sink` at
+/// their offsets. Returns the plan (its `Copy` steps are for the caller to carry out from the old
+/// copy; its `Fetch` steps are what `sink` received). Each read may take at most `timeout`.
+pub async fn receive_delta<E, F: Future<Output = Result<(), E>>>(
+    send: &mut impl SendBytes,
+    recv: &mut (impl AsyncRead + Unpin),
+    size: u64,
+    old: &Index,
+    timeout: Duration,
+    mut sink: impl FnMut(u64, Vec<u8>) -> F,
+) -> Result<Vec<Step>, BodyError<E>> {
+    let refused = |why: &str| {
+        BodyError::Refused(RemoteError::new(
+            ErrorKind::Corrupt,
+            format!("replace: {why}"),
+        ))
+    };
+    let gone = |e: ProtocolError| BodyError::Gone(std::io::Error::other(e));
+    let silent = || {
+        BodyError::Refused(RemoteError::new(
+            ErrorKind::BadRequest,
+            format!("no upload data for {timeout:?}"),
+        ))
+    };
+    protocol::write_msg(send, &Response::SendDelta)
+        .await
+        .map_err(gone)?;
+    let next = async |recv: &mut _| match tokio::time::timeout(
+        timeout,
+        protocol::read_msg::<Delta>(recv, MAX_RESPONSE_LEN),
+    )
+    .await
+    {
+        Err(_) => Err(silent()),
+        Ok(Err(e)) => Err(gone(e)),
+        Ok(Ok(m)) => Ok(m),
+    };
+    let Delta::Groups(groups) = next(recv).await? else {
+        return Err(refused("expected group signatures"));
+    };
+    if groups.iter().map(|g| u64::from(g.len)).sum::<u64>() != size {
+        return Err(refused(
+            "the signatures do not add up to the announced size",
+        ));
+    }
+    let lacking: Vec<u32> = (0..groups.len() as u32)
+        .filter(|&i| !old.holds_group(&groups[i as usize]))
+        .collect();
+    protocol::write_msg(send, &Delta::Lacking(lacking.clone()))
+        .await
+        .map_err(gone)?;
+    let Delta::Leaves(leaves) = next(recv).await? else {
+        return Err(refused("expected leaf signatures"));
+    };
+    let Some(expanded) = delta::split(&groups, &lacking, &leaves) else {
+        return Err(refused("the leaf signatures do not add up to their groups"));
+    };
+    let wanted: Vec<u32> = (0..leaves.len() as u32)
+        .filter(|&k| !old.holds_leaf(&leaves[k as usize]))
+        .collect();
+    protocol::write_msg(send, &Delta::Lacking(wanted))
+        .await
+        .map_err(gone)?;
+    let steps = delta::plan(&groups, &expanded, old);
+    let mut buf = vec![0u8; UPLOAD_BUF];
+    for step in &steps {
+        let Step::Fetch { at, len } = *step else {
+            continue;
+        };
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(UPLOAD_BUF as u64) as usize;
+            match tokio::time::timeout(timeout, recv.read_exact(&mut buf[..n])).await {
+                Err(_) => return Err(silent()),
+                Ok(Err(e)) => return Err(BodyError::Gone(e)),
+                Ok(Ok(_)) => {}
+            }
+            sink(at + done, buf[..n].to_vec())
+                .await
+                .map_err(BodyError::Sink)?;
+            done += n as u64;
+        }
+    }
+    // Nothing more may follow.
+    let mut extra = [0u8; 1];
+    match tokio::time::timeout(timeout, recv.read(&mut extra)).await {
+        Ok(Ok(0)) => Ok(steps),
+        Ok(Ok(_)) => Err(refused("more bytes than asked for")),
+        Ok(Err(e)) => Err(BodyError::Gone(e)),
+        Err(_) => Err(silent()),
+    }
 }
 
 #[cfg(test)]
@@ -519,14 +685,14 @@ mod tests {
         let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
         let ((mut cw, mut cr), (sw, sr)) = pipe();
         let server = tokio::spawn(receiver(sw, sr));
-        let mut file = &data[..];
+        let mut file = std::io::Cursor::new(data.clone());
         let sent = upload(
             &mut cw,
             &mut cr,
             &name("u.bin"),
             1_000_000,
             [0; 32],
-            false,
+            None,
             &mut file,
         )
         .await;

@@ -407,6 +407,20 @@ impl Node {
         let (size, hash) = tokio::task::spawn_blocking(move || hash_file(&p))
             .await?
             .with_context(|| format!("reading {}", path.display()))?;
+        // To replace, the file's tree: a peer holding another version asks only for what it lacks.
+        let tree = if replace {
+            let p = path.clone();
+            let tree = tokio::task::spawn_blocking(move || {
+                crate::delta::Tree::of(std::io::BufReader::new(std::fs::File::open(p)?))
+            });
+            Some(
+                tree.await?
+                    .with_context(|| format!("reading {}", path.display()))?,
+            )
+        } else {
+            None
+        };
+        let tree = tree.as_ref();
         let results = join_all(targets.iter().map(|entry| {
             let (path, name) = (&path, &name);
             async move {
@@ -414,7 +428,7 @@ impl Node {
                     return Err(PeerFailure::IsMe(entry.id.clone()));
                 }
                 let client = self.client(entry).await?;
-                Ok(client.upload(name, path, (size, hash), replace).await?)
+                Ok(client.upload(name, path, (size, hash), tree).await?)
             }
         }))
         .await;

@@ -185,6 +185,24 @@ pub enum Response {
     Leaves(Vec<Sig>),
     /// `Replace` done: the file is stored, and the version it replaced is kept hidden.
     Replaced,
+    /// Answer to `Replace` when the peer holds another version: instead of the bytes, the
+    /// requester sends [`Delta::Groups`] and the exchange goes on in [`Delta`] frames.
+    SendDelta,
+}
+
+/// The frames of a `Replace` that moves only what the peer lacks, after [`Response::SendDelta`]:
+/// requester `Groups` (its version's group signatures), peer `Lacking` (group indices it lacks),
+/// requester `Leaves` (those groups' leaf signatures, in order), peer `Lacking` (indices into that
+/// leaf list it lacks), then the requester sends exactly those leaves' bytes, raw and in order,
+/// and finishes; the peer answers `Replaced` or `Error`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Delta {
+    /// Group signatures, in file order.
+    Groups(Vec<Sig>),
+    /// Indices of what the peer lacks, ascending.
+    Lacking(Vec<u32>),
+    /// Leaf signatures, in file order.
+    Leaves(Vec<Sig>),
 }
 
 /// Why a request failed, as sent by the server.
@@ -455,6 +473,11 @@ mod tests {
         g[4] = 9;
         assert_eq!(frame(&Response::Leaves(vec![sig])), g);
         assert_eq!(frame(&Response::Replaced), [0, 0, 0, 1, 10]);
+        assert_eq!(frame(&Response::SendDelta), [0, 0, 0, 1, 11]);
+        assert_eq!(
+            frame(&Delta::Lacking(vec![1, 300])),
+            [0, 0, 0, 5, 1, 2, 1, 0xac, 0x02]
+        );
     }
 
     #[tokio::test]

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::delta::{Index, Step};
 use crate::exchange::{self, BodyError};
 use crate::limits::{
     CONNECTIONS_PER_PEER, ConnectionSlots, MemoryBudget, Note, PeerBudget, RefusalLog, Refused,
@@ -30,7 +31,7 @@ use crate::peers::PeerId;
 use crate::protocol::{
     self, CloseCode, ErrorKind, FileEntry, MAX_GROUPS_PER_REQUEST, RemoteError, Request, Response,
 };
-use crate::store::{Check, Committed, Store, StoreError};
+use crate::store::{Check, Committed, Seen, Store, StoreError, Upload};
 use crate::tls::{self, Pins};
 
 /// Default cap on one uploaded file, in bytes (64 GiB).
@@ -554,6 +555,34 @@ async fn handle_upload(
         return Ok(format!("{name} -> already present"));
     };
     let upload = Arc::new(upload);
+    let (check, received) = match upload.replacing() {
+        Some(old) => receive_delta(send, recv, server, name, size, &upload, old).await?,
+        None => {
+            let streamed = receive_whole(send, recv, name, size, &upload).await?;
+            (Check::Streamed(streamed), size)
+        }
+    };
+    let upload = Arc::try_unwrap(upload).map_err(|_| gone("upload still shared"))?;
+    let committed = blocking(move || upload.commit(expected, check)).await?;
+    let (resp, what) = match committed {
+        Committed::Stored => (Response::Stored, "stored"),
+        Committed::AlreadyPresent => (Response::AlreadyPresent, "already present"),
+        Committed::Replaced => (Response::Replaced, "replaced"),
+    };
+    respond(send, &resp).await;
+    Ok(format!(
+        "{name} ({size} bytes, {received} received) -> {what}"
+    ))
+}
+
+/// Receives a whole upload's bytes into `upload`; returns their BLAKE3.
+async fn receive_whole(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    name: &FileName,
+    size: u64,
+    upload: &Arc<Upload>,
+) -> Result<Hash32, Failure> {
     let mut hasher = blake3::Hasher::new();
     let body = exchange::receive_upload(
         send,
@@ -570,18 +599,52 @@ async fn handle_upload(
     )
     .await;
     match body {
-        Ok(()) => {}
+        Ok(()) => Ok(*hasher.finalize().as_bytes()),
+        Err(BodyError::Refused(e) | BodyError::Sink(e)) => Err(e.into()),
+        Err(BodyError::Gone(e)) => Err(gone(e)),
+    }
+}
+
+/// Receives only what our version `old` of `name` lacks, and copies the rest from it. The result
+/// is checked by re-reading it (what the requester sent are claims).
+async fn receive_delta(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    server: &Server,
+    name: &FileName,
+    size: u64,
+    upload: &Arc<Upload>,
+    old: Seen,
+) -> Result<(Check, u64), Failure> {
+    let store = server.store.clone();
+    let n = name.clone();
+    let tree = blocking(move || store.tree(&n, old.blake3)).await?;
+    let index = Index::of(&tree);
+    let steps = exchange::receive_delta(send, recv, size, &index, READ_TIMEOUT, |at, piece| {
+        let upload = upload.clone();
+        blocking(move || upload.partial.write_at(at, &piece))
+    })
+    .await;
+    let steps = match steps {
+        Ok(s) => s,
         Err(BodyError::Refused(e) | BodyError::Sink(e)) => return Err(e.into()),
         Err(BodyError::Gone(e)) => return Err(gone(e)),
-    }
-    let upload = Arc::try_unwrap(upload).map_err(|_| gone("upload still shared"))?;
-    let streamed = *hasher.finalize().as_bytes();
-    let committed = blocking(move || upload.commit(expected, Check::Streamed(streamed))).await?;
-    let (resp, what) = match committed {
-        Committed::Stored => (Response::Stored, "stored"),
-        Committed::AlreadyPresent => (Response::AlreadyPresent, "already present"),
-        Committed::Replaced => (Response::Replaced, "replaced"),
     };
-    respond(send, &resp).await;
-    Ok(format!("{name} ({size} bytes) -> {what}"))
+    let copies: Vec<(u64, u64, u64)> = steps
+        .iter()
+        .filter_map(|s| match *s {
+            Step::Copy { from, to, len } => Some((from, to, len)),
+            Step::Fetch { .. } => None,
+        })
+        .collect();
+    let (u, path) = (upload.clone(), server.store.path_of(name));
+    blocking(move || u.partial.copy_from(&path, &copies)).await?;
+    let received = steps
+        .iter()
+        .map(|s| match *s {
+            Step::Fetch { len, .. } => len,
+            Step::Copy { .. } => 0,
+        })
+        .sum();
+    Ok((Check::Reread, received))
 }

@@ -510,6 +510,11 @@ pub struct Upload {
 }
 
 impl Upload {
+    /// The version this upload replaces, as seen when it began.
+    pub fn replacing(&self) -> Option<Seen> {
+        self.replacing
+    }
+
     /// Checks and stores the uploaded file: under its free name, or in place of the version it
     /// replaces (kept hidden; if that version changed meanwhile, nothing is replaced).
     pub fn commit(self, expected: Hash32, check: Check) -> Result<Committed, StoreError> {
@@ -740,6 +745,26 @@ impl PartialFile {
             return Ok(vec![false; manifest.chunk_count() as usize]);
         }
         self.check_chunks(manifest)
+    }
+
+    /// Copies `(from, to, len)` ranges of the regular file at `src` (not following a symlink)
+    /// into this file; returns the bytes copied.
+    pub fn copy_from(&self, src: &Path, ranges: &[(u64, u64, u64)]) -> Result<u64, StoreError> {
+        let io = |e| StoreError::io("reading", src, e);
+        let file = open_nofollow(src).map_err(io)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0;
+        for &(from, to, len) in ranges {
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(buf.len() as u64) as usize;
+                file.read_exact_at(&mut buf[..n], from + done).map_err(io)?;
+                self.write_at(to + done, &buf[..n])?;
+                done += n as u64;
+            }
+            total += len;
+        }
+        Ok(total)
     }
 
     /// Which chunks of the file as written so far match `manifest` (reading every one).

@@ -81,7 +81,7 @@ pub async fn fill(
         }
     }
     let (old_path, p) = (old.to_owned(), partial.clone());
-    filled.reused = tokio::task::spawn_blocking(move || copy(&old_path, &p, &copies)).await??;
+    filled.reused = tokio::task::spawn_blocking(move || p.copy_from(&old_path, &copies)).await??;
     filled.fetched = fetch(partial, &fetches, chunk, sources).await;
     let (p, m) = (partial.clone(), manifest.clone());
     filled.have = tokio::task::spawn_blocking(move || p.check_chunks(&m)).await??;
@@ -171,25 +171,6 @@ async fn expand(
         }
     }
     out
-}
-
-/// Copies `(from, to, len)` ranges of the old file into `partial`; returns the bytes copied.
-fn copy(old: &Path, partial: &PartialFile, copies: &[(u64, u64, u64)]) -> anyhow::Result<u64> {
-    use std::os::unix::fs::FileExt;
-    let file = std::fs::File::open(old)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0;
-    for &(from, to, len) in copies {
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(buf.len() as u64) as usize;
-            file.read_exact_at(&mut buf[..n], from + done)?;
-            partial.write_at(to + done, &buf[..n])?;
-            done += n as u64;
-        }
-        total += len;
-    }
-    Ok(total)
 }
 
 /// Fetches `(at, len)` ranges of the new version into `partial`, in pieces that do not cross a

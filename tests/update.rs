@@ -75,7 +75,10 @@ fn an_edit_moves_about_what_changed_and_replaces_the_old_copy_atomically() -> Te
     );
     assert!(reused > new.len() as u64 * 9 / 10, "{json}");
     // The displaced version is kept, hidden, and never listed or served.
-    assert_eq!(displaced(&net.served("p2"), "notes.txt"), std::slice::from_ref(&old));
+    assert_eq!(
+        displaced(&net.served("p2"), "notes.txt"),
+        std::slice::from_ref(&old)
+    );
     let listed = net.json("p2", &["list", "p2", "--json"])?;
     assert_eq!(
         listed["peers"][0]["files"].as_array().map(Vec::len),
@@ -276,12 +279,12 @@ fn peers_that_disagree_never_give_a_mixture() -> TestResult {
 #[test]
 fn upload_replace_swaps_the_peers_version_and_keeps_the_old_one() -> TestResult {
     let net = Net::new(&["p1", "p2"])?;
-    let old = text(1 << 20, 14);
+    let old = text(4 << 20, 14);
     let mut new = old.clone();
-    new.extend_from_slice(b"appended by p2\n");
+    new.splice(2_000_000..2_000_000, b"inserted by p2\n".iter().copied());
     net.put("p1", "shared.txt", &old)?;
     let ours = net.put("p2", "shared.txt", &new)?;
-    let _p1 = net.serve("p1", &[])?;
+    let p1 = net.serve("p1", &[])?;
 
     let out = net.fails("p2", &["upload", "shared.txt", "p1"])?;
     assert!(out.stderr().contains("--replace"), "{out}");
@@ -290,6 +293,20 @@ fn upload_replace_swaps_the_peers_version_and_keeps_the_old_one() -> TestResult 
     let json = net.json("p2", &["upload", "shared.txt", "p1", "--replace", "--json"])?;
     assert_eq!(json["results"][0]["status"], "replaced", "{json}");
     assert_eq!(std::fs::read(net.served("p1").join("shared.txt"))?, new);
+    // Only what p1 lacked crossed: its log says how many bytes it received.
+    p1.wait_for_log("-> replaced", WAIT)?;
+    let log = p1.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("-> replaced"))
+        .unwrap_or_default();
+    let received: u64 = line
+        .split(" received)")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(u64::MAX);
+    assert!(received < 64 * 1024, "{line}");
     assert_eq!(displaced(&net.served("p1"), "shared.txt"), [old]);
     let listed = net.json("p2", &["list", "p1", "--json"])?;
     assert_eq!(
@@ -301,5 +318,38 @@ fn upload_replace_swaps_the_peers_version_and_keeps_the_old_one() -> TestResult 
     let json = net.json("p2", &["upload", "shared.txt", "p1", "--replace", "--json"])?;
     assert_eq!(json["results"][0]["status"], "already_present", "{json}");
     assert!(ours.exists());
+    Ok(())
+}
+
+#[test]
+fn replace_works_for_every_shape() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    let base = text(1 << 20, 15);
+    let mut cut = base.clone();
+    cut.drain(100_000..400_000);
+    let bin = random_bytes(1 << 20, 16);
+    let mut bin_new = bin.clone();
+    bin_new[500_000] ^= 1;
+    let cases = [
+        ("emptied.txt", base.clone(), Vec::new()),
+        ("grown.txt", Vec::new(), base.clone()),
+        ("cut.txt", base.clone(), cut),
+        ("bin.bin", bin, bin_new),
+    ];
+    for (name, old, new) in &cases {
+        net.put("p1", name, old)?;
+        net.put("p2", name, new)?;
+    }
+    let _p1 = net.serve("p1", &[])?;
+    for (name, old, new) in &cases {
+        let json = net.json("p2", &["upload", name, "p1", "--replace", "--json"])?;
+        assert_eq!(json["results"][0]["status"], "replaced", "{name}: {json}");
+        assert_eq!(&std::fs::read(net.served("p1").join(name))?, new, "{name}");
+        assert_eq!(
+            &displaced(&net.served("p1"), name),
+            std::slice::from_ref(old),
+            "{name}"
+        );
+    }
     Ok(())
 }
