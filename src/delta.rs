@@ -16,9 +16,9 @@ use std::io::Read;
 use serde::{Deserialize, Serialize};
 
 /// Smallest, average and largest leaf, in bytes.
-pub const LEAF_SIZES: (u32, u32, u32) = (1024, 4096, 16384);
-/// A group ends after a leaf whose hash has this many low bits zero: 64 leaves on average.
-pub const GROUP_BITS: u32 = 6;
+pub const LEAF_SIZES: (u32, u32, u32) = (512, 2048, 8192);
+/// A group ends after a leaf whose hash has this many low bits zero: 32 leaves on average.
+pub const GROUP_BITS: u32 = 5;
 /// Most leaves in one group (so a group's leaf list is small and its length fits a u32).
 pub const MAX_GROUP_LEAVES: usize = 1024;
 
@@ -333,8 +333,8 @@ mod tests {
         let t = Tree::of(&text(8 << 20, 5)[..]).unwrap();
         let avg_leaf = (8 << 20) / t.leaves.len();
         let avg_group = (8 << 20) / t.groups.len();
-        assert!((2048..8192).contains(&avg_leaf), "{avg_leaf}");
-        assert!(avg_group > 64 * 1024, "{avg_group}");
+        assert!((1024..4096).contains(&avg_leaf), "{avg_leaf}");
+        assert!(avg_group > 32 * 1024, "{avg_group}");
         assert_eq!(t.leaves_of(0, t.groups.len()), t.leaves);
     }
 }
