@@ -144,7 +144,10 @@ fn main() -> anyhow::Result<()> {
         root: dir.path().to_owned(),
     };
     for (ns, id) in [(&ns1, "p1"), (&ns2, "p2")] {
-        let st = peers.cmd(ns, id, &["init"]).stdout(Stdio::null()).status()?;
+        let st = peers
+            .cmd(ns, id, &["init"])
+            .stdout(Stdio::null())
+            .status()?;
         anyhow::ensure!(st.success(), "init {id}");
     }
     let _server = Kill(
@@ -190,7 +193,12 @@ fn main() -> anyhow::Result<()> {
     let base = text(size, 1);
     let mut inserted = base.clone();
     let mid = inserted.len() / 2;
-    inserted.splice(mid..mid, b"a new line inserted in the middle of it all\n".iter().copied());
+    inserted.splice(
+        mid..mid,
+        b"a new line inserted in the middle of it all\n"
+            .iter()
+            .copied(),
+    );
     let mut scattered = base.clone();
     for k in 1..=100 {
         let at = k * (size / 101);
@@ -221,7 +229,8 @@ fn main() -> anyhow::Result<()> {
             if z {
                 c.arg("-z");
             }
-            c.arg(format!("rsync://{}:8730/m/{name}", net.ip(1))).arg(&dest);
+            c.arg(format!("rsync://{}:8730/m/{name}", net.ip(1)))
+                .arg(&dest);
             let (bytes, secs) = measure(&ns2, &mut c)?;
             check(&dest, new, label)?;
             rows.push((label, bytes, secs));

@@ -47,7 +47,31 @@ fn short(h: blake3::Hash) -> [u8; 8] {
     out
 }
 
+/// Hashes what passes through it.
+struct Hashing<'a, R> {
+    inner: R,
+    hasher: &'a mut blake3::Hasher,
+}
+
+impl<R: Read> Read for Hashing<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
 impl Tree {
+    /// The tree of everything `reader` yields, and its BLAKE3, in one pass.
+    pub fn of_hashed(reader: impl Read) -> std::io::Result<(Self, [u8; 32])> {
+        let mut hasher = blake3::Hasher::new();
+        let tree = Self::of(Hashing {
+            inner: reader,
+            hasher: &mut hasher,
+        })?;
+        Ok((tree, *hasher.finalize().as_bytes()))
+    }
+
     /// The tree of everything `reader` yields.
     pub fn of(reader: impl Read) -> std::io::Result<Self> {
         let (min, avg, max) = LEAF_SIZES;
@@ -326,6 +350,14 @@ mod tests {
         }
         let (out, fetched) = rebuild(&[], &old);
         assert_eq!((out.len(), fetched), (old.len(), old.len() as u64));
+    }
+
+    #[test]
+    fn the_hash_of_one_pass_is_the_files_blake3() {
+        let data = text(300_000, 4);
+        let (tree, hash) = Tree::of_hashed(&data[..]).unwrap();
+        assert_eq!(hash, *blake3::hash(&data).as_bytes());
+        assert_eq!(tree, Tree::of(&data[..]).unwrap());
     }
 
     #[test]

@@ -403,23 +403,23 @@ impl Node {
     ) -> anyhow::Result<Uploaded> {
         let targets = self.select(peers)?;
         let (path, name) = self.resolve_upload(file)?;
+        // To replace, also the file's tree (from the same read): a peer holding another version
+        // asks only for what it lacks.
         let p = path.clone();
-        let (size, hash) = tokio::task::spawn_blocking(move || hash_file(&p))
+        let read = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+            if !replace {
+                let (size, hash) = hash_file(&p)?;
+                return Ok((size, hash, None));
+            }
+            let file = std::fs::File::open(&p)?;
+            let size = file.metadata()?.len();
+            let reader = std::io::BufReader::with_capacity(1 << 20, file);
+            let (tree, hash) = crate::delta::Tree::of_hashed(reader)?;
+            Ok((size, hash, Some(tree)))
+        });
+        let (size, hash, tree) = read
             .await?
             .with_context(|| format!("reading {}", path.display()))?;
-        // To replace, the file's tree: a peer holding another version asks only for what it lacks.
-        let tree = if replace {
-            let p = path.clone();
-            let tree = tokio::task::spawn_blocking(move || {
-                crate::delta::Tree::of(std::io::BufReader::new(std::fs::File::open(p)?))
-            });
-            Some(
-                tree.await?
-                    .with_context(|| format!("reading {}", path.display()))?,
-            )
-        } else {
-            None
-        };
         let tree = tree.as_ref();
         let results = join_all(targets.iter().map(|entry| {
             let (path, name) = (&path, &name);
@@ -510,8 +510,27 @@ impl Node {
         let manifest = done.manifest.clone();
         let target = done.target.clone();
 
-        // Already there, or another version to bring up to date?
-        let old = match existing(&target)? {
+        // Already there, or another version to bring up to date? For an update, our copy's tree
+        // comes from the same read as its hash, while the first peer is asked for its groups.
+        let (seen, prefetched) = if req.update {
+            let first = members.first().map(|(_, c)| c.clone());
+            let groups = async {
+                match &first {
+                    Some(c) => c.groups(name, manifest.blake3()).await.ok(),
+                    None => None,
+                }
+            };
+            let t = target.clone();
+            let read = tokio::task::spawn_blocking(move || Seen::with_tree(&t));
+            let (read, groups) = tokio::join!(read, groups);
+            match not_overwriting(read?, &target)? {
+                Some((seen, tree)) => (Some(seen), Some((tree, groups))),
+                None => (None, None),
+            }
+        } else {
+            (not_overwriting(Seen::of(&target), &target)?, None)
+        };
+        let old = match seen {
             Some(seen) if seen.blake3 == manifest.blake3() => {
                 done.left_out = answers.left_out;
                 done.elapsed = started.elapsed();
@@ -533,9 +552,10 @@ impl Node {
         }
         let (partial, mut have) = open_partial(&target, &manifest).await?;
         let resumed = bytes_of(&manifest, &have);
-        if old.is_some() {
+        if let (Some(_), Some((tree, groups))) = (&old, prefetched) {
             let peers = opened.borrow().clone();
-            let filled = update::fill(&target, &manifest, &partial, have, &peers).await?;
+            let fill = update::fill(&target, (tree, groups), &manifest, &partial, have, &peers);
+            let filled = fill.await?;
             done.reused_bytes = filled.reused;
             done.range_bytes = filled.fetched;
             have = filled.have;
@@ -825,9 +845,12 @@ fn bytes_of(manifest: &Manifest, have: &[bool]) -> u64 {
         .sum()
 }
 
-/// The regular file at `path` as it is now, if one is there.
-fn existing(path: &Path) -> anyhow::Result<Option<Seen>> {
-    match Seen::of(path) {
+/// What [`Seen`] found at `path`, with a clear message if it is not a regular file.
+fn not_overwriting<T>(
+    found: Result<Option<T>, StoreError>,
+    path: &Path,
+) -> anyhow::Result<Option<T>> {
+    match found {
         Ok(seen) => Ok(seen),
         Err(StoreError::Conflict(_)) => bail!(
             "{} exists and is not a regular file; not overwriting it",

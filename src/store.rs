@@ -397,8 +397,16 @@ impl Store {
             if !replace {
                 return Err(StoreError::Conflict(name.to_string()));
             }
-            // As it is now: if it changes before the upload ends, nothing is replaced.
-            replacing = Seen::of(&self.path_of(name))?;
+            // As it is now (the manifest was hashed for this very file identity); if it changes
+            // before the upload ends, nothing is replaced.
+            let (_, key) = self.open_regular(name)?;
+            let cached = self.lock_cache().get(name).map(|(k, m)| (*k, m.blake3()));
+            replacing = match cached {
+                Some((k, blake3)) if k == key && blake3 == existing.blake3() => {
+                    Some(Seen { key, blake3 })
+                }
+                _ => Seen::of(&self.path_of(name))?,
+            };
         }
         let guard = UploadGuard::claim(&self.uploads, name)?;
         static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -594,6 +602,15 @@ impl Seen {
     /// The regular file at `path` (not following a symlink), or `None` if there is none.
     /// `Conflict` if something else is there.
     pub fn of(path: &Path) -> Result<Option<Self>, StoreError> {
+        Ok(Self::read(path, false)?.map(|(seen, _)| seen))
+    }
+
+    /// Like [`of`](Self::of), with the file's content-defined tree, from the same read.
+    pub fn with_tree(path: &Path) -> Result<Option<(Self, Tree)>, StoreError> {
+        Ok(Self::read(path, true)?.map(|(seen, tree)| (seen, tree.unwrap_or_default())))
+    }
+
+    fn read(path: &Path, tree: bool) -> Result<Option<(Self, Option<Tree>)>, StoreError> {
         let file = match open_nofollow(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -613,18 +630,21 @@ impl Seen {
                 path.display()
             )));
         }
-        let mut h = blake3::Hasher::new();
-        h.update_reader(io::BufReader::with_capacity(1 << 20, &file))
-            .map_err(io)?;
+        let reader = io::BufReader::with_capacity(1 << 20, &file);
+        let (tree, blake3) = if tree {
+            let (t, h) = Tree::of_hashed(reader).map_err(io)?;
+            (Some(t), h)
+        } else {
+            let mut h = blake3::Hasher::new();
+            h.update_reader(reader).map_err(io)?;
+            (None, *h.finalize().as_bytes())
+        };
         let after = file.metadata().map_err(io)?;
         let key = FileKey::of(&meta);
         if FileKey::of(&after) != key {
             return Err(StoreError::Changed(path.display().to_string()));
         }
-        Ok(Some(Self {
-            key,
-            blake3: *h.finalize().as_bytes(),
-        }))
+        Ok(Some((Self { key, blake3 }, tree)))
     }
 }
 

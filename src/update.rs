@@ -37,8 +37,11 @@ pub struct Filled {
 
 /// Fills `partial` (whose chunks `have` already verify) for `manifest` from the old copy at
 /// `old` and from `sources`.
+/// `old_tree` is our copy's tree; `groups`, the new version's group signatures if the first
+/// source already gave them.
 pub async fn fill(
     old: &Path,
+    (old_tree, groups): (Tree, Option<Vec<Sig>>),
     manifest: &Arc<Manifest>,
     partial: &Arc<PartialFile>,
     have: Vec<bool>,
@@ -48,7 +51,7 @@ pub async fn fill(
         have,
         ..Filled::default()
     };
-    let Some(steps) = plan(old, manifest, sources).await? else {
+    let Some(steps) = plan(&old_tree, groups, manifest, sources).await else {
         return Ok(filled);
     };
     // Steps are cut at chunk boundaries; those inside chunks that already verify (an
@@ -91,40 +94,33 @@ pub async fn fill(
 /// The steps that build `manifest`'s version from the old copy, or `None` if no peer tells us
 /// the new version's tree.
 async fn plan(
-    old: &Path,
+    old_tree: &Tree,
+    groups: Option<Vec<Sig>>,
     manifest: &Manifest,
     sources: &[Arc<PeerSource>],
-) -> anyhow::Result<Option<Vec<Step>>> {
-    let old_path = old.to_owned();
-    let old_tree = tokio::task::spawn_blocking(move || {
-        let file = std::fs::File::open(&old_path)?;
-        Tree::of(std::io::BufReader::with_capacity(1 << 20, file))
-    });
+) -> Option<Vec<Step>> {
     let version = manifest.blake3();
-    let mut groups = None;
-    for s in sources {
+    let mut found = groups.and_then(|g| Some((sources.first()?, g)));
+    for s in sources.iter().skip(1) {
+        if found.is_some() {
+            break;
+        }
         match s.groups(version).await {
-            Ok(g) => {
-                groups = Some((s, g));
-                break;
-            }
+            Ok(g) => found = Some((s, g)),
             Err(e) => tracing::info!(source = s.name(), "no tree for the update: {e}"),
         }
     }
-    let old_tree = old_tree.await??;
-    let Some((source, groups)) = groups else {
-        return Ok(None);
-    };
+    let (source, groups) = found?;
     if groups.iter().map(|g| u64::from(g.len)).sum::<u64>() != manifest.size() {
         tracing::warn!(
             source = source.name(),
             "its tree does not add up to the file; not used"
         );
-        return Ok(None);
+        return None;
     }
-    let index = Index::of(&old_tree);
+    let index = Index::of(old_tree);
     let leaves = expand(source, version, &groups, &index).await;
-    Ok(Some(crate::delta::plan(&groups, &leaves, &index)))
+    Some(crate::delta::plan(&groups, &leaves, &index))
 }
 
 /// The leaf signatures of the groups our copy lacks (`None` for the others, or where asking
