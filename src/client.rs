@@ -4,8 +4,10 @@
 //! stream per request. Every error names the peer. [`PeerSource`] adapts a client to the download
 //! engine's [`ChunkSource`]. Scheduling across peers is not done here.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -224,7 +226,7 @@ impl Client {
         name: &FileName,
         path: &Path,
         (size, blake3): (u64, Hash32),
-        replace: Option<&Tree>,
+        replace: Option<impl Future<Output = Result<Arc<Tree>, std::io::Error>>>,
     ) -> Result<UploadStatus, ClientError> {
         let local = |source| ClientError::Local {
             path: path.display().to_string(),

@@ -61,7 +61,45 @@ impl<R: Read> Read for Hashing<'_, R> {
     }
 }
 
+/// Reads a file from its own position, so two readers of one descriptor do not share an offset.
+struct At<'a> {
+    file: &'a std::fs::File,
+    pos: u64,
+}
+
+impl Read for At<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
 impl Tree {
+    /// The tree of `file` and its BLAKE3, computed side by side on two threads (each reads the
+    /// file itself: page-cache reads are cheap next to chunking and hashing).
+    pub fn of_file(file: &std::fs::File) -> std::io::Result<(Self, [u8; 32])> {
+        std::thread::scope(|s| {
+            let hash = s.spawn(|| {
+                let mut h = blake3::Hasher::new();
+                h.update_reader(std::io::BufReader::with_capacity(
+                    1 << 20,
+                    At { file, pos: 0 },
+                ))?;
+                Ok::<_, std::io::Error>(*h.finalize().as_bytes())
+            });
+            let tree = Self::of(std::io::BufReader::with_capacity(
+                1 << 20,
+                At { file, pos: 0 },
+            ));
+            let hash = hash
+                .join()
+                .map_err(|_| std::io::Error::other("the hashing thread failed"))??;
+            Ok((tree?, hash))
+        })
+    }
+
     /// The tree of everything `reader` yields, and its BLAKE3, in one pass.
     pub fn of_hashed(reader: impl Read) -> std::io::Result<(Self, [u8; 32])> {
         let mut hasher = blake3::Hasher::new();

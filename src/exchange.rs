@@ -7,6 +7,7 @@
 //! the caller. Responders get the decoded request from [`read_request`] and answer with the
 //! functions named after the answer.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -237,8 +238,9 @@ pub async fn leaves(
 /// `Upload` (or `Replace`, if `replace`): sends `size` bytes read from `file` as `name` (hashing to
 /// `blake3`).
 ///
-/// With `replace`, `tree` is the file's content-defined tree: a peer holding another version asks
-/// for only what it lacks (see [`Delta`]).
+/// With `replace`, which yields the file's content-defined tree (it may still be computing while
+/// the request travels), a peer holding another version asks for only what it lacks (see
+/// [`Delta`]).
 #[allow(clippy::too_many_arguments)]
 pub async fn upload(
     send: &mut impl SendBytes,
@@ -246,7 +248,7 @@ pub async fn upload(
     name: &FileName,
     size: u64,
     blake3: Hash32,
-    replace: Option<&Tree>,
+    replace: Option<impl Future<Output = Result<Arc<Tree>, std::io::Error>>>,
     file: &mut (impl AsyncRead + AsyncSeek + Unpin),
 ) -> Result<UploadStatus, ExchangeError> {
     let name = name.clone();
@@ -258,7 +260,10 @@ pub async fn upload(
     match (ask(send, recv, &req, false).await?, replace) {
         (Response::Ready, _) => send_body(send, size, file).await?,
         (Response::AlreadyPresent, _) => return Ok(UploadStatus::AlreadyPresent),
-        (Response::SendDelta, Some(tree)) => send_delta(send, recv, tree, file).await?,
+        (Response::SendDelta, Some(tree)) => {
+            let tree = tree.await.map_err(ExchangeError::Local)?;
+            send_delta(send, recv, &tree, file).await?
+        }
         _ => return Err(ExchangeError::Unexpected("upload")),
     }
     let _ = send.shutdown().await;
@@ -471,11 +476,13 @@ pub async fn receive_upload<E, F: Future<Output = Result<(), E>>>(
 /// requester's signatures, says what it lacks, and hands the lacking leaves' bytes to `sink` at
 /// their offsets. Returns the plan (its `Copy` steps are for the caller to carry out from the old
 /// copy; its `Fetch` steps are what `sink` received). Each read may take at most `timeout`.
+///
+/// `old` yields the index of our version; it runs while the requester's signatures travel.
 pub async fn receive_delta<E, F: Future<Output = Result<(), E>>>(
     send: &mut impl SendBytes,
     recv: &mut (impl AsyncRead + Unpin),
     size: u64,
-    old: &Index,
+    old: impl Future<Output = Result<Index, E>>,
     timeout: Duration,
     mut sink: impl FnMut(u64, Vec<u8>) -> F,
 ) -> Result<Vec<Step>, BodyError<E>> {
@@ -505,7 +512,9 @@ pub async fn receive_delta<E, F: Future<Output = Result<(), E>>>(
         Ok(Err(e)) => Err(gone(e)),
         Ok(Ok(m)) => Ok(m),
     };
-    let Delta::Groups(groups) = next(recv).await? else {
+    let (groups, old) = tokio::join!(next(recv), old);
+    let old = &old.map_err(BodyError::Sink)?;
+    let Delta::Groups(groups) = groups? else {
         return Err(refused("expected group signatures"));
     };
     if groups.iter().map(|g| u64::from(g.len)).sum::<u64>() != size {
@@ -692,7 +701,7 @@ mod tests {
             &name("u.bin"),
             1_000_000,
             [0; 32],
-            None,
+            None::<std::future::Ready<std::io::Result<Arc<Tree>>>>,
             &mut file,
         )
         .await;

@@ -15,9 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use futures_util::StreamExt;
 use futures_util::future::join_all;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::client::{Client, ClientError, PeerSource, Redial, UploadStatus};
@@ -403,31 +403,38 @@ impl Node {
     ) -> anyhow::Result<Uploaded> {
         let targets = self.select(peers)?;
         let (path, name) = self.resolve_upload(file)?;
-        // To replace, also the file's tree (from the same read): a peer holding another version
-        // asks only for what it lacks.
         let p = path.clone();
-        let read = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-            if !replace {
-                let (size, hash) = hash_file(&p)?;
-                return Ok((size, hash, None));
+        let hashed = tokio::task::spawn_blocking(move || hash_file(&p));
+        // To replace, also the file's tree, computed beside the hash and still running while the
+        // request travels: a peer holding another version asks only for what it lacks.
+        let tree = replace.then(|| {
+            let p = path.clone();
+            let task = tokio::task::spawn_blocking(move || {
+                let file = std::fs::File::open(&p)?;
+                let tree = crate::delta::Tree::of(std::io::BufReader::with_capacity(1 << 20, file));
+                tree.map(Arc::new)
+            });
+            async move {
+                match task.await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
             }
-            let file = std::fs::File::open(&p)?;
-            let size = file.metadata()?.len();
-            let reader = std::io::BufReader::with_capacity(1 << 20, file);
-            let (tree, hash) = crate::delta::Tree::of_hashed(reader)?;
-            Ok((size, hash, Some(tree)))
+            .shared()
         });
-        let (size, hash, tree) = read
+        let (size, hash) = hashed
             .await?
             .with_context(|| format!("reading {}", path.display()))?;
-        let tree = tree.as_ref();
         let results = join_all(targets.iter().map(|entry| {
-            let (path, name) = (&path, &name);
+            let (path, name, tree) = (&path, &name, &tree);
             async move {
                 if entry.id == self.me {
                     return Err(PeerFailure::IsMe(entry.id.clone()));
                 }
                 let client = self.client(entry).await?;
+                let tree = tree
+                    .clone()
+                    .map(|t| async move { t.await.map_err(std::io::Error::other) });
                 Ok(client.upload(name, path, (size, hash), tree).await?)
             }
         }))

@@ -618,9 +618,8 @@ async fn receive_delta(
 ) -> Result<(Check, u64), Failure> {
     let store = server.store.clone();
     let n = name.clone();
-    let tree = blocking(move || store.tree(&n, old.blake3)).await?;
-    let index = Index::of(&tree);
-    let steps = exchange::receive_delta(send, recv, size, &index, READ_TIMEOUT, |at, piece| {
+    let index = blocking(move || store.tree(&n, old.blake3).map(|t| Index::of(&t)));
+    let steps = exchange::receive_delta(send, recv, size, index, READ_TIMEOUT, |at, piece| {
         let upload = upload.clone();
         blocking(move || upload.partial.write_at(at, &piece))
     })

@@ -630,13 +630,13 @@ impl Seen {
                 path.display()
             )));
         }
-        let reader = io::BufReader::with_capacity(1 << 20, &file);
         let (tree, blake3) = if tree {
-            let (t, h) = Tree::of_hashed(reader).map_err(io)?;
+            let (t, h) = Tree::of_file(&file).map_err(io)?;
             (Some(t), h)
         } else {
             let mut h = blake3::Hasher::new();
-            h.update_reader(reader).map_err(io)?;
+            h.update_reader(io::BufReader::with_capacity(1 << 20, &file))
+                .map_err(io)?;
             (None, *h.finalize().as_bytes())
         };
         let after = file.metadata().map_err(io)?;
@@ -770,16 +770,46 @@ impl PartialFile {
     /// Copies `(from, to, len)` ranges of the regular file at `src` (not following a symlink)
     /// into this file; returns the bytes copied.
     pub fn copy_from(&self, src: &Path, ranges: &[(u64, u64, u64)]) -> Result<u64, StoreError> {
+        use std::os::fd::AsRawFd;
         let io = |e| StoreError::io("reading", src, e);
         let file = open_nofollow(src).map_err(io)?;
-        let mut buf = vec![0u8; 1 << 20];
+        let mut buf = Vec::new();
         let mut total = 0;
         for &(from, to, len) in ranges {
+            if to.checked_add(len).is_none_or(|end| end > self.size) {
+                return Err(StoreError::io(
+                    "writing",
+                    &self.temp,
+                    io::Error::new(io::ErrorKind::InvalidInput, "copy past the announced size"),
+                ));
+            }
             let mut done = 0;
+            // In the kernel where it can (no copy through our memory; shared extents on file
+            // systems that have them), else through a buffer.
             while done < len {
-                let n = (len - done).min(buf.len() as u64) as usize;
-                file.read_exact_at(&mut buf[..n], from + done).map_err(io)?;
-                self.write_at(to + done, &buf[..n])?;
+                let (mut off_in, mut off_out) = ((from + done) as i64, (to + done) as i64);
+                let want = (len - done).min(1 << 30) as usize;
+                // SAFETY: both descriptors are open for the call; the offsets are ours.
+                let n = unsafe {
+                    libc::copy_file_range(
+                        file.as_raw_fd(),
+                        &mut off_in,
+                        self.file.as_raw_fd(),
+                        &mut off_out,
+                        want,
+                        0,
+                    )
+                };
+                if n <= 0 {
+                    break;
+                }
+                done += n as u64;
+            }
+            while done < len {
+                let n = (len - done).min(1 << 20) as usize;
+                buf.resize(n, 0);
+                file.read_exact_at(&mut buf, from + done).map_err(io)?;
+                self.write_at(to + done, &buf)?;
                 done += n as u64;
             }
             total += len;

@@ -83,9 +83,12 @@ pub async fn fill(
             off = end;
         }
     }
+    // Copying from our copy and fetching from the peers, side by side.
     let (old_path, p) = (old.to_owned(), partial.clone());
-    filled.reused = tokio::task::spawn_blocking(move || p.copy_from(&old_path, &copies)).await??;
-    filled.fetched = fetch(partial, &fetches, chunk, sources).await;
+    let copied = tokio::task::spawn_blocking(move || p.copy_from(&old_path, &copies));
+    let (copied, fetched) = tokio::join!(copied, fetch(partial, &fetches, chunk, sources));
+    filled.reused = copied??;
+    filled.fetched = fetched;
     let (p, m) = (partial.clone(), manifest.clone());
     filled.have = tokio::task::spawn_blocking(move || p.check_chunks(&m)).await??;
     Ok(filled)
