@@ -294,28 +294,12 @@ async fn handle_stream(
         Request::List => handle_list(&mut send, &server).await,
         Request::Describe { name } => handle_describe(&mut send, &server, &name).await,
         Request::ReadChunk { name, offset, len } => {
-            let piece = Piece::Chunk;
-            handle_read(
-                &mut send,
-                &server,
-                (&peer, &budget),
-                &name,
-                (offset, len),
-                piece,
-            )
-            .await
+            let to = (&peer, &*budget);
+            handle_read(&mut send, &server, to, &name, (offset, len), Piece::Chunk).await
         }
         Request::ReadRange { name, offset, len } => {
-            let piece = Piece::Range;
-            handle_read(
-                &mut send,
-                &server,
-                (&peer, &budget),
-                &name,
-                (offset, len),
-                piece,
-            )
-            .await
+            let to = (&peer, &*budget);
+            handle_read(&mut send, &server, to, &name, (offset, len), Piece::Range).await
         }
         Request::Groups { name, blake3 } => handle_groups(&mut send, &server, &name, blake3).await,
         Request::Leaves {

@@ -345,17 +345,7 @@ impl Store {
         offset: u64,
         len: u32,
     ) -> Result<Vec<u8>, StoreError> {
-        let (file, key) = self.open_regular(name)?;
-        let chunk = chunk_size_for(key.size);
-        if u64::from(len) > chunk {
-            return Err(StoreError::NotAChunk {
-                name: name.clone(),
-                offset,
-                len: u64::from(len),
-                chunk,
-            });
-        }
-        self.read_open(name, file, key, offset, len)
+        self.read_bounded(name, offset, len, false)
     }
 
     /// Reads one chunk of `name`: `offset` must start a chunk of the file's layout
@@ -367,9 +357,20 @@ impl Store {
         offset: u64,
         len: u32,
     ) -> Result<Vec<u8>, StoreError> {
+        self.read_bounded(name, offset, len, true)
+    }
+
+    /// Reads at most one chunk's length, starting a chunk if `aligned`.
+    fn read_bounded(
+        &self,
+        name: &FileName,
+        offset: u64,
+        len: u32,
+        aligned: bool,
+    ) -> Result<Vec<u8>, StoreError> {
         let (file, key) = self.open_regular(name)?;
         let chunk = chunk_size_for(key.size);
-        if !offset.is_multiple_of(chunk) || u64::from(len) > chunk {
+        if (aligned && !offset.is_multiple_of(chunk)) || u64::from(len) > chunk {
             return Err(StoreError::NotAChunk {
                 name: name.clone(),
                 offset,
