@@ -543,3 +543,84 @@ async fn a_peer_gets_a_bounded_number_of_connections() -> TestResult {
     assert!(served, "a freed slot is used again");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delta_requests_are_bounded_and_checked() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    let data = util::random_bytes(300_000, 21);
+    net.put("p1", "d.bin", &data)?;
+    net.put("p1", "old.txt", b"an old version")?;
+    let _server = net.serve("p1", &[])?;
+    let (_ep, conn) = connect(&net, "p2", "p1").await?;
+    let name = FileName::new("d.bin")?;
+    let version = *blake3::hash(&data).as_bytes();
+    let ask_frame = |r: &Request| encode_frame(r).map_err(anyhow::Error::from);
+
+    // More groups than one request may cover.
+    let too_many = Request::Leaves {
+        name: name.clone(),
+        blake3: version,
+        first: 0,
+        count: protocol::MAX_GROUPS_PER_REQUEST + 1,
+    };
+    expect_error(
+        raw(&conn, &ask_frame(&too_many)?).await?,
+        ErrorKind::TooLarge,
+        "leaves",
+    );
+    // A version the peer does not serve.
+    let other = Request::Groups {
+        name: name.clone(),
+        blake3: [9; 32],
+    };
+    expect_error(
+        raw(&conn, &ask_frame(&other)?).await?,
+        ErrorKind::Conflict,
+        "groups",
+    );
+    // A range longer than one chunk of the layout (300 kB has 32 KiB chunks).
+    let long = Request::ReadRange {
+        name: name.clone(),
+        offset: 1,
+        len: 200_000,
+    };
+    expect_error(
+        raw(&conn, &ask_frame(&long)?).await?,
+        ErrorKind::BadRequest,
+        "range",
+    );
+    // A range that is fine: any offset, at most one chunk.
+    let fine = Request::ReadRange {
+        name: name.clone(),
+        offset: 12_345,
+        len: 1000,
+    };
+    let (_s, recv) = ask(&conn, &ask_frame(&fine)?).await?;
+    let (len, bytes) = read_reply(recv).await?;
+    assert_eq!((len, &bytes[..]), (1000, &data[12_345..13_345]));
+
+    // A Replace whose signatures do not add up to the announced size is refused, and the old
+    // version stays.
+    let replace = Request::Replace {
+        name: FileName::new("old.txt")?,
+        size: 1000,
+        blake3: [1; 32],
+    };
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&ask_frame(&replace)?).await?;
+    let first: Response = protocol::read_msg(&mut recv, MAX_RESPONSE_LEN).await?;
+    assert_eq!(first, Response::SendDelta);
+    let sigs = protocol::Delta::Groups(vec![qnode::delta::Sig {
+        hash: [0; 8],
+        len: 10,
+    }]);
+    send.write_all(&encode_frame(&sigs)?).await?;
+    send.finish()?;
+    let answer: Response = protocol::read_msg(&mut recv, MAX_RESPONSE_LEN).await?;
+    expect_error(answer, ErrorKind::Corrupt, "replace");
+    assert_eq!(
+        std::fs::read(net.served("p1").join("old.txt"))?,
+        b"an old version"
+    );
+    Ok(())
+}
