@@ -21,6 +21,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::client::{Client, ClientError, PeerSource, Redial, UploadStatus};
+use crate::delta::{Sig, Tree};
 use crate::download::{self, DownloadReport, Options, Progress};
 use crate::identity::{self, Identity, InitOutcome};
 use crate::manifest::{FileName, Hash32, Manifest, hex};
@@ -411,7 +412,7 @@ impl Node {
             let p = path.clone();
             let task = tokio::task::spawn_blocking(move || {
                 let file = std::fs::File::open(&p)?;
-                let tree = crate::delta::Tree::of(std::io::BufReader::with_capacity(1 << 20, file));
+                let tree = Tree::of(std::io::BufReader::with_capacity(1 << 20, file));
                 tree.map(Arc::new)
             });
             async move {
@@ -517,37 +518,16 @@ impl Node {
         let manifest = done.manifest.clone();
         let target = done.target.clone();
 
-        // Already there, or another version to bring up to date? For an update, our copy's tree
-        // comes from the same read as its hash, while the first peer is asked for its groups.
-        let (seen, prefetched) = if req.update {
-            let first = members.first().map(|(_, c)| c.clone());
-            let groups = async {
-                match &first {
-                    Some(c) => c.groups(name, manifest.blake3()).await.ok(),
-                    None => None,
-                }
-            };
-            let t = target.clone();
-            let read = tokio::task::spawn_blocking(move || Seen::with_tree(&t));
-            let (read, groups) = tokio::join!(read, groups);
-            match not_overwriting(read?, &target)? {
-                Some((seen, tree)) => (Some(seen), Some((tree, groups))),
-                None => (None, None),
-            }
-        } else {
-            (not_overwriting(Seen::of(&target), &target)?, None)
-        };
-        let old = match seen {
-            Some(seen) if seen.blake3 == manifest.blake3() => {
+        // Already there, or another version to bring up to date?
+        let first = members.first().map(|(_, c)| c.clone());
+        let (old, prefetched) = match look_at(&target, req.update, first, name, &manifest).await? {
+            At::Same => {
                 done.left_out = answers.left_out;
                 done.elapsed = started.elapsed();
                 return Ok(done);
             }
-            Some(_) if !req.update => bail!(
-                "{} already exists with different content; not overwriting it (use --update to replace it with the peers' version, or --output to save elsewhere)",
-                target.display()
-            ),
-            old => old,
+            At::Nothing => (None, None),
+            At::Other(seen, prefetched) => (Some(seen), prefetched),
         };
 
         let (join, sources) = mpsc::unbounded_channel();
@@ -559,13 +539,12 @@ impl Node {
         }
         let (partial, mut have) = open_partial(&target, &manifest).await?;
         let resumed = bytes_of(&manifest, &have);
-        if let (Some(_), Some((tree, groups))) = (&old, prefetched) {
+        if let Some(prefetched) = prefetched {
             let peers = opened.borrow().clone();
-            let fill = update::fill(&target, (tree, groups), &manifest, &partial, have, &peers);
-            let filled = fill.await?;
-            done.reused_bytes = filled.reused;
-            done.range_bytes = filled.fetched;
-            have = filled.have;
+            let filled = update::fill(&target, prefetched, &manifest, &partial, have, &peers);
+            let filled = filled.await?;
+            (done.reused_bytes, done.range_bytes, have) =
+                (filled.reused, filled.fetched, filled.have);
         }
         (on.borrow_mut())(DownloadEvent::Started(manifest.size()));
         let opts = Options {
@@ -600,13 +579,7 @@ impl Node {
         for source in opened.into_inner() {
             source.close().await;
         }
-        done.left_out = answers.left_out;
-        done.left_out.extend(late_left_out.into_inner());
-        let silent = candidates
-            .iter()
-            .filter(|e| !answers.answered.contains(&e.id));
-        done.left_out
-            .extend(silent.map(|e| (e.id.clone(), LeftOut::TooLate)));
+        done.left_out = answers.all_left_out(late_left_out.into_inner(), &candidates);
         let mut report = transferred(outcome, &partial, name, &target)?;
         // Chunks built from our old copy are reused, not resumed.
         report.resumed_bytes = report.resumed_bytes.min(resumed);
@@ -714,6 +687,20 @@ impl<'a> Answers<'a> {
                 () = &mut grace, if grace_set => return,
             }
         }
+    }
+
+    /// Everyone left out: those known before the transfer, those that answered during it
+    /// (`late`), and those that never answered.
+    fn all_left_out(
+        self,
+        late: Vec<(PeerId, LeftOut)>,
+        candidates: &[PeerEntry],
+    ) -> Vec<(PeerId, LeftOut)> {
+        let mut all = self.left_out;
+        all.extend(late);
+        let silent = candidates.iter().filter(|e| !self.answered.contains(&e.id));
+        all.extend(silent.map(|e| (e.id.clone(), LeftOut::TooLate)));
+        all
     }
 
     fn take(&mut self, entry: &'a PeerEntry, answer: Answer) {
@@ -850,6 +837,53 @@ fn bytes_of(manifest: &Manifest, have: &[bool]) -> u64 {
         .filter(|(_, h)| **h)
         .map(|(i, _)| manifest.chunk_len(i as u32).unwrap_or(0))
         .sum()
+}
+
+/// What a download finds at its target.
+enum At {
+    /// Nothing: a plain download.
+    Nothing,
+    /// The version to fetch.
+    Same,
+    /// Another version, to update (with its tree and, if the first peer gave them, the new
+    /// version's group signatures).
+    Other(Seen, Option<(Tree, Option<Vec<Sig>>)>),
+}
+
+/// What is at `target` now; another version is refused unless `update`. For an update, also our
+/// copy's tree (from the same read as its hash), while `first` is asked for the new version's
+/// group signatures.
+async fn look_at(
+    target: &Path,
+    update: bool,
+    first: Option<Client>,
+    name: &FileName,
+    manifest: &Manifest,
+) -> anyhow::Result<At> {
+    if !update {
+        return match not_overwriting(Seen::of(target), target)? {
+            None => Ok(At::Nothing),
+            Some(seen) if seen.blake3 == manifest.blake3() => Ok(At::Same),
+            Some(_) => bail!(
+                "{} already exists with different content; not overwriting it (use --update to replace it with the peers' version, or --output to save elsewhere)",
+                target.display()
+            ),
+        };
+    }
+    let groups = async {
+        match &first {
+            Some(c) => c.groups(name, manifest.blake3()).await.ok(),
+            None => None,
+        }
+    };
+    let t = target.to_owned();
+    let read = tokio::task::spawn_blocking(move || Seen::with_tree(&t));
+    let (read, groups) = tokio::join!(read, groups);
+    Ok(match not_overwriting(read?, target)? {
+        Some((seen, _)) if seen.blake3 == manifest.blake3() => At::Same,
+        Some((seen, tree)) => At::Other(seen, Some((tree, groups))),
+        None => At::Nothing,
+    })
 }
 
 /// What [`Seen`] found at `path`, with a clear message if it is not a regular file.
