@@ -22,14 +22,6 @@ fn qnode() -> String {
     std::env::var("QNODE_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_qnode").into())
 }
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// Text-like bytes: words and lines, not random bytes.
 fn text(len: usize, seed: u64) -> Vec<u8> {
     let words = [
@@ -119,7 +111,7 @@ impl Peers {
 fn main() -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    if !root || !["ip", "tc", "rsync"].iter().all(|t| have(t)) {
+    if !root || !["ip", "tc", "rsync"].iter().all(|t| netns::have(t)) {
         eprintln!("note: the edits benchmark needs root, ip, tc and rsync (apt-get install rsync)");
         return Ok(());
     }

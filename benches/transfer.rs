@@ -343,7 +343,7 @@ fn sendme_runs(file: &Path, size: u64, runs: usize) -> anyhow::Result<Option<Vec
             Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-tools/bin/sendme")
         });
     // SAFETY: geteuid has no preconditions.
-    if !bin.exists() || unsafe { libc::geteuid() } != 0 || !have("ip") {
+    if !bin.exists() || unsafe { libc::geteuid() } != 0 || !netns::have("ip") {
         eprintln!(
             "note: no sendme reference (needs root, ip, and {}; benches/run.sh installs it)",
             bin.display()
@@ -1006,23 +1006,15 @@ fn long_links(size: u64, runs: usize) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 fn namespaces(size: u64, runs: usize) -> anyhow::Result<Vec<Row>> {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || !have("ip") || !have("tc") {
+    if unsafe { libc::geteuid() } != 0 || !netns::have("ip") || !netns::have("tc") {
         eprintln!(
             "SKIPPED ns-* scenarios: they need root, ip and tc (benches/run.sh installs them)"
         );
         return Ok(vec![]);
     }
-    let with_aria = have("aria2c") && have("nginx");
+    let with_aria = netns::have("aria2c") && netns::have("nginx");
     if !with_aria {
         eprintln!(
             "note: aria2c or nginx missing; ns-* rows have no aria2c reference (benches/run.sh installs them)"

@@ -156,18 +156,14 @@ impl Client {
     /// The files the peer serves (the first `MAX_LISTED_FILES` if there are more), and how many
     /// it serves.
     pub async fn list(&self) -> Result<(Vec<FileEntry>, u64), ClientError> {
-        let (mut send, mut recv) = self.open().await?;
-        exchange::list(&mut send, &mut recv)
+        self.on_stream(async |send, recv| exchange::list(send, recv).await)
             .await
-            .map_err(|e| self.exchange(e))
     }
 
     /// The manifest of `name`, or `None` if the peer does not serve it.
     pub async fn describe(&self, name: &FileName) -> Result<Option<Manifest>, ClientError> {
-        let (mut send, mut recv) = self.open().await?;
-        exchange::describe(&mut send, &mut recv, name)
+        self.on_stream(async |send, recv| exchange::describe(send, recv, name).await)
             .await
-            .map_err(|e| self.exchange(e))
     }
 
     /// `len` bytes of `name` at `offset`, unverified (the caller checks them).
@@ -177,10 +173,8 @@ impl Client {
         offset: u64,
         len: u32,
     ) -> Result<Bytes, ClientError> {
-        let (mut send, mut recv) = self.open().await?;
-        exchange::read_chunk(&mut send, &mut recv, name, offset, len)
+        self.on_stream(async |send, recv| exchange::read_chunk(send, recv, name, offset, len).await)
             .await
-            .map_err(|e| self.exchange(e))
     }
 
     /// `len` bytes of `name` at any `offset` (at most one chunk), unverified.
@@ -190,18 +184,14 @@ impl Client {
         offset: u64,
         len: u32,
     ) -> Result<Bytes, ClientError> {
-        let (mut send, mut recv) = self.open().await?;
-        exchange::read_range(&mut send, &mut recv, name, offset, len)
+        self.on_stream(async |send, recv| exchange::read_range(send, recv, name, offset, len).await)
             .await
-            .map_err(|e| self.exchange(e))
     }
 
     /// The group signatures of version `blake3` of `name`.
     pub async fn groups(&self, name: &FileName, blake3: Hash32) -> Result<Vec<Sig>, ClientError> {
-        let (mut send, mut recv) = self.open().await?;
-        exchange::groups(&mut send, &mut recv, name, blake3)
+        self.on_stream(async |send, recv| exchange::groups(send, recv, name, blake3).await)
             .await
-            .map_err(|e| self.exchange(e))
     }
 
     /// The leaf signatures of groups `first..first + count` of version `blake3` of `name`.
@@ -212,10 +202,10 @@ impl Client {
         first: u32,
         count: u32,
     ) -> Result<Vec<Sig>, ClientError> {
-        let (mut send, mut recv) = self.open().await?;
-        exchange::leaves(&mut send, &mut recv, name, blake3, first, count)
-            .await
-            .map_err(|e| self.exchange(e))
+        self.on_stream(async |send, recv| {
+            exchange::leaves(send, recv, name, blake3, first, count).await
+        })
+        .await
     }
 
     /// Uploads the local file at `path` (`size` bytes hashing to `blake3`) as `name`; with
@@ -245,6 +235,20 @@ impl Client {
     /// A new request stream.
     async fn open(&self) -> Result<(quinn::SendStream, quinn::RecvStream), ClientError> {
         self.conn.open_bi().await.map_err(|e| self.connection(e))
+    }
+
+    /// Runs one exchange on a new stream; its failure names the peer.
+    async fn on_stream<T>(
+        &self,
+        exchange: impl AsyncFnOnce(
+            &mut quinn::SendStream,
+            &mut quinn::RecvStream,
+        ) -> Result<T, ExchangeError>,
+    ) -> Result<T, ClientError> {
+        let (mut send, mut recv) = self.open().await?;
+        exchange(&mut send, &mut recv)
+            .await
+            .map_err(|e| self.exchange(e))
     }
 
     /// Names the peer in a failed exchange.

@@ -47,20 +47,6 @@ fn short(h: blake3::Hash) -> [u8; 8] {
     out
 }
 
-/// Hashes what passes through it.
-struct Hashing<'a, R> {
-    inner: R,
-    hasher: &'a mut blake3::Hasher,
-}
-
-impl<R: Read> Read for Hashing<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-}
-
 /// Reads a file from its own position, so two readers of one descriptor do not share an offset.
 struct At<'a> {
     file: &'a std::fs::File,
@@ -98,16 +84,6 @@ impl Tree {
                 .map_err(|_| std::io::Error::other("the hashing thread failed"))??;
             Ok((tree?, hash))
         })
-    }
-
-    /// The tree of everything `reader` yields, and its BLAKE3, in one pass.
-    pub fn of_hashed(reader: impl Read) -> std::io::Result<(Self, [u8; 32])> {
-        let mut hasher = blake3::Hasher::new();
-        let tree = Self::of(Hashing {
-            inner: reader,
-            hasher: &mut hasher,
-        })?;
-        Ok((tree, *hasher.finalize().as_bytes()))
     }
 
     /// The tree of everything `reader` yields.
@@ -391,9 +367,11 @@ mod tests {
     }
 
     #[test]
-    fn the_hash_of_one_pass_is_the_files_blake3() {
+    fn a_files_tree_and_hash_side_by_side_are_its_tree_and_blake3() {
         let data = text(300_000, 4);
-        let (tree, hash) = Tree::of_hashed(&data[..]).unwrap();
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, &data).unwrap();
+        let (tree, hash) = Tree::of_file(&file).unwrap();
         assert_eq!(hash, *blake3::hash(&data).as_bytes());
         assert_eq!(tree, Tree::of(&data[..]).unwrap());
     }

@@ -26,7 +26,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::manifest::{Hash32, Manifest};
-use crate::schedule::{Action, ChunkSet, Event, RequestId, Scheduler, SourceId, Status};
+use crate::schedule::{Action, ChunkSet, Event, RequestId, Scheduler, Status};
 pub use crate::schedule::{Options, SourceReport};
 use crate::store::{PartialFile, StoreError};
 
@@ -198,7 +198,7 @@ impl<S: ChunkSource> Driver<S> {
     }
 
     /// Carries out the scheduler's actions.
-    fn act(&mut self, actions: Vec<Action>, names: impl Fn(SourceId) -> String) {
+    fn act(&mut self, actions: Vec<Action>) {
         for action in actions {
             match action {
                 Action::Ask {
@@ -246,10 +246,13 @@ impl<S: ChunkSource> Driver<S> {
                 }
                 Action::Rest { source, until } => {
                     let rest = until.saturating_duration_since(Instant::now());
-                    tracing::info!(source = %names(source), "connection lost; trying again in {rest:?}");
+                    tracing::info!(
+                        source = self.sources[source].name(),
+                        "connection lost; trying again in {rest:?}"
+                    );
                 }
                 Action::Drop { source, reason } => {
-                    tracing::info!(source = %names(source), "dropped: {reason}");
+                    tracing::info!(source = self.sources[source].name(), "dropped: {reason}");
                 }
             }
         }
@@ -302,8 +305,7 @@ pub async fn run<S: ChunkSource>(
             );
         }
         let actions = sched.poll(now);
-        let names: Vec<String> = io.sources.iter().map(|s| s.name().to_owned()).collect();
-        io.act(actions, |s| names.get(s).cloned().unwrap_or_default());
+        io.act(actions);
         match sched.status(now) {
             Status::Finished => break,
             Status::Stuck if !joining => {

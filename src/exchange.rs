@@ -541,23 +541,21 @@ pub async fn receive_delta<E, F: Future<Output = Result<(), E>>>(
         .await
         .map_err(gone)?;
     let steps = delta::plan(&groups, &expanded, old);
-    let mut buf = vec![0u8; UPLOAD_BUF];
     for step in &steps {
         let Step::Fetch { at, len } = *step else {
             continue;
         };
         let mut done = 0u64;
         while done < len {
-            let n = (len - done).min(UPLOAD_BUF as u64) as usize;
-            match tokio::time::timeout(timeout, recv.read_exact(&mut buf[..n])).await {
+            let mut piece = vec![0u8; (len - done).min(UPLOAD_BUF as u64) as usize];
+            match tokio::time::timeout(timeout, recv.read_exact(&mut piece)).await {
                 Err(_) => return Err(silent()),
                 Ok(Err(e)) => return Err(BodyError::Gone(e)),
                 Ok(Ok(_)) => {}
             }
-            sink(at + done, buf[..n].to_vec())
-                .await
-                .map_err(BodyError::Sink)?;
-            done += n as u64;
+            let n = piece.len() as u64;
+            sink(at + done, piece).await.map_err(BodyError::Sink)?;
+            done += n;
         }
     }
     // Nothing more may follow.

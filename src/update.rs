@@ -86,7 +86,7 @@ pub async fn fill(
     // Copying from our copy and fetching from the peers, side by side.
     let (old_path, p) = (old.to_owned(), partial.clone());
     let copied = tokio::task::spawn_blocking(move || p.copy_from(&old_path, &copies));
-    let (copied, fetched) = tokio::join!(copied, fetch(partial, &fetches, chunk, sources));
+    let (copied, fetched) = tokio::join!(copied, fetch(partial, &fetches, sources));
     filled.reused = copied??;
     filled.fetched = fetched;
     let (p, m) = (partial.clone(), manifest.clone());
@@ -155,50 +155,39 @@ async fn expand(
     .await;
     let mut out: Vec<Option<Vec<Sig>>> = vec![None; groups.len()];
     for (first, n, answer) in answers {
-        let Ok(leaves) = answer else { continue };
-        // Split the answer back into groups by their lengths.
-        let mut it = leaves.into_iter();
-        for (i, g) in groups.iter().enumerate().skip(first).take(n) {
-            let mut mine = Vec::new();
-            let mut len = 0u64;
-            while len < u64::from(g.len) {
-                let Some(l) = it.next() else { break };
-                len += u64::from(l.len);
-                mine.push(l);
-            }
-            out[i] = Some(mine);
+        let indices: Vec<u32> = (first as u32..(first + n) as u32).collect();
+        // A failed request, or leaves that do not add up: those groups are fetched whole.
+        let Some(split) = answer
+            .ok()
+            .and_then(|l| crate::delta::split(groups, &indices, &l))
+        else {
+            continue;
+        };
+        for i in indices {
+            out[i as usize] = split[i as usize].clone();
         }
     }
     out
 }
 
-/// Fetches `(at, len)` ranges of the new version into `partial`, in pieces that do not cross a
-/// chunk boundary, spread over `sources`. A failed piece is left to the engine (its chunk will
+/// Fetches `(at, len)` ranges of the new version (none crossing a chunk boundary) into
+/// `partial`, spread over `sources`. A failed piece is left to the engine (its chunk will
 /// not verify). Returns the bytes fetched per peer.
 async fn fetch(
     partial: &Arc<PartialFile>,
     ranges: &[(u64, u64)],
-    chunk: u64,
     sources: &[Arc<PeerSource>],
 ) -> HashMap<String, u64> {
-    let mut pieces = Vec::new();
-    for &(at, len) in ranges {
-        let mut off = at;
-        while off < at + len {
-            let end = (at + len).min((off / chunk + 1) * chunk);
-            pieces.push((off, (end - off) as u32));
-            off = end;
-        }
-    }
     let mut fetched: HashMap<String, u64> = HashMap::new();
     if sources.is_empty() {
         return fetched;
     }
-    let mut results = futures_util::stream::iter(pieces.into_iter().enumerate())
+    let mut results = futures_util::stream::iter(ranges.iter().copied().enumerate())
         .map(|(k, (off, len))| {
             let source = sources[k % sources.len()].clone();
             async move {
-                let got = source.read_range(off, len).await;
+                // At most one chunk (`fill` cuts at chunk boundaries), so it fits a u32.
+                let got = source.read_range(off, len as u32).await;
                 (source, off, got)
             }
         })

@@ -14,13 +14,7 @@ use anyhow::{Context, bail};
 pub fn available(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let tools = ["ip", "tc", "nft", "ethtool"].iter().all(|t| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    });
+    let tools = ["ip", "tc", "nft", "ethtool"].iter().all(|t| have(t));
     if root && tools {
         return true;
     }
@@ -30,6 +24,15 @@ pub fn available(test: &str) -> bool {
         "SKIPPED {test}: needs root and ip, tc, nft, ethtool (.ci/run installs them)"
     );
     false
+}
+
+/// Whether `tool` is on the PATH.
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Runs a command given as one line (arguments separated by spaces).
