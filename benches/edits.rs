@@ -13,6 +13,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+// The tests' text generator.
+#[allow(unreachable_pub)]
+#[path = "../tests/util/text.rs"]
+mod text;
+use text::text;
+
 // The tests' namespaces (one module for both); the bench uses only part of it.
 #[allow(dead_code, unreachable_pub)]
 #[path = "../tests/util/netns.rs"]
@@ -20,34 +26,6 @@ mod netns;
 
 fn qnode() -> String {
     std::env::var("QNODE_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_qnode").into())
-}
-
-/// Text-like bytes: words and lines, not random bytes.
-fn text(len: usize, seed: u64) -> Vec<u8> {
-    let words = [
-        "the", "peer", "sends", "a", "chunk", "of", "verified", "text", "over", "quic", "and",
-        "every", "byte", "is", "checked", "before", "it", "lands", "on", "disk", "while", "edits",
-        "travel", "between", "nodes", "in", "small", "pieces", "only", "what", "changed", "moves",
-    ];
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 16);
-    let mut col = 0;
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let w = words[(x % words.len() as u64) as usize].as_bytes();
-        out.extend_from_slice(w);
-        col += w.len() + 1;
-        if col > 60 + (x >> 40) as usize % 20 {
-            out.push(b'\n');
-            col = 0;
-        } else {
-            out.push(b' ');
-        }
-    }
-    out.truncate(len);
-    out
 }
 
 /// Bytes host `ns` has sent and received on its link.

@@ -7,28 +7,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
 
+use util::text::text;
 use util::{Net, TestResult, b3, random_bytes, share};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Text-like bytes: words and lines, not random bytes.
-fn text(len: usize, seed: u64) -> Vec<u8> {
-    let words = [
-        "peer", "file", "sends", "the", "a", "chunk", "verified", "quic", "over", "text", "line",
-        "every", "byte", "is", "checked", "before", "lands", "edit", "travels", "only",
-    ];
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len + 16);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(words[(x % words.len() as u64) as usize].as_bytes());
-        out.push(if x.is_multiple_of(9) { b'\n' } else { b' ' });
-    }
-    out.truncate(len);
-    out
-}
 
 /// The versions kept in `dir`'s hidden displaced folder for `name`.
 fn displaced(dir: &Path, name: &str) -> Vec<Vec<u8>> {
