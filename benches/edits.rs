@@ -4,8 +4,11 @@
 //! namespaces on a rate-limited link (`tests/util/netns.rs`).
 //!
 //! `cargo bench --bench edits` (root, `ip`, `tc`, `rsync`; prints a note and exits otherwise).
+//! Each measurement is repeated and its median (min–max) printed: the tools take turns, case by
+//! case, so each meets the machine in the same state.
 //! Knobs: `QNODE_BENCH_EDIT_MIB` (file size, default 100), `QNODE_BENCH_EDIT_RATE` (tc rate,
-//! default 20mbit), `QNODE_BENCH_BIN` (the qnode binary).
+//! default 20mbit), `QNODE_BENCH_RUNS` (repetitions, default 3), `QNODE_BENCH_BIN` (the qnode
+//! binary).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -98,8 +101,13 @@ fn main() -> anyhow::Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
     let rate = std::env::var("QNODE_BENCH_EDIT_RATE").unwrap_or_else(|_| "20mbit".into());
+    let runs: usize = std::env::var("QNODE_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
     let size = mib << 20;
-    println!("qnode edits benchmark: {mib} MiB text, {rate} link each way");
+    println!("qnode edits benchmark: {mib} MiB text, {rate} link each way, median of {runs} runs");
 
     let net = netns::TestNet::new(2)?;
     net.shape(1, &rate, "64kb")?;
@@ -186,52 +194,73 @@ fn main() -> anyhow::Result<()> {
     println!();
     println!("| case | tool | bytes on the link | seconds | bytes vs rsync | time vs rsync |");
     println!("|---|---|---|---|---|---|");
+    const TOOLS: [&str; 4] = [
+        "rsync",
+        "rsync -z",
+        "qnode download --update",
+        "qnode upload --replace",
+    ];
     for (k, (case, new)) in cases.iter().enumerate() {
         let name = format!("edit{k}.txt");
-        let mut rows: Vec<(&str, u64, f64)> = Vec::new();
-        // rsync (reference): the old copy at the client, the new one in the daemon's folder.
-        let dest = dir.path().join(format!("rsync-dest-{k}.txt"));
-        std::fs::write(rsync_dir.join(&name), new)?;
-        for (label, z) in [("rsync", false), ("rsync -z", true)] {
-            std::fs::write(&dest, &base)?;
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", &ns2, "rsync", "-I", "--no-whole-file"]);
-            if z {
-                c.arg("-z");
+        // Per tool, (bytes, seconds) of each run.
+        let mut rows: Vec<Vec<(u64, f64)>> = vec![Vec::new(); TOOLS.len()];
+        for _ in 0..runs {
+            // rsync (reference): the old copy at the client, the new one in the daemon's folder.
+            let dest = dir.path().join(format!("rsync-dest-{k}.txt"));
+            std::fs::write(rsync_dir.join(&name), new)?;
+            for (t, z) in [(0, false), (1, true)] {
+                std::fs::write(&dest, &base)?;
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns2, "rsync", "-I", "--no-whole-file"]);
+                if z {
+                    c.arg("-z");
+                }
+                c.arg(format!("rsync://{}:8730/m/{name}", net.ip(1)))
+                    .arg(&dest);
+                rows[t].push(measure(&ns2, &mut c)?);
+                check(&dest, new, TOOLS[t])?;
             }
-            c.arg(format!("rsync://{}:8730/m/{name}", net.ip(1)))
-                .arg(&dest);
-            let (bytes, secs) = measure(&ns2, &mut c)?;
-            check(&dest, new, label)?;
-            rows.push((label, bytes, secs));
+            // download --update: p1 serves the new version, p2 holds the old one.
+            std::fs::write(peers.served("p1").join(&name), new)?;
+            std::fs::write(peers.served("p2").join(&name), &base)?;
+            let mut c = peers.cmd(&ns2, "p2", &["download", &name, "p1", "--update"]);
+            rows[2].push(measure(&ns2, &mut c)?);
+            check(&peers.served("p2").join(&name), new, TOOLS[2])?;
+            // upload --replace: p2 holds the new version, p1 the old one.
+            let up = format!("up{k}.txt");
+            std::fs::write(peers.served("p1").join(&up), &base)?;
+            std::fs::write(peers.served("p2").join(&up), new)?;
+            let mut c = peers.cmd(&ns2, "p2", &["upload", &up, "p1", "--replace"]);
+            rows[3].push(measure(&ns2, &mut c)?);
+            check(&peers.served("p1").join(&up), new, TOOLS[3])?;
         }
-        // download --update: p1 serves the new version, p2 holds the old one.
-        std::fs::write(peers.served("p1").join(&name), new)?;
-        std::fs::write(peers.served("p2").join(&name), &base)?;
-        let mut c = peers.cmd(&ns2, "p2", &["download", &name, "p1", "--update"]);
-        let (bytes, secs) = measure(&ns2, &mut c)?;
-        check(&peers.served("p2").join(&name), new, "download --update")?;
-        rows.push(("qnode download --update", bytes, secs));
-        // upload --replace: p2 holds the new version, p1 the old one.
-        let up = format!("up{k}.txt");
-        std::fs::write(peers.served("p1").join(&up), &base)?;
-        std::fs::write(peers.served("p2").join(&up), new)?;
-        let mut c = peers.cmd(&ns2, "p2", &["upload", &up, "p1", "--replace"]);
-        let (bytes, secs) = measure(&ns2, &mut c)?;
-        check(&peers.served("p1").join(&up), new, "upload --replace")?;
-        rows.push(("qnode upload --replace", bytes, secs));
-
-        let (rb, rs) = (rows[0].1 as f64, rows[0].2);
-        for (tool, bytes, secs) in &rows {
+        let stats: Vec<(Spread, Spread)> = rows
+            .iter()
+            .map(|r| {
+                let mut bytes: Vec<f64> = r.iter().map(|&(b, _)| b as f64).collect();
+                let mut secs: Vec<f64> = r.iter().map(|&(_, s)| s).collect();
+                (median(&mut bytes), median(&mut secs))
+            })
+            .collect();
+        let (rb, rs) = (stats[0].0.0, stats[0].1.0);
+        for (tool, ((b, _, _), (s, smin, smax))) in TOOLS.iter().zip(&stats) {
             println!(
-                "| {case} | {tool} | {:.3} MB | {secs:.2} | {:.2} | {:.2} |",
-                *bytes as f64 / 1e6,
-                *bytes as f64 / rb,
-                secs / rs
+                "| {case} | {tool} | {:.3} MB | {s:.2} ({smin:.2}–{smax:.2}) | {:.2} | {:.2} |",
+                b / 1e6,
+                b / rb,
+                s / rs
             );
         }
     }
     Ok(())
+}
+
+/// A median, minimum and maximum.
+type Spread = (f64, f64, f64);
+
+fn median(v: &mut [f64]) -> Spread {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
 fn check(path: &Path, want: &[u8], what: &str) -> anyhow::Result<()> {

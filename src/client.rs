@@ -12,14 +12,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::delta::{Sig, Tree};
+use crate::delta::{Sig, SigKind, Tree};
 use crate::download::{ChunkSource, SourceError};
 pub use crate::exchange::UploadStatus;
 use crate::exchange::{self, ExchangeError};
 use crate::manifest::{FileName, Hash32, Manifest};
 use crate::peers::PeerId;
-use crate::protocol::{self, CloseCode, ErrorKind, FileEntry, ProtocolError, RemoteError};
-use crate::tls::SERVER_NAME;
+use crate::protocol::{self, CloseCode, ErrorKind, FileEntry, ProtocolError, RemoteError, Version};
+use crate::tls::{self, SERVER_NAME};
 
 /// How long connecting (UDP + QUIC + TLS handshake) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -99,6 +99,7 @@ impl ClientError {
 pub struct Client {
     peer: PeerId,
     conn: quinn::Connection,
+    version: Version,
 }
 
 impl Client {
@@ -129,6 +130,7 @@ impl Client {
         };
         Ok(Self {
             peer: peer.clone(),
+            version: tls::version(&conn),
             conn,
         })
     }
@@ -136,6 +138,11 @@ impl Client {
     /// Who this is connected to.
     pub fn peer(&self) -> &PeerId {
         &self.peer
+    }
+
+    /// How this peer signs trees (the protocol version the connection agreed on).
+    pub fn sig_kind(&self) -> SigKind {
+        self.version.sig_kind()
     }
 
     /// The connection's current round-trip estimate.
@@ -298,8 +305,8 @@ fn explain(peer: &PeerId, e: &quinn::ConnectionError) -> String {
     use quinn::ConnectionError as E;
     let version = || {
         format!(
-            "{peer} does not speak {} (another qnode version?)",
-            String::from_utf8_lossy(protocol::ALPN)
+            "{peer} speaks none of {} (another qnode version?)",
+            protocol::ALPNS.map(String::from_utf8_lossy).join(", ")
         )
     };
     match e {
@@ -349,6 +356,7 @@ pub struct PeerSource {
     redial: Redial,
     name: FileName,
     label: String,
+    kind: SigKind,
 }
 
 impl PeerSource {
@@ -356,11 +364,17 @@ impl PeerSource {
     pub fn new(client: Client, name: FileName, redial: Redial) -> Self {
         let label = client.peer().to_string();
         Self {
+            kind: client.sig_kind(),
             client: tokio::sync::Mutex::new(client),
             redial,
             name,
             label,
         }
+    }
+
+    /// How this peer signs trees.
+    pub fn sig_kind(&self) -> SigKind {
+        self.kind
     }
 
     /// The current connection, made again if the last one was lost.

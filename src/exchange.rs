@@ -474,15 +474,18 @@ pub async fn receive_upload<E, F: Future<Output = Result<(), E>>>(
 
 /// The responder's side of a `Replace` when it holds another version (`old`): asks for the
 /// requester's signatures, says what it lacks, and hands the lacking leaves' bytes to `sink` at
-/// their offsets. Returns the plan (its `Copy` steps are for the caller to carry out from the old
-/// copy; its `Fetch` steps are what `sink` received). Each read may take at most `timeout`.
+/// their offsets, while `copy` carries out the plan's `Copy` steps from the old copy. Returns the
+/// plan (its `Fetch` steps are what `sink` received). Each read may take at most `timeout`.
 ///
 /// `old` yields the index of our version; it runs while the requester's signatures travel.
 pub async fn receive_delta<E, F: Future<Output = Result<(), E>>>(
     send: &mut impl SendBytes,
     recv: &mut (impl AsyncRead + Unpin),
     size: u64,
-    old: impl Future<Output = Result<Index, E>>,
+    (old, copy): (
+        impl Future<Output = Result<Index, E>>,
+        impl AsyncFnOnce(Vec<Step>) -> Result<(), E>,
+    ),
     timeout: Duration,
     mut sink: impl FnMut(u64, Vec<u8>) -> F,
 ) -> Result<Vec<Step>, BodyError<E>> {
@@ -541,23 +544,30 @@ pub async fn receive_delta<E, F: Future<Output = Result<(), E>>>(
         .await
         .map_err(gone)?;
     let steps = delta::plan(&groups, &expanded, old);
-    for step in &steps {
-        let Step::Fetch { at, len } = *step else {
-            continue;
-        };
-        let mut done = 0u64;
-        while done < len {
-            let mut piece = vec![0u8; (len - done).min(UPLOAD_BUF as u64) as usize];
-            match tokio::time::timeout(timeout, recv.read_exact(&mut piece)).await {
-                Err(_) => return Err(silent()),
-                Ok(Err(e)) => return Err(BodyError::Gone(e)),
-                Ok(Ok(_)) => {}
+    let fetched = async {
+        for step in &steps {
+            let Step::Fetch { at, len } = *step else {
+                continue;
+            };
+            let mut done = 0u64;
+            while done < len {
+                let mut piece = vec![0u8; (len - done).min(UPLOAD_BUF as u64) as usize];
+                match tokio::time::timeout(timeout, recv.read_exact(&mut piece)).await {
+                    Err(_) => return Err(silent()),
+                    Ok(Err(e)) => return Err(BodyError::Gone(e)),
+                    Ok(Ok(_)) => {}
+                }
+                let n = piece.len() as u64;
+                sink(at + done, piece).await.map_err(BodyError::Sink)?;
+                done += n;
             }
-            let n = piece.len() as u64;
-            sink(at + done, piece).await.map_err(BodyError::Sink)?;
-            done += n;
         }
-    }
+        Ok(())
+    };
+    // Our old bytes are copied while the requester's travel.
+    let (copied, fetched) = tokio::join!(copy(steps.clone()), fetched);
+    copied.map_err(BodyError::Sink)?;
+    fetched?;
     // Nothing more may follow.
     let mut extra = [0u8; 1];
     match tokio::time::timeout(timeout, recv.read(&mut extra)).await {

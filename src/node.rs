@@ -21,7 +21,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::client::{Client, ClientError, PeerSource, Redial, UploadStatus};
-use crate::delta::{Sig, Tree};
+use crate::delta::{Sig, SigKind, Tree};
 use crate::download::{self, DownloadReport, Options, Progress};
 use crate::identity::{self, Identity, InitOutcome};
 use crate::manifest::{FileName, Hash32, Manifest, hex};
@@ -407,13 +407,13 @@ impl Node {
         let p = path.clone();
         let hashed = tokio::task::spawn_blocking(move || hash_file(&p));
         // To replace, also the file's tree, computed beside the hash and still running while the
-        // request travels: a peer holding another version asks only for what it lacks.
-        let tree = replace.then(|| {
+        // request travels: a peer holding another version asks only for what it lacks. It is
+        // signed as `qnode/2` peers sign; one for a `qnode/1` peer is computed if one needs it.
+        let tree_of = |kind| {
             let p = path.clone();
             let task = tokio::task::spawn_blocking(move || {
                 let file = std::fs::File::open(&p)?;
-                let tree = Tree::of(std::io::BufReader::with_capacity(1 << 20, file));
-                tree.map(Arc::new)
+                Tree::of(file, kind).map(Arc::new)
             });
             async move {
                 match task.await {
@@ -421,21 +421,27 @@ impl Node {
                     Err(e) => Err(e.to_string()),
                 }
             }
+            .boxed()
             .shared()
-        });
+        };
+        let current = replace.then(|| tree_of(SigKind::default()));
+        let older = std::sync::OnceLock::new();
         let (size, hash) = hashed
             .await?
             .with_context(|| format!("reading {}", path.display()))?;
         let results = join_all(targets.iter().map(|entry| {
-            let (path, name, tree) = (&path, &name, &tree);
+            let (path, name, current, older) = (&path, &name, &current, &older);
             async move {
                 if entry.id == self.me {
                     return Err(PeerFailure::IsMe(entry.id.clone()));
                 }
                 let client = self.client(entry).await?;
-                let tree = tree
-                    .clone()
-                    .map(|t| async move { t.await.map_err(std::io::Error::other) });
+                let kind = client.sig_kind();
+                let tree = current.as_ref().map(|t| match kind {
+                    k if k == SigKind::default() => t.clone(),
+                    k => older.get_or_init(|| tree_of(k)).clone(),
+                });
+                let tree = tree.map(|t| async move { t.await.map_err(std::io::Error::other) });
                 Ok(client.upload(name, path, (size, hash), tree).await?)
             }
         }))
@@ -876,8 +882,10 @@ async fn look_at(
             None => None,
         }
     };
+    // Our tree is signed as the peer asked for the new version's groups signs its own.
+    let kind = first.as_ref().map(Client::sig_kind).unwrap_or_default();
     let t = target.to_owned();
-    let read = tokio::task::spawn_blocking(move || Seen::with_tree(&t));
+    let read = tokio::task::spawn_blocking(move || Seen::with_tree(&t, kind));
     let (read, groups) = tokio::join!(read, groups);
     Ok(match not_overwriting(read?, target)? {
         Some((seen, _)) if seen.blake3 == manifest.blake3() => At::Same,
@@ -905,6 +913,5 @@ fn not_overwriting<T>(
 fn hash_file(path: &Path) -> std::io::Result<(u64, Hash32)> {
     let file = std::fs::File::open(path)?;
     let size = file.metadata()?.len();
-    let m = Manifest::from_reader(std::io::BufReader::with_capacity(1 << 20, file), size)?;
-    Ok((size, m.blake3()))
+    Ok((size, Manifest::of_file(&file, size)?.blake3()))
 }

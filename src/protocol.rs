@@ -1,9 +1,12 @@
 //! The wire: ALPN, size caps, message types and their framing. Nothing else.
 //!
 //! # Design
-//! - ALPN [`ALPN`] (`qnode/1`) is the version check: a peer speaking another version fails the
-//!   handshake with "no application protocol" instead of misreading bytes. Changing any encoding
-//!   below means a new ALPN; the wire-format tests at the bottom pin every message's bytes.
+//! - ALPN is the version check: a peer speaking no version we speak fails the handshake with "no
+//!   application protocol" instead of misreading bytes. We offer [`ALPN_V2`] (`qnode/2`) and
+//!   [`ALPN`] (`qnode/1`), newest first, and both ends act on the one agreed ([`Version`]). The
+//!   messages are the same in both; `qnode/2` changes how tree signatures are hashed (see
+//!   `delta::SigKind`). Changing any encoding below means a new ALPN; the wire-format tests at the
+//!   bottom pin every message's bytes.
 //! - One QUIC connection per remote peer; one bidirectional stream per request.
 //! - Every message is a frame: a 4-byte big-endian length, then a postcard-encoded value. The length
 //!   is checked against a per-direction cap *before* anything is allocated ([`MAX_REQUEST_LEN`],
@@ -25,11 +28,45 @@
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::delta::Sig;
+use crate::delta::{Sig, SigKind};
 use crate::manifest::{FileName, Hash32, Manifest};
 
-/// The application protocol (and version) negotiated in the TLS handshake.
+/// The first application protocol (and version), negotiated in the TLS handshake.
 pub const ALPN: &[u8] = b"qnode/1";
+/// The second: `qnode/1`'s messages, with tree signatures hashed by XXH3.
+pub const ALPN_V2: &[u8] = b"qnode/2";
+/// Every protocol we speak, the preferred first (a TLS server picks the first of its own list
+/// that the client offers).
+pub const ALPNS: [&[u8]; 2] = [ALPN_V2, ALPN];
+
+/// The protocol version a connection agreed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// `qnode/1`.
+    V1,
+    /// `qnode/2`.
+    V2,
+}
+
+impl Version {
+    /// The version of the ALPN a handshake agreed on (`qnode/1` if none was: rustls refuses a
+    /// handshake without a common protocol, so that never happens between qnode peers).
+    pub fn of_alpn(alpn: Option<&[u8]>) -> Self {
+        if alpn == Some(ALPN_V2) {
+            Self::V2
+        } else {
+            Self::V1
+        }
+    }
+
+    /// How tree signatures are hashed in this version.
+    pub fn sig_kind(self) -> SigKind {
+        match self {
+            Self::V1 => SigKind::Blake3,
+            Self::V2 => SigKind::Xxh3,
+        }
+    }
+}
 /// Largest request frame, in bytes. Requests are small: a name of at most 255 bytes and a few numbers.
 pub const MAX_REQUEST_LEN: u32 = 4 * 1024;
 /// Largest response header frame, in bytes (a manifest is at most 2 MiB; a listing at most
@@ -478,6 +515,15 @@ mod tests {
             frame(&Delta::Lacking(vec![1, 300])),
             [0, 0, 0, 5, 1, 2, 1, 0xac, 0x02]
         );
+    }
+
+    #[test]
+    fn versions_follow_the_agreed_protocol() {
+        assert_eq!(ALPNS, [b"qnode/2".as_slice(), b"qnode/1".as_slice()]);
+        assert_eq!(Version::of_alpn(Some(b"qnode/2")), Version::V2);
+        assert_eq!(Version::of_alpn(Some(b"qnode/1")), Version::V1);
+        assert_eq!(Version::V1.sig_kind(), SigKind::Blake3);
+        assert_eq!(Version::V2.sig_kind(), SigKind::Xxh3);
     }
 
     #[tokio::test]

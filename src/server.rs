@@ -16,11 +16,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::delta::{Index, Step};
+use crate::delta::{Index, SigKind, Step};
 use crate::exchange::{self, BodyError};
 use crate::limits::{
     CONNECTIONS_PER_PEER, ConnectionSlots, MemoryBudget, Note, PeerBudget, RefusalLog, Refused,
@@ -31,7 +32,10 @@ use crate::peers::PeerId;
 use crate::protocol::{
     self, CloseCode, ErrorKind, FileEntry, MAX_GROUPS_PER_REQUEST, RemoteError, Request, Response,
 };
-use crate::store::{Check, Committed, Seen, Store, StoreError, Upload};
+use crate::store::{Check, Committed, FileKey, Seen, Store, StoreError, Upload};
+
+/// The tree of a file as read, and the file it was read from.
+type ReadTree = (FileKey, Arc<crate::delta::Tree>);
 use crate::tls::{self, Pins};
 
 /// Default cap on one uploaded file, in bytes (64 GiB).
@@ -236,6 +240,7 @@ async fn handle_connection(
     tracing::Span::current().record("peer", tracing::field::display(&peer));
     debug!(%peer, "connected");
     let budget = Arc::new(server.budget.for_peer(&peer));
+    let kind = tls::version(&conn).sig_kind();
     loop {
         let stream = tokio::select! {
             () = cancel.cancelled() => break,
@@ -243,10 +248,8 @@ async fn handle_connection(
         };
         match stream {
             Ok((send, recv)) => {
-                tracker.spawn(
-                    handle_stream(send, recv, server.clone(), peer.clone(), budget.clone())
-                        .in_current_span(),
-                );
+                let to = (peer.clone(), budget.clone(), kind);
+                tracker.spawn(handle_stream(send, recv, server.clone(), to).in_current_span());
             }
             Err(
                 quinn::ConnectionError::ApplicationClosed(_)
@@ -268,8 +271,7 @@ async fn handle_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     server: Arc<Server>,
-    peer: PeerId,
-    budget: Arc<PeerBudget>,
+    (peer, budget, sig): (PeerId, Arc<PeerBudget>, SigKind),
 ) {
     let request = match tokio::time::timeout(READ_TIMEOUT, exchange::read_request(&mut recv)).await
     {
@@ -301,20 +303,22 @@ async fn handle_stream(
             let to = (&peer, &*budget);
             handle_read(&mut send, &server, to, &name, (offset, len), Piece::Range).await
         }
-        Request::Groups { name, blake3 } => handle_groups(&mut send, &server, &name, blake3).await,
+        Request::Groups { name, blake3 } => {
+            handle_groups(&mut send, &server, &name, (blake3, sig)).await
+        }
         Request::Leaves {
             name,
             blake3,
             first,
             count,
-        } => handle_leaves(&mut send, &server, &name, blake3, (first, count)).await,
+        } => handle_leaves(&mut send, &server, &name, (blake3, sig), (first, count)).await,
         Request::Upload { name, size, blake3 } => {
             let up = (size, blake3, false);
-            handle_upload(&mut send, &mut recv, &server, &peer, &name, up).await
+            handle_upload(&mut send, &mut recv, &server, (&peer, sig), &name, up).await
         }
         Request::Replace { name, size, blake3 } => {
             let up = (size, blake3, true);
-            handle_upload(&mut send, &mut recv, &server, &peer, &name, up).await
+            handle_upload(&mut send, &mut recv, &server, (&peer, sig), &name, up).await
         }
     };
     match outcome {
@@ -460,11 +464,11 @@ async fn handle_groups(
     send: &mut quinn::SendStream,
     server: &Server,
     name: &FileName,
-    blake3: Hash32,
+    (blake3, kind): (Hash32, SigKind),
 ) -> Result<String, Failure> {
     let store = server.store.clone();
     let n = name.clone();
-    let tree = blocking(move || store.tree(&n, blake3)).await?;
+    let tree = blocking(move || store.tree(&n, blake3, kind)).await?;
     let groups = tree.group_sigs();
     let count = groups.len();
     // Each signature is at most 13 bytes on the wire.
@@ -483,7 +487,7 @@ async fn handle_leaves(
     send: &mut quinn::SendStream,
     server: &Server,
     name: &FileName,
-    blake3: Hash32,
+    (blake3, kind): (Hash32, SigKind),
     (first, count): (u32, u32),
 ) -> Result<String, Failure> {
     if count > MAX_GROUPS_PER_REQUEST {
@@ -495,7 +499,7 @@ async fn handle_leaves(
     }
     let store = server.store.clone();
     let n = name.clone();
-    let tree = blocking(move || store.tree(&n, blake3)).await?;
+    let tree = blocking(move || store.tree(&n, blake3, kind)).await?;
     let leaves = tree.leaves_of(first as usize, count as usize);
     let n = leaves.len();
     respond(send, &Response::Leaves(leaves)).await;
@@ -506,7 +510,7 @@ async fn handle_upload(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     server: &Server,
-    peer: &PeerId,
+    (peer, kind): (&PeerId, SigKind),
     name: &FileName,
     (size, expected, replace): (u64, Hash32, bool),
 ) -> Result<String, Failure> {
@@ -520,6 +524,12 @@ async fn handle_upload(
         )
         .into());
     }
+    // Replacing: the tree of the version we hold is read now, beside what follows, in case it
+    // is needed (`receive_delta`).
+    let early = replace.then(|| {
+        let (store, n) = (server.store.clone(), name.clone());
+        tokio::task::spawn_blocking(move || store.current_tree(&n, kind))
+    });
     let store = server.store.clone();
     let (free, total) = blocking(move || store.disk_space()).await?;
     // Held until the upload ends: a slot of this peer's few, and the announced bytes counted
@@ -540,7 +550,10 @@ async fn handle_upload(
     };
     let upload = Arc::new(upload);
     let (check, received) = match upload.replacing() {
-        Some(old) => receive_delta(send, recv, server, name, size, &upload, old).await?,
+        Some(old) => {
+            let old = (old, kind, early);
+            receive_delta(send, recv, server, name, size, &upload, old).await?
+        }
         None => {
             let streamed = receive_whole(send, recv, name, size, &upload).await?;
             (Check::Streamed(streamed), size)
@@ -598,30 +611,54 @@ async fn receive_delta(
     name: &FileName,
     size: u64,
     upload: &Arc<Upload>,
-    old: Seen,
+    (old, kind, early): (
+        Seen,
+        SigKind,
+        Option<JoinHandle<Result<ReadTree, StoreError>>>,
+    ),
 ) -> Result<(Check, u64), Failure> {
     let store = server.store.clone();
     let n = name.clone();
-    let index = blocking(move || store.tree(&n, old.blake3).map(|t| Index::of(&t)));
-    let steps = exchange::receive_delta(send, recv, size, index, READ_TIMEOUT, |at, piece| {
-        let upload = upload.clone();
-        blocking(move || upload.partial.write_at(at, &piece))
-    })
+    let index = async move {
+        // The tree read early, if it is of the version seen; else read again, checked.
+        if let Some(Ok(Ok((key, tree)))) = match early {
+            Some(task) => Some(task.await),
+            None => None,
+        } && old.is(&key)
+        {
+            return Ok(Index::of(&tree));
+        }
+        blocking(move || store.tree(&n, old.blake3, kind).map(|t| Index::of(&t))).await
+    };
+    let path = server.store.path_of(name);
+    let copy = async |steps: Vec<Step>| {
+        let copies: Vec<(u64, u64, u64)> = steps
+            .iter()
+            .filter_map(|s| match *s {
+                Step::Copy { from, to, len } => Some((from, to, len)),
+                Step::Fetch { .. } => None,
+            })
+            .collect();
+        let u = upload.clone();
+        blocking(move || u.partial.copy_from(&path, &copies).map(|_| ())).await
+    };
+    let steps = exchange::receive_delta(
+        send,
+        recv,
+        size,
+        (index, copy),
+        READ_TIMEOUT,
+        |at, piece| {
+            let upload = upload.clone();
+            blocking(move || upload.partial.write_at(at, &piece))
+        },
+    )
     .await;
     let steps = match steps {
         Ok(s) => s,
         Err(BodyError::Refused(e) | BodyError::Sink(e)) => return Err(e.into()),
         Err(BodyError::Gone(e)) => return Err(gone(e)),
     };
-    let copies: Vec<(u64, u64, u64)> = steps
-        .iter()
-        .filter_map(|s| match *s {
-            Step::Copy { from, to, len } => Some((from, to, len)),
-            Step::Fetch { .. } => None,
-        })
-        .collect();
-    let (u, path) = (upload.clone(), server.store.path_of(name));
-    blocking(move || u.partial.copy_from(&path, &copies)).await?;
     let received = steps
         .iter()
         .map(|s| match *s {

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::delta::Tree;
+use crate::delta::{SigKind, Tree};
 use crate::manifest::{FileName, Hash32, Manifest, chunk_size_for, hex};
 
 /// A store failure, typed so callers can branch on the cause.
@@ -108,9 +108,10 @@ impl StoreError {
     }
 }
 
-/// What identifies one version of a file on disk, for the manifest cache.
+/// What identifies one version of a file on disk (size, mtime, ctime, inode, device), for the
+/// caches and to notice a change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileKey {
+pub struct FileKey {
     size: u64,
     mtime: (i64, i64),
     ctime: (i64, i64),
@@ -221,8 +222,7 @@ impl Store {
             {
                 return Ok(m.clone());
             }
-            let manifest =
-                Manifest::from_reader(io::BufReader::with_capacity(1 << 16, &file), key.size);
+            let manifest = Manifest::of_file(&file, key.size);
             let after = file
                 .metadata()
                 .map(|m| FileKey::of(&m))
@@ -299,23 +299,39 @@ impl Store {
         Ok(buf)
     }
 
-    /// The content-defined tree of version `blake3` of `name`; `Conflict` if the file is now
-    /// another version.
-    pub fn tree(&self, name: &FileName, blake3: Hash32) -> Result<Arc<Tree>, StoreError> {
+    /// The content-defined tree of version `blake3` of `name`, signed as `kind` says; `Conflict`
+    /// if the file is now another version.
+    pub fn tree(
+        &self,
+        name: &FileName,
+        blake3: Hash32,
+        kind: SigKind,
+    ) -> Result<Arc<Tree>, StoreError> {
         let manifest = self.manifest(name)?;
         if manifest.blake3() != blake3 {
             return Err(StoreError::Conflict(format!(
                 "{name} (this peer serves another version now)"
             )));
         }
+        Ok(self.current_tree(name, kind)?.1)
+    }
+
+    /// The content-defined tree of the regular file under `name` now, whatever its version,
+    /// with the identity of the file it was read from.
+    pub fn current_tree(
+        &self,
+        name: &FileName,
+        kind: SigKind,
+    ) -> Result<(FileKey, Arc<Tree>), StoreError> {
         let (file, key) = self.open_regular(name)?;
         if let Some((k, t)) = self.lock_trees().get(name)
             && *k == key
+            && t.kind == kind
         {
-            return Ok(t.clone());
+            return Ok((key, t.clone()));
         }
         let path = self.path_of(name);
-        let tree = Tree::of(io::BufReader::with_capacity(1 << 16, &file).take(key.size))
+        let tree = Tree::of((&file).take(key.size), kind)
             .map_err(|e| StoreError::io("reading", &path, e))?;
         let after = file
             .metadata()
@@ -334,7 +350,7 @@ impl Store {
             trees.remove(&evict);
         }
         trees.insert(name.clone(), (key, tree.clone()));
-        Ok(tree)
+        Ok((key, tree))
     }
 
     /// Reads `len` bytes of `name` at any `offset`, at most one chunk of its layout long (the same
@@ -600,18 +616,27 @@ pub struct Seen {
 }
 
 impl Seen {
+    /// Whether `key` is the file as it was seen.
+    pub fn is(&self, key: &FileKey) -> bool {
+        self.key == *key
+    }
+
     /// The regular file at `path` (not following a symlink), or `None` if there is none.
     /// `Conflict` if something else is there.
     pub fn of(path: &Path) -> Result<Option<Self>, StoreError> {
-        Ok(Self::read(path, false)?.map(|(seen, _)| seen))
+        Ok(Self::read(path, None)?.map(|(seen, _)| seen))
     }
 
-    /// Like [`of`](Self::of), with the file's content-defined tree, from the same read.
-    pub fn with_tree(path: &Path) -> Result<Option<(Self, Tree)>, StoreError> {
-        Ok(Self::read(path, true)?.map(|(seen, tree)| (seen, tree.unwrap_or_default())))
+    /// Like [`of`](Self::of), with the file's content-defined tree (signed as `kind` says), from
+    /// the same read.
+    pub fn with_tree(path: &Path, kind: SigKind) -> Result<Option<(Self, Tree)>, StoreError> {
+        Ok(Self::read(path, Some(kind))?.map(|(seen, tree)| (seen, tree.unwrap_or_default())))
     }
 
-    fn read(path: &Path, tree: bool) -> Result<Option<(Self, Option<Tree>)>, StoreError> {
+    fn read(
+        path: &Path,
+        tree: Option<SigKind>,
+    ) -> Result<Option<(Self, Option<Tree>)>, StoreError> {
         let file = match open_nofollow(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -631,14 +656,14 @@ impl Seen {
                 path.display()
             )));
         }
-        let (tree, blake3) = if tree {
-            let (t, h) = Tree::of_file(&file).map_err(io)?;
+        let (tree, blake3) = if let Some(kind) = tree {
+            let (t, h) = Tree::of_file(&file, kind).map_err(io)?;
             (Some(t), h)
         } else {
-            let mut h = blake3::Hasher::new();
-            h.update_reader(io::BufReader::with_capacity(1 << 20, &file))
-                .map_err(io)?;
-            (None, *h.finalize().as_bytes())
+            (
+                None,
+                Manifest::of_file(&file, meta.len()).map_err(io)?.blake3(),
+            )
         };
         let after = file.metadata().map_err(io)?;
         let key = FileKey::of(&meta);
@@ -815,6 +840,8 @@ impl PartialFile {
             }
             total += len;
         }
+        // The copy is on its way to disk while the caller checks it.
+        self.start_writeback();
         Ok(total)
     }
 
@@ -951,25 +978,29 @@ impl PartialFile {
         Ok(Committed::Replaced)
     }
 
-    /// Syncs and checks the file; returns its final name.
+    /// Starts writing the file's dirty pages to disk without waiting for them, so a later
+    /// fsync waits only for what is left (work done meanwhile overlaps the disk's).
+    fn start_writeback(&self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the descriptor is open for the call. A failure only means the fsync does it all.
+        unsafe {
+            libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+
+    /// Checks and syncs the file; returns its final name.
     fn verify(&self, expected: Hash32, check: Check) -> Result<String, StoreError> {
-        self.file
-            .sync_all()
-            .map_err(|e| StoreError::io("syncing", &self.temp, e))?;
+        self.start_writeback();
         let actual = match check {
             Check::Streamed(h) => h,
             Check::Chunks => expected,
-            Check::Reread => {
-                let mut hasher = blake3::Hasher::new();
-                let mut reader = (&self.file).take(self.size);
-                io::Seek::rewind(&mut &self.file)
-                    .map_err(|e| StoreError::io("verifying", &self.temp, e))?;
-                hasher
-                    .update_reader(&mut reader)
-                    .map_err(|e| StoreError::io("verifying", &self.temp, e))?;
-                *hasher.finalize().as_bytes()
-            }
+            Check::Reread => Manifest::of_file(&self.file, self.size)
+                .map_err(|e| StoreError::io("verifying", &self.temp, e))?
+                .blake3(),
         };
+        self.file
+            .sync_all()
+            .map_err(|e| StoreError::io("syncing", &self.temp, e))?;
         let name = self
             .target
             .file_name()

@@ -24,7 +24,7 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Signatu
 
 use crate::identity::Identity;
 use crate::peers::PeerId;
-use crate::protocol::ALPN;
+use crate::protocol::{ALPNS, Version};
 
 /// The server name every client sends; the verifier ignores it (the pin is the identity).
 pub const SERVER_NAME: &str = "qnode.peer";
@@ -106,7 +106,7 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = ALPNS.iter().map(|p| p.to_vec()).collect();
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
     let mut transport = transport_config();
     match cc {
@@ -131,6 +131,16 @@ pub fn client_config(
     peer: &PeerId,
     pinned: CertificateDer<'static>,
 ) -> Result<quinn::ClientConfig, TlsError> {
+    client_config_speaking(identity, peer, pinned, &ALPNS)
+}
+
+/// [`client_config`], offering only `protocols` (as an older qnode does).
+pub fn client_config_speaking(
+    identity: &Identity,
+    peer: &PeerId,
+    pinned: CertificateDer<'static>,
+    protocols: &[&[u8]],
+) -> Result<quinn::ClientConfig, TlsError> {
     let provider = provider();
     let verifier = Arc::new(PinnedServer {
         peer: peer.clone(),
@@ -142,7 +152,7 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(vec![identity.cert.clone()], identity.key.clone_key())?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
     let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
     config.transport_config(Arc::new(transport_config()));
     Ok(config)
@@ -227,6 +237,14 @@ pub fn peer_identity(conn: &quinn::Connection, pins: &Pins) -> Option<PeerId> {
         .downcast::<Vec<CertificateDer<'static>>>()
         .ok()?;
     pins.peer_of(certs.first()?).cloned()
+}
+
+/// The protocol version `conn`'s handshake agreed on.
+pub fn version(conn: &quinn::Connection) -> Version {
+    let data = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok());
+    Version::of_alpn(data.as_ref().and_then(|d| d.protocol.as_deref()))
 }
 
 fn mismatch(msg: String) -> rustls::Error {

@@ -104,7 +104,12 @@ async fn plan(
 ) -> Option<Vec<Step>> {
     let version = manifest.blake3();
     let mut found = groups.and_then(|g| Some((sources.first()?, g)));
-    for s in sources.iter().skip(1) {
+    // Only a peer that signs as our tree is signed can be compared with it.
+    let alike = sources
+        .iter()
+        .skip(1)
+        .filter(|s| s.sig_kind() == old_tree.kind);
+    for s in alike {
         if found.is_some() {
             break;
         }

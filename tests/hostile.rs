@@ -6,6 +6,7 @@ mod util;
 
 use std::sync::Arc;
 
+use qnode::delta::Tree;
 use qnode::manifest::FileName;
 use qnode::peers::{PeerId, Root};
 use qnode::protocol::{self, ErrorKind, MAX_RESPONSE_LEN, Request, Response, encode_frame};
@@ -28,11 +29,23 @@ async fn connect_with(
     peer: &str,
     transport: Option<quinn::TransportConfig>,
 ) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
+    connect_speaking(net, me, peer, transport, &protocol::ALPNS).await
+}
+
+/// [`connect_with`], offering only `protocols`.
+async fn connect_speaking(
+    net: &Net,
+    me: &str,
+    peer: &str,
+    transport: Option<quinn::TransportConfig>,
+    protocols: &[&[u8]],
+) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
     let root = Root::new(net.root());
     let me: PeerId = me.parse()?;
     let peer: PeerId = peer.parse()?;
     let id = identity::load(&root, &me)?;
-    let mut config = tls::client_config(&id, &peer, identity::load_cert(&root, &peer)?)?;
+    let pinned = identity::load_cert(&root, &peer)?;
+    let mut config = tls::client_config_speaking(&id, &peer, pinned, protocols)?;
     if let Some(t) = transport {
         config.transport_config(Arc::new(t));
     }
@@ -622,5 +635,37 @@ async fn the_delta_requests_are_bounded_and_checked() -> TestResult {
         std::fs::read(net.served("p1").join("old.txt"))?,
         b"an old version"
     );
+    Ok(())
+}
+
+/// A peer that speaks only `qnode/1` (an older qnode) gets trees signed with BLAKE3, as it signs
+/// its own; one that speaks `qnode/2` gets XXH3 signatures. Both describe the same file.
+#[tokio::test]
+async fn each_protocol_version_gets_trees_signed_as_it_signs() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    let data = util::text::text(300_000, 5);
+    std::fs::write(net.served("p1").join("t.txt"), &data)?;
+    let _p1 = net.serve("p1", &[])?;
+    let name = FileName::new("t.txt")?;
+    let version = *blake3::hash(&data).as_bytes();
+    let groups = Request::Groups {
+        name,
+        blake3: version,
+    };
+    let mut seen = Vec::new();
+    for (protocols, expected) in [
+        (&[protocol::ALPN][..], protocol::Version::V1),
+        (&protocol::ALPNS[..], protocol::Version::V2),
+    ] {
+        let (_endpoint, conn) = connect_speaking(&net, "p2", "p1", None, protocols).await?;
+        assert_eq!(tls::version(&conn), expected);
+        let Response::Groups(sigs) = raw(&conn, &encode_frame(&groups)?).await? else {
+            panic!("no groups for {expected:?}");
+        };
+        let tree = Tree::of(&data[..], expected.sig_kind())?;
+        assert_eq!(sigs, tree.group_sigs(), "{expected:?}");
+        seen.push(sigs);
+    }
+    assert_ne!(seen[0], seen[1], "the two versions sign differently");
     Ok(())
 }
