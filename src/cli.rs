@@ -127,6 +127,16 @@ async fn list(node: &Node, args: &ListArgs) -> anyhow::Result<bool> {
                         })
                         .collect(),
                 ),
+                incomplete: l
+                    .incomplete
+                    .into_iter()
+                    .map(|f| IncompleteOut {
+                        name: f.name.to_string(),
+                        size: f.size,
+                        blake3: hex(&f.blake3),
+                        held: f.held,
+                    })
+                    .collect(),
                 error: None,
             },
             Err(e) => PeerFiles {
@@ -134,6 +144,7 @@ async fn list(node: &Node, args: &ListArgs) -> anyhow::Result<bool> {
                 ok: false,
                 total: None,
                 files: None,
+                incomplete: Vec::new(),
                 error: Some(e.to_string()),
             },
         });
@@ -157,10 +168,23 @@ async fn list(node: &Node, args: &ListArgs) -> anyhow::Result<bool> {
         for p in report.peers.iter().filter(|p| p.ok) {
             let files = p.files.as_deref().unwrap_or_default();
             let plural = if files.len() == 1 { "" } else { "s" };
-            crate::outln!("{}: {} file{plural}", p.peer, files.len());
+            let partial = match p.incomplete.len() {
+                0 => String::new(),
+                n => format!(" ({n} incomplete)"),
+            };
+            crate::outln!("{}: {} file{plural}{partial}", p.peer, files.len());
             for f in files {
                 crate::outln!(
                     "  {:<32} {:>12}  {}",
+                    f.name,
+                    HumanBytes(f.size).to_string(),
+                    &f.blake3[..16]
+                );
+            }
+            for f in &p.incomplete {
+                let pct = f.held as f64 * 100.0 / f.size.max(1) as f64;
+                crate::outln!(
+                    "  {:<32} {:>12}  {}  incomplete: {pct:.0}% held",
                     f.name,
                     HumanBytes(f.size).to_string(),
                     &f.blake3[..16]
@@ -347,8 +371,20 @@ struct PeerFiles {
     total: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     files: Option<Vec<FileOut>>,
+    /// Downloads in progress at the peer (never whole files), present only if there are any.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    incomplete: Vec<IncompleteOut>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+}
+
+#[derive(Serialize)]
+struct IncompleteOut {
+    name: String,
+    size: u64,
+    blake3: String,
+    /// Bytes verified so far.
+    held: u64,
 }
 
 #[derive(Serialize)]

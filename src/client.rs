@@ -11,14 +11,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::sync::watch;
 
 use crate::delta::{Sig, SigKind, Tree};
 use crate::download::{ChunkSource, SourceError};
-pub use crate::exchange::UploadStatus;
 use crate::exchange::{self, ExchangeError};
-use crate::manifest::{FileName, Hash32, Manifest};
+pub use crate::exchange::{Change, Offer, UploadStatus};
+use crate::manifest::{ChunkSet, FileName, Hash32, Manifest};
 use crate::peers::PeerId;
-use crate::protocol::{self, CloseCode, ErrorKind, FileEntry, ProtocolError, RemoteError, Version};
+use crate::protocol::{
+    self, CloseCode, ErrorKind, FileEntry, Incomplete, ProtocolError, RemoteError, Version,
+};
 use crate::tls::{self, SERVER_NAME};
 
 /// How long connecting (UDP + QUIC + TLS handshake) may take.
@@ -160,11 +163,21 @@ impl Client {
         self.conn.close(CloseCode::Done.code().into(), b"done");
     }
 
-    /// The files the peer serves (the first `MAX_LISTED_FILES` if there are more), and how many
-    /// it serves.
-    pub async fn list(&self) -> Result<(Vec<FileEntry>, u64), ClientError> {
-        self.on_stream(async |send, recv| exchange::list(send, recv).await)
+    /// The files the peer serves (the first `MAX_LISTED_FILES` if there are more), how many it
+    /// serves, and its downloads in progress (none from an older peer, which does not list them).
+    pub async fn list(&self) -> Result<(Vec<FileEntry>, u64, Vec<Incomplete>), ClientError> {
+        match self
+            .on_stream(async |send, recv| exchange::list_all(send, recv).await)
             .await
+        {
+            Err(e) if e.remote_kind() == Some(ErrorKind::BadRequest) => {
+                let (files, total) = self
+                    .on_stream(async |send, recv| exchange::list(send, recv).await)
+                    .await?;
+                Ok((files, total, Vec::new()))
+            }
+            other => other,
+        }
     }
 
     /// The manifest of `name`, or `None` if the peer does not serve it.
@@ -182,6 +195,53 @@ impl Client {
     ) -> Result<Bytes, ClientError> {
         self.on_stream(async |send, recv| exchange::read_chunk(send, recv, name, offset, len).await)
             .await
+    }
+
+    /// Chunk of version `blake3` of `name` at `offset`, from the peer's whole file or its
+    /// download in progress; unverified.
+    pub async fn read_version(
+        &self,
+        name: &FileName,
+        blake3: Hash32,
+        offset: u64,
+        len: u32,
+    ) -> Result<Bytes, ClientError> {
+        self.on_stream(async |send, recv| {
+            exchange::read_version(send, recv, name, blake3, offset, len).await
+        })
+        .await
+    }
+
+    /// What the peer holds of `name` (`None`: nothing), and for a download in progress there,
+    /// the stream of what it gains. An older peer that does not know `Observe` is asked to
+    /// describe its whole file instead.
+    pub async fn observe(
+        &self,
+        name: &FileName,
+    ) -> Result<Option<(Offer, Option<Changes>)>, ClientError> {
+        let (mut send, mut recv) = self.open().await?;
+        match exchange::observe(&mut send, &mut recv, name).await {
+            Ok(None) => Ok(None),
+            Ok(Some(offer)) => {
+                let changes = offer.held.is_some().then(|| Changes {
+                    chunks: offer.manifest.chunk_count(),
+                    _send: send,
+                    recv,
+                });
+                Ok(Some((offer, changes)))
+            }
+            Err(ExchangeError::Remote(e)) if e.kind == ErrorKind::BadRequest => {
+                let manifest = self.describe(name).await?;
+                Ok(manifest.map(|manifest| {
+                    let offer = Offer {
+                        manifest,
+                        held: None,
+                    };
+                    (offer, None)
+                }))
+            }
+            Err(e) => Err(self.exchange(e)),
+        }
     }
 
     /// `len` bytes of `name` at any `offset` (at most one chunk), unverified.
@@ -291,6 +351,22 @@ impl Client {
     }
 }
 
+/// What an observed download in progress at a peer gains, as the peer tells it.
+#[derive(Debug)]
+pub struct Changes {
+    chunks: u32,
+    /// Kept open: dropping it would tell the peer to stop.
+    _send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+impl Changes {
+    /// The next change; an error when the peer's download stopped or the stream broke.
+    pub async fn next(&mut self) -> Result<Change, ExchangeError> {
+        exchange::next_change(&mut self.recv, self.chunks).await
+    }
+}
+
 /// The TLS alert carried in a QUIC crypto error code (0x100-0x1ff), if it is one.
 fn tls_alert(code: quinn::TransportErrorCode) -> Option<u8> {
     let c = u64::from(code);
@@ -357,6 +433,23 @@ pub struct PeerSource {
     name: FileName,
     label: String,
     kind: SigKind,
+    /// For a download in progress at the peer: the version, and what it holds as it changes.
+    partial: Option<Partial>,
+}
+
+/// A source that holds part of the file: a download in progress at the peer.
+#[derive(Debug)]
+struct Partial {
+    version: Hash32,
+    holds: watch::Receiver<ChunkSet>,
+    /// Follows the peer's changes; stopped when the source goes.
+    follower: tokio::task::AbortHandle,
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        self.follower.abort();
+    }
 }
 
 impl PeerSource {
@@ -369,12 +462,49 @@ impl PeerSource {
             redial,
             name,
             label,
+            partial: None,
         }
+    }
+
+    /// Makes this a source that holds part of version `version` of the file: `held` now, then
+    /// what `changes` says it gains (every chunk once it says it is complete).
+    pub fn holding(mut self, version: Hash32, held: ChunkSet, changes: Option<Changes>) -> Self {
+        let all = ChunkSet::all(held.len());
+        let (tx, holds) = watch::channel(held);
+        let follower = tokio::spawn(async move {
+            let Some(mut changes) = changes else { return };
+            loop {
+                match changes.next().await {
+                    Ok(Change::Gained(chunks)) => tx.send_modify(|h| {
+                        for i in chunks {
+                            h.insert(i);
+                        }
+                    }),
+                    Ok(Change::Complete) => {
+                        tx.send_replace(all);
+                        return;
+                    }
+                    // What it holds stays as last known; asking for more fails on its own.
+                    Err(_) => return,
+                }
+            }
+        });
+        self.partial = Some(Partial {
+            version,
+            holds,
+            follower: follower.abort_handle(),
+        });
+        self
     }
 
     /// How this peer signs trees.
     pub fn sig_kind(&self) -> SigKind {
         self.kind
+    }
+
+    /// Whether the peer holds the whole file (not a download in progress).
+    pub fn is_whole(&self) -> bool {
+        self.partial.is_none()
     }
 
     /// The current connection, made again if the last one was lost.
@@ -437,10 +567,19 @@ impl ChunkSource for PeerSource {
             }
         };
         let client = self.client().await.map_err(fail)?;
-        client
-            .read_chunk(&self.name, offset, len)
-            .await
-            .map_err(fail)
+        match &self.partial {
+            Some(p) => {
+                client
+                    .read_version(&self.name, p.version, offset, len)
+                    .await
+            }
+            None => client.read_chunk(&self.name, offset, len).await,
+        }
+        .map_err(fail)
+    }
+
+    fn holds(&self) -> Option<watch::Receiver<ChunkSet>> {
+        self.partial.as_ref().map(|p| p.holds.clone())
     }
 
     fn rtt(&self) -> Option<Duration> {

@@ -21,12 +21,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::manifest::{Hash32, Manifest};
-use crate::schedule::{Action, ChunkSet, Event, RequestId, Scheduler, Status};
+use crate::schedule::{Action, ChunkSet, Event, RequestId, Scheduler, SourceId, Status};
 pub use crate::schedule::{Options, SourceReport};
 use crate::store::{PartialFile, StoreError};
 
@@ -67,6 +67,12 @@ pub trait ChunkSource: Send + Sync + 'static {
 
     /// The current round-trip time to the source, if known; it sizes the request window.
     fn rtt(&self) -> Option<Duration> {
+        None
+    }
+
+    /// What the source holds, if not the whole file, as it changes (a download in progress at
+    /// the peer). `None`: every chunk, from the start.
+    fn holds(&self) -> Option<watch::Receiver<ChunkSet>> {
         None
     }
 }
@@ -122,9 +128,15 @@ pub struct Agreement {
     pub other_versions: Vec<(usize, Hash32)>,
 }
 
-/// Picks the version to download: `wanted` if given, else the one most peers serve (ties go to the
-/// version of the earliest peer). `None` when no peer serves a matching version.
-pub fn agree(described: &[Option<Manifest>], wanted: Option<Hash32>) -> Option<Agreement> {
+/// Picks the version to download: `wanted` if given, else the one most peers hold whole, then the
+/// one most peers hold at all (ties go to the version of the earliest peer). `whole[i]` says
+/// whether peer `i` holds its version whole (not a download in progress); missing entries count
+/// as whole. `None` when no peer serves a matching version.
+pub fn agree(
+    described: &[Option<Manifest>],
+    whole: &[bool],
+    wanted: Option<Hash32>,
+) -> Option<Agreement> {
     let mut versions: Vec<(Hash32, Vec<usize>)> = Vec::new();
     for (i, m) in described.iter().enumerate() {
         let Some(m) = m else { continue };
@@ -140,7 +152,14 @@ pub fn agree(described: &[Option<Manifest>], wanted: Option<Hash32>) -> Option<A
     let (_, members) = match wanted {
         Some(w) => versions.iter().find(|(h, _)| *h == w)?.clone(),
         // `max_by_key` keeps the last maximum; reversing keeps the earliest among equals.
-        None => versions.iter().rev().max_by_key(|(_, m)| m.len())?.clone(),
+        None => versions
+            .iter()
+            .rev()
+            .max_by_key(|(_, m)| {
+                let wholes = m.iter().filter(|&&i| whole.get(i).copied().unwrap_or(true));
+                (wholes.count(), m.len())
+            })?
+            .clone(),
     };
     let manifest = described[members[0]].clone()?;
     let other_versions = described
@@ -175,6 +194,8 @@ pub fn fixed_sources<S>(sources: Vec<Arc<S>>) -> Sources<S> {
 
 type Fetch = Pin<Box<dyn Future<Output = (RequestId, Result<Bytes, SourceError>)> + Send>>;
 type Check = (RequestId, Result<bool, StoreError>);
+/// A source's holdings changed (and may change again), or will not change any more.
+type Change = Pin<Box<dyn Future<Output = (SourceId, Option<watch::Receiver<ChunkSet>>)> + Send>>;
 
 /// The I/O half of a download: the sources, the requests running against them, the checks.
 struct Driver<S> {
@@ -187,14 +208,31 @@ struct Driver<S> {
     /// Bytes arrived, waiting for the scheduler's verdict.
     arrived: HashMap<RequestId, (u32, Bytes)>,
     checks: JoinSet<Check>,
+    /// Sources whose holdings may still change (downloads in progress at peers).
+    changes: FuturesUnordered<Change>,
 }
 
 impl<S: ChunkSource> Driver<S> {
     fn join(&mut self, sched: &mut Scheduler, source: Arc<S>, now: Instant) {
-        let all = ChunkSet::all(sched.chunk_count());
-        let id = sched.add_source(source.name(), all, now);
+        let watch = source.holds();
+        let holds = match &watch {
+            Some(w) => w.borrow().clone(),
+            None => ChunkSet::all(sched.chunk_count()),
+        };
+        let id = sched.add_source(source.name(), holds, now);
         debug_assert_eq!(id, self.sources.len());
         self.sources.push(source);
+        if let Some(w) = watch {
+            self.watch(id, w);
+        }
+    }
+
+    /// Waits for what source `id` holds to change again.
+    fn watch(&mut self, id: SourceId, mut w: watch::Receiver<ChunkSet>) {
+        self.changes.push(Box::pin(async move {
+            let open = w.changed().await.is_ok();
+            (id, open.then_some(w))
+        }));
     }
 
     /// Carries out the scheduler's actions.
@@ -233,6 +271,10 @@ impl<S: ChunkSource> Driver<S> {
                             return (request, Ok(false));
                         }
                         let written = out.write_at(manifest.chunk_offset(chunk), &data);
+                        if written.is_ok() {
+                            // Written and verified: ours to offer to other peers now.
+                            out.mark_verified(chunk);
+                        }
                         (request, written.map(|()| true))
                     });
                 }
@@ -283,7 +325,10 @@ pub async fn run<S: ChunkSource>(
         running: HashMap::new(),
         arrived: HashMap::new(),
         checks: JoinSet::new(),
+        changes: FuturesUnordered::new(),
     };
+    // Since when nothing could be asked, if so.
+    let mut stuck_since: Option<Instant> = None;
     let mut joining = true;
     loop {
         let now = Instant::now();
@@ -308,13 +353,32 @@ pub async fn run<S: ChunkSource>(
         io.act(actions);
         match sched.status(now) {
             Status::Finished => break,
-            Status::Stuck if !joining => {
+            // No one can give what is missing, and no one may join or gain it any more; or
+            // no one joined or gained any of it for a while.
+            Status::Stuck
+                if (!joining && io.changes.is_empty())
+                    || stuck_since.is_some_and(|t| now >= t + opts.stuck_wait) =>
+            {
                 return Err(DownloadError::AllSourcesFailed(sched.failure_reasons()));
             }
-            _ => {}
+            Status::Stuck => {
+                stuck_since.get_or_insert(now);
+            }
+            Status::Running => stuck_since = None,
         }
-        let deadline = sched.next_deadline();
+        let deadline = sched
+            .next_deadline()
+            .into_iter()
+            .chain(stuck_since.map(|t| t + opts.stuck_wait))
+            .min();
         tokio::select! {
+            Some((source, watch)) = io.changes.next(), if !io.changes.is_empty() => {
+                if let Some(w) = watch {
+                    let chunks = w.borrow().clone();
+                    sched.handle(Instant::now(), Event::Holds { source, chunks });
+                    io.watch(source, w);
+                }
+            }
             () = tokio::time::sleep_until(deadline.unwrap_or(now).into()), if deadline.is_some() => {}
             joined = sources.recv(), if joining => match joined {
                 Some(s) => io.join(&mut sched, s, Instant::now()),
@@ -761,14 +825,27 @@ mod tests {
         let m = |s: &[u8]| Some(Manifest::from_reader(s, s.len() as u64).unwrap());
         let (a, b) = (m(b"version a"), m(b"version b"));
         let described = vec![b.clone(), a.clone(), None, a.clone()];
-        let got = agree(&described, None).unwrap();
+        let got = agree(&described, &[], None).unwrap();
         assert_eq!(got.members, [1, 3]);
         assert_eq!(got.other_versions, [(0, b.as_ref().unwrap().blake3())]);
-        let got = agree(&described, Some(b.as_ref().unwrap().blake3())).unwrap();
+        let got = agree(&described, &[], Some(b.as_ref().unwrap().blake3())).unwrap();
         assert_eq!(got.members, [0]);
         // A tie goes to the earliest peer's version.
-        assert_eq!(agree(&[b.clone(), a.clone()], None).unwrap().members, [0]);
-        assert!(agree(&[None, None], None).is_none());
-        assert!(agree(&described, Some([0; 32])).is_none());
+        assert_eq!(
+            agree(&[b.clone(), a.clone()], &[], None).unwrap().members,
+            [0]
+        );
+        assert!(agree(&[None, None], &[], None).is_none());
+        assert!(agree(&described, &[], Some([0; 32])).is_none());
+        // A version held whole by one peer goes before one that two peers are still downloading.
+        let partly = [a.clone(), a.clone(), b.clone()];
+        assert_eq!(
+            agree(&partly, &[false, false, true], None).unwrap().members,
+            [2]
+        );
+        assert_eq!(
+            agree(&partly, &[true, false, true], None).unwrap().members,
+            [0, 1]
+        );
     }
 }

@@ -1,5 +1,5 @@
 //! Every request/response exchange, written once: the requester's side and the responder's side
-//! of list, describe, read chunk and upload, over any `AsyncRead`/`AsyncWrite` pair (a QUIC stream
+//! of list, describe, read chunk, upload, replace and observe, over any `AsyncRead`/`AsyncWrite` pair (a QUIC stream
 //! in `client` and `server`, `tokio::io::duplex` in the tests below). The stream lifecycles are in
 //! `protocol`'s documentation; a transform of the bytes (compression, say) has this one place to go.
 //!
@@ -14,10 +14,10 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeek, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
 
 use crate::delta::{self, Index, Sig, Step, Tree};
-use crate::manifest::{FileName, Hash32, Manifest};
+use crate::manifest::{ChunkSet, FileName, Hash32, Manifest};
 use crate::protocol::{
-    self, Delta, ErrorKind, FileEntry, MAX_LISTED_FILES, MAX_REQUEST_LEN, MAX_RESPONSE_LEN,
-    ProtocolError, RemoteError, Request, Response,
+    self, Delta, ErrorKind, FileEntry, Incomplete, MAX_LISTED_FILES, MAX_REQUEST_LEN,
+    MAX_RESPONSE_LEN, ProtocolError, RemoteError, Request, Response,
 };
 
 /// Alignment of chunk buffers, for direct I/O.
@@ -195,6 +195,96 @@ async fn read_bytes(
         }
     }
     Ok(Bytes::from(buf).slice(start..start + want))
+}
+
+/// `ReadVersion`: chunk of version `blake3` of `name` at `offset` (`len` bytes), from the whole
+/// file or a download in progress; unverified.
+pub async fn read_version(
+    send: &mut impl SendBytes,
+    recv: &mut (impl AsyncRead + Unpin),
+    name: &FileName,
+    blake3: Hash32,
+    offset: u64,
+    len: u32,
+) -> Result<Bytes, ExchangeError> {
+    let req = Request::ReadVersion {
+        name: name.clone(),
+        blake3,
+        offset,
+        len,
+    };
+    read_bytes(send, recv, &req, len).await
+}
+
+/// What a peer holds of a file, as `Observe` answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offer {
+    /// The version.
+    pub manifest: Manifest,
+    /// The chunks it holds, if not the whole file (a download in progress).
+    pub held: Option<ChunkSet>,
+}
+
+/// `Observe`: what the peer holds of `name` (`None`: nothing). For a download in progress the
+/// stream stays open: [`next_change`] reads what it gains.
+pub async fn observe(
+    send: &mut impl SendBytes,
+    recv: &mut (impl AsyncRead + Unpin),
+    name: &FileName,
+) -> Result<Option<Offer>, ExchangeError> {
+    let req = Request::Observe { name: name.clone() };
+    match ask(send, recv, &req, true).await {
+        Ok(Response::Holding { manifest, held }) => {
+            let held = match held {
+                None => None,
+                Some(bits) => Some(
+                    ChunkSet::from_bytes(manifest.chunk_count(), &bits)
+                        .ok_or(ExchangeError::Unexpected("observe"))?,
+                ),
+            };
+            Ok(Some(Offer { manifest, held }))
+        }
+        Ok(_) => Err(ExchangeError::Unexpected("observe")),
+        Err(ExchangeError::Remote(e)) if e.kind == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// What an observed download in progress did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// It verified these chunks.
+    Gained(Vec<u32>),
+    /// It finished: the whole file is served.
+    Complete,
+}
+
+/// The next change of an observed download in progress of a file of `chunks` chunks.
+pub async fn next_change(
+    recv: &mut (impl AsyncRead + Unpin),
+    chunks: u32,
+) -> Result<Change, ExchangeError> {
+    match response(recv).await? {
+        Response::Have(gained) if gained.iter().all(|&i| i < chunks) => Ok(Change::Gained(gained)),
+        Response::Complete => Ok(Change::Complete),
+        _ => Err(ExchangeError::Unexpected("observe")),
+    }
+}
+
+/// `ListAll`: the whole files (the first [`MAX_LISTED_FILES`]), how many there are, and the
+/// downloads in progress.
+pub async fn list_all(
+    send: &mut impl SendBytes,
+    recv: &mut (impl AsyncRead + Unpin),
+) -> Result<(Vec<FileEntry>, u64, Vec<Incomplete>), ExchangeError> {
+    match ask(send, recv, &Request::ListAll, true).await? {
+        Response::Listing {
+            files,
+            total,
+            incomplete,
+        } => Ok((files, total, incomplete)),
+        _ => Err(ExchangeError::Unexpected("list")),
+    }
 }
 
 /// `Groups`: the group signatures of version `blake3` of `name`.
@@ -388,6 +478,51 @@ pub async fn send_listing(send: &mut impl SendBytes, mut files: Vec<FileEntry>) 
         respond(send, &Response::Files(files)).await;
     }
     count
+}
+
+/// Answers `ListAll` with `files` and `incomplete` (each sorted by name, each cut at
+/// [`MAX_LISTED_FILES`]). Returns how many whole files were sent.
+pub async fn send_listing_all(
+    send: &mut impl SendBytes,
+    mut files: Vec<FileEntry>,
+    mut incomplete: Vec<Incomplete>,
+) -> usize {
+    let total = files.len() as u64;
+    files.truncate(MAX_LISTED_FILES);
+    incomplete.truncate(MAX_LISTED_FILES);
+    let count = files.len();
+    let listing = Response::Listing {
+        files,
+        total,
+        incomplete,
+    };
+    respond(send, &listing).await;
+    count
+}
+
+/// Answers `Observe` with what we hold: the whole file (`held` is `None`; the stream ends), or
+/// a download in progress (the stream stays open for [`send_have`], then `Complete`).
+pub async fn send_holding(
+    send: &mut impl SendBytes,
+    manifest: &Manifest,
+    held: Option<&ChunkSet>,
+) -> Result<(), ProtocolError> {
+    let resp = Response::Holding {
+        manifest: manifest.clone(),
+        held: held.map(ChunkSet::to_bytes),
+    };
+    match held {
+        None => {
+            respond(send, &resp).await;
+            Ok(())
+        }
+        Some(_) => protocol::write_msg(send, &resp).await,
+    }
+}
+
+/// Tells an observer the chunks our download in progress verified since the last message.
+pub async fn send_have(send: &mut impl SendBytes, gained: Vec<u32>) -> Result<(), ProtocolError> {
+    protocol::write_msg(send, &Response::Have(gained)).await
 }
 
 /// Answers `ReadChunk` with `data`, whole: the header, then the bytes, then the end.

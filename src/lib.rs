@@ -15,7 +15,8 @@
 //!   the scheduler's actions against `ChunkSource`s, verifies, writes).
 //! - `exchange`: each request/response exchange, both sides, over any `AsyncRead`/`AsyncWrite`.
 //! - `schedule`: the pure download policy (events in, actions out, time passed in).
-//! - `protocol` (messages and framing), `store` (served_files and temporary files), `tls`
+//! - `protocol` (messages and framing), `store` (served_files and temporary files) with `held`
+//!   (what a download in progress holds, on disk for `serve` to offer), `tls`
 //!   (QUIC/TLS configuration, endpoints, quinn's stream adapter), `limits` (what each peer may take
 //!   from a server; no I/O).
 //! - `manifest`, `peers`, `identity`, `term`.
@@ -34,6 +35,7 @@ pub mod client;
 pub mod delta;
 pub mod download;
 pub mod exchange;
+pub mod held;
 pub mod identity;
 pub mod limits;
 pub mod manifest;

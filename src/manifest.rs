@@ -409,6 +409,114 @@ fn merge_root(chunks: &[Hash32]) -> Hash32 {
     merge(chunks, true)
 }
 
+/// A set of a file's chunks (which ones a peer holds), as bits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkSet {
+    words: Vec<u64>,
+    len: u32,
+}
+
+impl ChunkSet {
+    /// Every one of `len` chunks.
+    pub fn all(len: u32) -> Self {
+        let mut words = vec![u64::MAX; (len as usize).div_ceil(64)];
+        if let Some(last) = words.last_mut()
+            && !len.is_multiple_of(64)
+        {
+            *last = (1 << (len % 64)) - 1;
+        }
+        Self { words, len }
+    }
+
+    /// None of `len` chunks.
+    pub fn none(len: u32) -> Self {
+        Self {
+            words: vec![0; (len as usize).div_ceil(64)],
+            len,
+        }
+    }
+
+    /// How many chunks the set is of.
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    /// Whether it is a set of no chunks at all.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Adds chunk `i` (ignored if out of range).
+    pub fn insert(&mut self, i: u32) {
+        if i < self.len {
+            self.words[i as usize / 64] |= 1 << (i % 64);
+        }
+    }
+
+    /// Whether chunk `i` is in the set.
+    pub fn contains(&self, i: u32) -> bool {
+        i < self.len && self.words[i as usize / 64] & (1 << (i % 64)) != 0
+    }
+
+    /// How many chunks are in the set.
+    pub fn count(&self) -> u32 {
+        self.words.iter().map(|w| w.count_ones()).sum()
+    }
+
+    /// Whether every chunk is in the set.
+    pub fn is_full(&self) -> bool {
+        self.count() == self.len
+    }
+
+    /// The chunks in the set, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.words.iter().enumerate().flat_map(|(k, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                (w != 0).then(|| {
+                    let bit = w.trailing_zeros();
+                    w &= w - 1;
+                    k as u32 * 64 + bit
+                })
+            })
+        })
+    }
+
+    /// The chunks in exactly one of `self` and `other` (sets of one length), ascending.
+    pub fn changed(&self, other: &Self) -> Vec<u32> {
+        let mut out = Vec::new();
+        for (k, (a, b)) in self.words.iter().zip(&other.words).enumerate() {
+            let mut w = a ^ b;
+            while w != 0 {
+                out.push(k as u32 * 64 + w.trailing_zeros());
+                w &= w - 1;
+            }
+        }
+        out
+    }
+
+    /// Bit `i % 8` of byte `i / 8` for chunk `i`: how sets travel and sit on disk.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out: Vec<u8> = self.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        out.truncate((self.len as usize).div_ceil(8));
+        out
+    }
+
+    /// A set of `len` chunks from [`to_bytes`](Self::to_bytes)'s form; `None` unless `bytes` is
+    /// exactly that long and marks no chunk past `len`.
+    pub fn from_bytes(len: u32, bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != (len as usize).div_ceil(8) {
+            return None;
+        }
+        let mut words = vec![0u64; (len as usize).div_ceil(64)];
+        for (k, b) in bytes.iter().enumerate() {
+            words[k / 8] |= u64::from(*b) << (8 * (k % 8));
+        }
+        let set = Self { words, len };
+        (set.count() as usize == set.iter().take_while(|&i| i < len).count()).then_some(set)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -453,6 +561,39 @@ mod tests {
             let total: u64 = (0..m.chunk_count()).map(|i| m.chunk_len(i).unwrap()).sum();
             assert_eq!(total, len as u64);
         }
+    }
+
+    #[test]
+    fn chunk_sets_travel_as_bytes_and_refuse_bits_past_their_end() {
+        for len in [0u32, 1, 7, 8, 9, 63, 64, 65, 1000] {
+            let mut set = ChunkSet::none(len);
+            for i in (0..len).step_by(3) {
+                set.insert(i);
+            }
+            let bytes = set.to_bytes();
+            assert_eq!(bytes.len(), (len as usize).div_ceil(8));
+            assert_eq!(
+                ChunkSet::from_bytes(len, &bytes),
+                Some(set.clone()),
+                "{len}"
+            );
+            assert_eq!(
+                set.iter().collect::<Vec<_>>(),
+                (0..len).step_by(3).collect::<Vec<_>>()
+            );
+            assert_eq!(set.count(), len.div_ceil(3));
+            assert!(ChunkSet::all(len).is_full());
+            assert_eq!(
+                ChunkSet::none(len).changed(&set),
+                set.iter().collect::<Vec<_>>()
+            );
+        }
+        assert_eq!(ChunkSet::from_bytes(9, &[0xff]), None, "too short");
+        assert_eq!(
+            ChunkSet::from_bytes(9, &[0xff, 0x02]),
+            None,
+            "a bit past the end"
+        );
     }
 
     #[test]

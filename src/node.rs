@@ -20,13 +20,13 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 
-use crate::client::{Client, ClientError, PeerSource, Redial, UploadStatus};
+use crate::client::{Changes, Client, ClientError, Offer, PeerSource, Redial, UploadStatus};
 use crate::delta::{Sig, SigKind, Tree};
 use crate::download::{self, DownloadReport, Options, Progress};
 use crate::identity::{self, Identity, InitOutcome};
 use crate::manifest::{FileName, Hash32, Manifest, hex};
 use crate::peers::{PeerEntry, PeerId, PeerTable, Root};
-use crate::protocol::FileEntry;
+use crate::protocol::{FileEntry, Incomplete};
 use crate::server::{self, Server};
 use crate::store::{Check, Committed, PartialFile, Seen, Store, StoreError};
 use crate::tls::{self, Pins};
@@ -34,6 +34,12 @@ use crate::update;
 
 /// How long a client command waits for its connection closes to be sent.
 pub const CLOSE_GRACE: Duration = Duration::from_millis(15);
+
+/// How long a download waits before asking again the peers that held nothing of the file (they
+/// may have started downloading it too); the pause doubles up to [`ASK_AGAIN_MAX`].
+pub const ASK_AGAIN: Duration = Duration::from_millis(500);
+/// The longest pause between two such askings.
+pub const ASK_AGAIN_MAX: Duration = Duration::from_secs(4);
 
 /// How long a download waits for more peers after the first one that serves the file answers.
 /// Answers from peers that are up arrive within a round trip or two of each other; a peer that is
@@ -78,6 +84,8 @@ pub struct Listing {
     pub files: Vec<FileEntry>,
     /// How many files the peer serves.
     pub total: u64,
+    /// Its downloads in progress, not served as whole files.
+    pub incomplete: Vec<Incomplete>,
 }
 
 /// What an upload did, per peer.
@@ -374,25 +382,39 @@ impl Node {
         let targets = self.select(peers)?;
         let results = join_all(targets.iter().map(|entry| async move {
             if entry.id == self.me {
-                let files = self.list_own().await.map_err(PeerFailure::Local)?;
-                let total = files.len() as u64;
-                return Ok(Listing { files, total });
+                return self.list_own().await.map_err(PeerFailure::Local);
             }
-            let (files, total) = self.client(entry).await?.list().await?;
-            Ok(Listing { files, total })
+            let (files, total, incomplete) = self.client(entry).await?.list().await?;
+            Ok(Listing {
+                files,
+                total,
+                incomplete,
+            })
         }))
         .await;
         Ok(targets.into_iter().map(|e| e.id).zip(results).collect())
     }
 
-    /// Our own files, read locally (a peer does not connect to itself).
-    async fn list_own(&self) -> anyhow::Result<Vec<FileEntry>> {
+    /// Our own files and downloads in progress, read locally (a peer does not connect to
+    /// itself).
+    async fn list_own(&self) -> anyhow::Result<Listing> {
         let dir = self.served_dir();
-        let files = tokio::task::spawn_blocking(move || Store::open(dir)?.list()).await??;
-        Ok(files
-            .into_iter()
-            .map(|(name, m)| FileEntry::new(name, &m))
-            .collect())
+        let (files, held) = tokio::task::spawn_blocking(move || {
+            let store = Store::open(dir)?;
+            anyhow::Ok((store.list()?, store.held_all()?))
+        })
+        .await??;
+        Ok(Listing {
+            total: files.len() as u64,
+            files: files
+                .into_iter()
+                .map(|(name, m)| FileEntry::new(name, &m))
+                .collect(),
+            incomplete: held
+                .into_iter()
+                .map(|(name, h)| Incomplete::new(name, &h.manifest, h.bytes()))
+                .collect(),
+        })
     }
 
     /// `upload`: one file (a path, or a name in our served_files) to every named peer.
@@ -497,7 +519,7 @@ impl Node {
             .iter()
             .map(|entry| async move {
                 let answer = match self.client(entry).await {
-                    Ok(client) => client.describe(name).await.map(|m| (client, m)),
+                    Ok(client) => client.observe(name).await.map(|o| (client, o)),
                     Err(e) => Err(e),
                 };
                 (entry, answer)
@@ -509,7 +531,12 @@ impl Node {
             .await;
         // When no peer serves the file, the error names each peer's reason instead.
         let (manifest, members) = answers.agree(req.blake3)?;
-        answers.left_out.iter().for_each(|(p, why)| report(p, why));
+        // Peers holding nothing of it yet are named at the end, if they never join.
+        answers
+            .left_out
+            .iter()
+            .filter(|(_, why)| !matches!(why, LeftOut::DoesNotServe(_)))
+            .for_each(|(p, why)| report(p, why));
         let mut done = Downloaded {
             name: name.clone(),
             target,
@@ -524,8 +551,12 @@ impl Node {
         let manifest = done.manifest.clone();
         let target = done.target.clone();
 
-        // Already there, or another version to bring up to date?
-        let first = members.first().map(|(_, c)| c.clone());
+        // Already there, or another version to bring up to date? (Only a peer holding the
+        // file whole can tell its tree.)
+        let first = members
+            .iter()
+            .find(|m| m.offer.held.is_none())
+            .map(|m| m.client.clone());
         let (old, prefetched) = match look_at(&target, req.update, first, name, &manifest).await? {
             At::Same => {
                 done.left_out = answers.left_out;
@@ -538,23 +569,37 @@ impl Node {
 
         let (join, sources) = mpsc::unbounded_channel();
         let opened = RefCell::new(Vec::new());
-        for (entry, client) in members {
-            let source = Arc::new(PeerSource::new(client, name.clone(), self.redial(entry)?));
+        for member in members {
+            let source = Arc::new(self.source(name, member)?);
             opened.borrow_mut().push(source.clone());
             let _ = join.send(source);
         }
         let (partial, mut have) = open_partial(&target, &manifest).await?;
         let resumed = bytes_of(&manifest, &have);
         if let Some(prefetched) = prefetched {
-            let peers = opened.borrow().clone();
+            let peers: Vec<_> = opened
+                .borrow()
+                .iter()
+                .filter(|s| s.is_whole())
+                .cloned()
+                .collect();
             let filled = update::fill(&target, prefetched, &manifest, &partial, have, &peers);
             let filled = filled.await?;
             (done.reused_bytes, done.range_bytes, have) =
                 (filled.reused, filled.fetched, filled.have);
         }
+        // Into our served_files: what it verifies is offered to other peers as it goes.
+        if target.parent() == Some(self.served_dir().as_path()) {
+            let (p, m, h) = (partial.clone(), manifest.clone(), have.clone());
+            if let Err(e) = tokio::task::spawn_blocking(move || p.share(&m, &h)).await? {
+                tracing::warn!("not offering {name} to other peers while it downloads: {e}");
+            }
+        }
         (on.borrow_mut())(DownloadEvent::Started(manifest.size()));
         let opts = Options {
             fixed_window: req.window,
+            // Our own order among equally rare chunks, unlike any other downloader's.
+            order_seed: Some(fastrand::u64(..)),
             ..Options::default()
         };
         let engine = download::run(
@@ -565,18 +610,32 @@ impl Node {
             &opts,
             |p| (on.borrow_mut())(DownloadEvent::Progress(p)),
         );
-        // Peers that answer late join if they serve this version.
+        // Peers that answer late join if they hold this version, and so do peers that held
+        // nothing of it but start downloading it meanwhile.
         let late_left_out = RefCell::new(Vec::new());
+        let absent: Vec<&PeerEntry> = answers
+            .left_out
+            .iter()
+            .filter(|(_, why)| matches!(why, LeftOut::DoesNotServe(_)))
+            .filter_map(|(p, _)| candidates.iter().find(|e| e.id == *p))
+            .collect();
         let late = async {
+            let mut absent = absent;
             while let Some((entry, answer)) = asking.next().await {
                 answers.answered.push(entry.id.clone());
                 let Some(why) = self.join_late(entry, answer, (name, &manifest), &join, &opened)
                 else {
                     continue;
                 };
+                if matches!(why, LeftOut::DoesNotServe(_)) {
+                    absent.push(entry);
+                    continue;
+                }
                 report(&entry.id, &why);
                 late_left_out.borrow_mut().push((entry.id.clone(), why));
             }
+            self.ask_again(absent, (name, &manifest), &join, &opened)
+                .await;
             // No one else will join: the engine stops waiting for more sources.
             drop(join);
         };
@@ -585,7 +644,24 @@ impl Node {
         for source in opened.into_inner() {
             source.close().await;
         }
+        // Peers that held nothing at first but joined later were not left out.
+        let joined: Vec<PeerId> = outcome
+            .as_ref()
+            .and_then(|o| o.as_ref().ok())
+            .map(|r| {
+                r.sources
+                    .iter()
+                    .filter_map(|s| s.name.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        answers.left_out.retain(|(p, _)| !joined.contains(p));
         done.left_out = answers.all_left_out(late_left_out.into_inner(), &candidates);
+        for (p, why) in &done.left_out {
+            if matches!(why, LeftOut::DoesNotServe(_)) {
+                report(p, why);
+            }
+        }
         let mut report = transferred(outcome, &partial, name, &target)?;
         // Chunks built from our old copy are reused, not resumed.
         report.resumed_bytes = report.resumed_bytes.min(resumed);
@@ -627,21 +703,84 @@ impl Node {
         opened: &RefCell<Vec<Arc<PeerSource>>>,
     ) -> Option<LeftOut> {
         let why = match answer {
-            Ok((client, Some(m))) if m == *manifest => match self.redial(entry) {
-                Ok(redial) => {
-                    let source = Arc::new(PeerSource::new(client, name.clone(), redial));
-                    opened.borrow_mut().push(source.clone());
-                    let _ = join.send(source);
-                    return None;
+            Ok((client, Some((offer, changes)))) if offer.manifest == *manifest => {
+                let member = Served {
+                    entry,
+                    client,
+                    offer,
+                    changes,
+                };
+                match self.source(name, member) {
+                    Ok(source) => {
+                        let source = Arc::new(source);
+                        opened.borrow_mut().push(source.clone());
+                        let _ = join.send(source);
+                        return None;
+                    }
+                    Err(e) => LeftOut::Failed(e),
                 }
-                Err(e) => LeftOut::Failed(e),
-            },
-            Ok((_, Some(m))) => LeftOut::OtherVersion(name.clone(), m.blake3()),
+            }
+            Ok((_, Some((offer, _)))) => {
+                LeftOut::OtherVersion(name.clone(), offer.manifest.blake3())
+            }
             Ok((_, None)) => LeftOut::DoesNotServe(name.clone()),
             Err(e) => LeftOut::Failed(e),
         };
         Some(why)
     }
+
+    /// Asks the `absent` peers (which held nothing of the file) again now and then while the
+    /// download runs; those that hold `manifest`'s version by then (they started downloading it
+    /// too, as a crowd starting at once does) join it. Returns when none is left to ask; the
+    /// download's end stops it.
+    async fn ask_again(
+        &self,
+        mut absent: Vec<&PeerEntry>,
+        (name, manifest): (&FileName, &Manifest),
+        join: &mpsc::UnboundedSender<Arc<PeerSource>>,
+        opened: &RefCell<Vec<Arc<PeerSource>>>,
+    ) {
+        let mut pause = ASK_AGAIN;
+        while !absent.is_empty() {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(ASK_AGAIN_MAX);
+            let answers = join_all(absent.iter().map(|&entry| async move {
+                let answer = match self.client(entry).await {
+                    Ok(client) => client.observe(name).await.map(|o| (client, o)),
+                    Err(e) => Err(e),
+                };
+                (entry, answer)
+            }))
+            .await;
+            absent.clear();
+            for (entry, answer) in answers {
+                // Joined, or another version, or unreachable now: not asked again.
+                let why = self.join_late(entry, answer, (name, manifest), join, opened);
+                if matches!(why, Some(LeftOut::DoesNotServe(_))) {
+                    absent.push(entry);
+                }
+            }
+        }
+    }
+
+    /// A download source for a peer that holds the version: all of it, or (a download in
+    /// progress there) what it holds as that changes.
+    fn source(&self, name: &FileName, member: Served<'_>) -> Result<PeerSource, ClientError> {
+        let source = PeerSource::new(member.client, name.clone(), self.redial(member.entry)?);
+        Ok(match member.offer.held {
+            Some(held) => source.holding(member.offer.manifest.blake3(), held, member.changes),
+            None => source,
+        })
+    }
+}
+
+/// A peer that holds some version of the file, as it answered.
+struct Served<'a> {
+    entry: &'a PeerEntry,
+    client: Client,
+    offer: Offer,
+    /// What it gains, for a download in progress there.
+    changes: Option<Changes>,
 }
 
 /// The answers to "what do you serve under that name?" so far.
@@ -649,12 +788,12 @@ struct Answers<'a> {
     name: FileName,
     /// Who answered (or failed to).
     answered: Vec<PeerId>,
-    /// Peers that serve some version, with their connection and manifest.
-    served: Vec<(&'a PeerEntry, Client, Manifest)>,
+    /// Peers that hold some version, whole or in part.
+    served: Vec<Served<'a>>,
     left_out: Vec<(PeerId, LeftOut)>,
 }
 
-type Answer = Result<(Client, Option<Manifest>), ClientError>;
+type Answer = Result<(Client, Option<(Offer, Option<Changes>)>), ClientError>;
 
 impl<'a> Answers<'a> {
     fn new(name: FileName) -> Self {
@@ -682,7 +821,7 @@ impl<'a> Answers<'a> {
                 Some((entry, answer)) = asking.next() => {
                     self.take(entry, answer);
                     if let Some(w) = wanted {
-                        if self.served.iter().any(|s| s.2.blake3() == w) {
+                        if self.served.iter().any(|s| s.offer.manifest.blake3() == w) {
                             return;
                         }
                     } else if !self.served.is_empty() && !grace_set {
@@ -712,7 +851,12 @@ impl<'a> Answers<'a> {
     fn take(&mut self, entry: &'a PeerEntry, answer: Answer) {
         self.answered.push(entry.id.clone());
         match answer {
-            Ok((client, Some(m))) => self.served.push((entry, client, m)),
+            Ok((client, Some((offer, changes)))) => self.served.push(Served {
+                entry,
+                client,
+                offer,
+                changes,
+            }),
             Ok((_, None)) => self
                 .left_out
                 .push((entry.id.clone(), LeftOut::DoesNotServe(self.name.clone()))),
@@ -721,13 +865,14 @@ impl<'a> Answers<'a> {
     }
 
     /// The version to fetch and the peers serving it; the others are left out.
-    fn agree(
-        &mut self,
-        wanted: Option<Hash32>,
-    ) -> anyhow::Result<(Manifest, Vec<(&'a PeerEntry, Client)>)> {
-        let described: Vec<Option<Manifest>> =
-            self.served.iter().map(|s| Some(s.2.clone())).collect();
-        let Some(agreement) = download::agree(&described, wanted) else {
+    fn agree(&mut self, wanted: Option<Hash32>) -> anyhow::Result<(Manifest, Vec<Served<'a>>)> {
+        let described: Vec<Option<Manifest>> = self
+            .served
+            .iter()
+            .map(|s| Some(s.offer.manifest.clone()))
+            .collect();
+        let whole: Vec<bool> = self.served.iter().map(|s| s.offer.held.is_none()).collect();
+        let Some(agreement) = download::agree(&described, &whole, wanted) else {
             let why: Vec<String> = self
                 .left_out
                 .iter()
@@ -741,12 +886,13 @@ impl<'a> Answers<'a> {
         };
         for &(i, other) in &agreement.other_versions {
             let why = LeftOut::OtherVersion(self.name.clone(), other);
-            self.left_out.push((self.served[i].0.id.clone(), why));
+            self.left_out.push((self.served[i].entry.id.clone(), why));
         }
-        let members = agreement
-            .members
-            .iter()
-            .map(|&i| (self.served[i].0, self.served[i].1.clone()))
+        let members = std::mem::take(&mut self.served)
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| agreement.members.contains(i))
+            .map(|(_, s)| s)
             .collect();
         Ok((agreement.manifest, members))
     }
@@ -760,7 +906,7 @@ async fn open_partial(
     target: &Path,
     manifest: &Arc<Manifest>,
 ) -> anyhow::Result<(Arc<PartialFile>, Vec<bool>)> {
-    let tag = hex(&manifest.blake3())[..16].to_owned();
+    let tag = crate::store::download_tag(&manifest.blake3());
     let partial = PartialFile::create(target, &tag, manifest.size())
         .with_context(|| format!("preparing {}", target.display()))?;
     let partial = Arc::new(partial);

@@ -144,6 +144,28 @@ pub enum Request {
         /// The BLAKE3 hash of its bytes.
         blake3: Hash32,
     },
+    /// What the peer holds of `name`: its whole file, or else a download of it in progress.
+    /// Answered with [`Response::Holding`]; for a download in progress the stream stays open and
+    /// carries [`Response::Have`] as it verifies more chunks, then [`Response::Complete`] once
+    /// the whole file is under its name (or an error if the download stopped there).
+    Observe {
+        /// Which file.
+        name: FileName,
+    },
+    /// One chunk of version `blake3` of `name`, from the whole file or from a download in
+    /// progress that holds it verified; answered like `ReadChunk`.
+    ReadVersion {
+        /// Which file.
+        name: FileName,
+        /// Which version.
+        blake3: Hash32,
+        /// First byte (a chunk's start).
+        offset: u64,
+        /// How many bytes (the chunk's length).
+        len: u32,
+    },
+    /// Like `List`, and the downloads in progress too: answered with [`Response::Listing`].
+    ListAll,
 }
 
 /// Most groups one `Leaves` request may ask for (1024 leaves each at most: under 4 MiB).
@@ -161,6 +183,9 @@ impl Request {
             Self::Leaves { .. } => "leaves",
             Self::ReadRange { .. } => "read_range",
             Self::Replace { .. } => "replace",
+            Self::Observe { .. } => "observe",
+            Self::ReadVersion { .. } => "read_version",
+            Self::ListAll => "list_all",
         }
     }
 }
@@ -225,6 +250,53 @@ pub enum Response {
     /// Answer to `Replace` when the peer holds another version: instead of the bytes, the
     /// requester sends [`Delta::Groups`] and the exchange goes on in [`Delta`] frames.
     SendDelta,
+    /// Answer to `Observe`: the version the peer holds, and which of its chunks (`None`: all of
+    /// them, the whole file; else one bit per chunk, bit `i % 8` of byte `i / 8`).
+    Holding {
+        /// The version.
+        manifest: Manifest,
+        /// The chunks held, if not all.
+        held: Option<Vec<u8>>,
+    },
+    /// After `Holding`: chunks the download in progress has verified since, ascending.
+    Have(Vec<u32>),
+    /// After `Holding`: the download finished; the whole file is served under its name.
+    Complete,
+    /// Answer to `ListAll`.
+    Listing {
+        /// The whole files, by name (the first [`MAX_LISTED_FILES`]).
+        files: Vec<FileEntry>,
+        /// How many whole files the peer serves.
+        total: u64,
+        /// Downloads in progress (the first [`MAX_LISTED_FILES`]), never served as whole files.
+        incomplete: Vec<Incomplete>,
+    },
+}
+
+/// A download in progress, as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Incomplete {
+    /// The file's name.
+    pub name: FileName,
+    /// The whole file's size in bytes.
+    pub size: u64,
+    /// The BLAKE3 hash of the whole file.
+    pub blake3: Hash32,
+    /// Bytes verified so far.
+    pub held: u64,
+}
+
+impl Incomplete {
+    /// The listing entry of a download of `name` in progress: `manifest`'s version, `held`
+    /// bytes of it verified.
+    pub fn new(name: FileName, manifest: &Manifest, held: u64) -> Self {
+        Self {
+            name,
+            size: manifest.size(),
+            blake3: manifest.blake3(),
+            held,
+        }
+    }
 }
 
 /// The frames of a `Replace` that moves only what the peer lacks, after [`Response::SendDelta`]:
@@ -524,6 +596,70 @@ mod tests {
         assert_eq!(Version::of_alpn(Some(b"qnode/1")), Version::V1);
         assert_eq!(Version::V1.sig_kind(), SigKind::Blake3);
         assert_eq!(Version::V2.sig_kind(), SigKind::Xxh3);
+    }
+
+    #[test]
+    fn swarm_messages_are_pinned() {
+        assert_eq!(
+            frame(&Request::Observe { name: name("a") }),
+            [0, 0, 0, 3, 8, 1, b'a']
+        );
+        let mut read = vec![0, 0, 0, 39, 9, 1, b'a'];
+        read.extend([7u8; 32]);
+        read.extend([0x80, 0x08, 0x80, 0x08]);
+        assert_eq!(
+            frame(&Request::ReadVersion {
+                name: name("a"),
+                blake3: [7; 32],
+                offset: 1024,
+                len: 1024
+            }),
+            read
+        );
+        assert_eq!(frame(&Request::ListAll), [0, 0, 0, 1, 10]);
+        let m = Manifest::from_reader(&b"hi"[..], 2).unwrap();
+        let mut holding = vec![0, 0, 0, 70, 12, 2, 0x80, 0x08, 1];
+        holding.extend(blake3::hash(b"hi").as_bytes());
+        holding.extend(blake3::hash(b"hi").as_bytes());
+        holding.push(0);
+        assert_eq!(
+            frame(&Response::Holding {
+                manifest: m.clone(),
+                held: None
+            }),
+            holding
+        );
+        holding[3] = 72;
+        *holding.last_mut().unwrap() = 1;
+        holding.extend([1, 0b101]);
+        assert_eq!(
+            frame(&Response::Holding {
+                manifest: m,
+                held: Some(vec![0b101])
+            }),
+            holding
+        );
+        assert_eq!(
+            frame(&Response::Have(vec![3, 300])),
+            [0, 0, 0, 5, 13, 2, 3, 0xac, 0x02]
+        );
+        assert_eq!(frame(&Response::Complete), [0, 0, 0, 1, 14]);
+        let mut listing = vec![0, 0, 0, 40, 15, 0, 0, 1, 1, b'a', 9];
+        listing.extend([2u8; 32]);
+        listing.push(4);
+        assert_eq!(
+            frame(&Response::Listing {
+                files: vec![],
+                total: 0,
+                incomplete: vec![Incomplete {
+                    name: name("a"),
+                    size: 9,
+                    blake3: [2; 32],
+                    held: 4
+                }]
+            }),
+            listing
+        );
     }
 
     #[tokio::test]

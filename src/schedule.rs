@@ -22,8 +22,10 @@
 //!   flight elsewhere that is expected to arrive last; the first verified copy wins and the other
 //!   copies are cancelled.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
+
+pub use crate::manifest::ChunkSet;
 
 /// A source, as numbered by [`Scheduler::add_source`] (in the order they joined).
 pub type SourceId = usize;
@@ -71,6 +73,14 @@ pub struct Options {
     pub request_timeout: Duration,
     /// Most copies of one chunk in flight at once during the endgame.
     pub max_copies: u8,
+    /// Chunks are asked for rarest first (held by the fewest sources), and among equally rare
+    /// ones in a random order drawn from this seed, so that downloaders of one file, each with
+    /// its own seed, soon hold different chunks to give each other (BitTorrent's rarest-first).
+    /// `None`: in file order.
+    pub order_seed: Option<u64>,
+    /// How long a download waits with nothing to ask while sources that are still downloading
+    /// may gain what is missing (the driver's rule; the scheduler only reports `Stuck`).
+    pub stuck_wait: Duration,
 }
 
 impl Default for Options {
@@ -88,47 +98,9 @@ impl Default for Options {
             reconnect_backoff: Duration::from_secs(1),
             request_timeout: Duration::from_secs(60),
             max_copies: 2,
+            order_seed: None,
+            stuck_wait: Duration::from_secs(30),
         }
-    }
-}
-
-/// The chunks a source holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChunkSet {
-    words: Vec<u64>,
-    len: u32,
-}
-
-impl ChunkSet {
-    /// Every one of `len` chunks.
-    pub fn all(len: u32) -> Self {
-        let mut words = vec![u64::MAX; (len as usize).div_ceil(64)];
-        if let Some(last) = words.last_mut()
-            && !len.is_multiple_of(64)
-        {
-            *last = (1 << (len % 64)) - 1;
-        }
-        Self { words, len }
-    }
-
-    /// None of `len` chunks.
-    pub fn none(len: u32) -> Self {
-        Self {
-            words: vec![0; (len as usize).div_ceil(64)],
-            len,
-        }
-    }
-
-    /// Adds chunk `i` (ignored if out of range).
-    pub fn insert(&mut self, i: u32) {
-        if i < self.len {
-            self.words[i as usize / 64] |= 1 << (i % 64);
-        }
-    }
-
-    /// Whether chunk `i` is in the set.
-    pub fn contains(&self, i: u32) -> bool {
-        i < self.len && self.words[i as usize / 64] & (1 << (i % 64)) != 0
     }
 }
 
@@ -280,6 +252,10 @@ pub struct Totals {
 struct ChunkState {
     done: bool,
     queued: bool,
+    /// Asked for again after a failure: it goes before the others.
+    retried: bool,
+    /// Live sources that hold it.
+    avail: u32,
     /// Copies asked for and not yet arrived.
     fetching: u8,
     /// Copies arrived and being verified.
@@ -399,7 +375,10 @@ pub struct Scheduler {
     size: u64,
     chunk_size: u64,
     chunks: Vec<ChunkState>,
-    pending: VecDeque<u32>,
+    /// The chunks to ask for, in the order to ask for them (see [`Scheduler::slot`]).
+    pending: BTreeSet<Slot>,
+    /// Each chunk's place among equally rare ones.
+    rank: Vec<u32>,
     remaining: u32,
     sources: Vec<SourceState>,
     requests: HashMap<RequestId, Request>,
@@ -414,6 +393,7 @@ impl Scheduler {
     /// `have[i]` is true.
     pub fn new(size: u64, chunk_size: u64, have: &[bool], opts: Options) -> Self {
         let chunk_size = chunk_size.max(1);
+        let opts_seed = opts.order_seed;
         // An empty file has one empty chunk, as in `manifest`.
         let n = u32::try_from(size.div_ceil(chunk_size).max(1)).unwrap_or(u32::MAX);
         let mut s = Self {
@@ -421,7 +401,8 @@ impl Scheduler {
             size,
             chunk_size,
             chunks: (0..n).map(|_| ChunkState::default()).collect(),
-            pending: VecDeque::new(),
+            pending: BTreeSet::new(),
+            rank: order(n, opts_seed),
             remaining: n,
             sources: Vec::new(),
             requests: HashMap::new(),
@@ -436,8 +417,7 @@ impl Scheduler {
                 s.remaining -= 1;
                 s.totals.resumed_bytes += s.chunk_len(i);
             } else {
-                s.chunks[i as usize].queued = true;
-                s.pending.push_back(i);
+                s.enqueue(i);
             }
         }
         s.done_bytes = s.totals.resumed_bytes;
@@ -451,8 +431,49 @@ impl Scheduler {
 
     /// A new source holding `holds`; it is asked on the next [`poll`](Self::poll).
     pub fn add_source(&mut self, name: &str, holds: ChunkSet, now: Instant) -> SourceId {
+        let holds = self.fit(holds);
+        for c in holds.iter() {
+            self.adjust_avail(c, true);
+        }
         self.sources.push(SourceState::new(name, holds, now));
         self.sources.len() - 1
+    }
+
+    /// `holds` if it is a set of this file's chunks, else the empty set.
+    fn fit(&self, holds: ChunkSet) -> ChunkSet {
+        if holds.len() == self.chunk_count() {
+            holds
+        } else {
+            ChunkSet::none(self.chunk_count())
+        }
+    }
+
+    /// Where chunk `c` stands in the queue: retried chunks first, then the rarest, then by rank.
+    fn slot(&self, c: u32) -> Slot {
+        let st = &self.chunks[c as usize];
+        (!st.retried, st.avail, self.rank[c as usize], c)
+    }
+
+    fn enqueue(&mut self, c: u32) {
+        self.chunks[c as usize].queued = true;
+        self.pending.insert(self.slot(c));
+    }
+
+    /// One more (`gained`) or one fewer live source holds `c`.
+    fn adjust_avail(&mut self, c: u32, gained: bool) {
+        let queued = self.chunks[c as usize].queued;
+        if queued {
+            self.pending.remove(&self.slot(c));
+        }
+        let st = &mut self.chunks[c as usize];
+        st.avail = if gained {
+            st.avail + 1
+        } else {
+            st.avail.saturating_sub(1)
+        };
+        if queued {
+            self.pending.insert(self.slot(c));
+        }
     }
 
     /// Verified bytes so far (resumed ones included) and the file's size.
@@ -469,7 +490,7 @@ impl Scheduler {
         if !self.requests.is_empty() || resting || !self.actions.is_empty() {
             return Status::Running;
         }
-        let supplied = self.pending.iter().any(|&c| {
+        let supplied = self.pending.iter().any(|&(_, _, _, c)| {
             self.sources
                 .iter()
                 .any(|s| s.usable(now) && s.holds.contains(c))
@@ -534,8 +555,16 @@ impl Scheduler {
                 }
             }
             Event::Holds { source, chunks } => {
-                if let Some(s) = self.sources.get_mut(source) {
-                    s.holds = chunks;
+                let chunks = self.fit(chunks);
+                let Some(s) = self.sources.get_mut(source) else {
+                    return;
+                };
+                let old = std::mem::replace(&mut s.holds, chunks);
+                if s.live {
+                    for c in old.changed(&self.sources[source].holds) {
+                        let gained = self.sources[source].holds.contains(c);
+                        self.adjust_avail(c, gained);
+                    }
                 }
             }
             Event::Left { source, reason } => self.drop_source(source, reason),
@@ -570,8 +599,8 @@ impl Scheduler {
     fn requeue(&mut self, c: u32) {
         let st = &mut self.chunks[c as usize];
         if !st.done && !st.queued && st.fetching == 0 && st.checking == 0 {
-            st.queued = true;
-            self.pending.push_front(c);
+            st.retried = true;
+            self.enqueue(c);
             self.totals.retried_chunks += 1;
         }
     }
@@ -692,7 +721,11 @@ impl Scheduler {
         src.live = false;
         src.report.dropped = Some(reason.clone());
         self.actions.push(Action::Drop { source: s, reason });
-        let asked: Vec<RequestId> = src.in_flight.keys().copied().collect();
+        let held: Vec<u32> = self.sources[s].holds.iter().collect();
+        for c in held {
+            self.adjust_avail(c, false);
+        }
+        let asked: Vec<RequestId> = self.sources[s].in_flight.keys().copied().collect();
         for id in asked {
             if self.requests.get(&id).is_some_and(|r| !r.arrived)
                 && let Some(r) = self.finish_request(id)
@@ -755,8 +788,8 @@ impl Scheduler {
                 // The global cap; a source with nothing in flight may always ask for one chunk.
                 let next_len = self
                     .pending
-                    .front()
-                    .map_or(self.chunk_size, |&c| self.chunk_len(c));
+                    .first()
+                    .map_or(self.chunk_size, |&(_, _, _, c)| self.chunk_len(c));
                 if in_flight_bytes + next_len > cap && !self.sources[s].in_flight.is_empty() {
                     continue;
                 }
@@ -806,12 +839,12 @@ impl Scheduler {
         len
     }
 
-    /// The next pending chunk for source `s`: the first one it holds and has not already failed,
-    /// or, if every usable source holding it has failed it, that one anyway (better a retry than a
-    /// stall).
+    /// The next pending chunk for source `s`: the first in the queue's order that it holds and
+    /// has not already failed, or, if every usable source holding it has failed it, that one
+    /// anyway (better a retry than a stall).
     fn take_pending(&mut self, s: SourceId, usable: &[SourceId]) -> Option<u32> {
         let holds = &self.sources[s].holds;
-        let pos = self.pending.iter().position(|&c| {
+        let slot = *self.pending.iter().find(|&&(_, _, _, c)| {
             if !holds.contains(c) {
                 return false;
             }
@@ -822,7 +855,8 @@ impl Scheduler {
                 .fold(0u64, |acc, &l| acc | bit(l));
             failed & bit(s) == 0 || failed & holders == holders
         })?;
-        let c = self.pending.remove(pos)?;
+        self.pending.remove(&slot);
+        let c = slot.3;
         self.chunks[c as usize].queued = false;
         Some(c)
     }
@@ -879,6 +913,18 @@ impl Scheduler {
                     .then(ea.1.cmp(&eb.1))
             })
     }
+}
+
+/// A pending chunk's place in the queue: (not retried, live sources holding it, rank, chunk).
+type Slot = (bool, u32, u32, u32);
+
+/// Ranks for `n` chunks: file order, or a random order drawn from `seed`.
+fn order(n: u32, seed: Option<u64>) -> Vec<u32> {
+    let mut rank: Vec<u32> = (0..n).collect();
+    if let Some(seed) = seed {
+        fastrand::Rng::with_seed(seed).shuffle(&mut rank);
+    }
+    rank
 }
 
 fn bit(source: SourceId) -> u64 {
@@ -1349,6 +1395,89 @@ mod tests {
         );
         assert_eq!(sim.run(MINUTE), Status::Finished);
         assert_eq!(sim.report(half).bytes, u64::from(n) * MIB);
+    }
+
+    /// The chunks each source was asked for first, in order, with one request at a time each.
+    fn first_asks(opts: Options, holds: &[ChunkSet]) -> Vec<Vec<u32>> {
+        let n = holds[0].len();
+        let mut sim = Sim::new(u64::from(n) * MIB, MIB, opts);
+        let ids: Vec<SourceId> = holds
+            .iter()
+            .enumerate()
+            .map(|(k, h)| sim.partial_source(&format!("s{k}"), after(10), h.clone()))
+            .collect();
+        sim.run(MINUTE);
+        ids.iter().map(|&id| sim.asked_of(id)).collect()
+    }
+
+    #[test]
+    fn the_rarest_chunks_go_first_and_equally_rare_ones_in_a_seeded_random_order() {
+        let n = 64;
+        let one = Options {
+            fixed_window: Some(1),
+            ..Options::default()
+        };
+        // A seeder holds everything, a peer still downloading holds the first half: the seeder
+        // is asked for the second half (only it has those) before anything the peer could give.
+        let mut half = ChunkSet::none(n);
+        (0..n / 2).for_each(|c| half.insert(c));
+        let asks = first_asks(one.clone(), &[ChunkSet::all(n), half.clone()]);
+        assert!(asks[0][..8].iter().all(|&c| c >= n / 2), "{:?}", asks[0]);
+        assert!(asks[1].iter().all(|&c| c < n / 2));
+        // Without a seed, equally rare chunks go in file order; with one, in its own order,
+        // the same for the same seed and different for another.
+        let all = [ChunkSet::all(n)];
+        let plain = first_asks(one.clone(), &all);
+        assert_eq!(plain[0], (0..n).collect::<Vec<_>>());
+        let seeded = |seed| {
+            first_asks(
+                Options {
+                    order_seed: Some(seed),
+                    ..one.clone()
+                },
+                &all,
+            )
+            .remove(0)
+        };
+        let (a, b) = (seeded(1), seeded(2));
+        assert_eq!(a, seeded(1));
+        assert_ne!(a, b);
+        assert_ne!(a, plain[0]);
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, plain[0], "every chunk once");
+    }
+
+    #[test]
+    fn a_source_that_gains_chunks_makes_them_less_rare() {
+        let n = 8;
+        let mut sched = Scheduler::new(u64::from(n) * MIB, MIB, &[], Options::default());
+        let t0 = Instant::now();
+        sched.add_source("seeder", ChunkSet::all(n), t0);
+        let peer = sched.add_source("peer", ChunkSet::none(n), t0);
+        // Nothing shared yet: file order.
+        assert_eq!(sched.pending.first().map(|s| s.3), Some(0));
+        let mut low = ChunkSet::none(n);
+        (0..6).for_each(|c| low.insert(c));
+        sched.handle(
+            t0,
+            Event::Holds {
+                source: peer,
+                chunks: low,
+            },
+        );
+        // Chunks 6 and 7 are the only ones held by one source now.
+        let order: Vec<u32> = sched.pending.iter().map(|s| s.3).collect();
+        assert_eq!(order, [6, 7, 0, 1, 2, 3, 4, 5]);
+        sched.handle(
+            t0,
+            Event::Left {
+                source: peer,
+                reason: "gone".into(),
+            },
+        );
+        let order: Vec<u32> = sched.pending.iter().map(|s| s.3).collect();
+        assert_eq!(order, (0..n).collect::<Vec<_>>());
     }
 
     #[test]

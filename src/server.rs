@@ -30,7 +30,8 @@ use crate::limits::{
 use crate::manifest::{FileName, Hash32, MAX_CHUNK_SIZE};
 use crate::peers::PeerId;
 use crate::protocol::{
-    self, CloseCode, ErrorKind, FileEntry, MAX_GROUPS_PER_REQUEST, RemoteError, Request, Response,
+    self, CloseCode, ErrorKind, FileEntry, Incomplete, MAX_GROUPS_PER_REQUEST, RemoteError,
+    Request, Response,
 };
 use crate::store::{Check, Committed, FileKey, Seen, Store, StoreError, Upload};
 
@@ -70,6 +71,8 @@ pub struct Server {
     pub refusals: RefusalLog,
     /// Open connections per peer.
     pub connections: ConnectionSlots,
+    /// Cancelled when the server shuts down: long-lived streams (observers) end then.
+    pub shutdown: CancellationToken,
 }
 
 /// Refused handshakes logged in full per [`STATS_INTERVAL`]; the rest are counted in one line.
@@ -98,6 +101,7 @@ impl Server {
             uploads: UploadSlots::default(),
             refusals: RefusalLog::new(REFUSALS_LOGGED, STATS_INTERVAL, std::time::Instant::now()),
             connections: ConnectionSlots::default(),
+            shutdown: CancellationToken::new(),
         }
     }
 
@@ -130,15 +134,15 @@ impl RateLimit {
     }
 
     /// Waits until `bytes` more may be sent.
+    ///
+    /// Turns are taken in order (tokio's mutex is fair) and a turn's time is taken only when it
+    /// comes: a request dropped while it waits (its asker got the chunk elsewhere) costs the
+    /// others nothing.
     pub async fn acquire(&self, bytes: u64) {
-        let start = {
-            let mut next = self.next_free.lock().await;
-            let now = tokio::time::Instant::now();
-            let start = (*next).max(now);
-            *next = start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec);
-            start
-        };
+        let mut next = self.next_free.lock().await;
+        let start = (*next).max(tokio::time::Instant::now());
         tokio::time::sleep_until(start).await;
+        *next = start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec);
     }
 }
 
@@ -149,7 +153,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let tracker = TaskTracker::new();
-    let cancel = CancellationToken::new();
+    let cancel = server.shutdown.clone();
     tokio::pin!(shutdown);
     let mut stats = tokio::time::interval(STATS_INTERVAL);
     stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -320,6 +324,18 @@ async fn handle_stream(
             let up = (size, blake3, true);
             handle_upload(&mut send, &mut recv, &server, (&peer, sig), &name, up).await
         }
+        Request::Observe { name } => handle_observe(&mut send, &server, &name).await,
+        Request::ReadVersion {
+            name,
+            blake3,
+            offset,
+            len,
+        } => {
+            let to = (&peer, &*budget);
+            let piece = Piece::Version(blake3);
+            handle_read(&mut send, &server, to, &name, (offset, len), piece).await
+        }
+        Request::ListAll => handle_list_all(&mut send, &server).await,
     };
     match outcome {
         Ok(summary) => info!("{kind} {summary}"),
@@ -336,7 +352,7 @@ use exchange::respond;
 
 fn store_error(e: StoreError) -> RemoteError {
     let kind = match &e {
-        StoreError::NotFound(_) => ErrorKind::NotFound,
+        StoreError::NotFound(_) | StoreError::NotHeld { .. } => ErrorKind::NotFound,
         StoreError::Conflict(_) | StoreError::Changed(_) => ErrorKind::Conflict,
         StoreError::Busy(_) => ErrorKind::Busy,
         StoreError::OutOfRange { .. } | StoreError::NotAChunk { .. } => ErrorKind::BadRequest,
@@ -398,6 +414,104 @@ async fn handle_list(send: &mut quinn::SendStream, server: &Server) -> Result<St
     Ok(format!("-> {count} files"))
 }
 
+async fn handle_list_all(send: &mut quinn::SendStream, server: &Server) -> Result<String, Failure> {
+    let store = server.store.clone();
+    let (files, held) = blocking(move || Ok((store.list()?, store.held_all()?))).await?;
+    let total = files.len();
+    let entries: Vec<FileEntry> = files
+        .into_iter()
+        .map(|(name, m)| FileEntry::new(name, &m))
+        .collect();
+    let incomplete: Vec<Incomplete> = held
+        .into_iter()
+        .map(|(name, h)| Incomplete::new(name, &h.manifest, h.bytes()))
+        .collect();
+    let partial = incomplete.len();
+    let count = exchange::send_listing_all(send, entries, incomplete).await;
+    if total > count {
+        warn!("listing only the first {count} of {total} files");
+    }
+    Ok(format!("-> {count} files, {partial} downloads in progress"))
+}
+
+/// How often an observed download in progress is looked at again for new chunks.
+pub const HAVE_POLL: Duration = Duration::from_millis(50);
+
+/// `Observe`: our whole file of `name`, or our download of it in progress and then what it
+/// gains, until it finishes, stops, the observer goes away or we shut down.
+async fn handle_observe(
+    send: &mut quinn::SendStream,
+    server: &Server,
+    name: &FileName,
+) -> Result<String, Failure> {
+    let (store, n) = (server.store.clone(), name.clone());
+    let (whole, held) = blocking(move || {
+        Ok(match store.lookup(&n)? {
+            Some(m) => (Some(m), None),
+            None => (None, store.held_any(&n)?),
+        })
+    })
+    .await?;
+    if let Some(m) = whole {
+        exchange::send_holding(send, &m, None).await.map_err(gone)?;
+        return Ok(format!("{name} -> whole file"));
+    }
+    let Some(held) = held else {
+        return Err(
+            RemoteError::new(ErrorKind::NotFound, format!("{name} is not served here")).into(),
+        );
+    };
+    let version = held.manifest.blake3();
+    let mut known = held.chunks;
+    exchange::send_holding(send, &held.manifest, Some(&known))
+        .await
+        .map_err(gone)?;
+    let first = known.count();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(HAVE_POLL) => {}
+            _ = send.stopped() => return Ok(format!("{name} -> observed from {first} chunks until the observer left")),
+            () = server.shutdown.cancelled() => return Err(gone("shutting down")),
+        }
+        let (store, n) = (server.store.clone(), name.clone());
+        let now = blocking(move || {
+            Ok(match store.held(&n, &version)? {
+                Some(h) => Err(h.chunks),
+                None => Ok(store.lookup(&n)?.is_some_and(|m| m.blake3() == version)),
+            })
+        })
+        .await?;
+        match now {
+            Err(chunks) => {
+                // Only gains: a sidecar rewritten with fewer chunks (an attempt resumed) costs
+                // the observer failed requests for those, nothing worse.
+                let gained: Vec<u32> = known
+                    .changed(&chunks)
+                    .into_iter()
+                    .filter(|&i| chunks.contains(i))
+                    .collect();
+                if !gained.is_empty() {
+                    exchange::send_have(send, gained).await.map_err(gone)?;
+                    known = chunks;
+                }
+            }
+            Ok(true) => {
+                respond(send, &Response::Complete).await;
+                return Ok(format!(
+                    "{name} -> observed from {first} chunks to the whole file"
+                ));
+            }
+            Ok(false) => {
+                return Err(RemoteError::new(
+                    ErrorKind::NotFound,
+                    format!("the download of {name} here stopped"),
+                )
+                .into());
+            }
+        }
+    }
+}
+
 async fn handle_describe(
     send: &mut quinn::SendStream,
     server: &Server,
@@ -422,6 +536,8 @@ enum Piece {
     Chunk,
     /// Any range at most one chunk long.
     Range,
+    /// One chunk of this version, from the whole file or a download in progress.
+    Version(Hash32),
 }
 
 async fn handle_read(
@@ -440,7 +556,10 @@ async fn handle_read(
         .into());
     }
     if let Some(limit) = &server.upload_limit {
-        limit.acquire(u64::from(len)).await;
+        tokio::select! {
+            () = limit.acquire(u64::from(len)) => {}
+            _ = send.stopped() => return Err(gone("cancelled while waiting for its turn")),
+        }
     }
     // Memory for the bytes is claimed before they are read and held until quinn has taken all of
     // them: first from this peer's share (a peer that does not read stalls only itself), then
@@ -451,6 +570,7 @@ async fn handle_read(
     let data = blocking(move || match piece {
         Piece::Chunk => store.read_chunk(&n, offset, len),
         Piece::Range => store.read_piece(&n, offset, len),
+        Piece::Version(blake3) => store.read_version(&n, &blake3, offset, len),
     })
     .await?;
     exchange::send_chunk(send, Bytes::from(data))

@@ -23,7 +23,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::delta::{SigKind, Tree};
-use crate::manifest::{FileName, Hash32, Manifest, chunk_size_for, hex};
+use crate::held::{self, HeldWriter};
+use crate::manifest::{ChunkSet, FileName, Hash32, Manifest, chunk_size_for, hex};
 
 /// A store failure, typed so callers can branch on the cause.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +67,14 @@ pub enum StoreError {
         /// Requested length.
         len: u64,
         /// The file's chunk size.
+        chunk: u64,
+    },
+    /// A chunk this peer does not hold verified (a download in progress lacks it).
+    #[error("chunk {chunk} of {name} is not held here")]
+    NotHeld {
+        /// The file.
+        name: FileName,
+        /// The chunk.
         chunk: u64,
     },
     /// The disk is full.
@@ -148,6 +157,52 @@ pub struct Store {
     uploads: Arc<Mutex<HashSet<FileName>>>,
     /// Content-defined trees (`delta`) of the last few files asked for, by name.
     trees: Mutex<HashMap<FileName, (FileKey, Arc<Tree>)>>,
+    /// Manifests of downloads in progress (from their sidecars), by sidecar path, with the
+    /// sidecar's identity and where its bits start.
+    held: Mutex<HashMap<PathBuf, HeldHeader>>,
+}
+
+/// A sidecar's identity (device, inode), its manifest and where its bits start.
+type HeldHeader = ((u64, u64), Arc<Manifest>, u64);
+
+/// Sidecar headers kept in memory.
+const HELD_CACHED: usize = 64;
+
+/// What a download in progress here holds: its version, and the chunks verified so far.
+#[derive(Debug, Clone)]
+pub struct Held {
+    /// The version being downloaded.
+    pub manifest: Arc<Manifest>,
+    /// The chunks verified and written.
+    pub chunks: ChunkSet,
+    /// When its sidecar last changed (seconds, nanoseconds).
+    pub changed: (i64, i64),
+}
+
+impl Held {
+    /// The bytes of the chunks held.
+    pub fn bytes(&self) -> u64 {
+        self.chunks
+            .iter()
+            .filter_map(|i| self.manifest.chunk_len(i))
+            .sum()
+    }
+}
+
+/// The tag a download's temporary file and sidecar carry: the first 16 hex digits of its
+/// version's BLAKE3 (`.<name>.<tag>.part`, `.<name>.<tag>.held`).
+pub fn download_tag(blake3: &Hash32) -> String {
+    hex(blake3)[..16].to_owned()
+}
+
+/// The name and tag of a sidecar's file name, `.<name>.<tag>.held`.
+fn held_name(file_name: &str) -> Option<(FileName, &str)> {
+    let inner = file_name
+        .strip_prefix('.')?
+        .strip_suffix(&format!(".{}", held::EXTENSION))?;
+    let (name, tag) = inner.rsplit_once('.')?;
+    let hex_tag = tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit());
+    Some((FileName::new(name).ok()?, tag)).filter(|_| hex_tag)
 }
 
 /// Trees kept in memory (about 3 bytes of tree per KiB of file).
@@ -170,6 +225,7 @@ impl Store {
             cache: Mutex::default(),
             uploads: Arc::default(),
             trees: Mutex::default(),
+            held: Mutex::default(),
         })
     }
 
@@ -353,6 +409,147 @@ impl Store {
         Ok((key, tree))
     }
 
+    /// What the download of version `blake3` of `name` in progress here holds, if there is one.
+    pub fn held(&self, name: &FileName, blake3: &Hash32) -> Result<Option<Held>, StoreError> {
+        let file = format!(".{name}.{}.{}", download_tag(blake3), held::EXTENSION);
+        self.held_at(&self.dir.join(file), name)
+    }
+
+    /// The download of `name` in progress here (the one changed last, if there are several
+    /// versions), if there is one.
+    pub fn held_any(&self, name: &FileName) -> Result<Option<Held>, StoreError> {
+        Ok(self
+            .held_all()?
+            .into_iter()
+            .filter(|(n, _)| n == name)
+            .max_by_key(|(_, held)| held.changed)
+            .map(|(_, held)| held))
+    }
+
+    /// Every download in progress here, by name.
+    pub fn held_all(&self) -> Result<Vec<(FileName, Held)>, StoreError> {
+        let entries =
+            fs::read_dir(&self.dir).map_err(|e| StoreError::io("listing", &self.dir, e))?;
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let file_name = entry.file_name();
+            let Some((name, _)) = file_name.to_str().and_then(held_name) else {
+                continue;
+            };
+            if let Some(held) = self.held_at(&entry.path(), &name)? {
+                out.push((name, held));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// The download a sidecar describes: `None` unless it is a valid sidecar of `name`, named
+    /// after its version, beside a temporary file of the right size.
+    fn held_at(&self, sidecar: &Path, name: &FileName) -> Result<Option<Held>, StoreError> {
+        let io = |e| StoreError::io("reading", sidecar, e);
+        let Some(opened) = held::open(sidecar).map_err(io)? else {
+            return Ok(None);
+        };
+        let cached = self
+            .lock_held()
+            .get(sidecar)
+            .filter(|(id, _, _)| *id == opened.id)
+            .map(|(_, m, at)| (m.clone(), *at));
+        let (manifest, bits_at) = match cached {
+            Some(c) => c,
+            None => {
+                let Some((m, at)) = opened.header().map_err(io)? else {
+                    return Ok(None);
+                };
+                let m = Arc::new(m);
+                let mut cache = self.lock_held();
+                if cache.len() >= HELD_CACHED {
+                    cache.clear();
+                }
+                cache.insert(sidecar.to_owned(), (opened.id, m.clone(), at));
+                (m, at)
+            }
+        };
+        let tag = download_tag(&manifest.blake3());
+        let named = held_name(&sidecar.file_name().unwrap_or_default().to_string_lossy())
+            .is_some_and(|(n, t)| n == *name && t == tag);
+        let part = sidecar.with_extension("part");
+        let beside =
+            fs::symlink_metadata(&part).is_ok_and(|m| m.is_file() && m.len() == manifest.size());
+        if !named || !beside {
+            return Ok(None);
+        }
+        let Some(chunks) = opened.bits(bits_at, manifest.chunk_count()).map_err(io)? else {
+            return Ok(None);
+        };
+        Ok(Some(Held {
+            manifest,
+            chunks,
+            changed: opened.changed,
+        }))
+    }
+
+    /// One chunk of version `blake3` of `name` (`offset` starts it, `len` is its length): from
+    /// the whole file if it is that version, else from a download in progress that holds it
+    /// verified, checked against its manifest again before it is returned.
+    pub fn read_version(
+        &self,
+        name: &FileName,
+        blake3: &Hash32,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<u8>, StoreError> {
+        if self.lookup(name)?.is_some_and(|m| m.blake3() == *blake3) {
+            return self.read_chunk(name, offset, len);
+        }
+        let Some(held) = self.held(name, blake3)? else {
+            return Err(StoreError::NotFound(name.clone()));
+        };
+        let m = &held.manifest;
+        let chunk = m.chunk_size();
+        let index = offset / chunk;
+        let fits = offset.is_multiple_of(chunk)
+            && u32::try_from(index).is_ok_and(|i| m.chunk_len(i) == Some(u64::from(len)));
+        if !fits {
+            return Err(StoreError::NotAChunk {
+                name: name.clone(),
+                offset,
+                len: u64::from(len),
+                chunk,
+            });
+        }
+        let not_held = || StoreError::NotHeld {
+            name: name.clone(),
+            chunk: index,
+        };
+        // `index` fits a u32: checked above.
+        let i = index as u32;
+        if !held.chunks.contains(i) {
+            return Err(not_held());
+        }
+        let part = self
+            .dir
+            .join(format!(".{name}.{}.part", download_tag(blake3)));
+        let io = |e| StoreError::io("reading", &part, e);
+        let file = match open_nofollow(&part) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound || not_regular(&e) => {
+                return Err(not_held());
+            }
+            Err(e) => return Err(io(e)),
+        };
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, offset).map_err(io)?;
+        if !m.verify_chunk(i, &buf) {
+            tracing::warn!(
+                "chunk {i} of the download of {name} in progress fails its check; not serving it"
+            );
+            return Err(not_held());
+        }
+        Ok(buf)
+    }
+
     /// Reads `len` bytes of `name` at any `offset`, at most one chunk of its layout long (the same
     /// memory bound as [`read_chunk`](Self::read_chunk)).
     pub fn read_piece(
@@ -510,6 +707,11 @@ impl Store {
     /// Free and total bytes of the file system holding the store, as an unprivileged user sees it.
     pub fn disk_space(&self) -> Result<(u64, u64), StoreError> {
         disk_space(&self.dir).map_err(|e| StoreError::io("measuring free space on", &self.dir, e))
+    }
+
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, HeldHeader>> {
+        // Held for one lookup or insert of a whole entry.
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_trees(&self) -> std::sync::MutexGuard<'_, HashMap<FileName, (FileKey, Arc<Tree>)>> {
@@ -687,6 +889,8 @@ pub struct PartialFile {
     resumed: bool,
     /// Set once committed, or when the caller keeps it to resume later.
     keep: AtomicBool,
+    /// What it holds, on disk for `serve` to offer, once [`share`](Self::share)d.
+    held: std::sync::OnceLock<HeldWriter>,
 }
 
 impl PartialFile {
@@ -740,6 +944,7 @@ impl PartialFile {
             size,
             resumed: size > 0 && existing == size,
             keep: AtomicBool::new(false),
+            held: std::sync::OnceLock::new(),
         };
         partial.reserve(reserve)?;
         Ok(partial)
@@ -777,6 +982,40 @@ impl PartialFile {
     /// Whether an earlier attempt's temporary file was found and kept.
     pub fn resumed(&self) -> bool {
         self.resumed
+    }
+
+    /// Offers what this file holds to `serve` while it is written: keeps a sidecar ([`held`])
+    /// with `manifest` and the chunks `have` marks (none if it is empty), and from now on every chunk passed to
+    /// [`mark_verified`](Self::mark_verified). Does nothing if already shared.
+    pub fn share(&self, manifest: &Manifest, have: &[bool]) -> Result<(), StoreError> {
+        if self.held.get().is_some() {
+            return Ok(());
+        }
+        let mut held = ChunkSet::none(manifest.chunk_count());
+        for (i, _) in have.iter().enumerate().filter(|(_, h)| **h) {
+            held.insert(i as u32);
+        }
+        let writer = HeldWriter::create(&self.temp, manifest, &held)
+            .map_err(|e| StoreError::io("writing", &held::path_for(&self.temp), e))?;
+        let _ = self.held.set(writer);
+        Ok(())
+    }
+
+    /// Records that chunk `index` is verified and written, for `serve` to offer (if
+    /// [`share`](Self::share)d). A failure only means the chunk is not offered.
+    pub fn mark_verified(&self, index: u32) {
+        if let Some(held) = self.held.get()
+            && let Err(e) = held.mark(index)
+        {
+            tracing::debug!("not offering chunk {index} of {}: {e}", self.temp.display());
+        }
+    }
+
+    /// Stops offering it (the sidecar goes; the file may stay).
+    fn unshare(&self) {
+        if let Some(held) = self.held.get() {
+            held.remove();
+        }
     }
 
     /// Keeps the temporary file when this is dropped, so a later attempt can resume from it.
@@ -972,6 +1211,7 @@ impl PartialFile {
             return Err(io("replacing", &self.target, e));
         }
         self.keep.store(true, Ordering::SeqCst);
+        self.unshare();
         let _ = fs::remove_file(&self.temp);
         let _ = File::open(&dir).and_then(|d| d.sync_all());
         prune_displaced(&keep, &name);
@@ -1021,6 +1261,8 @@ impl PartialFile {
         match link_descriptor(&self.file, &self.temp, &self.target) {
             Ok(()) => {
                 self.keep.store(true, Ordering::SeqCst);
+                // The whole file is under its name now: it is served from there.
+                self.unshare();
                 let _ = fs::remove_file(&self.temp);
                 if let Some(dir) = self.target.parent() {
                     // Make the new name durable; failure here loses nothing already verified.
@@ -1054,7 +1296,9 @@ impl PartialFile {
 
 impl Drop for PartialFile {
     fn drop(&mut self) {
+        // Kept to resume: its sidecar stays too, and `serve` goes on offering what it holds.
         if !self.keep.load(Ordering::SeqCst) {
+            self.unshare();
             let _ = fs::remove_file(&self.temp);
         }
     }
@@ -1232,6 +1476,77 @@ mod tests {
 
     fn not_found<T>(r: Result<T, StoreError>) -> bool {
         matches!(r, Err(StoreError::NotFound(_)))
+    }
+
+    #[test]
+    fn a_shared_download_offers_only_verified_chunks_and_stops_once_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let store = Store::open(d).unwrap();
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let m = Manifest::from_reader(&data[..], data.len() as u64).unwrap();
+        let b3 = m.blake3();
+        let target = d.join("x.bin");
+        let partial = PartialFile::create(&target, &download_tag(&b3), m.size()).unwrap();
+        let (x, cs) = (name("x.bin"), m.chunk_size());
+        // Not shared yet: nothing is offered.
+        assert!(store.held(&x, &b3).unwrap().is_none());
+        partial.share(&m, &[]).unwrap();
+        let held = store.held(&x, &b3).unwrap().unwrap();
+        assert_eq!((held.chunks.count(), held.bytes()), (0, 0));
+        // Chunk 1 written and marked; chunk 2 written but not marked.
+        for i in [1u32, 2] {
+            let off = m.chunk_offset(i);
+            let len = m.chunk_len(i).unwrap();
+            partial
+                .write_at(off, &data[off as usize..(off + len) as usize])
+                .unwrap();
+        }
+        partial.mark_verified(1);
+        let listed = store.held_all().unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!((listed[0].0.as_str(), listed[0].1.bytes()), ("x.bin", cs));
+        assert_eq!(
+            store
+                .held_any(&x)
+                .unwrap()
+                .unwrap()
+                .chunks
+                .iter()
+                .collect::<Vec<_>>(),
+            [1]
+        );
+        let got = store.read_version(&x, &b3, cs, cs as u32).unwrap();
+        assert_eq!(got, data[cs as usize..2 * cs as usize]);
+        assert!(matches!(
+            store.read_version(&x, &b3, 2 * cs, cs as u32),
+            Err(StoreError::NotHeld { chunk: 2, .. })
+        ));
+        assert!(matches!(
+            store.read_version(&x, &b3, 1, cs as u32),
+            Err(StoreError::NotAChunk { .. })
+        ));
+        // Its bytes changed on disk since: refused, not served.
+        partial.write_at(cs, b"garbage").unwrap();
+        assert!(matches!(
+            store.read_version(&x, &b3, cs, cs as u32),
+            Err(StoreError::NotHeld { .. })
+        ));
+        assert!(store.list().unwrap().is_empty(), "never listed whole");
+        // Committed: served whole, the sidecar gone.
+        partial.write_at(0, &data).unwrap();
+        partial.commit(b3, Check::Reread).unwrap();
+        assert!(store.held_all().unwrap().is_empty());
+        let got = store.read_version(&x, &b3, 2 * cs, cs as u32).unwrap();
+        assert_eq!(got, data[2 * cs as usize..3 * cs as usize]);
+        assert_eq!(fs::read_dir(d).unwrap().count(), 1, "{:?}", leftovers(d));
+    }
+
+    fn leftovers(d: &Path) -> Vec<String> {
+        fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
     }
 
     #[test]

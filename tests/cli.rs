@@ -130,8 +130,8 @@ fn a_peer_serving_corrupted_data_is_caught_named_and_dropped() -> TestResult {
         &["--max-upload-rate", "1M"],
     )?;
     let download = net.spawn("p4", &["download", "f.bin", "--json"])?;
-    // After p3 described the file, its copy changes on disk (same size, other bytes).
-    servers[2].wait_for_log("describe f.bin", WAIT)?;
+    // After p3 told what it holds (a download asks with `observe`), its copy changes on disk.
+    servers[2].wait_for_log("observe f.bin", WAIT)?;
     std::fs::write(net.served("p3").join("f.bin"), random_bytes(data.len(), 99))?;
     let out = util::Out::of(download)?;
     assert!(out.success(), "{out}");

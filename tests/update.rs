@@ -211,8 +211,8 @@ fn a_lying_peer_during_an_update_is_caught_per_chunk() -> TestResult {
     let _p1 = net.serve("p1", &[])?;
     let p3 = net.serve("p3", &["--max-upload-rate", "256K"])?;
     let update = net.spawn("p2", &["download", "f.txt", "--update", "--json"])?;
-    // After p3 described the file, its copy changes on disk (same size, other bytes).
-    p3.wait_for_log("describe f.txt", WAIT)?;
+    // After p3 told what it holds, its copy changes on disk (same size, other bytes).
+    p3.wait_for_log("observe f.txt", WAIT)?;
     std::fs::write(net.served("p3").join("f.txt"), random_bytes(new.len(), 12))?;
     let out = util::Out::of(update)?;
     assert!(out.success(), "{out}");
