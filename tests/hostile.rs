@@ -669,3 +669,198 @@ async fn each_protocol_version_gets_trees_signed_as_it_signs() -> TestResult {
     assert_ne!(seen[0], seen[1], "the two versions sign differently");
     Ok(())
 }
+
+/// The swarm requests against a real server: a version not held, a range that is not a chunk, a
+/// chunk a download in progress does not hold, a name not held at all; and an observer that
+/// goes away ends its stream at the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_swarm_requests_are_bounded_and_checked() -> TestResult {
+    let net = Net::new(&["p1", "p2", "p3"])?;
+    let data = util::random_bytes(1 << 20, 31);
+    let version = *blake3::hash(&data).as_bytes();
+    let _p3 = net.seed(&["p3"], "f.bin", &data, &["--max-upload-rate", "128K"])?;
+    // p1 holds part of f.bin: its download from the slow p3, killed.
+    let (_, mut download) = net.spawn("p1", &["download", "f.bin", "p3"])?;
+    util::poll(std::time::Duration::from_secs(30), || {
+        let listed = net.json("p1", &["list", "p1", "--json"])?;
+        let held = listed["peers"][0]["incomplete"][0]["held"].as_u64();
+        Ok(held.filter(|&h| h > 0).map(|_| ()))
+    })?;
+    download.kill()?;
+    download.wait()?;
+    let server = net.serve("p1", &[])?;
+    let (_ep, conn) = connect(&net, "p2", "p1").await?;
+    let name = FileName::new("f.bin")?;
+    let chunk = 64 << 10; // 1 MiB has 16 chunks of 64 KiB
+    let read = |blake3, offset, len| {
+        encode_frame(&Request::ReadVersion {
+            name: name.clone(),
+            blake3,
+            offset,
+            len,
+        })
+    };
+    // What it holds, as Observe says.
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&encode_frame(&Request::Observe { name: name.clone() })?)
+        .await?;
+    send.finish()?;
+    let Response::Holding { manifest, held } =
+        protocol::read_msg(&mut recv, MAX_RESPONSE_LEN).await?
+    else {
+        panic!("no holding");
+    };
+    assert_eq!(manifest.blake3(), version);
+    let held = qnode::manifest::ChunkSet::from_bytes(16, &held.expect("a partial")).unwrap();
+    let have = held.iter().next().expect("a chunk held");
+    let lack = (0..16)
+        .find(|&c| !held.contains(c))
+        .expect("a chunk lacking");
+    // The observer goes away: the server ends the stream.
+    drop((send, recv));
+    server.wait_for_log(
+        "until the observer left",
+        std::time::Duration::from_secs(10),
+    )?;
+
+    let (_s, recv) = ask(
+        &conn,
+        &read(version, u64::from(have) * chunk, chunk as u32)?,
+    )
+    .await?;
+    let (len, bytes) = read_reply(recv).await?;
+    let at = (u64::from(have) * chunk) as usize;
+    assert_eq!(
+        (len, &bytes[..]),
+        (chunk as u32, &data[at..at + chunk as usize])
+    );
+    for (req, kind, what) in [
+        (
+            read(version, u64::from(lack) * chunk, chunk as u32)?,
+            ErrorKind::NotFound,
+            "a chunk not held",
+        ),
+        (
+            read([9; 32], 0, chunk as u32)?,
+            ErrorKind::NotFound,
+            "a version not held",
+        ),
+        (
+            read(version, 1, chunk as u32)?,
+            ErrorKind::BadRequest,
+            "not a chunk",
+        ),
+        (
+            read(version, 0, 2 * chunk as u32)?,
+            ErrorKind::BadRequest,
+            "longer than a chunk",
+        ),
+        (
+            read(version, 16 * chunk, 10)?,
+            ErrorKind::BadRequest,
+            "past the end",
+        ),
+        (
+            encode_frame(&Request::Observe {
+                name: FileName::new("nothing.bin")?,
+            })?,
+            ErrorKind::NotFound,
+            "a name not held",
+        ),
+    ] {
+        expect_error(raw(&conn, &req).await?, kind, what);
+    }
+    Ok(())
+}
+
+/// A listed peer that claims to be downloading the file and to hold all of it but one chunk,
+/// and sends garbage for every chunk asked of it: the downloader strikes it out as it would a
+/// lying seeder, and the file is whole and exact from the honest seeder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_partial_holder_is_caught_and_dropped() -> TestResult {
+    use qnode::manifest::{ChunkSet, Manifest};
+    let net = Net::new(&["p1", "p2", "p3"])?;
+    let data = util::random_bytes(2 << 20, 32);
+    let _p1 = net.seed(&["p1"], "f.bin", &data, &["--max-upload-rate", "512K"])?;
+    let manifest = Manifest::from_reader(&data[..], data.len() as u64)?;
+    // p2 is the liar, on its listed address, with its real identity, trusting p3.
+    let root = Root::new(net.root());
+    let p2: PeerId = "p2".parse()?;
+    let p3: PeerId = "p3".parse()?;
+    let mut pins = tls::Pins::default();
+    pins.insert(p3.clone(), &identity::load_cert(&root, &p3)?);
+    let config = tls::server_config(
+        &identity::load(&root, &p2)?,
+        pins,
+        tls::Congestion::default(),
+    )?;
+    let port = net.peers.iter().find(|(p, _)| p == "p2").unwrap().1;
+    let (endpoint, _) =
+        tls::bind_endpoint(format!("127.0.0.1:{port}").parse()?, Some(config), None)?;
+    let n = manifest.chunk_count();
+    let liar = tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            let manifest = manifest.clone();
+            tokio::spawn(async move {
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    let manifest = manifest.clone();
+                    tokio::spawn(async move {
+                        let Ok(req) = qnode::exchange::read_request(&mut recv).await else {
+                            return;
+                        };
+                        match req {
+                            Request::Observe { .. } => {
+                                // Everything but chunk 0.
+                                let mut held = ChunkSet::none(n);
+                                (1..n).for_each(|c| held.insert(c));
+                                let _ = qnode::exchange::send_holding(
+                                    &mut send,
+                                    &manifest,
+                                    Some(&held),
+                                )
+                                .await;
+                                // Stays open, gaining nothing.
+                                std::future::pending::<()>().await;
+                            }
+                            Request::ReadVersion { len, .. } => {
+                                let garbage = bytes::Bytes::from(vec![0x5a; len as usize]);
+                                let _ = qnode::exchange::send_chunk(&mut send, garbage).await;
+                            }
+                            _ => {
+                                let no = protocol::RemoteError::new(ErrorKind::NotFound, "no");
+                                qnode::exchange::respond(&mut send, &Response::Error(no)).await;
+                            }
+                        }
+                    });
+                }
+            });
+        }
+    });
+    let out = tokio::task::spawn_blocking({
+        let cmd = net.cmd("p3", &["download", "f.bin", "--json"]);
+        move || {
+            let mut cmd = cmd;
+            cmd.output()
+        }
+    })
+    .await??;
+    liar.abort();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(net.served("p3").join("f.bin"))?, data);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let fault = json["faults"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["peer"] == "p2")
+        .cloned()
+        .unwrap_or_else(|| panic!("the liar is not named: {json}"));
+    assert_eq!(fault["dropped"], "sent 3 corrupt chunks", "{json}");
+    assert_eq!(util::share(&json, "p2"), 0, "{json}");
+    Ok(())
+}
