@@ -588,18 +588,30 @@ impl Node {
             (done.reused_bytes, done.range_bytes, have) =
                 (filled.reused, filled.fetched, filled.have);
         }
-        // Into our served_files: what it verifies is offered to other peers as it goes.
+        // Into our served_files: what it verifies is offered to other peers as it goes, and we
+        // take our stripe of a crowd (see `Options::crowd_name`).
+        let mut crowd_name = None;
         if target.parent() == Some(self.served_dir().as_path()) {
             let (p, m, h) = (partial.clone(), manifest.clone(), have.clone());
-            if let Err(e) = tokio::task::spawn_blocking(move || p.share(&m, &h)).await? {
-                tracing::warn!("not offering {name} to other peers while it downloads: {e}");
+            match tokio::task::spawn_blocking(move || p.share(&m, &h)).await? {
+                Ok(()) => crowd_name = Some(self.me.to_string()),
+                Err(e) => {
+                    tracing::warn!("not offering {name} to other peers while it downloads: {e}")
+                }
             }
         }
         (on.borrow_mut())(DownloadEvent::Started(manifest.size()));
         let opts = Options {
             fixed_window: req.window,
-            // Our own order among equally rare chunks, unlike any other downloader's.
-            order_seed: Some(fastrand::u64(..)),
+            // Among equally rare chunks: in a crowd, an order all its downloaders share (each
+            // takes its own stripe of it); alone, our own random one.
+            order_seed: Some(match crowd_name {
+                Some(_) => {
+                    u64::from_le_bytes(manifest.blake3()[..8].try_into().unwrap_or_default())
+                }
+                None => fastrand::u64(..),
+            }),
+            crowd_name,
             ..Options::default()
         };
         let engine = download::run(
@@ -620,22 +632,37 @@ impl Node {
             .filter_map(|(p, _)| candidates.iter().find(|e| e.id == *p))
             .collect();
         let late = async {
-            let mut absent = absent;
-            while let Some((entry, answer)) = asking.next().await {
-                answers.answered.push(entry.id.clone());
-                let Some(why) = self.join_late(entry, answer, (name, &manifest), &join, &opened)
-                else {
-                    continue;
-                };
-                if matches!(why, LeftOut::DoesNotServe(_)) {
-                    absent.push(entry);
-                    continue;
+            let (mut absent, mut asked_all, mut pause) = (absent, false, ASK_AGAIN);
+            let again = tokio::time::sleep(pause);
+            tokio::pin!(again);
+            while !(asked_all && absent.is_empty()) {
+                tokio::select! {
+                    next = asking.next(), if !asked_all => {
+                        let Some((entry, answer)) = next else {
+                            asked_all = true;
+                            continue;
+                        };
+                        answers.answered.push(entry.id.clone());
+                        let late = (name, &*manifest);
+                        match self.join_late(entry, answer, late, &join, &opened) {
+                            None => {}
+                            Some(LeftOut::DoesNotServe(_)) => absent.push(entry),
+                            Some(why) => {
+                                report(&entry.id, &why);
+                                late_left_out.borrow_mut().push((entry.id.clone(), why));
+                            }
+                        }
+                    }
+                    // Beside the answers still awaited (a peer that is down takes the whole
+                    // connect timeout), not after them.
+                    () = &mut again, if !absent.is_empty() => {
+                        let asked = std::mem::take(&mut absent);
+                        absent = self.ask_again(asked, (name, &manifest), &join, &opened).await;
+                        pause = (pause * 2).min(ASK_AGAIN_MAX);
+                        again.as_mut().reset((Instant::now() + pause).into());
+                    }
                 }
-                report(&entry.id, &why);
-                late_left_out.borrow_mut().push((entry.id.clone(), why));
             }
-            self.ask_again(absent, (name, &manifest), &join, &opened)
-                .await;
             // No one else will join: the engine stops waiting for more sources.
             drop(join);
         };
@@ -729,38 +756,32 @@ impl Node {
         Some(why)
     }
 
-    /// Asks the `absent` peers (which held nothing of the file) again now and then while the
-    /// download runs; those that hold `manifest`'s version by then (they started downloading it
-    /// too, as a crowd starting at once does) join it. Returns when none is left to ask; the
-    /// download's end stops it.
-    async fn ask_again(
+    /// Asks the `absent` peers (which held nothing of the file) again; those that hold
+    /// `manifest`'s version now (they started downloading it too, as a crowd starting at once
+    /// does) join the download. Returns those that still hold nothing of it.
+    async fn ask_again<'a>(
         &self,
-        mut absent: Vec<&PeerEntry>,
+        absent: Vec<&'a PeerEntry>,
         (name, manifest): (&FileName, &Manifest),
         join: &mpsc::UnboundedSender<Arc<PeerSource>>,
         opened: &RefCell<Vec<Arc<PeerSource>>>,
-    ) {
-        let mut pause = ASK_AGAIN;
-        while !absent.is_empty() {
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(ASK_AGAIN_MAX);
-            let answers = join_all(absent.iter().map(|&entry| async move {
-                let answer = match self.client(entry).await {
-                    Ok(client) => client.observe(name).await.map(|o| (client, o)),
-                    Err(e) => Err(e),
-                };
-                (entry, answer)
-            }))
-            .await;
-            absent.clear();
-            for (entry, answer) in answers {
-                // Joined, or another version, or unreachable now: not asked again.
+    ) -> Vec<&'a PeerEntry> {
+        let answers = join_all(absent.iter().map(|&entry| async move {
+            let answer = match self.client(entry).await {
+                Ok(client) => client.observe(name).await.map(|o| (client, o)),
+                Err(e) => Err(e),
+            };
+            (entry, answer)
+        }))
+        .await;
+        // Joined, or another version, or unreachable now: not asked again.
+        answers
+            .into_iter()
+            .filter_map(|(entry, answer)| {
                 let why = self.join_late(entry, answer, (name, manifest), join, opened);
-                if matches!(why, Some(LeftOut::DoesNotServe(_))) {
-                    absent.push(entry);
-                }
-            }
-        }
+                matches!(why, Some(LeftOut::DoesNotServe(_))).then_some(entry)
+            })
+            .collect()
     }
 
     /// A download source for a peer that holds the version: all of it, or (a download in

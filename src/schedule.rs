@@ -78,6 +78,14 @@ pub struct Options {
     /// its own seed, soon hold different chunks to give each other (BitTorrent's rarest-first).
     /// `None`: in file order.
     pub order_seed: Option<u64>,
+    /// Our own name among the sources, if we are one of a crowd downloading the file: the
+    /// downloaders (sources still downloading, and we) split the chunks in stripes by their
+    /// sorted names, and each asks first for its own stripe among equally rare chunks, in the
+    /// rank order, and for the others' in reverse. Without a word exchanged, the seeder is then
+    /// asked for each chunk by one downloader, which passes it on, instead of by several at once
+    /// (if all of a crowd share `order_seed`, one that runs ahead helps with another's stripe
+    /// from its far end).
+    pub crowd_name: Option<String>,
     /// How long a download waits with nothing to ask while sources that are still downloading
     /// may gain what is missing (the driver's rule; the scheduler only reports `Stuck`).
     pub stuck_wait: Duration,
@@ -99,6 +107,7 @@ impl Default for Options {
             request_timeout: Duration::from_secs(60),
             max_copies: 2,
             order_seed: None,
+            crowd_name: None,
             stuck_wait: Duration::from_secs(30),
         }
     }
@@ -289,6 +298,8 @@ struct SourceState {
     sample_start: Instant,
     /// When it last delivered a verified chunk (or joined).
     last_delivery: Instant,
+    /// When it last gained a chunk, if it is still downloading the file (a partial holder).
+    last_gain: Option<Instant>,
     window: usize,
     /// Lost connections since it last delivered a chunk.
     lost: u32,
@@ -298,6 +309,10 @@ struct SourceState {
 
 /// Silence after which a source with requests in flight counts as stalled (see `stalled`).
 const STALL: Duration = Duration::from_secs(1);
+
+/// A source still downloading counts as one of a crowd while it gained a chunk (or joined) this
+/// recently: one that stopped (an interrupted download that is only served) takes no stripe.
+const CROWD_ACTIVE: Duration = Duration::from_secs(10);
 
 /// How long a delivery-rate sample lasts before it updates the smoothed rate.
 const RATE_SAMPLE: Duration = Duration::from_millis(200);
@@ -319,6 +334,7 @@ impl SourceState {
             sample_bytes: 0,
             sample_start: now,
             last_delivery: now,
+            last_gain: None,
             window: 0,
             lost: 0,
             resting_until: None,
@@ -379,6 +395,17 @@ pub struct Scheduler {
     pending: BTreeSet<Slot>,
     /// Each chunk's place among equally rare ones.
     rank: Vec<u32>,
+    /// Our stripe of the chunks (chunk `c` is ours if `c % .1 == .0`): see
+    /// [`Options::crowd_name`].
+    stripe: (u32, u32),
+    /// Each chunk's place while we know of no crowd: an order of our own (from our name), so
+    /// that downloaders that share `rank` but have not found each other yet do not start alike.
+    alone: Vec<u32>,
+    /// Live sources that hold every chunk (seeders).
+    whole: u32,
+    /// Chunks not done that only seeders hold: while there are any, a crowd asks seeders for
+    /// nothing else (see `fill`).
+    rare: u32,
     remaining: u32,
     sources: Vec<SourceState>,
     requests: HashMap<RequestId, Request>,
@@ -394,6 +421,15 @@ impl Scheduler {
     pub fn new(size: u64, chunk_size: u64, have: &[bool], opts: Options) -> Self {
         let chunk_size = chunk_size.max(1);
         let opts_seed = opts.order_seed;
+        let start = match &opts.crowd_name {
+            Some(me) => {
+                let h = blake3::hash(me.as_bytes());
+                Some(u64::from_le_bytes(
+                    h.as_bytes()[..8].try_into().unwrap_or_default(),
+                ))
+            }
+            None => opts_seed,
+        };
         // An empty file has one empty chunk, as in `manifest`.
         let n = u32::try_from(size.div_ceil(chunk_size).max(1)).unwrap_or(u32::MAX);
         let mut s = Self {
@@ -403,6 +439,10 @@ impl Scheduler {
             chunks: (0..n).map(|_| ChunkState::default()).collect(),
             pending: BTreeSet::new(),
             rank: order(n, opts_seed),
+            stripe: (0, 1),
+            alone: order(n, start),
+            whole: 0,
+            rare: n,
             remaining: n,
             sources: Vec::new(),
             requests: HashMap::new(),
@@ -435,8 +475,44 @@ impl Scheduler {
         for c in holds.iter() {
             self.adjust_avail(c, true);
         }
-        self.sources.push(SourceState::new(name, holds, now));
+        let downloading = !holds.is_full();
+        let mut source = SourceState::new(name, holds, now);
+        // One still downloading counts as gaining from the moment it joins.
+        source.last_gain = downloading.then_some(now);
+        self.sources.push(source);
+        self.recount_whole();
+        self.restripe(now);
         self.sources.len() - 1
+    }
+
+    /// Finds our stripe again: we and the live sources still downloading that gained a chunk
+    /// in the last [`CROWD_ACTIVE`] (one that stopped, an interrupted download, takes no
+    /// stripe), by name. Re-sorts the queue if it moved.
+    fn restripe(&mut self, now: Instant) {
+        let Some(me) = &self.opts.crowd_name else {
+            return;
+        };
+        let mut crowd: Vec<&str> = self
+            .sources
+            .iter()
+            .filter(|s| {
+                s.live
+                    && !s.holds.is_full()
+                    && s.last_gain
+                        .is_some_and(|t| now.saturating_duration_since(t) < CROWD_ACTIVE)
+            })
+            .map(|s| s.report.name.as_str())
+            .chain([me.as_str()])
+            .collect();
+        crowd.sort_unstable();
+        crowd.dedup();
+        let j = crowd.iter().position(|n| *n == me).unwrap_or(0) as u32;
+        let stripe = (j, crowd.len() as u32);
+        if stripe != self.stripe {
+            let queued: Vec<u32> = self.pending.iter().map(|s| s.4).collect();
+            self.stripe = stripe;
+            self.pending = queued.into_iter().map(|c| self.slot(c)).collect();
+        }
     }
 
     /// `holds` if it is a set of this file's chunks, else the empty set.
@@ -448,10 +524,23 @@ impl Scheduler {
         }
     }
 
-    /// Where chunk `c` stands in the queue: retried chunks first, then the rarest, then by rank.
+    /// Where chunk `c` stands in the queue: retried chunks first, then the rarest, then our
+    /// stripe by rank, then the next downloader's stripe by rank backwards (its owner starts
+    /// from the front: we meet it last), then the one after, and so on (so that the downloaders
+    /// done with their own stripe help different ones).
     fn slot(&self, c: u32) -> Slot {
         let st = &self.chunks[c as usize];
-        (!st.retried, st.avail, self.rank[c as usize], c)
+        let (j, m) = self.stripe;
+        // How far the chunk's stripe is after ours: 0 is ours, 1 the next downloader's, ...
+        let stripe = (c % m + m - j) % m;
+        let rank = self.rank[c as usize];
+        let rank = match (stripe, m) {
+            // Before we know of the rest of a crowd that shares our order: our own order.
+            (_, 1) => self.alone[c as usize],
+            (0, _) => rank,
+            _ => u32::MAX - rank,
+        };
+        (!st.retried, st.avail, stripe, rank, c)
     }
 
     fn enqueue(&mut self, c: u32) {
@@ -465,15 +554,37 @@ impl Scheduler {
         if queued {
             self.pending.remove(&self.slot(c));
         }
+        let was_rare = self.is_rare(c);
         let st = &mut self.chunks[c as usize];
         st.avail = if gained {
             st.avail + 1
         } else {
             st.avail.saturating_sub(1)
         };
+        match (was_rare, self.is_rare(c)) {
+            (true, false) => self.rare -= 1,
+            (false, true) => self.rare += 1,
+            _ => {}
+        }
         if queued {
             self.pending.insert(self.slot(c));
         }
+    }
+
+    /// Chunk `c` is not done and only seeders hold it.
+    fn is_rare(&self, c: u32) -> bool {
+        let st = &self.chunks[c as usize];
+        !st.done && st.avail <= self.whole
+    }
+
+    /// Counts the seeders and the rare chunks again (a source joined, left, or became whole).
+    fn recount_whole(&mut self) {
+        self.whole = self
+            .sources
+            .iter()
+            .filter(|s| s.live && s.holds.is_full())
+            .count() as u32;
+        self.rare = (0..self.chunk_count()).filter(|&c| self.is_rare(c)).count() as u32;
     }
 
     /// Verified bytes so far (resumed ones included) and the file's size.
@@ -490,7 +601,7 @@ impl Scheduler {
         if !self.requests.is_empty() || resting || !self.actions.is_empty() {
             return Status::Running;
         }
-        let supplied = self.pending.iter().any(|&(_, _, _, c)| {
+        let supplied = self.pending.iter().any(|&(_, _, _, _, c)| {
             self.sources
                 .iter()
                 .any(|s| s.usable(now) && s.holds.contains(c))
@@ -561,10 +672,18 @@ impl Scheduler {
                 };
                 let old = std::mem::replace(&mut s.holds, chunks);
                 if s.live {
+                    let was_whole = old.is_full();
                     for c in old.changed(&self.sources[source].holds) {
                         let gained = self.sources[source].holds.contains(c);
+                        if gained {
+                            self.sources[source].last_gain = Some(now);
+                        }
                         self.adjust_avail(c, gained);
                     }
+                    if was_whole != self.sources[source].holds.is_full() {
+                        self.recount_whole();
+                    }
+                    self.restripe(now);
                 }
             }
             Event::Left { source, reason } => self.drop_source(source, reason),
@@ -641,6 +760,9 @@ impl Scheduler {
         if self.chunks[r.chunk as usize].done {
             self.totals.duplicate_bytes += len;
             return;
+        }
+        if self.is_rare(r.chunk) {
+            self.rare -= 1;
         }
         self.chunks[r.chunk as usize].done = true;
         self.remaining -= 1;
@@ -725,6 +847,7 @@ impl Scheduler {
         for c in held {
             self.adjust_avail(c, false);
         }
+        self.recount_whole();
         let asked: Vec<RequestId> = self.sources[s].in_flight.keys().copied().collect();
         for id in asked {
             if self.requests.get(&id).is_some_and(|r| !r.arrived)
@@ -760,6 +883,7 @@ impl Scheduler {
                 src.resting_until = None;
             }
         }
+        self.restripe(now);
         if self.remaining > 0 {
             self.fill(now);
         }
@@ -789,12 +913,21 @@ impl Scheduler {
                 let next_len = self
                     .pending
                     .first()
-                    .map_or(self.chunk_size, |&(_, _, _, c)| self.chunk_len(c));
+                    .map_or(self.chunk_size, |&(_, _, _, _, c)| self.chunk_len(c));
                 if in_flight_bytes + next_len > cap && !self.sources[s].in_flight.is_empty() {
                     continue;
                 }
                 // Endgame: only a source with nothing in flight duplicates, one chunk at a time.
-                let Some(c) = self.take_pending(s, &usable).or_else(|| {
+                // In a crowd, while chunks remain that only seeders hold, a seeder is asked for
+                // those alone: its bandwidth is what brings new chunks to the crowd, and what
+                // others hold comes from them.
+                // (Never when nothing at all is in flight: better a duplicate than a stall.)
+                let crowd = self.opts.crowd_name.is_some() && self.stripe.1 > 1;
+                let rare_only = crowd
+                    && self.rare > 0
+                    && self.sources[s].holds.is_full()
+                    && !self.requests.is_empty();
+                let Some(c) = self.take_pending(s, &usable, rare_only).or_else(|| {
                     self.sources[s]
                         .in_flight
                         .is_empty()
@@ -839,13 +972,14 @@ impl Scheduler {
         len
     }
 
-    /// The next pending chunk for source `s`: the first in the queue's order that it holds and
-    /// has not already failed, or, if every usable source holding it has failed it, that one
+    /// The next pending chunk for source `s` (a rare one, if `rare_only`): the first in the
+    /// queue's order that it holds and has not already failed, or, if every usable source holding it has failed it, that one
     /// anyway (better a retry than a stall).
-    fn take_pending(&mut self, s: SourceId, usable: &[SourceId]) -> Option<u32> {
+    fn take_pending(&mut self, s: SourceId, usable: &[SourceId], rare_only: bool) -> Option<u32> {
         let holds = &self.sources[s].holds;
-        let slot = *self.pending.iter().find(|&&(_, _, _, c)| {
-            if !holds.contains(c) {
+        let slot = *self.pending.iter().find(|&&(_, _, _, _, c)| {
+            let ours = c % self.stripe.1 == self.stripe.0;
+            if !holds.contains(c) || (rare_only && !(ours && self.is_rare(c))) {
                 return false;
             }
             let failed = self.chunks[c as usize].failed_by;
@@ -856,7 +990,7 @@ impl Scheduler {
             failed & bit(s) == 0 || failed & holders == holders
         })?;
         self.pending.remove(&slot);
-        let c = slot.3;
+        let c = slot.4;
         self.chunks[c as usize].queued = false;
         Some(c)
     }
@@ -893,8 +1027,13 @@ impl Scheduler {
             }
         }
         let me = &self.sources[s];
+        // In a crowd every source is busy serving many: a copy from one that delivers is
+        // expected, and a duplicate would take the bandwidth another downloader needs; only
+        // copies at sources that went silent are duplicated.
+        let crowd = self.opts.crowd_name.is_some() && self.stripe.1 > 1;
         eta.keys()
             .copied()
+            .filter(|c| !crowd || eta[c].0.is_infinite())
             .filter(|&c| {
                 let st = &self.chunks[c as usize];
                 me.holds.contains(c)
@@ -915,8 +1054,9 @@ impl Scheduler {
     }
 }
 
-/// A pending chunk's place in the queue: (not retried, live sources holding it, rank, chunk).
-type Slot = (bool, u32, u32, u32);
+/// A pending chunk's place in the queue: (not retried, live sources holding it, how far its stripe
+/// is after ours, rank, chunk).
+type Slot = (bool, u32, u32, u32, u32);
 
 /// Ranks for `n` chunks: file order, or a random order drawn from `seed`.
 fn order(n: u32, seed: Option<u64>) -> Vec<u32> {
@@ -1448,6 +1588,55 @@ mod tests {
         assert_eq!(sorted, plain[0], "every chunk once");
     }
 
+    /// The chunks asked of `source` among `actions`.
+    fn asked_of(actions: &[Action], source: SourceId) -> Vec<u32> {
+        actions
+            .iter()
+            .filter_map(|a| match *a {
+                Action::Ask {
+                    source: s, chunk, ..
+                } if s == source => Some(chunk),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn in_a_crowd_the_seeder_is_asked_for_our_stripe_until_the_others_stop() {
+        let n = 30;
+        let t0 = Instant::now();
+        let opts = |me: &str| Options {
+            fixed_window: Some(n as usize),
+            order_seed: Some(7),
+            crowd_name: Some(me.into()),
+            ..Options::default()
+        };
+        // Sources are named s0 (the seeder), s1 and s2 (downloading: each just gained a chunk);
+        // our name sorts among theirs and gives our stripe.
+        for (me, stripe) in [("s10", 1), ("s00", 0), ("s3", 2)] {
+            let mut sched = Scheduler::new(u64::from(n) << 16, 1 << 16, &[], opts(me));
+            sched.add_source("s0", ChunkSet::all(n), t0);
+            for (name, held) in [("s1", 0), ("s2", 1)] {
+                let mut h = ChunkSet::none(n);
+                h.insert(held);
+                sched.add_source(name, h, t0);
+            }
+            let asks = asked_of(&sched.poll(t0), 0);
+            let ours: Vec<u32> = (0..n).filter(|c| c % 3 == stripe && *c > 1).collect();
+            let mut sorted = asks.clone();
+            sorted.sort();
+            assert_eq!(
+                sorted, ours,
+                "{me}: only our stripe, and none that a peer holds"
+            );
+            // The others gain nothing for a while: they are not downloading any more, and the
+            // seeder is asked for the rest.
+            let later = t0 + CROWD_ACTIVE + Duration::from_secs(1);
+            let rest = asked_of(&sched.poll(later), 0);
+            assert_eq!(rest.len() + asks.len(), n as usize - 2, "{me}: {rest:?}");
+        }
+    }
+
     #[test]
     fn a_source_that_gains_chunks_makes_them_less_rare() {
         let n = 8;
@@ -1456,7 +1645,7 @@ mod tests {
         sched.add_source("seeder", ChunkSet::all(n), t0);
         let peer = sched.add_source("peer", ChunkSet::none(n), t0);
         // Nothing shared yet: file order.
-        assert_eq!(sched.pending.first().map(|s| s.3), Some(0));
+        assert_eq!(sched.pending.first().map(|s| s.4), Some(0));
         let mut low = ChunkSet::none(n);
         (0..6).for_each(|c| low.insert(c));
         sched.handle(
@@ -1467,7 +1656,7 @@ mod tests {
             },
         );
         // Chunks 6 and 7 are the only ones held by one source now.
-        let order: Vec<u32> = sched.pending.iter().map(|s| s.3).collect();
+        let order: Vec<u32> = sched.pending.iter().map(|s| s.4).collect();
         assert_eq!(order, [6, 7, 0, 1, 2, 3, 4, 5]);
         sched.handle(
             t0,
@@ -1476,7 +1665,7 @@ mod tests {
                 reason: "gone".into(),
             },
         );
-        let order: Vec<u32> = sched.pending.iter().map(|s| s.3).collect();
+        let order: Vec<u32> = sched.pending.iter().map(|s| s.4).collect();
         assert_eq!(order, (0..n).collect::<Vec<_>>());
     }
 

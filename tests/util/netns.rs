@@ -135,6 +135,18 @@ impl TestNet {
         ))
     }
 
+    /// Limits what host `i` receives to `rate`, with a token bucket of `burst`: the switch's port
+    /// toward it is shaped.
+    pub fn shape_in(&self, i: usize, rate: &str, burst: &str) -> anyhow::Result<()> {
+        let switch = self
+            .switch
+            .as_deref()
+            .context("an isolated host has no link")?;
+        sh(&format!(
+            "ip netns exec {switch} tc qdisc replace dev p{i} root tbf rate {rate} burst {burst} latency 50ms"
+        ))
+    }
+
     /// Drops `percent`% of the UDP datagrams host `i` sends, at random, one by one (offloads off
     /// so that a drop is one packet, not a batch).
     pub fn loss(&self, i: usize, percent: u32) -> anyhow::Result<()> {

@@ -1,0 +1,313 @@
+//! Swarming: one seeder and N downloaders (N = 2, 4, 8), each a host in its own network namespace
+//! behind a link limited to the same rate both ways (`tc tbf`, default 100 Mbit/s), one 256 MiB
+//! file; every downloader runs `serve` and starts its download at the same moment. Printed per N:
+//! the time until the last downloader has the whole file, against the distribution bound
+//! max(F/u_s, F/d_min, N·F/(u_s + Σu_i)) and against the same crowd whose downloaders do not serve
+//! (qnode before swarming: the seeder sends N copies), the share of bytes that came from other
+//! downloaders, and the peak RSS of the processes. Then the seeder at the full rate and the
+//! downloaders at half of it up (full down), and a crowd of 4 with one downloader killed half-way.
+//!
+//! `cargo bench --bench swarm` (root, `ip`, `tc`; prints a note and exits otherwise). Knobs:
+//! `QNODE_BENCH_SWARM_MIB` (file size, default 256), `QNODE_BENCH_SWARM_MBIT` (default 100),
+//! `QNODE_BENCH_SWARM_N` (default `2,4,8`), `QNODE_BENCH_SWARM_EXTRA=0` (skip the last two),
+//! `QNODE_BENCH_SWARM_PLAIN=0` (skip the crowds that do not serve), `QNODE_BENCH_RUNS` (swarm
+//! runs per crowd, default 1: the median is shown, with the range),
+//! `QNODE_BENCH_BIN` (the qnode binary).
+
+use std::io::Read;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+mod util;
+use util::{Root, env_u64, random_file, stop, vm_hwm_kib, wait_usage};
+
+#[allow(dead_code, unreachable_pub)]
+#[path = "../tests/util/netns.rs"]
+mod netns;
+
+/// One run's outcome.
+#[derive(Debug, Default, Clone)]
+struct Outcome {
+    /// Seconds until the last downloader finished (from the moment they all started).
+    last: f64,
+    /// Bytes the downloaders got from each other, and in all.
+    from_peers: u64,
+    total: u64,
+    /// Peak RSS in KiB: the largest download, the largest downloader's `serve`, the seeder.
+    rss_download: u64,
+    rss_serve: u64,
+    rss_seeder: u64,
+}
+
+struct Crowd {
+    net: netns::TestNet,
+    root: Root,
+    size: u64,
+}
+
+impl Crowd {
+    fn id(i: usize) -> String {
+        format!("p{i}")
+    }
+
+    /// Shapes host `i`: `up` and `down` in Mbit/s.
+    fn shape(&self, i: usize, up: u64, down: u64) -> anyhow::Result<()> {
+        self.net.shape(i, &format!("{up}mbit"), "256kb")?;
+        self.net.shape_in(i, &format!("{down}mbit"), "256kb")
+    }
+
+    /// Removes downloader `i`'s copy and whatever a download left beside it.
+    fn clean(&self, i: usize) -> anyhow::Result<()> {
+        let dir = self.root.served(&Self::id(i));
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `n` downloaders (hosts 2..=n+1) fetch the file at once, serving while they download if
+    /// `serving`; if `kill` is given, the last of them is killed (download and server) after that
+    /// long and does not count.
+    fn run(&self, n: usize, serving: bool, kill: Option<Duration>) -> anyhow::Result<Outcome> {
+        let hosts: Vec<usize> = (2..n + 2).collect();
+        for &i in &hosts {
+            self.clean(i)?;
+        }
+        // The last run's writes on disk first, so that their writeback does not slow this one.
+        // SAFETY: sync(2) has no preconditions.
+        unsafe { libc::sync() };
+        let asker = (Self::id(2), Some(self.net.ns(2).to_owned()));
+        let mut seeder = vec![self.root.serve(
+            Some(self.net.ns(1)),
+            "p1",
+            &[],
+            (&asker.0, asker.1.as_deref()),
+        )?];
+        let mut servers = Vec::new();
+        if serving {
+            for &i in &hosts {
+                let asker = if i == 2 { 3 } else { 2 };
+                let (id, ask) = (Self::id(asker), self.net.ns(asker).to_owned());
+                servers.push(self.root.serve(
+                    Some(self.net.ns(i)),
+                    &Self::id(i),
+                    &[],
+                    (&id, Some(&ask)),
+                )?);
+            }
+        }
+        // The seeder has hashed the file, as a long-running one has.
+        let warm = self
+            .root
+            .cmd(Some(self.net.ns(2)), "p2", &["list", "p1"])
+            .stdout(Stdio::null())
+            .status()?;
+        if !warm.success() {
+            bail!("p2 cannot list p1");
+        }
+        let started = Instant::now();
+        let downloads: Vec<(usize, Child)> = hosts
+            .iter()
+            .map(|&i| {
+                let child = self
+                    .root
+                    .cmd(
+                        Some(self.net.ns(i)),
+                        &Self::id(i),
+                        &["download", "big.bin", "--json"],
+                    )
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()?;
+                Ok((i, child))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let killed = kill.map(|_| *hosts.last().unwrap_or(&2)).zip(kill);
+        let waiters: Vec<_> = downloads
+            .into_iter()
+            .map(|(i, mut child)| {
+                let mut stdout = child.stdout.take();
+                std::thread::spawn(move || {
+                    let usage = wait_usage(child, started);
+                    let mut json = String::new();
+                    if let Some(out) = stdout.as_mut() {
+                        let _ = out.read_to_string(&mut json);
+                    }
+                    (i, usage, json)
+                })
+            })
+            .collect();
+        if let Some((victim, after)) = killed {
+            std::thread::sleep(after);
+            let ns = self.net.ns(victim).to_owned();
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "pids", &ns])
+                .output()
+                .map(|o| {
+                    for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                        if let Ok(pid) = pid.parse::<i32>() {
+                            // SAFETY: kill(2) has no memory-safety preconditions.
+                            unsafe { libc::kill(pid, libc::SIGKILL) };
+                        }
+                    }
+                });
+        }
+        let mut out = Outcome::default();
+        for w in waiters {
+            let (i, usage, json) = w.join().map_err(|_| anyhow::anyhow!("a waiter failed"))?;
+            if killed.is_some_and(|(v, _)| v == i) {
+                continue;
+            }
+            if !usage.ok {
+                bail!("the download of p{i} failed");
+            }
+            let json: serde_json::Value =
+                serde_json::from_str(json.trim()).with_context(|| format!("p{i}'s report"))?;
+            for (peer, bytes) in json["peers"].as_object().into_iter().flatten() {
+                let bytes = bytes.as_u64().unwrap_or(0);
+                out.total += bytes;
+                if peer != "p1" {
+                    out.from_peers += bytes;
+                }
+            }
+            if std::env::var_os("QNODE_BENCH_LOG").is_some() {
+                eprintln!("p{i}: {:.1} s, {}", usage.wall, json["peers"]);
+            }
+            out.last = out.last.max(usage.wall);
+            out.rss_download = out.rss_download.max(usage.max_rss_kib);
+        }
+        out.rss_serve = stop(&mut servers).into_iter().max().unwrap_or(0);
+        out.rss_seeder = seeder.first().map_or(0, |c| vm_hwm_kib(c.id()));
+        stop(&mut seeder);
+        Ok(out)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || !["ip", "tc"].iter().all(|t| netns::have(t)) {
+        eprintln!("note: the swarm benchmark needs root, ip and tc");
+        return Ok(());
+    }
+    let mib = env_u64("QNODE_BENCH_SWARM_MIB", 256);
+    let mbit = env_u64("QNODE_BENCH_SWARM_MBIT", 100);
+    let ns: Vec<usize> = std::env::var("QNODE_BENCH_SWARM_N")
+        .unwrap_or_else(|_| "2,4,8".into())
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
+    let extra = env_u64("QNODE_BENCH_SWARM_EXTRA", 1) == 1;
+    let plain = env_u64("QNODE_BENCH_SWARM_PLAIN", 1) == 1;
+    let runs = env_u64("QNODE_BENCH_RUNS", 1).max(1);
+    let most = ns
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(2)
+        .max(if extra { 4 } else { 0 });
+    let size = mib << 20;
+    let net = netns::TestNet::new(most + 1)?;
+    let peers: Vec<(String, String)> = (1..=most + 1)
+        .map(|i| (Crowd::id(i), format!("{} 47000", net.ip(i))))
+        .collect();
+    let refs: Vec<(&str, String)> = peers.iter().map(|(p, a)| (p.as_str(), a.clone())).collect();
+    let root = Root::new(&refs)?;
+    random_file(&root.served("p1").join("big.bin"), size)?;
+    let crowd = Crowd { net, root, size };
+    for i in 1..=most + 1 {
+        crowd.shape(i, mbit, mbit)?;
+    }
+    let file_time = |rate_mbit: u64| crowd.size as f64 / (rate_mbit as f64 * 1e6 / 8.0);
+    println!(
+        "qnode swarm benchmark: {mib} MiB, {mbit} Mbit/s each way per host; F/u = {:.1} s",
+        file_time(mbit)
+    );
+    let alone = crowd.run(1, false, None)?;
+    println!(
+        "one download alone: {:.1} s ({:.2}× F/u)\n",
+        alone.last,
+        alone.last / file_time(mbit)
+    );
+    println!(
+        "| crowd | last finisher | bound | vs bound | downloaders not serving | vs bound | from other downloaders | peak RSS MiB (download / serve / seeder) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    // The median run of `runs` (by the last finisher), and the range of the last finisher.
+    let repeat = |n: usize, kill: Option<Duration>| -> anyhow::Result<(Outcome, String)> {
+        let mut all: Vec<Outcome> = (0..runs)
+            .map(|_| crowd.run(n, true, kill))
+            .collect::<anyhow::Result<_>>()?;
+        all.sort_by(|a, b| a.last.total_cmp(&b.last));
+        let range = match all.len() {
+            1 => String::new(),
+            k => format!(" ({:.1}–{:.1})", all[0].last, all[k - 1].last),
+        };
+        Ok((all[all.len() / 2].clone(), range))
+    };
+    let row = |what: &str,
+               (swarm, range): &(Outcome, String),
+               bound: f64,
+               plain: Option<&Outcome>| {
+        let (p, pr) = match plain {
+            Some(o) => (format!("{:.1} s", o.last), format!("{:.2}", o.last / bound)),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "| {what} | {:.1} s{range} | {bound:.1} s | {:.2} | {p} | {pr} | {:.0}% | {:.1} / {:.1} / {:.1} |",
+            swarm.last,
+            swarm.last / bound,
+            swarm.from_peers as f64 * 100.0 / swarm.total.max(1) as f64,
+            swarm.rss_download as f64 / 1024.0,
+            swarm.rss_serve as f64 / 1024.0,
+            swarm.rss_seeder as f64 / 1024.0,
+        );
+    };
+    for &n in &ns {
+        let swarm = repeat(n, None)?;
+        let plain = if plain {
+            Some(crowd.run(n, false, None)?)
+        } else {
+            None
+        };
+        // Equal links: max(F/u, F/u, N·F/(u + N·u)) = F/u.
+        row(&format!("N = {n}"), &swarm, file_time(mbit), plain.as_ref());
+    }
+    if extra {
+        let n = 4;
+        for i in 2..=n + 1 {
+            crowd.shape(i, mbit / 2, mbit)?;
+        }
+        let swarm = repeat(n, None)?;
+        let (us, ui) = (mbit as f64, mbit as f64 / 2.0);
+        let bound = file_time(mbit).max(n as f64 * file_time(1) / (us + n as f64 * ui));
+        row(
+            &format!("N = {n}, downloaders {} Mbit/s up", mbit / 2),
+            &swarm,
+            bound,
+            None,
+        );
+        for i in 2..=n + 1 {
+            crowd.shape(i, mbit, mbit)?;
+        }
+        let half = Duration::from_secs_f64(alone.last / 2.0);
+        let swarm = repeat(n, Some(half))?;
+        row(
+            &format!(
+                "N = {n}, one killed at {:.0} s (3 counted)",
+                half.as_secs_f64()
+            ),
+            &swarm,
+            file_time(mbit),
+            None,
+        );
+    }
+    Ok(())
+}
