@@ -63,3 +63,22 @@ pub(crate) fn name(data: &[u8]) {
         );
     }
 }
+
+/// Any bytes as a compressed block of an upload body (`[plain len: u32 BE][frame]`, the length
+/// capped at 1 MiB): decoding never panics and never yields other than the announced length;
+/// what compresses decodes back to itself.
+pub(crate) fn block(data: &[u8]) {
+    use qnode::codec;
+    if data.len() < 4 {
+        return;
+    }
+    let plain = u32::from_be_bytes([data[0], data[1], data[2], data[3]]) % (codec::MAX_BLOCK + 1);
+    let frame = &data[4..];
+    if let Ok(out) = codec::decode_block(plain, frame) {
+        assert_eq!(out.len(), plain as usize);
+    }
+    if let Some(packed) = codec::compress(frame, 3) {
+        let back = codec::decode_block(frame.len() as u32, &packed).expect("our frame decodes");
+        assert_eq!(back, frame);
+    }
+}

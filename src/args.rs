@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::peers::PeerId;
 use crate::server::DEFAULT_MAX_UPLOAD_SIZE;
-use crate::tls;
+use crate::{codec, tls};
 
 /// qnode: share files among a fixed set of peers over QUIC, with pinned mutual TLS and verified,
 /// collaborative downloads.
@@ -66,6 +66,10 @@ pub struct ServeArgs {
     /// Congestion controller for what we send
     #[arg(long, value_enum, default_value_t)]
     pub congestion: tls::Congestion,
+    /// Compress file data sent to qnode/2 peers: auto (while the link is slower than the
+    /// compressor and the data shrinks), always (whenever it shrinks) or never
+    #[arg(long, value_enum, default_value_t)]
+    pub compression: codec::Mode,
 }
 
 /// Parses `123`, `64K`, `20M`, `1G` (binary multiples) into bytes.
@@ -107,6 +111,10 @@ pub struct UploadArgs {
     /// Replace a different file of that name at a peer (its old version is kept hidden there)
     #[arg(long)]
     pub replace: bool,
+    /// Compress what is sent to qnode/2 peers: auto (while the link is slower than the
+    /// compressor and the data shrinks), always (whenever it shrinks) or never
+    #[arg(long, value_enum, default_value_t)]
+    pub compression: codec::Mode,
     /// Print one JSON object instead of text
     #[arg(long)]
     pub json: bool,

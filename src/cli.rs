@@ -36,6 +36,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 listen: args.listen,
                 max_upload_rate: args.max_upload_rate,
                 congestion: args.congestion,
+                compression: args.compression,
             };
             node::serve(&root, &me, &opts, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
@@ -197,7 +198,9 @@ async fn list(node: &Node, args: &ListArgs) -> anyhow::Result<bool> {
 
 /// `upload`: one file to every named peer.
 async fn upload(node: &Node, args: &UploadArgs) -> anyhow::Result<bool> {
-    let uploaded = node.upload(&args.file, &args.peers, args.replace).await?;
+    let uploaded = node
+        .upload(&args.file, &args.peers, args.replace, args.compression)
+        .await?;
     let name = &uploaded.name;
     let mut report = UploadReport {
         name: name.to_string(),
@@ -333,6 +336,7 @@ async fn download(node: &Node, args: &DownloadArgs) -> anyhow::Result<bool> {
     );
     let mut out = out;
     out.reused_bytes = done.reused_bytes;
+    out.wire_bytes = done.wire_bytes;
     for (peer, bytes) in &done.range_bytes {
         *out.peers.entry(peer.clone()).or_default() += bytes;
     }
@@ -469,6 +473,9 @@ struct DownloadOut {
     resumed_bytes: u64,
     /// Bytes taken from our old copy (`--update`).
     reused_bytes: u64,
+    /// Bytes of the peers' replies that crossed the wire (fewer than they stand for where they
+    /// were compressed).
+    wire_bytes: u64,
 }
 
 impl DownloadOut {
@@ -505,6 +512,7 @@ impl DownloadOut {
             left_out,
             resumed_bytes: report.map_or(0, |r| r.resumed_bytes),
             reused_bytes: 0,
+            wire_bytes: 0,
         }
     }
 }
@@ -541,6 +549,16 @@ fn render_download(out: &DownloadOut, json: bool) -> anyhow::Result<()> {
             out.seconds,
             HumanBytes(rate as u64),
             out.path
+        );
+    }
+    let fetched: u64 = out.peers.values().sum();
+    if fetched > 0 {
+        crate::outln!(
+            "  {:<12} {:>12}  ({:.0}% of the {} fetched)",
+            "on the wire",
+            HumanBytes(out.wire_bytes).to_string(),
+            out.wire_bytes as f64 * 100.0 / fetched as f64,
+            HumanBytes(fetched)
         );
     }
     if out.resumed_bytes > 0 {

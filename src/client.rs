@@ -13,10 +13,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::watch;
 
+use crate::codec;
 use crate::delta::{Sig, SigKind, Tree};
 use crate::download::{ChunkSource, SourceError};
-use crate::exchange::{self, ExchangeError};
-pub use crate::exchange::{Change, Offer, UploadStatus};
+use crate::exchange::{self, ExchangeError, Framing};
+pub use crate::exchange::{Change, Offer, Received, UploadStatus};
 use crate::manifest::{ChunkSet, FileName, Hash32, Manifest};
 use crate::peers::PeerId;
 use crate::protocol::{
@@ -192,7 +193,7 @@ impl Client {
         name: &FileName,
         offset: u64,
         len: u32,
-    ) -> Result<Bytes, ClientError> {
+    ) -> Result<Received, ClientError> {
         self.on_stream(async |send, recv| exchange::read_chunk(send, recv, name, offset, len).await)
             .await
     }
@@ -205,7 +206,7 @@ impl Client {
         blake3: Hash32,
         offset: u64,
         len: u32,
-    ) -> Result<Bytes, ClientError> {
+    ) -> Result<Received, ClientError> {
         self.on_stream(async |send, recv| {
             exchange::read_version(send, recv, name, blake3, offset, len).await
         })
@@ -250,7 +251,7 @@ impl Client {
         name: &FileName,
         offset: u64,
         len: u32,
-    ) -> Result<Bytes, ClientError> {
+    ) -> Result<Received, ClientError> {
         self.on_stream(async |send, recv| exchange::read_range(send, recv, name, offset, len).await)
             .await
     }
@@ -284,6 +285,7 @@ impl Client {
         path: &Path,
         (size, blake3): (u64, Hash32),
         replace: Option<impl Future<Output = Result<Arc<Tree>, std::io::Error>>>,
+        compression: codec::Mode,
     ) -> Result<UploadStatus, ClientError> {
         let local = |source| ClientError::Local {
             path: path.display().to_string(),
@@ -291,8 +293,27 @@ impl Client {
         };
         let mut file = tokio::fs::File::open(path).await.map_err(local)?;
         let (mut send, mut recv) = self.open().await?;
-        let sent = exchange::upload(&mut send, &mut recv, name, size, blake3, replace, &mut file);
-        match sent.await {
+        // A `qnode/2` peer takes the bytes in blocks, compressed as `compression` says.
+        let pace = codec::Pace::default();
+        let framing = match self.version {
+            Version::V2 => Framing::Blocks(compression, &pace),
+            Version::V1 => Framing::Raw,
+        };
+        let file = &mut file;
+        let body = (size, blake3);
+        let sent = exchange::upload(&mut send, &mut recv, name, body, replace, file, framing);
+        // What the link takes, measured beside the upload (see `codec::Pace`).
+        let measure = async {
+            loop {
+                pace.on_wire(self.conn.stats().udp_tx.bytes);
+                tokio::time::sleep(codec::PACE_SAMPLE).await;
+            }
+        };
+        let sent = tokio::select! {
+            sent = sent => sent,
+            never = measure => never,
+        };
+        match sent {
             Ok(status) => Ok(status),
             Err(ExchangeError::Local(e)) => Err(local(e)),
             Err(e) => Err(self.exchange(e)),
@@ -435,6 +456,8 @@ pub struct PeerSource {
     kind: SigKind,
     /// For a download in progress at the peer: the version, and what it holds as it changes.
     partial: Option<Partial>,
+    /// Bytes of replies that crossed the wire (compressed or not).
+    wire: std::sync::atomic::AtomicU64,
 }
 
 /// A source that holds part of the file: a download in progress at the peer.
@@ -463,7 +486,19 @@ impl PeerSource {
             name,
             label,
             partial: None,
+            wire: Default::default(),
         }
+    }
+
+    /// Bytes of this source's replies that crossed the wire so far.
+    pub fn wire_bytes(&self) -> u64 {
+        self.wire.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Counts a reply's wire bytes and hands over its plain ones.
+    fn count(&self, got: Received) -> Bytes {
+        (self.wire).fetch_add(got.wire, std::sync::atomic::Ordering::Relaxed);
+        got.data
     }
 
     /// Makes this a source that holds part of version `version` of the file: `held` now, then
@@ -541,10 +576,8 @@ impl PeerSource {
 
     /// `len` bytes of the file at `offset` (at most one chunk), unverified.
     pub async fn read_range(&self, offset: u64, len: u32) -> Result<Bytes, ClientError> {
-        self.client()
-            .await?
-            .read_range(&self.name, offset, len)
-            .await
+        let client = self.client().await?;
+        Ok(self.count(client.read_range(&self.name, offset, len).await?))
     }
 
     /// Closes the current connection.
@@ -567,15 +600,15 @@ impl ChunkSource for PeerSource {
             }
         };
         let client = self.client().await.map_err(fail)?;
-        match &self.partial {
+        let got = match &self.partial {
             Some(p) => {
                 client
                     .read_version(&self.name, p.version, offset, len)
                     .await
             }
             None => client.read_chunk(&self.name, offset, len).await,
-        }
-        .map_err(fail)
+        };
+        got.map(|g| self.count(g)).map_err(fail)
     }
 
     fn holds(&self) -> Option<watch::Receiver<ChunkSet>> {

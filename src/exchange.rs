@@ -13,6 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeek, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
 
+use crate::codec;
 use crate::delta::{self, Index, Sig, Step, Tree};
 use crate::manifest::{ChunkSet, FileName, Hash32, Manifest};
 use crate::protocol::{
@@ -143,7 +144,7 @@ pub async fn read_chunk(
     name: &FileName,
     offset: u64,
     len: u32,
-) -> Result<Bytes, ExchangeError> {
+) -> Result<Received, ExchangeError> {
     let req = Request::ReadChunk {
         name: name.clone(),
         offset,
@@ -159,7 +160,7 @@ pub async fn read_range(
     name: &FileName,
     offset: u64,
     len: u32,
-) -> Result<Bytes, ExchangeError> {
+) -> Result<Received, ExchangeError> {
     let req = Request::ReadRange {
         name: name.clone(),
         offset,
@@ -168,33 +169,71 @@ pub async fn read_range(
     read_bytes(send, recv, &req, len).await
 }
 
-/// Sends `req` and reads the `len` raw bytes that follow a `Chunk` header.
+/// The bytes a read brought: the plain bytes asked for, and how many crossed the wire for them.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The plain bytes (unverified).
+    pub data: Bytes,
+    /// The bytes of the reply's body on the wire: `data`'s length, or less if it was compressed.
+    pub wire: u64,
+}
+
+/// Sends `req` and reads the `len` bytes that follow a `Chunk` header raw, or a `Zstd` header as
+/// one frame (decompressed off the async workers, into room for exactly `len` bytes).
 async fn read_bytes(
     send: &mut impl SendBytes,
     recv: &mut (impl AsyncRead + Unpin),
     req: &Request,
     len: u32,
-) -> Result<Bytes, ExchangeError> {
-    match ask(send, recv, req, true).await? {
-        Response::Chunk { len: l } if l == len => {}
-        _ => return Err(ExchangeError::Unexpected(req.kind())),
-    }
+) -> Result<Received, ExchangeError> {
     let want = len as usize;
     let mut buf: Vec<u8> = Vec::with_capacity(want + PAGE);
     let start = buf.as_ptr().align_offset(PAGE).min(PAGE);
     buf.resize(start, 0);
-    let mut body = recv.take(u64::from(len));
-    while buf.len() < start + want {
-        match body.read_buf(&mut buf).await {
+    let wire = match ask(send, recv, req, true).await? {
+        Response::Chunk { len: l } if l == len => {
+            read_to(recv, &mut buf, want).await?;
+            want
+        }
+        Response::Zstd { len: l, wire } if l == len && wire < len => {
+            let wire = wire as usize;
+            let mut frame = Vec::with_capacity(wire);
+            read_to(recv, &mut frame, wire).await?;
+            let unpacked = tokio::task::spawn_blocking(move || {
+                codec::decompress_into(&frame, want, &mut buf).map(|()| buf)
+            })
+            .await
+            .map_err(|e| broken(e.to_string()))?;
+            buf = unpacked.map_err(|e| ExchangeError::Protocol(e.into()))?;
+            wire
+        }
+        _ => return Err(ExchangeError::Unexpected(req.kind())),
+    };
+    Ok(Received {
+        data: Bytes::from(buf).slice(start..start + want),
+        wire: wire as u64,
+    })
+}
+
+/// Appends exactly `n` bytes of `recv` to `buf`.
+async fn read_to(
+    recv: &mut (impl AsyncRead + Unpin),
+    buf: &mut Vec<u8>,
+    n: usize,
+) -> Result<(), ExchangeError> {
+    let end = buf.len() + n;
+    let mut body = recv.take(n as u64);
+    while buf.len() < end {
+        match body.read_buf(buf).await {
             Ok(0) => {
-                let got = buf.len() - start;
-                return Err(broken(format!("stream ended after {got} of {want} bytes")));
+                let got = n - (end - buf.len());
+                return Err(broken(format!("stream ended after {got} of {n} bytes")));
             }
             Ok(_) => {}
             Err(e) => return Err(broken(e.to_string())),
         }
     }
-    Ok(Bytes::from(buf).slice(start..start + want))
+    Ok(())
 }
 
 /// `ReadVersion`: chunk of version `blake3` of `name` at `offset` (`len` bytes), from the whole
@@ -206,7 +245,7 @@ pub async fn read_version(
     blake3: Hash32,
     offset: u64,
     len: u32,
-) -> Result<Bytes, ExchangeError> {
+) -> Result<Received, ExchangeError> {
     let req = Request::ReadVersion {
         name: name.clone(),
         blake3,
@@ -336,10 +375,10 @@ pub async fn upload(
     send: &mut impl SendBytes,
     recv: &mut (impl AsyncRead + Unpin),
     name: &FileName,
-    size: u64,
-    blake3: Hash32,
+    (size, blake3): (u64, Hash32),
     replace: Option<impl Future<Output = Result<Arc<Tree>, std::io::Error>>>,
     file: &mut (impl AsyncRead + AsyncSeek + Unpin),
+    framing: Framing<'_>,
 ) -> Result<UploadStatus, ExchangeError> {
     let name = name.clone();
     let req = if replace.is_some() {
@@ -348,11 +387,11 @@ pub async fn upload(
         Request::Upload { name, size, blake3 }
     };
     match (ask(send, recv, &req, false).await?, replace) {
-        (Response::Ready, _) => send_body(send, size, file).await?,
+        (Response::Ready, _) => send_body(send, size, file, framing).await?,
         (Response::AlreadyPresent, _) => return Ok(UploadStatus::AlreadyPresent),
         (Response::SendDelta, Some(tree)) => {
             let tree = tree.await.map_err(ExchangeError::Local)?;
-            send_delta(send, recv, &tree, file).await?
+            send_delta(send, recv, &tree, file, framing).await?
         }
         _ => return Err(ExchangeError::Unexpected("upload")),
     }
@@ -372,6 +411,7 @@ async fn send_delta(
     recv: &mut (impl AsyncRead + Unpin),
     tree: &Tree,
     file: &mut (impl AsyncRead + AsyncSeek + Unpin),
+    framing: Framing<'_>,
 ) -> Result<(), ExchangeError> {
     let groups = tree.group_sigs();
     protocol::write_msg(send, &Delta::Groups(groups.clone())).await?;
@@ -388,19 +428,25 @@ async fn send_delta(
     }
     protocol::write_msg(send, &Delta::Leaves(leaves.clone())).await?;
     let wanted = lacking(recv, leaves.len()).await?;
-    let mut buf = vec![0u8; UPLOAD_BUF];
+    // Leaves go out gathered into pieces of up to UPLOAD_BUF bytes (one block each, framed).
+    let mut piece: Vec<u8> = Vec::with_capacity(UPLOAD_BUF);
     for &k in &wanted {
         let (off, len) = (at[k as usize], leaves[k as usize].len as usize);
         file.seek(std::io::SeekFrom::Start(off))
             .await
             .map_err(ExchangeError::Local)?;
-        buf.resize(len, 0);
-        file.read_exact(&mut buf)
+        let end = piece.len();
+        piece.resize(end + len, 0);
+        file.read_exact(&mut piece[end..])
             .await
             .map_err(ExchangeError::Local)?;
-        send.write_all(&buf)
-            .await
-            .map_err(|e| ExchangeError::Protocol(e.into()))?;
+        if piece.len() >= UPLOAD_BUF {
+            write_piece(send, framing, &piece).await?;
+            piece.clear();
+        }
+    }
+    if !piece.is_empty() {
+        write_piece(send, framing, &piece).await?;
     }
     file.seek(std::io::SeekFrom::End(0))
         .await
@@ -424,11 +470,143 @@ async fn lacking(
     }
 }
 
+/// How an upload's bytes travel: raw (`qnode/1`), or in blocks (`qnode/2`, see `protocol`), each
+/// compressed as the mode says for the pace the upload gets (and if the bytes shrink).
+#[derive(Debug, Clone, Copy)]
+pub enum Framing<'a> {
+    /// Raw bytes.
+    Raw,
+    /// Blocks.
+    Blocks(codec::Mode, &'a codec::Pace),
+}
+
+/// Writes `data`, the next bytes of an upload body.
+async fn write_piece(
+    send: &mut impl SendBytes,
+    framing: Framing<'_>,
+    data: &[u8],
+) -> Result<(), ExchangeError> {
+    let gone = |e: std::io::Error| ExchangeError::Protocol(e.into());
+    let Framing::Blocks(mode, pace) = framing else {
+        return send.write_all(data).await.map_err(gone);
+    };
+    for block in data.chunks(codec::MAX_BLOCK as usize) {
+        let packed = match mode.level(pace) {
+            Some(level) => {
+                let b = block.to_vec();
+                tokio::task::spawn_blocking(move || codec::compress(&b, level))
+                    .await
+                    .unwrap_or_default()
+            }
+            None => None,
+        };
+        let wire = packed.as_deref().unwrap_or(block);
+        let mut head = [0u8; 8];
+        // Both fit a u32: a block is at most MAX_BLOCK, a frame no longer than its block.
+        head[..4].copy_from_slice(&(block.len() as u32).to_be_bytes());
+        head[4..].copy_from_slice(&(wire.len() as u32).to_be_bytes());
+        send.write_all(&head).await.map_err(gone)?;
+        send.write_all(wire).await.map_err(gone)?;
+        pace.sent(block.len() as u64, wire.len() as u64);
+    }
+    Ok(())
+}
+
+/// An upload body as it arrives: raw, or (`qnode/2`) blocks, decoded as they come.
+struct BodyIn<'a, R> {
+    recv: &'a mut R,
+    framed: bool,
+    /// The current block's plain bytes, and how many of them were read.
+    block: Vec<u8>,
+    at: usize,
+    /// Bytes read off the stream.
+    wire: u64,
+}
+
+impl<'a, R: AsyncRead + Unpin> BodyIn<'a, R> {
+    fn new(recv: &'a mut R, framed: bool) -> Self {
+        Self {
+            recv,
+            framed,
+            block: Vec::new(),
+            at: 0,
+            wire: 0,
+        }
+    }
+
+    /// Appends up to `max` bytes of the body to `buf`; 0 at its end.
+    async fn read(&mut self, buf: &mut Vec<u8>, max: usize) -> std::io::Result<usize> {
+        if !self.framed {
+            let n = (&mut *self.recv).take(max as u64).read_buf(buf).await?;
+            self.wire += n as u64;
+            return Ok(n);
+        }
+        if self.at == self.block.len() && !self.next_block().await? {
+            return Ok(0);
+        }
+        let n = max.min(self.block.len() - self.at);
+        buf.extend_from_slice(&self.block[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+
+    /// Fills `out` from the body.
+    async fn read_exact(&mut self, out: &mut [u8]) -> std::io::Result<()> {
+        if !self.framed {
+            self.recv.read_exact(out).await?;
+            self.wire += out.len() as u64;
+            return Ok(());
+        }
+        let mut got = Vec::with_capacity(out.len());
+        while got.len() < out.len() {
+            let want = out.len() - got.len();
+            if self.read(&mut got, want).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        out.copy_from_slice(&got);
+        Ok(())
+    }
+
+    /// Reads and decodes the next block (off the async workers); false at the body's end.
+    async fn next_block(&mut self) -> std::io::Result<bool> {
+        let mut head = [0u8; 8];
+        let cut = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, "a block cut short")
+            }
+            _ => e,
+        };
+        let n = self.recv.read(&mut head).await?;
+        if n == 0 {
+            return Ok(false);
+        }
+        self.recv.read_exact(&mut head[n..]).await.map_err(cut)?;
+        let plain = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        let wire = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+        if plain == 0 || plain > codec::MAX_BLOCK || wire > plain {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("a block of {plain} bytes in {wire}"),
+            ));
+        }
+        let mut frame = vec![0u8; wire as usize];
+        self.recv.read_exact(&mut frame).await.map_err(cut)?;
+        self.wire += 8 + u64::from(wire);
+        self.block = tokio::task::spawn_blocking(move || codec::decode_block(plain, &frame))
+            .await
+            .map_err(std::io::Error::other)??;
+        self.at = 0;
+        Ok(true)
+    }
+}
+
 /// Sends `size` bytes of `file`, from where it stands.
 async fn send_body(
     send: &mut impl SendBytes,
     size: u64,
     file: &mut (impl AsyncRead + Unpin),
+    framing: Framing<'_>,
 ) -> Result<(), ExchangeError> {
     let mut left = size;
     let mut buf = vec![0u8; UPLOAD_BUF];
@@ -444,9 +622,7 @@ async fn send_body(
                 "file shrank while uploading",
             )));
         }
-        send.write_all(&buf[..n])
-            .await
-            .map_err(|e| ExchangeError::Protocol(e.into()))?;
+        write_piece(send, framing, &buf[..n]).await?;
         left -= n as u64;
     }
     Ok(())
@@ -525,16 +701,41 @@ pub async fn send_have(send: &mut impl SendBytes, gained: Vec<u32>) -> Result<()
     protocol::write_msg(send, &Response::Have(gained)).await
 }
 
-/// Answers `ReadChunk` with `data`, whole: the header, then the bytes, then the end.
-pub async fn send_chunk(send: &mut impl SendBytes, data: Bytes) -> Result<(), ProtocolError> {
-    let len = u32::try_from(data.len()).map_err(|_| ProtocolError::TooLarge {
+/// Answers a read with `len` bytes whole: `body` is those bytes (a `Chunk` header), or, if
+/// `packed`, one zstd frame that holds them (a `Zstd` header); then the end.
+pub async fn send_chunk(
+    send: &mut impl SendBytes,
+    len: usize,
+    body: Bytes,
+    packed: bool,
+) -> Result<(), ProtocolError> {
+    let too_large = |_| ProtocolError::TooLarge {
         len: u32::MAX,
         max: u32::MAX,
-    })?;
-    let header = protocol::encode_frame(&Response::Chunk { len })?;
-    send.send_bytes(&mut [Bytes::from(header), data]).await?;
+    };
+    let len = u32::try_from(len).map_err(too_large)?;
+    let header = match packed {
+        true => Response::Zstd {
+            len,
+            wire: u32::try_from(body.len()).map_err(too_large)?,
+        },
+        false => Response::Chunk { len },
+    };
+    let header = protocol::encode_frame(&header)?;
+    send.send_bytes(&mut [Bytes::from(header), body]).await?;
     let _ = send.shutdown().await;
     Ok(())
+}
+
+/// A failed read of an upload body: bytes that do not decode are the requester's fault (it is
+/// told so); anything else means the stream broke.
+fn body_error<E>(name: &FileName, e: std::io::Error) -> BodyError<E> {
+    match e.kind() {
+        std::io::ErrorKind::InvalidData => {
+            BodyError::Refused(RemoteError::new(ErrorKind::Corrupt, format!("{name}: {e}")))
+        }
+        _ => BodyError::Gone(e),
+    }
 }
 
 /// Why receiving an upload's bytes stopped.
@@ -551,35 +752,36 @@ pub enum BodyError<E> {
     Sink(E),
 }
 
-/// Answers `Upload` with `Ready`, then receives exactly `size` bytes, handing them to `sink` in
-/// pieces of up to `piece` bytes with their offsets. Each read may take at most `timeout`.
+/// Answers `Upload` with `Ready`, then receives exactly `size` bytes (raw, or in blocks if
+/// `framed`), handing them to `sink` in pieces of up to `piece` bytes with their offsets. Each
+/// read may take at most `timeout`. Returns the bytes that crossed the wire for them.
 pub async fn receive_upload<E, F: Future<Output = Result<(), E>>>(
     send: &mut impl SendBytes,
     recv: &mut (impl AsyncRead + Unpin),
     name: &FileName,
-    size: u64,
+    (size, framed): (u64, bool),
     piece: usize,
     timeout: Duration,
     mut sink: impl FnMut(u64, Vec<u8>) -> F,
-) -> Result<(), BodyError<E>> {
+) -> Result<u64, BodyError<E>> {
     protocol::write_msg(send, &Response::Ready)
         .await
         .map_err(|e| BodyError::Gone(std::io::Error::other(e)))?;
+    let mut body = BodyIn::new(recv, framed);
     let mut received = 0u64;
     let mut buf: Vec<u8> = Vec::with_capacity(piece);
     loop {
         // Never more than announced: one byte past `size` is read to notice a longer body.
         let room = (piece - buf.len()) as u64;
         let want = room.min(size - received - buf.len() as u64 + 1);
-        let mut limited = (&mut *recv).take(want);
-        let n = match tokio::time::timeout(timeout, limited.read_buf(&mut buf)).await {
+        let n = match tokio::time::timeout(timeout, body.read(&mut buf, want as usize)).await {
             Err(_) => {
                 return Err(BodyError::Refused(RemoteError::new(
                     ErrorKind::BadRequest,
                     format!("no upload data for {timeout:?}"),
                 )));
             }
-            Ok(Err(e)) => return Err(BodyError::Gone(e)),
+            Ok(Err(e)) => return Err(body_error(name, e)),
             Ok(Ok(n)) => n,
         };
         if received + buf.len() as u64 > size {
@@ -604,26 +806,27 @@ pub async fn receive_upload<E, F: Future<Output = Result<(), E>>>(
             format!("{name}: fewer bytes than the announced {size}"),
         )));
     }
-    Ok(())
+    Ok(body.wire)
 }
 
 /// The responder's side of a `Replace` when it holds another version (`old`): asks for the
 /// requester's signatures, says what it lacks, and hands the lacking leaves' bytes to `sink` at
 /// their offsets, while `copy` carries out the plan's `Copy` steps from the old copy. Returns the
-/// plan (its `Fetch` steps are what `sink` received). Each read may take at most `timeout`.
+/// plan (its `Fetch` steps are what `sink` received) and the bytes of the body on the wire. Each
+/// read may take at most `timeout`.
 ///
 /// `old` yields the index of our version; it runs while the requester's signatures travel.
 pub async fn receive_delta<E, F: Future<Output = Result<(), E>>>(
     send: &mut impl SendBytes,
     recv: &mut (impl AsyncRead + Unpin),
-    size: u64,
+    (size, framed): (u64, bool),
     (old, copy): (
         impl Future<Output = Result<Index, E>>,
         impl AsyncFnOnce(Vec<Step>) -> Result<(), E>,
     ),
     timeout: Duration,
     mut sink: impl FnMut(u64, Vec<u8>) -> F,
-) -> Result<Vec<Step>, BodyError<E>> {
+) -> Result<(Vec<Step>, u64), BodyError<E>> {
     let refused = |why: &str| {
         BodyError::Refused(RemoteError::new(
             ErrorKind::Corrupt,
@@ -679,6 +882,7 @@ pub async fn receive_delta<E, F: Future<Output = Result<(), E>>>(
         .await
         .map_err(gone)?;
     let steps = delta::plan(&groups, &expanded, old);
+    let mut body = BodyIn::new(recv, framed);
     let fetched = async {
         for step in &steps {
             let Step::Fetch { at, len } = *step else {
@@ -687,10 +891,13 @@ pub async fn receive_delta<E, F: Future<Output = Result<(), E>>>(
             let mut done = 0u64;
             while done < len {
                 let mut piece = vec![0u8; (len - done).min(UPLOAD_BUF as u64) as usize];
-                match tokio::time::timeout(timeout, recv.read_exact(&mut piece)).await {
+                match tokio::time::timeout(timeout, body.read_exact(&mut piece)).await {
                     Err(_) => return Err(silent()),
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                        return Err(refused(&e.to_string()));
+                    }
                     Ok(Err(e)) => return Err(BodyError::Gone(e)),
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(())) => {}
                 }
                 let n = piece.len() as u64;
                 sink(at + done, piece).await.map_err(BodyError::Sink)?;
@@ -704,9 +911,9 @@ pub async fn receive_delta<E, F: Future<Output = Result<(), E>>>(
     copied.map_err(BodyError::Sink)?;
     fetched?;
     // Nothing more may follow.
-    let mut extra = [0u8; 1];
-    match tokio::time::timeout(timeout, recv.read(&mut extra)).await {
-        Ok(Ok(0)) => Ok(steps),
+    let mut extra = Vec::new();
+    match tokio::time::timeout(timeout, body.read(&mut extra, 1)).await {
+        Ok(Ok(0)) => Ok((steps, body.wire)),
         Ok(Ok(_)) => Err(refused("more bytes than asked for")),
         Ok(Err(e)) => Err(BodyError::Gone(e)),
         Err(_) => Err(silent()),
@@ -787,7 +994,10 @@ mod tests {
                     sw.write_all(&body[..1000]).await.unwrap();
                     sw.shutdown().await.unwrap();
                 } else {
-                    send_chunk(&mut sw, Bytes::from(body)).await.unwrap();
+                    let n = body.len();
+                    send_chunk(&mut sw, n, Bytes::from(body), false)
+                        .await
+                        .unwrap();
                 }
             });
             let got = read_chunk(&mut cw, &mut cr, &name("a"), 7, 300_000).await;
@@ -796,15 +1006,20 @@ mod tests {
                 let err = got.unwrap_err().to_string();
                 assert!(err.contains("ended after 1000 of 300000"), "{err}");
             } else {
-                let got = got.unwrap();
+                let got = got.unwrap().data;
                 assert_eq!(got[..], data[..]);
                 assert_eq!(got.as_ptr() as usize % PAGE, 0);
             }
         }
     }
 
-    /// A responder that receives an upload into memory and answers `Stored` or the refusal.
-    async fn receiver(mut sw: impl SendBytes, mut sr: impl AsyncRead + Unpin) -> Vec<u8> {
+    /// A responder that receives an upload (in blocks if `framed`) into memory and answers
+    /// `Stored` or the refusal.
+    async fn receiver(
+        mut sw: impl SendBytes,
+        mut sr: impl AsyncRead + Unpin,
+        framed: bool,
+    ) -> Vec<u8> {
         let Request::Upload { name, size, .. } = read_request(&mut sr).await.unwrap() else {
             panic!("not an upload");
         };
@@ -813,7 +1028,7 @@ mod tests {
             &mut sw,
             &mut sr,
             &name,
-            size,
+            (size, framed),
             64 * 1024,
             Duration::from_secs(5),
             |off, piece: Vec<u8>| {
@@ -825,7 +1040,7 @@ mod tests {
         )
         .await;
         match r {
-            Ok(()) => respond(&mut sw, &Response::Stored).await,
+            Ok(_) => respond(&mut sw, &Response::Stored).await,
             Err(BodyError::Refused(e)) => respond(&mut sw, &Response::Error(e)).await,
             Err(e) => panic!("{e}"),
         }
@@ -835,26 +1050,35 @@ mod tests {
     #[tokio::test]
     async fn an_upload_is_received_in_pieces_and_a_long_or_short_body_is_refused() {
         let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
-        let ((mut cw, mut cr), (sw, sr)) = pipe();
-        let server = tokio::spawn(receiver(sw, sr));
-        let mut file = std::io::Cursor::new(data.clone());
-        let sent = upload(
-            &mut cw,
-            &mut cr,
-            &name("u.bin"),
-            1_000_000,
-            [0; 32],
-            None::<std::future::Ready<std::io::Result<Arc<Tree>>>>,
-            &mut file,
-        )
-        .await;
-        assert_eq!(sent.unwrap(), UploadStatus::Stored);
-        assert_eq!(server.await.unwrap(), data);
+        let pace = codec::Pace::default();
+        let (always, never) = (codec::Mode::Always, codec::Mode::Never);
+        for framing in [
+            Framing::Raw,
+            Framing::Blocks(always, &pace),
+            Framing::Blocks(never, &pace),
+        ] {
+            let framed = matches!(framing, Framing::Blocks(..));
+            let ((mut cw, mut cr), (sw, sr)) = pipe();
+            let server = tokio::spawn(receiver(sw, sr, framed));
+            let mut file = std::io::Cursor::new(data.clone());
+            let sent = upload(
+                &mut cw,
+                &mut cr,
+                &name("u.bin"),
+                (1_000_000, [0; 32]),
+                None::<std::future::Ready<std::io::Result<Arc<Tree>>>>,
+                &mut file,
+                framing,
+            )
+            .await;
+            assert_eq!(sent.unwrap(), UploadStatus::Stored);
+            assert_eq!(server.await.unwrap(), data);
+        }
 
         // A requester that sends one byte more, or one less, than it announced.
         for (body, needle) in [(1_000_001, "more bytes"), (999_999, "fewer bytes")] {
             let ((mut cw, mut cr), (sw, sr)) = pipe();
-            let server = tokio::spawn(receiver(sw, sr));
+            let server = tokio::spawn(receiver(sw, sr, false));
             let req = Request::Upload {
                 name: name("u.bin"),
                 size: 1_000_000,
@@ -868,6 +1092,76 @@ mod tests {
             let err = response(&mut cr).await.unwrap_err().to_string();
             assert!(err.contains(needle), "{body}: {err}");
             server.await.unwrap();
+        }
+    }
+
+    /// Sends an upload request and, once `Ready`, `body` as it is; returns the final answer.
+    async fn raw_upload(size: u64, body: Vec<u8>) -> Result<Response, ExchangeError> {
+        let ((mut cw, mut cr), (sw, sr)) = pipe();
+        let server = tokio::spawn(receiver(sw, sr, true));
+        let req = Request::Upload {
+            name: name("u.bin"),
+            size,
+            blake3: [0; 32],
+        };
+        protocol::write_msg(&mut cw, &req).await.unwrap();
+        assert_eq!(response(&mut cr).await.unwrap(), Response::Ready);
+        let _ = cw.write_all(&body).await;
+        let _ = cw.shutdown().await;
+        let answer = response(&mut cr).await;
+        server.await.unwrap();
+        answer
+    }
+
+    #[tokio::test]
+    async fn a_block_that_lies_about_its_length_or_bursts_is_refused() {
+        let block = |plain: u32, wire: &[u8]| {
+            let mut b = plain.to_be_bytes().to_vec();
+            b.extend((wire.len() as u32).to_be_bytes());
+            b.extend_from_slice(wire);
+            b
+        };
+        // A frame of 64 MiB of zeros announced as a block of 1000 bytes.
+        let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 1).unwrap();
+        let cases = [
+            block(1000, &bomb),
+            block(codec::MAX_BLOCK + 1, b"x"),
+            block(3, b"four"),
+            block(1000, b"not a frame"),
+        ];
+        for body in cases {
+            let err = raw_upload(1000, body).await.unwrap_err().to_string();
+            assert!(err.contains("u.bin:"), "{err}");
+        }
+        assert_eq!(
+            raw_upload(4, block(4, b"four")).await.unwrap(),
+            Response::Stored
+        );
+    }
+
+    #[tokio::test]
+    async fn a_compressed_reply_is_unpacked_and_a_bomb_is_an_error() {
+        let text = b"the peer sends text over quic and every byte is checked\n".repeat(20_000);
+        let frame = codec::compress(&text, 3).unwrap();
+        let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 1).unwrap();
+        for (body, ok) in [(frame, true), (bomb, false)] {
+            let ((mut cw, mut cr), (mut sw, mut sr)) = pipe();
+            let len = text.len();
+            let server = tokio::spawn(async move {
+                let _ = read_request(&mut sr).await.unwrap();
+                let _ = send_chunk(&mut sw, len, Bytes::from(body), true).await;
+            });
+            let got = read_chunk(&mut cw, &mut cr, &name("t"), 0, len as u32).await;
+            server.await.unwrap();
+            match got {
+                Ok(r) if ok => {
+                    assert_eq!(r.data[..], text[..]);
+                    assert!(r.wire < len as u64 / 10, "{}", r.wire);
+                    assert_eq!(r.data.as_ptr() as usize % PAGE, 0);
+                }
+                Err(e) if !ok => assert!(e.to_string().contains("frame"), "{e}"),
+                other => panic!("{other:?}"),
+            }
         }
     }
 }

@@ -15,7 +15,7 @@
 //!   the scheduler's actions against `ChunkSource`s, verifies, writes).
 //! - `exchange`: each request/response exchange, both sides, over any `AsyncRead`/`AsyncWrite`.
 //! - `schedule`: the pure download policy (events in, actions out, time passed in).
-//! - `protocol` (messages and framing), `store` (served_files and temporary files) with `held`
+//! - `protocol` (messages and framing) with `codec` (compression on the wire), `store` (served_files and temporary files) with `held`
 //!   (what a download in progress holds, on disk for `serve` to offer), `tls`
 //!   (QUIC/TLS configuration, endpoints, quinn's stream adapter), `limits` (what each peer may take
 //!   from a server; no I/O).
@@ -32,6 +32,7 @@
 pub mod args;
 pub mod cli;
 pub mod client;
+pub mod codec;
 pub mod delta;
 pub mod download;
 pub mod exchange;

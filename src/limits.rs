@@ -50,8 +50,18 @@ pub struct MemoryBudget {
 /// Memory claimed for one reply; given back on drop.
 #[derive(Debug)]
 pub struct Held {
-    _peer: OwnedSemaphorePermit,
-    _all: OwnedSemaphorePermit,
+    peer: OwnedSemaphorePermit,
+    all: OwnedSemaphorePermit,
+}
+
+impl Held {
+    /// Gives back all but `len` bytes of the claim (what the reply holds now is less).
+    pub fn keep(&mut self, len: usize) {
+        for permit in [&mut self.peer, &mut self.all] {
+            let extra = permit.num_permits().saturating_sub(len);
+            drop(permit.split(extra));
+        }
+    }
 }
 
 impl Default for MemoryBudget {
@@ -105,8 +115,8 @@ impl PeerBudget {
     pub async fn claim(&self, len: u32) -> Held {
         let len = len.min(self.per_peer);
         Held {
-            _peer: acquire(&self.mine, len).await,
-            _all: acquire(&self.all, len).await,
+            peer: acquire(&self.mine, len).await,
+            all: acquire(&self.all, len).await,
         }
     }
 }

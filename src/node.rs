@@ -21,6 +21,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::client::{Changes, Client, ClientError, Offer, PeerSource, Redial, UploadStatus};
+use crate::codec;
 use crate::delta::{Sig, SigKind, Tree};
 use crate::download::{self, DownloadReport, Options, Progress};
 use crate::identity::{self, Identity, InitOutcome};
@@ -187,6 +188,9 @@ pub struct Downloaded {
     pub reused_bytes: u64,
     /// Bytes fetched as ranges before the engine ran (an update), per peer.
     pub range_bytes: HashMap<String, u64>,
+    /// Bytes of the peers' replies that crossed the wire (less than what they stand for where
+    /// they were compressed).
+    pub wire_bytes: u64,
 }
 
 /// How `serve` runs.
@@ -200,6 +204,8 @@ pub struct ServeOptions {
     pub max_upload_rate: Option<u64>,
     /// Congestion controller.
     pub congestion: tls::Congestion,
+    /// When file data sent to `qnode/2` peers is compressed.
+    pub compression: codec::Mode,
 }
 
 /// Serves our files until `shutdown` resolves.
@@ -249,13 +255,15 @@ pub async fn serve(
         );
     }
     tracing::info!("{me} serving {} on {addr}", store.dir().display());
-    let server = Arc::new(Server::new(
+    let mut server = Server::new(
         me.clone(),
         store,
         pins,
         opts.max_upload_size,
         opts.max_upload_rate.map(server::RateLimit::new),
-    ));
+    );
+    server.compression = opts.compression;
+    let server = Arc::new(server);
     server::run(endpoint, server, shutdown).await;
     Ok(())
 }
@@ -417,12 +425,14 @@ impl Node {
         })
     }
 
-    /// `upload`: one file (a path, or a name in our served_files) to every named peer.
+    /// `upload`: one file (a path, or a name in our served_files) to every named peer, its bytes
+    /// compressed for `qnode/2` peers as `compression` says.
     pub async fn upload(
         &self,
         file: &Path,
         peers: &[PeerId],
         replace: bool,
+        compression: codec::Mode,
     ) -> anyhow::Result<Uploaded> {
         let targets = self.select(peers)?;
         let (path, name) = self.resolve_upload(file)?;
@@ -464,7 +474,9 @@ impl Node {
                     k => older.get_or_init(|| tree_of(k)).clone(),
                 });
                 let tree = tree.map(|t| async move { t.await.map_err(std::io::Error::other) });
-                Ok(client.upload(name, path, (size, hash), tree).await?)
+                Ok(client
+                    .upload(name, path, (size, hash), tree, compression)
+                    .await?)
             }
         }))
         .await;
@@ -547,6 +559,7 @@ impl Node {
             elapsed: Duration::ZERO,
             reused_bytes: 0,
             range_bytes: HashMap::new(),
+            wire_bytes: 0,
         };
         let manifest = done.manifest.clone();
         let target = done.target.clone();
@@ -669,6 +682,7 @@ impl Node {
         let outcome = until_engine_ends(engine, late, interrupt).await;
         // Connections made again during the download are not in the session's pool: close them.
         for source in opened.into_inner() {
+            done.wire_bytes += source.wire_bytes();
             source.close().await;
         }
         // Peers that held nothing at first but joined later were not left out.

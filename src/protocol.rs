@@ -14,10 +14,13 @@
 //! - Stream lifecycles:
 //!   - `List` / `Describe`: request, one response, end.
 //!   - `ReadChunk`: request, a [`Response::Chunk`] header, then exactly `len` raw bytes (not
-//!     re-encoded), end.
+//!     re-encoded), end; or, on `qnode/2`, a [`Response::Zstd`] header and one zstd frame of
+//!     `wire` bytes that holds exactly those `len` bytes.
 //!   - `Upload`: request, [`Response::Ready`] (or a final answer: `AlreadyPresent` or `Error`), then the
 //!     client sends exactly `size` raw bytes and finishes its side, then one final response
-//!     (`Stored` or `Error`).
+//!     (`Stored` or `Error`). On `qnode/2` the bytes (of an upload, and of a replace's leaves)
+//!     travel in blocks: a 4-byte big-endian plain length (at most `codec::MAX_BLOCK`), a 4-byte
+//!     wire length, then that many bytes: raw if the two lengths are equal, else a zstd frame.
 //! - Errors travel as [`Response::Error`] with a machine-readable [`ErrorKind`], never as a dropped
 //!   stream; a request that cannot be decoded (garbage, or a variant from a newer version) is
 //!   answered with [`ErrorKind::BadRequest`].
@@ -270,6 +273,14 @@ pub enum Response {
         total: u64,
         /// Downloads in progress (the first [`MAX_LISTED_FILES`]), never served as whole files.
         incomplete: Vec<Incomplete>,
+    },
+    /// Answer to a read (`ReadChunk`, `ReadRange`, `ReadVersion`), `qnode/2` only: the `len`
+    /// bytes asked for follow as one zstd frame of `wire` bytes (less than `len`; see `codec`).
+    Zstd {
+        /// How many bytes the frame holds.
+        len: u32,
+        /// How many bytes of frame follow.
+        wire: u32,
     },
 }
 
@@ -659,6 +670,17 @@ mod tests {
                 }]
             }),
             listing
+        );
+    }
+
+    #[test]
+    fn the_compressed_chunk_header_is_pinned() {
+        assert_eq!(
+            frame(&Response::Zstd {
+                len: 1024,
+                wire: 300
+            }),
+            [0, 0, 0, 5, 16, 0x80, 0x08, 0xac, 0x02]
         );
     }
 

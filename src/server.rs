@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::codec;
 use crate::delta::{Index, SigKind, Step};
 use crate::exchange::{self, BodyError};
 use crate::limits::{
@@ -31,7 +33,7 @@ use crate::manifest::{FileName, Hash32, MAX_CHUNK_SIZE};
 use crate::peers::PeerId;
 use crate::protocol::{
     self, CloseCode, ErrorKind, FileEntry, Incomplete, MAX_GROUPS_PER_REQUEST, RemoteError,
-    Request, Response,
+    Request, Response, Version,
 };
 use crate::store::{Check, Committed, FileKey, Seen, Store, StoreError, Upload};
 
@@ -73,6 +75,8 @@ pub struct Server {
     pub connections: ConnectionSlots,
     /// Cancelled when the server shuts down: long-lived streams (observers) end then.
     pub shutdown: CancellationToken,
+    /// When chunk replies to `qnode/2` peers are compressed.
+    pub compression: codec::Mode,
 }
 
 /// Refused handshakes logged in full per [`STATS_INTERVAL`]; the rest are counted in one line.
@@ -102,6 +106,7 @@ impl Server {
             refusals: RefusalLog::new(REFUSALS_LOGGED, STATS_INTERVAL, std::time::Instant::now()),
             connections: ConnectionSlots::default(),
             shutdown: CancellationToken::new(),
+            compression: codec::Mode::default(),
         }
     }
 
@@ -242,9 +247,20 @@ async fn handle_connection(
         return;
     };
     tracing::Span::current().record("peer", tracing::field::display(&peer));
-    debug!(%peer, "connected");
-    let budget = Arc::new(server.budget.for_peer(&peer));
-    let kind = tls::version(&conn).sig_kind();
+    let version = tls::version(&conn);
+    let packing = match version {
+        Version::V2 => format!("compression {:?}", server.compression).to_lowercase(),
+        Version::V1 => "no compression (the peer speaks qnode/1)".into(),
+    };
+    info!(%peer, "connected: {}, {packing}", tls::alpn_name(version));
+    let link = Arc::new(Link {
+        peer: peer.clone(),
+        budget: server.budget.for_peer(&peer),
+        version,
+        conn: conn.clone(),
+        plain_for: AtomicU32::new(0),
+        pace: codec::Pace::default(),
+    });
     loop {
         let stream = tokio::select! {
             () = cancel.cancelled() => break,
@@ -252,8 +268,8 @@ async fn handle_connection(
         };
         match stream {
             Ok((send, recv)) => {
-                let to = (peer.clone(), budget.clone(), kind);
-                tracker.spawn(handle_stream(send, recv, server.clone(), to).in_current_span());
+                let link = link.clone();
+                tracker.spawn(handle_stream(send, recv, server.clone(), link).in_current_span());
             }
             Err(
                 quinn::ConnectionError::ApplicationClosed(_)
@@ -271,12 +287,46 @@ async fn handle_connection(
     }
 }
 
+/// What the requests of one connection share.
+struct Link {
+    peer: PeerId,
+    budget: PeerBudget,
+    version: Version,
+    conn: quinn::Connection,
+    /// Replies still to send plain after one did not shrink (then one is tried again).
+    plain_for: AtomicU32,
+    /// How fast its replies go, and how much they shrink.
+    pace: codec::Pace,
+}
+
+/// Replies sent plain after one that did not shrink, before the next try.
+const PLAIN_AFTER_MISS: u32 = 15;
+
+impl Link {
+    /// The level to try compressing the next reply at, if any: only to a `qnode/2` peer, as
+    /// `mode` says (see `codec::Mode::level`), and not for a while after a reply that did not
+    /// shrink (random or compressed data).
+    fn pack(&self, mode: codec::Mode) -> Option<i32> {
+        if self.version != Version::V2 || mode == codec::Mode::Never {
+            return None;
+        }
+        let skip = self.plain_for.load(Ordering::Relaxed);
+        if skip > 0 {
+            self.plain_for.store(skip - 1, Ordering::Relaxed);
+            return None;
+        }
+        self.pace.on_wire(self.conn.stats().udp_tx.bytes);
+        mode.level(&self.pace)
+    }
+}
+
 async fn handle_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     server: Arc<Server>,
-    (peer, budget, sig): (PeerId, Arc<PeerBudget>, SigKind),
+    link: Arc<Link>,
 ) {
+    let sig = link.version.sig_kind();
     let request = match tokio::time::timeout(READ_TIMEOUT, exchange::read_request(&mut recv)).await
     {
         Ok(Ok(r)) => r,
@@ -300,12 +350,26 @@ async fn handle_stream(
         Request::List => handle_list(&mut send, &server).await,
         Request::Describe { name } => handle_describe(&mut send, &server, &name).await,
         Request::ReadChunk { name, offset, len } => {
-            let to = (&peer, &*budget);
-            handle_read(&mut send, &server, to, &name, (offset, len), Piece::Chunk).await
+            handle_read(
+                &mut send,
+                &server,
+                &link,
+                &name,
+                (offset, len),
+                Piece::Chunk,
+            )
+            .await
         }
         Request::ReadRange { name, offset, len } => {
-            let to = (&peer, &*budget);
-            handle_read(&mut send, &server, to, &name, (offset, len), Piece::Range).await
+            handle_read(
+                &mut send,
+                &server,
+                &link,
+                &name,
+                (offset, len),
+                Piece::Range,
+            )
+            .await
         }
         Request::Groups { name, blake3 } => {
             handle_groups(&mut send, &server, &name, (blake3, sig)).await
@@ -318,11 +382,11 @@ async fn handle_stream(
         } => handle_leaves(&mut send, &server, &name, (blake3, sig), (first, count)).await,
         Request::Upload { name, size, blake3 } => {
             let up = (size, blake3, false);
-            handle_upload(&mut send, &mut recv, &server, (&peer, sig), &name, up).await
+            handle_upload(&mut send, &mut recv, &server, &link, &name, up).await
         }
         Request::Replace { name, size, blake3 } => {
             let up = (size, blake3, true);
-            handle_upload(&mut send, &mut recv, &server, (&peer, sig), &name, up).await
+            handle_upload(&mut send, &mut recv, &server, &link, &name, up).await
         }
         Request::Observe { name } => handle_observe(&mut send, &server, &name).await,
         Request::ReadVersion {
@@ -331,9 +395,8 @@ async fn handle_stream(
             offset,
             len,
         } => {
-            let to = (&peer, &*budget);
             let piece = Piece::Version(blake3);
-            handle_read(&mut send, &server, to, &name, (offset, len), piece).await
+            handle_read(&mut send, &server, &link, &name, (offset, len), piece).await
         }
         Request::ListAll => handle_list_all(&mut send, &server).await,
     };
@@ -543,7 +606,7 @@ enum Piece {
 async fn handle_read(
     send: &mut quinn::SendStream,
     server: &Server,
-    (peer, budget): (&PeerId, &PeerBudget),
+    link: &Link,
     name: &FileName,
     (offset, len): (u64, u32),
     piece: Piece,
@@ -563,21 +626,43 @@ async fn handle_read(
     }
     // Memory for the bytes is claimed before they are read and held until quinn has taken all of
     // them: first from this peer's share (a peer that does not read stalls only itself), then
-    // from the share of all peers together.
-    let _held = budget.claim(len).await;
+    // from the share of all peers together. While they are compressed, the frame needs room
+    // too (at most 7/8 of them); then only what is sent stays claimed.
+    let pack = link.pack(server.compression);
+    let room = if pack.is_some() {
+        len + len / 8 * 7
+    } else {
+        len
+    };
+    let mut held = link.budget.claim(room).await;
     let store = server.store.clone();
     let n = name.clone();
-    let data = blocking(move || match piece {
-        Piece::Chunk => store.read_chunk(&n, offset, len),
-        Piece::Range => store.read_piece(&n, offset, len),
-        Piece::Version(blake3) => store.read_version(&n, &blake3, offset, len),
+    let (data, frame) = blocking(move || {
+        let data = match piece {
+            Piece::Chunk => store.read_chunk(&n, offset, len),
+            Piece::Range => store.read_piece(&n, offset, len),
+            Piece::Version(blake3) => store.read_version(&n, &blake3, offset, len),
+        }?;
+        let frame = pack.and_then(|level| codec::compress(&data, level));
+        Ok((data, frame))
     })
     .await?;
-    exchange::send_chunk(send, Bytes::from(data))
+    if pack.is_some() && frame.is_none() {
+        link.plain_for.store(PLAIN_AFTER_MISS, Ordering::Relaxed);
+    }
+    let packed = frame.is_some();
+    let body = Bytes::from(frame.unwrap_or(data));
+    let wire = body.len() as u64;
+    held.keep(body.len());
+    exchange::send_chunk(send, len as usize, body, packed)
         .await
         .map_err(gone)?;
-    server.count_sent(peer, u64::from(len));
-    Ok(format!("{name} @{offset} +{len}"))
+    server.count_sent(&link.peer, wire);
+    link.pace.sent(u64::from(len), wire);
+    Ok(match (packed, pack) {
+        (true, Some(level)) => format!("{name} @{offset} +{len} (zstd-{level} {wire})"),
+        _ => format!("{name} @{offset} +{len}"),
+    })
 }
 
 async fn handle_groups(
@@ -630,10 +715,12 @@ async fn handle_upload(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     server: &Server,
-    (peer, kind): (&PeerId, SigKind),
+    link: &Link,
     name: &FileName,
     (size, expected, replace): (u64, Hash32, bool),
 ) -> Result<String, Failure> {
+    let (peer, kind) = (&link.peer, link.version.sig_kind());
+    let framed = link.version == Version::V2;
     if size > server.max_upload_size {
         return Err(RemoteError::new(
             ErrorKind::TooLarge,
@@ -669,14 +756,14 @@ async fn handle_upload(
         return Ok(format!("{name} -> already present"));
     };
     let upload = Arc::new(upload);
-    let (check, received) = match upload.replacing() {
+    let (check, received, wire) = match upload.replacing() {
         Some(old) => {
             let old = (old, kind, early);
-            receive_delta(send, recv, server, name, size, &upload, old).await?
+            receive_delta(send, recv, server, name, (size, framed), &upload, old).await?
         }
         None => {
-            let streamed = receive_whole(send, recv, name, size, &upload).await?;
-            (Check::Streamed(streamed), size)
+            let (streamed, wire) = receive_whole(send, recv, name, (size, framed), &upload).await?;
+            (Check::Streamed(streamed), size, wire)
         }
     };
     let upload = Arc::try_unwrap(upload).map_err(|_| gone("upload still shared"))?;
@@ -688,7 +775,7 @@ async fn handle_upload(
     };
     respond(send, &resp).await;
     Ok(format!(
-        "{name} ({size} bytes, {received} received) -> {what}"
+        "{name} ({size} bytes, {wire} on the wire, {received} received) -> {what}"
     ))
 }
 
@@ -697,15 +784,15 @@ async fn receive_whole(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     name: &FileName,
-    size: u64,
+    (size, framed): (u64, bool),
     upload: &Arc<Upload>,
-) -> Result<Hash32, Failure> {
+) -> Result<(Hash32, u64), Failure> {
     let mut hasher = blake3::Hasher::new();
     let body = exchange::receive_upload(
         send,
         recv,
         name,
-        size,
+        (size, framed),
         UPLOAD_WRITE_BUF,
         READ_TIMEOUT,
         |offset, piece: Vec<u8>| {
@@ -716,7 +803,7 @@ async fn receive_whole(
     )
     .await;
     match body {
-        Ok(()) => Ok(*hasher.finalize().as_bytes()),
+        Ok(wire) => Ok((*hasher.finalize().as_bytes(), wire)),
         Err(BodyError::Refused(e) | BodyError::Sink(e)) => Err(e.into()),
         Err(BodyError::Gone(e)) => Err(gone(e)),
     }
@@ -729,14 +816,14 @@ async fn receive_delta(
     recv: &mut quinn::RecvStream,
     server: &Server,
     name: &FileName,
-    size: u64,
+    (size, framed): (u64, bool),
     upload: &Arc<Upload>,
     (old, kind, early): (
         Seen,
         SigKind,
         Option<JoinHandle<Result<ReadTree, StoreError>>>,
     ),
-) -> Result<(Check, u64), Failure> {
+) -> Result<(Check, u64, u64), Failure> {
     let store = server.store.clone();
     let n = name.clone();
     let index = async move {
@@ -765,7 +852,7 @@ async fn receive_delta(
     let steps = exchange::receive_delta(
         send,
         recv,
-        size,
+        (size, framed),
         (index, copy),
         READ_TIMEOUT,
         |at, piece| {
@@ -774,7 +861,7 @@ async fn receive_delta(
         },
     )
     .await;
-    let steps = match steps {
+    let (steps, wire) = match steps {
         Ok(s) => s,
         Err(BodyError::Refused(e) | BodyError::Sink(e)) => return Err(e.into()),
         Err(BodyError::Gone(e)) => return Err(gone(e)),
@@ -786,5 +873,5 @@ async fn receive_delta(
             Step::Copy { .. } => 0,
         })
         .sum();
-    Ok((Check::Reread, received))
+    Ok((Check::Reread, received, wire))
 }

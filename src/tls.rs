@@ -239,6 +239,14 @@ pub fn peer_identity(conn: &quinn::Connection, pins: &Pins) -> Option<PeerId> {
     pins.peer_of(certs.first()?).cloned()
 }
 
+/// The application protocol name of `version`, for logs.
+pub fn alpn_name(version: Version) -> &'static str {
+    match version {
+        Version::V1 => "qnode/1",
+        Version::V2 => "qnode/2",
+    }
+}
+
 /// The protocol version `conn`'s handshake agreed on.
 pub fn version(conn: &quinn::Connection) -> Version {
     let data = conn

@@ -9,11 +9,12 @@ type Check = fn(&[u8]);
 
 #[test]
 fn committed_fuzz_corpus_replays_cleanly() -> anyhow::Result<()> {
-    let targets: [(&str, Check); 4] = [
+    let targets: [(&str, Check); 5] = [
         ("request", checks::request),
         ("response", checks::response),
         ("settings", checks::settings),
         ("name", checks::name),
+        ("block", checks::block),
     ];
     let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
     for (target, check) in targets {

@@ -102,7 +102,9 @@ async fn hostile_requests_are_refused_and_the_server_keeps_serving() -> TestResu
     net.put("p1", "ok.txt", b"fine")?;
     std::fs::write(net.root().join("secret.txt"), b"outside")?;
     let server = net.serve("p1", &["--max-upload-size", "1000000"])?;
-    let (_ep, conn) = connect(&net, "p2", "p1").await?;
+    // It speaks qnode/1, whose upload bodies are raw bytes, as the bodies crafted below are
+    // (on qnode/2 they travel in blocks: `src/exchange.rs` tests the blocks that lie).
+    let (_ep, conn) = connect_speaking(&net, "p2", "p1", None, &[protocol::ALPN]).await?;
 
     // Framing: oversized length prefix, garbage, unknown variant, truncated.
     expect_error(
@@ -773,6 +775,76 @@ async fn the_swarm_requests_are_bounded_and_checked() -> TestResult {
     Ok(())
 }
 
+/// What a fake peer answers one request with, on its stream.
+type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Runs listed peer `id` (on its address, with its real identity, trusting `asker`) as a fake
+/// that hands each request, with its stream, to `answer`.
+fn fake_peer(
+    net: &Net,
+    id: &str,
+    asker: &str,
+    answer: impl Fn(Request, quinn::SendStream) -> Answer + Send + Sync + 'static,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let root = Root::new(net.root());
+    let me: PeerId = id.parse()?;
+    let asker: PeerId = asker.parse()?;
+    let mut pins = tls::Pins::default();
+    pins.insert(asker.clone(), &identity::load_cert(&root, &asker)?);
+    let config = tls::server_config(
+        &identity::load(&root, &me)?,
+        pins,
+        tls::Congestion::default(),
+    )?;
+    let port = net.peers.iter().find(|(p, _)| p == id).unwrap().1;
+    let (endpoint, _) =
+        tls::bind_endpoint(format!("127.0.0.1:{port}").parse()?, Some(config), None)?;
+    let answer = Arc::new(answer);
+    Ok(tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                while let Ok((send, mut recv)) = conn.accept_bi().await {
+                    let answer = answer.clone();
+                    tokio::spawn(async move {
+                        if let Ok(req) = qnode::exchange::read_request(&mut recv).await {
+                            answer(req, send).await;
+                        }
+                    });
+                }
+            });
+        }
+    }))
+}
+
+/// Runs `qnode --peer id download name --json` to its end off the async workers.
+async fn download_json(net: &Net, id: &str, name: &str) -> anyhow::Result<serde_json::Value> {
+    let cmd = net.cmd(id, &["download", name, "--json"]);
+    let out = tokio::task::spawn_blocking(move || {
+        let mut cmd = cmd;
+        cmd.output()
+    })
+    .await??;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The fault a download reports for `peer`.
+fn fault_of(json: &serde_json::Value, peer: &str) -> serde_json::Value {
+    json["faults"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["peer"] == peer)
+        .cloned()
+        .unwrap_or_else(|| panic!("{peer} is not named: {json}"))
+}
+
 /// A listed peer that claims to be downloading the file and to hold all of it but one chunk,
 /// and sends garbage for every chunk asked of it: the downloader strikes it out as it would a
 /// lying seeder, and the file is whole and exact from the honest seeder.
@@ -783,84 +855,129 @@ async fn a_lying_partial_holder_is_caught_and_dropped() -> TestResult {
     let data = util::random_bytes(2 << 20, 32);
     let _p1 = net.seed(&["p1"], "f.bin", &data, &["--max-upload-rate", "512K"])?;
     let manifest = Manifest::from_reader(&data[..], data.len() as u64)?;
-    // p2 is the liar, on its listed address, with its real identity, trusting p3.
-    let root = Root::new(net.root());
-    let p2: PeerId = "p2".parse()?;
-    let p3: PeerId = "p3".parse()?;
-    let mut pins = tls::Pins::default();
-    pins.insert(p3.clone(), &identity::load_cert(&root, &p3)?);
-    let config = tls::server_config(
-        &identity::load(&root, &p2)?,
-        pins,
-        tls::Congestion::default(),
-    )?;
-    let port = net.peers.iter().find(|(p, _)| p == "p2").unwrap().1;
-    let (endpoint, _) =
-        tls::bind_endpoint(format!("127.0.0.1:{port}").parse()?, Some(config), None)?;
     let n = manifest.chunk_count();
-    let liar = tokio::spawn(async move {
-        while let Some(incoming) = endpoint.accept().await {
-            let Ok(conn) = incoming.await else { continue };
-            let manifest = manifest.clone();
-            tokio::spawn(async move {
-                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                    let manifest = manifest.clone();
-                    tokio::spawn(async move {
-                        let Ok(req) = qnode::exchange::read_request(&mut recv).await else {
-                            return;
-                        };
-                        match req {
-                            Request::Observe { .. } => {
-                                // Everything but chunk 0.
-                                let mut held = ChunkSet::none(n);
-                                (1..n).for_each(|c| held.insert(c));
-                                let _ = qnode::exchange::send_holding(
-                                    &mut send,
-                                    &manifest,
-                                    Some(&held),
-                                )
-                                .await;
-                                // Stays open, gaining nothing.
-                                std::future::pending::<()>().await;
-                            }
-                            Request::ReadVersion { len, .. } => {
-                                let garbage = bytes::Bytes::from(vec![0x5a; len as usize]);
-                                let _ = qnode::exchange::send_chunk(&mut send, garbage).await;
-                            }
-                            _ => {
-                                let no = protocol::RemoteError::new(ErrorKind::NotFound, "no");
-                                qnode::exchange::respond(&mut send, &Response::Error(no)).await;
-                            }
-                        }
-                    });
+    let liar = fake_peer(&net, "p2", "p3", move |req, mut send| {
+        let manifest = manifest.clone();
+        Box::pin(async move {
+            match req {
+                Request::Observe { .. } => {
+                    // Everything but chunk 0.
+                    let mut held = ChunkSet::none(n);
+                    (1..n).for_each(|c| held.insert(c));
+                    let holding = qnode::exchange::send_holding(&mut send, &manifest, Some(&held));
+                    let _ = holding.await;
+                    // Stays open, gaining nothing.
+                    std::future::pending::<()>().await;
                 }
-            });
-        }
-    });
-    let out = tokio::task::spawn_blocking({
-        let cmd = net.cmd("p3", &["download", "f.bin", "--json"]);
-        move || {
-            let mut cmd = cmd;
-            cmd.output()
-        }
-    })
-    .await??;
+                Request::ReadVersion { len, .. } => {
+                    let garbage = bytes::Bytes::from(vec![0x5a; len as usize]);
+                    let n = garbage.len();
+                    let _ = qnode::exchange::send_chunk(&mut send, n, garbage, false).await;
+                }
+                _ => {
+                    let no = protocol::RemoteError::new(ErrorKind::NotFound, "no");
+                    qnode::exchange::respond(&mut send, &Response::Error(no)).await;
+                }
+            }
+        })
+    })?;
+    let json = download_json(&net, "p3", "f.bin").await?;
     liar.abort();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(std::fs::read(net.served("p3").join("f.bin"))?, data);
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let fault = json["faults"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["peer"] == "p2")
-        .cloned()
-        .unwrap_or_else(|| panic!("the liar is not named: {json}"));
-    assert_eq!(fault["dropped"], "sent 3 corrupt chunks", "{json}");
+    assert_eq!(
+        fault_of(&json, "p2")["dropped"],
+        "sent 3 corrupt chunks",
+        "{json}"
+    );
     assert_eq!(util::share(&json, "p2"), 0, "{json}");
+    Ok(())
+}
+
+/// A listed peer that serves the file "whole" and answers every chunk with a compressed frame
+/// that lies: a decompression bomb (64 MiB of zeros announced as one chunk) or garbage. The
+/// downloader refuses each without making room for more than the chunk, drops the peer after
+/// its failures, and gets the file whole and exact from the honest seeder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_frames_that_lie_are_refused_and_their_sender_dropped() -> TestResult {
+    use qnode::manifest::Manifest;
+    let net = Net::new(&["p1", "p2", "p3"])?;
+    let data = util::random_bytes(2 << 20, 33);
+    let _p1 = net.seed(&["p1"], "f.bin", &data, &["--max-upload-rate", "512K"])?;
+    let manifest = Manifest::from_reader(&data[..], data.len() as u64)?;
+    let bomb = bytes::Bytes::from(zstd::bulk::compress(&vec![0u8; 64 << 20], 1)?);
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = asked.clone();
+    let liar = fake_peer(&net, "p2", "p3", move |req, mut send| {
+        let (manifest, bomb, count) = (manifest.clone(), bomb.clone(), count.clone());
+        Box::pin(async move {
+            match req {
+                Request::Observe { .. } => {
+                    let _ = qnode::exchange::send_holding(&mut send, &manifest, None).await;
+                }
+                Request::ReadChunk { len, .. } => {
+                    let k = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let frame = match k % 2 {
+                        0 => bomb,
+                        _ => bytes::Bytes::from_static(b"this is not a zstd frame"),
+                    };
+                    let _ = qnode::exchange::send_chunk(&mut send, len as usize, frame, true).await;
+                }
+                _ => {
+                    let no = protocol::RemoteError::new(ErrorKind::NotFound, "no");
+                    qnode::exchange::respond(&mut send, &Response::Error(no)).await;
+                }
+            }
+        })
+    })?;
+    let json = download_json(&net, "p3", "f.bin").await?;
+    liar.abort();
+    assert_eq!(std::fs::read(net.served("p3").join("f.bin"))?, data);
+    assert!(
+        asked.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "frames were sent"
+    );
+    let fault = fault_of(&json, "p2");
+    assert!(fault["failed_requests"].as_u64().unwrap() >= 2, "{json}");
+    assert!(fault["dropped"].is_string(), "{json}");
+    assert_eq!(util::share(&json, "p2"), 0, "{json}");
+    Ok(())
+}
+
+/// A peer that speaks only `qnode/1` (it cannot decompress) gets plain chunk replies from a
+/// server told to compress always; a `qnode/2` peer gets a frame.
+#[tokio::test]
+async fn a_peer_without_compression_gets_plain_bytes_from_compress_always() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    let text = util::text::prose(1 << 20, 34);
+    net.put("p1", "t.txt", &text)?;
+    let server = net.serve("p1", &["--compression", "always"])?;
+    let name = FileName::new("t.txt")?;
+    let chunk = 64 << 10; // 1 MiB has 16 chunks of 64 KiB
+    for (protocols, packed) in [(&[protocol::ALPN][..], false), (&protocol::ALPNS[..], true)] {
+        let (_ep, conn) = connect_speaking(&net, "p2", "p1", None, protocols).await?;
+        let (_s, mut recv) = ask(&conn, &chunk_request(&name, 0, chunk)).await?;
+        let header: Response = protocol::read_msg(&mut recv, MAX_RESPONSE_LEN).await?;
+        let body = recv.read_to_end(2 << 20).await?;
+        match header {
+            Response::Chunk { len } if !packed => {
+                assert_eq!((len, &body[..]), (chunk, &text[..chunk as usize]));
+            }
+            Response::Zstd { len, wire } if packed => {
+                assert_eq!((len, wire as usize), (chunk, body.len()));
+                let mut out = Vec::new();
+                qnode::codec::decompress_into(&body, len as usize, &mut out)?;
+                assert_eq!(out, text[..chunk as usize]);
+            }
+            other => panic!("{protocols:?}: {other:?}"),
+        }
+    }
+    server.wait_for_log(
+        "no compression (the peer speaks qnode/1)",
+        std::time::Duration::from_secs(5),
+    )?;
+    server.wait_for_log(
+        "qnode/2, compression always",
+        std::time::Duration::from_secs(5),
+    )?;
     Ok(())
 }
