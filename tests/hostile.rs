@@ -776,7 +776,7 @@ async fn the_swarm_requests_are_bounded_and_checked() -> TestResult {
 }
 
 /// What a fake peer answers one request with, on its stream.
-type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+type Answer = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Runs listed peer `id` (on its address, with its real identity, trusting `asker`) as a fake
 /// that hands each request, with its stream, to `answer`.
