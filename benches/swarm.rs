@@ -12,7 +12,8 @@
 //! `QNODE_BENCH_SWARM_N` (default `2,4,8`), `QNODE_BENCH_SWARM_EXTRA=0` (skip the last two),
 //! `QNODE_BENCH_SWARM_PLAIN=0` (skip the crowds that do not serve), `QNODE_BENCH_RUNS` (swarm
 //! runs per crowd, default 1: the median is shown, with the range),
-//! `QNODE_BENCH_BIN` (the qnode binary).
+//! `QNODE_BENCH_BIN` (the qnode binary), `QNODE_BENCH_SWARM_TRACE=1` (every second, each host's
+//! download and upload rate on its link, to stderr: where a crowd's time goes).
 
 use std::io::Read;
 use std::process::{Child, Stdio};
@@ -45,6 +46,66 @@ struct Crowd {
     net: netns::TestNet,
     root: Root,
     size: u64,
+}
+
+/// Bytes host `ns` has received and sent on its link so far.
+fn link_bytes(ns: &str) -> (u64, u64) {
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns, "-s", "-j", "link", "show", "eth0"])
+        .output();
+    let json: serde_json::Value = out
+        .ok()
+        .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+        .unwrap_or_default();
+    let stats = &json[0]["stats64"];
+    let get = |dir: &str| stats[dir]["bytes"].as_u64().unwrap_or(0);
+    (get("rx"), get("tx"))
+}
+
+/// The machine's CPU time so far, in ticks: (all, idle).
+fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let t: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let idle = t.get(3).copied().unwrap_or(0) + t.get(4).copied().unwrap_or(0);
+    (t.iter().take(8).sum(), idle)
+}
+
+/// Until `done` is set, prints every second the machine's idle CPU share and each host's
+/// download and upload rate (MB/s).
+fn trace(namespaces: Vec<String>, done: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let started = Instant::now();
+    let mut last: Vec<(u64, u64)> = namespaces.iter().map(|ns| link_bytes(ns)).collect();
+    let mut cpu = cpu_ticks();
+    eprintln!("trace: idle CPU, then per host 'down/up' MB/s; host 1 is the seeder");
+    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_secs(1));
+        let (all, idle) = cpu_ticks();
+        let idle_share = (idle - cpu.1.min(idle)) as f64 / (all - cpu.0.min(all)).max(1) as f64;
+        cpu = (all, idle);
+        let now: Vec<(u64, u64)> = namespaces.iter().map(|ns| link_bytes(ns)).collect();
+        let line: Vec<String> = now
+            .iter()
+            .zip(&last)
+            .map(|(n, l)| {
+                let mb = |a: u64, b: u64| a.saturating_sub(b) as f64 / 1e6;
+                format!("{:4.1}/{:4.1}", mb(n.0, l.0), mb(n.1, l.1))
+            })
+            .collect();
+        eprintln!(
+            "{:5.1} s  idle {:3.0}%  {}",
+            started.elapsed().as_secs_f64(),
+            idle_share * 100.0,
+            line.join("  ")
+        );
+        last = now;
+    }
 }
 
 impl Crowd {
@@ -112,6 +173,12 @@ impl Crowd {
         if !warm.success() {
             bail!("p2 cannot list p1");
         }
+        let traced = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tracer = (env_u64("QNODE_BENCH_SWARM_TRACE", 0) == 1).then(|| {
+            let namespaces = (1..n + 2).map(|i| self.net.ns(i).to_owned()).collect();
+            let done = traced.clone();
+            std::thread::spawn(move || trace(namespaces, done))
+        });
         let started = Instant::now();
         let downloads: Vec<(usize, Child)> = hosts
             .iter()
@@ -182,6 +249,10 @@ impl Crowd {
             }
             out.last = out.last.max(usage.wall);
             out.rss_download = out.rss_download.max(usage.max_rss_kib);
+        }
+        traced.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = tracer {
+            let _ = t.join();
         }
         out.rss_serve = stop(&mut servers).into_iter().max().unwrap_or(0);
         out.rss_seeder = seeder.first().map_or(0, |c| vm_hwm_kib(c.id()));

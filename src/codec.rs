@@ -71,6 +71,13 @@ fn idle_share() -> f64 {
         }
     }
 }
+/// The cores this process may use, read once: `available_parallelism` reads cgroup files on each
+/// call, too slow to ask at every reply.
+fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// A frame is sent only if it is at most this share of the plain bytes (7/8).
 pub const WORTH: (usize, usize) = (7, 8);
 /// Largest plain block of an upload body, in bytes.
@@ -104,8 +111,7 @@ impl Mode {
             Self::Always => Some(ALWAYS_LEVEL),
             Self::Auto => {
                 let (wire, ratio) = pace.rates()?;
-                let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-                let share = (cores * CPU_SHARE).max(1.0);
+                let share = (cores() as f64 * CPU_SHARE).max(1.0);
                 // The stronger levels only while the machine has cores to spare.
                 let spare = idle_share() >= IDLE_FOR_STRONG;
                 LEVELS
@@ -245,7 +251,7 @@ static COMPRESSOR_FREE: std::sync::Condvar = std::sync::Condvar::new();
 /// A free compression context (made if fewer than one per core exist), or `None` if one cannot
 /// be made.
 fn take_compressor(level: i32) -> Option<zstd::bulk::Compressor<'static>> {
-    let cap = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cap = cores();
     // Held to push or pop one context, or while waiting for one; a poisoned lock still holds
     // whole contexts.
     let mut pool = COMPRESSORS.lock().unwrap_or_else(|e| e.into_inner());

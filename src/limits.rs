@@ -357,6 +357,28 @@ mod tests {
         assert_eq!(budget.held(), 0);
     }
 
+    #[tokio::test]
+    async fn a_compressed_reply_keeps_only_what_it_sends() {
+        // A reply claims its plain bytes and room for a frame (7/8 more); once compressed, only
+        // the frame stays claimed, from the peer's share and from the common budget alike.
+        let budget = MemoryBudget::new(16, 32);
+        let p1 = budget.for_peer(&peer("p1"));
+        let mut held = p1.claim(15).await;
+        assert_eq!(budget.held(), 15);
+        held.keep(4);
+        assert_eq!(budget.held(), 4);
+        // The freed share is p1's again at once.
+        let more = tokio::time::timeout(Duration::from_millis(20), p1.claim(12))
+            .await
+            .expect("the share given back is usable");
+        assert_eq!(budget.held(), 16);
+        // Keeping more than was claimed changes nothing.
+        held.keep(100);
+        assert_eq!(budget.held(), 16);
+        drop((held, more));
+        assert_eq!(budget.held(), 0);
+    }
+
     #[test]
     fn uploads_are_capped_per_peer_and_by_the_disk_reserve() {
         let slots = UploadSlots::default();
