@@ -82,6 +82,7 @@ fn cpu_ticks() -> (u64, u64) {
 fn trace(namespaces: Vec<String>, done: std::sync::Arc<std::sync::atomic::AtomicBool>) {
     let started = Instant::now();
     let mut last: Vec<(u64, u64)> = namespaces.iter().map(|ns| link_bytes(ns)).collect();
+    let first = last.clone();
     let mut cpu = cpu_ticks();
     eprintln!("trace: idle CPU, then per host 'down/up' MB/s; host 1 is the seeder");
     while !done.load(std::sync::atomic::Ordering::Relaxed) {
@@ -106,6 +107,21 @@ fn trace(namespaces: Vec<String>, done: std::sync::Arc<std::sync::atomic::Atomic
         );
         last = now;
     }
+    let totals: Vec<String> = last
+        .iter()
+        .zip(&first)
+        .map(|(n, f)| {
+            format!(
+                "{:.0}/{:.0}",
+                n.0.saturating_sub(f.0) as f64 / 1e6,
+                n.1.saturating_sub(f.1) as f64 / 1e6
+            )
+        })
+        .collect();
+    eprintln!(
+        "trace: in all, per host 'down/up' MB: {}",
+        totals.join("  ")
+    );
 }
 
 impl Crowd {
