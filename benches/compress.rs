@@ -4,9 +4,10 @@
 //! Release binaries as separate processes; per row the median (min–max) of the runs:
 //!
 //! - `ns-1src`: one seeder in its own network namespace behind a 200 Mbit/s uplink (`tc tbf`), the
-//!   downloader in another: qnode on 1 GiB of text (the vim manuals repeated, see [`text_corpus`];
-//!   `QNODE_BENCH_COMP_TEXT=prose` for generated prose) and on 1 GiB of random bytes, against `rsync -z --compress-choice=zstd` and plain rsync (daemon
-//!   in the seeder's namespace) on the same text. File size ÷ wall time, in MB/s.
+//!   downloader in another: qnode on 1 GiB of text (the vim manuals repeated, see
+//!   [`text_corpus`]; `QNODE_BENCH_COMP_TEXT=prose` for generated prose) and on 1 GiB of random
+//!   bytes, against `rsync -z --compress-choice=zstd` and plain rsync (daemon in the seeder's
+//!   namespace) on the same text. File size ÷ wall time, in MB/s.
 //! - `ns-3src`: three such seeders at once, text and random.
 //! - `loopback`: both ends on 127.0.0.1, text and random, with the seeder's `--compression auto`
 //!   (the default) against `--compression never` (qnode before compression) in the same run.
