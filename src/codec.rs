@@ -123,6 +123,19 @@ impl Mode {
     }
 }
 
+impl Mode {
+    /// The level for the pieces of an edit (the ranges an update fetches, the leaves a replace
+    /// sends): as [`Mode::level`], but in `auto` [`ALWAYS_LEVEL`] before the pace is measured.
+    /// An edit's pieces are few and over before a pace is measured (it takes [`PACE_SAMPLE`]),
+    /// and a few frames cost little CPU whatever the link; a large edit is measured as it goes.
+    pub fn edit_level(self, pace: &Pace) -> Option<i32> {
+        match self {
+            Self::Auto if pace.rates().is_none() => Some(ALWAYS_LEVEL),
+            _ => self.level(pace),
+        }
+    }
+}
+
 /// How fast one connection goes: the bytes it puts on the wire per second (from its UDP
 /// counter, sampled over at least [`PACE_SAMPLE`]), and the share of their plain bytes its
 /// compressed frames took, each smoothed.
@@ -448,8 +461,13 @@ mod tests {
         let slow = Mode::Auto
             .level(&pace(1e6))
             .expect("a slow link compresses");
-        let fast = Mode::Auto.level(&pace(2e9));
+        let loopback = pace(2e9);
+        let fast = Mode::Auto.level(&loopback);
         assert_eq!(fast, None, "loopback goes plain");
+        // The pieces of an edit compress until the pace is measured, then as any other.
+        assert_eq!(Mode::Auto.edit_level(&unmeasured), Some(ALWAYS_LEVEL));
+        assert_eq!(Mode::Never.edit_level(&unmeasured), None);
+        assert_eq!(Mode::Auto.edit_level(&loopback), None);
         assert!(LEVELS.contains(&slow));
         assert_eq!(slow, LEVELS[0], "the strongest level on a slow link");
     }

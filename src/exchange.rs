@@ -429,6 +429,7 @@ async fn send_delta(
     protocol::write_msg(send, &Delta::Leaves(leaves.clone())).await?;
     let wanted = lacking(recv, leaves.len()).await?;
     // Leaves go out gathered into pieces of up to UPLOAD_BUF bytes (one block each, framed).
+    let framing = framing.for_edit();
     let mut piece: Vec<u8> = Vec::with_capacity(UPLOAD_BUF);
     for &k in &wanted {
         let (off, len) = (at[k as usize], leaves[k as usize].len as usize);
@@ -478,6 +479,18 @@ pub enum Framing<'a> {
     Raw,
     /// Blocks.
     Blocks(codec::Mode, &'a codec::Pace),
+    /// Blocks of an edit: compressed as [`codec::Mode::edit_level`] says.
+    EditBlocks(codec::Mode, &'a codec::Pace),
+}
+
+impl Framing<'_> {
+    /// The framing of an edit's pieces.
+    fn for_edit(self) -> Self {
+        match self {
+            Self::Blocks(mode, pace) => Self::EditBlocks(mode, pace),
+            other => other,
+        }
+    }
 }
 
 /// Writes `data`, the next bytes of an upload body.
@@ -487,11 +500,18 @@ async fn write_piece(
     data: &[u8],
 ) -> Result<(), ExchangeError> {
     let gone = |e: std::io::Error| ExchangeError::Protocol(e.into());
-    let Framing::Blocks(mode, pace) = framing else {
-        return send.write_all(data).await.map_err(gone);
+    let (mode, pace, edit) = match framing {
+        Framing::Raw => return send.write_all(data).await.map_err(gone),
+        Framing::Blocks(mode, pace) => (mode, pace, false),
+        Framing::EditBlocks(mode, pace) => (mode, pace, true),
     };
     for block in data.chunks(codec::MAX_BLOCK as usize) {
-        let packed = match mode.level(pace) {
+        let level = if edit {
+            mode.edit_level(pace)
+        } else {
+            mode.level(pace)
+        };
+        let packed = match level {
             Some(level) => {
                 let b = block.to_vec();
                 tokio::task::spawn_blocking(move || codec::compress(&b, level))

@@ -305,8 +305,9 @@ const PLAIN_AFTER_MISS: u32 = 15;
 impl Link {
     /// The level to try compressing the next reply at, if any: only to a `qnode/2` peer, as
     /// `mode` says (see `codec::Mode::level`), and not for a while after a reply that did not
-    /// shrink (random or compressed data).
-    fn pack(&self, mode: codec::Mode) -> Option<i32> {
+    /// shrink (random or compressed data). The ranges of an update (`edit`) as
+    /// `codec::Mode::edit_level` says.
+    fn pack(&self, mode: codec::Mode, edit: bool) -> Option<i32> {
         if self.version != Version::V2 || mode == codec::Mode::Never {
             return None;
         }
@@ -316,7 +317,11 @@ impl Link {
             return None;
         }
         self.pace.on_wire(self.conn.stats().udp_tx.bytes);
-        mode.level(&self.pace)
+        if edit {
+            mode.edit_level(&self.pace)
+        } else {
+            mode.level(&self.pace)
+        }
     }
 }
 
@@ -628,7 +633,7 @@ async fn handle_read(
     // them: first from this peer's share (a peer that does not read stalls only itself), then
     // from the share of all peers together. While they are compressed, the frame needs room
     // too (at most 7/8 of them); then only what is sent stays claimed.
-    let pack = link.pack(server.compression);
+    let pack = link.pack(server.compression, matches!(piece, Piece::Range));
     let room = if pack.is_some() {
         len + len / 8 * 7
     } else {
