@@ -79,12 +79,15 @@ pub struct Options {
     /// `None`: in file order.
     pub order_seed: Option<u64>,
     /// Our own name among the sources, if we are one of a crowd downloading the file: the
-    /// downloaders (sources still downloading, and we) split the chunks in stripes by their
-    /// sorted names, and each asks first for its own stripe among equally rare chunks, in the
-    /// rank order, and for the others' in reverse. Without a word exchanged, the seeder is then
-    /// asked for each chunk by one downloader, which passes it on, instead of by several at once
-    /// (if all of a crowd share `order_seed`, one that runs ahead helps with another's stripe
-    /// from its far end).
+    /// downloaders (sources still downloading, and we) split the chunks between them by
+    /// rendezvous hashing (a chunk is the stripe of the downloader whose name hashes highest
+    /// with it), and each asks first for its own stripe among equally rare chunks, in an order
+    /// of its own, and for the others' in the reverse of the rank order, those it ranks second
+    /// first. Without a word exchanged, the seeder is then asked for each chunk by one
+    /// downloader, which passes it on, instead of by several at once; and two downloaders that
+    /// have not yet found each other (each sees only part of the crowd) share only some of their
+    /// stripes and start them in different orders, where stripes by position in the sorted
+    /// names gave them the same stripe and the same first chunks.
     pub crowd_name: Option<String>,
     /// How long a download waits with nothing to ask while sources that are still downloading
     /// may gain what is missing (the driver's rule; the scheduler only reports `Stuck`).
@@ -395,9 +398,11 @@ pub struct Scheduler {
     pending: BTreeSet<Slot>,
     /// Each chunk's place among equally rare ones.
     rank: Vec<u32>,
-    /// Our stripe of the chunks (chunk `c` is ours if `c % .1 == .0`): see
+    /// The crowd we know of (we and the downloading sources that count, by name), and for each
+    /// chunk how many of them hash higher with it than we do (0: it is our stripe): see
     /// [`Options::crowd_name`].
-    stripe: (u32, u32),
+    crowd: Vec<String>,
+    stripe: Vec<u32>,
     /// Each chunk's place while we know of no crowd: an order of our own (from our name), so
     /// that downloaders that share `rank` but have not found each other yet do not start alike.
     alone: Vec<u32>,
@@ -439,7 +444,8 @@ impl Scheduler {
             chunks: (0..n).map(|_| ChunkState::default()).collect(),
             pending: BTreeSet::new(),
             rank: order(n, opts_seed),
-            stripe: (0, 1),
+            crowd: Vec::new(),
+            stripe: vec![0; n as usize],
             alone: order(n, start),
             whole: 0,
             rare: n,
@@ -487,7 +493,7 @@ impl Scheduler {
 
     /// Finds our stripe again: we and the live sources still downloading that gained a chunk
     /// in the last [`CROWD_ACTIVE`] (one that stopped, an interrupted download, takes no
-    /// stripe), by name. Re-sorts the queue if it moved.
+    /// stripe), by name. Re-sorts the queue if the crowd changed.
     fn restripe(&mut self, now: Instant) {
         let Some(me) = &self.opts.crowd_name else {
             return;
@@ -506,13 +512,28 @@ impl Scheduler {
             .collect();
         crowd.sort_unstable();
         crowd.dedup();
-        let j = crowd.iter().position(|n| *n == me).unwrap_or(0) as u32;
-        let stripe = (j, crowd.len() as u32);
-        if stripe != self.stripe {
+        if crowd != self.crowd {
+            let mine = name_hash(me);
+            let others: Vec<u64> = crowd
+                .iter()
+                .filter(|n| *n != me)
+                .map(|n| name_hash(n))
+                .collect();
+            self.stripe = (0..self.chunk_count())
+                .map(|c| {
+                    let ours = chunk_hash(mine, c);
+                    others.iter().filter(|&&o| chunk_hash(o, c) > ours).count() as u32
+                })
+                .collect();
+            self.crowd = crowd.into_iter().map(str::to_owned).collect();
             let queued: Vec<u32> = self.pending.iter().map(|s| s.4).collect();
-            self.stripe = stripe;
             self.pending = queued.into_iter().map(|c| self.slot(c)).collect();
         }
+    }
+
+    /// We know of other downloaders of the file.
+    fn in_a_crowd(&self) -> bool {
+        self.opts.crowd_name.is_some() && self.crowd.len() > 1
     }
 
     /// `holds` if it is a set of this file's chunks, else the empty set.
@@ -525,20 +546,18 @@ impl Scheduler {
     }
 
     /// Where chunk `c` stands in the queue: retried chunks first, then the rarest, then our
-    /// stripe by rank, then the next downloader's stripe by rank backwards (its owner starts
-    /// from the front: we meet it last), then the one after, and so on (so that the downloaders
-    /// done with their own stripe help different ones).
+    /// stripe in our own order, then the chunks we rank second by the shared rank backwards (a
+    /// helper meets the owner late), then those we rank third, and so on (so that the
+    /// downloaders done with their own stripe help different ones).
     fn slot(&self, c: u32) -> Slot {
         let st = &self.chunks[c as usize];
-        let (j, m) = self.stripe;
-        // How far the chunk's stripe is after ours: 0 is ours, 1 the next downloader's, ...
-        let stripe = (c % m + m - j) % m;
-        let rank = self.rank[c as usize];
-        let rank = match (stripe, m) {
-            // Before we know of the rest of a crowd that shares our order: our own order.
-            (_, 1) => self.alone[c as usize],
-            (0, _) => rank,
-            _ => u32::MAX - rank,
+        // How many of the crowd rank before us for this chunk: 0, it is ours.
+        let stripe = self.stripe[c as usize];
+        let rank = match stripe {
+            // Ours (and every chunk before we know of a crowd): in our own order, so that
+            // downloaders that do not know of each other yet do not start alike.
+            0 => self.alone[c as usize],
+            _ => u32::MAX - self.rank[c as usize],
         };
         (!st.retried, st.avail, stripe, rank, c)
     }
@@ -922,8 +941,7 @@ impl Scheduler {
                 // those alone: its bandwidth is what brings new chunks to the crowd, and what
                 // others hold comes from them.
                 // (Never when nothing at all is in flight: better a duplicate than a stall.)
-                let crowd = self.opts.crowd_name.is_some() && self.stripe.1 > 1;
-                let rare_only = crowd
+                let rare_only = self.in_a_crowd()
                     && self.rare > 0
                     && self.sources[s].holds.is_full()
                     && !self.requests.is_empty();
@@ -978,7 +996,7 @@ impl Scheduler {
     fn take_pending(&mut self, s: SourceId, usable: &[SourceId], rare_only: bool) -> Option<u32> {
         let holds = &self.sources[s].holds;
         let slot = *self.pending.iter().find(|&&(_, _, _, _, c)| {
-            let ours = c % self.stripe.1 == self.stripe.0;
+            let ours = self.stripe[c as usize] == 0;
             if !holds.contains(c) || (rare_only && !(ours && self.is_rare(c))) {
                 return false;
             }
@@ -1030,7 +1048,7 @@ impl Scheduler {
         // In a crowd every source is busy serving many: a copy from one that delivers is
         // expected, and a duplicate would take the bandwidth another downloader needs; only
         // copies at sources that went silent are duplicated.
-        let crowd = self.opts.crowd_name.is_some() && self.stripe.1 > 1;
+        let crowd = self.in_a_crowd();
         eta.keys()
             .copied()
             .filter(|c| !crowd || eta[c].0.is_infinite())
@@ -1059,6 +1077,20 @@ impl Scheduler {
 type Slot = (bool, u32, u32, u32, u32);
 
 /// Ranks for `n` chunks: file order, or a random order drawn from `seed`.
+/// A name's place in rendezvous hashing.
+fn name_hash(name: &str) -> u64 {
+    let h = blake3::hash(name.as_bytes());
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or_default())
+}
+
+/// How high a downloader (its [`name_hash`]) hashes with chunk `c` (splitmix64 of the two).
+fn chunk_hash(name: u64, c: u32) -> u64 {
+    let mut z = name ^ u64::from(c).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 fn order(n: u32, seed: Option<u64>) -> Vec<u32> {
     let mut rank: Vec<u32> = (0..n).collect();
     if let Some(seed) = seed {
@@ -1602,8 +1634,8 @@ mod tests {
     }
 
     #[test]
-    fn in_a_crowd_the_seeder_is_asked_for_our_stripe_until_the_others_stop() {
-        let n = 30;
+    fn in_a_crowd_the_seeder_is_asked_for_each_chunk_once_until_the_others_stop() {
+        let n = 60;
         let t0 = Instant::now();
         let opts = |me: &str| Options {
             fixed_window: Some(n as usize),
@@ -1611,30 +1643,61 @@ mod tests {
             crowd_name: Some(me.into()),
             ..Options::default()
         };
-        // Sources are named s0 (the seeder), s1 and s2 (downloading: each just gained a chunk);
-        // our name sorts among theirs and gives our stripe.
-        for (me, stripe) in [("s10", 1), ("s00", 0), ("s3", 2)] {
-            let mut sched = Scheduler::new(u64::from(n) << 16, 1 << 16, &[], opts(me));
+        // Three downloaders, d1 holding chunk 0, d2 chunk 1, d3 chunk 2, each asking the seeder
+        // s0 with the others as sources.
+        let crowd = ["d1", "d2", "d3"];
+        let mut asked: Vec<Vec<u32>> = Vec::new();
+        for (k, me) in crowd.iter().enumerate() {
+            let have: Vec<bool> = (0..n).map(|c| c == k as u32).collect();
+            let mut sched = Scheduler::new(u64::from(n) << 16, 1 << 16, &have, opts(me));
             sched.add_source("s0", ChunkSet::all(n), t0);
-            for (name, held) in [("s1", 0), ("s2", 1)] {
+            for (j, other) in crowd.iter().enumerate().filter(|&(j, _)| j != k) {
                 let mut h = ChunkSet::none(n);
-                h.insert(held);
-                sched.add_source(name, h, t0);
+                h.insert(j as u32);
+                sched.add_source(other, h, t0);
             }
             let asks = asked_of(&sched.poll(t0), 0);
-            let ours: Vec<u32> = (0..n).filter(|c| c % 3 == stripe && *c > 1).collect();
-            let mut sorted = asks.clone();
-            sorted.sort();
-            assert_eq!(
-                sorted, ours,
-                "{me}: only our stripe, and none that a peer holds"
-            );
+            assert!(asks.len() >= n as usize / 6, "{me} has a stripe: {asks:?}");
             // The others gain nothing for a while: they are not downloading any more, and the
             // seeder is asked for the rest.
             let later = t0 + CROWD_ACTIVE + Duration::from_secs(1);
             let rest = asked_of(&sched.poll(later), 0);
-            assert_eq!(rest.len() + asks.len(), n as usize - 2, "{me}: {rest:?}");
+            let all: HashSet<u32> = asks.iter().chain(&rest).copied().collect();
+            assert!((3..n).all(|c| all.contains(&c)), "{me}: {asks:?} {rest:?}");
+            asked.push(asks);
         }
+        // Each chunk no one holds was asked of the seeder by exactly one of them, and none that
+        // one of them holds.
+        let mut each: Vec<u32> = asked.concat();
+        each.sort_unstable();
+        assert_eq!(each, (3..n).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn downloaders_that_see_part_of_the_crowd_start_on_different_chunks() {
+        // d1 and d2 start at the same moment and each has found only d3 so far: they do not
+        // know of each other, so some chunks are the stripe of both; still they must not ask
+        // the seeder for the same first chunks (stripes by position in the sorted names gave
+        // both the first stripe of two, and the same chunks in the same order).
+        let n = 256;
+        let t0 = Instant::now();
+        let first = |me: &str| {
+            let opts = Options {
+                fixed_window: Some(4),
+                order_seed: Some(7),
+                crowd_name: Some(me.into()),
+                ..Options::default()
+            };
+            let mut sched = Scheduler::new(u64::from(n) << 16, 1 << 16, &[], opts);
+            sched.add_source("s0", ChunkSet::all(n), t0);
+            sched.add_source("d3", ChunkSet::none(n), t0);
+            asked_of(&sched.poll(t0), 0)
+                .into_iter()
+                .collect::<HashSet<u32>>()
+        };
+        let (a, b) = (first("d1"), first("d2"));
+        assert_eq!((a.len(), b.len()), (4, 4));
+        assert!(a.intersection(&b).count() <= 1, "{a:?} {b:?}");
     }
 
     #[test]
