@@ -106,14 +106,20 @@ impl Mode {
     /// above [`ALWAYS_LEVEL`] only while the machine's cores are [`IDLE_FOR_STRONG`] idle: a
     /// seeder sharing its machine (or serving many peers) keeps to the lighter level.
     pub fn level(self, pace: &Pace) -> Option<i32> {
+        // The stronger levels only while the machine has cores to spare.
+        self.level_given(pace, || idle_share() >= IDLE_FOR_STRONG)
+    }
+
+    /// [`Mode::level`], with whether the machine has cores to spare for the stronger levels
+    /// asked of `spare` (only when it matters).
+    fn level_given(self, pace: &Pace, spare: impl Fn() -> bool) -> Option<i32> {
         match self {
             Self::Never => None,
             Self::Always => Some(ALWAYS_LEVEL),
             Self::Auto => {
                 let (wire, ratio) = pace.rates()?;
                 let share = (cores() as f64 * CPU_SHARE).max(1.0);
-                // The stronger levels only while the machine has cores to spare.
-                let spare = idle_share() >= IDLE_FOR_STRONG;
+                let spare = spare();
                 LEVELS
                     .into_iter()
                     .filter(|&l| spare || l == ALWAYS_LEVEL)
@@ -458,9 +464,15 @@ mod tests {
         assert_eq!(Mode::Auto.level(&unmeasured), None, "plain until measured");
         assert_eq!(Mode::Always.level(&unmeasured), Some(ALWAYS_LEVEL));
         assert_eq!(Mode::Never.level(&pace(1e5)), None);
+        let slow_link = pace(1e6);
         let slow = Mode::Auto
-            .level(&pace(1e6))
+            .level_given(&slow_link, || true)
             .expect("a slow link compresses");
+        // A machine without idle cores keeps to the lighter level.
+        assert_eq!(
+            Mode::Auto.level_given(&slow_link, || false),
+            Some(ALWAYS_LEVEL)
+        );
         let loopback = pace(2e9);
         let fast = Mode::Auto.level(&loopback);
         assert_eq!(fast, None, "loopback goes plain");

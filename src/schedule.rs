@@ -79,15 +79,14 @@ pub struct Options {
     /// `None`: in file order.
     pub order_seed: Option<u64>,
     /// Our own name among the sources, if we are one of a crowd downloading the file: the
-    /// downloaders (sources still downloading, and we) split the chunks between them by
-    /// rendezvous hashing (a chunk is the stripe of the downloader whose name hashes highest
-    /// with it), and each asks first for its own stripe among equally rare chunks, in an order
-    /// of its own, and for the others' in the reverse of the rank order, those it ranks second
-    /// first. Without a word exchanged, the seeder is then asked for each chunk by one
-    /// downloader, which passes it on, instead of by several at once; and two downloaders that
-    /// have not yet found each other (each sees only part of the crowd) share only some of their
-    /// stripes and start them in different orders, where stripes by position in the sorted
-    /// names gave them the same stripe and the same first chunks.
+    /// downloaders (sources still downloading, and we) split the chunks in stripes by their
+    /// sorted names (chunk `c` is the stripe of the `c % n`th), and each asks first for its own
+    /// stripe among equally rare chunks, in an order of its own, then for the next one's in
+    /// the reverse of the rank order, and so on. Without a word exchanged, the seeder is then
+    /// asked for each chunk by one downloader, which passes it on, instead of by several at
+    /// once. Two downloaders that have not found each other yet (each sees part of the crowd)
+    /// may take the same stripe for a moment, but start it in different orders: with the shared
+    /// order they asked the seeder for the same first chunks.
     pub crowd_name: Option<String>,
     /// How long a download waits with nothing to ask while sources that are still downloading
     /// may gain what is missing (the driver's rule; the scheduler only reports `Stuck`).
@@ -399,8 +398,7 @@ pub struct Scheduler {
     /// Each chunk's place among equally rare ones.
     rank: Vec<u32>,
     /// The crowd we know of (we and the downloading sources that count, by name), and for each
-    /// chunk how many of them hash higher with it than we do (0: it is our stripe): see
-    /// [`Options::crowd_name`].
+    /// chunk how far its stripe is after ours (0: it is ours): see [`Options::crowd_name`].
     crowd: Vec<String>,
     stripe: Vec<u32>,
     /// Each chunk's place while we know of no crowd: an order of our own (from our name), so
@@ -513,17 +511,11 @@ impl Scheduler {
         crowd.sort_unstable();
         crowd.dedup();
         if crowd != self.crowd {
-            let mine = name_hash(me);
-            let others: Vec<u64> = crowd
-                .iter()
-                .filter(|n| *n != me)
-                .map(|n| name_hash(n))
-                .collect();
+            let j = crowd.iter().position(|n| *n == me).unwrap_or(0) as u32;
+            let m = crowd.len() as u32;
+            // How far chunk c's stripe is after ours: 0 is ours, 1 the next downloader's, ...
             self.stripe = (0..self.chunk_count())
-                .map(|c| {
-                    let ours = chunk_hash(mine, c);
-                    others.iter().filter(|&&o| chunk_hash(o, c) > ours).count() as u32
-                })
+                .map(|c| (c % m + m - j) % m)
                 .collect();
             self.crowd = crowd.into_iter().map(str::to_owned).collect();
             let queued: Vec<u32> = self.pending.iter().map(|s| s.4).collect();
@@ -546,12 +538,11 @@ impl Scheduler {
     }
 
     /// Where chunk `c` stands in the queue: retried chunks first, then the rarest, then our
-    /// stripe in our own order, then the chunks we rank second by the shared rank backwards (a
-    /// helper meets the owner late), then those we rank third, and so on (so that the
-    /// downloaders done with their own stripe help different ones).
+    /// stripe in our own order, then the next downloader's stripe by the shared rank backwards,
+    /// then the one after, and so on (so that the downloaders done with their own stripe help
+    /// different ones).
     fn slot(&self, c: u32) -> Slot {
         let st = &self.chunks[c as usize];
-        // How many of the crowd rank before us for this chunk: 0, it is ours.
         let stripe = self.stripe[c as usize];
         let rank = match stripe {
             // Ours (and every chunk before we know of a crowd): in our own order, so that
@@ -1077,20 +1068,6 @@ impl Scheduler {
 type Slot = (bool, u32, u32, u32, u32);
 
 /// Ranks for `n` chunks: file order, or a random order drawn from `seed`.
-/// A name's place in rendezvous hashing.
-fn name_hash(name: &str) -> u64 {
-    let h = blake3::hash(name.as_bytes());
-    u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or_default())
-}
-
-/// How high a downloader (its [`name_hash`]) hashes with chunk `c` (splitmix64 of the two).
-fn chunk_hash(name: u64, c: u32) -> u64 {
-    let mut z = name ^ u64::from(c).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 fn order(n: u32, seed: Option<u64>) -> Vec<u32> {
     let mut rank: Vec<u32> = (0..n).collect();
     if let Some(seed) = seed {
@@ -1676,9 +1653,9 @@ mod tests {
     #[test]
     fn downloaders_that_see_part_of_the_crowd_start_on_different_chunks() {
         // d1 and d2 start at the same moment and each has found only d3 so far: they do not
-        // know of each other, so some chunks are the stripe of both; still they must not ask
-        // the seeder for the same first chunks (stripes by position in the sorted names gave
-        // both the first stripe of two, and the same chunks in the same order).
+        // know of each other, so both take the first stripe of two; still they must not ask
+        // the seeder for the same first chunks (in the shared order they asked for the same
+        // chunks in the same order).
         let n = 256;
         let t0 = Instant::now();
         let first = |me: &str| {
