@@ -432,7 +432,6 @@ async fn send_delta(
     protocol::write_msg(send, &Delta::Leaves(leaves.clone())).await?;
     let wanted = lacking(recv, leaves.len()).await?;
     // Leaves go out gathered into pieces of up to UPLOAD_BUF bytes (one block each, framed).
-    let framing = framing.for_edit();
     let mut piece: Vec<u8> = Vec::with_capacity(UPLOAD_BUF);
     for &k in &wanted {
         let (off, len) = (at[k as usize], leaves[k as usize].len as usize);
@@ -445,12 +444,12 @@ async fn send_delta(
             .await
             .map_err(ExchangeError::Local)?;
         if piece.len() >= UPLOAD_BUF {
-            write_piece(send, framing, &piece).await?;
+            write_piece(send, framing, &piece, true).await?;
             piece.clear();
         }
     }
     if !piece.is_empty() {
-        write_piece(send, framing, &piece).await?;
+        write_piece(send, framing, &piece, true).await?;
     }
     file.seek(std::io::SeekFrom::End(0))
         .await
@@ -482,31 +481,19 @@ pub enum Framing<'a> {
     Raw,
     /// Blocks.
     Blocks(codec::Mode, &'a codec::Pace),
-    /// Blocks of an edit: compressed as [`codec::Mode::edit_level`] says.
-    EditBlocks(codec::Mode, &'a codec::Pace),
 }
 
-impl Framing<'_> {
-    /// The framing of an edit's pieces.
-    fn for_edit(self) -> Self {
-        match self {
-            Self::Blocks(mode, pace) => Self::EditBlocks(mode, pace),
-            other => other,
-        }
-    }
-}
-
-/// Writes `data`, the next bytes of an upload body.
+/// Writes `data`, the next bytes of an upload body (of an `edit`'s leaves: compressed as
+/// [`codec::Mode::edit_level`] says).
 async fn write_piece(
     send: &mut impl SendBytes,
     framing: Framing<'_>,
     data: &[u8],
+    edit: bool,
 ) -> Result<(), ExchangeError> {
     let gone = |e: std::io::Error| ExchangeError::Protocol(e.into());
-    let (mode, pace, edit) = match framing {
-        Framing::Raw => return send.write_all(data).await.map_err(gone),
-        Framing::Blocks(mode, pace) => (mode, pace, false),
-        Framing::EditBlocks(mode, pace) => (mode, pace, true),
+    let Framing::Blocks(mode, pace) = framing else {
+        return send.write_all(data).await.map_err(gone);
     };
     for block in data.chunks(codec::MAX_BLOCK as usize) {
         let level = if edit {
@@ -645,7 +632,7 @@ async fn send_body(
                 "file shrank while uploading",
             )));
         }
-        write_piece(send, framing, &buf[..n]).await?;
+        write_piece(send, framing, &buf[..n], false).await?;
         left -= n as u64;
     }
     Ok(())

@@ -397,10 +397,9 @@ pub struct Scheduler {
     pending: BTreeSet<Slot>,
     /// Each chunk's place among equally rare ones.
     rank: Vec<u32>,
-    /// The crowd we know of (we and the downloading sources that count, by name), and for each
-    /// chunk how far its stripe is after ours (0: it is ours): see [`Options::crowd_name`].
-    crowd: Vec<String>,
-    stripe: Vec<u32>,
+    /// Our stripe of the chunks (chunk `c` is ours if `c % .1 == .0`): see
+    /// [`Options::crowd_name`].
+    stripe: (u32, u32),
     /// Each chunk's place while we know of no crowd: an order of our own (from our name), so
     /// that downloaders that share `rank` but have not found each other yet do not start alike.
     alone: Vec<u32>,
@@ -442,8 +441,7 @@ impl Scheduler {
             chunks: (0..n).map(|_| ChunkState::default()).collect(),
             pending: BTreeSet::new(),
             rank: order(n, opts_seed),
-            crowd: Vec::new(),
-            stripe: vec![0; n as usize],
+            stripe: (0, 1),
             alone: order(n, start),
             whole: 0,
             rare: n,
@@ -491,7 +489,7 @@ impl Scheduler {
 
     /// Finds our stripe again: we and the live sources still downloading that gained a chunk
     /// in the last [`CROWD_ACTIVE`] (one that stopped, an interrupted download, takes no
-    /// stripe), by name. Re-sorts the queue if the crowd changed.
+    /// stripe), by name. Re-sorts the queue if it moved.
     fn restripe(&mut self, now: Instant) {
         let Some(me) = &self.opts.crowd_name else {
             return;
@@ -510,22 +508,24 @@ impl Scheduler {
             .collect();
         crowd.sort_unstable();
         crowd.dedup();
-        if crowd != self.crowd {
-            let j = crowd.iter().position(|n| *n == me).unwrap_or(0) as u32;
-            let m = crowd.len() as u32;
-            // How far chunk c's stripe is after ours: 0 is ours, 1 the next downloader's, ...
-            self.stripe = (0..self.chunk_count())
-                .map(|c| (c % m + m - j) % m)
-                .collect();
-            self.crowd = crowd.into_iter().map(str::to_owned).collect();
+        let j = crowd.iter().position(|n| *n == me).unwrap_or(0) as u32;
+        let stripe = (j, crowd.len() as u32);
+        if stripe != self.stripe {
             let queued: Vec<u32> = self.pending.iter().map(|s| s.4).collect();
+            self.stripe = stripe;
             self.pending = queued.into_iter().map(|c| self.slot(c)).collect();
         }
     }
 
+    /// How far chunk `c`'s stripe is after ours: 0 is ours, 1 the next downloader's, ...
+    fn stripe_of(&self, c: u32) -> u32 {
+        let (j, m) = self.stripe;
+        (c % m + m - j) % m
+    }
+
     /// We know of other downloaders of the file.
     fn in_a_crowd(&self) -> bool {
-        self.opts.crowd_name.is_some() && self.crowd.len() > 1
+        self.opts.crowd_name.is_some() && self.stripe.1 > 1
     }
 
     /// `holds` if it is a set of this file's chunks, else the empty set.
@@ -543,7 +543,7 @@ impl Scheduler {
     /// different ones).
     fn slot(&self, c: u32) -> Slot {
         let st = &self.chunks[c as usize];
-        let stripe = self.stripe[c as usize];
+        let stripe = self.stripe_of(c);
         let rank = match stripe {
             // Ours (and every chunk before we know of a crowd): in our own order, so that
             // downloaders that do not know of each other yet do not start alike.
@@ -987,7 +987,7 @@ impl Scheduler {
     fn take_pending(&mut self, s: SourceId, usable: &[SourceId], rare_only: bool) -> Option<u32> {
         let holds = &self.sources[s].holds;
         let slot = *self.pending.iter().find(|&&(_, _, _, _, c)| {
-            let ours = self.stripe[c as usize] == 0;
+            let ours = self.stripe_of(c) == 0;
             if !holds.contains(c) || (rare_only && !(ours && self.is_rare(c))) {
                 return false;
             }

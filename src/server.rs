@@ -355,26 +355,12 @@ async fn handle_stream(
         Request::List => handle_list(&mut send, &server).await,
         Request::Describe { name } => handle_describe(&mut send, &server, &name).await,
         Request::ReadChunk { name, offset, len } => {
-            handle_read(
-                &mut send,
-                &server,
-                &link,
-                &name,
-                (offset, len),
-                Piece::Chunk,
-            )
-            .await
+            let piece = Piece::Chunk;
+            handle_read(&mut send, &server, &link, &name, (offset, len), piece).await
         }
         Request::ReadRange { name, offset, len } => {
-            handle_read(
-                &mut send,
-                &server,
-                &link,
-                &name,
-                (offset, len),
-                Piece::Range,
-            )
-            .await
+            let piece = Piece::Range;
+            handle_read(&mut send, &server, &link, &name, (offset, len), piece).await
         }
         Request::Groups { name, blake3 } => {
             handle_groups(&mut send, &server, &name, (blake3, sig)).await

@@ -780,6 +780,12 @@ type Answer = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Runs listed peer `id` (on its address, with its real identity, trusting `asker`) as a fake
 /// that hands each request, with its stream, to `answer`.
+/// A fake peer's answer to a request it does not play along with.
+async fn not_found(send: &mut quinn::SendStream) {
+    let no = protocol::RemoteError::new(ErrorKind::NotFound, "no");
+    qnode::exchange::respond(send, &Response::Error(no)).await;
+}
+
 fn fake_peer(
     net: &Net,
     id: &str,
@@ -874,10 +880,7 @@ async fn a_lying_partial_holder_is_caught_and_dropped() -> TestResult {
                     let n = garbage.len();
                     let _ = qnode::exchange::send_chunk(&mut send, n, garbage, false).await;
                 }
-                _ => {
-                    let no = protocol::RemoteError::new(ErrorKind::NotFound, "no");
-                    qnode::exchange::respond(&mut send, &Response::Error(no)).await;
-                }
+                _ => not_found(&mut send).await,
             }
         })
     })?;
@@ -922,10 +925,7 @@ async fn compressed_frames_that_lie_are_refused_and_their_sender_dropped() -> Te
                     };
                     let _ = qnode::exchange::send_chunk(&mut send, len as usize, frame, true).await;
                 }
-                _ => {
-                    let no = protocol::RemoteError::new(ErrorKind::NotFound, "no");
-                    qnode::exchange::respond(&mut send, &Response::Error(no)).await;
-                }
+                _ => not_found(&mut send).await,
             }
         })
     })?;
