@@ -261,7 +261,10 @@ impl Crowd {
                 }
             }
             if std::env::var_os("QNODE_BENCH_LOG").is_some() {
-                eprintln!("p{i}: {:.1} s, {}", usage.wall, json["peers"]);
+                eprintln!(
+                    "p{i}: {:.1} s, {}, faults {}",
+                    usage.wall, json["peers"], json["faults"]
+                );
             }
             out.last = out.last.max(usage.wall);
             out.rss_download = out.rss_download.max(usage.max_rss_kib);

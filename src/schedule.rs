@@ -300,6 +300,8 @@ struct SourceState {
     sample_start: Instant,
     /// When it last delivered a verified chunk (or joined).
     last_delivery: Instant,
+    /// When it was last asked for something while it had nothing in flight.
+    busy_since: Instant,
     /// When it last gained a chunk, if it is still downloading the file (a partial holder).
     last_gain: Option<Instant>,
     window: usize,
@@ -336,6 +338,7 @@ impl SourceState {
             sample_bytes: 0,
             sample_start: now,
             last_delivery: now,
+            busy_since: now,
             last_gain: None,
             window: 0,
             lost: 0,
@@ -362,10 +365,15 @@ impl SourceState {
     }
 
     /// Asked for chunks but silent for longer than four chunks' time at its rate (and at least
-    /// `STALL`): whatever it holds is not expected soon.
+    /// `STALL`; just `STALL` if it never delivered): whatever it holds is not expected soon.
+    /// Silence counts from its last delivery or from when it was given work while idle, if later.
     fn stalled(&self, chunk_size: u64, now: Instant) -> bool {
-        let four_chunks = 4.0 * chunk_size as f64 / self.rate.max(1.0);
-        let silent = now.saturating_duration_since(self.last_delivery);
+        let four_chunks = if self.rate > 0.0 {
+            4.0 * chunk_size as f64 / self.rate
+        } else {
+            0.0
+        };
+        let silent = now.saturating_duration_since(self.last_delivery.max(self.busy_since));
         !self.in_flight.is_empty() && silent > STALL && silent.as_secs_f64() > four_chunks
     }
 
@@ -968,6 +976,9 @@ impl Scheduler {
             },
         );
         let src = &mut self.sources[s];
+        if src.in_flight.is_empty() {
+            src.busy_since = now;
+        }
         src.in_flight.insert(request, c);
         src.in_flight_bytes += len;
         self.actions.push(Action::Ask {
@@ -1013,10 +1024,12 @@ impl Scheduler {
     /// delivered for a while (or never) is not expected to deliver at all, so its chunks come
     /// first; among those, the one asked longest ago.
     fn pick_duplicate(&self, s: SourceId, now: Instant) -> Option<u32> {
-        // Per chunk in flight: when it is expected, and its oldest copy's request (asked first).
-        let mut eta: HashMap<u32, (f64, RequestId)> = HashMap::new();
+        // Per chunk in flight: when it is expected, its oldest copy's request (asked first), and
+        // whether every copy is at a stalled source.
+        let mut eta: HashMap<u32, (f64, RequestId, bool)> = HashMap::new();
         for src in &self.sources {
-            let per_chunk = if src.rate > 0.0 && !src.stalled(self.chunk_size, now) {
+            let stalled = src.stalled(self.chunk_size, now);
+            let per_chunk = if src.rate > 0.0 && !stalled {
                 self.chunk_size as f64 / src.rate
             } else {
                 f64::INFINITY
@@ -1028,21 +1041,23 @@ impl Scheduler {
             for (k, (&id, &c)) in queue.enumerate() {
                 let secs = (k + 1) as f64 * per_chunk;
                 eta.entry(c)
-                    .and_modify(|(e, a)| {
+                    .and_modify(|(e, a, q)| {
                         *e = e.min(secs);
                         *a = (*a).min(id);
+                        *q &= stalled;
                     })
-                    .or_insert((secs, id));
+                    .or_insert((secs, id, stalled));
             }
         }
         let me = &self.sources[s];
         // In a crowd every source is busy serving many: a copy from one that delivers is
         // expected, and a duplicate would take the bandwidth another downloader needs; only
-        // copies at sources that went silent are duplicated.
+        // copies at sources that went silent are duplicated (not those at sources that have not
+        // delivered yet because they were just asked: at the start, that is every source).
         let crowd = self.in_a_crowd();
         eta.keys()
             .copied()
-            .filter(|c| !crowd || eta[c].0.is_infinite())
+            .filter(|c| !crowd || eta[c].2)
             .filter(|&c| {
                 let st = &self.chunks[c as usize];
                 me.holds.contains(c)
@@ -1825,6 +1840,42 @@ mod tests {
         // Nor a chunk it does not hold.
         sched.sources[2].holds = ChunkSet::none(4);
         assert_eq!(sched.pick_duplicate(2, later), None);
+    }
+
+    #[test]
+    fn in_a_crowd_a_peer_just_asked_is_not_duplicated_until_it_goes_silent() {
+        // At the start of a crowd no source has delivered yet: a copy asked of one a moment ago
+        // is on its way, and a second copy from another would waste both their links.
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let opts = Options {
+            crowd_name: Some("d1".into()),
+            ..Options::default()
+        };
+        let mut sched = Scheduler::new(4 * MIB, MIB, &[], opts);
+        let mut first = ChunkSet::none(4);
+        first.insert(0);
+        let d2 = sched.add_source("d2", first.clone(), t0);
+        let d3 = sched.add_source("d3", first, t0);
+        assert!(sched.in_a_crowd());
+        sched.pending.clear();
+        sched.chunks[0].queued = false;
+        // d2 was idle for a while (so long that, counted from when it joined, it would look
+        // silent), then asked for chunk 0.
+        let asked = t0 + STALL * 3;
+        sched.ask(d2, 0, asked);
+        let soon = asked + Duration::from_millis(300);
+        assert_eq!(sched.pick_duplicate(d3, soon), None);
+        // Silent for longer than `STALL` since it was asked: now d3 may bring a copy.
+        assert_eq!(sched.pick_duplicate(d3, asked + STALL * 2), Some(0));
+        // Outside a crowd the endgame does not wait for a source that never delivered.
+        let mut alone = Scheduler::new(4 * MIB, MIB, &[], Options::default());
+        alone.add_source("a", ChunkSet::all(4), t0);
+        alone.add_source("b", ChunkSet::all(4), t0);
+        alone.pending.clear();
+        alone.chunks[0].queued = false;
+        alone.ask(0, 0, at(0));
+        assert_eq!(alone.pick_duplicate(1, at(300)), Some(0));
     }
 
     #[test]
