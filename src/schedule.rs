@@ -318,6 +318,13 @@ const STALL: Duration = Duration::from_secs(1);
 /// recently: one that stopped (an interrupted download that is only served) takes no stripe.
 const CROWD_ACTIVE: Duration = Duration::from_secs(10);
 
+/// A downloader helping another's stripe out of a seeder has at most this many of its chunks in
+/// flight there (see `take_help`) ...
+const HELP: usize = 1;
+
+/// ... and never takes one of the first this many its owner will ask for.
+const OWNER_AHEAD: usize = 4;
+
 /// How long a delivery-rate sample lasts before it updates the smoothed rate.
 const RATE_SAMPLE: Duration = Duration::from_millis(200);
 
@@ -416,6 +423,13 @@ pub struct Scheduler {
     /// Chunks not done that only seeders hold: while there are any, a crowd asks seeders for
     /// nothing else (see `fill`).
     rare: u32,
+    /// Of those, how many in each stripe, by how far it is after ours (see `stripe_of`).
+    rare_in_stripe: Vec<u32>,
+    /// The crowd's names, sorted: stripe `k` is the `k`th's.
+    crowd: Vec<String>,
+    /// The order in which a downloader asks for its own stripe, for the one we last helped
+    /// (see `take_help`).
+    helped: Option<(String, Vec<u32>)>,
     remaining: u32,
     sources: Vec<SourceState>,
     requests: HashMap<RequestId, Request>,
@@ -432,12 +446,7 @@ impl Scheduler {
         let chunk_size = chunk_size.max(1);
         let opts_seed = opts.order_seed;
         let start = match &opts.crowd_name {
-            Some(me) => {
-                let h = blake3::hash(me.as_bytes());
-                Some(u64::from_le_bytes(
-                    h.as_bytes()[..8].try_into().unwrap_or_default(),
-                ))
-            }
+            Some(me) => Some(seed_of(me)),
             None => opts_seed,
         };
         // An empty file has one empty chunk, as in `manifest`.
@@ -453,6 +462,9 @@ impl Scheduler {
             alone: order(n, start),
             whole: 0,
             rare: n,
+            rare_in_stripe: vec![n],
+            crowd: Vec::new(),
+            helped: None,
             remaining: n,
             sources: Vec::new(),
             requests: HashMap::new(),
@@ -518,10 +530,14 @@ impl Scheduler {
         crowd.dedup();
         let j = crowd.iter().position(|n| *n == me).unwrap_or(0) as u32;
         let stripe = (j, crowd.len() as u32);
+        if crowd != self.crowd {
+            self.crowd = crowd.into_iter().map(str::to_owned).collect();
+        }
         if stripe != self.stripe {
             let queued: Vec<u32> = self.pending.iter().map(|s| s.4).collect();
             self.stripe = stripe;
             self.pending = queued.into_iter().map(|c| self.slot(c)).collect();
+            self.recount_whole();
         }
     }
 
@@ -580,8 +596,8 @@ impl Scheduler {
             st.avail.saturating_sub(1)
         };
         match (was_rare, self.is_rare(c)) {
-            (true, false) => self.rare -= 1,
-            (false, true) => self.rare += 1,
+            (true, false) => self.count_rare(c, false),
+            (false, true) => self.count_rare(c, true),
             _ => {}
         }
         if queued {
@@ -595,14 +611,29 @@ impl Scheduler {
         !st.done && st.avail <= self.whole
     }
 
-    /// Counts the seeders and the rare chunks again (a source joined, left, or became whole).
+    /// Counts the seeders and the rare chunks again (a source joined, left, or became whole, or
+    /// our stripe moved).
     fn recount_whole(&mut self) {
         self.whole = self
             .sources
             .iter()
             .filter(|s| s.live && s.holds.is_full())
             .count() as u32;
-        self.rare = (0..self.chunk_count()).filter(|&c| self.is_rare(c)).count() as u32;
+        self.rare = 0;
+        self.rare_in_stripe = vec![0; self.stripe.1 as usize];
+        for c in 0..self.chunk_count() {
+            if self.is_rare(c) {
+                self.count_rare(c, true);
+            }
+        }
+    }
+
+    /// Chunk `c` became rare (`more`) or stopped being rare.
+    fn count_rare(&mut self, c: u32, more: bool) {
+        let stripe = self.stripe_of(c) as usize;
+        for n in [&mut self.rare, &mut self.rare_in_stripe[stripe]] {
+            *n = if more { *n + 1 } else { n.saturating_sub(1) };
+        }
     }
 
     /// Verified bytes so far (resumed ones included) and the file's size.
@@ -780,7 +811,7 @@ impl Scheduler {
             return;
         }
         if self.is_rare(r.chunk) {
-            self.rare -= 1;
+            self.count_rare(r.chunk, false);
         }
         self.chunks[r.chunk as usize].done = true;
         self.remaining -= 1;
@@ -944,13 +975,17 @@ impl Scheduler {
                     && self.rare > 0
                     && self.sources[s].holds.is_full()
                     && !self.requests.is_empty();
-                let Some(c) = self.take_pending(s, &usable, rare_only).or_else(|| {
-                    self.sources[s]
-                        .in_flight
-                        .is_empty()
-                        .then(|| self.pick_duplicate(s, now))
-                        .flatten()
-                }) else {
+                let Some(c) = self
+                    .take_pending(s, &usable, rare_only)
+                    .or_else(|| rare_only.then(|| self.take_help(s)).flatten())
+                    .or_else(|| {
+                        self.sources[s]
+                            .in_flight
+                            .is_empty()
+                            .then(|| self.pick_duplicate(s, now))
+                            .flatten()
+                    })
+                else {
                     continue;
                 };
                 assigned.push(s);
@@ -1011,6 +1046,53 @@ impl Scheduler {
         })?;
         self.pending.remove(&slot);
         let c = slot.4;
+        self.chunks[c as usize].queued = false;
+        Some(c)
+    }
+
+    /// A chunk of another downloader's stripe for seeder `s` to send us, once ours has all come
+    /// out of the seeders: of the stripe with the most chunks still held by seeders alone (the
+    /// furthest behind), one its owner will ask for late. The seeder's link is what every
+    /// downloader waits for, and once some stripes are out it has room; the owner of one behind
+    /// gets it slowly (its own link is full of what the others send it), and the crowd would
+    /// wait for its last chunks. We take the `r`th from the end of the owner's order (`r`: how
+    /// far our stripe is after the owner's), so that helpers take different chunks, never one
+    /// of the first [`OWNER_AHEAD`] (in flight at the owner, or soon), and at most [`HELP`] at a
+    /// time.
+    fn take_help(&mut self, s: SourceId) -> Option<u32> {
+        let (j, m) = self.stripe;
+        let helping = self.sources[s]
+            .in_flight
+            .values()
+            .filter(|&&c| self.stripe_of(c) != 0)
+            .count();
+        if self.rare_in_stripe.first() != Some(&0) || helping >= HELP {
+            return None;
+        }
+        let (d, _) = (1..m)
+            .map(|d| (d, self.rare_in_stripe[d as usize]))
+            .filter(|&(_, n)| n as usize > OWNER_AHEAD)
+            .max_by_key(|&(d, n)| (n, std::cmp::Reverse(d)))?;
+        let owner = (j + d) % m;
+        let name = self.crowd.get(owner as usize)?;
+        if self.helped.as_ref().is_none_or(|(h, _)| h != name) {
+            let order = order(self.chunk_count(), Some(seed_of(name)));
+            self.helped = Some((name.clone(), order));
+        }
+        let (_, order) = self.helped.as_ref()?;
+        let mut rare: Vec<u32> = (owner..self.chunk_count())
+            .step_by(m as usize)
+            .filter(|&c| self.is_rare(c))
+            .collect();
+        rare.sort_unstable_by_key(|&c| order[c as usize]);
+        let at = rare.len().checked_sub((m - d) as usize)?;
+        let c = *rare.get(at)?;
+        let st = &self.chunks[c as usize];
+        if at < OWNER_AHEAD || !st.queued || st.failed_by & bit(s) != 0 {
+            return None;
+        }
+        let slot = self.slot(c);
+        self.pending.remove(&slot);
         self.chunks[c as usize].queued = false;
         Some(c)
     }
@@ -1081,6 +1163,12 @@ impl Scheduler {
 /// A pending chunk's place in the queue: (not retried, live sources holding it, how far its stripe
 /// is after ours, rank, chunk).
 type Slot = (bool, u32, u32, u32, u32);
+
+/// The seed of the order in which downloader `name` asks for its own stripe.
+fn seed_of(name: &str) -> u64 {
+    let h = blake3::hash(name.as_bytes());
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or_default())
+}
 
 /// Ranks for `n` chunks: file order, or a random order drawn from `seed`.
 fn order(n: u32, seed: Option<u64>) -> Vec<u32> {
