@@ -543,6 +543,22 @@ impl Node {
             .await;
         // When no peer serves the file, the error names each peer's reason instead.
         let (manifest, members) = answers.agree(req.blake3)?;
+        // Who may be downloading it too: every peer asked but those holding it whole and those
+        // left out for another reason than holding none of it (yet).
+        let crowd_hint: Vec<String> = candidates
+            .iter()
+            .filter(|c| {
+                let whole = members
+                    .iter()
+                    .any(|m| m.entry.id == c.id && m.offer.held.is_none());
+                let out = answers
+                    .left_out
+                    .iter()
+                    .any(|(p, why)| *p == c.id && !matches!(why, LeftOut::DoesNotServe(_)));
+                !whole && !out
+            })
+            .map(|c| c.id.to_string())
+            .collect();
         // Peers holding nothing of it yet are named at the end, if they never join.
         answers
             .left_out
@@ -625,6 +641,7 @@ impl Node {
                 None => fastrand::u64(..),
             }),
             crowd_name,
+            crowd_hint,
             ..Options::default()
         };
         let engine = download::run(

@@ -88,6 +88,12 @@ pub struct Options {
     /// may take the same stripe for a moment, but start it in different orders: with the shared
     /// order they asked the seeder for the same first chunks.
     pub crowd_name: Option<String>,
+    /// The peers that may be downloading the file too (they hold part of it, or none of it
+    /// yet): until we find out who is, we ask first for the stripe we would have if they all
+    /// were. A crowd starting at once then asks the seeder for different chunks from the first
+    /// request on, instead of each asking for chunks that another's stripe holds (the seeder
+    /// sent those twice: about a dozen of 256 at N = 8).
+    pub crowd_hint: Vec<String>,
     /// How long a download waits with nothing to ask while sources that are still downloading
     /// may gain what is missing (the driver's rule; the scheduler only reports `Stuck`).
     pub stuck_wait: Duration,
@@ -110,6 +116,7 @@ impl Default for Options {
             max_copies: 2,
             order_seed: None,
             crowd_name: None,
+            crowd_hint: Vec::new(),
             stuck_wait: Duration::from_secs(30),
         }
     }
@@ -483,7 +490,33 @@ impl Scheduler {
             }
         }
         s.done_bytes = s.totals.resumed_bytes;
+        s.guess_stripe();
         s
+    }
+
+    /// Puts the stripe we would have in a crowd of us and [`Options::crowd_hint`] first in our
+    /// own order, its chunks in the same order among themselves.
+    fn guess_stripe(&mut self) {
+        let Some(me) = &self.opts.crowd_name else {
+            return;
+        };
+        let mut crowd: Vec<&str> = self.opts.crowd_hint.iter().map(String::as_str).collect();
+        crowd.push(me);
+        crowd.sort_unstable();
+        crowd.dedup();
+        let m = crowd.len() as u32;
+        let j = crowd.iter().position(|n| n == me).unwrap_or(0) as u32;
+        if m < 2 {
+            return;
+        }
+        let n = self.chunk_count();
+        for c in 0..n {
+            if c % m != j {
+                self.alone[c as usize] = self.alone[c as usize].saturating_add(n);
+            }
+        }
+        let queued: Vec<u32> = self.pending.iter().map(|s| s.4).collect();
+        self.pending = queued.into_iter().map(|c| self.slot(c)).collect();
     }
 
     /// The number of chunks.
@@ -1055,10 +1088,9 @@ impl Scheduler {
     /// furthest behind), one its owner will ask for late. The seeder's link is what every
     /// downloader waits for, and once some stripes are out it has room; the owner of one behind
     /// gets it slowly (its own link is full of what the others send it), and the crowd would
-    /// wait for its last chunks. We take the `r`th from the end of the owner's order (`r`: how
-    /// far our stripe is after the owner's), so that helpers take different chunks, never one
-    /// of the first [`OWNER_AHEAD`] (in flight at the owner, or soon), and at most [`HELP`] at a
-    /// time.
+    /// wait for its last chunks. We take the last in the owner's order of our share of the stripe
+    /// (shares are fixed, so that helpers never take the same chunk), never one of the first
+    /// [`OWNER_AHEAD`] (in flight at the owner, or soon), and at most [`HELP`] at a time.
     fn take_help(&mut self, s: SourceId) -> Option<u32> {
         let (j, m) = self.stripe;
         let helping = self.sources[s]
@@ -1080,15 +1112,26 @@ impl Scheduler {
             self.helped = Some((name.clone(), order));
         }
         let (_, order) = self.helped.as_ref()?;
-        let mut rare: Vec<u32> = (owner..self.chunk_count())
-            .step_by(m as usize)
+        let mut stripe: Vec<u32> = (owner..self.chunk_count()).step_by(m as usize).collect();
+        stripe.sort_unstable_by_key(|&c| order[c as usize]);
+        // The helpers share the stripe out by place in the owner's order: ours is every
+        // (m - 1)th from the (r - 1)th on, so that no two take the same chunk.
+        let r = (m - d) as usize;
+        let soon: Vec<u32> = stripe
+            .iter()
+            .copied()
             .filter(|&c| self.is_rare(c))
+            .take(OWNER_AHEAD)
             .collect();
-        rare.sort_unstable_by_key(|&c| order[c as usize]);
-        let at = rare.len().checked_sub((m - d) as usize)?;
-        let c = *rare.get(at)?;
+        let c = stripe
+            .iter()
+            .enumerate()
+            .rev()
+            .filter(|&(at, &c)| at % (m as usize - 1) == r - 1 && self.is_rare(c))
+            .map(|(_, &c)| c)
+            .next()?;
         let st = &self.chunks[c as usize];
-        if at < OWNER_AHEAD || !st.queued || st.failed_by & bit(s) != 0 {
+        if soon.contains(&c) || !st.queued || st.failed_by & bit(s) != 0 {
             return None;
         }
         let slot = self.slot(c);
@@ -1135,8 +1178,10 @@ impl Scheduler {
         // In a crowd every source is busy serving many: a copy from one that delivers is
         // expected, and a duplicate would take the bandwidth another downloader needs; only
         // copies at sources that went silent are duplicated (not those at sources that have not
-        // delivered yet because they were just asked: at the start, that is every source).
-        let crowd = self.in_a_crowd();
+        // delivered yet because they were just asked: at the start, that is every source). Once
+        // every chunk is out of the seeders, though, a seeder has nothing else to send: it may
+        // be asked for a copy as anywhere else.
+        let crowd = self.in_a_crowd() && !(me.holds.is_full() && self.rare == 0);
         eta.keys()
             .copied()
             .filter(|c| !crowd || eta[c].2)
@@ -1964,6 +2009,129 @@ mod tests {
         alone.chunks[0].queued = false;
         alone.ask(0, 0, at(0));
         assert_eq!(alone.pick_duplicate(1, at(300)), Some(0));
+    }
+
+    /// In a crowd of `crowd` (sorted), `me` has its own stripe (`c % m`) and the others hold
+    /// theirs, but for `behind`, which holds nothing: what `me` asks the seeder for.
+    fn helps(crowd: &[&str], me: &str, behind: &str, n: u32) -> Vec<u32> {
+        let t0 = Instant::now();
+        let m = crowd.len() as u32;
+        let stripe = |name: &str| crowd.iter().position(|c| *c == name).unwrap_or(0) as u32;
+        let have: Vec<bool> = (0..n)
+            .map(|c| c % m == stripe(me) && me != behind)
+            .collect();
+        let opts = Options {
+            fixed_window: Some(2),
+            order_seed: Some(7),
+            crowd_name: Some(me.into()),
+            ..Options::default()
+        };
+        let mut sched = Scheduler::new(u64::from(n) * MIB, MIB, &have, opts);
+        for &other in crowd.iter().filter(|&&o| o != me) {
+            let mut h = ChunkSet::none(n);
+            if other != behind {
+                (0..n)
+                    .filter(|c| c % m == stripe(other))
+                    .for_each(|c| h.insert(c));
+            }
+            sched.add_source(other, h, t0);
+        }
+        // (Last: the others are asked first, so that the seeder is not asked with nothing in
+        // flight, when it may be asked for anything.)
+        let seeder = sched.add_source("s0", ChunkSet::all(n), t0);
+        assert_eq!(sched.stripe, (stripe(me), m));
+        asked_of(&sched.poll(t0), seeder)
+    }
+
+    #[test]
+    fn a_downloader_whose_stripe_is_out_helps_the_one_behind_with_chunks_its_owner_asks_late() {
+        let crowd = ["d1", "d2", "d3", "d4"];
+        let n = 128;
+        // d2's stripe has not come out of the seeder yet; d1, d3 and d4 have theirs.
+        let owner_order = order(n, Some(seed_of("d2")));
+        let mut stripe: Vec<u32> = (1..n).step_by(4).collect();
+        stripe.sort_unstable_by_key(|&c| owner_order[c as usize]);
+        let first = &stripe[..OWNER_AHEAD];
+        let mut taken = HashSet::new();
+        for me in ["d1", "d3", "d4"] {
+            let asks = helps(&crowd, me, "d2", n);
+            // One chunk at a time, of d2's stripe, not one d2 asks for first.
+            assert_eq!(asks.len(), HELP, "{me}: {asks:?}");
+            let c = asks[0];
+            assert_eq!(c % 4, 1, "{me} helps d2's stripe: {c}");
+            assert!(
+                !first.contains(&c),
+                "{me} took {c}, among d2's first {first:?}"
+            );
+            // Late in d2's order: in the last quarter.
+            let at = stripe.iter().position(|&x| x == c).unwrap_or(0);
+            assert!(at >= stripe.len() * 3 / 4, "{me} took d2's {at}th");
+            // And no two helpers take the same chunk.
+            assert!(taken.insert(c), "{me} took {c} too");
+        }
+        // The owner itself asks for its own stripe from the start of its order.
+        let own = helps(&crowd, "d2", "d2", n);
+        assert_eq!(own, stripe[..2].to_vec());
+    }
+
+    #[test]
+    fn once_every_chunk_is_out_of_the_seeders_a_seeder_may_bring_a_copy() {
+        // d1 has chunk 3; d2, still downloading, holds the rest and was just asked for chunk 0.
+        let t0 = Instant::now();
+        let soon = t0 + Duration::from_millis(300);
+        let opts = Options {
+            crowd_name: Some("d1".into()),
+            ..Options::default()
+        };
+        let mut sched = Scheduler::new(4 * MIB, MIB, &[false, false, false, true], opts);
+        let mut most = ChunkSet::none(4);
+        (0..3).for_each(|c| most.insert(c));
+        let d2 = sched.add_source("d2", most.clone(), t0);
+        let d3 = sched.add_source("d3", most, t0);
+        assert!(sched.in_a_crowd());
+        sched.pending.clear();
+        for c in 0..3 {
+            sched.chunks[c as usize].queued = false;
+            sched.ask(d2, c, t0);
+        }
+        // Another downloader is busy serving the crowd: no copy from it.
+        assert_eq!(sched.pick_duplicate(d3, soon), None);
+        // The seeder joins: chunks held by seeders alone are none, it has nothing else to send,
+        // and it brings the copy expected last.
+        let s0 = sched.add_source("s0", ChunkSet::all(4), t0);
+        assert_eq!(sched.rare, 0);
+        assert_eq!(sched.pick_duplicate(s0, soon), Some(0));
+        // While a chunk is still held by seeders alone, it does not.
+        sched.chunks[3].done = false;
+        sched.recount_whole();
+        assert_eq!(sched.pick_duplicate(s0, soon), None);
+    }
+
+    #[test]
+    fn before_the_crowd_is_found_each_asks_for_the_stripe_the_hint_gives_it() {
+        // d1..d4 start at once and know only the seeder: each first asks for the stripe it would
+        // have in a crowd of the peers named in the hint, so they ask for different chunks.
+        let n = 256;
+        let t0 = Instant::now();
+        let crowd = ["d1", "d2", "d3", "d4"];
+        let mut all = HashSet::new();
+        for (k, me) in crowd.iter().enumerate() {
+            let opts = Options {
+                fixed_window: Some(8),
+                order_seed: Some(7),
+                crowd_name: Some((*me).into()),
+                crowd_hint: crowd.iter().map(|c| c.to_string()).collect(),
+                ..Options::default()
+            };
+            let mut sched = Scheduler::new(u64::from(n) << 16, 1 << 16, &[], opts);
+            sched.add_source("s0", ChunkSet::all(n), t0);
+            assert!(!sched.in_a_crowd());
+            let asks = asked_of(&sched.poll(t0), 0);
+            assert_eq!(asks.len(), 8);
+            assert!(asks.iter().all(|c| c % 4 == k as u32), "{me}: {asks:?}");
+            all.extend(asks);
+        }
+        assert_eq!(all.len(), 32);
     }
 
     #[test]
