@@ -434,9 +434,9 @@ pub struct Scheduler {
     rare_in_stripe: Vec<u32>,
     /// The crowd's names, sorted: stripe `k` is the `k`th's.
     crowd: Vec<String>,
-    /// The order in which a downloader asks for its own stripe, for the one we last helped
-    /// (see `take_help`).
-    helped: Option<(String, Vec<u32>)>,
+    /// The stripe we last helped (see `take_help`), in the order its owner asks for it: the
+    /// owner, the stripe (of how many), its chunks.
+    helped: Option<(String, (u32, u32), Vec<u32>)>,
     remaining: u32,
     sources: Vec<SourceState>,
     requests: HashMap<RequestId, Request>,
@@ -1107,13 +1107,17 @@ impl Scheduler {
             .max_by_key(|&(d, n)| (n, std::cmp::Reverse(d)))?;
         let owner = (j + d) % m;
         let name = self.crowd.get(owner as usize)?;
-        if self.helped.as_ref().is_none_or(|(h, _)| h != name) {
+        if self
+            .helped
+            .as_ref()
+            .is_none_or(|(h, at, _)| h != name || *at != (owner, m))
+        {
             let order = order(self.chunk_count(), Some(seed_of(name)));
-            self.helped = Some((name.clone(), order));
+            let mut stripe: Vec<u32> = (owner..self.chunk_count()).step_by(m as usize).collect();
+            stripe.sort_unstable_by_key(|&c| order[c as usize]);
+            self.helped = Some((name.clone(), (owner, m), stripe));
         }
-        let (_, order) = self.helped.as_ref()?;
-        let mut stripe: Vec<u32> = (owner..self.chunk_count()).step_by(m as usize).collect();
-        stripe.sort_unstable_by_key(|&c| order[c as usize]);
+        let (_, _, stripe) = self.helped.as_ref()?;
         // The helpers share the stripe out by place in the owner's order: ours is every
         // (m - 1)th from the (r - 1)th on, so that no two take the same chunk.
         let r = (m - d) as usize;
