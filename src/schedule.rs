@@ -427,10 +427,8 @@ pub struct Scheduler {
     alone: Vec<u32>,
     /// Live sources that hold every chunk (seeders).
     whole: u32,
-    /// Chunks not done that only seeders hold: while there are any, a crowd asks seeders for
-    /// nothing else (see `fill`).
-    rare: u32,
-    /// Of those, how many in each stripe, by how far it is after ours (see `stripe_of`).
+    /// Chunks not done that only seeders hold, per stripe, by how far it is after ours (see
+    /// `stripe_of`): while there are any, a crowd asks seeders for nothing else (see `fill`).
     rare_in_stripe: Vec<u32>,
     /// The crowd's names, sorted: stripe `k` is the `k`th's.
     crowd: Vec<String>,
@@ -468,8 +466,7 @@ impl Scheduler {
             stripe: (0, 1),
             alone: order(n, start),
             whole: 0,
-            rare: n,
-            rare_in_stripe: vec![n],
+            rare_in_stripe: vec![0],
             crowd: Vec::new(),
             helped: None,
             remaining: n,
@@ -490,6 +487,7 @@ impl Scheduler {
             }
         }
         s.done_bytes = s.totals.resumed_bytes;
+        s.recount_whole();
         s.guess_stripe();
         s
     }
@@ -500,12 +498,7 @@ impl Scheduler {
         let Some(me) = &self.opts.crowd_name else {
             return;
         };
-        let mut crowd: Vec<&str> = self.opts.crowd_hint.iter().map(String::as_str).collect();
-        crowd.push(me);
-        crowd.sort_unstable();
-        crowd.dedup();
-        let m = crowd.len() as u32;
-        let j = crowd.iter().position(|n| n == me).unwrap_or(0) as u32;
+        let (_, (j, m)) = place(me, self.opts.crowd_hint.iter().map(String::as_str));
         if m < 2 {
             return;
         }
@@ -515,6 +508,11 @@ impl Scheduler {
                 self.alone[c as usize] = self.alone[c as usize].saturating_add(n);
             }
         }
+        self.resort();
+    }
+
+    /// Puts the queue in order again (what `slot` says changed).
+    fn resort(&mut self) {
         let queued: Vec<u32> = self.pending.iter().map(|s| s.4).collect();
         self.pending = queued.into_iter().map(|c| self.slot(c)).collect();
     }
@@ -547,29 +545,19 @@ impl Scheduler {
         let Some(me) = &self.opts.crowd_name else {
             return;
         };
-        let mut crowd: Vec<&str> = self
-            .sources
-            .iter()
-            .filter(|s| {
-                s.live
-                    && !s.holds.is_full()
-                    && s.last_gain
-                        .is_some_and(|t| now.saturating_duration_since(t) < CROWD_ACTIVE)
-            })
-            .map(|s| s.report.name.as_str())
-            .chain([me.as_str()])
-            .collect();
-        crowd.sort_unstable();
-        crowd.dedup();
-        let j = crowd.iter().position(|n| *n == me).unwrap_or(0) as u32;
-        let stripe = (j, crowd.len() as u32);
+        let active = self.sources.iter().filter(|s| {
+            s.live
+                && !s.holds.is_full()
+                && s.last_gain
+                    .is_some_and(|t| now.saturating_duration_since(t) < CROWD_ACTIVE)
+        });
+        let (crowd, stripe) = place(me, active.map(|s| s.report.name.as_str()));
         if crowd != self.crowd {
             self.crowd = crowd.into_iter().map(str::to_owned).collect();
         }
         if stripe != self.stripe {
-            let queued: Vec<u32> = self.pending.iter().map(|s| s.4).collect();
             self.stripe = stripe;
-            self.pending = queued.into_iter().map(|c| self.slot(c)).collect();
+            self.resort();
             self.recount_whole();
         }
     }
@@ -652,7 +640,6 @@ impl Scheduler {
             .iter()
             .filter(|s| s.live && s.holds.is_full())
             .count() as u32;
-        self.rare = 0;
         self.rare_in_stripe = vec![0; self.stripe.1 as usize];
         for c in 0..self.chunk_count() {
             if self.is_rare(c) {
@@ -664,9 +651,13 @@ impl Scheduler {
     /// Chunk `c` became rare (`more`) or stopped being rare.
     fn count_rare(&mut self, c: u32, more: bool) {
         let stripe = self.stripe_of(c) as usize;
-        for n in [&mut self.rare, &mut self.rare_in_stripe[stripe]] {
-            *n = if more { *n + 1 } else { n.saturating_sub(1) };
-        }
+        let n = &mut self.rare_in_stripe[stripe];
+        *n = if more { *n + 1 } else { n.saturating_sub(1) };
+    }
+
+    /// Chunks not done that only seeders hold.
+    fn rare(&self) -> u32 {
+        self.rare_in_stripe.iter().sum()
     }
 
     /// Verified bytes so far (resumed ones included) and the file's size.
@@ -1005,7 +996,7 @@ impl Scheduler {
                 // others hold comes from them.
                 // (Never when nothing at all is in flight: better a duplicate than a stall.)
                 let rare_only = self.in_a_crowd()
-                    && self.rare > 0
+                    && self.rare() > 0
                     && self.sources[s].holds.is_full()
                     && !self.requests.is_empty();
                 let Some(c) = self
@@ -1121,12 +1112,6 @@ impl Scheduler {
         // The helpers share the stripe out by place in the owner's order: ours is every
         // (m - 1)th from the (r - 1)th on, so that no two take the same chunk.
         let r = (m - d) as usize;
-        let soon: Vec<u32> = stripe
-            .iter()
-            .copied()
-            .filter(|&c| self.is_rare(c))
-            .take(OWNER_AHEAD)
-            .collect();
         let c = stripe
             .iter()
             .enumerate()
@@ -1134,8 +1119,13 @@ impl Scheduler {
             .filter(|&(at, &c)| at % (m as usize - 1) == r - 1 && self.is_rare(c))
             .map(|(_, &c)| c)
             .next()?;
+        let soon = stripe
+            .iter()
+            .filter(|&&x| self.is_rare(x))
+            .take(OWNER_AHEAD)
+            .any(|&x| x == c);
         let st = &self.chunks[c as usize];
-        if soon.contains(&c) || !st.queued || st.failed_by & bit(s) != 0 {
+        if soon || !st.queued || st.failed_by & bit(s) != 0 {
             return None;
         }
         let slot = self.slot(c);
@@ -1185,7 +1175,7 @@ impl Scheduler {
         // delivered yet because they were just asked: at the start, that is every source). Once
         // every chunk is out of the seeders, though, a seeder has nothing else to send: it may
         // be asked for a copy as anywhere else.
-        let crowd = self.in_a_crowd() && !(me.holds.is_full() && self.rare == 0);
+        let crowd = self.in_a_crowd() && !(me.holds.is_full() && self.rare() == 0);
         eta.keys()
             .copied()
             .filter(|c| !crowd || eta[c].2)
@@ -1212,6 +1202,16 @@ impl Scheduler {
 /// A pending chunk's place in the queue: (not retried, live sources holding it, how far its stripe
 /// is after ours, rank, chunk).
 type Slot = (bool, u32, u32, u32, u32);
+
+/// The crowd of `me` and `others`, sorted by name, and our stripe in it: (our place, of how many).
+fn place<'a>(me: &'a str, others: impl Iterator<Item = &'a str>) -> (Vec<&'a str>, (u32, u32)) {
+    let mut crowd: Vec<&str> = others.chain([me]).collect();
+    crowd.sort_unstable();
+    crowd.dedup();
+    let j = crowd.iter().position(|n| *n == me).unwrap_or(0) as u32;
+    let m = crowd.len() as u32;
+    (crowd, (j, m))
+}
 
 /// The seed of the order in which downloader `name` asks for its own stripe.
 fn seed_of(name: &str) -> u64 {
@@ -2103,7 +2103,7 @@ mod tests {
         // The seeder joins: chunks held by seeders alone are none, it has nothing else to send,
         // and it brings the copy expected last.
         let s0 = sched.add_source("s0", ChunkSet::all(4), t0);
-        assert_eq!(sched.rare, 0);
+        assert_eq!(sched.rare(), 0);
         assert_eq!(sched.pick_duplicate(s0, soon), Some(0));
         // While a chunk is still held by seeders alone, it does not.
         sched.chunks[3].done = false;
