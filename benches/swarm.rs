@@ -12,7 +12,8 @@
 //! `QNODE_BENCH_SWARM_N` (default `2,4,8`), `QNODE_BENCH_SWARM_EXTRA=0` (skip the last two),
 //! `QNODE_BENCH_SWARM_PLAIN=0` (skip the crowds that do not serve), `QNODE_BENCH_RUNS` (swarm
 //! runs per crowd, default 1: the median is shown, with the range),
-//! `QNODE_BENCH_BIN` (the qnode binary), `QNODE_BENCH_SWARM_TRACE=1` (every second, each host's
+//! `QNODE_BENCH_SWARM_ALONE=0` (skip the single download that opens the run: for A/B runs of one
+//! crowd), `QNODE_BENCH_BIN` (the qnode binary), `QNODE_BENCH_SWARM_TRACE=1` (every second, each host's
 //! download and upload rate on its link, to stderr: where a crowd's time goes).
 
 use std::io::Read;
@@ -320,12 +321,17 @@ fn main() -> anyhow::Result<()> {
         "qnode swarm benchmark: {mib} MiB, {mbit} Mbit/s each way per host; F/u = {:.1} s",
         file_time(mbit)
     );
-    let alone = crowd.run(1, false, None)?;
-    println!(
-        "one download alone: {:.1} s ({:.2}× F/u)\n",
-        alone.last,
-        alone.last / file_time(mbit)
-    );
+    let alone = if env_u64("QNODE_BENCH_SWARM_ALONE", 1) == 1 {
+        let alone = crowd.run(1, false, None)?;
+        println!(
+            "one download alone: {:.1} s ({:.2}× F/u)\n",
+            alone.last,
+            alone.last / file_time(mbit)
+        );
+        alone.last
+    } else {
+        file_time(mbit)
+    };
     println!(
         "| crowd | last finisher | bound | vs bound | downloaders not serving | vs bound | from other downloaders | peak RSS MiB (download / serve / seeder) |"
     );
@@ -387,7 +393,7 @@ fn main() -> anyhow::Result<()> {
         for i in 2..=n + 1 {
             crowd.shape(i, mbit, mbit)?;
         }
-        let half = Duration::from_secs_f64(alone.last / 2.0);
+        let half = Duration::from_secs_f64(alone / 2.0);
         let swarm = repeat(n, Some(half))?;
         row(
             &format!(

@@ -22,6 +22,10 @@ pub fn env_u64(key: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// How often `wait_usage` reads a child's peak RSS. Every 2 ms, the reads of 8 downloaders took
+/// 8% of this 2-core machine (perf, the swarm benchmark at N = 8) from the processes measured.
+const HWM_SAMPLE: Duration = Duration::from_millis(25);
+
 /// Resources a finished child used.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Usage {
@@ -35,7 +39,8 @@ pub struct Usage {
 ///
 /// `ru_maxrss` is not used for RSS: Linux carries the parent's high-water mark into a forked child
 /// and across exec, so it would report this benchmark's own size. `VmHWM` belongs to the child's
-/// own address space and only grows, so the last sample before exit is its peak.
+/// own address space and only grows, so the last sample before exit is its peak (short of what a
+/// process gains in its last [`HWM_SAMPLE`]).
 pub fn wait_usage(child: Child, started: Instant) -> Usage {
     let pid = child.id();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -45,7 +50,7 @@ pub fn wait_usage(child: Child, started: Instant) -> Usage {
             let mut peak = 0;
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
                 peak = peak.max(vm_hwm_kib(pid));
-                std::thread::sleep(Duration::from_millis(2));
+                std::thread::sleep(HWM_SAMPLE);
             }
             peak
         })
