@@ -344,7 +344,7 @@ const OWNER_AHEAD: usize = 4;
 /// a crowd, the owner of the last chunks out of the seeder was asked for 4 each by 7 downloaders
 /// (2 s of its link) while the peers it had sent them to stood idle. Left with us, a request goes
 /// to whichever holder has room. N = 8 (`cargo bench --bench swarm`, 11 runs each, alternating):
-/// 25.7 s against 26.2 s with the usual floor of `min_window`.
+/// 25.7 s against 26.1 s (means) with the usual floor of `min_window`.
 const LEAN_WINDOW: usize = 2;
 
 /// How long a delivery-rate sample lasts before it updates the smoothed rate.
