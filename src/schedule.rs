@@ -47,7 +47,7 @@ pub struct Options {
     /// A fixed window for every source, instead of the adaptive one.
     pub fixed_window: Option<usize>,
     /// Smallest adaptive window (also the starting one), but in a crowd (see [`crowd_name`]),
-    /// where the window is what the rate needs and at least 2.
+    /// where the window is what the rate needs and at least 2 (or this, if smaller).
     ///
     /// [`crowd_name`]: Options::crowd_name
     pub min_window: usize,
@@ -315,9 +315,6 @@ struct SourceState {
     /// When it last gained a chunk, if it is still downloading the file (a partial holder).
     last_gain: Option<Instant>,
     window: usize,
-    /// The window without the `min_window` floor (at least [`LEAN_WINDOW`]): what a source is
-    /// given in a crowd.
-    lean: usize,
     /// Lost connections since it last delivered a chunk.
     lost: u32,
     /// Not asked for anything until then (its connection was lost).
@@ -370,7 +367,6 @@ impl SourceState {
             busy_since: now,
             last_gain: None,
             window: 0,
-            lean: 0,
             lost: 0,
             resting_until: None,
         }
@@ -407,18 +403,15 @@ impl SourceState {
         !self.in_flight.is_empty() && silent > STALL && silent.as_secs_f64() > four_chunks
     }
 
-    fn resize(&mut self, opts: &Options, chunk_size: u64) {
-        (self.window, self.lean) = match opts.fixed_window {
-            Some(w) => (w.max(1), w.max(1)),
+    /// Sizes the window from the rate and RTT, at least `floor` (`min_window`, or less in a crowd).
+    fn resize(&mut self, opts: &Options, chunk_size: u64, floor: usize) {
+        self.window = match opts.fixed_window {
+            Some(w) => w.max(1),
             None => {
                 let horizon = self.rtt.unwrap_or_default() + opts.queue_time;
                 let want =
                     (self.rate * horizon.as_secs_f64() / chunk_size as f64).ceil() as usize + 1;
-                let window = want.clamp(
-                    opts.min_window.max(1),
-                    opts.max_window.max(opts.min_window.max(1)),
-                );
-                (window, want.max(LEAN_WINDOW).min(window))
+                want.clamp(floor.max(1), opts.max_window.max(floor.max(1)))
             }
         };
         self.report.max_window = self.report.max_window.max(self.window);
@@ -984,24 +977,28 @@ impl Scheduler {
         let usable: Vec<SourceId> = (0..self.sources.len())
             .filter(|&s| self.sources[s].usable(now))
             .collect();
-        // Each source's window, and what the links hold (rate × RTT) for the global cap.
+        // Each source's window (in a crowd with a lower floor: see LEAN_WINDOW), and what the
+        // links hold (rate × RTT) for the global cap.
+        let crowd = self.in_a_crowd();
+        let floor = if crowd {
+            LEAN_WINDOW.min(self.opts.min_window)
+        } else {
+            self.opts.min_window
+        };
+        // Asks do not change which chunks only seeders hold.
+        let rare_left = crowd && self.rare() > 0;
         let mut on_the_wire = 0.0;
         for &s in &usable {
             let src = &mut self.sources[s];
-            src.resize(&self.opts, self.chunk_size);
+            src.resize(&self.opts, self.chunk_size, floor);
             on_the_wire += src.rate * src.rtt.unwrap_or_default().as_secs_f64();
         }
         let mut in_flight_bytes: u64 = self.sources.iter().map(|s| s.in_flight_bytes).sum();
         let cap = self.opts.max_in_flight_bytes
             + (on_the_wire as u64).min(self.opts.max_on_the_wire_bytes);
-        // In a crowd, no floor beyond LEAN_WINDOW: see there.
-        let crowd = self.in_a_crowd();
         let mut open = usable.clone();
         while !open.is_empty() {
-            open.retain(|&s| {
-                let src = &self.sources[s];
-                src.in_flight.len() < if crowd { src.lean } else { src.window }
-            });
+            open.retain(|&s| self.sources[s].in_flight.len() < self.sources[s].window);
             let mut assigned = Vec::new();
             for &s in &open {
                 // The global cap; a source with nothing in flight may always ask for one chunk.
@@ -1017,10 +1014,8 @@ impl Scheduler {
                 // those alone: its bandwidth is what brings new chunks to the crowd, and what
                 // others hold comes from them.
                 // (Never when nothing at all is in flight: better a duplicate than a stall.)
-                let rare_only = self.in_a_crowd()
-                    && self.rare() > 0
-                    && self.sources[s].holds.is_full()
-                    && !self.requests.is_empty();
+                let rare_only =
+                    rare_left && self.sources[s].holds.is_full() && !self.requests.is_empty();
                 let Some(c) = self
                     .take_pending(s, &usable, rare_only)
                     .or_else(|| rare_only.then(|| self.take_help(s)).flatten())
