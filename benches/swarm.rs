@@ -13,8 +13,10 @@
 //! `QNODE_BENCH_SWARM_PLAIN=0` (skip the crowds that do not serve), `QNODE_BENCH_RUNS` (swarm
 //! runs per crowd, default 1: the median is shown, with the range),
 //! `QNODE_BENCH_SWARM_ALONE=0` (skip the single download that opens the run: for A/B runs of one
-//! crowd), `QNODE_BENCH_BIN` (the qnode binary), `QNODE_BENCH_SWARM_TRACE=1` (every second, each host's
-//! download and upload rate on its link, to stderr: where a crowd's time goes).
+//! crowd), `QNODE_BENCH_BIN` (the qnode binary), `QNODE_BENCH_SWARM_TRACE=1` (to stderr, every
+//! second: the seeder's upload and each downloader's download as shares of the link rate; then
+//! how long the downloaders' links stood idle at the start, until the seeder's last new chunk and
+//! after it: where a crowd's time goes).
 
 use std::io::Read;
 use std::process::{Child, Stdio};
@@ -47,20 +49,33 @@ struct Crowd {
     net: netns::TestNet,
     root: Root,
     size: u64,
+    /// Every host's download rate, Mbit/s.
+    mbit: u64,
 }
 
-/// Bytes host `ns` has received and sent on its link so far.
-fn link_bytes(ns: &str) -> (u64, u64) {
+/// What each of the first `hosts` hosts has received and sent on its link so far, read once
+/// for all of them at the switch's end of their links (what the switch sends host `i` is what
+/// host `i` receives).
+fn link_bytes(switch: &str, hosts: usize) -> Vec<(u64, u64)> {
     let out = std::process::Command::new("ip")
-        .args(["-n", ns, "-s", "-j", "link", "show", "eth0"])
+        .args(["-n", switch, "-s", "-j", "link", "show"])
         .output();
     let json: serde_json::Value = out
         .ok()
         .and_then(|o| serde_json::from_slice(&o.stdout).ok())
         .unwrap_or_default();
-    let stats = &json[0]["stats64"];
-    let get = |dir: &str| stats[dir]["bytes"].as_u64().unwrap_or(0);
-    (get("rx"), get("tx"))
+    let ports = json.as_array().cloned().unwrap_or_default();
+    (1..=hosts)
+        .map(|i| {
+            let name = format!("p{i}");
+            let port = ports.iter().find(|p| p["ifname"] == name.as_str());
+            let get = |dir: &str| {
+                port.and_then(|p| p["stats64"][dir]["bytes"].as_u64())
+                    .unwrap_or(0)
+            };
+            (get("tx"), get("rx"))
+        })
+        .collect()
 }
 
 /// The machine's CPU time so far, in ticks: (all, idle).
@@ -78,51 +93,135 @@ fn cpu_ticks() -> (u64, u64) {
     (t.iter().take(8).sum(), idle)
 }
 
-/// Until `done` is set, prints every second the machine's idle CPU share and each host's
-/// download and upload rate (MB/s).
-fn trace(namespaces: Vec<String>, done: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+/// How often the trace reads the links.
+const TRACE_SAMPLE: Duration = Duration::from_millis(250);
+
+/// Until `done`, prints every second the CPU left idle, the seeder's (host 1) upload and each
+/// downloader's download, as shares of the link rate (`rate` bytes/s); then where the
+/// downloaders' links stood idle while a `file` of that many bytes went round (see
+/// [`idle_summary`]).
+fn trace(
+    switch: String,
+    hosts: usize,
+    (rate, file): (f64, u64),
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
     let started = Instant::now();
-    let mut last: Vec<(u64, u64)> = namespaces.iter().map(|ns| link_bytes(ns)).collect();
-    let first = last.clone();
+    let mut samples = vec![(0.0, link_bytes(&switch, hosts))];
     let mut cpu = cpu_ticks();
-    eprintln!("trace: idle CPU, then per host 'down/up' MB/s; host 1 is the seeder");
+    let mut printed = 0.0;
+    eprintln!(
+        "trace: idle CPU; the seeder's upload | each downloader's download, % of the link rate"
+    );
     while !done.load(std::sync::atomic::Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_secs(1));
+        std::thread::sleep(TRACE_SAMPLE);
+        samples.push((started.elapsed().as_secs_f64(), link_bytes(&switch, hosts)));
+        let now = started.elapsed().as_secs_f64();
+        if now - printed < 1.0 {
+            continue;
+        }
         let (all, idle) = cpu_ticks();
         let idle_share = (idle - cpu.1.min(idle)) as f64 / (all - cpu.0.min(all)).max(1) as f64;
         cpu = (all, idle);
-        let now: Vec<(u64, u64)> = namespaces.iter().map(|ns| link_bytes(ns)).collect();
-        let line: Vec<String> = now
-            .iter()
-            .zip(&last)
-            .map(|(n, l)| {
-                let mb = |a: u64, b: u64| a.saturating_sub(b) as f64 / 1e6;
-                format!("{:4.1}/{:4.1}", mb(n.0, l.0), mb(n.1, l.1))
-            })
+        let Some(from) = samples.iter().rposition(|s| s.0 <= printed) else {
+            continue;
+        };
+        let (t0, a) = &samples[from];
+        let (t1, b) = &samples[samples.len() - 1];
+        let share = |x: u64, y: u64| y.saturating_sub(x) as f64 / rate / (t1 - t0) * 100.0;
+        let downs: Vec<String> = (1..hosts)
+            .map(|i| format!("{:3.0}", share(a[i].0, b[i].0)))
             .collect();
         eprintln!(
-            "{:5.1} s  idle {:3.0}%  {}",
-            started.elapsed().as_secs_f64(),
+            "{:5.1} s  idle {:3.0}%  {:3.0} | {}",
+            now,
             idle_share * 100.0,
-            line.join("  ")
+            share(a[0].1, b[0].1),
+            downs.join(" ")
         );
-        last = now;
+        printed = now;
     }
-    let totals: Vec<String> = last
-        .iter()
-        .zip(&first)
-        .map(|(n, f)| {
-            format!(
-                "{:.0}/{:.0}",
-                n.0.saturating_sub(f.0) as f64 / 1e6,
-                n.1.saturating_sub(f.1) as f64 / 1e6
-            )
+    eprintln!("{}", idle_summary(&samples, rate, file));
+}
+
+/// Where the downloaders' links stood idle: each must take the whole file through its link, so
+/// every second its link is idle adds to its time. Split at the moment the seeder, having sent
+/// the `file`'s size, falls under half its rate (its last new chunks are out): before it (mostly
+/// the start, while the first chunks reach their first relays) and after it (the last chunks
+/// passed on). Means over the downloaders (hosts 2..), from link counters sampled at
+/// `(seconds, per host (down, up) bytes)`.
+fn idle_summary(samples: &[(f64, Vec<(u64, u64)>)], rate: f64, file: u64) -> String {
+    let Some(((first, a), (_, z))) = samples.first().zip(samples.last()) else {
+        return String::new();
+    };
+    let hosts = a.len();
+    let moved = |i: usize, from: usize, to: usize, down: bool| {
+        let (x, y) = (&samples[from].1[i], &samples[to].1[i]);
+        let (x, y) = if down { (x.0, y.0) } else { (x.1, y.1) };
+        y.saturating_sub(x) as f64
+    };
+    // The start of the first interval, once the seeder has sent the file's size, in which it
+    // sent under half its rate (what it sends after that are copies for the last ones).
+    let busy = (1..samples.len())
+        .find(|&k| {
+            let dt = samples[k].0 - samples[k - 1].0;
+            moved(0, 0, k - 1, false) >= file as f64 && moved(0, k - 1, k, false) < 0.5 * rate * dt
+        })
+        .map_or(samples.len() - 1, |k| k - 1);
+    let seeder_end = samples[busy].0 - first;
+    // What a full link carries in practice: the seeder's, from its first bytes to that moment.
+    let began = (1..samples.len())
+        .find(|&k| moved(0, k - 1, k, false) > 64e3)
+        .map_or(0, |k| k - 1);
+    let full = moved(0, began, busy, false) / (samples[busy].0 - samples[began].0).max(1e-3);
+    let two = samples.iter().position(|s| s.0 - first >= 2.0).unwrap_or(0);
+    // Per downloader: (seconds of bytes, idle before the seeder was done, of it in the first
+    // 2 s, idle after, the end of its last bytes).
+    let each: Vec<[f64; 5]> = (1..hosts)
+        .map(|i| {
+            let last = (1..samples.len())
+                .rev()
+                .find(|&k| moved(i, k - 1, k, true) > 64e3)
+                .unwrap_or(0);
+            let end = samples[last].0 - first;
+            let after = if last > busy {
+                (end - seeder_end - moved(i, busy, last, true) / full).max(0.0)
+            } else {
+                0.0
+            };
+            [
+                z[i].0.saturating_sub(a[i].0) as f64 / full,
+                (seeder_end - moved(i, 0, busy, true) / full).max(0.0),
+                (samples[two].0 - first - moved(i, 0, two, true) / full).max(0.0),
+                after,
+                end,
+            ]
         })
         .collect();
-    eprintln!(
-        "trace: in all, per host 'down/up' MB: {}",
-        totals.join("  ")
-    );
+    let n = each.len().max(1) as f64;
+    let mean: Vec<f64> = (0..5)
+        .map(|j| each.iter().map(|e| e[j]).sum::<f64>() / n)
+        .collect();
+    let last = each
+        .iter()
+        .max_by(|x, y| x[4].total_cmp(&y[4]))
+        .copied()
+        .unwrap_or_default();
+    format!(
+        "trace: the seeder's link carried {:.0}% of the link rate until its last new chunks were \
+         out at {seeder_end:.1} s. At that rate a downloader's link (mean; the last to finish) \
+         carried {:.1} s ({:.1} s) of bytes, and stood idle {:.1} s ({:.1} s) before that \
+         moment, {:.1} s ({:.1} s) of it in the first 2 s, and {:.1} s ({:.1} s) after it",
+        full / rate * 100.0,
+        mean[0],
+        last[0],
+        mean[1],
+        last[1],
+        mean[2],
+        last[2],
+        mean[3],
+        last[3],
+    )
 }
 
 impl Crowd {
@@ -192,9 +291,11 @@ impl Crowd {
         }
         let traced = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let tracer = (env_u64("QNODE_BENCH_SWARM_TRACE", 0) == 1).then(|| {
-            let namespaces = (1..n + 2).map(|i| self.net.ns(i).to_owned()).collect();
+            let switch = self.net.switch().unwrap_or_default().to_owned();
+            let rate = self.mbit as f64 * 1e6 / 8.0;
             let done = traced.clone();
-            std::thread::spawn(move || trace(namespaces, done))
+            let file = self.size;
+            std::thread::spawn(move || trace(switch, n + 1, (rate, file), done))
         });
         let started = Instant::now();
         let downloads: Vec<(usize, Child)> = hosts
@@ -312,7 +413,12 @@ fn main() -> anyhow::Result<()> {
     let refs: Vec<(&str, String)> = peers.iter().map(|(p, a)| (p.as_str(), a.clone())).collect();
     let root = Root::new(&refs)?;
     random_file(&root.served("p1").join("big.bin"), size)?;
-    let crowd = Crowd { net, root, size };
+    let crowd = Crowd {
+        net,
+        root,
+        size,
+        mbit,
+    };
     for i in 1..=most + 1 {
         crowd.shape(i, mbit, mbit)?;
     }

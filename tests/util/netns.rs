@@ -117,6 +117,11 @@ impl TestNet {
         &self.hosts[i - 1]
     }
 
+    /// The namespace of the switch every host's link ends in (none for an isolated host).
+    pub fn switch(&self) -> Option<&str> {
+        self.switch.as_deref()
+    }
+
     /// The address of host `i`.
     pub fn ip(&self, i: usize) -> String {
         format!("10.99.0.{i}")
