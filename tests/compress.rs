@@ -24,6 +24,21 @@ fn upload_wire(log: &str, kind: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no wire bytes in {line:?}"))
 }
 
+/// How a mode should send text over loopback.
+#[derive(Debug, Clone, Copy)]
+enum Crossing {
+    /// Every piece compressed.
+    Packed,
+    /// Every piece plain.
+    Plain,
+    /// `auto` on loopback: the link outruns the compressor, so pieces go plain; but the pace is
+    /// measured, and a sample taken while this two-core machine is busy with the other tests
+    /// (the receiver slow to take the bytes) can find the link slower than the compressor for a
+    /// piece or two, which `auto` then rightly compresses. What must not happen is `always`'s
+    /// behaviour: text shrunk to under 3/4. (Seen in CI: 2,976,412 wire bytes of 3,145,728.)
+    MostlyPlain,
+}
+
 #[test]
 fn downloads_are_identical_and_compressed_only_where_the_mode_says() -> TestResult {
     let net = Net::new(&["p1", "p2"])?;
@@ -31,14 +46,16 @@ fn downloads_are_identical_and_compressed_only_where_the_mode_says() -> TestResu
     let random = random_bytes(3 << 20, 8);
     net.put("p1", "t.txt", &text)?;
     net.put("p1", "r.bin", &random)?;
-    // (seeder's mode and rate, whether text crosses compressed)
-    let cases: [(&[&str], bool); 4] = [
-        (&["--compression", "always"], true),
-        (&["--compression", "never"], false),
-        // auto on loopback: the link outruns the compressor, so bytes go plain
-        (&["--compression", "auto"], false),
+    // (seeder's mode and rate, how text crosses)
+    let cases: [(&[&str], Crossing); 4] = [
+        (&["--compression", "always"], Crossing::Packed),
+        (&["--compression", "never"], Crossing::Plain),
+        (&["--compression", "auto"], Crossing::MostlyPlain),
         // auto on a link held to 1 MiB/s: compressed
-        (&["--compression", "auto", "--max-upload-rate", "1M"], true),
+        (
+            &["--compression", "auto", "--max-upload-rate", "1M"],
+            Crossing::Packed,
+        ),
     ];
     for (args, packed) in cases {
         let _p1 = net.serve("p1", args)?;
@@ -49,10 +66,17 @@ fn downloads_are_identical_and_compressed_only_where_the_mode_says() -> TestResu
             assert_eq!(b3(&std::fs::read(&out)?), b3(data), "{args:?} {name}");
             let wire = json["wire_bytes"].as_u64().unwrap();
             let size = data.len() as u64;
-            if packed && shrinks {
-                assert!(wire < size * 3 / 4, "{args:?} {name}: {wire} of {size}");
-            } else {
-                assert_eq!(wire, size, "{args:?} {name}: plain");
+            match packed {
+                Crossing::Packed if shrinks => {
+                    assert!(wire < size * 3 / 4, "{args:?} {name}: {wire} of {size}");
+                }
+                Crossing::MostlyPlain if shrinks => {
+                    assert!(
+                        wire > size * 3 / 4 && wire <= size,
+                        "{args:?} {name}: {wire} of {size}, mostly plain"
+                    );
+                }
+                _ => assert_eq!(wire, size, "{args:?} {name}: plain"),
             }
         }
     }
@@ -67,10 +91,10 @@ fn uploads_are_identical_and_compressed_only_where_the_mode_says() -> TestResult
     let p1 = net.serve("p1", &[])?;
     let dir = tempfile::tempdir()?;
     for (k, (mode, data, packed)) in [
-        ("always", &text, true),
-        ("never", &text, false),
-        ("auto", &text, false),
-        ("always", &random, false),
+        ("always", &text, Crossing::Packed),
+        ("never", &text, Crossing::Plain),
+        ("auto", &text, Crossing::MostlyPlain),
+        ("always", &random, Crossing::Plain),
     ]
     .into_iter()
     .enumerate()
@@ -88,11 +112,20 @@ fn uploads_are_identical_and_compressed_only_where_the_mode_says() -> TestResult
         p1.wait_for_log(&format!("upload {name} ("), WAIT)?;
         let wire = upload_wire(&p1.log(), "upload", &name);
         let size = data.len() as u64;
-        if packed {
-            assert!(wire < size * 3 / 4, "{mode} {name}: {wire} of {size}");
-        } else {
-            // Plain blocks: each carries an 8-byte header.
-            assert!(wire >= size && wire < size + 1024, "{mode} {name}: {wire}");
+        // Plain blocks: each carries an 8-byte header.
+        match packed {
+            Crossing::Packed => {
+                assert!(wire < size * 3 / 4, "{mode} {name}: {wire} of {size}");
+            }
+            Crossing::MostlyPlain => {
+                assert!(
+                    wire > size * 3 / 4 && wire < size + 1024,
+                    "{mode} {name}: {wire} of {size}, mostly plain"
+                );
+            }
+            Crossing::Plain => {
+                assert!(wire >= size && wire < size + 1024, "{mode} {name}: {wire}");
+            }
         }
     }
     // A replace's leaves travel compressed too.
