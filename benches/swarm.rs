@@ -148,8 +148,8 @@ fn trace(
 /// every second its link is idle adds to its time. Split at the moment the seeder, having sent
 /// the `file`'s size, falls under half its rate (its last new chunks are out): before it (mostly
 /// the start, while the first chunks reach their first relays) and after it (the last chunks
-/// passed on). Means over the downloaders (hosts 2..), from link counters sampled at
-/// `(seconds, per host (down, up) bytes)`.
+/// passed on). For the mean downloader (hosts 2..) and the last to finish, from link counters
+/// sampled at `(seconds, per host (down, up) bytes)`.
 fn idle_summary(samples: &[(f64, Vec<(u64, u64)>)], rate: f64, file: u64) -> String {
     let Some(((first, a), (_, z))) = samples.first().zip(samples.last()) else {
         return String::new();
