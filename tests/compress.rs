@@ -64,7 +64,7 @@ fn downloads_are_identical_and_compressed_only_where_the_mode_says() -> TestResu
             Crossing::Packed,
         ),
     ];
-    for (args, packed) in cases {
+    for (args, crossing) in cases {
         let _p1 = net.serve("p1", args)?;
         for (name, data, shrinks) in [("t.txt", &text, true), ("r.bin", &random, false)] {
             let out = net.served("p2").join(name);
@@ -73,7 +73,7 @@ fn downloads_are_identical_and_compressed_only_where_the_mode_says() -> TestResu
             assert_eq!(b3(&std::fs::read(&out)?), b3(data), "{args:?} {name}");
             let wire = json["wire_bytes"].as_u64().unwrap();
             let size = data.len() as u64;
-            match packed {
+            match crossing {
                 Crossing::Packed if shrinks => {
                     assert!(wire < size * 3 / 4, "{args:?} {name}: {wire} of {size}");
                 }
@@ -98,7 +98,7 @@ fn uploads_are_identical_and_compressed_only_where_the_mode_says() -> TestResult
     let random = random_bytes(2 << 20, 10);
     let p1 = net.serve("p1", &[])?;
     let dir = tempfile::tempdir()?;
-    for (k, (mode, data, packed)) in [
+    for (k, (mode, data, crossing)) in [
         ("always", &text, Crossing::Packed),
         ("never", &text, Crossing::Plain),
         ("auto", &text, Crossing::MostlyPlain),
@@ -121,7 +121,7 @@ fn uploads_are_identical_and_compressed_only_where_the_mode_says() -> TestResult
         let wire = upload_wire(&p1.log(), "upload", &name);
         let size = data.len() as u64;
         // Plain blocks: each carries an 8-byte header.
-        match packed {
+        match crossing {
             Crossing::Packed => {
                 assert!(wire < size * 3 / 4, "{mode} {name}: {wire} of {size}");
             }
