@@ -64,7 +64,7 @@ fn link_bytes(switch: &str, hosts: usize) -> Vec<(u64, u64)> {
         .ok()
         .and_then(|o| serde_json::from_slice(&o.stdout).ok())
         .unwrap_or_default();
-    let ports = json.as_array().cloned().unwrap_or_default();
+    let ports = json.as_array().map(Vec::as_slice).unwrap_or_default();
     (1..=hosts)
         .map(|i| {
             let name = format!("p{i}");
@@ -103,7 +103,8 @@ const TRACE_SAMPLE: Duration = Duration::from_millis(250);
 fn trace(
     switch: String,
     hosts: usize,
-    (rate, file): (f64, u64),
+    rate: f64,
+    file: u64,
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) {
     let started = Instant::now();
@@ -115,8 +116,8 @@ fn trace(
     );
     while !done.load(std::sync::atomic::Ordering::Relaxed) {
         std::thread::sleep(TRACE_SAMPLE);
-        samples.push((started.elapsed().as_secs_f64(), link_bytes(&switch, hosts)));
         let now = started.elapsed().as_secs_f64();
+        samples.push((now, link_bytes(&switch, hosts)));
         if now - printed < 1.0 {
             continue;
         }
@@ -175,36 +176,30 @@ fn idle_summary(samples: &[(f64, Vec<(u64, u64)>)], rate: f64, file: u64) -> Str
         .map_or(0, |k| k - 1);
     let full = moved(0, began, busy, false) / (samples[busy].0 - samples[began].0).max(1e-3);
     let two = samples.iter().position(|s| s.0 - first >= 2.0).unwrap_or(0);
-    // Per downloader: (seconds of bytes, idle before the seeder was done, of it in the first
-    // 2 s, idle after, the end of its last bytes).
-    let each: Vec<[f64; 5]> = (1..hosts)
+    let each: Vec<Idle> = (1..hosts)
         .map(|i| {
             let last = (1..samples.len())
                 .rev()
                 .find(|&k| moved(i, k - 1, k, true) > 64e3)
                 .unwrap_or(0);
             let end = samples[last].0 - first;
-            let after = if last > busy {
-                (end - seeder_end - moved(i, busy, last, true) / full).max(0.0)
-            } else {
-                0.0
-            };
-            [
-                z[i].0.saturating_sub(a[i].0) as f64 / full,
-                (seeder_end - moved(i, 0, busy, true) / full).max(0.0),
-                (samples[two].0 - first - moved(i, 0, two, true) / full).max(0.0),
-                after,
+            Idle {
+                bytes: z[i].0.saturating_sub(a[i].0) as f64 / full,
+                before: (seeder_end - moved(i, 0, busy, true) / full).max(0.0),
+                start: (samples[two].0 - first - moved(i, 0, two, true) / full).max(0.0),
+                after: if last > busy {
+                    (end - seeder_end - moved(i, busy, last, true) / full).max(0.0)
+                } else {
+                    0.0
+                },
                 end,
-            ]
+            }
         })
         .collect();
-    let n = each.len().max(1) as f64;
-    let mean: Vec<f64> = (0..5)
-        .map(|j| each.iter().map(|e| e[j]).sum::<f64>() / n)
-        .collect();
+    let mean = |f: fn(&Idle) -> f64| each.iter().map(f).sum::<f64>() / each.len().max(1) as f64;
     let last = each
         .iter()
-        .max_by(|x, y| x[4].total_cmp(&y[4]))
+        .max_by(|x, y| x.end.total_cmp(&y.end))
         .copied()
         .unwrap_or_default();
     format!(
@@ -213,15 +208,30 @@ fn idle_summary(samples: &[(f64, Vec<(u64, u64)>)], rate: f64, file: u64) -> Str
          carried {:.1} s ({:.1} s) of bytes, and stood idle {:.1} s ({:.1} s) before that \
          moment, {:.1} s ({:.1} s) of it in the first 2 s, and {:.1} s ({:.1} s) after it",
         full / rate * 100.0,
-        mean[0],
-        last[0],
-        mean[1],
-        last[1],
-        mean[2],
-        last[2],
-        mean[3],
-        last[3],
+        mean(|d| d.bytes),
+        last.bytes,
+        mean(|d| d.before),
+        last.before,
+        mean(|d| d.start),
+        last.start,
+        mean(|d| d.after),
+        last.after,
     )
+}
+
+/// One downloader's link in [`idle_summary`], in seconds.
+#[derive(Debug, Default, Clone, Copy)]
+struct Idle {
+    /// The bytes it carried, at the rate of a full link.
+    bytes: f64,
+    /// Idle until the seeder's last new chunks were out ...
+    before: f64,
+    /// ... of which in the first 2 s.
+    start: f64,
+    /// Idle after that, until its last bytes.
+    after: f64,
+    /// When its last bytes came.
+    end: f64,
 }
 
 impl Crowd {
@@ -295,7 +305,7 @@ impl Crowd {
             let rate = self.mbit as f64 * 1e6 / 8.0;
             let done = traced.clone();
             let file = self.size;
-            std::thread::spawn(move || trace(switch, n + 1, (rate, file), done))
+            std::thread::spawn(move || trace(switch, n + 1, rate, file, done))
         });
         let started = Instant::now();
         let downloads: Vec<(usize, Child)> = hosts
