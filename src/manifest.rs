@@ -35,6 +35,10 @@ pub const MAX_CHUNKS: u64 = 1 << 16;
 pub const MAX_CHUNK_SIZE: u64 = 1 << 26;
 /// Largest file qnode handles, in bytes (4 TiB): [`MAX_CHUNKS`] chunks of [`MAX_CHUNK_SIZE`].
 pub const MAX_FILE_SIZE: u64 = MAX_CHUNKS * MAX_CHUNK_SIZE;
+/// How many pieces a chunk is cut into where a file has pieces ([`piece_size_for`]).
+pub const PIECES_PER_CHUNK: u32 = 4;
+/// Smallest piece, in bytes: below it a piece's request costs more than its crossing saves.
+pub const MIN_PIECE_SIZE: u64 = 16 * 1024;
 
 /// A 32-byte BLAKE3 hash or chaining value.
 pub type Hash32 = [u8; 32];
@@ -124,6 +128,19 @@ pub fn chunk_count_for(size: u64) -> u64 {
     size.div_ceil(chunk_size_for(size)).max(1)
 }
 
+/// The piece size of a file of `size` bytes, if it has pieces: a [`PIECES_PER_CHUNK`]th of its
+/// chunk, when that is at least [`MIN_PIECE_SIZE`], the file has several chunks and its pieces
+/// number at most [`MAX_CHUNKS`].
+///
+/// Pieces are the unit a crowd passes on (swarming): each is checked on its own against a
+/// BLAKE3 subtree chaining value, and a chunk's pieces merge to the chunk's hash, so a
+/// manifest in pieces ([`Manifest::refine`]) is checked against the file's own manifest.
+pub fn piece_size_for(size: u64) -> Option<u64> {
+    let piece = chunk_size_for(size) / u64::from(PIECES_PER_CHUNK);
+    (piece >= MIN_PIECE_SIZE && chunk_count_for(size) >= 2 && size.div_ceil(piece) <= MAX_CHUNKS)
+        .then_some(piece)
+}
+
 /// Lower-case hex of a hash.
 pub fn hex(hash: &Hash32) -> String {
     blake3::Hash::from_bytes(*hash).to_hex().to_string()
@@ -142,6 +159,8 @@ pub fn parse_hex(s: &str) -> Option<Hash32> {
 #[serde(try_from = "RawManifest", into = "RawManifest")]
 pub struct Manifest {
     size: u64,
+    /// [`chunk_size_for`] the size, or in a manifest in pieces [`piece_size_for`] it.
+    chunk_size: u64,
     chunks: Vec<Hash32>,
     blake3: Hash32,
 }
@@ -169,14 +188,35 @@ pub enum ManifestError {
     Root,
 }
 
+/// On the wire a manifest is always in chunks; a manifest in pieces is kept only in a
+/// download's sidecar, read with [`Manifest::from_stored`].
 impl TryFrom<RawManifest> for Manifest {
     type Error = ManifestError;
     fn try_from(raw: RawManifest) -> Result<Self, Self::Error> {
+        Self::checked(raw, false)
+    }
+}
+
+impl From<Manifest> for RawManifest {
+    fn from(m: Manifest) -> Self {
+        Self {
+            size: m.size,
+            chunk_size: m.chunk_size,
+            chunks: m.chunks,
+            blake3: m.blake3,
+        }
+    }
+}
+
+impl Manifest {
+    /// `raw`, if it is coherent: in chunks, or (with `pieces`) in pieces.
+    fn checked(raw: RawManifest, pieces: bool) -> Result<Self, ManifestError> {
         if raw.size > MAX_FILE_SIZE {
             return Err(ManifestError::TooLarge(raw.size));
         }
-        if raw.chunk_size != chunk_size_for(raw.size)
-            || raw.chunks.len() as u64 != chunk_count_for(raw.size)
+        let in_pieces = pieces && piece_size_for(raw.size) == Some(raw.chunk_size);
+        if !(in_pieces || raw.chunk_size == chunk_size_for(raw.size))
+            || raw.chunks.len() as u64 != raw.size.div_ceil(raw.chunk_size).max(1)
         {
             return Err(ManifestError::Layout);
         }
@@ -185,24 +225,18 @@ impl TryFrom<RawManifest> for Manifest {
         }
         Ok(Self {
             size: raw.size,
+            chunk_size: raw.chunk_size,
             chunks: raw.chunks,
             blake3: raw.blake3,
         })
     }
-}
 
-impl From<Manifest> for RawManifest {
-    fn from(m: Manifest) -> Self {
-        Self {
-            size: m.size,
-            chunk_size: m.chunk_size(),
-            chunks: m.chunks,
-            blake3: m.blake3,
-        }
+    /// A manifest as a download's sidecar keeps it (postcard): in chunks or in pieces.
+    pub fn from_stored(bytes: &[u8]) -> Result<Self, ManifestError> {
+        let raw: RawManifest = postcard::from_bytes(bytes).map_err(|_| ManifestError::Layout)?;
+        Self::checked(raw, true)
     }
-}
 
-impl Manifest {
     /// Describes the `size` bytes that `reader` yields, reading them once.
     ///
     /// Fails with `UnexpectedEof` if the reader ends early and `InvalidData` if it has more.
@@ -217,7 +251,7 @@ impl Manifest {
         let count = chunk_count_for(size);
         let mut buf = vec![0u8; chunk_size.min(HASH_BUF) as usize];
         let chunks = (0..count)
-            .map(|index| hash_chunk(size, index, &mut buf, |b| reader.read_exact(b)))
+            .map(|index| hash_unit(size, chunk_size, index, &mut buf, |b| reader.read_exact(b)))
             .collect::<io::Result<Vec<_>>>()?;
         if reader.read(&mut [0u8; 1])? != 0 {
             return Err(io::Error::new(
@@ -233,46 +267,82 @@ impl Manifest {
     /// half of the chunks. It does not notice a file that grows; callers compare its metadata
     /// before and after.
     pub fn of_file(file: &std::fs::File, size: u64) -> io::Result<Self> {
-        use std::os::unix::fs::FileExt;
-        if size > MAX_FILE_SIZE {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                ManifestError::TooLarge(size),
-            ));
-        }
-        let chunk_size = chunk_size_for(size);
-        let count = chunk_count_for(size);
-        let part = |range: std::ops::Range<u64>| {
-            let mut buf = vec![0u8; chunk_size.min(HASH_BUF) as usize];
-            range
-                .map(|index| {
-                    let mut at = index * chunk_size;
-                    hash_chunk(size, index, &mut buf, |b| {
-                        file.read_exact_at(b, at)?;
-                        at += b.len() as u64;
-                        Ok(())
-                    })
-                })
-                .collect::<io::Result<Vec<_>>>()
-        };
-        // Below a few MiB a second thread costs more than it saves.
-        let half = if size < 4 << 20 { count } else { count / 2 };
-        let (first, second) = std::thread::scope(|s| {
-            let second = s.spawn(|| part(half..count));
-            (part(0..half), second.join())
-        });
-        let mut chunks = first?;
-        chunks.extend(second.map_err(|_| io::Error::other("a hashing thread failed"))??);
+        let chunks = hash_file(file, size, chunk_size_for(size))?;
         Ok(Self::of_chunks(size, chunks))
+    }
+
+    /// Like [`of_file`](Self::of_file), and the manifest in pieces too if the file has pieces
+    /// ([`piece_size_for`]), from the same one reading.
+    pub fn of_file_with_pieces(
+        file: &std::fs::File,
+        size: u64,
+    ) -> io::Result<(Self, Option<Self>)> {
+        let Some(piece) = piece_size_for(size) else {
+            return Ok((Self::of_file(file, size)?, None));
+        };
+        let pieces = hash_file(file, size, piece)?;
+        let fine = Self {
+            size,
+            chunk_size: piece,
+            blake3: merge(&pieces, true),
+            chunks: pieces,
+        };
+        Ok((fine.coarse(), Some(fine)))
     }
 
     fn of_chunks(size: u64, chunks: Vec<Hash32>) -> Self {
         let blake3 = merge_root(&chunks);
         Self {
             size,
+            chunk_size: chunk_size_for(size),
             chunks,
             blake3,
         }
+    }
+
+    /// This manifest in pieces, built from the pieces' hashes `pieces` (as a peer sent them):
+    /// `None` unless the file has pieces, this manifest is in chunks, and every chunk's pieces
+    /// merge to its hash.
+    pub fn refine(&self, pieces: Vec<Hash32>) -> Option<Self> {
+        let piece = piece_size_for(self.size)?;
+        if self.chunk_size != chunk_size_for(self.size)
+            || pieces.len() as u64 != self.size.div_ceil(piece)
+        {
+            return None;
+        }
+        let per = PIECES_PER_CHUNK as usize;
+        let fits = pieces
+            .chunks(per)
+            .zip(&self.chunks)
+            .all(|(group, chunk)| merge(group, false) == *chunk);
+        fits.then(|| Self {
+            size: self.size,
+            chunk_size: piece,
+            chunks: pieces,
+            blake3: self.blake3,
+        })
+    }
+
+    /// This manifest in chunks (itself, unless it is in pieces).
+    pub fn coarse(&self) -> Self {
+        if !self.in_pieces() {
+            return self.clone();
+        }
+        let chunks = (self.chunks)
+            .chunks(PIECES_PER_CHUNK as usize)
+            .map(|group| merge(group, false))
+            .collect();
+        Self::of_chunks(self.size, chunks)
+    }
+
+    /// Whether this manifest is in pieces.
+    pub fn in_pieces(&self) -> bool {
+        self.chunk_size != chunk_size_for(self.size)
+    }
+
+    /// The hashes of its chunks (of its pieces, in pieces), in order.
+    pub fn hashes(&self) -> &[Hash32] {
+        &self.chunks
     }
 
     /// The file's size in bytes.
@@ -280,9 +350,9 @@ impl Manifest {
         self.size
     }
 
-    /// The chunk size in bytes.
+    /// The chunk size in bytes (the piece size, in pieces).
     pub fn chunk_size(&self) -> u64 {
-        chunk_size_for(self.size)
+        self.chunk_size
     }
 
     /// How many chunks.
@@ -303,7 +373,7 @@ impl Manifest {
 
     /// Length of chunk `index` in bytes (the last may be short), or `None` past the end.
     pub fn chunk_len(&self, index: u32) -> Option<u64> {
-        (index < self.chunk_count()).then(|| chunk_len(self.size, u64::from(index)))
+        (index < self.chunk_count()).then(|| unit_len(self.size, self.chunk_size, u64::from(index)))
     }
 
     /// Whether `data` is exactly chunk `index`.
@@ -327,16 +397,52 @@ impl Manifest {
 /// Bytes hashed at a time.
 const HASH_BUF: u64 = 256 * 1024;
 
-/// The manifest entry of chunk `index` of a file of `size` bytes, its bytes read by `read` into
-/// `buf` (at most `buf`'s length at a time, in order).
-fn hash_chunk(
+/// The hashes of the first `size` bytes of `file` in units of `unit` bytes (chunks or pieces),
+/// with positional reads, two threads each hashing half of them.
+fn hash_file(file: &std::fs::File, size: u64, unit: u64) -> io::Result<Vec<Hash32>> {
+    use std::os::unix::fs::FileExt;
+    if size > MAX_FILE_SIZE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            ManifestError::TooLarge(size),
+        ));
+    }
+    let count = size.div_ceil(unit).max(1);
+    let part = |range: std::ops::Range<u64>| {
+        let mut buf = vec![0u8; unit.min(HASH_BUF) as usize];
+        range
+            .map(|index| {
+                let mut at = index * unit;
+                hash_unit(size, unit, index, &mut buf, |b| {
+                    file.read_exact_at(b, at)?;
+                    at += b.len() as u64;
+                    Ok(())
+                })
+            })
+            .collect::<io::Result<Vec<_>>>()
+    };
+    // Below a few MiB a second thread costs more than it saves.
+    let half = if size < 4 << 20 { count } else { count / 2 };
+    let (first, second) = std::thread::scope(|s| {
+        let second = s.spawn(|| part(half..count));
+        (part(0..half), second.join())
+    });
+    let mut hashes = first?;
+    hashes.extend(second.map_err(|_| io::Error::other("a hashing thread failed"))??);
+    Ok(hashes)
+}
+
+/// The manifest entry of unit `index` (chunk or piece, of `unit` bytes) of a file of `size`
+/// bytes, its bytes read by `read` into `buf` (at most `buf`'s length at a time, in order).
+fn hash_unit(
     size: u64,
+    unit: u64,
     index: u64,
     buf: &mut [u8],
     mut read: impl FnMut(&mut [u8]) -> io::Result<()>,
 ) -> io::Result<Hash32> {
-    let mut hasher = ChunkHasher::new(chunk_count_for(size), index, chunk_size_for(size));
-    let mut left = chunk_len(size, index);
+    let mut hasher = ChunkHasher::new(size.div_ceil(unit).max(1), index, unit);
+    let mut left = unit_len(size, unit, index);
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
         read(&mut buf[..n])?;
@@ -346,9 +452,9 @@ fn hash_chunk(
     Ok(hasher.finalize())
 }
 
-fn chunk_len(size: u64, index: u64) -> u64 {
-    let cs = chunk_size_for(size);
-    size.saturating_sub(index * cs).min(cs)
+/// The length of unit `index` of `unit` bytes in a file of `size` bytes (the last may be short).
+fn unit_len(size: u64, unit: u64, index: u64) -> u64 {
+    size.saturating_sub(index * unit).min(unit)
 }
 
 /// Hashes one chunk the way its manifest entry is made: a subtree chaining value at the chunk's
@@ -389,24 +495,28 @@ impl ChunkHasher {
 /// 1 KiB leaves that is less than the total. With power-of-two chunks that split falls on a chunk
 /// boundary, at the largest power of two of *chunks* below their count, so we recurse on that.
 fn merge_root(chunks: &[Hash32]) -> Hash32 {
-    fn merge(cvs: &[ChainingValue], root: bool) -> Hash32 {
-        if cvs.len() == 1 {
-            return cvs[0];
-        }
-        // The largest power of two strictly below the count (count >= 2 here).
-        let split = 1usize << (usize::BITS - 1 - (cvs.len() - 1).leading_zeros());
-        let left = merge(&cvs[..split], false);
-        let right = merge(&cvs[split..], false);
-        if root {
-            *merge_subtrees_root(&left, &right, Mode::Hash).as_bytes()
-        } else {
-            merge_subtrees_non_root(&left, &right, Mode::Hash)
-        }
-    }
     if chunks.is_empty() {
         return *blake3::hash(b"").as_bytes();
     }
     merge(chunks, true)
+}
+
+/// Merges the chaining values of consecutive subtrees of power-of-two size (all but the last
+/// full) into their parent's: the root hash with `root`, else a chaining value. A chunk's
+/// pieces merge to the chunk's hash this way, as the chunks merge to the file's.
+fn merge(cvs: &[ChainingValue], root: bool) -> Hash32 {
+    if cvs.len() == 1 {
+        return cvs[0];
+    }
+    // The largest power of two strictly below the count (count >= 2 here).
+    let split = 1usize << (usize::BITS - 1 - (cvs.len() - 1).leading_zeros());
+    let left = merge(&cvs[..split], false);
+    let right = merge(&cvs[split..], false);
+    if root {
+        *merge_subtrees_root(&left, &right, Mode::Hash).as_bytes()
+    } else {
+        merge_subtrees_non_root(&left, &right, Mode::Hash)
+    }
 }
 
 /// A set of a file's chunks (which ones a peer holds), as bits.
@@ -495,6 +605,31 @@ impl ChunkSet {
         out
     }
 
+    /// This set in units `factor` times smaller, `len` of them: the parts of every unit in it
+    /// (a set of chunks as a set of pieces).
+    pub fn finer(&self, factor: u32, len: u32) -> Self {
+        let mut out = Self::none(len);
+        for i in self.iter() {
+            let first = i.saturating_mul(factor);
+            (first..first.saturating_add(factor).min(len)).for_each(|p| out.insert(p));
+        }
+        out
+    }
+
+    /// This set in units `factor` times larger, `len` of them: those whose every part is in it
+    /// (a set of pieces as a set of chunks).
+    pub fn coarser(&self, factor: u32, len: u32) -> Self {
+        let mut out = Self::none(len);
+        for unit in 0..len {
+            let first = unit.saturating_mul(factor);
+            let parts = first..first.saturating_add(factor).min(self.len);
+            if !parts.is_empty() && parts.clone().all(|p| self.contains(p)) {
+                out.insert(unit);
+            }
+        }
+        out
+    }
+
     /// Bit `i % 8` of byte `i / 8` for chunk `i`: how sets travel and sit on disk.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out: Vec<u8> = self.words.iter().flat_map(|w| w.to_le_bytes()).collect();
@@ -561,6 +696,73 @@ mod tests {
             let total: u64 = (0..m.chunk_count()).map(|i| m.chunk_len(i).unwrap()).sum();
             assert_eq!(total, len as u64);
         }
+    }
+
+    fn temp_file(d: &[u8]) -> std::fs::File {
+        use std::io::{Seek, Write};
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(d).unwrap();
+        f.rewind().unwrap();
+        f
+    }
+
+    #[test]
+    fn pieces_merge_to_their_chunks_and_refine_only_with_the_right_hashes() {
+        let sizes = [(5 << 20) + 12345, 4 << 20, (1 << 20) + 1, 100_000, 16 * 1024];
+        for len in sizes {
+            let d = data(len);
+            let (coarse, fine) = Manifest::of_file_with_pieces(&temp_file(&d), len as u64).unwrap();
+            assert_eq!(coarse, Manifest::from_reader(&d[..], len as u64).unwrap());
+            let Some(fine) = fine else {
+                assert_eq!(piece_size_for(len as u64), None, "size {len}");
+                continue;
+            };
+            assert!(fine.in_pieces() && !coarse.in_pieces());
+            assert_eq!(fine.chunk_size() * u64::from(PIECES_PER_CHUNK), coarse.chunk_size());
+            assert_eq!(fine.blake3(), *blake3::hash(&d).as_bytes());
+            assert_eq!(fine.coarse(), coarse, "size {len}");
+            for i in 0..fine.chunk_count() {
+                let off = fine.chunk_offset(i) as usize;
+                let l = fine.chunk_len(i).unwrap() as usize;
+                assert!(fine.verify_chunk(i, &d[off..off + l]), "size {len} piece {i}");
+                assert!(!fine.verify_chunk(i, &d[off..off + l - 1]));
+            }
+            assert_eq!(coarse.refine(fine.hashes().to_vec()), Some(fine.clone()));
+            // A piece's hash changed, two swapped, one missing: refused.
+            let mut lying = fine.hashes().to_vec();
+            lying[1][0] ^= 1;
+            assert_eq!(coarse.refine(lying), None, "size {len}");
+            let mut swapped = fine.hashes().to_vec();
+            swapped.swap(0, 1);
+            assert_eq!(coarse.refine(swapped), None);
+            let short = fine.hashes()[1..].to_vec();
+            assert_eq!(coarse.refine(short), None);
+            assert_eq!(fine.refine(fine.hashes().to_vec()), None);
+            // Pieces are kept in a sidecar, never taken from the wire as a manifest.
+            let bytes = postcard::to_stdvec(&fine).unwrap();
+            assert_eq!(Manifest::from_stored(&bytes), Ok(fine.clone()));
+            assert!(postcard::from_bytes::<Manifest>(&bytes).is_err());
+        }
+        assert_eq!(piece_size_for(256 << 20), Some(256 << 10));
+        assert_eq!(piece_size_for(MAX_FILE_SIZE), None);
+    }
+
+    #[test]
+    fn chunk_sets_change_grain_both_ways() {
+        let mut chunks = ChunkSet::none(5);
+        chunks.insert(1);
+        chunks.insert(4);
+        let pieces = chunks.finer(4, 18);
+        let want: Vec<u32> = vec![4, 5, 6, 7, 16, 17];
+        assert_eq!(pieces.iter().collect::<Vec<_>>(), want);
+        assert_eq!(pieces.coarser(4, 5), chunks);
+        let mut some = pieces.clone();
+        some.insert(8);
+        some.insert(9);
+        some.insert(10);
+        assert_eq!(some.coarser(4, 5), chunks, "a chunk lacking one piece is not held");
+        some.insert(11);
+        assert_eq!(some.coarser(4, 5).iter().collect::<Vec<_>>(), vec![1, 2, 4]);
     }
 
     #[test]
