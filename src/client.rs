@@ -18,7 +18,7 @@ use crate::delta::{Sig, SigKind, Tree};
 use crate::download::{ChunkSource, SourceError};
 use crate::exchange::{self, ExchangeError, Framing};
 pub use crate::exchange::{Change, Offer, Received, UploadStatus};
-use crate::manifest::{ChunkSet, FileName, Hash32, Manifest};
+use crate::manifest::{ChunkSet, FileName, Hash32, Manifest, Regrain};
 use crate::peers::PeerId;
 use crate::protocol::{
     self, CloseCode, ErrorKind, FileEntry, Incomplete, ProtocolError, RemoteError, Version,
@@ -213,36 +213,39 @@ impl Client {
         .await
     }
 
-    /// What the peer holds of `name` (`None`: nothing), and for a download in progress there,
-    /// the stream of what it gains. An older peer that does not know `Observe` is asked to
-    /// describe its whole file instead.
+    /// What the peer holds of `name`, in pieces where the file has them (`ObservePieces`; an
+    /// older peer is asked `Observe`, and one older still `Describe`), and for a download in
+    /// progress there, what it gains.
     pub async fn observe(
         &self,
         name: &FileName,
     ) -> Result<Option<(Offer, Option<Changes>)>, ClientError> {
-        let (mut send, mut recv) = self.open().await?;
-        match exchange::observe(&mut send, &mut recv, name).await {
-            Ok(None) => Ok(None),
-            Ok(Some(offer)) => {
-                let changes = offer.held.is_some().then(|| Changes {
-                    chunks: offer.manifest.chunk_count(),
-                    _send: send,
-                    recv,
-                });
-                Ok(Some((offer, changes)))
+        for in_pieces in [true, false] {
+            let (mut send, mut recv) = self.open().await?;
+            match exchange::observe(&mut send, &mut recv, name, in_pieces).await {
+                Ok(None) => return Ok(None),
+                Ok(Some(offer)) => {
+                    let changes = offer.held.as_ref().map(|held| Changes {
+                        chunks: held.len(),
+                        _send: send,
+                        recv,
+                    });
+                    return Ok(Some((offer, changes)));
+                }
+                Err(ExchangeError::Remote(e)) if e.kind == ErrorKind::BadRequest => {}
+                Err(e) => return Err(self.exchange(e)),
             }
-            Err(ExchangeError::Remote(e)) if e.kind == ErrorKind::BadRequest => {
-                let manifest = self.describe(name).await?;
-                Ok(manifest.map(|manifest| {
-                    let offer = Offer {
-                        manifest,
-                        held: None,
-                    };
-                    (offer, None)
-                }))
-            }
-            Err(e) => Err(self.exchange(e)),
         }
+        let manifest = self.describe(name).await?;
+        Ok(manifest.map(|manifest| {
+            let offer = Offer {
+                manifest,
+                held: None,
+                in_pieces: false,
+                pieces: None,
+            };
+            (offer, None)
+        }))
     }
 
     /// `len` bytes of `name` at any `offset` (at most one chunk), unverified.
@@ -502,21 +505,28 @@ impl PeerSource {
     }
 
     /// Makes this a source that holds part of version `version` of the file: `held` now, then
-    /// what `changes` says it gains (every chunk once it says it is complete).
-    pub fn holding(mut self, version: Hash32, held: ChunkSet, changes: Option<Changes>) -> Self {
-        let all = ChunkSet::all(held.len());
-        let (tx, holds) = watch::channel(held);
+    /// what `changes` says it gains (every chunk once it says it is complete), all counted in
+    /// the download's unit by `regrain`.
+    pub fn holding(
+        mut self,
+        version: Hash32,
+        held: ChunkSet,
+        changes: Option<Changes>,
+        regrain: Regrain,
+    ) -> Self {
+        let (tx, holds) = watch::channel(regrain.apply(&held));
         let follower = tokio::spawn(async move {
             let Some(mut changes) = changes else { return };
+            let mut theirs = held;
             loop {
                 match changes.next().await {
-                    Ok(Change::Gained(chunks)) => tx.send_modify(|h| {
-                        for i in chunks {
-                            h.insert(i);
-                        }
-                    }),
+                    Ok(Change::Gained(chunks)) => {
+                        chunks.into_iter().for_each(|i| theirs.insert(i));
+                        tx.send_replace(regrain.apply(&theirs));
+                    }
                     Ok(Change::Complete) => {
-                        tx.send_replace(all);
+                        let all = ChunkSet::all(theirs.len());
+                        tx.send_replace(regrain.apply(&all));
                         return;
                     }
                     // What it holds stays as last known; asking for more fails on its own.

@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeek, AsyncSeekExt, AsyncWrite, As
 
 use crate::codec;
 use crate::delta::{self, Index, Sig, Step, Tree};
-use crate::manifest::{ChunkSet, FileName, Hash32, Manifest};
+use crate::manifest::{ChunkSet, FileName, Hash32, Manifest, piece_size_for};
 use crate::protocol::{
     self, Delta, ErrorKind, FileEntry, Incomplete, MAX_LISTED_FILES, MAX_REQUEST_LEN,
     MAX_RESPONSE_LEN, ProtocolError, RemoteError, Request, Response,
@@ -258,37 +258,79 @@ pub async fn read_version(
     read_bytes(send, recv, &req, len).await
 }
 
-/// What a peer holds of a file, as `Observe` answers.
+/// What a peer holds of a file, as `Observe` or `ObservePieces` answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Offer {
     /// The version.
     pub manifest: Manifest,
-    /// The chunks it holds, if not the whole file (a download in progress).
+    /// The chunks it holds (its pieces, if `in_pieces`), if not the whole file (a download in
+    /// progress).
     pub held: Option<ChunkSet>,
+    /// Whether `held` and the updates after it count pieces, not chunks.
+    pub in_pieces: bool,
+    /// The version in pieces, checked against `manifest`, if the peer sent its pieces' hashes.
+    pub pieces: Option<Manifest>,
 }
 
-/// `Observe`: what the peer holds of `name` (`None`: nothing). For a download in progress the
-/// stream stays open: [`next_change`] reads what it gains.
+/// `Observe` (or, with `pieces`, `ObservePieces`): what the peer holds of `name` (`None`:
+/// nothing). For a download in progress the stream stays open: [`next_change`] reads what it
+/// gains.
 pub async fn observe(
     send: &mut impl SendBytes,
     recv: &mut (impl AsyncRead + Unpin),
     name: &FileName,
+    in_pieces: bool,
 ) -> Result<Option<Offer>, ExchangeError> {
-    let req = Request::Observe { name: name.clone() };
-    match ask(send, recv, &req, true).await {
-        Ok(Response::Holding { manifest, held }) => {
-            let held = match held {
-                None => None,
-                Some(bits) => Some(
-                    ChunkSet::from_bytes(manifest.chunk_count(), &bits)
-                        .ok_or(ExchangeError::Unexpected("observe"))?,
-                ),
+    let name = name.clone();
+    let req = match in_pieces {
+        true => Request::ObservePieces { name },
+        false => Request::Observe { name },
+    };
+    let (manifest, held, in_pieces, pieces) = match ask(send, recv, &req, true).await {
+        Ok(Response::Holding { manifest, held }) if !in_pieces => (manifest, held, false, None),
+        Ok(Response::HoldingPieces {
+            manifest,
+            pieces,
+            held,
+        }) if in_pieces => {
+            let in_pieces = piece_size_for(manifest.size()).is_some();
+            let refined = match pieces.is_empty() {
+                true => None,
+                // Hashes that do not merge to the manifest's: the peer lies.
+                false => {
+                    Some((manifest.refine(pieces)).ok_or(ExchangeError::Unexpected("observe"))?)
+                }
             };
-            Ok(Some(Offer { manifest, held }))
+            (manifest, held, in_pieces, refined)
         }
-        Ok(_) => Err(ExchangeError::Unexpected("observe")),
-        Err(ExchangeError::Remote(e)) if e.kind == ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
+        Ok(_) => return Err(ExchangeError::Unexpected("observe")),
+        Err(ExchangeError::Remote(e)) if e.kind == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let units = match in_pieces {
+        true => units_in_pieces(&manifest),
+        false => manifest.chunk_count(),
+    };
+    let held = match held {
+        None => None,
+        Some(bits) => {
+            Some(ChunkSet::from_bytes(units, &bits).ok_or(ExchangeError::Unexpected("observe"))?)
+        }
+    };
+    Ok(Some(Offer {
+        manifest,
+        held,
+        in_pieces,
+        pieces,
+    }))
+}
+
+/// How many pieces the file `manifest` describes has (its chunks, if it has no pieces).
+pub fn units_in_pieces(manifest: &Manifest) -> u32 {
+    match piece_size_for(manifest.size()) {
+        // At most `MAX_CHUNKS` pieces: `piece_size_for` says so.
+        Some(piece) => manifest.size().div_ceil(piece) as u32,
+        None => manifest.chunk_count(),
     }
 }
 
@@ -695,6 +737,28 @@ pub async fn send_holding(
 ) -> Result<(), ProtocolError> {
     let resp = Response::Holding {
         manifest: manifest.clone(),
+        held: held.map(ChunkSet::to_bytes),
+    };
+    match held {
+        None => {
+            respond(send, &resp).await;
+            Ok(())
+        }
+        Some(_) => protocol::write_msg(send, &resp).await,
+    }
+}
+
+/// Answers `ObservePieces` like [`send_holding`], with the hashes of the file's pieces if known
+/// (`pieces`, in pieces) and `held` counting pieces where the file has them.
+pub async fn send_holding_pieces(
+    send: &mut impl SendBytes,
+    manifest: &Manifest,
+    pieces: Option<&Manifest>,
+    held: Option<&ChunkSet>,
+) -> Result<(), ProtocolError> {
+    let resp = Response::HoldingPieces {
+        manifest: manifest.clone(),
+        pieces: pieces.map(|p| p.hashes().to_vec()).unwrap_or_default(),
         held: held.map(ChunkSet::to_bytes),
     };
     match held {

@@ -8,7 +8,7 @@
 //! ```text
 //! "qnheld01"   8 bytes
 //! L            4 bytes, big-endian: the length of what follows
-//! manifest     L bytes, postcard (as on the wire)
+//! manifest     L bytes, postcard (as on the wire, but in pieces if the download is)
 //! bits         one per chunk (bit i % 8 of byte i / 8), set once chunk i is verified and written
 //! ```
 //!
@@ -160,7 +160,7 @@ impl Opened {
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(e) => return Err(e),
         }
-        let Ok(manifest) = postcard::from_bytes::<Manifest>(&body) else {
+        let Ok(manifest) = Manifest::from_stored(&body) else {
             return Ok(None);
         };
         Ok(Some((manifest, 12 + u64::from(len))))

@@ -315,7 +315,7 @@ impl Manifest {
             .chunks(per)
             .zip(&self.chunks)
             .all(|(group, chunk)| merge(group, false) == *chunk);
-        fits.then(|| Self {
+        fits.then_some(Self {
             size: self.size,
             chunk_size: piece,
             chunks: pieces,
@@ -519,6 +519,48 @@ fn merge(cvs: &[ChainingValue], root: bool) -> Hash32 {
     }
 }
 
+/// How a set of one file's units (chunks or pieces) is counted in another unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Regrain {
+    /// In the same unit.
+    Same,
+    /// Pieces as chunks, this many: a chunk is held once all its pieces are.
+    Coarser(u32),
+    /// Chunks as pieces, this many: each piece of a held chunk is held.
+    Finer(u32),
+}
+
+impl Regrain {
+    /// From the units of `manifest` (chunks, or pieces) to chunks, or (`in_pieces`) to pieces
+    /// where the file has them.
+    pub fn new(manifest: &Manifest, in_pieces: bool) -> Self {
+        Self::between(manifest.size(), manifest.in_pieces(), in_pieces)
+    }
+
+    /// From a file of `size` bytes in chunks or (`from_pieces`) pieces, to chunks or
+    /// (`to_pieces`) pieces where the file has them.
+    pub fn between(size: u64, from_pieces: bool, to_pieces: bool) -> Self {
+        let Some(piece) = piece_size_for(size) else {
+            return Self::Same;
+        };
+        // Both counts are at most `MAX_CHUNKS`: `piece_size_for` says so.
+        match (from_pieces, to_pieces) {
+            (true, false) => Self::Coarser(chunk_count_for(size) as u32),
+            (false, true) => Self::Finer(size.div_ceil(piece) as u32),
+            _ => Self::Same,
+        }
+    }
+
+    /// `held` in the other unit.
+    pub fn apply(&self, held: &ChunkSet) -> ChunkSet {
+        match *self {
+            Self::Same => held.clone(),
+            Self::Coarser(len) => held.coarser(PIECES_PER_CHUNK, len),
+            Self::Finer(len) => held.finer(PIECES_PER_CHUNK, len),
+        }
+    }
+}
+
 /// A set of a file's chunks (which ones a peer holds), as bits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkSet {
@@ -708,7 +750,13 @@ mod tests {
 
     #[test]
     fn pieces_merge_to_their_chunks_and_refine_only_with_the_right_hashes() {
-        let sizes = [(5 << 20) + 12345, 4 << 20, (1 << 20) + 1, 100_000, 16 * 1024];
+        let sizes = [
+            (5 << 20) + 12345,
+            4 << 20,
+            (1 << 20) + 1,
+            100_000,
+            16 * 1024,
+        ];
         for len in sizes {
             let d = data(len);
             let (coarse, fine) = Manifest::of_file_with_pieces(&temp_file(&d), len as u64).unwrap();
@@ -718,13 +766,19 @@ mod tests {
                 continue;
             };
             assert!(fine.in_pieces() && !coarse.in_pieces());
-            assert_eq!(fine.chunk_size() * u64::from(PIECES_PER_CHUNK), coarse.chunk_size());
+            assert_eq!(
+                fine.chunk_size() * u64::from(PIECES_PER_CHUNK),
+                coarse.chunk_size()
+            );
             assert_eq!(fine.blake3(), *blake3::hash(&d).as_bytes());
             assert_eq!(fine.coarse(), coarse, "size {len}");
             for i in 0..fine.chunk_count() {
                 let off = fine.chunk_offset(i) as usize;
                 let l = fine.chunk_len(i).unwrap() as usize;
-                assert!(fine.verify_chunk(i, &d[off..off + l]), "size {len} piece {i}");
+                assert!(
+                    fine.verify_chunk(i, &d[off..off + l]),
+                    "size {len} piece {i}"
+                );
                 assert!(!fine.verify_chunk(i, &d[off..off + l - 1]));
             }
             assert_eq!(coarse.refine(fine.hashes().to_vec()), Some(fine.clone()));
@@ -760,7 +814,11 @@ mod tests {
         some.insert(8);
         some.insert(9);
         some.insert(10);
-        assert_eq!(some.coarser(4, 5), chunks, "a chunk lacking one piece is not held");
+        assert_eq!(
+            some.coarser(4, 5),
+            chunks,
+            "a chunk lacking one piece is not held"
+        );
         some.insert(11);
         assert_eq!(some.coarser(4, 5).iter().collect::<Vec<_>>(), vec![1, 2, 4]);
     }

@@ -25,7 +25,7 @@ use crate::codec;
 use crate::delta::{Sig, SigKind, Tree};
 use crate::download::{self, DownloadReport, Options, Progress};
 use crate::identity::{self, Identity, InitOutcome};
-use crate::manifest::{FileName, Hash32, Manifest, hex};
+use crate::manifest::{FileName, Hash32, Manifest, Regrain, hex};
 use crate::peers::{PeerEntry, PeerId, PeerTable, Root};
 use crate::protocol::{FileEntry, Incomplete};
 use crate::server::{self, Server};
@@ -128,6 +128,8 @@ pub enum LeftOut {
     Failed(ClientError),
     /// It had not answered when the download finished.
     TooLate,
+    /// It joined a download in pieces but serves only chunks (an older qnode).
+    NoPieces,
 }
 
 impl std::fmt::Display for LeftOut {
@@ -141,6 +143,10 @@ impl std::fmt::Display for LeftOut {
             ),
             Self::Failed(e) => write!(f, "{e}"),
             Self::TooLate => write!(f, "no answer before the download finished"),
+            Self::NoPieces => write!(
+                f,
+                "an older qnode, which cannot serve this download's pieces"
+            ),
         }
     }
 }
@@ -596,15 +602,22 @@ impl Node {
             At::Other(seen, prefetched) => (Some(seen), prefetched),
         };
 
+        // In pieces if every peer serving it serves pieces and one sent their hashes: a crowd
+        // then passes each piece on as soon as it has it, a quarter of a chunk's time. Not for
+        // an update, whose old copy is matched in chunks.
+        let download = match old {
+            None => in_pieces(&members).map_or_else(|| manifest.clone(), Arc::new),
+            Some(_) => manifest.clone(),
+        };
         let (join, sources) = mpsc::unbounded_channel();
         let opened = RefCell::new(Vec::new());
         for member in members {
-            let source = Arc::new(self.source(name, member)?);
+            let source = Arc::new(self.source(name, member, &download)?);
             opened.borrow_mut().push(source.clone());
             let _ = join.send(source);
         }
-        let (partial, mut have) = open_partial(&target, &manifest).await?;
-        let resumed = bytes_of(&manifest, &have);
+        let (partial, mut have) = open_partial(&target, &download).await?;
+        let resumed = bytes_of(&download, &have);
         if let Some(prefetched) = prefetched {
             let peers: Vec<_> = opened
                 .borrow()
@@ -621,7 +634,7 @@ impl Node {
         // take our stripe of a crowd (see `Options::crowd_name`).
         let mut crowd_name = None;
         if target.parent() == Some(self.served_dir().as_path()) {
-            let (p, m, h) = (partial.clone(), manifest.clone(), have.clone());
+            let (p, m, h) = (partial.clone(), download.clone(), have.clone());
             match tokio::task::spawn_blocking(move || p.share(&m, &h)).await? {
                 Ok(()) => crowd_name = Some(self.me.to_string()),
                 Err(e) => {
@@ -645,7 +658,7 @@ impl Node {
             ..Options::default()
         };
         let engine = download::run(
-            manifest.clone(),
+            download.clone(),
             sources,
             partial.clone(),
             &have,
@@ -673,7 +686,7 @@ impl Node {
                             continue;
                         };
                         answers.answered.push(entry.id.clone());
-                        let late = (name, &*manifest);
+                        let late = (name, &*manifest, &*download);
                         match self.join_late(entry, answer, late, &join, &opened) {
                             None => {}
                             Some(LeftOut::DoesNotServe(_)) => absent.push(entry),
@@ -687,7 +700,8 @@ impl Node {
                     // connect timeout), not after them.
                     () = &mut again, if !absent.is_empty() => {
                         let asked = std::mem::take(&mut absent);
-                        absent = self.ask_again(asked, (name, &manifest), &join, &opened).await;
+                        let late = (name, &*manifest, &*download);
+                        absent = self.ask_again(asked, late, &join, &opened).await;
                         pause = (pause * 2).min(ASK_AGAIN_MAX);
                         again.as_mut().reset((Instant::now() + pause).into());
                     }
@@ -723,7 +737,7 @@ impl Node {
         let mut report = transferred(outcome, &partial, name, &target)?;
         // Chunks built from our old copy are reused, not resumed.
         report.resumed_bytes = report.resumed_bytes.min(resumed);
-        done.status = save(partial, &manifest, &target, old).await?;
+        done.status = save(partial, &download, &target, old).await?;
         done.report = Some(report);
         done.elapsed = started.elapsed();
         Ok(done)
@@ -756,11 +770,16 @@ impl Node {
         &self,
         entry: &PeerEntry,
         answer: Answer,
-        (name, manifest): (&FileName, &Manifest),
+        (name, manifest, download): (&FileName, &Manifest, &Manifest),
         join: &mpsc::UnboundedSender<Arc<PeerSource>>,
         opened: &RefCell<Vec<Arc<PeerSource>>>,
     ) -> Option<LeftOut> {
         let why = match answer {
+            Ok((_, Some((offer, _))))
+                if offer.manifest == *manifest && download.in_pieces() && !offer.in_pieces =>
+            {
+                LeftOut::NoPieces
+            }
             Ok((client, Some((offer, changes)))) if offer.manifest == *manifest => {
                 let member = Served {
                     entry,
@@ -768,7 +787,7 @@ impl Node {
                     offer,
                     changes,
                 };
-                match self.source(name, member) {
+                match self.source(name, member, download) {
                     Ok(source) => {
                         let source = Arc::new(source);
                         opened.borrow_mut().push(source.clone());
@@ -793,10 +812,11 @@ impl Node {
     async fn ask_again<'a>(
         &self,
         absent: Vec<&'a PeerEntry>,
-        (name, manifest): (&FileName, &Manifest),
+        late: (&FileName, &Manifest, &Manifest),
         join: &mpsc::UnboundedSender<Arc<PeerSource>>,
         opened: &RefCell<Vec<Arc<PeerSource>>>,
     ) -> Vec<&'a PeerEntry> {
+        let name = late.0;
         let answers = join_all(absent.iter().map(|&entry| async move {
             let answer = match self.client(entry).await {
                 Ok(client) => client.observe(name).await.map(|o| (client, o)),
@@ -809,7 +829,7 @@ impl Node {
         answers
             .into_iter()
             .filter_map(|(entry, answer)| {
-                let why = self.join_late(entry, answer, (name, manifest), join, opened);
+                let why = self.join_late(entry, answer, late, join, opened);
                 matches!(why, Some(LeftOut::DoesNotServe(_))).then_some(entry)
             })
             .collect()
@@ -817,13 +837,32 @@ impl Node {
 
     /// A download source for a peer that holds the version: all of it, or (a download in
     /// progress there) what it holds as that changes.
-    fn source(&self, name: &FileName, member: Served<'_>) -> Result<PeerSource, ClientError> {
+    fn source(
+        &self,
+        name: &FileName,
+        member: Served<'_>,
+        download: &Manifest,
+    ) -> Result<PeerSource, ClientError> {
         let source = PeerSource::new(member.client, name.clone(), self.redial(member.entry)?);
-        Ok(match member.offer.held {
-            Some(held) => source.holding(member.offer.manifest.blake3(), held, member.changes),
+        let offer = member.offer;
+        let version = offer.manifest.blake3();
+        Ok(match offer.held {
+            Some(held) => {
+                let regrain =
+                    Regrain::between(offer.manifest.size(), offer.in_pieces, download.in_pieces());
+                source.holding(version, held, member.changes, regrain)
+            }
             None => source,
         })
     }
+}
+
+/// The version in pieces, if every one of `members` serves pieces and one sent their hashes.
+fn in_pieces(members: &[Served<'_>]) -> Option<Manifest> {
+    if !members.iter().all(|m| m.offer.in_pieces) {
+        return None;
+    }
+    members.iter().find_map(|m| m.offer.pieces.clone())
 }
 
 /// A peer that holds some version of the file, as it answered.

@@ -169,6 +169,12 @@ pub enum Request {
     },
     /// Like `List`, and the downloads in progress too: answered with [`Response::Listing`].
     ListAll,
+    /// Like `Observe`, in pieces where the file has them (`manifest::piece_size_for`):
+    /// answered with [`Response::HoldingPieces`], then `Have` of pieces, then `Complete`.
+    ObservePieces {
+        /// Which file.
+        name: FileName,
+    },
 }
 
 /// Most groups one `Leaves` request may ask for (1024 leaves each at most: under 4 MiB).
@@ -189,6 +195,8 @@ impl Request {
             Self::Observe { .. } => "observe",
             Self::ReadVersion { .. } => "read_version",
             Self::ListAll => "list_all",
+            // Logged as `observe`, with "in pieces" in its outcome.
+            Self::ObservePieces { .. } => "observe",
         }
     }
 }
@@ -281,6 +289,17 @@ pub enum Response {
         len: u32,
         /// How many bytes of frame follow.
         wire: u32,
+    },
+    /// Answer to `ObservePieces`: like `Holding`, with the bits one per piece if the file has
+    /// pieces, and the hashes of its pieces if the peer knows them (else none), which the asker
+    /// checks against the manifest (`Manifest::refine`).
+    HoldingPieces {
+        /// The version, in chunks.
+        manifest: Manifest,
+        /// The hashes of its pieces, or none.
+        pieces: Vec<Hash32>,
+        /// The pieces held (chunks, if the file has no pieces), if not all.
+        held: Option<Vec<u8>>,
     },
 }
 

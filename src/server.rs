@@ -29,7 +29,7 @@ use crate::limits::{
     CONNECTIONS_PER_PEER, ConnectionSlots, MemoryBudget, Note, PeerBudget, RefusalLog, Refused,
     UploadSlots,
 };
-use crate::manifest::{FileName, Hash32, MAX_CHUNK_SIZE};
+use crate::manifest::{FileName, Hash32, MAX_CHUNK_SIZE, Regrain};
 use crate::peers::PeerId;
 use crate::protocol::{
     self, CloseCode, ErrorKind, FileEntry, Incomplete, MAX_GROUPS_PER_REQUEST, RemoteError,
@@ -379,7 +379,8 @@ async fn handle_stream(
             let up = (size, blake3, true);
             handle_upload(&mut send, &mut recv, &server, &link, &name, up).await
         }
-        Request::Observe { name } => handle_observe(&mut send, &server, &name).await,
+        Request::Observe { name } => handle_observe(&mut send, &server, &name, false).await,
+        Request::ObservePieces { name } => handle_observe(&mut send, &server, &name, true).await,
         Request::ReadVersion {
             name,
             blake3,
@@ -491,24 +492,36 @@ async fn handle_list_all(send: &mut quinn::SendStream, server: &Server) -> Resul
 /// How often an observed download in progress is looked at again for new chunks.
 pub const HAVE_POLL: Duration = Duration::from_millis(50);
 
-/// `Observe`: our whole file of `name`, or our download of it in progress and then what it
-/// gains, until it finishes, stops, the observer goes away or we shut down.
+/// `Observe` (`ObservePieces` with `in_pieces`): our whole file of `name`, or our download of it
+/// in progress and then what it gains, until it finishes, stops, the observer goes away or we
+/// shut down. Counted in chunks, or in pieces for `ObservePieces` where the file has them,
+/// whichever unit our own download is in.
 async fn handle_observe(
     send: &mut quinn::SendStream,
     server: &Server,
     name: &FileName,
+    in_pieces: bool,
 ) -> Result<String, Failure> {
     let (store, n) = (server.store.clone(), name.clone());
     let (whole, held) = blocking(move || {
         Ok(match store.lookup(&n)? {
-            Some(m) => (Some(m), None),
+            Some(m) => (
+                Some((m, in_pieces.then(|| store.pieces(&n)).transpose()?)),
+                None,
+            ),
             None => (None, store.held_any(&n)?),
         })
     })
     .await?;
-    if let Some(m) = whole {
-        exchange::send_holding(send, &m, None).await.map_err(gone)?;
-        return Ok(format!("{name} -> whole file"));
+    if let Some((m, pieces)) = whole {
+        match in_pieces {
+            true => {
+                exchange::send_holding_pieces(send, &m, pieces.flatten().as_deref(), None).await
+            }
+            false => exchange::send_holding(send, &m, None).await,
+        }
+        .map_err(gone)?;
+        return Ok(format!("{name} -> whole file{}", unit(in_pieces)));
     }
     let Some(held) = held else {
         return Err(
@@ -516,29 +529,41 @@ async fn handle_observe(
         );
     };
     let version = held.manifest.blake3();
-    let mut known = held.chunks;
-    exchange::send_holding(send, &held.manifest, Some(&known))
-        .await
-        .map_err(gone)?;
+    let manifest = held.manifest.coarse();
+    let units = Regrain::new(&held.manifest, in_pieces);
+    let mut known = units.apply(&held.chunks);
+    match in_pieces {
+        true => {
+            let pieces = held.manifest.in_pieces().then_some(&*held.manifest);
+            exchange::send_holding_pieces(send, &manifest, pieces, Some(&known)).await
+        }
+        false => exchange::send_holding(send, &manifest, Some(&known)).await,
+    }
+    .map_err(gone)?;
     let first = known.count();
     loop {
         tokio::select! {
             () = tokio::time::sleep(HAVE_POLL) => {}
-            _ = send.stopped() => return Ok(format!("{name} -> observed from {first} chunks until the observer left")),
+            _ = send.stopped() => return Ok(format!("{name} -> observed from {first} units until the observer left{}", unit(in_pieces))),
             () = server.shutdown.cancelled() => return Err(gone("shutting down")),
         }
         let (store, n) = (server.store.clone(), name.clone());
         let now = blocking(move || {
             Ok(match store.held(&n, &version)? {
-                Some(h) => Err(h.chunks),
+                Some(h) => Err(h),
                 None => Ok(store.lookup(&n)?.is_some_and(|m| m.blake3() == version)),
             })
         })
         .await?;
         match now {
-            Err(chunks) => {
+            Err(h) => {
                 // Only gains: a sidecar rewritten with fewer chunks (an attempt resumed) costs
-                // the observer failed requests for those, nothing worse.
+                // the observer failed requests for those, nothing worse. So does one rewritten
+                // in the other unit, which the observer is told of in the unit it counts.
+                let chunks = Regrain::new(&h.manifest, in_pieces).apply(&h.chunks);
+                if chunks.len() != known.len() {
+                    continue;
+                }
                 let gained: Vec<u32> = known
                     .changed(&chunks)
                     .into_iter()
@@ -552,7 +577,8 @@ async fn handle_observe(
             Ok(true) => {
                 respond(send, &Response::Complete).await;
                 return Ok(format!(
-                    "{name} -> observed from {first} chunks to the whole file"
+                    "{name} -> observed from {first} units to the whole file{}",
+                    unit(in_pieces)
                 ));
             }
             Ok(false) => {
@@ -564,6 +590,11 @@ async fn handle_observe(
             }
         }
     }
+}
+
+/// How an `Observe`'s log line says which request it was.
+fn unit(in_pieces: bool) -> &'static str {
+    if in_pieces { ", in pieces" } else { "" }
 }
 
 async fn handle_describe(

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::delta::{SigKind, Tree};
 use crate::held::{self, HeldWriter};
-use crate::manifest::{ChunkSet, FileName, Hash32, Manifest, chunk_size_for, hex};
+use crate::manifest::{ChunkSet, FileName, Hash32, Manifest, chunk_size_for, hex, piece_size_for};
 
 /// A store failure, typed so callers can branch on the cause.
 #[derive(Debug, thiserror::Error)]
@@ -146,13 +146,23 @@ impl FileKey {
     }
 }
 
+/// A served file's manifests, as last hashed.
+#[derive(Debug, Clone)]
+struct Described {
+    /// The file as it was hashed.
+    key: FileKey,
+    manifest: Arc<Manifest>,
+    /// In pieces, if the file has them.
+    pieces: Option<Arc<Manifest>>,
+}
+
 /// A peer's `served_files` folder.
 #[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
     /// Manifests by name. A std `Mutex`: it is held only for a map lookup or insert, never across
     /// hashing or an `.await`.
-    cache: Mutex<HashMap<FileName, (FileKey, Arc<Manifest>)>>,
+    cache: Mutex<HashMap<FileName, Described>>,
     /// Names with an upload in progress, so two uploads of one name never interleave.
     uploads: Arc<Mutex<HashSet<FileName>>>,
     /// Content-defined trees (`delta`) of the last few files asked for, by name.
@@ -270,24 +280,38 @@ impl Store {
 
     /// The manifest of `name`, from the cache if the file is unchanged.
     pub fn manifest(&self, name: &FileName) -> Result<Arc<Manifest>, StoreError> {
+        Ok(self.described(name)?.manifest)
+    }
+
+    /// The manifest of `name` in pieces, if the file has pieces
+    /// ([`piece_size_for`](crate::manifest::piece_size_for) its size); cached like its manifest.
+    pub fn pieces(&self, name: &FileName) -> Result<Option<Arc<Manifest>>, StoreError> {
+        Ok(self.described(name)?.pieces)
+    }
+
+    fn described(&self, name: &FileName) -> Result<Described, StoreError> {
         let path = self.path_of(name);
         for _attempt in 0..3 {
             let (file, key) = self.open_regular(name)?;
-            if let Some((k, m)) = self.lock_cache().get(name)
-                && *k == key
+            if let Some(d) = self.lock_cache().get(name)
+                && d.key == key
             {
-                return Ok(m.clone());
+                return Ok(d.clone());
             }
-            let manifest = Manifest::of_file(&file, key.size);
+            let manifest = Manifest::of_file_with_pieces(&file, key.size);
             let after = file
                 .metadata()
                 .map(|m| FileKey::of(&m))
                 .map_err(|e| StoreError::io("reading", &path, e))?;
             match manifest {
-                Ok(m) if after == key => {
-                    let m = Arc::new(m);
-                    self.lock_cache().insert(name.clone(), (key, m.clone()));
-                    return Ok(m);
+                Ok((m, pieces)) if after == key => {
+                    let d = Described {
+                        key,
+                        manifest: Arc::new(m),
+                        pieces: pieces.map(Arc::new),
+                    };
+                    self.lock_cache().insert(name.clone(), d.clone());
+                    return Ok(d);
                 }
                 // Changed while we read it (or it was too large or short): look again.
                 Ok(_) => continue,
@@ -506,27 +530,33 @@ impl Store {
         let Some(held) = self.held(name, blake3)? else {
             return Err(StoreError::NotFound(name.clone()));
         };
+        // Whole units of the download (chunks, or pieces if it is in pieces), at most one chunk
+        // of the file's layout: a downloader in chunks may ask one in pieces for a chunk.
         let m = &held.manifest;
-        let chunk = m.chunk_size();
-        let index = offset / chunk;
-        let fits = offset.is_multiple_of(chunk)
-            && u32::try_from(index).is_ok_and(|i| m.chunk_len(i) == Some(u64::from(len)));
+        let (unit, size) = (m.chunk_size(), m.size());
+        let end = offset.saturating_add(u64::from(len));
+        let units = offset / unit..end.div_ceil(unit).max(offset / unit + 1);
+        let fits = offset.is_multiple_of(unit)
+            && (end.is_multiple_of(unit) || end == size)
+            && end <= size
+            && u64::from(len) <= chunk_size_for(size)
+            && (len > 0 || size == 0);
         if !fits {
             return Err(StoreError::NotAChunk {
                 name: name.clone(),
                 offset,
                 len: u64::from(len),
-                chunk,
+                chunk: unit,
             });
         }
-        let not_held = || StoreError::NotHeld {
+        // The units fit a u32: they are within the file, checked above.
+        let (first, last) = (units.start as u32, units.end as u32);
+        let not_held = |chunk| StoreError::NotHeld {
             name: name.clone(),
-            chunk: index,
+            chunk,
         };
-        // `index` fits a u32: checked above.
-        let i = index as u32;
-        if !held.chunks.contains(i) {
-            return Err(not_held());
+        if let Some(i) = (first..last).find(|&i| !held.chunks.contains(i)) {
+            return Err(not_held(u64::from(i)));
         }
         let part = self
             .dir
@@ -535,17 +565,19 @@ impl Store {
         let file = match open_nofollow(&part) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound || not_regular(&e) => {
-                return Err(not_held());
+                return Err(not_held(u64::from(first)));
             }
             Err(e) => return Err(io(e)),
         };
         let mut buf = vec![0u8; len as usize];
         file.read_exact_at(&mut buf, offset).map_err(io)?;
-        if !m.verify_chunk(i, &buf) {
-            tracing::warn!(
-                "chunk {i} of the download of {name} in progress fails its check; not serving it"
-            );
-            return Err(not_held());
+        for (i, bytes) in (first..last).zip(buf.chunks(unit as usize)) {
+            if !m.verify_chunk(i, bytes) {
+                tracing::warn!(
+                    "chunk {i} of the download of {name} in progress fails its check; not serving it"
+                );
+                return Err(not_held(u64::from(i)));
+            }
         }
         Ok(buf)
     }
@@ -562,8 +594,9 @@ impl Store {
     }
 
     /// Reads one chunk of `name`: `offset` must start a chunk of the file's layout
-    /// ([`chunk_size_for`] its size) and `len` be at most one chunk, so a request can never make
-    /// the server hold more than one chunk of memory, whatever length it asks for.
+    /// ([`chunk_size_for`] its size), or a piece where it has pieces (a download in pieces asks
+    /// for pieces), and `len` be at most one chunk, so a request can never make the server hold
+    /// more than one chunk of memory, whatever length it asks for.
     pub fn read_chunk(
         &self,
         name: &FileName,
@@ -573,7 +606,7 @@ impl Store {
         self.read_bounded(name, offset, len, true)
     }
 
-    /// Reads at most one chunk's length, starting a chunk if `aligned`.
+    /// Reads at most one chunk's length, starting a chunk or piece if `aligned`.
     fn read_bounded(
         &self,
         name: &FileName,
@@ -583,7 +616,8 @@ impl Store {
     ) -> Result<Vec<u8>, StoreError> {
         let (file, key) = self.open_regular(name)?;
         let chunk = chunk_size_for(key.size);
-        if (aligned && !offset.is_multiple_of(chunk)) || u64::from(len) > chunk {
+        let start = piece_size_for(key.size).unwrap_or(chunk);
+        if (aligned && !offset.is_multiple_of(start)) || u64::from(len) > chunk {
             return Err(StoreError::NotAChunk {
                 name: name.clone(),
                 offset,
@@ -614,7 +648,10 @@ impl Store {
             // As it is now (the manifest was hashed for this very file identity); if it changes
             // before the upload ends, nothing is replaced.
             let (_, key) = self.open_regular(name)?;
-            let cached = self.lock_cache().get(name).map(|(k, m)| (*k, m.blake3()));
+            let cached = self
+                .lock_cache()
+                .get(name)
+                .map(|d| (d.key, d.manifest.blake3()));
             replacing = match cached {
                 Some((k, blake3)) if k == key && blake3 == existing.blake3() => {
                     Some(Seen { key, blake3 })
@@ -719,7 +756,7 @@ impl Store {
         self.trees.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<FileName, (FileKey, Arc<Manifest>)>> {
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<FileName, Described>> {
         // A poisoned lock only means another thread panicked mid-insert of a whole entry; the map
         // itself is still consistent.
         self.cache.lock().unwrap_or_else(|p| p.into_inner())

@@ -678,9 +678,11 @@ async fn each_protocol_version_gets_trees_signed_as_it_signs() -> TestResult {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_swarm_requests_are_bounded_and_checked() -> TestResult {
     let net = Net::new(&["p1", "p2", "p3"])?;
-    let data = util::random_bytes(1 << 20, 31);
+    // A file without pieces (its chunks are under 4 pieces of 16 KiB): these are the requests
+    // in chunks; `the_piece_requests_are_bounded_and_checked` makes them in pieces.
+    let data = util::random_bytes(512 << 10, 31);
     let version = *blake3::hash(&data).as_bytes();
-    let _p3 = net.seed(&["p3"], "f.bin", &data, &["--max-upload-rate", "128K"])?;
+    let _p3 = net.seed(&["p3"], "f.bin", &data, &["--max-upload-rate", "64K"])?;
     // p1 holds part of f.bin: its download from the slow p3, killed.
     let (_, mut download) = net.spawn("p1", &["download", "f.bin", "p3"])?;
     util::poll(std::time::Duration::from_secs(30), || {
@@ -693,7 +695,7 @@ async fn the_swarm_requests_are_bounded_and_checked() -> TestResult {
     let server = net.serve("p1", &[])?;
     let (_ep, conn) = connect(&net, "p2", "p1").await?;
     let name = FileName::new("f.bin")?;
-    let chunk = 64 << 10; // 1 MiB has 16 chunks of 64 KiB
+    let chunk = 32 << 10; // 512 KiB has 16 chunks of 32 KiB
     let read = |blake3, offset, len| {
         encode_frame(&Request::ReadVersion {
             name: name.clone(),
@@ -775,6 +777,197 @@ async fn the_swarm_requests_are_bounded_and_checked() -> TestResult {
     Ok(())
 }
 
+/// The piece requests against a real server: a download in progress in pieces tells an observer
+/// in pieces its pieces' hashes (which check against the manifest) and which pieces it holds, an
+/// observer in chunks the same as chunks; it serves the pieces it holds and nothing else; a
+/// whole file serves pieces too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_piece_requests_are_bounded_and_checked() -> TestResult {
+    use qnode::manifest::{ChunkSet, piece_size_for};
+    let net = Net::new(&["p1", "p2", "p3"])?;
+    let data = util::random_bytes(1 << 20, 34);
+    let version = *blake3::hash(&data).as_bytes();
+    let _p3 = net.seed(&["p3"], "f.bin", &data, &["--max-upload-rate", "128K"])?;
+    let (chunk, piece) = (64u64 << 10, 16u64 << 10); // 16 chunks, 64 pieces
+    assert_eq!(piece_size_for(data.len() as u64), Some(piece));
+    // p1 holds part of f.bin, in pieces: its download from the slow p3, killed.
+    let (_, mut download) = net.spawn("p1", &["download", "f.bin", "p3"])?;
+    util::poll(std::time::Duration::from_secs(30), || {
+        let listed = net.json("p1", &["list", "p1", "--json"])?;
+        let held = listed["peers"][0]["incomplete"][0]["held"].as_u64();
+        Ok(held.filter(|&h| h >= 2 * chunk).map(|_| ()))
+    })?;
+    download.kill()?;
+    download.wait()?;
+    let _p1 = net.serve("p1", &[])?;
+    let (_ep, conn) = connect(&net, "p2", "p1").await?;
+    let name = FileName::new("f.bin")?;
+    let c = &conn;
+    let observe = |req: Request| async move {
+        let (send, mut recv) = ask(c, &encode_frame(&req)?).await?;
+        let resp: Response = protocol::read_msg(&mut recv, MAX_RESPONSE_LEN).await?;
+        anyhow::Ok((resp, send, recv))
+    };
+    let (resp, ..) = observe(Request::ObservePieces { name: name.clone() }).await?;
+    let Response::HoldingPieces {
+        manifest,
+        pieces,
+        held,
+    } = resp
+    else {
+        panic!("no holding in pieces: {resp:?}");
+    };
+    assert_eq!(manifest.blake3(), version);
+    let fine = manifest.refine(pieces).expect("its pieces check");
+    assert_eq!(fine.chunk_size(), piece);
+    let in_pieces = ChunkSet::from_bytes(64, &held.expect("a partial")).unwrap();
+    let (resp, ..) = observe(Request::Observe { name: name.clone() }).await?;
+    let Response::Holding { manifest: m, held } = resp else {
+        panic!("no holding: {resp:?}");
+    };
+    assert_eq!(
+        m, manifest,
+        "an observer in chunks gets the manifest in chunks"
+    );
+    let in_chunks = ChunkSet::from_bytes(16, &held.expect("a partial")).unwrap();
+    assert_eq!(
+        in_chunks,
+        in_pieces.coarser(4, 16),
+        "a chunk is held once all its pieces are"
+    );
+
+    let have = in_pieces.iter().next().expect("a piece held");
+    let lack = (0..64)
+        .find(|&c| !in_pieces.contains(c))
+        .expect("a piece lacking");
+    let read = |offset, len| {
+        encode_frame(&Request::ReadVersion {
+            name: name.clone(),
+            blake3: version,
+            offset,
+            len,
+        })
+    };
+    let at = u64::from(have) * piece;
+    let (len, bytes) = read_reply(ask(&conn, &read(at, piece as u32)?).await?.1).await?;
+    let at = at as usize;
+    assert_eq!(
+        (len, &bytes[..]),
+        (piece as u32, &data[at..at + piece as usize])
+    );
+    for (req, kind, what) in [
+        (
+            read(u64::from(lack) * piece, piece as u32)?,
+            ErrorKind::NotFound,
+            "a piece not held",
+        ),
+        (
+            read(piece / 2, piece as u32)?,
+            ErrorKind::BadRequest,
+            "half a piece in",
+        ),
+        (
+            read(0, 2 * chunk as u32)?,
+            ErrorKind::BadRequest,
+            "longer than a chunk",
+        ),
+    ] {
+        expect_error(raw(&conn, &req).await?, kind, what);
+    }
+    // The whole file at p3 serves pieces, at a piece's start only.
+    let (_ep3, whole) = connect(&net, "p2", "p3").await?;
+    let chunk_read = |offset, len| {
+        encode_frame(&Request::ReadChunk {
+            name: name.clone(),
+            offset,
+            len,
+        })
+    };
+    let (len, bytes) = read_reply(ask(&whole, &chunk_read(piece, piece as u32)?).await?.1).await?;
+    let p = piece as usize;
+    assert_eq!((len, &bytes[..]), (piece as u32, &data[p..2 * p]));
+    let off = chunk_read(piece / 2, piece as u32)?;
+    expect_error(
+        raw(&whole, &off).await?,
+        ErrorKind::BadRequest,
+        "not a piece's start",
+    );
+    Ok(())
+}
+
+/// Two listed peers that claim, in pieces, to be downloading the file: one sends piece hashes
+/// that do not add up to the manifest's (left out at once), the other honest hashes but
+/// garbage for every piece asked of it (struck out as a lying seeder would be). The file is
+/// whole and exact from the honest seeder, downloaded in pieces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn liars_in_pieces_are_caught_and_dropped() -> TestResult {
+    use qnode::manifest::{ChunkSet, Manifest};
+    let net = Net::new(&["p1", "p2", "p3", "p4"])?;
+    let data = util::random_bytes(2 << 20, 35);
+    let p1 = net.seed(&["p1"], "f.bin", &data, &["--max-upload-rate", "512K"])?;
+    let (manifest, fine) = Manifest::of_file_with_pieces(
+        &std::fs::File::open(net.served("p1").join("f.bin"))?,
+        2 << 20,
+    )?;
+    let fine = fine.expect("2 MiB has pieces");
+    let n = fine.chunk_count();
+    let liar = |lie_in_hashes: bool| {
+        let (manifest, fine) = (manifest.clone(), fine.clone());
+        move |req, mut send| {
+            let (manifest, fine) = (manifest.clone(), fine.clone());
+            Box::pin(async move {
+                match req {
+                    Request::ObservePieces { .. } => {
+                        let mut pieces = fine.hashes().to_vec();
+                        if lie_in_hashes {
+                            pieces[1][0] ^= 1;
+                        }
+                        // Everything but piece 0.
+                        let mut held = ChunkSet::none(n);
+                        (1..n).for_each(|c| held.insert(c));
+                        let resp = Response::HoldingPieces {
+                            manifest,
+                            pieces,
+                            held: Some(held.to_bytes()),
+                        };
+                        let _ = protocol::write_msg(&mut send, &resp).await;
+                        // Stays open, gaining nothing.
+                        std::future::pending::<()>().await;
+                    }
+                    Request::ReadVersion { len, .. } => {
+                        let garbage = bytes::Bytes::from(vec![0x5a; len as usize]);
+                        let n = garbage.len();
+                        let _ = qnode::exchange::send_chunk(&mut send, n, garbage, false).await;
+                    }
+                    _ => not_found(&mut send).await,
+                }
+            }) as Answer
+        }
+    };
+    let bad_data = fake_peer(&net, "p2", "p4", liar(false))?;
+    let bad_hashes = fake_peer(&net, "p3", "p4", liar(true))?;
+    let json = download_json(&net, "p4", "f.bin").await?;
+    bad_data.abort();
+    bad_hashes.abort();
+    assert_eq!(std::fs::read(net.served("p4").join("f.bin"))?, data);
+    assert_eq!(
+        fault_of(&json, "p2")["dropped"],
+        "sent 3 corrupt chunks",
+        "{json}"
+    );
+    assert_eq!(util::share(&json, "p2"), 0, "{json}");
+    let left = json["left_out"].as_array().unwrap();
+    assert!(left.iter().any(|l| l["peer"] == "p3"), "{json}");
+    assert_eq!(util::share(&json, "p3"), 0, "{json}");
+    // Downloaded in pieces: p1 was asked for pieces of a quarter chunk.
+    let quarter = format!("+{}", fine.chunk_size());
+    assert!(
+        p1[0].log().contains(&quarter),
+        "p1 was not asked for pieces"
+    );
+    Ok(())
+}
+
 /// What a fake peer answers one request with, on its stream.
 type Answer = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -783,6 +976,12 @@ type Answer = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 /// A fake peer's answer to a request it does not play along with.
 async fn not_found(send: &mut quinn::SendStream) {
     let no = protocol::RemoteError::new(ErrorKind::NotFound, "no");
+    qnode::exchange::respond(send, &Response::Error(no)).await;
+}
+
+/// A fake peer's answer to a request an older qnode does not know.
+async fn unknown(send: &mut quinn::SendStream) {
+    let no = protocol::RemoteError::new(ErrorKind::BadRequest, "unsupported request");
     qnode::exchange::respond(send, &Response::Error(no)).await;
 }
 
@@ -880,6 +1079,8 @@ async fn a_lying_partial_holder_is_caught_and_dropped() -> TestResult {
                     let n = garbage.len();
                     let _ = qnode::exchange::send_chunk(&mut send, n, garbage, false).await;
                 }
+                // As a qnode that knows no pieces answers.
+                Request::ObservePieces { .. } => unknown(&mut send).await,
                 _ => not_found(&mut send).await,
             }
         })
@@ -925,6 +1126,8 @@ async fn compressed_frames_that_lie_are_refused_and_their_sender_dropped() -> Te
                     };
                     let _ = qnode::exchange::send_chunk(&mut send, len as usize, frame, true).await;
                 }
+                // As a qnode that knows no pieces answers.
+                Request::ObservePieces { .. } => unknown(&mut send).await,
                 _ => not_found(&mut send).await,
             }
         })
@@ -952,7 +1155,7 @@ async fn a_peer_without_compression_gets_plain_bytes_from_compress_always() -> T
     net.put("p1", "t.txt", &text)?;
     let server = net.serve("p1", &["--compression", "always"])?;
     let name = FileName::new("t.txt")?;
-    let chunk = 64 << 10; // 1 MiB has 16 chunks of 64 KiB
+    let chunk = 32 << 10; // 512 KiB has 16 chunks of 32 KiB
     for (protocols, packed) in [(&[protocol::ALPN][..], false), (&protocol::ALPNS[..], true)] {
         let (_ep, conn) = connect_speaking(&net, "p2", "p1", None, protocols).await?;
         let (_s, mut recv) = ask(&conn, &chunk_request(&name, 0, chunk)).await?;
