@@ -602,12 +602,19 @@ impl Node {
             At::Other(seen, prefetched) => (Some(seen), prefetched),
         };
 
-        // In pieces if every peer serving it serves pieces and one sent their hashes: a crowd
-        // then passes each piece on as soon as it has it, a quarter of a chunk's time. Not for
-        // an update, whose old copy is matched in chunks.
-        let download = match old {
-            None => in_pieces(&members).map_or_else(|| manifest.clone(), Arc::new),
-            Some(_) => manifest.clone(),
+        // In pieces if it may be a crowd's download (a peer holds part of it, or another peer
+        // asked may start it) and every peer serving it serves pieces and one sent their
+        // hashes: a crowd then passes each piece on as soon as it has it, a quarter of a
+        // chunk's time. Seeders alone serve chunks, with a quarter of the requests. An
+        // interrupted attempt resumes in pieces, so none it verified is lost. Not for an
+        // update, whose old copy is matched in chunks.
+        let tag = crate::store::download_tag(&manifest.blake3());
+        let crowd = !crowd_hint.is_empty()
+            || members.iter().any(|m| m.offer.held.is_some())
+            || PartialFile::left_by_an_attempt(&target, &tag);
+        let download = match (&old, crowd) {
+            (None, true) => in_pieces(&members).map_or_else(|| manifest.clone(), Arc::new),
+            _ => manifest.clone(),
         };
         let (join, sources) = mpsc::unbounded_channel();
         let opened = RefCell::new(Vec::new());

@@ -530,33 +530,35 @@ impl Store {
         let Some(held) = self.held(name, blake3)? else {
             return Err(StoreError::NotFound(name.clone()));
         };
-        // Whole units of the download (chunks, or pieces if it is in pieces), at most one chunk
-        // of the file's layout: a downloader in chunks may ask one in pieces for a chunk.
+        // A chunk or a piece of the file's layout, whatever unit the download here is in: an
+        // asker in pieces may read a piece of a chunk held here, one in chunks a chunk of the
+        // pieces held here. At most one chunk long.
         let m = &held.manifest;
         let (unit, size) = (m.chunk_size(), m.size());
+        let chunk = chunk_size_for(size);
+        let start = piece_size_for(size).unwrap_or(chunk);
         let end = offset.saturating_add(u64::from(len));
-        let units = offset / unit..end.div_ceil(unit).max(offset / unit + 1);
-        let fits = offset.is_multiple_of(unit)
-            && (end.is_multiple_of(unit) || end == size)
+        let fits = offset.is_multiple_of(start)
             && end <= size
-            && u64::from(len) <= chunk_size_for(size)
+            && u64::from(len) <= chunk
             && (len > 0 || size == 0);
         if !fits {
             return Err(StoreError::NotAChunk {
                 name: name.clone(),
                 offset,
                 len: u64::from(len),
-                chunk: unit,
+                chunk: start,
             });
         }
-        // The units fit a u32: they are within the file, checked above.
-        let (first, last) = (units.start as u32, units.end as u32);
+        // The units that hold it are read and checked whole (at most two chunks' worth), and
+        // must all be held. They fit a u32: they are within the file, checked above.
+        let (first, last) = (offset / unit, end.div_ceil(unit).max(offset / unit + 1));
         let not_held = |chunk| StoreError::NotHeld {
             name: name.clone(),
             chunk,
         };
-        if let Some(i) = (first..last).find(|&i| !held.chunks.contains(i)) {
-            return Err(not_held(u64::from(i)));
+        if let Some(i) = (first..last).find(|&i| !held.chunks.contains(i as u32)) {
+            return Err(not_held(i));
         }
         let part = self
             .dir
@@ -565,20 +567,24 @@ impl Store {
         let file = match open_nofollow(&part) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound || not_regular(&e) => {
-                return Err(not_held(u64::from(first)));
+                return Err(not_held(first));
             }
             Err(e) => return Err(io(e)),
         };
-        let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, offset).map_err(io)?;
+        let from = first * unit;
+        let mut buf = vec![0u8; (last * unit).min(size).saturating_sub(from) as usize];
+        file.read_exact_at(&mut buf, from).map_err(io)?;
         for (i, bytes) in (first..last).zip(buf.chunks(unit as usize)) {
-            if !m.verify_chunk(i, bytes) {
+            if !m.verify_chunk(i as u32, bytes) {
                 tracing::warn!(
                     "chunk {i} of the download of {name} in progress fails its check; not serving it"
                 );
-                return Err(not_held(u64::from(i)));
+                return Err(not_held(i));
             }
         }
+        let at = (offset - from) as usize;
+        buf.truncate(at + len as usize);
+        buf.drain(..at);
         Ok(buf)
     }
 
@@ -948,7 +954,14 @@ impl PartialFile {
         Self::open(target, tag, size, Reserve::AsWritten)
     }
 
-    fn open(target: &Path, tag: &str, size: u64, reserve: Reserve) -> Result<Self, StoreError> {
+    /// Whether an interrupted attempt with `tag` left a temporary file for `target` (which
+    /// [`create`](Self::create) would resume).
+    pub fn left_by_an_attempt(target: &Path, tag: &str) -> bool {
+        fs::symlink_metadata(Self::temp_of(target, tag).1).is_ok_and(|m| m.is_file())
+    }
+
+    /// The target's file name, and the temporary file's path.
+    fn temp_of(target: &Path, tag: &str) -> (String, PathBuf) {
         let dir = target
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -958,6 +971,11 @@ impl PartialFile {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let temp = dir.join(format!(".{base}.{tag}.part"));
+        (base, temp)
+    }
+
+    fn open(target: &Path, tag: &str, size: u64, reserve: Reserve) -> Result<Self, StoreError> {
+        let (base, temp) = Self::temp_of(target, tag);
         let file = open_temp(&temp)?;
         match file.try_lock() {
             Ok(()) => {}

@@ -787,11 +787,13 @@ async fn the_piece_requests_are_bounded_and_checked() -> TestResult {
     let net = Net::new(&["p1", "p2", "p3"])?;
     let data = util::random_bytes(1 << 20, 34);
     let version = *blake3::hash(&data).as_bytes();
-    let _p3 = net.seed(&["p3"], "f.bin", &data, &["--max-upload-rate", "128K"])?;
+    let p3 = net.seed(&["p3"], "f.bin", &data, &["--max-upload-rate", "128K"])?;
     let (chunk, piece) = (64u64 << 10, 16u64 << 10); // 16 chunks, 64 pieces
     assert_eq!(piece_size_for(data.len() as u64), Some(piece));
-    // p1 holds part of f.bin, in pieces: its download from the slow p3, killed.
-    let (_, mut download) = net.spawn("p1", &["download", "f.bin", "p3"])?;
+    // p1 holds part of f.bin, in pieces: its download from the slow p3, killed. (In pieces
+    // because p2, which holds none of it, may start it too: a crowd's download.)
+    let _p2 = net.serve("p2", &[])?;
+    let (_, mut download) = net.spawn("p1", &["download", "f.bin"])?;
     util::poll(std::time::Duration::from_secs(30), || {
         let listed = net.json("p1", &["list", "p1", "--json"])?;
         let held = listed["peers"][0]["incomplete"][0]["held"].as_u64();
@@ -799,6 +801,10 @@ async fn the_piece_requests_are_bounded_and_checked() -> TestResult {
     })?;
     download.kill()?;
     download.wait()?;
+    assert!(
+        p3[0].log().contains(" +16384"),
+        "p1 did not ask p3 for pieces"
+    );
     let _p1 = net.serve("p1", &[])?;
     let (_ep, conn) = connect(&net, "p2", "p1").await?;
     let name = FileName::new("f.bin")?;

@@ -148,18 +148,19 @@ fn a_damaged_partial_is_listed_as_incomplete_and_serves_nothing_bad() -> TestRes
     let held = incomplete["held"].as_u64().unwrap();
     assert!(held >= 3 * chunk && held < data.len() as u64, "{json}");
 
-    // Damage the second piece it holds, on disk.
+    // Damage the second chunk it holds, on disk (its download from one seeder was in chunks).
     let part = std::fs::read_dir(net.served("p2"))?
         .filter_map(Result::ok)
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|e| e == "part"))
         .expect("a temporary file");
-    // It downloaded in pieces (a quarter of a chunk), so it holds pieces.
     let mut bytes = std::fs::read(&part)?;
-    let piece = chunk as usize / 4;
-    let whole = |c: &usize| bytes[c * piece..(c + 1) * piece] == data[c * piece..(c + 1) * piece];
-    let second = (0..64).filter(whole).nth(1).expect("two pieces held");
-    bytes[second * piece] ^= 0xff;
+    let whole = |c: &usize| {
+        bytes[c * chunk as usize..(c + 1) * chunk as usize]
+            == data[c * chunk as usize..(c + 1) * chunk as usize]
+    };
+    let second = (0..16).filter(whole).nth(1).expect("two chunks held");
+    bytes[second * chunk as usize] ^= 0xff;
     std::fs::write(&part, &bytes)?;
 
     let p2 = net.serve("p2", &[])?;
