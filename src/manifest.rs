@@ -376,6 +376,17 @@ impl Manifest {
         (index < self.chunk_count()).then(|| unit_len(self.size, self.chunk_size, u64::from(index)))
     }
 
+    /// A check of chunk `index` (or piece, in pieces) fed its bytes in order, a part at a time;
+    /// `None` past the end.
+    pub fn check_chunk(&self, index: u32) -> Option<ChunkCheck> {
+        let expected = *self.chunks.get(index as usize)?;
+        Some(ChunkCheck {
+            hasher: ChunkHasher::new(self.chunks.len() as u64, u64::from(index), self.chunk_size),
+            expected,
+            left: self.chunk_len(index)?,
+        })
+    }
+
     /// Whether `data` is exactly chunk `index`.
     pub fn verify_chunk(&self, index: u32, data: &[u8]) -> bool {
         let Some(expected) = self.chunks.get(index as usize) else {
@@ -455,6 +466,28 @@ fn hash_unit(
 /// The length of unit `index` of `unit` bytes in a file of `size` bytes (the last may be short).
 fn unit_len(size: u64, unit: u64, index: u64) -> u64 {
     size.saturating_sub(index * unit).min(unit)
+}
+
+/// A check of one chunk against its manifest entry, fed a part at a time
+/// ([`Manifest::check_chunk`]).
+pub struct ChunkCheck {
+    hasher: ChunkHasher,
+    expected: Hash32,
+    /// Bytes still to come.
+    left: u64,
+}
+
+impl ChunkCheck {
+    /// The next bytes of the chunk.
+    pub fn update(&mut self, data: &[u8]) {
+        self.left = self.left.wrapping_sub(data.len() as u64);
+        self.hasher.update(data);
+    }
+
+    /// Whether the bytes fed were exactly the chunk.
+    pub fn matches(&self) -> bool {
+        self.left == 0 && self.hasher.finalize() == self.expected
+    }
 }
 
 /// Hashes one chunk the way its manifest entry is made: a subtree chaining value at the chunk's

@@ -146,6 +146,9 @@ impl FileKey {
     }
 }
 
+/// Bytes read at a time when a chunk of a download in progress is checked before it is served.
+const READ_PART: u64 = 256 * 1024;
+
 /// A served file's manifests, as last hashed.
 #[derive(Debug, Clone)]
 struct Described {
@@ -550,8 +553,8 @@ impl Store {
                 chunk: start,
             });
         }
-        // The units that hold it are read and checked whole (at most two chunks' worth), and
-        // must all be held. They fit a u32: they are within the file, checked above.
+        // The units that hold it must all be held, and are read and checked whole. They fit a
+        // u32: they are within the file, checked above.
         let (first, last) = (offset / unit, end.div_ceil(unit).max(offset / unit + 1));
         let not_held = |chunk| StoreError::NotHeld {
             name: name.clone(),
@@ -571,21 +574,38 @@ impl Store {
             }
             Err(e) => return Err(io(e)),
         };
-        let from = first * unit;
-        let mut buf = vec![0u8; (last * unit).min(size).saturating_sub(from) as usize];
-        file.read_exact_at(&mut buf, from).map_err(io)?;
-        for (i, bytes) in (first..last).zip(buf.chunks(unit as usize)) {
-            if !m.verify_chunk(i as u32, bytes) {
+        // Each unit is checked as it is read, a part at a time, and only the bytes asked for
+        // are kept: the memory is the request's, whatever the unit.
+        let mut out = vec![0u8; len as usize];
+        let mut part_buf = vec![0u8; unit.min(READ_PART) as usize];
+        for i in first..last {
+            let i = i as u32;
+            let (start, unit_len) = (m.chunk_offset(i), m.chunk_len(i).unwrap_or(0));
+            let Some(mut check) = m.check_chunk(i) else {
+                return Err(not_held(u64::from(i)));
+            };
+            let mut at = start;
+            while at < start + unit_len {
+                let n = (start + unit_len - at).min(part_buf.len() as u64) as usize;
+                let bytes = &mut part_buf[..n];
+                file.read_exact_at(bytes, at).map_err(io)?;
+                check.update(bytes);
+                // The part of these bytes that was asked for.
+                let (lo, hi) = (at.max(offset), (at + n as u64).min(end));
+                if lo < hi {
+                    out[(lo - offset) as usize..(hi - offset) as usize]
+                        .copy_from_slice(&bytes[(lo - at) as usize..(hi - at) as usize]);
+                }
+                at += n as u64;
+            }
+            if !check.matches() {
                 tracing::warn!(
                     "chunk {i} of the download of {name} in progress fails its check; not serving it"
                 );
-                return Err(not_held(i));
+                return Err(not_held(u64::from(i)));
             }
         }
-        let at = (offset - from) as usize;
-        buf.truncate(at + len as usize);
-        buf.drain(..at);
-        Ok(buf)
+        Ok(out)
     }
 
     /// Reads `len` bytes of `name` at any `offset`, at most one chunk of its layout long (the same
@@ -1531,6 +1551,69 @@ mod tests {
 
     fn not_found<T>(r: Result<T, StoreError>) -> bool {
         matches!(r, Err(StoreError::NotFound(_)))
+    }
+
+    /// A download in progress in chunks serves pieces of the chunks it holds, and one in
+    /// pieces serves chunks of the pieces it holds; each checks the whole units it reads, so a
+    /// damaged byte costs the chunk it is in (or, in pieces, only its piece).
+    #[test]
+    fn a_download_in_either_unit_serves_chunks_and_pieces_of_what_it_holds() {
+        use crate::manifest::piece_size_for;
+        let data: Vec<u8> = (0..1u32 << 20)
+            .map(|i| (i % 251) as u8 ^ (i >> 12) as u8)
+            .collect();
+        let src = tempfile::tempdir().unwrap();
+        fs::write(src.path().join("src"), &data).unwrap();
+        let file = File::open(src.path().join("src")).unwrap();
+        let (m, fine) = Manifest::of_file_with_pieces(&file, data.len() as u64).unwrap();
+        let fine = fine.unwrap();
+        let (cs, ps) = (m.chunk_size(), fine.chunk_size());
+        assert_eq!((cs, piece_size_for(m.size())), (64 << 10, Some(16 << 10)));
+        let x = name("x.bin");
+        for (unit, manifest) in [("chunks", &m), ("pieces", &fine)] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path()).unwrap();
+            let b3 = m.blake3();
+            let target = dir.path().join("x.bin");
+            let partial = PartialFile::create(&target, &download_tag(&b3), m.size()).unwrap();
+            partial.share(manifest, &[]).unwrap();
+            // Chunk 1 written and marked, in the download's unit.
+            partial
+                .write_at(cs, &data[cs as usize..2 * cs as usize])
+                .unwrap();
+            let per = (cs / manifest.chunk_size()) as u32;
+            (per..2 * per).for_each(|i| partial.mark_verified(i));
+            let read = |offset: u64, len: u64| store.read_version(&x, &b3, offset, len as u32);
+            let bytes = |offset: u64, len: u64| &data[offset as usize..(offset + len) as usize];
+            assert_eq!(read(cs, cs).unwrap(), bytes(cs, cs), "{unit}: the chunk");
+            assert_eq!(
+                read(cs + ps, ps).unwrap(),
+                bytes(cs + ps, ps),
+                "{unit}: a piece"
+            );
+            assert!(
+                matches!(read(2 * cs, ps), Err(StoreError::NotHeld { .. })),
+                "{unit}: a piece not held"
+            );
+            assert!(
+                matches!(read(cs + ps / 2, ps), Err(StoreError::NotAChunk { .. })),
+                "{unit}: not a piece's start"
+            );
+            assert!(
+                matches!(read(cs, 2 * cs), Err(StoreError::NotAChunk { .. })),
+                "{unit}: longer than a chunk"
+            );
+            // A byte of its second piece damaged on disk.
+            let mut bad = bytes(cs + ps, ps).to_vec();
+            bad[7] ^= 0xff;
+            partial.write_at(cs + ps, &bad).unwrap();
+            assert!(matches!(read(cs + ps, ps), Err(StoreError::NotHeld { .. })));
+            let first_piece = read(cs, ps);
+            match unit {
+                "chunks" => assert!(matches!(first_piece, Err(StoreError::NotHeld { .. }))),
+                _ => assert_eq!(first_piece.unwrap(), bytes(cs, ps)),
+            }
+        }
     }
 
     #[test]
