@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeek, AsyncSeekExt, AsyncWrite, As
 
 use crate::codec;
 use crate::delta::{self, Index, Sig, Step, Tree};
-use crate::manifest::{ChunkSet, FileName, Hash32, Manifest, piece_size_for};
+use crate::manifest::{ChunkSet, FileName, Hash32, Manifest, piece_size_for, unit_count};
 use crate::protocol::{
     self, Delta, ErrorKind, FileEntry, Incomplete, MAX_LISTED_FILES, MAX_REQUEST_LEN,
     MAX_RESPONSE_LEN, ProtocolError, RemoteError, Request, Response,
@@ -272,7 +272,7 @@ pub struct Offer {
     pub pieces: Option<Manifest>,
 }
 
-/// `Observe` (or, with `pieces`, `ObservePieces`): what the peer holds of `name` (`None`:
+/// `Observe` (or, `in_pieces`, `ObservePieces`): what the peer holds of `name` (`None`:
 /// nothing). For a download in progress the stream stays open: [`next_change`] reads what it
 /// gains.
 pub async fn observe(
@@ -308,7 +308,7 @@ pub async fn observe(
         Err(e) => return Err(e),
     };
     let units = match in_pieces {
-        true => units_in_pieces(&manifest),
+        true => unit_count(manifest.size(), true),
         false => manifest.chunk_count(),
     };
     let held = match held {
@@ -323,15 +323,6 @@ pub async fn observe(
         in_pieces,
         pieces,
     }))
-}
-
-/// How many pieces the file `manifest` describes has (its chunks, if it has no pieces).
-pub fn units_in_pieces(manifest: &Manifest) -> u32 {
-    match piece_size_for(manifest.size()) {
-        // At most `MAX_CHUNKS` pieces: `piece_size_for` says so.
-        Some(piece) => manifest.size().div_ceil(piece) as u32,
-        None => manifest.chunk_count(),
-    }
 }
 
 /// What an observed download in progress did.
@@ -739,13 +730,7 @@ pub async fn send_holding(
         manifest: manifest.clone(),
         held: held.map(ChunkSet::to_bytes),
     };
-    match held {
-        None => {
-            respond(send, &resp).await;
-            Ok(())
-        }
-        Some(_) => protocol::write_msg(send, &resp).await,
-    }
+    send_offer(send, &resp, held.is_some()).await
 }
 
 /// Answers `ObservePieces` like [`send_holding`], with the hashes of the file's pieces if known
@@ -761,12 +746,22 @@ pub async fn send_holding_pieces(
         pieces: pieces.map(|p| p.hashes().to_vec()).unwrap_or_default(),
         held: held.map(ChunkSet::to_bytes),
     };
-    match held {
-        None => {
-            respond(send, &resp).await;
+    send_offer(send, &resp, held.is_some()).await
+}
+
+/// Sends an answer to `Observe`: the whole answer, or (`partial`, a download in progress) its
+/// first message, the stream staying open for the updates.
+async fn send_offer(
+    send: &mut impl SendBytes,
+    resp: &Response,
+    partial: bool,
+) -> Result<(), ProtocolError> {
+    match partial {
+        false => {
+            respond(send, resp).await;
             Ok(())
         }
-        Some(_) => protocol::write_msg(send, &resp).await,
+        true => protocol::write_msg(send, resp).await,
     }
 }
 

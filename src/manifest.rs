@@ -141,6 +141,16 @@ pub fn piece_size_for(size: u64) -> Option<u64> {
         .then_some(piece)
 }
 
+/// How many units a file of `size` bytes has: chunks, or (`in_pieces`) pieces where it has
+/// them. At most [`MAX_CHUNKS`], so it fits a u32.
+pub fn unit_count(size: u64, in_pieces: bool) -> u32 {
+    let unit = match in_pieces {
+        true => piece_size_for(size).unwrap_or_else(|| chunk_size_for(size)),
+        false => chunk_size_for(size),
+    };
+    size.div_ceil(unit).max(1) as u32
+}
+
 /// Lower-case hex of a hash.
 pub fn hex(hash: &Hash32) -> String {
     blake3::Hash::from_bytes(*hash).to_hex().to_string()
@@ -389,19 +399,10 @@ impl Manifest {
 
     /// Whether `data` is exactly chunk `index`.
     pub fn verify_chunk(&self, index: u32, data: &[u8]) -> bool {
-        let Some(expected) = self.chunks.get(index as usize) else {
-            return false;
-        };
-        if Some(data.len() as u64) != self.chunk_len(index) {
-            return false;
-        }
-        let mut h = ChunkHasher::new(
-            self.chunks.len() as u64,
-            u64::from(index),
-            self.chunk_size(),
-        );
-        h.update(data);
-        h.finalize() == *expected
+        self.check_chunk(index).is_some_and(|mut check| {
+            check.update(data);
+            check.matches()
+        })
     }
 }
 
@@ -573,13 +574,12 @@ impl Regrain {
     /// From a file of `size` bytes in chunks or (`from_pieces`) pieces, to chunks or
     /// (`to_pieces`) pieces where the file has them.
     pub fn between(size: u64, from_pieces: bool, to_pieces: bool) -> Self {
-        let Some(piece) = piece_size_for(size) else {
+        if piece_size_for(size).is_none() {
             return Self::Same;
-        };
-        // Both counts are at most `MAX_CHUNKS`: `piece_size_for` says so.
+        }
         match (from_pieces, to_pieces) {
-            (true, false) => Self::Coarser(chunk_count_for(size) as u32),
-            (false, true) => Self::Finer(size.div_ceil(piece) as u32),
+            (true, false) => Self::Coarser(unit_count(size, false)),
+            (false, true) => Self::Finer(unit_count(size, true)),
             _ => Self::Same,
         }
     }
