@@ -956,12 +956,7 @@ async fn liars_in_pieces_are_caught_and_dropped() -> TestResult {
     bad_data.abort();
     bad_hashes.abort();
     assert_eq!(std::fs::read(net.served("p4").join("f.bin"))?, data);
-    assert_eq!(
-        fault_of(&json, "p2")["dropped"],
-        "sent 3 corrupt chunks",
-        "{json}"
-    );
-    assert_eq!(util::share(&json, "p2"), 0, "{json}");
+    struck_out(&json, "p2");
     let left = json["left_out"].as_array().unwrap();
     assert!(left.iter().any(|l| l["peer"] == "p3"), "{json}");
     assert_eq!(util::share(&json, "p3"), 0, "{json}");
@@ -1045,6 +1040,16 @@ async fn download_json(net: &Net, id: &str, name: &str) -> anyhow::Result<serde_
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// Asserts the download struck `peer` out for three corrupt chunks, and kept none of its bytes.
+fn struck_out(json: &serde_json::Value, peer: &str) {
+    assert_eq!(
+        fault_of(json, peer)["dropped"],
+        "sent 3 corrupt chunks",
+        "{json}"
+    );
+    assert_eq!(util::share(json, peer), 0, "{json}");
+}
+
 /// The fault a download reports for `peer`.
 fn fault_of(json: &serde_json::Value, peer: &str) -> serde_json::Value {
     json["faults"]
@@ -1094,12 +1099,7 @@ async fn a_lying_partial_holder_is_caught_and_dropped() -> TestResult {
     let json = download_json(&net, "p3", "f.bin").await?;
     liar.abort();
     assert_eq!(std::fs::read(net.served("p3").join("f.bin"))?, data);
-    assert_eq!(
-        fault_of(&json, "p2")["dropped"],
-        "sent 3 corrupt chunks",
-        "{json}"
-    );
-    assert_eq!(util::share(&json, "p2"), 0, "{json}");
+    struck_out(&json, "p2");
     Ok(())
 }
 
