@@ -708,7 +708,12 @@ impl Node {
                     () = &mut again, if !absent.is_empty() => {
                         let asked = std::mem::take(&mut absent);
                         let late = (name, &*manifest, &*download);
-                        absent = self.ask_again(asked, late, &join, &opened).await;
+                        let out;
+                        (absent, out) = self.ask_again(asked, late, &join, &opened).await;
+                        for (peer, why) in out {
+                            report(&peer, &why);
+                            late_left_out.borrow_mut().push((peer, why));
+                        }
                         pause = (pause * 2).min(ASK_AGAIN_MAX);
                         again.as_mut().reset((Instant::now() + pause).into());
                     }
@@ -815,14 +820,16 @@ impl Node {
 
     /// Asks the `absent` peers (which held nothing of the file) again; those that hold
     /// `manifest`'s version now (they started downloading it too, as a crowd starting at once
-    /// does) join the download. Returns those that still hold nothing of it.
+    /// does) join the download. Returns those that still hold nothing of it, and those that
+    /// answered but cannot take part (another version, or an older qnode in a download in
+    /// pieces), with why.
     async fn ask_again<'a>(
         &self,
         absent: Vec<&'a PeerEntry>,
         late: (&FileName, &Manifest, &Manifest),
         join: &mpsc::UnboundedSender<Arc<PeerSource>>,
         opened: &RefCell<Vec<Arc<PeerSource>>>,
-    ) -> Vec<&'a PeerEntry> {
+    ) -> (Vec<&'a PeerEntry>, Vec<(PeerId, LeftOut)>) {
         let name = late.0;
         let answers = join_all(absent.iter().map(|&entry| async move {
             let answer = match self.client(entry).await {
@@ -833,13 +840,17 @@ impl Node {
         }))
         .await;
         // Joined, or another version, or unreachable now: not asked again.
-        answers
-            .into_iter()
-            .filter_map(|(entry, answer)| {
-                let why = self.join_late(entry, answer, late, join, opened);
-                matches!(why, Some(LeftOut::DoesNotServe(_))).then_some(entry)
-            })
-            .collect()
+        let (mut still, mut out) = (Vec::new(), Vec::new());
+        for (entry, answer) in answers {
+            match self.join_late(entry, answer, late, join, opened) {
+                Some(LeftOut::DoesNotServe(_)) => still.push(entry),
+                Some(why @ (LeftOut::OtherVersion(..) | LeftOut::NoPieces)) => {
+                    out.push((entry.id.clone(), why));
+                }
+                _ => {}
+            }
+        }
+        (still, out)
     }
 
     /// A download source for a peer that holds the version: all of it, or (a download in
@@ -933,13 +944,15 @@ impl<'a> Answers<'a> {
     }
 
     /// Everyone left out: those known before the transfer, those that answered during it
-    /// (`late`), and those that never answered.
+    /// (`late`, whose reason replaces an earlier one: a peer that held nothing may answer later
+    /// with another version, or as an older qnode), and those that never answered.
     fn all_left_out(
         self,
         late: Vec<(PeerId, LeftOut)>,
         candidates: &[PeerEntry],
     ) -> Vec<(PeerId, LeftOut)> {
         let mut all = self.left_out;
+        all.retain(|(p, _)| !late.iter().any(|(q, _)| q == p));
         all.extend(late);
         let silent = candidates.iter().filter(|e| !self.answered.contains(&e.id));
         all.extend(silent.map(|e| (e.id.clone(), LeftOut::TooLate)));

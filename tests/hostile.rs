@@ -969,6 +969,51 @@ async fn liars_in_pieces_are_caught_and_dropped() -> TestResult {
     Ok(())
 }
 
+/// A listed peer that is an older qnode (it knows no `ObservePieces`) and starts downloading the
+/// file once a download in pieces is under way: it cannot serve that download's pieces, so it is
+/// left out and named as such, and the file is exact from the seeder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_peer_joining_a_download_in_pieces_is_left_out_and_named() -> TestResult {
+    use qnode::manifest::{ChunkSet, Manifest};
+    let net = Net::new(&["p1", "p2", "p3"])?;
+    let data = util::random_bytes(2 << 20, 36);
+    let _p1 = net.seed(&["p1"], "f.bin", &data, &["--max-upload-rate", "512K"])?;
+    let manifest = Manifest::from_reader(&data[..], data.len() as u64)?;
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let older = fake_peer(&net, "p2", "p3", move |req, mut send| {
+        let (manifest, asked) = (manifest.clone(), asked.clone());
+        Box::pin(async move {
+            match req {
+                Request::ObservePieces { .. } => unknown(&mut send).await,
+                // Nothing at first (so the download may be a crowd's), then a download of it
+                // in progress, in chunks.
+                Request::Observe { .. }
+                    if asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 =>
+                {
+                    let mut held = ChunkSet::none(manifest.chunk_count());
+                    held.insert(1);
+                    let holding = qnode::exchange::send_holding(&mut send, &manifest, Some(&held));
+                    let _ = holding.await;
+                    std::future::pending::<()>().await;
+                }
+                _ => not_found(&mut send).await,
+            }
+        })
+    })?;
+    let json = download_json(&net, "p3", "f.bin").await?;
+    older.abort();
+    assert_eq!(std::fs::read(net.served("p3").join("f.bin"))?, data);
+    let left = json["left_out"].as_array().unwrap();
+    let p2: Vec<_> = left.iter().filter(|l| l["peer"] == "p2").collect();
+    assert_eq!(p2.len(), 1, "{json}");
+    assert!(
+        p2[0]["reason"].as_str().unwrap().contains("older qnode"),
+        "{json}"
+    );
+    assert_eq!(util::share(&json, "p2"), 0, "{json}");
+    Ok(())
+}
+
 /// What a fake peer answers one request with, on its stream.
 type Answer = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
