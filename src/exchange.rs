@@ -307,10 +307,7 @@ pub async fn observe(
         Err(ExchangeError::Remote(e)) if e.kind == ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let units = match in_pieces {
-        true => unit_count(manifest.size(), true),
-        false => manifest.chunk_count(),
-    };
+    let units = unit_count(manifest.size(), in_pieces);
     let held = match held {
         None => None,
         Some(bits) => {

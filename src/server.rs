@@ -504,42 +504,40 @@ async fn handle_observe(
 ) -> Result<String, Failure> {
     let (store, n) = (server.store.clone(), name.clone());
     let (whole, held) = blocking(move || {
-        Ok(match store.lookup(&n)? {
-            Some(m) => (
-                Some((m, in_pieces.then(|| store.pieces(&n)).transpose()?)),
-                None,
-            ),
+        Ok(match store.lookup_with_pieces(&n)? {
+            Some(whole) => (Some(whole), None),
             None => (None, store.held_any(&n)?),
         })
     })
     .await?;
-    if let Some((m, pieces)) = whole {
-        match in_pieces {
-            true => {
-                exchange::send_holding_pieces(send, &m, pieces.flatten().as_deref(), None).await
-            }
-            false => exchange::send_holding(send, &m, None).await,
+    // The version in chunks, in pieces if we know its pieces' hashes, and for a download in
+    // progress what it holds, in the observer's unit.
+    let (manifest, pieces, held) = match (whole, held) {
+        (Some(whole), _) => (whole.manifest, whole.pieces, None),
+        (None, Some(h)) => {
+            let pieces = h.manifest.in_pieces().then(|| h.manifest.clone());
+            (Arc::new(h.manifest.coarse()), pieces, Some(h))
         }
-        .map_err(gone)?;
-        return Ok(format!("{name} -> whole file{}", unit(in_pieces)));
-    }
-    let Some(held) = held else {
-        return Err(
-            RemoteError::new(ErrorKind::NotFound, format!("{name} is not served here")).into(),
-        );
+        (None, None) => {
+            return Err(RemoteError::new(
+                ErrorKind::NotFound,
+                format!("{name} is not served here"),
+            )
+            .into());
+        }
     };
-    let version = held.manifest.blake3();
-    let manifest = held.manifest.coarse();
-    let units = Regrain::new(&held.manifest, in_pieces);
-    let mut known = units.apply(&held.chunks);
+    let known = held.map(|h| Regrain::new(&h.manifest, in_pieces).apply(&h.chunks));
     match in_pieces {
         true => {
-            let pieces = held.manifest.in_pieces().then_some(&*held.manifest);
-            exchange::send_holding_pieces(send, &manifest, pieces, Some(&known)).await
+            exchange::send_holding_pieces(send, &manifest, pieces.as_deref(), known.as_ref()).await
         }
-        false => exchange::send_holding(send, &manifest, Some(&known)).await,
+        false => exchange::send_holding(send, &manifest, known.as_ref()).await,
     }
     .map_err(gone)?;
+    let Some(mut known) = known else {
+        return Ok(format!("{name} -> whole file{}", unit(in_pieces)));
+    };
+    let version = manifest.blake3();
     let first = known.count();
     loop {
         tokio::select! {

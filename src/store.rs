@@ -151,12 +151,13 @@ const READ_PART: u64 = 256 * 1024;
 
 /// A served file's manifests, as last hashed.
 #[derive(Debug, Clone)]
-struct Described {
+pub struct Described {
     /// The file as it was hashed.
     key: FileKey,
-    manifest: Arc<Manifest>,
+    /// Its manifest.
+    pub manifest: Arc<Manifest>,
     /// In pieces, if the file has them.
-    pieces: Option<Arc<Manifest>>,
+    pub pieces: Option<Arc<Manifest>>,
 }
 
 /// A peer's `served_files` folder.
@@ -286,10 +287,15 @@ impl Store {
         Ok(self.described(name)?.manifest)
     }
 
-    /// The manifest of `name` in pieces, if the file has pieces
-    /// ([`piece_size_for`](crate::manifest::piece_size_for) its size); cached like its manifest.
-    pub fn pieces(&self, name: &FileName) -> Result<Option<Arc<Manifest>>, StoreError> {
-        Ok(self.described(name)?.pieces)
+    /// The manifest of `name` and, if the file has pieces
+    /// ([`piece_size_for`](crate::manifest::piece_size_for) its size), its manifest in pieces,
+    /// if a regular file of that name exists; both cached, from one look at the file.
+    pub fn lookup_with_pieces(&self, name: &FileName) -> Result<Option<Described>, StoreError> {
+        match self.described(name) {
+            Ok(d) => Ok(Some(d)),
+            Err(StoreError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     fn described(&self, name: &FileName) -> Result<Described, StoreError> {
@@ -330,11 +336,7 @@ impl Store {
 
     /// The manifest of `name` if a regular file of that name exists.
     pub fn lookup(&self, name: &FileName) -> Result<Option<Arc<Manifest>>, StoreError> {
-        match self.manifest(name) {
-            Ok(m) => Ok(Some(m)),
-            Err(StoreError::NotFound(_)) => Ok(None),
-            Err(e) => Err(e),
-        }
+        Ok(self.lookup_with_pieces(name)?.map(|d| d.manifest))
     }
 
     /// Reads `len` bytes of `name` at `offset`.

@@ -908,10 +908,8 @@ async fn the_piece_requests_are_bounded_and_checked() -> TestResult {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn liars_in_pieces_are_caught_and_dropped() -> TestResult {
     use qnode::manifest::{ChunkSet, Manifest};
-    let net = Net::new(&["p1", "p2", "p3", "p4"])?;
-    let data = util::random_bytes(2 << 20, 35);
-    let p1 = net.seed(&["p1"], "f.bin", &data, &["--max-upload-rate", "512K"])?;
-    let (manifest, fine) = Manifest::of_file_with_pieces(
+    let (net, data, p1, manifest) = honest_seeder(&["p1", "p2", "p3", "p4"], 35)?;
+    let (_, fine) = Manifest::of_file_with_pieces(
         &std::fs::File::open(net.served("p1").join("f.bin"))?,
         2 << 20,
     )?;
@@ -974,11 +972,8 @@ async fn liars_in_pieces_are_caught_and_dropped() -> TestResult {
 /// left out and named as such, and the file is exact from the seeder.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_peer_joining_a_download_in_pieces_is_left_out_and_named() -> TestResult {
-    use qnode::manifest::{ChunkSet, Manifest};
-    let net = Net::new(&["p1", "p2", "p3"])?;
-    let data = util::random_bytes(2 << 20, 36);
-    let _p1 = net.seed(&["p1"], "f.bin", &data, &["--max-upload-rate", "512K"])?;
-    let manifest = Manifest::from_reader(&data[..], data.len() as u64)?;
+    use qnode::manifest::ChunkSet;
+    let (net, data, _p1, manifest) = honest_seeder(&["p1", "p2", "p3"], 36)?;
     let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let older = fake_peer(&net, "p2", "p3", move |req, mut send| {
         let (manifest, asked) = (manifest.clone(), asked.clone());
@@ -1085,6 +1080,19 @@ async fn download_json(net: &Net, id: &str, name: &str) -> anyhow::Result<serde_
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// The stage of a liar's test: a net of `peers` where p1 seeds `f.bin`, 2 MiB of random bytes
+/// from `seed`, held to 512 KiB/s (so the download asks the liars too), and the file's manifest.
+fn honest_seeder(
+    peers: &[&str],
+    seed: u64,
+) -> anyhow::Result<(Net, Vec<u8>, Vec<util::Server>, qnode::manifest::Manifest)> {
+    let net = Net::new(peers)?;
+    let data = util::random_bytes(2 << 20, seed);
+    let p1 = net.seed(&["p1"], "f.bin", &data, &["--max-upload-rate", "512K"])?;
+    let manifest = qnode::manifest::Manifest::from_reader(&data[..], data.len() as u64)?;
+    Ok((net, data, p1, manifest))
+}
+
 /// Asserts the download struck `peer` out for three corrupt chunks, and kept none of its bytes.
 fn struck_out(json: &serde_json::Value, peer: &str) {
     assert_eq!(
@@ -1111,11 +1119,8 @@ fn fault_of(json: &serde_json::Value, peer: &str) -> serde_json::Value {
 /// lying seeder, and the file is whole and exact from the honest seeder.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_partial_holder_is_caught_and_dropped() -> TestResult {
-    use qnode::manifest::{ChunkSet, Manifest};
-    let net = Net::new(&["p1", "p2", "p3"])?;
-    let data = util::random_bytes(2 << 20, 32);
-    let _p1 = net.seed(&["p1"], "f.bin", &data, &["--max-upload-rate", "512K"])?;
-    let manifest = Manifest::from_reader(&data[..], data.len() as u64)?;
+    use qnode::manifest::ChunkSet;
+    let (net, data, _p1, manifest) = honest_seeder(&["p1", "p2", "p3"], 32)?;
     let n = manifest.chunk_count();
     let liar = fake_peer(&net, "p2", "p3", move |req, mut send| {
         let manifest = manifest.clone();
@@ -1154,11 +1159,7 @@ async fn a_lying_partial_holder_is_caught_and_dropped() -> TestResult {
 /// its failures, and gets the file whole and exact from the honest seeder.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_frames_that_lie_are_refused_and_their_sender_dropped() -> TestResult {
-    use qnode::manifest::Manifest;
-    let net = Net::new(&["p1", "p2", "p3"])?;
-    let data = util::random_bytes(2 << 20, 33);
-    let _p1 = net.seed(&["p1"], "f.bin", &data, &["--max-upload-rate", "512K"])?;
-    let manifest = Manifest::from_reader(&data[..], data.len() as u64)?;
+    let (net, data, _p1, manifest) = honest_seeder(&["p1", "p2", "p3"], 33)?;
     let bomb = bytes::Bytes::from(zstd::bulk::compress(&vec![0u8; 64 << 20], 1)?);
     let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let count = asked.clone();
