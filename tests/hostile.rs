@@ -685,11 +685,7 @@ async fn the_swarm_requests_are_bounded_and_checked() -> TestResult {
     let _p3 = net.seed(&["p3"], "f.bin", &data, &["--max-upload-rate", "64K"])?;
     // p1 holds part of f.bin: its download from the slow p3, killed.
     let (_, mut download) = net.spawn("p1", &["download", "f.bin", "p3"])?;
-    util::poll(std::time::Duration::from_secs(30), || {
-        let listed = net.json("p1", &["list", "p1", "--json"])?;
-        let held = listed["peers"][0]["incomplete"][0]["held"].as_u64();
-        Ok(held.filter(|&h| h > 0).map(|_| ()))
-    })?;
+    net.wait_until_held("p1", "f.bin", 1)?;
     download.kill()?;
     download.wait()?;
     let server = net.serve("p1", &[])?;
@@ -794,11 +790,7 @@ async fn the_piece_requests_are_bounded_and_checked() -> TestResult {
     // because p2, which holds none of it, may start it too: a crowd's download.)
     let _p2 = net.serve("p2", &[])?;
     let (_, mut download) = net.spawn("p1", &["download", "f.bin"])?;
-    util::poll(std::time::Duration::from_secs(30), || {
-        let listed = net.json("p1", &["list", "p1", "--json"])?;
-        let held = listed["peers"][0]["incomplete"][0]["held"].as_u64();
-        Ok(held.filter(|&h| h >= 2 * chunk).map(|_| ()))
-    })?;
+    net.wait_until_held("p1", "f.bin", 2 * chunk)?;
     download.kill()?;
     download.wait()?;
     assert!(

@@ -4,28 +4,11 @@
 
 mod util;
 
-use std::time::Duration;
-
-use util::{Net, Out, TestResult, b3, poll, random_bytes, share};
-
-const WAIT: Duration = Duration::from_secs(60);
+use util::{Net, Out, TestResult, b3, random_bytes, share};
 
 /// The bytes `json` (a `download --json` object) got from each of `peers`.
 fn from(json: &serde_json::Value, peers: &[&str]) -> Vec<u64> {
     peers.iter().map(|p| share(json, p)).collect()
-}
-
-/// Waits until `id` lists a download of `name` in progress holding at least `bytes`.
-fn wait_until_held(net: &Net, id: &str, name: &str, bytes: u64) -> TestResult {
-    poll(WAIT, || {
-        let json = net.json(id, &["list", id, "--json"])?;
-        let held = json["peers"][0]["incomplete"]
-            .as_array()
-            .and_then(|v| v.iter().find(|f| f["name"] == name))
-            .and_then(|f| f["held"].as_u64())
-            .unwrap_or(0);
-        Ok((held >= bytes).then_some(()))
-    })
 }
 
 /// Four peers download one file from a seeder held to 1 MiB/s, all starting at once, each
@@ -102,7 +85,7 @@ fn a_downloader_killed_midway_costs_the_others_nothing_and_resumes() -> TestResu
         downloads.next().unwrap(),
         downloads.next().unwrap(),
     );
-    wait_until_held(&net, "p3", "f.bin", 512 << 10)?;
+    net.wait_until_held("p3", "f.bin", 512 << 10)?;
     p3.1.kill()?;
     p3.1.wait()?;
     servers[1].kill();
@@ -134,7 +117,7 @@ fn a_damaged_partial_is_listed_as_incomplete_and_serves_nothing_bad() -> TestRes
     let chunk = 128 << 10; // 2 MiB has 16 chunks of 128 KiB
     let mut seeder = net.seed(&["p1"], "f.bin", &data, &["--max-upload-rate", "256K"])?;
     let (_, mut first) = net.spawn("p2", &["download", "f.bin", "p1"])?;
-    wait_until_held(&net, "p2", "f.bin", 3 * chunk)?;
+    net.wait_until_held("p2", "f.bin", 3 * chunk)?;
     first.kill()?;
     first.wait()?;
 
@@ -200,7 +183,7 @@ fn two_versions_in_a_crowd_never_mix() -> TestResult {
     let _p1 = net.seed(&["p1"], "f.bin", &v1, &[])?;
     let mut p3 = net.seed(&["p3"], "f.bin", &v2, &["--max-upload-rate", "256K"])?;
     let (_, mut partial) = net.spawn("p2", &["download", "f.bin", "p3"])?;
-    wait_until_held(&net, "p2", "f.bin", 256 << 10)?;
+    net.wait_until_held("p2", "f.bin", 256 << 10)?;
     partial.kill()?;
     partial.wait()?;
     // Only p1 holds a version whole now.

@@ -151,6 +151,20 @@ impl Net {
         out.json()
     }
 
+    /// Waits (up to 60 s) until `id`'s own listing shows its download of `name` in progress
+    /// holding at least `bytes` verified.
+    pub fn wait_until_held(&self, id: &str, name: &str, bytes: u64) -> anyhow::Result<()> {
+        poll(Duration::from_secs(60), || {
+            let json = self.json(id, &["list", id, "--json"])?;
+            let held = json["peers"][0]["incomplete"]
+                .as_array()
+                .and_then(|v| v.iter().find(|f| f["name"] == name))
+                .and_then(|f| f["held"].as_u64())
+                .unwrap_or(0);
+            Ok((held >= bytes).then_some(()))
+        })
+    }
+
     /// Puts `data` as `name` into each of `ids`' served_files and starts them serving with `extra`.
     pub fn seed(
         &self,
