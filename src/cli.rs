@@ -340,6 +340,20 @@ async fn download(node: &Node, args: &DownloadArgs) -> anyhow::Result<bool> {
     for (peer, bytes) in &done.range_bytes {
         *out.peers.entry(peer.clone()).or_default() += bytes;
     }
+    for (peer, why) in &done.update_liars {
+        match out.faults.iter_mut().find(|f| &f.peer == peer) {
+            Some(f) => {
+                f.dropped.get_or_insert_with(|| why.clone());
+            }
+            None => out.faults.push(Fault {
+                peer: peer.clone(),
+                corrupt_chunks: 0,
+                failed_requests: 0,
+                reconnects: 0,
+                dropped: Some(why.clone()),
+            }),
+        }
+    }
     render_download(&out, args.json)?;
     Ok(true)
 }

@@ -182,6 +182,11 @@ impl Tree {
         self.groups.push((sig, first as u32, leaves.len() as u32));
     }
 
+    /// How many groups the tree has.
+    pub fn group_count(&self) -> usize {
+        self.groups.len()
+    }
+
     /// The group signatures, in order.
     pub fn group_sigs(&self) -> Vec<Sig> {
         self.groups.iter().map(|g| g.0).collect()
@@ -272,31 +277,104 @@ pub enum Step {
     },
 }
 
-/// Splits `leaves` (the leaves of the groups at `indices`, in order) back into those groups by
-/// their lengths; `None` if they do not add up exactly.
-pub fn split(groups: &[Sig], indices: &[u32], leaves: &[Sig]) -> Option<Vec<Option<Vec<Sig>>>> {
-    let mut out: Vec<Option<Vec<Sig>>> = vec![None; groups.len()];
-    let mut it = leaves.iter();
-    for &i in indices {
-        let g = groups.get(i as usize)?;
-        let (mut mine, mut len) = (Vec::new(), 0u64);
-        while len < u64::from(g.len) {
-            let l = it.next()?;
-            len += u64::from(l.len);
-            mine.push(*l);
+/// Whether `sigs` (a version's group signatures, in order) could be a real tree's of a file of
+/// `size` bytes: they add up to it, none is empty or longer than a group can be, and every one but
+/// the last is at least the smallest leaf (FastCDC cuts no shorter until the end). So a peer's
+/// groups number at most `size / 512 + 1`, whatever it sends.
+pub fn plausible(sigs: &[Sig], size: u64) -> bool {
+    let max = (MAX_GROUP_LEAVES as u64) * u64::from(LEAF_SIZES.2);
+    let last = sigs.len().saturating_sub(1);
+    let sane = sigs.iter().enumerate().all(|(i, g)| {
+        let len = u64::from(g.len);
+        len > 0 && len <= max && (i == last || len >= u64::from(LEAF_SIZES.0))
+    });
+    sane && sigs.iter().map(|g| u64::from(g.len)).sum::<u64>() == size
+}
+
+/// The leaf signatures of some of a version's groups, kept as one list with a span per group (no
+/// allocation per group, nothing sized by all the groups), so expanding costs what was answered.
+#[derive(Debug, Default, Clone)]
+pub struct Expanded {
+    leaves: Vec<Sig>,
+    /// (group, first leaf, leaf count), sorted by group for [`Expanded::of`].
+    spans: Vec<(u32, u32, u32)>,
+    sorted: bool,
+}
+
+impl Expanded {
+    /// Adds `leaves`, the answer for groups `indices` (in order) of `groups`. Returns `false`,
+    /// adding nothing, unless the leaves add up to those groups, one run each, and each is a leaf
+    /// a real tree could have (at most the largest leaf; at least the smallest, except the file's
+    /// very last).
+    pub fn add(&mut self, groups: &[Sig], indices: &[u32], leaves: Vec<Sig>) -> bool {
+        let (min, _, max) = LEAF_SIZES;
+        let base = self.leaves.len();
+        let Ok(base32) = u32::try_from(base) else {
+            return false;
+        };
+        let mut spans = Vec::with_capacity(indices.len());
+        let mut k = 0usize;
+        for &i in indices {
+            let Some(g) = groups.get(i as usize) else {
+                return false;
+            };
+            let (first, mut len) = (k, 0u64);
+            while len < u64::from(g.len) {
+                let Some(l) = leaves.get(k) else {
+                    return false;
+                };
+                let ends_file =
+                    i as usize + 1 == groups.len() && len + u64::from(l.len) == u64::from(g.len);
+                if l.len == 0 || l.len > max || (l.len < min && !ends_file) {
+                    return false;
+                }
+                len += u64::from(l.len);
+                k += 1;
+            }
+            if len != u64::from(g.len) {
+                return false;
+            }
+            // At most `MAX_GROUP_LEAVES` leaves per group: the counts fit a u32.
+            spans.push((i, base32 + first as u32, (k - first) as u32));
         }
-        if len != u64::from(g.len) {
-            return None;
+        if k != leaves.len() {
+            return false;
         }
-        out[i as usize] = Some(mine);
+        let in_order = match (self.spans.last(), spans.first()) {
+            (Some(a), Some(b)) => a.0 < b.0,
+            _ => true,
+        };
+        self.sorted = (self.sorted || self.spans.is_empty()) && in_order;
+        self.spans.extend(spans);
+        if self.leaves.is_empty() {
+            self.leaves = leaves;
+        } else {
+            self.leaves.extend(leaves);
+        }
+        true
     }
-    it.next().is_none().then_some(out)
+
+    /// All the leaves added, in the order added.
+    pub fn leaves(&self) -> &[Sig] {
+        &self.leaves
+    }
+
+    /// The leaves of group `i`, if they were added.
+    pub fn of(&mut self, i: u32) -> Option<&[Sig]> {
+        if !self.sorted {
+            self.spans.sort_unstable();
+            self.sorted = true;
+        }
+        let at = self.spans.binary_search_by_key(&i, |s| s.0).ok()?;
+        let (_, first, n) = self.spans[at];
+        self.leaves.get(first as usize..(first + n) as usize)
+    }
 }
 
 /// Builds the plan for the new version's groups: groups the old copy holds are copied; for the
-/// others, `leaves` gives each group's leaf signatures (`None`: unknown, fetch the whole group).
+/// others, `leaves` gives each group's leaf signatures (none: unknown, fetch the whole group).
 /// Adjacent steps of one kind are merged.
-pub fn plan(new_groups: &[Sig], leaves: &[Option<Vec<Sig>>], old: &Index) -> Vec<Step> {
+pub fn plan(new_groups: &[Sig], leaves: &mut Expanded, old: &Index) -> Vec<Step> {
     let mut steps: Vec<Step> = Vec::new();
     let mut push = |step: Step| match (steps.last_mut(), step) {
         (
@@ -321,7 +399,7 @@ pub fn plan(new_groups: &[Sig], leaves: &[Option<Vec<Sig>>], old: &Index) -> Vec
                 to: at,
                 len: glen,
             });
-        } else if let Some(Some(ls)) = leaves.get(i)
+        } else if let Some(ls) = u32::try_from(i).ok().and_then(|i| leaves.of(i))
             && ls.iter().map(|l| u64::from(l.len)).sum::<u64>() == glen
         {
             let mut to = at;
@@ -364,18 +442,44 @@ mod tests {
         out
     }
 
+    #[test]
+    fn implausible_signatures_are_refused_and_expanding_costs_what_was_answered() {
+        let sig = |len| Sig { hash: [0; 8], len };
+        // One-byte groups that add up to the file: no real tree has them.
+        assert!(!plausible(&vec![sig(1); 4096], 4096));
+        assert!(plausible(&[sig(600), sig(700), sig(3)], 1303));
+        assert!(!plausible(&[sig(600), sig(3), sig(700)], 1303));
+        assert!(!plausible(&[sig(600), sig(700)], 1301));
+        let groups = [sig(1024), sig(1024), sig(515)];
+        let mut e = Expanded::default();
+        // Empty answers, short leaves in the middle and leaves past the groups are refused.
+        assert!(!e.add(&groups, &[0], vec![]));
+        assert!(!e.add(&groups, &[0], vec![sig(1); 1024]));
+        assert!(!e.add(&groups, &[0], vec![sig(512), sig(512), sig(512)]));
+        // Answers out of order are found; the file's last leaf may be short.
+        assert!(e.add(&groups, &[2], vec![sig(512), sig(3)]));
+        assert!(e.add(&groups, &[0, 1], vec![sig(512), sig(512), sig(1024)]));
+        assert_eq!(e.of(1), Some(&[sig(1024)][..]));
+        assert_eq!(e.of(2).map(<[Sig]>::len), Some(2));
+        assert_eq!(e.leaves().len(), 5);
+    }
+
     /// Builds `new` from `old` by the plan, counting fetched bytes.
     fn rebuild(old: &[u8], new: &[u8]) -> (Vec<u8>, u64) {
         let kind = SigKind::default();
         let (ot, nt) = (Tree::of(old, kind).unwrap(), Tree::of(new, kind).unwrap());
         let index = Index::of(&ot);
         let groups = nt.group_sigs();
-        let leaves: Vec<Option<Vec<Sig>>> = (0..groups.len())
-            .map(|i| (!index.groups.contains_key(&groups[i])).then(|| nt.leaves_of(i, 1)))
-            .collect();
+        let mut leaves = Expanded::default();
+        for i in 0..groups.len() {
+            if !index.groups.contains_key(&groups[i]) {
+                assert!(leaves.add(&groups, &[i as u32], nt.leaves_of(i, 1)));
+            }
+        }
+        assert!(plausible(&groups, new.len() as u64));
         let mut out = vec![0u8; new.len()];
         let mut fetched = 0;
-        for step in plan(&groups, &leaves, &index) {
+        for step in plan(&groups, &mut leaves, &index) {
             match step {
                 Step::Copy { from, to, len } => out[to as usize..(to + len) as usize]
                     .copy_from_slice(&old[from as usize..(from + len) as usize]),

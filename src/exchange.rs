@@ -681,39 +681,67 @@ pub async fn respond(send: &mut impl SendBytes, resp: &Response) {
     }
 }
 
-/// Answers `List` with `files` (sorted by name): all of them, or the first
-/// [`MAX_LISTED_FILES`] and how many there are. Returns how many were sent.
-pub async fn send_listing(send: &mut impl SendBytes, mut files: Vec<FileEntry>) -> usize {
-    let total = files.len();
-    files.truncate(MAX_LISTED_FILES);
-    let count = files.len();
-    if total > count {
-        let total = total as u64;
-        respond(send, &Response::FilesCut { files, total }).await;
-    } else {
-        respond(send, &Response::Files(files)).await;
+/// Sends one encoded answer (`protocol::encode_frame`), and finishes the stream if `finish`
+/// (else more messages follow on it).
+pub async fn send_frame(
+    send: &mut impl SendBytes,
+    frame: Vec<u8>,
+    finish: bool,
+) -> std::io::Result<()> {
+    send.write_all(&frame).await?;
+    if finish {
+        let _ = send.shutdown().await;
     }
-    count
+    Ok(())
 }
 
-/// Answers `ListAll` with `files` and `incomplete` (each sorted by name, each cut at
-/// [`MAX_LISTED_FILES`]). Returns how many whole files were sent.
-pub async fn send_listing_all(
-    send: &mut impl SendBytes,
-    mut files: Vec<FileEntry>,
-    mut incomplete: Vec<Incomplete>,
-) -> usize {
+/// The answer to `List` with `files` (sorted by name): all of them, or the first
+/// [`MAX_LISTED_FILES`] and how many there are.
+pub fn listing(mut files: Vec<FileEntry>) -> Response {
+    let total = files.len();
+    files.truncate(MAX_LISTED_FILES);
+    if total > files.len() {
+        let total = total as u64;
+        Response::FilesCut { files, total }
+    } else {
+        Response::Files(files)
+    }
+}
+
+/// The answer to `ListAll` with `files` and `incomplete` (each sorted by name, each cut at
+/// [`MAX_LISTED_FILES`]).
+pub fn listing_all(mut files: Vec<FileEntry>, mut incomplete: Vec<Incomplete>) -> Response {
     let total = files.len() as u64;
     files.truncate(MAX_LISTED_FILES);
     incomplete.truncate(MAX_LISTED_FILES);
-    let count = files.len();
-    let listing = Response::Listing {
+    Response::Listing {
         files,
         total,
         incomplete,
-    };
-    respond(send, &listing).await;
-    count
+    }
+}
+
+/// The answer to `Observe`: the whole file (`held` is `None`; the stream ends after it), or a
+/// download in progress (the stream stays open for [`send_have`], then `Complete`).
+pub fn holding(manifest: &Manifest, held: Option<&ChunkSet>) -> Response {
+    Response::Holding {
+        manifest: manifest.clone(),
+        held: held.map(ChunkSet::to_bytes),
+    }
+}
+
+/// The answer to `ObservePieces`, like [`holding`], with the hashes of the file's pieces if
+/// known (`pieces`, in pieces) and `held` counting pieces where the file has them.
+pub fn holding_pieces(
+    manifest: &Manifest,
+    pieces: Option<&Manifest>,
+    held: Option<&ChunkSet>,
+) -> Response {
+    Response::HoldingPieces {
+        manifest: manifest.clone(),
+        pieces: pieces.map(|p| p.hashes().to_vec()).unwrap_or_default(),
+        held: held.map(ChunkSet::to_bytes),
+    }
 }
 
 /// Answers `Observe` with what we hold: the whole file (`held` is `None`; the stream ends), or
@@ -723,43 +751,9 @@ pub async fn send_holding(
     manifest: &Manifest,
     held: Option<&ChunkSet>,
 ) -> Result<(), ProtocolError> {
-    let resp = Response::Holding {
-        manifest: manifest.clone(),
-        held: held.map(ChunkSet::to_bytes),
-    };
-    send_offer(send, &resp, held.is_some()).await
-}
-
-/// Answers `ObservePieces` like [`send_holding`], with the hashes of the file's pieces if known
-/// (`pieces`, in pieces) and `held` counting pieces where the file has them.
-pub async fn send_holding_pieces(
-    send: &mut impl SendBytes,
-    manifest: &Manifest,
-    pieces: Option<&Manifest>,
-    held: Option<&ChunkSet>,
-) -> Result<(), ProtocolError> {
-    let resp = Response::HoldingPieces {
-        manifest: manifest.clone(),
-        pieces: pieces.map(|p| p.hashes().to_vec()).unwrap_or_default(),
-        held: held.map(ChunkSet::to_bytes),
-    };
-    send_offer(send, &resp, held.is_some()).await
-}
-
-/// Sends an answer to `Observe`: the whole answer, or (`partial`, a download in progress) its
-/// first message, the stream staying open for the updates.
-async fn send_offer(
-    send: &mut impl SendBytes,
-    resp: &Response,
-    partial: bool,
-) -> Result<(), ProtocolError> {
-    match partial {
-        false => {
-            respond(send, resp).await;
-            Ok(())
-        }
-        true => protocol::write_msg(send, resp).await,
-    }
+    let frame = protocol::encode_frame(&holding(manifest, held))?;
+    send_frame(send, frame, held.is_none()).await?;
+    Ok(())
 }
 
 /// Tells an observer the chunks our download in progress verified since the last message.
@@ -924,9 +918,9 @@ pub async fn receive_delta<E, F: Future<Output = Result<(), E>>>(
     let Delta::Groups(groups) = groups? else {
         return Err(refused("expected group signatures"));
     };
-    if groups.iter().map(|g| u64::from(g.len)).sum::<u64>() != size {
+    if !delta::plausible(&groups, size) {
         return Err(refused(
-            "the signatures do not add up to the announced size",
+            "the signatures do not add up to the announced size, or no tree has them",
         ));
     }
     let lacking: Vec<u32> = (0..groups.len() as u32)
@@ -938,16 +932,19 @@ pub async fn receive_delta<E, F: Future<Output = Result<(), E>>>(
     let Delta::Leaves(leaves) = next(recv).await? else {
         return Err(refused("expected leaf signatures"));
     };
-    let Some(expanded) = delta::split(&groups, &lacking, &leaves) else {
+    let mut expanded = delta::Expanded::default();
+    if !expanded.add(&groups, &lacking, leaves) {
         return Err(refused("the leaf signatures do not add up to their groups"));
-    };
-    let wanted: Vec<u32> = (0..leaves.len() as u32)
-        .filter(|&k| !old.holds_leaf(&leaves[k as usize]))
+    }
+    drop(lacking);
+    let wanted: Vec<u32> = (0..expanded.leaves().len() as u32)
+        .filter(|&k| !old.holds_leaf(&expanded.leaves()[k as usize]))
         .collect();
     protocol::write_msg(send, &Delta::Lacking(wanted))
         .await
         .map_err(gone)?;
-    let steps = delta::plan(&groups, &expanded, old);
+    let steps = delta::plan(&groups, &mut expanded, old);
+    drop((groups, expanded));
     let mut body = BodyIn::new(recv, framed);
     let fetched = async {
         for step in &steps {
@@ -1019,7 +1016,9 @@ mod tests {
         let files = vec![entry.clone(); MAX_LISTED_FILES + 2];
         let server = tokio::spawn(async move {
             assert_eq!(read_request(&mut sr).await.unwrap(), Request::List);
-            send_listing(&mut sw, files).await
+            let count = files.len().min(MAX_LISTED_FILES);
+            respond(&mut sw, &listing(files)).await;
+            count
         });
         let (got, total) = list(&mut cw, &mut cr).await.unwrap();
         assert_eq!(server.await.unwrap(), MAX_LISTED_FILES);

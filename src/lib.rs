@@ -45,6 +45,7 @@ pub mod peers;
 pub mod protocol;
 pub mod schedule;
 pub mod server;
+pub mod shared;
 pub mod shell;
 pub mod store;
 pub mod term;

@@ -169,11 +169,18 @@ impl Drop for Counted {
     }
 }
 
-/// Uploads in progress: how many each peer has, and the bytes all of them may still write.
+/// Observers (`Observe`, `ObservePieces`) one peer may have open at once.
+pub const OBSERVERS_PER_PEER: usize = 64;
+
+/// Uploads in progress: how many each peer has, and the bytes each peer's may still write.
+///
+/// A peer's announced bytes count in full against its own uploads, but against another peer's
+/// only up to half of the disk usable for uploads: one peer announcing a huge upload and
+/// trickling it cannot lock every other peer out.
 #[derive(Debug, Default)]
 pub struct UploadSlots {
     counts: PeerCounts,
-    announced: Arc<Mutex<u64>>,
+    announced: Arc<Mutex<HashMap<PeerId, u64>>>,
 }
 
 /// Why an upload was not admitted.
@@ -202,14 +209,16 @@ pub enum Refused {
 #[derive(Debug)]
 pub struct UploadSlot {
     _counted: Counted,
-    announced: Arc<Mutex<u64>>,
+    announced: Arc<Mutex<HashMap<PeerId, u64>>>,
+    peer: PeerId,
     size: u64,
 }
 
 impl UploadSlots {
     /// Admits an upload of `size` bytes from `peer` onto a disk with `free` bytes available of
-    /// `total`, if the peer has a slot left and the disk keeps its reserve once every upload in
-    /// progress has written all it announced.
+    /// `total`, if the peer has a slot left and the disk keeps its reserve once this peer's
+    /// uploads in progress, and the others' up to half of what may be promised, have written all
+    /// they announced.
     pub fn admit(
         &self,
         peer: &PeerId,
@@ -222,19 +231,24 @@ impl UploadSlots {
             .admit(peer, UPLOADS_PER_PEER)
             .ok_or(Refused::TooMany(UPLOADS_PER_PEER))?;
         let reserve = total / 100 * DISK_RESERVE_PERCENT;
+        let usable = free.saturating_sub(reserve);
         let mut announced = lock(&self.announced);
-        if announced.saturating_add(size).saturating_add(reserve) > free {
+        let own = announced.get(peer).copied().unwrap_or(0);
+        let others = announced.values().sum::<u64>() - own;
+        let pending = own.saturating_add(others.min(usable / 2));
+        if pending.saturating_add(size) > usable {
             return Err(Refused::Disk {
                 size,
                 free,
-                pending: *announced,
+                pending,
                 reserve,
             });
         }
-        *announced += size;
+        *announced.entry(peer.clone()).or_default() += size;
         Ok(UploadSlot {
             _counted: counted,
             announced: self.announced.clone(),
+            peer: peer.clone(),
             size,
         })
     }
@@ -243,7 +257,30 @@ impl UploadSlots {
 impl Drop for UploadSlot {
     fn drop(&mut self) {
         let mut announced = lock(&self.announced);
-        *announced = announced.saturating_sub(self.size);
+        if let Some(n) = announced.get_mut(&self.peer) {
+            *n = n.saturating_sub(self.size);
+            if *n == 0 {
+                announced.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Observers open per peer.
+#[derive(Debug, Default)]
+pub struct ObserverSlots(PeerCounts);
+
+/// One admitted observer; frees its slot on drop.
+#[derive(Debug)]
+pub struct ObserverSlot {
+    _counted: Counted,
+}
+
+impl ObserverSlots {
+    /// Admits one more observer of `peer`, if it has fewer than [`OBSERVERS_PER_PEER`].
+    pub fn admit(&self, peer: &PeerId) -> Option<ObserverSlot> {
+        let _counted = self.0.admit(peer, OBSERVERS_PER_PEER)?;
+        Some(ObserverSlot { _counted })
     }
 }
 
@@ -400,6 +437,22 @@ mod tests {
         drop(held);
         drop(ok);
         assert!(slots.admit(&peer("p1"), 950, 1000, total).is_ok());
+    }
+
+    #[test]
+    fn one_peers_huge_announcement_does_not_lock_out_the_others() {
+        let slots = UploadSlots::default();
+        // 950 of 1000 may be promised; p1 announces all of it and trickles.
+        let hog = slots.admit(&peer("p1"), 950, 1000, 1000).unwrap();
+        // p1 gets no more; every other peer still has half of what may be promised.
+        assert!(matches!(
+            slots.admit(&peer("p1"), 1, 1000, 1000),
+            Err(Refused::Disk { pending: 950, .. })
+        ));
+        assert!(slots.admit(&peer("p2"), 475, 1000, 1000).is_ok());
+        assert!(slots.admit(&peer("p3"), 476, 1000, 1000).is_err());
+        drop(hog);
+        assert!(slots.admit(&peer("p3"), 476, 1000, 1000).is_ok());
     }
 
     #[test]

@@ -194,6 +194,8 @@ pub struct Downloaded {
     pub reused_bytes: u64,
     /// Bytes fetched as ranges before the engine ran (an update), per peer.
     pub range_bytes: HashMap<String, u64>,
+    /// Peers whose delta signatures for an update could not be the file's, and why.
+    pub update_liars: Vec<(String, String)>,
     /// Bytes of the peers' replies that crossed the wire (less than what they stand for where
     /// they were compressed).
     pub wire_bytes: u64,
@@ -581,6 +583,7 @@ impl Node {
             elapsed: Duration::ZERO,
             reused_bytes: 0,
             range_bytes: HashMap::new(),
+            update_liars: Vec::new(),
             wire_bytes: 0,
         };
         let manifest = done.manifest.clone();
@@ -636,6 +639,7 @@ impl Node {
             let filled = filled.await?;
             (done.reused_bytes, done.range_bytes, have) =
                 (filled.reused, filled.fetched, filled.have);
+            done.update_liars = filled.liars;
         }
         // Into our served_files: what it verifies is offered to other peers as it goes, and we
         // take our stripe of a crowd (see `Options::crowd_name`).

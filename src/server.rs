@@ -12,12 +12,14 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::task::JoinHandle;
+use tokio::io::AsyncWrite;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -26,25 +28,26 @@ use crate::codec;
 use crate::delta::{Index, SigKind, Step};
 use crate::exchange::{self, BodyError};
 use crate::limits::{
-    CONNECTIONS_PER_PEER, ConnectionSlots, MemoryBudget, Note, PeerBudget, RefusalLog, Refused,
-    UploadSlots,
+    CONNECTIONS_PER_PEER, ConnectionSlots, MemoryBudget, Note, OBSERVERS_PER_PEER, ObserverSlots,
+    PeerBudget, RefusalLog, Refused, UploadSlots,
 };
-use crate::manifest::{FileName, Hash32, MAX_CHUNK_SIZE, Regrain};
+use crate::manifest::{FileName, Hash32, MAX_CHUNK_SIZE, Manifest, Regrain};
 use crate::peers::PeerId;
 use crate::protocol::{
     self, CloseCode, ErrorKind, FileEntry, Incomplete, MAX_GROUPS_PER_REQUEST, RemoteError,
     Request, Response, Version,
 };
-use crate::store::{Check, Committed, FileKey, Seen, Store, StoreError, Upload};
-
-/// The tree of a file as read, and the file it was read from.
-type ReadTree = (FileKey, Arc<crate::delta::Tree>);
+use crate::shared::{Progress, TreeJobs, Watches};
+use crate::store::{Check, Committed, Seen, Store, StoreError, Upload};
 use crate::tls::{self, Pins};
 
 /// Default cap on one uploaded file, in bytes (64 GiB).
 pub const DEFAULT_MAX_UPLOAD_SIZE: u64 = 64 << 30;
 /// How long a peer may take to send its request, or the next piece of an upload.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a write to a peer may make no progress (the peer does not read) before its stream is
+/// reset and what it held is freed: the same as a request's.
+pub const WRITE_TIMEOUT: Duration = READ_TIMEOUT;
 /// How long shutdown waits for in-flight requests.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Uploads are written to disk in pieces of this many bytes.
@@ -77,6 +80,12 @@ pub struct Server {
     pub shutdown: CancellationToken,
     /// When chunk replies to `qnode/2` peers are compressed.
     pub compression: codec::Mode,
+    /// Open observers per peer.
+    pub observers: ObserverSlots,
+    /// One watch per observed download in progress.
+    pub watches: Arc<Watches>,
+    /// Tree computations, shared and capped.
+    pub trees: TreeJobs,
 }
 
 /// Refused handshakes logged in full per [`STATS_INTERVAL`]; the rest are counted in one line.
@@ -94,8 +103,12 @@ impl Server {
         max_upload_size: u64,
         upload_limit: Option<RateLimit>,
     ) -> Self {
+        let shutdown = CancellationToken::new();
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
         Self {
             me,
+            watches: Watches::new(store.clone(), shutdown.clone()),
+            trees: TreeJobs::new(store.clone(), cores),
             store,
             pins,
             max_upload_size,
@@ -105,8 +118,9 @@ impl Server {
             uploads: UploadSlots::default(),
             refusals: RefusalLog::new(REFUSALS_LOGGED, STATS_INTERVAL, std::time::Instant::now()),
             connections: ConnectionSlots::default(),
-            shutdown: CancellationToken::new(),
+            shutdown,
             compression: codec::Mode::default(),
+            observers: ObserverSlots::default(),
         }
     }
 
@@ -148,6 +162,90 @@ impl RateLimit {
         let start = (*next).max(tokio::time::Instant::now());
         tokio::time::sleep_until(start).await;
         *next = start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec);
+    }
+}
+
+/// The sending half of a request's stream, where every write must make progress within
+/// [`WRITE_TIMEOUT`]: a peer that stops reading has the stream reset, which frees what quinn
+/// and the reply held for it.
+pub struct Outgoing {
+    inner: quinn::SendStream,
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// Reset code of a stream whose reader stalled.
+const STALLED: u32 = 1;
+
+impl Outgoing {
+    fn new(inner: quinn::SendStream) -> Self {
+        Self { inner, stall: None }
+    }
+
+    fn timed_out(&mut self) -> std::io::Error {
+        let _ = self.inner.reset(STALLED.into());
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the peer read nothing for {WRITE_TIMEOUT:?}"),
+        )
+    }
+
+    /// Resolves when the peer stops the stream (it no longer wants the answer).
+    async fn stopped(&mut self) {
+        let _ = self.inner.stopped().await;
+    }
+}
+
+impl AsyncWrite for Outgoing {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        match AsyncWrite::poll_write(Pin::new(&mut this.inner), cx, buf) {
+            Poll::Ready(r) => {
+                this.stall = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let stall = this
+                    .stall
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_TIMEOUT)));
+                if stall.as_mut().poll(cx).is_ready() {
+                    this.stall = None;
+                    return Poll::Ready(Err(this.timed_out()));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        AsyncWrite::poll_flush(Pin::new(&mut self.inner), cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        AsyncWrite::poll_shutdown(Pin::new(&mut self.inner), cx)
+    }
+}
+
+impl exchange::SendBytes for Outgoing {
+    async fn send_bytes(&mut self, bufs: &mut [Bytes]) -> std::io::Result<()> {
+        // `write_chunks` says how much it took; each call must take something in time.
+        let mut at = 0;
+        while at < bufs.len() {
+            match tokio::time::timeout(WRITE_TIMEOUT, self.inner.write_chunks(&mut bufs[at..]))
+                .await
+            {
+                Err(_) => return Err(self.timed_out()),
+                Ok(Err(e)) => return Err(e.into()),
+                Ok(Ok(w)) => at += w.chunks,
+            }
+            while bufs.get(at).is_some_and(Bytes::is_empty) {
+                at += 1;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -326,11 +424,12 @@ impl Link {
 }
 
 async fn handle_stream(
-    mut send: quinn::SendStream,
+    send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     server: Arc<Server>,
     link: Arc<Link>,
 ) {
+    let mut send = Outgoing::new(send);
     let sig = link.version.sig_kind();
     let request = match tokio::time::timeout(READ_TIMEOUT, exchange::read_request(&mut recv)).await
     {
@@ -346,14 +445,14 @@ async fn handle_stream(
         }
         Err(_) => {
             info!("no request within {READ_TIMEOUT:?}");
-            let _ = send.reset(0u32.into());
+            let _ = send.inner.reset(0u32.into());
             return;
         }
     };
     let kind = request.kind();
     let outcome = match request {
-        Request::List => handle_list(&mut send, &server).await,
-        Request::Describe { name } => handle_describe(&mut send, &server, &name).await,
+        Request::List => handle_list(&mut send, &server, &link).await,
+        Request::Describe { name } => handle_describe(&mut send, &server, &link, &name).await,
         Request::ReadChunk { name, offset, len } => {
             let piece = Piece::Chunk;
             handle_read(&mut send, &server, &link, &name, (offset, len), piece).await
@@ -363,14 +462,17 @@ async fn handle_stream(
             handle_read(&mut send, &server, &link, &name, (offset, len), piece).await
         }
         Request::Groups { name, blake3 } => {
-            handle_groups(&mut send, &server, &name, (blake3, sig)).await
+            handle_groups(&mut send, &server, &link, &name, (blake3, sig)).await
         }
         Request::Leaves {
             name,
             blake3,
             first,
             count,
-        } => handle_leaves(&mut send, &server, &name, (blake3, sig), (first, count)).await,
+        } => {
+            let range = (first, count);
+            handle_leaves(&mut send, &server, &link, &name, (blake3, sig), range).await
+        }
         Request::Upload { name, size, blake3 } => {
             let up = (size, blake3, false);
             handle_upload(&mut send, &mut recv, &server, &link, &name, up).await
@@ -379,8 +481,10 @@ async fn handle_stream(
             let up = (size, blake3, true);
             handle_upload(&mut send, &mut recv, &server, &link, &name, up).await
         }
-        Request::Observe { name } => handle_observe(&mut send, &server, &name, false).await,
-        Request::ObservePieces { name } => handle_observe(&mut send, &server, &name, true).await,
+        Request::Observe { name } => handle_observe(&mut send, &server, &link, &name, false).await,
+        Request::ObservePieces { name } => {
+            handle_observe(&mut send, &server, &link, &name, true).await
+        }
         Request::ReadVersion {
             name,
             blake3,
@@ -390,7 +494,7 @@ async fn handle_stream(
             let piece = Piece::Version(blake3);
             handle_read(&mut send, &server, &link, &name, (offset, len), piece).await
         }
-        Request::ListAll => handle_list_all(&mut send, &server).await,
+        Request::ListAll => handle_list_all(&mut send, &server, &link).await,
     };
     match outcome {
         Ok(summary) => info!("{kind} {summary}"),
@@ -454,54 +558,105 @@ fn gone(e: impl std::fmt::Display) -> Failure {
     Failure::Gone(e.to_string())
 }
 
-async fn handle_list(send: &mut quinn::SendStream, server: &Server) -> Result<String, Failure> {
+/// Sends one whole answer, or with `more` the first message of a stream of them. Its memory (about
+/// `estimate` bytes as built, as much again encoded) is claimed from the peer's share before it is
+/// built, and what is encoded stays claimed until quinn has taken it: a peer that does not read
+/// holds only its own share, and only until the write deadline.
+async fn reply(
+    send: &mut Outgoing,
+    link: &Link,
+    estimate: usize,
+    build: impl FnOnce() -> Response,
+    more: bool,
+) -> Result<(), Failure> {
+    let claim = u32::try_from(estimate.saturating_mul(2)).unwrap_or(u32::MAX);
+    let mut held = tokio::select! {
+        h = link.budget.claim(claim) => h,
+        () = send.stopped() => return Err(gone("cancelled while waiting for memory")),
+    };
+    let frame = protocol::encode_frame(&build()).map_err(gone)?;
+    held.keep(frame.len());
+    exchange::send_frame(send, frame, !more).await.map_err(gone)
+}
+
+/// Bytes a manifest takes in an answer.
+fn manifest_bytes(m: &Manifest) -> usize {
+    64 + 32 * m.chunk_count() as usize
+}
+
+/// Bytes a listing entry takes in an answer.
+const ENTRY_BYTES: usize = 64 + 255;
+
+async fn handle_list(send: &mut Outgoing, server: &Server, link: &Link) -> Result<String, Failure> {
     let store = server.store.clone();
     let files = blocking(move || store.list()).await?;
     let total = files.len();
-    let entries: Vec<FileEntry> = files
-        .into_iter()
-        .map(|(name, m)| FileEntry::new(name, &m))
-        .collect();
-    let count = exchange::send_listing(send, entries).await;
+    let estimate = total.min(protocol::MAX_LISTED_FILES) * ENTRY_BYTES;
+    let build = || {
+        let entries = files
+            .into_iter()
+            .map(|(name, m)| FileEntry::new(name, &m))
+            .collect();
+        exchange::listing(entries)
+    };
+    reply(send, link, estimate, build, false).await?;
+    let count = total.min(protocol::MAX_LISTED_FILES);
     if total > count {
         warn!("listing only the first {count} of {total} files");
     }
     Ok(format!("-> {count} files"))
 }
 
-async fn handle_list_all(send: &mut quinn::SendStream, server: &Server) -> Result<String, Failure> {
+async fn handle_list_all(
+    send: &mut Outgoing,
+    server: &Server,
+    link: &Link,
+) -> Result<String, Failure> {
     let store = server.store.clone();
     let (files, held) = blocking(move || Ok((store.list()?, store.held_all()?))).await?;
     let total = files.len();
-    let entries: Vec<FileEntry> = files
-        .into_iter()
-        .map(|(name, m)| FileEntry::new(name, &m))
-        .collect();
-    let incomplete: Vec<Incomplete> = held
-        .into_iter()
-        .map(|(name, h)| Incomplete::new(name, &h.manifest, h.bytes()))
-        .collect();
-    let partial = incomplete.len();
-    let count = exchange::send_listing_all(send, entries, incomplete).await;
+    let partial = held.len();
+    let estimate = (total + partial).min(2 * protocol::MAX_LISTED_FILES) * ENTRY_BYTES;
+    let build = || {
+        let entries = files
+            .into_iter()
+            .map(|(name, m)| FileEntry::new(name, &m))
+            .collect();
+        let incomplete = held
+            .into_iter()
+            .map(|(name, h)| Incomplete::new(name, &h.manifest, h.bytes()))
+            .collect();
+        exchange::listing_all(entries, incomplete)
+    };
+    reply(send, link, estimate, build, false).await?;
+    let count = total.min(protocol::MAX_LISTED_FILES);
     if total > count {
         warn!("listing only the first {count} of {total} files");
     }
     Ok(format!("-> {count} files, {partial} downloads in progress"))
 }
 
-/// How often an observed download in progress is looked at again for new chunks.
-pub const HAVE_POLL: Duration = Duration::from_millis(50);
+pub use crate::shared::HAVE_POLL;
 
 /// `Observe` (`ObservePieces` with `in_pieces`): our whole file of `name`, or our download of it
 /// in progress and then what it gains, until it finishes, stops, the observer goes away or we
 /// shut down. Counted in chunks, or in pieces for `ObservePieces` where the file has them,
-/// whichever unit our own download is in.
+/// whichever unit our own download is in. Every observer of one download shares one watch of it
+/// (`shared::Watches`), and a peer has at most [`OBSERVERS_PER_PEER`] open.
 async fn handle_observe(
-    send: &mut quinn::SendStream,
+    send: &mut Outgoing,
     server: &Server,
+    link: &Link,
     name: &FileName,
     in_pieces: bool,
 ) -> Result<String, Failure> {
+    let Some(_slot) = server.observers.admit(&link.peer) else {
+        return Err(RemoteError::new(
+            ErrorKind::Busy,
+            format!("{OBSERVERS_PER_PEER} observers from this peer are already open"),
+        )
+        .into());
+    };
     let (store, n) = (server.store.clone(), name.clone());
     let (whole, held) = blocking(move || {
         Ok(match store.lookup_with_pieces(&n)? {
@@ -511,12 +666,15 @@ async fn handle_observe(
     })
     .await?;
     // The version in chunks, in pieces if we know its pieces' hashes, and for a download in
-    // progress what it holds, in the observer's unit.
-    let (manifest, pieces, held) = match (whole, held) {
-        (Some(whole), _) => (whole.manifest, whole.pieces, None),
+    // progress what it holds, in the observer's unit. Manifests are shared, never copied per
+    // observer; only the answer being sent is built from them.
+    let (version, watch, known) = match (&whole, held) {
+        (Some(whole), _) => (whole.manifest.blake3(), None, None),
         (None, Some(h)) => {
-            let pieces = h.manifest.in_pieces().then(|| h.manifest.clone());
-            (Arc::new(h.manifest.coarse()), pieces, Some(h))
+            let version = h.manifest.blake3();
+            let known = Regrain::new(&h.manifest, in_pieces).apply(&h.chunks);
+            let watch = server.watches.subscribe(name, version, h);
+            (version, Some(watch), Some(known))
         }
         (None, None) => {
             return Err(RemoteError::new(
@@ -526,66 +684,88 @@ async fn handle_observe(
             .into());
         }
     };
-    let known = held.map(|h| Regrain::new(&h.manifest, in_pieces).apply(&h.chunks));
-    match in_pieces {
-        true => {
-            exchange::send_holding_pieces(send, &manifest, pieces.as_deref(), known.as_ref()).await
-        }
-        false => exchange::send_holding(send, &manifest, known.as_ref()).await,
-    }
-    .map_err(gone)?;
-    let Some(mut known) = known else {
+    let first_held = watch.as_ref().map(|w| match &*w.borrow() {
+        Progress::Holding(h) => Some(h.manifest.clone()),
+        _ => None,
+    });
+    let offer = match (&whole, first_held.flatten()) {
+        (Some(w), _) => Some((w.manifest.clone(), w.pieces.clone(), None)),
+        (None, Some(m)) => Some((
+            Arc::new(m.coarse()),
+            m.in_pieces().then_some(m),
+            known.as_ref(),
+        )),
+        (None, None) => None,
+    };
+    let Some((manifest, pieces, held)) = offer else {
+        return Err(RemoteError::new(
+            ErrorKind::NotFound,
+            format!("the download of {name} here stopped"),
+        )
+        .into());
+    };
+    let estimate = manifest_bytes(&manifest)
+        + pieces.as_deref().map_or(0, manifest_bytes)
+        + held.map_or(0, |h| h.len() as usize / 8);
+    let build = || match in_pieces {
+        true => exchange::holding_pieces(&manifest, pieces.as_deref(), held),
+        false => exchange::holding(&manifest, held),
+    };
+    reply(send, link, estimate, build, held.is_some()).await?;
+    drop((manifest, pieces, whole));
+    let (Some(mut watch), Some(mut known)) = (watch, known) else {
         return Ok(format!("{name} -> whole file{}", unit(in_pieces)));
     };
-    let version = manifest.blake3();
     let first = known.count();
     loop {
-        tokio::select! {
-            () = tokio::time::sleep(HAVE_POLL) => {}
-            _ = send.stopped() => return Ok(format!("{name} -> observed from {first} units until the observer left{}", unit(in_pieces))),
-            () = server.shutdown.cancelled() => return Err(gone("shutting down")),
-        }
-        let (store, n) = (server.store.clone(), name.clone());
-        let now = blocking(move || {
-            Ok(match store.held(&n, &version)? {
-                Some(h) => Err(h),
-                None => Ok(store.lookup(&n)?.is_some_and(|m| m.blake3() == version)),
-            })
-        })
-        .await?;
+        let now = watch.borrow_and_update().clone();
         match now {
-            Err(h) => {
+            Progress::Holding(h) => {
                 // Only gains: a sidecar rewritten with fewer chunks (an attempt resumed) costs
                 // the observer failed requests for those, nothing worse. So does one rewritten
                 // in the other unit, which the observer is told of in the unit it counts.
                 let chunks = Regrain::new(&h.manifest, in_pieces).apply(&h.chunks);
-                if chunks.len() != known.len() {
-                    continue;
-                }
-                let gained: Vec<u32> = known
-                    .changed(&chunks)
-                    .into_iter()
-                    .filter(|&i| chunks.contains(i))
-                    .collect();
-                if !gained.is_empty() {
-                    exchange::send_have(send, gained).await.map_err(gone)?;
-                    known = chunks;
+                if h.manifest.blake3() == version && chunks.len() == known.len() {
+                    let gained: Vec<u32> = known
+                        .changed(&chunks)
+                        .into_iter()
+                        .filter(|&i| chunks.contains(i))
+                        .collect();
+                    if !gained.is_empty() {
+                        exchange::send_have(send, gained).await.map_err(gone)?;
+                        known = chunks;
+                    }
                 }
             }
-            Ok(true) => {
+            Progress::Complete => {
                 respond(send, &Response::Complete).await;
                 return Ok(format!(
                     "{name} -> observed from {first} units to the whole file{}",
                     unit(in_pieces)
                 ));
             }
-            Ok(false) => {
+            Progress::Stopped => {
                 return Err(RemoteError::new(
                     ErrorKind::NotFound,
                     format!("the download of {name} here stopped"),
                 )
                 .into());
             }
+            Progress::Failed(e) => {
+                warn!("watching the download of {name}: {e}");
+                return Err(RemoteError::new(
+                    ErrorKind::Internal,
+                    "internal error on the serving peer",
+                )
+                .into());
+            }
+        }
+        tokio::select! {
+            changed = watch.changed() => if changed.is_err() {
+                return Err(gone("shutting down"));
+            },
+            () = send.stopped() => return Ok(format!("{name} -> observed from {first} units until the observer left{}", unit(in_pieces))),
+            () = server.shutdown.cancelled() => return Err(gone("shutting down")),
         }
     }
 }
@@ -596,8 +776,9 @@ fn unit(in_pieces: bool) -> &'static str {
 }
 
 async fn handle_describe(
-    send: &mut quinn::SendStream,
+    send: &mut Outgoing,
     server: &Server,
+    link: &Link,
     name: &FileName,
 ) -> Result<String, Failure> {
     let store = server.store.clone();
@@ -608,7 +789,8 @@ async fn handle_describe(
         manifest.size(),
         manifest.chunk_count()
     );
-    respond(send, &Response::Manifest((*manifest).clone())).await;
+    let build = || Response::Manifest((*manifest).clone());
+    reply(send, link, manifest_bytes(&manifest), build, false).await?;
     Ok(summary)
 }
 
@@ -624,7 +806,7 @@ enum Piece {
 }
 
 async fn handle_read(
-    send: &mut quinn::SendStream,
+    send: &mut Outgoing,
     server: &Server,
     link: &Link,
     name: &FileName,
@@ -685,32 +867,38 @@ async fn handle_read(
     })
 }
 
+/// Bytes of one signature in an answer (postcard: an 8-byte hash and a varint length).
+const SIG_BYTES: usize = 13;
+
 async fn handle_groups(
-    send: &mut quinn::SendStream,
+    send: &mut Outgoing,
     server: &Server,
+    link: &Link,
     name: &FileName,
     (blake3, kind): (Hash32, SigKind),
 ) -> Result<String, Failure> {
-    let store = server.store.clone();
-    let n = name.clone();
-    let tree = blocking(move || store.tree(&n, blake3, kind)).await?;
-    let groups = tree.group_sigs();
-    let count = groups.len();
-    // Each signature is at most 13 bytes on the wire.
-    if count.saturating_mul(13) > protocol::MAX_RESPONSE_LEN as usize {
+    let tree = server
+        .trees
+        .of_version(name, blake3, kind)
+        .await
+        .map_err(store_error)?;
+    let count = tree.group_count();
+    if count.saturating_mul(SIG_BYTES) > protocol::MAX_RESPONSE_LEN as usize {
         return Err(RemoteError::new(
             ErrorKind::TooLarge,
             format!("{name} has too many groups ({count}) for one answer"),
         )
         .into());
     }
-    respond(send, &Response::Groups(groups)).await;
+    let build = || Response::Groups(tree.group_sigs());
+    reply(send, link, count * SIG_BYTES, build, false).await?;
     Ok(format!("{name} -> {count} groups"))
 }
 
 async fn handle_leaves(
-    send: &mut quinn::SendStream,
+    send: &mut Outgoing,
     server: &Server,
+    link: &Link,
     name: &FileName,
     (blake3, kind): (Hash32, SigKind),
     (first, count): (u32, u32),
@@ -722,17 +910,26 @@ async fn handle_leaves(
         )
         .into());
     }
-    let store = server.store.clone();
-    let n = name.clone();
-    let tree = blocking(move || store.tree(&n, blake3, kind)).await?;
+    let tree = server
+        .trees
+        .of_version(name, blake3, kind)
+        .await
+        .map_err(store_error)?;
     let leaves = tree.leaves_of(first as usize, count as usize);
     let n = leaves.len();
-    respond(send, &Response::Leaves(leaves)).await;
+    reply(
+        send,
+        link,
+        n * SIG_BYTES,
+        || Response::Leaves(leaves),
+        false,
+    )
+    .await?;
     Ok(format!("{name} groups {first}+{count} -> {n} leaves"))
 }
 
 async fn handle_upload(
-    send: &mut quinn::SendStream,
+    send: &mut Outgoing,
     recv: &mut quinn::RecvStream,
     server: &Server,
     link: &Link,
@@ -751,12 +948,6 @@ async fn handle_upload(
         )
         .into());
     }
-    // Replacing: the tree of the version we hold is read now, beside what follows, in case it
-    // is needed (`receive_delta`).
-    let early = replace.then(|| {
-        let (store, n) = (server.store.clone(), name.clone());
-        tokio::task::spawn_blocking(move || store.current_tree(&n, kind))
-    });
     let store = server.store.clone();
     let (free, total) = blocking(move || store.disk_space()).await?;
     // Held until the upload ends: a slot of this peer's few, and the announced bytes counted
@@ -778,8 +969,16 @@ async fn handle_upload(
     let upload = Arc::new(upload);
     let (check, received, wire) = match upload.replacing() {
         Some(old) => {
-            let old = (old, kind, early);
-            receive_delta(send, recv, server, name, (size, framed), &upload, old).await?
+            receive_delta(
+                send,
+                recv,
+                server,
+                name,
+                (size, framed),
+                &upload,
+                (old, kind),
+            )
+            .await?
         }
         None => {
             let (streamed, wire) = receive_whole(send, recv, name, (size, framed), &upload).await?;
@@ -801,7 +1000,7 @@ async fn handle_upload(
 
 /// Receives a whole upload's bytes into `upload`; returns their BLAKE3.
 async fn receive_whole(
-    send: &mut quinn::SendStream,
+    send: &mut Outgoing,
     recv: &mut quinn::RecvStream,
     name: &FileName,
     (size, framed): (u64, bool),
@@ -832,30 +1031,19 @@ async fn receive_whole(
 /// Receives only what our version `old` of `name` lacks, and copies the rest from it. The result
 /// is checked by re-reading it (what the requester sent are claims).
 async fn receive_delta(
-    send: &mut quinn::SendStream,
+    send: &mut Outgoing,
     recv: &mut quinn::RecvStream,
     server: &Server,
     name: &FileName,
     (size, framed): (u64, bool),
     upload: &Arc<Upload>,
-    (old, kind, early): (
-        Seen,
-        SigKind,
-        Option<JoinHandle<Result<ReadTree, StoreError>>>,
-    ),
+    (old, kind): (Seen, SigKind),
 ) -> Result<(Check, u64, u64), Failure> {
-    let store = server.store.clone();
-    let n = name.clone();
-    let index = async move {
-        // The tree read early, if it is of the version seen; else read again, checked.
-        if let Some(Ok(Ok((key, tree)))) = match early {
-            Some(task) => Some(task.await),
-            None => None,
-        } && old.is(&key)
-        {
-            return Ok(Index::of(&tree));
-        }
-        blocking(move || store.tree(&n, old.blake3, kind).map(|t| Index::of(&t))).await
+    // The tree of the version seen (shared with any other asker of it), computed while the
+    // requester's signatures travel, and only now that the replace is admitted.
+    let index = async {
+        let found = server.trees.of(name, Some(old.key()), kind).await;
+        found.map(|(_, t)| Index::of(&t)).map_err(store_error)
     };
     let path = server.store.path_of(name);
     let copy = async |steps: Vec<Step>| {

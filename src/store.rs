@@ -102,6 +102,60 @@ pub enum StoreError {
     },
 }
 
+impl Clone for StoreError {
+    /// A copy for each asker of work done once (`shared::TreeJobs`); an OS error keeps its kind
+    /// and message.
+    fn clone(&self) -> Self {
+        match self {
+            Self::NotFound(n) => Self::NotFound(n.clone()),
+            Self::Conflict(s) => Self::Conflict(s.clone()),
+            Self::Busy(s) => Self::Busy(s.clone()),
+            Self::Changed(s) => Self::Changed(s.clone()),
+            Self::OutOfRange {
+                name,
+                offset,
+                len,
+                size,
+            } => Self::OutOfRange {
+                name: name.clone(),
+                offset: *offset,
+                len: *len,
+                size: *size,
+            },
+            Self::NotAChunk {
+                name,
+                offset,
+                len,
+                chunk,
+            } => Self::NotAChunk {
+                name: name.clone(),
+                offset: *offset,
+                len: *len,
+                chunk: *chunk,
+            },
+            Self::NotHeld { name, chunk } => Self::NotHeld {
+                name: name.clone(),
+                chunk: *chunk,
+            },
+            Self::NoSpace(s) => Self::NoSpace(s.clone()),
+            Self::Corrupt {
+                name,
+                expected,
+                actual,
+            } => Self::Corrupt {
+                name: name.clone(),
+                expected: expected.clone(),
+                actual: actual.clone(),
+            },
+            Self::Io { what, path, source } => Self::Io {
+                what,
+                path: path.clone(),
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+        }
+    }
+}
+
 impl StoreError {
     fn io(what: &'static str, path: &Path, source: io::Error) -> Self {
         if source.raw_os_error() == Some(libc::ENOSPC)
@@ -119,7 +173,7 @@ impl StoreError {
 
 /// What identifies one version of a file on disk (size, mtime, ctime, inode, device), for the
 /// caches and to notice a change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FileKey {
     size: u64,
     mtime: (i64, i64),
@@ -169,8 +223,9 @@ pub struct Store {
     cache: Mutex<HashMap<FileName, Described>>,
     /// Names with an upload in progress, so two uploads of one name never interleave.
     uploads: Arc<Mutex<HashSet<FileName>>>,
-    /// Content-defined trees (`delta`) of the last few files asked for, by name.
-    trees: Mutex<HashMap<FileName, (FileKey, Arc<Tree>)>>,
+    /// Content-defined trees (`delta`) of the last few files asked for, by name and signature
+    /// kind (peers of both protocol versions may ask for one file's tree).
+    trees: Mutex<TreeCache>,
     /// Manifests of downloads in progress (from their sidecars), by sidecar path, with the
     /// sidecar's identity and where its bits start.
     held: Mutex<HashMap<PathBuf, HeldHeader>>,
@@ -218,6 +273,9 @@ fn held_name(file_name: &str) -> Option<(FileName, &str)> {
     let hex_tag = tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit());
     Some((FileName::new(name).ok()?, tag)).filter(|_| hex_tag)
 }
+
+/// Cached trees by name and signature kind, with the file each was read from.
+type TreeCache = HashMap<(FileName, SigKind), (FileKey, Arc<Tree>)>;
 
 /// Trees kept in memory (about 3 bytes of tree per KiB of file).
 const TREES_CACHED: usize = 8;
@@ -392,13 +450,88 @@ impl Store {
         blake3: Hash32,
         kind: SigKind,
     ) -> Result<Arc<Tree>, StoreError> {
+        let key = self.tree_key(name, blake3)?;
+        match self.cached_tree(name, kind)? {
+            Ok((_, tree)) => Ok(tree),
+            Err(now) if now == key => self.compute_tree(name, key, kind, &|| false),
+            Err(_) => Err(StoreError::Busy(format!(
+                "{name} (it changed while being read)"
+            ))),
+        }
+    }
+
+    /// The identity of the file under `name` if it is version `blake3`; `Conflict` if it is
+    /// another version now.
+    pub fn tree_key(&self, name: &FileName, blake3: Hash32) -> Result<FileKey, StoreError> {
         let manifest = self.manifest(name)?;
         if manifest.blake3() != blake3 {
             return Err(StoreError::Conflict(format!(
                 "{name} (this peer serves another version now)"
             )));
         }
-        Ok(self.current_tree(name, kind)?.1)
+        Ok(self.open_regular(name)?.1)
+    }
+
+    /// The cached tree of the regular file under `name` now, signed as `kind` says, with the
+    /// identity of that file; or, if none is cached for it, that identity (to compute one).
+    #[allow(clippy::type_complexity)]
+    pub fn cached_tree(
+        &self,
+        name: &FileName,
+        kind: SigKind,
+    ) -> Result<Result<(FileKey, Arc<Tree>), FileKey>, StoreError> {
+        let (_, key) = self.open_regular(name)?;
+        Ok(match self.lock_trees().get(&(name.clone(), kind)) {
+            Some((k, t)) if *k == key => Ok((key, t.clone())),
+            _ => Err(key),
+        })
+    }
+
+    /// Computes (and caches) the tree of the file under `name`, which must still be the file
+    /// `key` names (else `Busy`), signed as `kind` says. `stop` is asked between reads: once it
+    /// says true (no one waits for the tree any more) the work ends with `Busy`.
+    pub fn compute_tree(
+        &self,
+        name: &FileName,
+        key: FileKey,
+        kind: SigKind,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Arc<Tree>, StoreError> {
+        let changed = || StoreError::Busy(format!("{name} (it changed while being read)"));
+        let (file, now) = self.open_regular(name)?;
+        if now != key {
+            return Err(changed());
+        }
+        let path = self.path_of(name);
+        let reader = Stoppable {
+            inner: (&file).take(key.size),
+            stop,
+        };
+        let tree = match Tree::of(reader, kind) {
+            Ok(t) => t,
+            Err(_) if stop() => {
+                return Err(StoreError::Busy(format!(
+                    "{name} (its tree was no longer wanted)"
+                )));
+            }
+            Err(e) => return Err(StoreError::io("reading", &path, e)),
+        };
+        let after = file
+            .metadata()
+            .map(|m| FileKey::of(&m))
+            .map_err(|e| StoreError::io("reading", &path, e))?;
+        if after != key {
+            return Err(changed());
+        }
+        let tree = Arc::new(tree);
+        let mut trees = self.lock_trees();
+        if trees.len() >= TREES_CACHED
+            && let Some(evict) = trees.keys().next().cloned()
+        {
+            trees.remove(&evict);
+        }
+        trees.insert((name.clone(), kind), (key, tree.clone()));
+        Ok(tree)
     }
 
     /// The content-defined tree of the regular file under `name` now, whatever its version,
@@ -408,34 +541,10 @@ impl Store {
         name: &FileName,
         kind: SigKind,
     ) -> Result<(FileKey, Arc<Tree>), StoreError> {
-        let (file, key) = self.open_regular(name)?;
-        if let Some((k, t)) = self.lock_trees().get(name)
-            && *k == key
-            && t.kind == kind
-        {
-            return Ok((key, t.clone()));
+        match self.cached_tree(name, kind)? {
+            Ok(found) => Ok(found),
+            Err(key) => Ok((key, self.compute_tree(name, key, kind, &|| false)?)),
         }
-        let path = self.path_of(name);
-        let tree = Tree::of((&file).take(key.size), kind)
-            .map_err(|e| StoreError::io("reading", &path, e))?;
-        let after = file
-            .metadata()
-            .map(|m| FileKey::of(&m))
-            .map_err(|e| StoreError::io("reading", &path, e))?;
-        if after != key {
-            return Err(StoreError::Busy(format!(
-                "{name} (it changed while being read)"
-            )));
-        }
-        let tree = Arc::new(tree);
-        let mut trees = self.lock_trees();
-        if trees.len() >= TREES_CACHED
-            && let Some(evict) = trees.keys().next().cloned()
-        {
-            trees.remove(&evict);
-        }
-        trees.insert(name.clone(), (key, tree.clone()));
-        Ok((key, tree))
     }
 
     /// What the download of version `blake3` of `name` in progress here holds, if there is one.
@@ -779,7 +888,7 @@ impl Store {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock_trees(&self) -> std::sync::MutexGuard<'_, HashMap<FileName, (FileKey, Arc<Tree>)>> {
+    fn lock_trees(&self) -> std::sync::MutexGuard<'_, TreeCache> {
         // Held for one lookup or insert of a whole entry, never while hashing.
         self.trees.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -886,6 +995,11 @@ impl Seen {
     /// Whether `key` is the file as it was seen.
     pub fn is(&self, key: &FileKey) -> bool {
         self.key == *key
+    }
+
+    /// The identity of the file as it was seen.
+    pub fn key(&self) -> FileKey {
+        self.key
     }
 
     /// The regular file at `path` (not following a symlink), or `None` if there is none.
@@ -1405,6 +1519,21 @@ fn prune_displaced(keep: &Path, name: &str) {
     let excess = versions.len().saturating_sub(DISPLACED_KEPT);
     for (_, path) in versions.into_iter().take(excess) {
         let _ = fs::remove_file(path);
+    }
+}
+
+/// A reader that fails once `stop` says so: a tree computation no one waits for ends.
+struct Stoppable<'a, R> {
+    inner: R,
+    stop: &'a dyn Fn() -> bool,
+}
+
+impl<R: Read> Read for Stoppable<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if (self.stop)() {
+            return Err(io::Error::other("no longer wanted"));
+        }
+        self.inner.read(buf)
     }
 }
 

@@ -12,10 +12,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use futures_util::future::join_all;
 
 use crate::client::PeerSource;
-use crate::delta::{Index, Sig, Step, Tree};
+use crate::delta::{Expanded, Index, Sig, Step, Tree};
 use crate::download::ChunkSource;
 use crate::manifest::Manifest;
 use crate::protocol::MAX_GROUPS_PER_REQUEST;
@@ -23,6 +22,8 @@ use crate::store::PartialFile;
 
 /// Range requests in flight at once, over all peers.
 const RANGES_IN_FLIGHT: usize = 32;
+/// `Leaves` requests in flight at once to the peer that gave the tree.
+const LEAVES_IN_FLIGHT: usize = 8;
 
 /// What filling from the old copy did.
 #[derive(Debug, Default)]
@@ -33,6 +34,9 @@ pub struct Filled {
     pub fetched: HashMap<String, u64>,
     /// Which chunks of the temporary file now verify.
     pub have: Vec<bool>,
+    /// Peers whose signatures could not be a real tree's (they add up to nothing usable), and
+    /// why: left out of the update's ranges.
+    pub liars: Vec<(String, String)>,
 }
 
 /// Fills `partial` (whose chunks `have` already verify) for `manifest` from the old copy at
@@ -51,9 +55,15 @@ pub async fn fill(
         have,
         ..Filled::default()
     };
-    let Some(steps) = plan(&old_tree, groups, manifest, sources).await else {
+    let Some(steps) = plan(&old_tree, groups, manifest, sources, &mut filled.liars).await else {
         return Ok(filled);
     };
+    let honest: Vec<Arc<PeerSource>> = sources
+        .iter()
+        .filter(|s| !filled.liars.iter().any(|(n, _)| n == s.name()))
+        .cloned()
+        .collect();
+    let sources = &honest[..];
     // Steps are cut at chunk boundaries; those inside chunks that already verify (an
     // interrupted update resumed) are done.
     let chunk = manifest.chunk_size();
@@ -95,84 +105,83 @@ pub async fn fill(
 }
 
 /// The steps that build `manifest`'s version from the old copy, or `None` if no peer tells us
-/// the new version's tree.
+/// the new version's tree. A peer whose signatures no real tree could have (they do not add up
+/// to the file, or are shorter than any leaf) is put in `liars` and the next one is asked.
 async fn plan(
     old_tree: &Tree,
     groups: Option<Vec<Sig>>,
     manifest: &Manifest,
     sources: &[Arc<PeerSource>],
+    liars: &mut Vec<(String, String)>,
 ) -> Option<Vec<Step>> {
     let version = manifest.blake3();
-    let mut found = groups.and_then(|g| Some((sources.first()?, g)));
+    let index = Index::of(old_tree);
+    let mut given = groups.and_then(|g| Some((sources.first()?, g)));
     // Only a peer that signs as our tree is signed can be compared with it.
-    let alike = sources
+    let mut alike = sources
         .iter()
         .skip(1)
         .filter(|s| s.sig_kind() == old_tree.kind);
-    for s in alike {
-        if found.is_some() {
-            break;
+    loop {
+        let (source, groups) = match given.take() {
+            Some(found) => found,
+            None => {
+                let s = alike.next()?;
+                match s.groups(version).await {
+                    Ok(g) => (s, g),
+                    Err(e) => {
+                        tracing::info!(source = s.name(), "no tree for the update: {e}");
+                        continue;
+                    }
+                }
+            }
+        };
+        if !crate::delta::plausible(&groups, manifest.size()) {
+            let why = "its delta signatures could not be the file's (not used)";
+            tracing::warn!(source = source.name(), "{why}");
+            liars.push((source.name().to_owned(), why.into()));
+            continue;
         }
-        match s.groups(version).await {
-            Ok(g) => found = Some((s, g)),
-            Err(e) => tracing::info!(source = s.name(), "no tree for the update: {e}"),
-        }
+        let Some(mut leaves) = expand(source, version, &groups, &index).await else {
+            let why = "its leaf signatures did not add up to its groups (not used)";
+            tracing::warn!(source = source.name(), "{why}");
+            liars.push((source.name().to_owned(), why.into()));
+            continue;
+        };
+        return Some(crate::delta::plan(&groups, &mut leaves, &index));
     }
-    let (source, groups) = found?;
-    if groups.iter().map(|g| u64::from(g.len)).sum::<u64>() != manifest.size() {
-        tracing::warn!(
-            source = source.name(),
-            "its tree does not add up to the file; not used"
-        );
-        return None;
-    }
-    let index = Index::of(old_tree);
-    let leaves = expand(source, version, &groups, &index).await;
-    Some(crate::delta::plan(&groups, &leaves, &index))
 }
 
-/// The leaf signatures of the groups our copy lacks (`None` for the others, or where asking
-/// failed: such a group is fetched whole).
+/// The leaf signatures of the groups our copy lacks (none for a group where asking failed: it is
+/// fetched whole), asked in runs of up to [`MAX_GROUPS_PER_REQUEST`], a few runs at a time.
+/// `None` if an answer does not add up to its groups (the peer lies).
 async fn expand(
     source: &PeerSource,
     version: crate::manifest::Hash32,
     groups: &[Sig],
     index: &Index,
-) -> Vec<Option<Vec<Sig>>> {
-    let lacking: Vec<usize> = (0..groups.len())
-        .filter(|&i| !index.holds_group(&groups[i]))
-        .collect();
+) -> Option<Expanded> {
     // Runs of consecutive lacking groups, each one request.
-    let mut runs: Vec<(usize, usize)> = Vec::new();
-    for &i in &lacking {
+    let mut runs: Vec<(u32, u32)> = Vec::new();
+    for i in (0..groups.len() as u32).filter(|&i| !index.holds_group(&groups[i as usize])) {
         match runs.last_mut() {
-            Some((first, n)) if *first + *n == i && *n < MAX_GROUPS_PER_REQUEST as usize => *n += 1,
+            Some((first, n)) if *first + *n == i && *n < MAX_GROUPS_PER_REQUEST => *n += 1,
             _ => runs.push((i, 1)),
         }
     }
-    let answers = join_all(runs.iter().map(|&(first, n)| async move {
-        (
-            first,
-            n,
-            source.leaves(version, first as u32, n as u32).await,
-        )
-    }))
-    .await;
-    let mut out: Vec<Option<Vec<Sig>>> = vec![None; groups.len()];
-    for (first, n, answer) in answers {
-        let indices: Vec<u32> = (first as u32..(first + n) as u32).collect();
-        // A failed request, or leaves that do not add up: those groups are fetched whole.
-        let Some(split) = answer
-            .ok()
-            .and_then(|l| crate::delta::split(groups, &indices, &l))
-        else {
-            continue;
-        };
-        for i in indices {
-            out[i as usize] = split[i as usize].clone();
+    let mut answers = futures_util::stream::iter(runs)
+        .map(|(first, n)| async move { (first, n, source.leaves(version, first, n).await) })
+        .buffer_unordered(LEAVES_IN_FLIGHT);
+    let mut out = Expanded::default();
+    while let Some((first, n, answer)) = answers.next().await {
+        // A failed request: those groups are fetched whole.
+        let Ok(leaves) = answer else { continue };
+        let indices: Vec<u32> = (first..first + n).collect();
+        if !out.add(groups, &indices, leaves) {
+            return None;
         }
     }
-    out
+    Some(out)
 }
 
 /// Fetches `(at, len)` ranges of the new version (none crossing a chunk boundary) into
