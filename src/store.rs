@@ -228,14 +228,69 @@ pub struct Store {
     trees: Mutex<TreeCache>,
     /// Manifests of downloads in progress (from their sidecars), by sidecar path, with the
     /// sidecar's identity and where its bits start.
-    held: Mutex<HashMap<PathBuf, HeldHeader>>,
+    held: Mutex<HeldCache>,
+    /// Units of downloads in progress here that failed their check when read, by temporary
+    /// file and unit, with that file's identity then: not read again, and logged once.
+    damaged: Mutex<HashMap<(PathBuf, u32), FileKey>>,
 }
 
 /// A sidecar's identity (device, inode), its manifest and where its bits start.
 type HeldHeader = ((u64, u64), Arc<Manifest>, u64);
 
-/// Sidecar headers kept in memory.
-const HELD_CACHED: usize = 64;
+/// Sidecar headers kept in memory, least recently used dropped first.
+#[derive(Debug, Default)]
+struct HeldCache {
+    entries: HashMap<PathBuf, (HeldHeader, u64)>,
+    /// Bytes of the manifests held.
+    bytes: usize,
+    tick: u64,
+}
+
+impl HeldCache {
+    fn get(&mut self, sidecar: &Path, id: (u64, u64)) -> Option<(Arc<Manifest>, u64)> {
+        self.tick += 1;
+        let tick = self.tick;
+        let (header, used) = self.entries.get_mut(sidecar)?;
+        if header.0 != id {
+            return None;
+        }
+        *used = tick;
+        Some((header.1.clone(), header.2))
+    }
+
+    fn insert(&mut self, sidecar: PathBuf, header: HeldHeader) {
+        self.tick += 1;
+        self.bytes += manifest_bytes(&header.1);
+        if let Some((old, _)) = self.entries.insert(sidecar, (header, self.tick)) {
+            self.bytes -= manifest_bytes(&old.1);
+        }
+        while self.entries.len() > HELD_CACHED || self.bytes > HELD_CACHED_BYTES {
+            let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if let Some((old, _)) = self.entries.remove(&oldest) {
+                self.bytes -= manifest_bytes(&old.1);
+            }
+        }
+    }
+}
+
+/// Memory a cached manifest takes, about.
+fn manifest_bytes(m: &Manifest) -> usize {
+    64 + 32 * m.chunk_count() as usize
+}
+
+/// Sidecar headers kept in memory: more than the downloads in progress a node has.
+const HELD_CACHED: usize = 1024;
+/// Bytes of sidecar manifests kept in memory.
+const HELD_CACHED_BYTES: usize = 64 << 20;
+/// Damaged units remembered; past that the memory starts over.
+const DAMAGED_KEPT: usize = 4096;
 
 /// What a download in progress here holds: its version, and the chunks verified so far.
 #[derive(Debug, Clone)]
@@ -298,6 +353,7 @@ impl Store {
             uploads: Arc::default(),
             trees: Mutex::default(),
             held: Mutex::default(),
+            damaged: Mutex::default(),
         })
     }
 
@@ -589,11 +645,7 @@ impl Store {
         let Some(opened) = held::open(sidecar).map_err(io)? else {
             return Ok(None);
         };
-        let cached = self
-            .lock_held()
-            .get(sidecar)
-            .filter(|(id, _, _)| *id == opened.id)
-            .map(|(_, m, at)| (m.clone(), *at));
+        let cached = self.lock_held().get(sidecar, opened.id);
         let (manifest, bits_at) = match cached {
             Some(c) => c,
             None => {
@@ -601,11 +653,8 @@ impl Store {
                     return Ok(None);
                 };
                 let m = Arc::new(m);
-                let mut cache = self.lock_held();
-                if cache.len() >= HELD_CACHED {
-                    cache.clear();
-                }
-                cache.insert(sidecar.to_owned(), (opened.id, m.clone(), at));
+                let header = (opened.id, m.clone(), at);
+                self.lock_held().insert(sidecar.to_owned(), header);
                 (m, at)
             }
         };
@@ -685,6 +734,14 @@ impl Store {
             }
             Err(e) => return Err(io(e)),
         };
+        let key = file.metadata().map(|m| FileKey::of(&m)).map_err(io)?;
+        let damaged = |i: u32| {
+            let damaged = self.damaged.lock().unwrap_or_else(|p| p.into_inner());
+            damaged.get(&(part.clone(), i)) == Some(&key)
+        };
+        if let Some(i) = (first..last).find(|&i| damaged(i as u32)) {
+            return Err(not_held(i));
+        }
         // Each unit is checked as it is read, a part at a time, and only the bytes asked for
         // are kept: the memory is the request's, whatever the unit.
         let mut out = vec![0u8; len as usize];
@@ -710,9 +767,23 @@ impl Store {
                 at += n as u64;
             }
             if !check.matches() {
-                tracing::warn!(
-                    "chunk {i} of the download of {name} in progress fails its check; not serving it"
-                );
+                // Remembered for this version of the file, so it is neither read again nor
+                // logged again; the first damaged unit of a file is logged, the others counted
+                // at debug level.
+                let mut damaged = self.damaged.lock().unwrap_or_else(|p| p.into_inner());
+                if damaged.len() >= DAMAGED_KEPT {
+                    damaged.clear();
+                }
+                let first_here = !damaged.iter().any(|((p, _), k)| *p == part && *k == key);
+                damaged.insert((part.clone(), i), key);
+                drop(damaged);
+                if first_here {
+                    tracing::warn!(
+                        "chunk {i} of the download of {name} in progress fails its check; not serving it (further damaged chunks of it are not logged)"
+                    );
+                } else {
+                    tracing::debug!("chunk {i} of the download of {name} fails its check");
+                }
                 return Err(not_held(u64::from(i)));
             }
         }
@@ -846,7 +917,8 @@ impl Store {
     }
 
     /// Removes upload temporary files left by a server that was killed: those no live process
-    /// holds locked. Downloads' `.part` files stay (they are for resuming). Returns how many
+    /// holds locked, and the `.new` links a replace killed between link and rename left.
+    /// Downloads' `.part` files stay (they are for resuming). Returns how many
     /// files and bytes were removed.
     pub fn remove_stale_uploads(&self) -> Result<(usize, u64), StoreError> {
         let entries =
@@ -855,7 +927,11 @@ impl Store {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            if !(name.starts_with('.') && name.ends_with(".part") && name.contains(UPLOAD_TAG)) {
+            // An upload's temporary file, or the new version of a replace (an upload's or an
+            // update's) that a killed process linked but did not rename: its own temporary file
+            // still holds every byte, and a live one holds the lock on both.
+            let upload = name.ends_with(".part") && name.contains(UPLOAD_TAG);
+            if !(name.starts_with('.') && (upload || name.ends_with(".new"))) {
                 continue;
             }
             let path = entry.path();
@@ -883,7 +959,7 @@ impl Store {
         disk_space(&self.dir).map_err(|e| StoreError::io("measuring free space on", &self.dir, e))
     }
 
-    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, HeldHeader>> {
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, HeldCache> {
         // Held for one lookup or insert of a whole entry.
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -981,6 +1057,10 @@ pub enum Committed {
 pub const DISPLACED_DIR: &str = ".qnode-displaced";
 /// Displaced versions kept per name; older ones are removed.
 pub const DISPLACED_KEPT: usize = 3;
+/// Displaced versions kept in one folder, of all names; the oldest are removed first.
+pub const DISPLACED_MAX_FILES: usize = 1000;
+/// Bytes of displaced versions kept in one folder; the oldest are removed first.
+pub const DISPLACED_MAX_BYTES: u64 = 1 << 30;
 
 /// A regular file as it was seen: its identity on disk and its BLAKE3, so a replacement can tell
 /// whether it changed since.
@@ -1367,6 +1447,16 @@ impl PartialFile {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io("creating", &keep, e)),
         }
+        // A symlink planted there by a local user would send the old version (and the pruning)
+        // into another folder: only a real folder is used.
+        if !fs::symlink_metadata(&keep).is_ok_and(|m| m.file_type().is_dir()) {
+            self.keep.store(true, Ordering::SeqCst);
+            return Err(io(
+                "keeping the old version in",
+                &keep,
+                io::Error::other("not a folder (a symlink?); nothing was replaced"),
+            ));
+        }
         // Still the version seen at the start (ctime too: a change that kept the mtime)?
         let unchanged = |full: bool| {
             fs::symlink_metadata(&self.target).is_ok_and(|now| {
@@ -1495,30 +1585,46 @@ impl Drop for PartialFile {
     }
 }
 
-/// Keeps the newest [`DISPLACED_KEPT`] displaced versions of `name` in `keep`.
+/// Keeps the newest [`DISPLACED_KEPT`] displaced versions of `name` in `keep`, and in all at
+/// most [`DISPLACED_MAX_FILES`] files and [`DISPLACED_MAX_BYTES`] bytes there (oldest removed
+/// first, whatever their name).
 fn prune_displaced(keep: &Path, name: &str) {
     let Ok(entries) = fs::read_dir(keep) else {
         return;
     };
     let prefix = format!("{name}.");
-    // By ctime: when each was displaced (linked here).
-    let mut versions: Vec<((i64, i64), PathBuf)> = entries
+    // By ctime: when each was displaced (linked here). Only regular files (not followed).
+    let mut all: Vec<((i64, i64), u64, PathBuf, bool)> = entries
         .filter_map(Result::ok)
-        .filter(|e| {
-            e.file_name().to_str().is_some_and(|n| {
+        .filter_map(|e| {
+            let m = e.metadata().ok().filter(fs::Metadata::is_file)?;
+            let ours = e.file_name().to_str().is_some_and(|n| {
                 n.strip_prefix(&prefix)
                     .is_some_and(|rest| rest.len() == 16 && !rest.contains('.'))
-            })
-        })
-        .filter_map(|e| {
-            let m = e.metadata().ok()?;
-            Some(((m.ctime(), m.ctime_nsec()), e.path()))
+            });
+            Some(((m.ctime(), m.ctime_nsec()), m.len(), e.path(), ours))
         })
         .collect();
-    versions.sort();
-    let excess = versions.len().saturating_sub(DISPLACED_KEPT);
-    for (_, path) in versions.into_iter().take(excess) {
-        let _ = fs::remove_file(path);
+    all.sort();
+    let mut excess = all
+        .iter()
+        .filter(|v| v.3)
+        .count()
+        .saturating_sub(DISPLACED_KEPT);
+    let (mut files, mut bytes) = (all.len(), all.iter().map(|v| v.1).sum::<u64>());
+    for (_, len, path, ours) in all {
+        let over = files > DISPLACED_MAX_FILES || bytes > DISPLACED_MAX_BYTES;
+        let drop_it = over || (ours && excess > 0);
+        if !drop_it {
+            continue;
+        }
+        if fs::remove_file(&path).is_ok() {
+            files -= 1;
+            bytes -= len;
+        }
+        if ours {
+            excess = excess.saturating_sub(1);
+        }
     }
 }
 
