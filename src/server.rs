@@ -642,7 +642,8 @@ pub use crate::shared::HAVE_POLL;
 /// in progress and then what it gains, until it finishes, stops, the observer goes away or we
 /// shut down. Counted in chunks, or in pieces for `ObservePieces` where the file has them,
 /// whichever unit our own download is in. Every observer of one download shares one watch of it
-/// (`shared::Watches`), and a peer has at most [`OBSERVERS_PER_PEER`] open.
+/// (`shared::Watches`), and a peer has at most [`OBSERVERS_PER_PEER`] of downloads in progress
+/// open.
 async fn handle_observe(
     send: &mut Outgoing,
     server: &Server,
@@ -650,13 +651,6 @@ async fn handle_observe(
     name: &FileName,
     in_pieces: bool,
 ) -> Result<String, Failure> {
-    let Some(_slot) = server.observers.admit(&link.peer) else {
-        return Err(RemoteError::new(
-            ErrorKind::Busy,
-            format!("{OBSERVERS_PER_PEER} observers from this peer are already open"),
-        )
-        .into());
-    };
     let (store, n) = (server.store.clone(), name.clone());
     let (whole, held) = blocking(move || {
         Ok(match store.lookup_with_pieces(&n)? {
@@ -668,9 +662,21 @@ async fn handle_observe(
     // The version in chunks, in pieces if we know its pieces' hashes, and for a download in
     // progress what it holds, in the observer's unit. Manifests are shared, never copied per
     // observer; only the answer being sent is built from them.
+    let mut slot_held = None;
     let (version, watch, known) = match (&whole, held) {
         (Some(whole), _) => (whole.manifest.blake3(), None, None),
         (None, Some(h)) => {
+            // Only these stay open: a whole file's answer ends at once.
+            let Some(slot) = server.observers.admit(&link.peer) else {
+                return Err(RemoteError::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "{OBSERVERS_PER_PEER} observers of downloads in progress from this peer are already open"
+                    ),
+                )
+                .into());
+            };
+            slot_held = Some(slot);
             let version = h.manifest.blake3();
             let known = Regrain::new(&h.manifest, in_pieces).apply(&h.chunks);
             let watch = server.watches.subscribe(name, version, h);
@@ -713,6 +719,7 @@ async fn handle_observe(
     };
     reply(send, link, estimate, build, held.is_some()).await?;
     drop((manifest, pieces, whole));
+    let _slot = slot_held;
     let (Some(mut watch), Some(mut known)) = (watch, known) else {
         return Ok(format!("{name} -> whole file{}", unit(in_pieces)));
     };

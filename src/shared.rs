@@ -151,7 +151,8 @@ impl Watches {
 }
 
 type JobKey = (FileName, FileKey, SigKind);
-type TreeResult = Result<Arc<Tree>, StoreError>;
+/// A computed tree, with the version (BLAKE3) of the file it is the tree of.
+type TreeResult = Result<(Hash32, Arc<Tree>), StoreError>;
 type Running = Arc<Mutex<HashMap<JobKey, Arc<watch::Sender<Option<TreeResult>>>>>>;
 
 /// Tree computations in progress, shared by their askers, and the cap on how many run at once.
@@ -181,6 +182,8 @@ impl TreeJobs {
     }
 
     /// The tree of version `blake3` of `name` (`Conflict` if the file is another version now).
+    /// The version is learnt by the shared computation too, so a flood of askers of a file not
+    /// hashed yet hashes it once.
     pub async fn of_version(
         &self,
         name: &FileName,
@@ -188,8 +191,23 @@ impl TreeJobs {
         kind: SigKind,
     ) -> Result<Arc<Tree>, StoreError> {
         let (store, n) = (self.store.clone(), name.clone());
-        let key = blocking(move || store.tree_key(&n, blake3)).await?;
-        self.of(name, Some(key), kind).await.map(|(_, t)| t)
+        let cached = blocking(move || {
+            Ok(match store.cached_tree(&n, kind)? {
+                Ok((_, tree)) => Ok((store.manifest(&n)?.blake3(), tree)),
+                Err(key) => Err(key),
+            })
+        })
+        .await?;
+        let (version, tree) = match cached {
+            Ok(found) => found,
+            Err(key) => self.computed(name, key, kind).await?,
+        };
+        if version != blake3 {
+            return Err(StoreError::Conflict(format!(
+                "{name} (this peer serves another version now)"
+            )));
+        }
+        Ok(tree)
     }
 
     /// The tree of the file under `name` now (`expect`: only if it is still that file), with the
@@ -210,14 +228,24 @@ impl TreeJobs {
                 "{name} (it changed while being read)"
             )));
         }
+        let (_, tree) = self.computed(name, key, kind).await?;
+        Ok((key, tree))
+    }
+
+    /// The shared computation of the tree of the file `key` under `name`.
+    async fn computed(
+        &self,
+        name: &FileName,
+        key: FileKey,
+        kind: SigKind,
+    ) -> Result<(Hash32, Arc<Tree>), StoreError> {
         let mut rx = self.join((name.clone(), key, kind));
         let done = rx
             .wait_for(Option::is_some)
             .await
             .map_err(|_| StoreError::Busy(format!("{name} (its tree was abandoned)")))?;
         match done.as_ref() {
-            Some(Ok(tree)) => Ok((key, tree.clone())),
-            Some(Err(e)) => Err(e.clone()),
+            Some(result) => result.clone(),
             None => Err(StoreError::Busy(format!("{name} (no tree)"))),
         }
     }
@@ -244,9 +272,12 @@ impl TreeJobs {
             let result = match permit {
                 Some(permit) if tx.receiver_count() > 0 => {
                     let (t, (name, key, kind)) = (tx.clone(), job.clone());
+                    tracing::info!("computing the tree of {name} ({kind:?} signatures)");
                     let r = tokio::task::spawn_blocking(move || {
                         let _permit = permit;
-                        store.compute_tree(&name, key, kind, &|| t.receiver_count() == 0)
+                        let version = store.manifest(&name)?.blake3();
+                        let stop = || t.receiver_count() == 0;
+                        Ok((version, store.compute_tree(&name, key, kind, &stop)?))
                     })
                     .await;
                     r.unwrap_or_else(|e| Err(StoreError::Busy(format!("tree task failed: {e}"))))

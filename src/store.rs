@@ -232,6 +232,8 @@ pub struct Store {
     /// Units of downloads in progress here that failed their check when read, by temporary
     /// file and unit, with that file's identity then: not read again, and logged once.
     damaged: Mutex<HashMap<(PathBuf, u32), FileKey>>,
+    /// Names whose manifest is being hashed, each with the lock its hashing holds.
+    hashing: Mutex<HashMap<FileName, Arc<Mutex<()>>>>,
 }
 
 /// A sidecar's identity (device, inode), its manifest and where its bits start.
@@ -354,6 +356,7 @@ impl Store {
             trees: Mutex::default(),
             held: Mutex::default(),
             damaged: Mutex::default(),
+            hashing: Mutex::default(),
         })
     }
 
@@ -421,7 +424,33 @@ impl Store {
             {
                 return Ok(d.clone());
             }
+            // One hashing of a name at a time: the others wait for it and find it cached,
+            // instead of each reading the whole file.
+            let gate = self
+                .hashing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(name.clone())
+                .or_default()
+                .clone();
+            let turn = gate.lock().unwrap_or_else(|p| p.into_inner());
+            let done = || {
+                let mut hashing = self.hashing.lock().unwrap_or_else(|p| p.into_inner());
+                // Ours and the map's: no one else waits.
+                if Arc::strong_count(&gate) == 2 {
+                    hashing.remove(name);
+                }
+            };
+            if let Some(d) = self.lock_cache().get(name)
+                && d.key == key
+            {
+                drop(turn);
+                done();
+                return Ok(d.clone());
+            }
             let manifest = Manifest::of_file_with_pieces(&file, key.size);
+            drop(turn);
+            done();
             let after = file
                 .metadata()
                 .map(|m| FileKey::of(&m))

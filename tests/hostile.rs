@@ -1228,3 +1228,346 @@ async fn a_peer_without_compression_gets_plain_bytes_from_compress_always() -> T
     )?;
     Ok(())
 }
+
+// ---- Hardening II: every reply and every computation a peer can cause is bounded ----
+
+/// A download in progress in `dir`, as `qnode download` leaves one: a sparse temporary file
+/// (zeros) of `manifest`'s size and its sidecar, holding the chunks `held` marks.
+fn partial_in_progress(
+    dir: &std::path::Path,
+    name: &str,
+    manifest: &qnode::manifest::Manifest,
+    held: &[bool],
+) -> anyhow::Result<()> {
+    let tag = qnode::store::download_tag(&manifest.blake3());
+    let p = qnode::store::PartialFile::create_sparse(&dir.join(name), &tag, manifest.size())?;
+    p.share(manifest, held)?;
+    p.keep_for_resume();
+    Ok(())
+}
+
+/// The manifest of `size` zero bytes.
+fn zeros_manifest(size: u64) -> anyhow::Result<qnode::manifest::Manifest> {
+    use std::io::Read;
+    Ok(qnode::manifest::Manifest::from_reader(
+        std::io::repeat(0).take(size),
+        size,
+    )?)
+}
+
+/// CPU seconds (user and system) `pid` has used.
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |x| x.1);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // After the name, the state is field 3: utime and stime (14 and 15) are at 11 and 12.
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11).unwrap_or(0.0) + ticks(12).unwrap_or(0.0)) / hz
+}
+
+fn observe_pieces(name: &str) -> Vec<u8> {
+    encode_frame(&Request::ObservePieces {
+        name: FileName::new(name).unwrap(),
+    })
+    .unwrap()
+}
+
+/// Flow-control windows of 1 KiB: a peer that takes almost nothing of what it is sent.
+fn stingy() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.stream_receive_window(1024u32.into());
+    t.receive_window(8192u32.into());
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_observers_and_describers_hold_bounded_memory_and_others_are_served() -> TestResult
+{
+    let net = Net::new(&["p1", "p2", "p3"])?;
+    net.put("p1", "ok.txt", b"fine")?;
+    // 1 GiB sparse: 1,024 chunks and 4,096 pieces, so each answer is about 170 KB.
+    std::fs::File::create(net.served("p1").join("big.bin"))?.set_len(1 << 30)?;
+    let server = net.serve("p1", &[])?;
+    // Hashed once, before the flood.
+    let (_ep, conn) = connect(&net, "p2", "p1").await?;
+    let whole = raw(&conn, &observe_pieces("big.bin")).await?;
+    assert!(matches!(whole, Response::HoldingPieces { .. }), "{whole:?}");
+    let describe = encode_frame(&Request::Describe {
+        name: FileName::new("big.bin")?,
+    })?;
+
+    // 8 connections (all a peer may have), each with 100 ObservePieces and 100 Describe that are
+    // never read.
+    let (mut held, mut conns) = (Vec::new(), Vec::new());
+    for _ in 0..8 {
+        let (ep, conn) = connect_with(&net, "p2", "p1", Some(stingy())).await?;
+        for _ in 0..100 {
+            held.push(ask(&conn, &observe_pieces("big.bin")).await?);
+            held.push(ask(&conn, &describe).await?);
+        }
+        conns.push((conn, ep));
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let out = net.ok("p3", &["list", "p1"])?;
+    assert!(out.stdout().contains("ok.txt"), "{}", out.stdout());
+    let rss_kib = util::proc_status_kib(server.pid(), "VmHWM");
+    assert!(
+        rss_kib < 256 * 1024,
+        "server peak RSS {rss_kib} KiB with 1,600 unread answers"
+    );
+    drop((held, conns));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_observers_of_a_large_partial_share_one_watch_and_idle_ones_cost_nothing() -> TestResult
+{
+    // 32 listed peers, each with 64 observers (all it may have) of one download in progress.
+    let ids: Vec<String> = (1..=33).map(|i| format!("p{i}")).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let net = Net::new(&ids)?;
+    let manifest = zeros_manifest(1 << 30)?;
+    let half: Vec<bool> = (0..manifest.chunk_count()).map(|i| i % 2 == 0).collect();
+    partial_in_progress(&net.served("p1"), "big.bin", &manifest, &half)?;
+    let server = net.serve("p1", &[])?;
+
+    let mut observers = Vec::new();
+    for id in &ids[1..] {
+        let (ep, conn) = connect(&net, id, "p1").await?;
+        let mut streams = Vec::new();
+        for _ in 0..64 {
+            streams.push(ask(&conn, &observe_pieces("big.bin")).await?);
+        }
+        // Each reads its first answer (the download's manifest and what it holds), then waits.
+        for (_, recv) in &mut streams {
+            let first: Response = protocol::read_msg(recv, MAX_RESPONSE_LEN).await?;
+            let Response::HoldingPieces { held: Some(_), .. } = first else {
+                panic!("expected a download in progress, got {first:?}");
+            };
+        }
+        // One more from this peer is refused: 64 observers each.
+        let more = raw(&conn, &observe_pieces("big.bin")).await?;
+        expect_error(more, ErrorKind::Busy, "observer 65");
+        observers.push((streams, conn, ep));
+    }
+    let rss_kib = util::proc_status_kib(server.pid(), "VmHWM");
+    assert!(
+        rss_kib < 256 * 1024,
+        "server peak RSS {rss_kib} KiB for 2,048 observers"
+    );
+    // Idle: nothing is gained, so nothing is sent and almost nothing is done.
+    let before = cpu_seconds(server.pid());
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let cores = (cpu_seconds(server.pid()) - before) / 4.0;
+    assert!(
+        cores < 0.15,
+        "2,048 idle observers cost the server {cores:.2} cores"
+    );
+    // Still served meanwhile.
+    net.put("p1", "ok.txt", b"fine")?;
+    assert!(net.ok("p2", &["download", "ok.txt", "p1"])?.success());
+    drop(observers);
+    Ok(())
+}
+
+/// `Groups` of `name` at `version`.
+fn groups_request(name: &str, version: [u8; 32]) -> Vec<u8> {
+    encode_frame(&Request::Groups {
+        name: FileName::new(name).unwrap(),
+        blake3: version,
+    })
+    .unwrap()
+}
+
+/// The most threads `pid` had while `work` ran, sampled every 20 ms.
+async fn peak_threads<T>(pid: i32, work: impl Future<Output = T>) -> (T, u64) {
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = done.clone();
+    let sampler = tokio::spawn(async move {
+        let mut peak = 0;
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            peak = peak.max(util::proc_status_kib(pid, "Threads"));
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        peak
+    });
+    let out = work.await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    (out, sampler.await.unwrap_or(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_tree_requests_over_both_versions_computes_each_tree_once() -> TestResult {
+    let net = Net::new(&["p1", "p2", "p3"])?;
+    // 512 MiB sparse: each tree costs a few tenths of a CPU second.
+    std::fs::File::create(net.served("p1").join("t.bin"))?.set_len(512 << 20)?;
+    net.put("p1", "ok.txt", b"fine")?;
+    let server = net.serve("p1", &[])?;
+    let version = zeros_manifest(512 << 20)?.blake3();
+    let (_e2, v2) = connect(&net, "p2", "p1").await?;
+    let (_e1, v1) = connect_speaking(&net, "p2", "p1", None, &[protocol::ALPN]).await?;
+    let flood = async {
+        let mut asks = Vec::new();
+        for i in 0..200 {
+            let conn = if i % 2 == 0 { v2.clone() } else { v1.clone() };
+            let frame = groups_request("t.bin", version);
+            asks.push(tokio::spawn(async move { raw(&conn, &frame).await }));
+        }
+        let mut answers = Vec::new();
+        for a in asks {
+            answers.push(a.await??);
+        }
+        anyhow::Ok(answers)
+    };
+    let (answers, threads) = peak_threads(server.pid(), flood).await;
+    let answers = answers?;
+    // Every asker of one version of the protocol got the same tree.
+    for (i, a) in answers.iter().enumerate() {
+        assert!(matches!(a, Response::Groups(_)), "answer {i}: {a:?}");
+        assert_eq!(a, &answers[i % 2], "answer {i}");
+    }
+    // One computation per kind, shared by its 100 askers; both kinds stay cached.
+    assert_eq!(
+        server.log().matches("computing the tree of t.bin").count(),
+        2
+    );
+    assert!(threads < 64, "{threads} server threads during the flood");
+    for conn in [&v1, &v2] {
+        let again = raw(conn, &groups_request("t.bin", version)).await?;
+        assert!(matches!(again, Response::Groups(_)));
+    }
+    assert_eq!(
+        server.log().matches("computing the tree of t.bin").count(),
+        2
+    );
+    assert!(net.ok("p3", &["download", "ok.txt", "p1"])?.success());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_replaces_compute_no_tree() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    std::fs::File::create(net.served("p1").join("r.bin"))?.set_len(512 << 20)?;
+    let server = net.serve("p1", &[])?;
+    let (_ep, conn) = connect(&net, "p2", "p1").await?;
+    let replace = encode_frame(&Request::Replace {
+        name: FileName::new("r.bin")?,
+        size: 1 << 20,
+        blake3: [1; 32],
+    })?;
+    // One admitted replace that never sends its signatures (its tree is computed meanwhile).
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&replace).await?;
+    let first: Response = protocol::read_msg(&mut recv, MAX_RESPONSE_LEN).await?;
+    assert_eq!(first, Response::SendDelta);
+    // 200 more of the same name are refused (one transfer of a name at a time) before anything
+    // is read or computed for them.
+    let flood = async {
+        for i in 0..200 {
+            expect_error(
+                raw(&conn, &replace).await?,
+                ErrorKind::Busy,
+                &format!("{i}"),
+            );
+        }
+        anyhow::Ok(())
+    };
+    let before = cpu_seconds(server.pid());
+    let (flooded, threads) = peak_threads(server.pid(), flood).await;
+    flooded?;
+    let cpu = cpu_seconds(server.pid()) - before;
+    // The admitted one computes the tree once; the refused ones compute none.
+    assert!(
+        server.log().matches("computing the tree of r.bin").count() <= 1,
+        "{}",
+        server.log()
+    );
+    assert!(threads < 64, "{threads} server threads during the flood");
+    assert!(cpu < 5.0, "the refused replaces cost {cpu:.1} CPU s");
+    drop((send, recv));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_delta_frames_are_refused_before_they_cost_memory() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    for i in 0..4 {
+        net.put("p1", &format!("d{i}.txt"), &util::random_bytes(1 << 20, i))?;
+    }
+    let server = net.serve("p1", &[])?;
+    let (_ep, conn) = connect(&net, "p2", "p1").await?;
+    // Group signatures of one byte each, as many as a frame holds, adding up to the size.
+    let count = 1_800_000u32;
+    let sigs = protocol::Delta::Groups(vec![
+        qnode::delta::Sig {
+            hash: [7; 8],
+            len: 1
+        };
+        count as usize
+    ]);
+    let frame = encode_frame(&sigs)?;
+    assert!(frame.len() < MAX_RESPONSE_LEN as usize);
+    let mut replaces = Vec::new();
+    for i in 0..4 {
+        let replace = encode_frame(&Request::Replace {
+            name: FileName::new(format!("d{i}.txt"))?,
+            size: u64::from(count),
+            blake3: [1; 32],
+        })?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(&replace).await?;
+        let first: Response = protocol::read_msg(&mut recv, MAX_RESPONSE_LEN).await?;
+        assert_eq!(first, Response::SendDelta);
+        replaces.push((send, recv));
+    }
+    for (send, _) in &mut replaces {
+        send.write_all(&frame).await?;
+    }
+    for (i, (_, recv)) in replaces.iter_mut().enumerate() {
+        let answer: Response = protocol::read_msg(recv, MAX_RESPONSE_LEN).await?;
+        expect_error(answer, ErrorKind::Corrupt, &format!("replace {i}"));
+    }
+    let rss_kib = util::proc_status_kib(server.pid(), "VmHWM");
+    assert!(
+        rss_kib < 160 * 1024,
+        "server peak RSS {rss_kib} KiB for four replaces of one-byte signatures"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peers_huge_announced_upload_does_not_lock_out_the_others() -> TestResult {
+    if !util::is_root(
+        "one_peers_huge_announced_upload_does_not_lock_out_the_others",
+        "to mount a tmpfs",
+    ) {
+        return Ok(());
+    }
+    let net = Net::new(&["p1", "p2", "p3"])?;
+    let _tmpfs = util::Tmpfs::mount(&net.served("p1"), "64m")?;
+    let _server = net.serve("p1", &[])?;
+    let (_ep, conn) = connect(&net, "p2", "p1").await?;
+    // p2 announces 60 MiB of the 64 and trickles one byte.
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&upload("hog.bin", 60 << 20)).await?;
+    let ready: Response = protocol::read_msg(&mut recv, MAX_RESPONSE_LEN).await?;
+    assert_eq!(ready, Response::Ready);
+    send.write_all(b"x").await?;
+    // p3's small upload is stored meanwhile; p2 gets no more.
+    net.put("p3", "small.txt", b"six b\n")?;
+    let out = net.ok("p3", &["upload", "small.txt", "p1"])?;
+    assert!(out.success());
+    assert_eq!(
+        std::fs::read(net.served("p1").join("small.txt"))?,
+        b"six b\n"
+    );
+    expect_error(
+        raw(&conn, &upload("more.bin", 4 << 20)).await?,
+        ErrorKind::NoSpace,
+        "p2's second upload",
+    );
+    drop((send, recv));
+    Ok(())
+}
