@@ -243,7 +243,7 @@ pub async fn serve(
     match store.remove_stale_uploads() {
         Ok((0, _)) => {}
         Ok((files, bytes)) => tracing::info!(
-            "removed {files} upload temporary files left by an earlier run ({bytes} bytes)"
+            "removed {files} upload temporary files and unfinished replaces left by an earlier run ({bytes} bytes)"
         ),
         Err(e) => tracing::warn!("could not look for stale upload files: {e}"),
     }

@@ -1618,6 +1618,11 @@ impl Drop for PartialFile {
 /// most [`DISPLACED_MAX_FILES`] files and [`DISPLACED_MAX_BYTES`] bytes there (oldest removed
 /// first, whatever their name).
 fn prune_displaced(keep: &Path, name: &str) {
+    prune_displaced_to(keep, name, (DISPLACED_MAX_FILES, DISPLACED_MAX_BYTES));
+}
+
+/// [`prune_displaced`] with caps of its own in all: (files, bytes).
+fn prune_displaced_to(keep: &Path, name: &str, (max_files, max_bytes): (usize, u64)) {
     let Ok(entries) = fs::read_dir(keep) else {
         return;
     };
@@ -1642,7 +1647,7 @@ fn prune_displaced(keep: &Path, name: &str) {
         .saturating_sub(DISPLACED_KEPT);
     let (mut files, mut bytes) = (all.len(), all.iter().map(|v| v.1).sum::<u64>());
     for (_, len, path, ours) in all {
-        let over = files > DISPLACED_MAX_FILES || bytes > DISPLACED_MAX_BYTES;
+        let over = files > max_files || bytes > max_bytes;
         let drop_it = over || (ours && excess > 0);
         if !drop_it {
             continue;
@@ -1880,6 +1885,55 @@ mod tests {
                 _ => assert_eq!(first_piece.unwrap(), bytes(cs, ps)),
             }
         }
+    }
+
+    #[test]
+    fn eighty_downloads_in_progress_stay_in_the_header_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut partials = Vec::new();
+        for i in 0..80u32 {
+            let data = i.to_le_bytes().repeat(20_000);
+            let m = Manifest::from_reader(&data[..], data.len() as u64).unwrap();
+            let target = dir.path().join(format!("f{i}.bin"));
+            let p = PartialFile::create_sparse(&target, &download_tag(&m.blake3()), m.size());
+            let p = p.unwrap();
+            p.share(&m, &[]).unwrap();
+            partials.push(p);
+        }
+        assert_eq!(store.held_all().unwrap().len(), 80);
+        // Every header read once is kept: listing again reads none (the cache held 64 and was
+        // cleared when full, so each listing of more than 64 read every header again).
+        assert_eq!(store.lock_held().entries.len(), 80);
+        assert_eq!(store.held_all().unwrap().len(), 80);
+        assert_eq!(store.lock_held().entries.len(), 80);
+    }
+
+    #[test]
+    fn displaced_versions_are_capped_in_all_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let keep = dir.path().join(DISPLACED_DIR);
+        fs::create_dir(&keep).unwrap();
+        // 20 names with 2 versions each is under the per-name cap, over a cap of 30 in all.
+        for v in 0..2 {
+            for n in 0..20 {
+                fs::write(keep.join(format!("n{n}.txt.{v:016x}")), b"x").unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        }
+        prune_displaced_to(&keep, "n0.txt", (30, u64::MAX));
+        let left: Vec<String> = fs::read_dir(&keep)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left.len(), 30);
+        // The ten oldest went: the first versions of n0..n9.
+        for n in 0..10 {
+            assert!(!left.contains(&format!("n{n}.txt.{:016x}", 0)), "{left:?}");
+        }
+        // Bytes too: a cap of 5 bytes leaves 5 files of one byte.
+        prune_displaced_to(&keep, "n0.txt", (usize::MAX, 5));
+        assert_eq!(fs::read_dir(&keep).unwrap().count(), 5);
     }
 
     #[test]

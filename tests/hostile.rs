@@ -1571,3 +1571,168 @@ async fn one_peers_huge_announced_upload_does_not_lock_out_the_others() -> TestR
     drop((send, recv));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_whose_update_signatures_lie_is_named_and_costs_no_round_trips() -> TestResult {
+    let net = Net::new(&["p2", "p4"])?;
+    let new = util::text::text(1 << 20, 41);
+    let mut old = new.clone();
+    old[500_000..500_010].copy_from_slice(b"OLD  LINE\n");
+    net.put("p2", "f.txt", &old)?;
+    let manifest = qnode::manifest::Manifest::from_reader(&new[..], new.len() as u64)?;
+    let data = bytes::Bytes::from(new.clone());
+    let leaves = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = leaves.clone();
+    // p4 holds the new version whole and serves its bytes honestly, but its tree is one-byte
+    // signatures that add up to the file, and every group's leaves are empty.
+    let liar = fake_peer(&net, "p4", "p2", move |req, mut send| {
+        let (manifest, data, count) = (manifest.clone(), data.clone(), count.clone());
+        Box::pin(async move {
+            let bytes =
+                |offset: u64, len: u32| data.slice(offset as usize..offset as usize + len as usize);
+            match req {
+                Request::Observe { .. } => {
+                    let _ = qnode::exchange::send_holding(&mut send, &manifest, None).await;
+                }
+                Request::ObservePieces { .. } => unknown(&mut send).await,
+                Request::Groups { .. } => {
+                    let sig = qnode::delta::Sig {
+                        hash: [5; 8],
+                        len: 1,
+                    };
+                    let lie = Response::Groups(vec![sig; manifest.size() as usize]);
+                    qnode::exchange::respond(&mut send, &lie).await;
+                }
+                Request::Leaves { .. } => {
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    qnode::exchange::respond(&mut send, &Response::Leaves(vec![])).await;
+                }
+                Request::ReadChunk { offset, len, .. }
+                | Request::ReadRange { offset, len, .. }
+                | Request::ReadVersion { offset, len, .. } => {
+                    let body = bytes(offset, len);
+                    let _ = qnode::exchange::send_chunk(&mut send, len as usize, body, false).await;
+                }
+                _ => not_found(&mut send).await,
+            }
+        })
+    })?;
+    let cmd = net.cmd("p2", &["download", "f.txt", "p4", "--update", "--json"]);
+    let out = tokio::task::spawn_blocking(move || {
+        let mut cmd = cmd;
+        cmd.output()
+    })
+    .await??;
+    liar.abort();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(std::fs::read(net.served("p2").join("f.txt"))?, new);
+    // Its tree was refused at once: not one Leaves request, and it is named.
+    assert_eq!(leaves.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let fault = fault_of(&json, "p4");
+    assert!(
+        fault["dropped"]
+            .as_str()
+            .is_some_and(|d| d.contains("delta signatures")),
+        "{json}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_replace_killed_between_link_and_rename_left_is_removed_at_start() -> TestResult {
+    let net = Net::new(&["p1"])?;
+    net.put("p1", "a.txt", b"the version under the name")?;
+    let dir = net.served("p1");
+    // A killed upload's replace and a killed update's: each linked its new version, then died.
+    std::fs::write(
+        dir.join(".a.txt.upload-4242-1.new"),
+        b"a new version, never renamed",
+    )?;
+    std::fs::write(
+        dir.join(".b.txt.0123456789abcdef.new"),
+        b"an update, never renamed",
+    )?;
+    let server = net.serve("p1", &[])?;
+    server.wait_for_log("removed 2 ", std::time::Duration::from_secs(10))?;
+    assert!(
+        util::leftovers(&dir).is_empty(),
+        "{:?}",
+        util::leftovers(&dir)
+    );
+    assert_eq!(
+        std::fs::read(dir.join("a.txt"))?,
+        b"the version under the name"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlinked_displaced_folder_is_never_followed() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    net.put("p1", "a.txt", b"version one\n")?;
+    net.put("p2", "a.txt", b"version two, longer\n")?;
+    // A local user points the displaced folder at another folder of five files.
+    let other = net.root().join("other");
+    std::fs::create_dir(&other)?;
+    for i in 0..5 {
+        std::fs::write(other.join(format!("a.txt.{i:016x}")), format!("file {i}"))?;
+    }
+    std::os::unix::fs::symlink(&other, net.served("p1").join(".qnode-displaced"))?;
+    let server = net.serve("p1", &[])?;
+    // Refused (the peer is told of an error on the serving side; its log says which).
+    net.fails("p2", &["upload", "a.txt", "p1", "--replace"])?;
+    assert!(server.log().contains("not a folder"), "{}", server.log());
+    // Nothing linked there, nothing pruned there, and the name still holds a whole version.
+    let mut names: Vec<String> = std::fs::read_dir(&other)?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    names.sort();
+    let want: Vec<String> = (0..5).map(|i| format!("a.txt.{i:016x}")).collect();
+    assert_eq!(names, want);
+    for (i, name) in want.iter().enumerate() {
+        assert_eq!(
+            std::fs::read(other.join(name))?,
+            format!("file {i}").as_bytes()
+        );
+    }
+    assert_eq!(
+        std::fs::read(net.served("p1").join("a.txt"))?,
+        b"version one\n"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_partial_is_logged_once_and_not_read_again() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    // A download in progress that claims every chunk, but its bytes are zeros: all damaged.
+    let data = util::random_bytes(4 << 20, 44);
+    let manifest = qnode::manifest::Manifest::from_reader(&data[..], data.len() as u64)?;
+    let all = vec![true; manifest.chunk_count() as usize];
+    partial_in_progress(&net.served("p1"), "f.bin", &manifest, &all)?;
+    let server = net.serve("p1", &[])?;
+    let (_ep, conn) = connect(&net, "p2", "p1").await?;
+    let chunk = manifest.chunk_size();
+    for i in 0..200u64 {
+        let k = i % u64::from(manifest.chunk_count());
+        let read = encode_frame(&Request::ReadVersion {
+            name: FileName::new("f.bin")?,
+            blake3: manifest.blake3(),
+            offset: k * chunk,
+            len: chunk as u32,
+        })?;
+        expect_error(
+            raw(&conn, &read).await?,
+            ErrorKind::NotFound,
+            &format!("read {i}"),
+        );
+    }
+    let warned = server.log().matches("fails its check").count();
+    assert_eq!(warned, 1, "{}", server.log());
+    Ok(())
+}
