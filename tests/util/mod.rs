@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 pub mod netns;
+pub mod peer;
 
 pub type TestResult = anyhow::Result<()>;
 
