@@ -5,10 +5,9 @@
 //! A/B against an older build). `QNODE_BENCH_ONLY` picks a comma list of `stalled`, `groups`,
 //! `idle`, `update`, `lockout` (the last needs root, for a tmpfs). Each prints one line.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use qnode::manifest::{FileName, Manifest};
+use qnode::manifest::FileName;
 use qnode::protocol::{self, MAX_RESPONSE_LEN, Request, Response, encode_frame};
 
 // The tests' harness and hostile peer.
@@ -105,13 +104,7 @@ async fn groups() -> anyhow::Result<()> {
 /// 2,048 observers (32 peers × 64) of a 1 GiB download in progress, reading their first
 /// answer, then idle: the server's CPU while nothing happens.
 async fn idle() -> anyhow::Result<()> {
-    let ids: Vec<String> = (1..=33).map(|i| format!("p{i}")).collect();
-    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let net = Net::new(&ids)?;
-    let manifest = zeros_manifest(1 << 30)?;
-    let half: Vec<bool> = (0..manifest.chunk_count()).map(|i| i % 2 == 0).collect();
-    partial_in_progress(&net.served("p1"), "big.bin", &manifest, &half)?;
-    let server = net.serve("p1", &[])?;
+    let (net, ids, server) = observed_partial()?;
     let (mut observers, mut conns, mut open) = (Vec::new(), Vec::new(), 0);
     for id in &ids[1..] {
         let (ep, conn) = connect(&net, id, "p1").await?;
@@ -151,41 +144,12 @@ async fn update() -> anyhow::Result<()> {
     let (ok, honest) = timed(&net, "p2", &["download", "f.txt", "p1", "--update"]).await?;
     anyhow::ensure!(ok, "the honest update failed");
     net.put("p3", "f.txt", &old)?;
-    let manifest = Manifest::from_reader(&new[..], new.len() as u64)?;
-    let data = bytes::Bytes::from(new);
-    let count = 1_290_000u32;
-    let size = manifest.size();
-    let leaves = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let asked = leaves.clone();
-    let liar = fake_peer(&net, "p4", "p3", move |req, mut send| {
-        let (manifest, data, asked) = (manifest.clone(), data.clone(), asked.clone());
-        Box::pin(async move {
-            match req {
-                Request::Observe { .. } => {
-                    let _ = qnode::exchange::send_holding(&mut send, &manifest, None).await;
-                }
-                Request::ObservePieces { .. } => unknown(&mut send).await,
-                Request::Groups { .. } => {
-                    // Lengths that add up to the file: 1 byte each but the last.
-                    let sig = |len| qnode::delta::Sig { hash: [3; 8], len };
-                    let mut lie = vec![sig(1); count as usize - 1];
-                    lie.push(sig((size - u64::from(count) + 1) as u32));
-                    qnode::exchange::respond(&mut send, &Response::Groups(lie)).await;
-                }
-                Request::Leaves { .. } => {
-                    asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    qnode::exchange::respond(&mut send, &Response::Leaves(vec![])).await;
-                }
-                Request::ReadChunk { offset, len, .. }
-                | Request::ReadRange { offset, len, .. }
-                | Request::ReadVersion { offset, len, .. } => {
-                    let body = data.slice(offset as usize..offset as usize + len as usize);
-                    let _ = qnode::exchange::send_chunk(&mut send, len as usize, body, false).await;
-                }
-                _ => not_found(&mut send).await,
-            }
-        })
-    })?;
+    // Lengths that add up to the file: 1 byte each but the last.
+    let (count, size) = (1_290_000u32, new.len() as u64);
+    let sig = |len| qnode::delta::Sig { hash: [3; 8], len };
+    let mut lie = vec![sig(1); count as usize - 1];
+    lie.push(sig((size - u64::from(count) + 1) as u32));
+    let (liar, leaves) = update_liar(&net, ("p4", "p3"), bytes::Bytes::from(new), lie)?;
     let args = ["download", "f.txt", "p4", "--update", "--json"];
     let mut cmd = net.cmd("p3", &args);
     let started = Instant::now();

@@ -1150,13 +1150,7 @@ async fn stalled_observers_and_describers_hold_bounded_memory_and_others_are_ser
 async fn many_observers_of_a_large_partial_share_one_watch_and_idle_ones_cost_nothing() -> TestResult
 {
     // 32 listed peers, each with 64 observers (all it may have) of one download in progress.
-    let ids: Vec<String> = (1..=33).map(|i| format!("p{i}")).collect();
-    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let net = Net::new(&ids)?;
-    let manifest = zeros_manifest(1 << 30)?;
-    let half: Vec<bool> = (0..manifest.chunk_count()).map(|i| i % 2 == 0).collect();
-    partial_in_progress(&net.served("p1"), "big.bin", &manifest, &half)?;
-    let server = net.serve("p1", &[])?;
+    let (net, ids, server) = observed_partial()?;
 
     let mut observers = Vec::new();
     for id in &ids[1..] {
@@ -1254,16 +1248,13 @@ async fn refused_replaces_compute_no_tree() -> TestResult {
     std::fs::File::create(net.served("p1").join("r.bin"))?.set_len(512 << 20)?;
     let server = net.serve("p1", &[])?;
     let (_ep, conn) = connect(&net, "p2", "p1").await?;
+    // One admitted replace that never sends its signatures (its tree is computed meanwhile).
+    let (send, recv) = start_replace(&conn, "r.bin", 1 << 20).await?;
     let replace = encode_frame(&Request::Replace {
         name: FileName::new("r.bin")?,
         size: 1 << 20,
         blake3: [1; 32],
     })?;
-    // One admitted replace that never sends its signatures (its tree is computed meanwhile).
-    let (mut send, mut recv) = conn.open_bi().await?;
-    send.write_all(&replace).await?;
-    let first: Response = protocol::read_msg(&mut recv, MAX_RESPONSE_LEN).await?;
-    assert_eq!(first, Response::SendDelta);
     // 200 more of the same name are refused (one transfer of a name at a time) before anything
     // is read or computed for them.
     let flood = async {
@@ -1313,16 +1304,7 @@ async fn oversized_delta_frames_are_refused_before_they_cost_memory() -> TestRes
     assert!(frame.len() < MAX_RESPONSE_LEN as usize);
     let mut replaces = Vec::new();
     for i in 0..4 {
-        let replace = encode_frame(&Request::Replace {
-            name: FileName::new(format!("d{i}.txt"))?,
-            size: u64::from(count),
-            blake3: [1; 32],
-        })?;
-        let (mut send, mut recv) = conn.open_bi().await?;
-        send.write_all(&replace).await?;
-        let first: Response = protocol::read_msg(&mut recv, MAX_RESPONSE_LEN).await?;
-        assert_eq!(first, Response::SendDelta);
-        replaces.push((send, recv));
+        replaces.push(start_replace(&conn, &format!("d{i}.txt"), u64::from(count)).await?);
     }
     for (send, _) in &mut replaces {
         send.write_all(&frame).await?;
@@ -1390,44 +1372,14 @@ async fn a_peer_whose_update_signatures_lie_is_named_and_costs_no_round_trips() 
     let mut old = new.clone();
     old[500_000..500_010].copy_from_slice(b"OLD  LINE\n");
     net.put("p2", "f.txt", &old)?;
-    let manifest = qnode::manifest::Manifest::from_reader(&new[..], new.len() as u64)?;
-    let data = bytes::Bytes::from(new.clone());
-    let leaves = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = leaves.clone();
     // p4 holds the new version whole and serves its bytes honestly, but its tree is one-byte
     // signatures that add up to the file, and every group's leaves are empty.
-    let liar = fake_peer(&net, "p4", "p2", move |req, mut send| {
-        let (manifest, data, count) = (manifest.clone(), data.clone(), count.clone());
-        Box::pin(async move {
-            let bytes =
-                |offset: u64, len: u32| data.slice(offset as usize..offset as usize + len as usize);
-            match req {
-                Request::Observe { .. } => {
-                    let _ = qnode::exchange::send_holding(&mut send, &manifest, None).await;
-                }
-                Request::ObservePieces { .. } => unknown(&mut send).await,
-                Request::Groups { .. } => {
-                    let sig = qnode::delta::Sig {
-                        hash: [5; 8],
-                        len: 1,
-                    };
-                    let lie = Response::Groups(vec![sig; manifest.size() as usize]);
-                    qnode::exchange::respond(&mut send, &lie).await;
-                }
-                Request::Leaves { .. } => {
-                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    qnode::exchange::respond(&mut send, &Response::Leaves(vec![])).await;
-                }
-                Request::ReadChunk { offset, len, .. }
-                | Request::ReadRange { offset, len, .. }
-                | Request::ReadVersion { offset, len, .. } => {
-                    let body = bytes(offset, len);
-                    let _ = qnode::exchange::send_chunk(&mut send, len as usize, body, false).await;
-                }
-                _ => not_found(&mut send).await,
-            }
-        })
-    })?;
+    let sig = qnode::delta::Sig {
+        hash: [5; 8],
+        len: 1,
+    };
+    let lie = vec![sig; new.len()];
+    let (liar, leaves) = update_liar(&net, ("p4", "p2"), bytes::Bytes::from(new.clone()), lie)?;
     let cmd = net.cmd("p2", &["download", "f.txt", "p4", "--update", "--json"]);
     let out = tokio::task::spawn_blocking(move || {
         let mut cmd = cmd;

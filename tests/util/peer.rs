@@ -212,3 +212,86 @@ pub async fn peak_threads<T>(pid: i32, work: impl Future<Output = T>) -> (T, u64
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     (out, sampler.await.unwrap_or(0))
 }
+
+/// Runs listed peer `id` (trusting `asker`) as a peer that holds `data` whole and serves its
+/// bytes honestly, but whose tree is `groups` (signatures that add up to the file and lead
+/// nowhere) and whose every `Leaves` answer is empty. Returns its task and how many `Leaves`
+/// requests it got.
+pub fn update_liar(
+    net: &Net,
+    (id, asker): (&str, &str),
+    data: bytes::Bytes,
+    groups: Vec<qnode::delta::Sig>,
+) -> anyhow::Result<(
+    tokio::task::JoinHandle<()>,
+    Arc<std::sync::atomic::AtomicUsize>,
+)> {
+    let manifest = qnode::manifest::Manifest::from_reader(&data[..], data.len() as u64)?;
+    let groups = Arc::new(groups);
+    let leaves = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let asked = leaves.clone();
+    let task = fake_peer(net, id, asker, move |req, mut send| {
+        let (manifest, data) = (manifest.clone(), data.clone());
+        let (groups, asked) = (groups.clone(), asked.clone());
+        Box::pin(async move {
+            match req {
+                Request::Observe { .. } => {
+                    let _ = qnode::exchange::send_holding(&mut send, &manifest, None).await;
+                }
+                Request::ObservePieces { .. } => unknown(&mut send).await,
+                Request::Groups { .. } => {
+                    let lie = Response::Groups(groups.to_vec());
+                    qnode::exchange::respond(&mut send, &lie).await;
+                }
+                Request::Leaves { .. } => {
+                    asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    qnode::exchange::respond(&mut send, &Response::Leaves(vec![])).await;
+                }
+                Request::ReadChunk { offset, len, .. }
+                | Request::ReadRange { offset, len, .. }
+                | Request::ReadVersion { offset, len, .. } => {
+                    let (at, len) = (offset as usize, len as usize);
+                    let body = data.slice(at..(at + len).min(data.len()));
+                    let _ = qnode::exchange::send_chunk(&mut send, len, body, false).await;
+                }
+                _ => not_found(&mut send).await,
+            }
+        })
+    })?;
+    Ok((task, leaves))
+}
+
+/// Opens a `Replace` of `name` announcing `size` bytes, and checks that the server asks for the
+/// signatures (it was admitted); the caller sends them, or doesn't.
+pub async fn start_replace(
+    conn: &quinn::Connection,
+    name: &str,
+    size: u64,
+) -> anyhow::Result<(quinn::SendStream, quinn::RecvStream)> {
+    let replace = encode_frame(&Request::Replace {
+        name: FileName::new(name)?,
+        size,
+        blake3: [1; 32],
+    })?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&replace).await?;
+    let first: Response = protocol::read_msg(&mut recv, MAX_RESPONSE_LEN).await?;
+    anyhow::ensure!(first == Response::SendDelta, "replace of {name}: {first:?}");
+    Ok((send, recv))
+}
+
+/// A net of 33 peers where p1 serves, with a download in progress of 1 GiB (zeros, every other
+/// chunk held) for the 32 others (`ids[1..]`) to observe.
+pub fn observed_partial() -> anyhow::Result<(Net, Vec<&'static str>, super::Server)> {
+    const IDS: [&str; 33] = [
+        "p1", "p2", "p3", "p4", "p5", "p6", "p7", "p8", "p9", "p10", "p11", "p12", "p13", "p14",
+        "p15", "p16", "p17", "p18", "p19", "p20", "p21", "p22", "p23", "p24", "p25", "p26", "p27",
+        "p28", "p29", "p30", "p31", "p32", "p33",
+    ];
+    let net = Net::new(&IDS)?;
+    let manifest = zeros_manifest(1 << 30)?;
+    let half: Vec<bool> = (0..manifest.chunk_count()).map(|i| i % 2 == 0).collect();
+    partial_in_progress(&net.served("p1"), "big.bin", &manifest, &half)?;
+    let server = net.serve("p1", &[])?;
+    Ok((net, IDS.to_vec(), server))
+}
