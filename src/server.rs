@@ -85,7 +85,7 @@ pub struct Server {
     /// One watch per observed download in progress.
     pub watches: Arc<Watches>,
     /// Tree computations, shared and capped.
-    pub trees: TreeJobs,
+    pub trees: Arc<TreeJobs>,
 }
 
 /// Refused handshakes logged in full per [`STATS_INTERVAL`]; the rest are counted in one line.
@@ -108,7 +108,7 @@ impl Server {
         Self {
             me,
             watches: Watches::new(store.clone(), shutdown.clone()),
-            trees: TreeJobs::new(store.clone(), cores),
+            trees: Arc::new(TreeJobs::new(store.clone(), cores)),
             store,
             pins,
             max_upload_size,
@@ -966,6 +966,14 @@ async fn handle_upload(
             Refused::TooMany(_) => RemoteError::new(ErrorKind::Busy, e.to_string()),
             Refused::Disk { .. } => RemoteError::new(ErrorKind::NoSpace, e.to_string()),
         })?;
+    // Admitted (slot and disk): a replace's tree of the version we hold starts now, beside the
+    // claim of the name and the requester's signatures (`receive_delta`). It is shared with any
+    // other asker of it, and stops if this request ends first (a refused claim): the guard
+    // aborts the task, and a computation no one waits for stops.
+    let early = replace.then(|| {
+        let (trees, n) = (server.trees.clone(), name.clone());
+        Early(tokio::spawn(async move { trees.of(&n, None, kind).await }))
+    });
     let store = server.store.clone();
     let n = name.clone();
     let Some(upload) = blocking(move || store.begin_upload(&n, size, expected, replace)).await?
@@ -983,7 +991,7 @@ async fn handle_upload(
                 name,
                 (size, framed),
                 &upload,
-                (old, kind),
+                (old, kind, early),
             )
             .await?
         }
@@ -1003,6 +1011,17 @@ async fn handle_upload(
     Ok(format!(
         "{name} ({size} bytes, {wire} on the wire, {received} received) -> {what}"
     ))
+}
+
+/// A replace's tree computed early (`handle_upload`); aborted when dropped unused.
+struct Early(
+    tokio::task::JoinHandle<Result<(crate::store::FileKey, Arc<crate::delta::Tree>), StoreError>>,
+);
+
+impl Drop for Early {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Receives a whole upload's bytes into `upload`; returns their BLAKE3.
@@ -1044,11 +1063,17 @@ async fn receive_delta(
     name: &FileName,
     (size, framed): (u64, bool),
     upload: &Arc<Upload>,
-    (old, kind): (Seen, SigKind),
+    (old, kind, early): (Seen, SigKind, Option<Early>),
 ) -> Result<(Check, u64, u64), Failure> {
-    // The tree of the version seen (shared with any other asker of it), computed while the
-    // requester's signatures travel, and only now that the replace is admitted.
+    // The tree started once the replace was admitted, if it is of the version seen; else the
+    // tree of that version (shared with any other asker of it), while the signatures travel.
     let index = async {
+        if let Some(mut early) = early
+            && let Ok(Ok((key, tree))) = (&mut early.0).await
+            && old.is(&key)
+        {
+            return Ok(Index::of(&tree));
+        }
         let found = server.trees.of(name, Some(old.key()), kind).await;
         found.map(|(_, t)| Index::of(&t)).map_err(store_error)
     };
