@@ -1499,3 +1499,28 @@ async fn a_damaged_partial_is_logged_once_and_not_read_again() -> TestResult {
     assert_eq!(warned, 1, "{}", server.log());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_stalls_has_its_answer_reset_after_the_write_deadline() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    // 1 GiB sparse: its manifest (32 KiB) does not fit the reader's 1 KiB window.
+    std::fs::File::create(net.served("p1").join("big.bin"))?.set_len(1 << 30)?;
+    let _server = net.serve("p1", &[])?;
+    let (_ep, conn) = connect_with(&net, "p2", "p1", Some(stingy())).await?;
+    let describe = encode_frame(&Request::Describe {
+        name: FileName::new("big.bin")?,
+    })?;
+    let (_send, mut recv) = ask(&conn, &describe).await?;
+    // Read nothing for longer than the deadline (20 s), then try to take the whole answer.
+    tokio::time::sleep(std::time::Duration::from_secs(23)).await;
+    let rest = recv.read_to_end(1 << 20).await;
+    assert!(
+        matches!(
+            rest,
+            Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(_)))
+        ),
+        "the stalled answer was not reset: {:?}",
+        rest.map(|b| b.len())
+    );
+    Ok(())
+}
