@@ -1229,7 +1229,10 @@ async fn a_flood_of_tree_requests_over_both_versions_computes_each_tree_once() -
         server.log().matches("computing the tree of t.bin").count(),
         2
     );
-    assert!(threads < 64, "{threads} server threads during the flood");
+    // Each asker's first look (a stat) takes a blocking thread for a moment, and tokio's pool
+    // grows for a burst of 200 at once (85-106 threads here under load); a computation per asker
+    // took 393-495.
+    assert!(threads < 200, "{threads} server threads during the flood");
     for conn in [&v1, &v2] {
         let again = raw(conn, &groups_request("t.bin", version)).await?;
         assert!(matches!(again, Response::Groups(_)));
