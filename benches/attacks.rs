@@ -7,8 +7,8 @@
 
 use std::time::{Duration, Instant};
 
-use qnode::manifest::FileName;
-use qnode::protocol::{self, MAX_RESPONSE_LEN, Request, Response, encode_frame};
+use qnode::model::manifest::FileName;
+use qnode::wire::protocol::{self, MAX_RESPONSE_LEN, Request, Response, encode_frame};
 
 // The tests' harness and hostile peer.
 #[path = "../tests/util/mod.rs"]
@@ -146,7 +146,7 @@ async fn update() -> anyhow::Result<()> {
     net.put("p3", "f.txt", &old)?;
     // Lengths that add up to the file: 1 byte each but the last.
     let (count, size) = (1_290_000u32, new.len() as u64);
-    let sig = |len| qnode::delta::Sig { hash: [3; 8], len };
+    let sig = |len| qnode::model::delta::Sig { hash: [3; 8], len };
     let mut lie = vec![sig(1); count as usize - 1];
     lie.push(sig((size - u64::from(count) + 1) as u32));
     let (liar, leaves) = update_liar(&net, ("p4", "p3"), bytes::Bytes::from(new), lie)?;

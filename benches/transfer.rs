@@ -264,7 +264,8 @@ fn probe_mb_s(root: &Root, total: u64) -> anyhow::Result<f64> {
 
 /// The probe, optionally through a relay of (`rtt`, `mbit`).
 fn probe_via(root: &Root, total: u64, relay: Option<(Duration, f64)>) -> anyhow::Result<f64> {
-    use qnode::{identity, peers, tls};
+    use qnode::model::peers;
+    use qnode::net::{identity, tls};
     let r = peers::Root::new(root.path());
     let (s1, d): (peers::PeerId, peers::PeerId) = ("s1".parse()?, "d".parse()?);
     let server_id = identity::load(&r, &s1)?;

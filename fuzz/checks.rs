@@ -1,9 +1,9 @@
 //! Properties the fuzz targets check, shared with `tests/fuzz_corpus.rs`, which replays the
 //! committed corpus through them in every `cargo test`. Each returns normally or panics.
 
-use qnode::manifest::FileName;
-use qnode::peers::PeerTable;
-use qnode::protocol::{Request, Response, decode, encode_frame};
+use qnode::model::manifest::FileName;
+use qnode::model::peers::PeerTable;
+use qnode::wire::protocol::{Request, Response, decode, encode_frame};
 
 /// Any bytes: decoding a request never panics; what decodes re-encodes to an equal request.
 pub(crate) fn request(data: &[u8]) {
@@ -68,7 +68,7 @@ pub(crate) fn name(data: &[u8]) {
 /// capped at 1 MiB): decoding never panics and never yields other than the announced length;
 /// what compresses decodes back to itself.
 pub(crate) fn block(data: &[u8]) {
-    use qnode::codec;
+    use qnode::wire::codec;
     if data.len() < 4 {
         return;
     }

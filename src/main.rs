@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use qnode::cli::{Cli, Command};
+use qnode::app::cli::{Cli, Command};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -54,14 +54,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(qnode::cli::run(cli));
+    let result = runtime.block_on(qnode::app::cli::run(cli));
     // Store work still running on the blocking pool (a read stuck on a hung file system, say)
     // must not keep the process alive once the command is done.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
         Ok(code) => code,
         Err(e) => {
-            qnode::errln!("qnode: error: {}", qnode::term::error_line(&e));
+            qnode::errln!("qnode: error: {}", qnode::app::term::error_line(&e));
             ExitCode::FAILURE
         }
     }

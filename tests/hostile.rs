@@ -6,11 +6,11 @@ mod util;
 
 use std::sync::Arc;
 
-use qnode::delta::Tree;
-use qnode::manifest::FileName;
-use qnode::peers::{PeerId, Root};
-use qnode::protocol::{self, ErrorKind, MAX_RESPONSE_LEN, Request, Response, encode_frame};
-use qnode::{identity, tls};
+use qnode::model::delta::Tree;
+use qnode::model::manifest::FileName;
+use qnode::model::peers::{PeerId, Root};
+use qnode::net::{identity, tls};
+use qnode::wire::protocol::{self, ErrorKind, MAX_RESPONSE_LEN, Request, Response, encode_frame};
 use util::peer::*;
 use util::{Net, TestResult};
 
@@ -34,7 +34,7 @@ async fn hostile_requests_are_refused_and_the_server_keeps_serving() -> TestResu
     std::fs::write(net.root().join("secret.txt"), b"outside")?;
     let server = net.serve("p1", &["--max-upload-size", "1000000"])?;
     // It speaks qnode/1, whose upload bodies are raw bytes, as the bodies crafted below are
-    // (on qnode/2 they travel in blocks: `src/exchange.rs` tests the blocks that lie).
+    // (on qnode/2 they travel in blocks: `src/wire/exchange.rs` tests the blocks that lie).
     let (_ep, conn) = connect_speaking(&net, "p2", "p1", None, &[protocol::ALPN]).await?;
 
     // Framing: oversized length prefix, garbage, unknown variant, truncated.
@@ -444,7 +444,7 @@ async fn a_flood_of_refused_handshakes_is_summarised_not_logged_one_by_one() -> 
     // 5 in full per 10 s report interval; a slow (loaded) machine may stretch the flood over
     // several intervals, each with its own 5.
     let intervals = flood.elapsed().as_secs() as usize / 10 + 2;
-    let allowed = qnode::server::REFUSALS_LOGGED as usize * intervals;
+    let allowed = qnode::net::server::REFUSALS_LOGGED as usize * intervals;
     assert!(
         (1..=allowed).contains(&one_by_one),
         "{one_by_one} of 200 refusals logged one by one (at most {allowed})"
@@ -460,7 +460,7 @@ async fn a_peer_gets_a_bounded_number_of_connections() -> TestResult {
     let server = net.serve("p1", &[])?;
     let list = encode_frame(&Request::List)?;
     let mut open = Vec::new();
-    for i in 0..qnode::limits::CONNECTIONS_PER_PEER {
+    for i in 0..qnode::net::limits::CONNECTIONS_PER_PEER {
         let (ep, conn) = connect(&net, "p2", "p1").await?;
         assert!(
             matches!(raw(&conn, &list).await?, Response::Files(_)),
@@ -556,7 +556,7 @@ async fn the_delta_requests_are_bounded_and_checked() -> TestResult {
     send.write_all(&ask_frame(&replace)?).await?;
     let first: Response = protocol::read_msg(&mut recv, MAX_RESPONSE_LEN).await?;
     assert_eq!(first, Response::SendDelta);
-    let sigs = protocol::Delta::Groups(vec![qnode::delta::Sig {
+    let sigs = protocol::Delta::Groups(vec![qnode::model::delta::Sig {
         hash: [0; 8],
         len: 10,
     }]);
@@ -642,7 +642,7 @@ async fn the_swarm_requests_are_bounded_and_checked() -> TestResult {
         panic!("no holding");
     };
     assert_eq!(manifest.blake3(), version);
-    let held = qnode::manifest::ChunkSet::from_bytes(16, &held.expect("a partial")).unwrap();
+    let held = qnode::model::manifest::ChunkSet::from_bytes(16, &held.expect("a partial")).unwrap();
     let have = held.iter().next().expect("a chunk held");
     let lack = (0..16)
         .find(|&c| !held.contains(c))
@@ -710,7 +710,7 @@ async fn the_swarm_requests_are_bounded_and_checked() -> TestResult {
 /// whole file serves pieces too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_piece_requests_are_bounded_and_checked() -> TestResult {
-    use qnode::manifest::{ChunkSet, piece_size_for};
+    use qnode::model::manifest::{ChunkSet, piece_size_for};
     let net = Net::new(&["p1", "p2", "p3"])?;
     let data = util::random_bytes(1 << 20, 34);
     let version = *blake3::hash(&data).as_bytes();
@@ -830,7 +830,7 @@ async fn the_piece_requests_are_bounded_and_checked() -> TestResult {
 /// whole and exact from the honest seeder, downloaded in pieces.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn liars_in_pieces_are_caught_and_dropped() -> TestResult {
-    use qnode::manifest::{ChunkSet, Manifest};
+    use qnode::model::manifest::{ChunkSet, Manifest};
     let (net, data, p1, manifest) = honest_seeder(&["p1", "p2", "p3", "p4"], 35)?;
     let (_, fine) = Manifest::of_file_with_pieces(
         &std::fs::File::open(net.served("p1").join("f.bin"))?,
@@ -864,7 +864,8 @@ async fn liars_in_pieces_are_caught_and_dropped() -> TestResult {
                     Request::ReadVersion { len, .. } => {
                         let garbage = bytes::Bytes::from(vec![0x5a; len as usize]);
                         let n = garbage.len();
-                        let _ = qnode::exchange::send_chunk(&mut send, n, garbage, false).await;
+                        let _ =
+                            qnode::wire::exchange::send_chunk(&mut send, n, garbage, false).await;
                     }
                     _ => not_found(&mut send).await,
                 }
@@ -895,7 +896,7 @@ async fn liars_in_pieces_are_caught_and_dropped() -> TestResult {
 /// left out and named as such, and the file is exact from the seeder.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_peer_joining_a_download_in_pieces_is_left_out_and_named() -> TestResult {
-    use qnode::manifest::ChunkSet;
+    use qnode::model::manifest::ChunkSet;
     let (net, data, _p1, manifest) = honest_seeder(&["p1", "p2", "p3"], 36)?;
     let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let older = fake_peer(&net, "p2", "p3", move |req, mut send| {
@@ -910,7 +911,8 @@ async fn an_older_peer_joining_a_download_in_pieces_is_left_out_and_named() -> T
                 {
                     let mut held = ChunkSet::none(manifest.chunk_count());
                     held.insert(1);
-                    let holding = qnode::exchange::send_holding(&mut send, &manifest, Some(&held));
+                    let holding =
+                        qnode::wire::exchange::send_holding(&mut send, &manifest, Some(&held));
                     let _ = holding.await;
                     std::future::pending::<()>().await;
                 }
@@ -953,11 +955,16 @@ async fn download_json(net: &Net, id: &str, name: &str) -> anyhow::Result<serde_
 fn honest_seeder(
     peers: &[&str],
     seed: u64,
-) -> anyhow::Result<(Net, Vec<u8>, Vec<util::Server>, qnode::manifest::Manifest)> {
+) -> anyhow::Result<(
+    Net,
+    Vec<u8>,
+    Vec<util::Server>,
+    qnode::model::manifest::Manifest,
+)> {
     let net = Net::new(peers)?;
     let data = util::random_bytes(2 << 20, seed);
     let p1 = net.seed(&["p1"], "f.bin", &data, &["--max-upload-rate", "512K"])?;
-    let manifest = qnode::manifest::Manifest::from_reader(&data[..], data.len() as u64)?;
+    let manifest = qnode::model::manifest::Manifest::from_reader(&data[..], data.len() as u64)?;
     Ok((net, data, p1, manifest))
 }
 
@@ -987,7 +994,7 @@ fn fault_of(json: &serde_json::Value, peer: &str) -> serde_json::Value {
 /// lying seeder, and the file is whole and exact from the honest seeder.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_partial_holder_is_caught_and_dropped() -> TestResult {
-    use qnode::manifest::ChunkSet;
+    use qnode::model::manifest::ChunkSet;
     let (net, data, _p1, manifest) = honest_seeder(&["p1", "p2", "p3"], 32)?;
     let n = manifest.chunk_count();
     let liar = fake_peer(&net, "p2", "p3", move |req, mut send| {
@@ -998,7 +1005,8 @@ async fn a_lying_partial_holder_is_caught_and_dropped() -> TestResult {
                     // Everything but chunk 0.
                     let mut held = ChunkSet::none(n);
                     (1..n).for_each(|c| held.insert(c));
-                    let holding = qnode::exchange::send_holding(&mut send, &manifest, Some(&held));
+                    let holding =
+                        qnode::wire::exchange::send_holding(&mut send, &manifest, Some(&held));
                     let _ = holding.await;
                     // Stays open, gaining nothing.
                     std::future::pending::<()>().await;
@@ -1006,7 +1014,7 @@ async fn a_lying_partial_holder_is_caught_and_dropped() -> TestResult {
                 Request::ReadVersion { len, .. } => {
                     let garbage = bytes::Bytes::from(vec![0x5a; len as usize]);
                     let n = garbage.len();
-                    let _ = qnode::exchange::send_chunk(&mut send, n, garbage, false).await;
+                    let _ = qnode::wire::exchange::send_chunk(&mut send, n, garbage, false).await;
                 }
                 // As a qnode that knows no pieces answers.
                 Request::ObservePieces { .. } => unknown(&mut send).await,
@@ -1036,7 +1044,7 @@ async fn compressed_frames_that_lie_are_refused_and_their_sender_dropped() -> Te
         Box::pin(async move {
             match req {
                 Request::Observe { .. } => {
-                    let _ = qnode::exchange::send_holding(&mut send, &manifest, None).await;
+                    let _ = qnode::wire::exchange::send_holding(&mut send, &manifest, None).await;
                 }
                 Request::ReadChunk { len, .. } => {
                     let k = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -1044,7 +1052,8 @@ async fn compressed_frames_that_lie_are_refused_and_their_sender_dropped() -> Te
                         0 => bomb,
                         _ => bytes::Bytes::from_static(b"this is not a zstd frame"),
                     };
-                    let _ = qnode::exchange::send_chunk(&mut send, len as usize, frame, true).await;
+                    let _ = qnode::wire::exchange::send_chunk(&mut send, len as usize, frame, true)
+                        .await;
                 }
                 // As a qnode that knows no pieces answers.
                 Request::ObservePieces { .. } => unknown(&mut send).await,
@@ -1088,7 +1097,7 @@ async fn a_peer_without_compression_gets_plain_bytes_from_compress_always() -> T
             Response::Zstd { len, wire } if packed => {
                 assert_eq!((len, wire as usize), (chunk, body.len()));
                 let mut out = Vec::new();
-                qnode::codec::decompress_into(&body, len as usize, &mut out)?;
+                qnode::wire::codec::decompress_into(&body, len as usize, &mut out)?;
                 assert_eq!(out, text[..chunk as usize]);
             }
             other => panic!("{protocols:?}: {other:?}"),
@@ -1297,7 +1306,7 @@ async fn oversized_delta_frames_are_refused_before_they_cost_memory() -> TestRes
     // Group signatures of one byte each, as many as a frame holds, adding up to the size.
     let count = 1_800_000u32;
     let sigs = protocol::Delta::Groups(vec![
-        qnode::delta::Sig {
+        qnode::model::delta::Sig {
             hash: [7; 8],
             len: 1
         };
@@ -1377,7 +1386,7 @@ async fn a_peer_whose_update_signatures_lie_is_named_and_costs_no_round_trips() 
     net.put("p2", "f.txt", &old)?;
     // p4 holds the new version whole and serves its bytes honestly, but its tree is one-byte
     // signatures that add up to the file, and every group's leaves are empty.
-    let sig = qnode::delta::Sig {
+    let sig = qnode::model::delta::Sig {
         hash: [5; 8],
         len: 1,
     };
@@ -1478,7 +1487,7 @@ async fn a_damaged_partial_is_logged_once_and_not_read_again() -> TestResult {
     let net = Net::new(&["p1", "p2"])?;
     // A download in progress that claims every chunk, but its bytes are zeros: all damaged.
     let data = util::random_bytes(4 << 20, 44);
-    let manifest = qnode::manifest::Manifest::from_reader(&data[..], data.len() as u64)?;
+    let manifest = qnode::model::manifest::Manifest::from_reader(&data[..], data.len() as u64)?;
     let all = vec![true; manifest.chunk_count() as usize];
     partial_in_progress(&net.served("p1"), "f.bin", &manifest, &all)?;
     let server = net.serve("p1", &[])?;

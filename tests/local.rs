@@ -172,7 +172,7 @@ fn closed_stdout_and_stderr_end_quietly_without_a_panic() -> TestResult {
 #[test]
 fn a_listing_cut_at_the_cap_says_so() -> TestResult {
     let net = Net::new(&["p1", "p2"])?;
-    let cap = qnode::protocol::MAX_LISTED_FILES;
+    let cap = qnode::wire::protocol::MAX_LISTED_FILES;
     for i in 0..cap + 5 {
         std::fs::File::create(net.served("p1").join(format!("f{i:06}.txt")))?;
     }

@@ -4,10 +4,10 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use qnode::manifest::FileName;
-use qnode::peers::{PeerId, Root};
-use qnode::protocol::{self, ErrorKind, MAX_RESPONSE_LEN, Request, Response, encode_frame};
-use qnode::{identity, tls};
+use qnode::model::manifest::FileName;
+use qnode::model::peers::{PeerId, Root};
+use qnode::net::{identity, tls};
+use qnode::wire::protocol::{self, ErrorKind, MAX_RESPONSE_LEN, Request, Response, encode_frame};
 
 use super::Net;
 
@@ -89,13 +89,13 @@ pub async fn ask(
 /// A fake peer's answer to a request it does not play along with.
 pub async fn not_found(send: &mut quinn::SendStream) {
     let no = protocol::RemoteError::new(ErrorKind::NotFound, "no");
-    qnode::exchange::respond(send, &Response::Error(no)).await;
+    qnode::wire::exchange::respond(send, &Response::Error(no)).await;
 }
 
 /// A fake peer's answer to a request an older qnode does not know.
 pub async fn unknown(send: &mut quinn::SendStream) {
     let no = protocol::RemoteError::new(ErrorKind::BadRequest, "unsupported request");
-    qnode::exchange::respond(send, &Response::Error(no)).await;
+    qnode::wire::exchange::respond(send, &Response::Error(no)).await;
 }
 
 pub fn fake_peer(
@@ -126,7 +126,7 @@ pub fn fake_peer(
                 while let Ok((send, mut recv)) = conn.accept_bi().await {
                     let answer = answer.clone();
                     tokio::spawn(async move {
-                        if let Ok(req) = qnode::exchange::read_request(&mut recv).await {
+                        if let Ok(req) = qnode::wire::exchange::read_request(&mut recv).await {
                             answer(req, send).await;
                         }
                     });
@@ -141,7 +141,7 @@ pub fn fake_peer(
 pub fn partial_in_progress(
     dir: &std::path::Path,
     name: &str,
-    manifest: &qnode::manifest::Manifest,
+    manifest: &qnode::model::manifest::Manifest,
     held: &[bool],
 ) -> anyhow::Result<()> {
     let tag = qnode::store::download_tag(&manifest.blake3());
@@ -152,9 +152,9 @@ pub fn partial_in_progress(
 }
 
 /// The manifest of `size` zero bytes.
-pub fn zeros_manifest(size: u64) -> anyhow::Result<qnode::manifest::Manifest> {
+pub fn zeros_manifest(size: u64) -> anyhow::Result<qnode::model::manifest::Manifest> {
     use std::io::Read;
-    Ok(qnode::manifest::Manifest::from_reader(
+    Ok(qnode::model::manifest::Manifest::from_reader(
         std::io::repeat(0).take(size),
         size,
     )?)
@@ -221,12 +221,12 @@ pub fn update_liar(
     net: &Net,
     (id, asker): (&str, &str),
     data: bytes::Bytes,
-    groups: Vec<qnode::delta::Sig>,
+    groups: Vec<qnode::model::delta::Sig>,
 ) -> anyhow::Result<(
     tokio::task::JoinHandle<()>,
     Arc<std::sync::atomic::AtomicUsize>,
 )> {
-    let manifest = qnode::manifest::Manifest::from_reader(&data[..], data.len() as u64)?;
+    let manifest = qnode::model::manifest::Manifest::from_reader(&data[..], data.len() as u64)?;
     let groups = Arc::new(groups);
     let leaves = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let asked = leaves.clone();
@@ -236,23 +236,23 @@ pub fn update_liar(
         Box::pin(async move {
             match req {
                 Request::Observe { .. } => {
-                    let _ = qnode::exchange::send_holding(&mut send, &manifest, None).await;
+                    let _ = qnode::wire::exchange::send_holding(&mut send, &manifest, None).await;
                 }
                 Request::ObservePieces { .. } => unknown(&mut send).await,
                 Request::Groups { .. } => {
                     let lie = Response::Groups(groups.to_vec());
-                    qnode::exchange::respond(&mut send, &lie).await;
+                    qnode::wire::exchange::respond(&mut send, &lie).await;
                 }
                 Request::Leaves { .. } => {
                     asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    qnode::exchange::respond(&mut send, &Response::Leaves(vec![])).await;
+                    qnode::wire::exchange::respond(&mut send, &Response::Leaves(vec![])).await;
                 }
                 Request::ReadChunk { offset, len, .. }
                 | Request::ReadRange { offset, len, .. }
                 | Request::ReadVersion { offset, len, .. } => {
                     let (at, len) = (offset as usize, len as usize);
                     let body = data.slice(at..(at + len).min(data.len()));
-                    let _ = qnode::exchange::send_chunk(&mut send, len, body, false).await;
+                    let _ = qnode::wire::exchange::send_chunk(&mut send, len, body, false).await;
                 }
                 _ => not_found(&mut send).await,
             }

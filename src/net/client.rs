@@ -13,17 +13,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use crate::codec;
-use crate::delta::{Sig, SigKind, Tree};
-use crate::download::{ChunkSource, SourceError};
-use crate::exchange::{self, ExchangeError, Framing};
-pub use crate::exchange::{Change, Offer, Received, UploadStatus};
-use crate::manifest::{ChunkSet, FileName, Hash32, Manifest, Regrain};
-use crate::peers::PeerId;
-use crate::protocol::{
+use crate::model::delta::{Sig, SigKind, Tree};
+use crate::model::manifest::{ChunkSet, FileName, Hash32, Manifest, Regrain};
+use crate::model::peers::PeerId;
+use crate::net::tls::{self, SERVER_NAME};
+use crate::transfer::download::{ChunkSource, SourceError};
+use crate::wire::codec;
+use crate::wire::exchange::{self, ExchangeError, Framing};
+pub use crate::wire::exchange::{Change, Offer, Received, UploadStatus};
+use crate::wire::protocol::{
     self, CloseCode, ErrorKind, FileEntry, Incomplete, ProtocolError, RemoteError, Version,
 };
-use crate::tls::{self, SERVER_NAME};
 
 /// How long connecting (UDP + QUIC + TLS handshake) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

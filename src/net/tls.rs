@@ -22,9 +22,9 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
-use crate::identity::Identity;
-use crate::peers::PeerId;
-use crate::protocol::{ALPNS, Version};
+use crate::model::peers::PeerId;
+use crate::net::identity::Identity;
+use crate::wire::protocol::{ALPNS, Version};
 
 /// The server name every client sends; the verifier ignores it (the pin is the identity).
 pub const SERVER_NAME: &str = "qnode.peer";
@@ -378,7 +378,7 @@ impl ClientCertVerifier for PinnedClients {
 }
 
 /// Chunk bytes go to quinn as they are, not copied into its buffers.
-impl crate::exchange::SendBytes for quinn::SendStream {
+impl crate::wire::exchange::SendBytes for quinn::SendStream {
     async fn send_bytes(&mut self, bufs: &mut [bytes::Bytes]) -> std::io::Result<()> {
         // `write_all_chunks`, not `write_chunks`: the latter writes only what flow control allows
         // at that moment and says how much, and the rest would be lost.

@@ -25,7 +25,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-pub use crate::manifest::ChunkSet;
+pub use crate::model::manifest::ChunkSet;
 
 /// A source, as numbered by [`Scheduler::add_source`] (in the order they joined).
 pub type SourceId = usize;

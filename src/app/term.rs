@@ -36,17 +36,17 @@ pub fn error_line(e: &anyhow::Error) -> String {
 /// `println!` that never panics.
 #[macro_export]
 macro_rules! outln {
-    ($($t:tt)*) => { $crate::term::out(format_args!("{}\n", format_args!($($t)*))) };
+    ($($t:tt)*) => { $crate::app::term::out(format_args!("{}\n", format_args!($($t)*))) };
 }
 
 /// `eprintln!` that never panics.
 #[macro_export]
 macro_rules! errln {
-    ($($t:tt)*) => { $crate::term::err(format_args!("{}\n", format_args!($($t)*))) };
+    ($($t:tt)*) => { $crate::app::term::err(format_args!("{}\n", format_args!($($t)*))) };
 }
 
 /// `eprint!` that never panics.
 #[macro_export]
 macro_rules! errp {
-    ($($t:tt)*) => { $crate::term::err(format_args!($($t)*)) };
+    ($($t:tt)*) => { $crate::app::term::err(format_args!($($t)*)) };
 }

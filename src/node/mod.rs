@@ -20,18 +20,18 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 
-use crate::client::{Changes, Client, ClientError, Offer, PeerSource, Redial, UploadStatus};
-use crate::codec;
-use crate::delta::{Sig, SigKind, Tree};
-use crate::download::{self, DownloadReport, Options, Progress};
-use crate::identity::{self, Identity, InitOutcome};
-use crate::manifest::{FileName, Hash32, Manifest, Regrain, hex};
-use crate::peers::{PeerEntry, PeerId, PeerTable, Root};
-use crate::protocol::{FileEntry, Incomplete};
-use crate::server::{self, Server};
+use crate::model::delta::{Sig, SigKind, Tree};
+use crate::model::manifest::{FileName, Hash32, Manifest, Regrain, hex};
+use crate::model::peers::{PeerEntry, PeerId, PeerTable, Root};
+use crate::net::client::{Changes, Client, ClientError, Offer, PeerSource, Redial, UploadStatus};
+use crate::net::identity::{self, Identity, InitOutcome};
+use crate::net::server::{self, Server};
+use crate::net::tls::{self, Pins};
 use crate::store::{Check, Committed, PartialFile, Seen, Store, StoreError};
-use crate::tls::{self, Pins};
-use crate::update;
+use crate::transfer::download::{self, DownloadReport, Options, Progress};
+use crate::transfer::update;
+use crate::wire::codec;
+use crate::wire::protocol::{FileEntry, Incomplete};
 
 /// How long a client command waits for its connection closes to be sent.
 pub const CLOSE_GRACE: Duration = Duration::from_millis(15);
@@ -50,8 +50,9 @@ pub const DOWNLOAD_GRACE: Duration = Duration::from_millis(250);
 /// Reads and checks `peer_settings.txt`; `me` must be listed.
 pub fn load_peers(root: &Root, me: &PeerId) -> anyhow::Result<PeerTable> {
     let path = root.settings_path();
-    let (bytes, _) = crate::peers::read_small_file(&path, crate::peers::MAX_SETTINGS_LEN)
-        .with_context(|| format!("reading {}", path.display()))?;
+    let (bytes, _) =
+        crate::model::peers::read_small_file(&path, crate::model::peers::MAX_SETTINGS_LEN)
+            .with_context(|| format!("reading {}", path.display()))?;
     let text = String::from_utf8(bytes)
         .map_err(|_| anyhow::anyhow!("{} is not UTF-8 text", path.display()))?;
     let table = PeerTable::parse(&text).with_context(|| format!("in {}", path.display()))?;

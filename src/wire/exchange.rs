@@ -13,10 +13,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeek, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
 
-use crate::codec;
-use crate::delta::{self, Index, Sig, Step, Tree};
-use crate::manifest::{ChunkSet, FileName, Hash32, Manifest, piece_size_for, unit_count};
-use crate::protocol::{
+use crate::model::delta::{self, Index, Sig, Step, Tree};
+use crate::model::manifest::{ChunkSet, FileName, Hash32, Manifest, piece_size_for, unit_count};
+use crate::wire::codec;
+use crate::wire::protocol::{
     self, Delta, ErrorKind, FileEntry, Incomplete, MAX_LISTED_FILES, MAX_REQUEST_LEN,
     MAX_RESPONSE_LEN, ProtocolError, RemoteError, Request, Response,
 };

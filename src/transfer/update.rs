@@ -13,12 +13,12 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 
-use crate::client::PeerSource;
-use crate::delta::{Expanded, Index, Sig, Step, Tree};
-use crate::download::ChunkSource;
-use crate::manifest::Manifest;
-use crate::protocol::MAX_GROUPS_PER_REQUEST;
+use crate::model::delta::{Expanded, Index, Sig, Step, Tree};
+use crate::model::manifest::Manifest;
+use crate::net::client::PeerSource;
 use crate::store::PartialFile;
+use crate::transfer::download::ChunkSource;
+use crate::wire::protocol::MAX_GROUPS_PER_REQUEST;
 
 /// Range requests in flight at once, over all peers.
 const RANGES_IN_FLIGHT: usize = 32;
@@ -136,7 +136,7 @@ async fn plan(
                 }
             }
         };
-        if !crate::delta::plausible(&groups, manifest.size()) {
+        if !crate::model::delta::plausible(&groups, manifest.size()) {
             let why = "its delta signatures could not be the file's (not used)";
             tracing::warn!(source = source.name(), "{why}");
             liars.push((source.name().to_owned(), why.into()));
@@ -148,7 +148,7 @@ async fn plan(
             liars.push((source.name().to_owned(), why.into()));
             continue;
         };
-        return Some(crate::delta::plan(&groups, &mut leaves, &index));
+        return Some(crate::model::delta::plan(&groups, &mut leaves, &index));
     }
 }
 
@@ -157,7 +157,7 @@ async fn plan(
 /// `None` if an answer does not add up to its groups (the peer lies).
 async fn expand(
     source: &PeerSource,
-    version: crate::manifest::Hash32,
+    version: crate::model::manifest::Hash32,
     groups: &[Sig],
     index: &Index,
 ) -> Option<Expanded> {

@@ -11,7 +11,7 @@ use std::io::IsTerminal;
 use clap::Parser;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::args::Command;
+use crate::app::args::Command;
 
 const HELP: &str = "\
 commands (the leading # is optional, case does not matter):
@@ -94,7 +94,7 @@ pub async fn run(execute: impl AsyncFn(Command) -> anyhow::Result<bool>) -> bool
             Ok(Some(Action::Run(command))) => match execute(command).await {
                 Ok(ok) => all_ok &= ok,
                 Err(e) => {
-                    crate::errln!("qnode: error: {}", crate::term::error_line(&e));
+                    crate::errln!("qnode: error: {}", crate::app::term::error_line(&e));
                     all_ok = false;
                 }
             },

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::manifest::MAX_CHUNK_SIZE;
-use crate::peers::PeerId;
+use crate::model::manifest::MAX_CHUNK_SIZE;
+use crate::model::peers::PeerId;
 
 /// Chunk bytes one peer may have read and not yet taken (64 MiB: one chunk of the largest size).
 pub const PEER_REPLY_MEMORY: u32 = MAX_CHUNK_SIZE as u32;

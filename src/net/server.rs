@@ -24,22 +24,22 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::codec;
-use crate::delta::{Index, SigKind, Step};
-use crate::exchange::{self, BodyError};
-use crate::limits::{
+use crate::model::delta::{Index, SigKind, Step};
+use crate::model::manifest::{FileName, Hash32, MAX_CHUNK_SIZE, Manifest, Regrain};
+use crate::model::peers::PeerId;
+use crate::net::limits::{
     CONNECTIONS_PER_PEER, ConnectionSlots, MemoryBudget, Note, OBSERVERS_PER_PEER, ObserverSlots,
     PeerBudget, RefusalLog, Refused, UploadSlots,
 };
-use crate::manifest::{FileName, Hash32, MAX_CHUNK_SIZE, Manifest, Regrain};
-use crate::peers::PeerId;
-use crate::protocol::{
+use crate::net::shared::{Progress, TreeJobs, Watches};
+use crate::net::tls::{self, Pins};
+use crate::store::{Check, Committed, Seen, Store, StoreError, Upload};
+use crate::wire::codec;
+use crate::wire::exchange::{self, BodyError};
+use crate::wire::protocol::{
     self, CloseCode, ErrorKind, FileEntry, Incomplete, MAX_GROUPS_PER_REQUEST, RemoteError,
     Request, Response, Version,
 };
-use crate::shared::{Progress, TreeJobs, Watches};
-use crate::store::{Check, Committed, Seen, Store, StoreError, Upload};
-use crate::tls::{self, Pins};
 
 /// Default cap on one uploaded file, in bytes (64 GiB).
 pub const DEFAULT_MAX_UPLOAD_SIZE: u64 = 64 << 30;
@@ -636,7 +636,7 @@ async fn handle_list_all(
     Ok(format!("-> {count} files, {partial} downloads in progress"))
 }
 
-pub use crate::shared::HAVE_POLL;
+pub use crate::net::shared::HAVE_POLL;
 
 /// `Observe` (`ObservePieces` with `in_pieces`): our whole file of `name`, or our download of it
 /// in progress and then what it gains, until it finishes, stops, the observer goes away or we
@@ -1015,7 +1015,9 @@ async fn handle_upload(
 
 /// A replace's tree computed early (`handle_upload`); aborted when dropped unused.
 struct Early(
-    tokio::task::JoinHandle<Result<(crate::store::FileKey, Arc<crate::delta::Tree>), StoreError>>,
+    tokio::task::JoinHandle<
+        Result<(crate::store::FileKey, Arc<crate::model::delta::Tree>), StoreError>,
+    >,
 );
 
 impl Drop for Early {

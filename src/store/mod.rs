@@ -14,6 +14,8 @@
 //! All of it is blocking file I/O: async callers run it on `spawn_blocking`. It knows nothing of
 //! QUIC, postcard or peers, and takes names only as [`FileName`].
 
+pub mod held;
+
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
@@ -22,9 +24,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::delta::{SigKind, Tree};
-use crate::held::{self, HeldWriter};
-use crate::manifest::{ChunkSet, FileName, Hash32, Manifest, chunk_size_for, hex, piece_size_for};
+use crate::model::delta::{SigKind, Tree};
+use crate::model::manifest::{
+    ChunkSet, FileName, Hash32, Manifest, chunk_size_for, hex, piece_size_for,
+};
+use held::HeldWriter;
 
 /// A store failure, typed so callers can branch on the cause.
 #[derive(Debug, thiserror::Error)]
@@ -405,7 +409,7 @@ impl Store {
     }
 
     /// The manifest of `name` and, if the file has pieces
-    /// ([`piece_size_for`](crate::manifest::piece_size_for) its size), its manifest in pieces,
+    /// ([`piece_size_for`](crate::model::manifest::piece_size_for) its size), its manifest in pieces,
     /// if a regular file of that name exists; both cached, from one look at the file.
     pub fn lookup_with_pieces(&self, name: &FileName) -> Result<Option<Described>, StoreError> {
         match self.described(name) {
@@ -1829,7 +1833,7 @@ mod tests {
     /// damaged byte costs the chunk it is in (or, in pieces, only its piece).
     #[test]
     fn a_download_in_either_unit_serves_chunks_and_pieces_of_what_it_holds() {
-        use crate::manifest::piece_size_for;
+        use crate::model::manifest::piece_size_for;
         let data: Vec<u8> = (0..1u32 << 20)
             .map(|i| (i % 251) as u8 ^ (i >> 12) as u8)
             .collect();
@@ -1918,7 +1922,8 @@ mod tests {
         for v in 0..2 {
             for n in 0..20 {
                 fs::write(keep.join(format!("n{n}.txt.{v:016x}")), b"x").unwrap();
-                std::thread::sleep(std::time::Duration::from_millis(2));
+                // Past the file system's timestamp tick (a few ms), so no two share a ctime.
+                std::thread::sleep(std::time::Duration::from_millis(12));
             }
         }
         prune_displaced_to(&keep, "n0.txt", (30, u64::MAX));

@@ -31,8 +31,8 @@
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::delta::{Sig, SigKind};
-use crate::manifest::{FileName, Hash32, Manifest};
+use crate::model::delta::{Sig, SigKind};
+use crate::model::manifest::{FileName, Hash32, Manifest};
 
 /// The first application protocol (and version), negotiated in the TLS handshake.
 pub const ALPN: &[u8] = b"qnode/1";

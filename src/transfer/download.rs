@@ -25,9 +25,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::manifest::{Hash32, Manifest};
-use crate::schedule::{Action, ChunkSet, Event, RequestId, Scheduler, SourceId, Status};
-pub use crate::schedule::{Options, SourceReport};
+use crate::engine::schedule::{Action, ChunkSet, Event, RequestId, Scheduler, SourceId, Status};
+pub use crate::engine::schedule::{Options, SourceReport};
+use crate::model::manifest::{Hash32, Manifest};
 use crate::store::{PartialFile, StoreError};
 
 /// A boxed error from a source.

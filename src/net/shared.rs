@@ -16,8 +16,8 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::delta::{SigKind, Tree};
-use crate::manifest::{FileName, Hash32};
+use crate::model::delta::{SigKind, Tree};
+use crate::model::manifest::{FileName, Hash32};
 use crate::store::{FileKey, Held, Store, StoreError};
 
 /// How often an observed download in progress is looked at again for new chunks.

@@ -13,13 +13,13 @@ use anyhow::Context;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-pub use crate::args::{Cli, Command, DownloadArgs, ListArgs, ServeArgs, UploadArgs};
-use crate::client::UploadStatus;
-use crate::download::DownloadReport;
-use crate::identity::{self, InitOutcome};
-use crate::manifest::{FileName, Manifest, hex, parse_hex};
+pub use crate::app::args::{Cli, Command, DownloadArgs, ListArgs, ServeArgs, UploadArgs};
+use crate::model::manifest::{FileName, Manifest, hex, parse_hex};
+use crate::model::peers::{PeerId, Root};
+use crate::net::client::UploadStatus;
+use crate::net::identity::{self, InitOutcome};
 use crate::node::{self, DownloadEvent, DownloadRequest, Fetched, Node, ServeOptions};
-use crate::peers::{PeerId, Root};
+use crate::transfer::download::DownloadReport;
 
 /// Runs the parsed command line; the exit code reflects per-peer failures.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -43,7 +43,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Shell => {
             let node = Node::load(&root, &me)?;
-            let ok = crate::shell::run(async |command| execute(&node, command).await).await;
+            let ok = crate::app::shell::run(async |command| execute(&node, command).await).await;
             node.finish().await;
             Ok(exit(ok))
         }
@@ -256,7 +256,7 @@ async fn upload(node: &Node, args: &UploadArgs) -> anyhow::Result<bool> {
 
 /// Whether a peer refused because a different file has that name.
 fn conflict(e: &node::PeerFailure) -> bool {
-    matches!(e, node::PeerFailure::Client(c) if c.remote_kind() == Some(crate::protocol::ErrorKind::Conflict))
+    matches!(e, node::PeerFailure::Client(c) if c.remote_kind() == Some(crate::wire::protocol::ErrorKind::Conflict))
 }
 
 /// `download`: fetch one file from every peer that serves it.

@@ -24,7 +24,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::manifest::{ChunkSet, Manifest};
+use crate::model::manifest::{ChunkSet, Manifest};
 
 /// The first bytes of every sidecar.
 const MAGIC: &[u8; 8] = b"qnheld01";

@@ -6,9 +6,10 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::peers::PeerId;
-use crate::server::DEFAULT_MAX_UPLOAD_SIZE;
-use crate::{codec, tls};
+use crate::model::peers::PeerId;
+use crate::net::server::DEFAULT_MAX_UPLOAD_SIZE;
+use crate::net::tls;
+use crate::wire::codec;
 
 /// qnode: share files among a fixed set of peers over QUIC, with pinned mutual TLS and verified,
 /// collaborative downloads.
