@@ -19,13 +19,11 @@
 //! - Only `net` and `node` name quinn types.
 //! - Only `wire::protocol` turns bytes into messages; only `wire::exchange` sequences them on a
 //!   stream.
-//! - `transfer::download` sees peers only through its `ChunkSource` trait; `engine` does no I/O
-//!   and reads no clock.
+//! - `engine` does no I/O and reads no clock.
 //! - Only `app` and `main` write to stdout, through `app::term` (which never panics on a closed
 //!   stream).
-//! - Known exceptions, for the next steps of the layout: `transfer::update` takes the concrete
-//!   `net::client::PeerSource`; `net::tls` implements `wire::exchange::SendBytes` for quinn's
-//!   stream (allowed by the order, named here because the trait belongs to the wire).
+//! - `transfer` sees peers only through its traits (`download::ChunkSource`,
+//!   `update::RangeSource`), which `net::client::PeerSource` implements.
 
 pub mod app;
 pub mod engine;

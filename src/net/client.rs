@@ -18,6 +18,7 @@ use crate::model::manifest::{ChunkSet, FileName, Hash32, Manifest, Regrain};
 use crate::model::peers::PeerId;
 use crate::net::tls::{self, SERVER_NAME};
 use crate::transfer::download::{ChunkSource, SourceError};
+use crate::transfer::update::RangeSource;
 use crate::wire::codec;
 use crate::wire::exchange::{self, ExchangeError, Framing};
 pub use crate::wire::exchange::{Change, Offer, Received, UploadStatus};
@@ -593,6 +594,31 @@ impl PeerSource {
     /// Closes the current connection.
     pub async fn close(&self) {
         self.client.lock().await.close();
+    }
+}
+
+impl RangeSource for PeerSource {
+    type Error = ClientError;
+
+    fn sig_kind(&self) -> SigKind {
+        self.kind
+    }
+
+    async fn groups(&self, version: Hash32) -> Result<Vec<Sig>, ClientError> {
+        Self::groups(self, version).await
+    }
+
+    async fn leaves(
+        &self,
+        version: Hash32,
+        first: u32,
+        count: u32,
+    ) -> Result<Vec<Sig>, ClientError> {
+        Self::leaves(self, version, first, count).await
+    }
+
+    async fn read_range(&self, offset: u64, len: u32) -> Result<Bytes, ClientError> {
+        Self::read_range(self, offset, len).await
     }
 }
 

@@ -13,12 +13,42 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 
-use crate::model::delta::{Expanded, Index, Sig, Step, Tree};
-use crate::model::manifest::Manifest;
-use crate::net::client::PeerSource;
+use bytes::Bytes;
+
+use crate::model::delta::{Expanded, Index, Sig, SigKind, Step, Tree};
+use crate::model::manifest::{Hash32, Manifest};
 use crate::store::PartialFile;
 use crate::transfer::download::ChunkSource;
 use crate::wire::protocol::MAX_GROUPS_PER_REQUEST;
+
+/// A peer that tells a version's tree and serves byte ranges of it, for an update (the peer as a
+/// source in `net::client` is one).
+pub trait RangeSource: ChunkSource {
+    /// Why a request failed.
+    type Error: std::fmt::Display + Send;
+
+    /// How the peer signs trees (as the protocol version it speaks says).
+    fn sig_kind(&self) -> SigKind;
+
+    /// The group signatures of `version`.
+    fn groups(&self, version: Hash32)
+    -> impl Future<Output = Result<Vec<Sig>, Self::Error>> + Send;
+
+    /// The leaf signatures of groups `first..first + count` of `version`.
+    fn leaves(
+        &self,
+        version: Hash32,
+        first: u32,
+        count: u32,
+    ) -> impl Future<Output = Result<Vec<Sig>, Self::Error>> + Send;
+
+    /// `len` bytes at `offset` (at most one chunk), unverified.
+    fn read_range(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = Result<Bytes, Self::Error>> + Send;
+}
 
 /// Range requests in flight at once, over all peers.
 const RANGES_IN_FLIGHT: usize = 32;
@@ -43,13 +73,13 @@ pub struct Filled {
 /// `old` and from `sources`.
 /// `old_tree` is our copy's tree; `groups`, the new version's group signatures if the first
 /// source already gave them.
-pub async fn fill(
+pub async fn fill<S: RangeSource>(
     old: &Path,
     (old_tree, groups): (Tree, Option<Vec<Sig>>),
     manifest: &Arc<Manifest>,
     partial: &Arc<PartialFile>,
     have: Vec<bool>,
-    sources: &[Arc<PeerSource>],
+    sources: &[Arc<S>],
 ) -> anyhow::Result<Filled> {
     let mut filled = Filled {
         have,
@@ -58,7 +88,7 @@ pub async fn fill(
     let Some(steps) = plan(&old_tree, groups, manifest, sources, &mut filled.liars).await else {
         return Ok(filled);
     };
-    let honest: Vec<Arc<PeerSource>> = sources
+    let honest: Vec<Arc<S>> = sources
         .iter()
         .filter(|s| !filled.liars.iter().any(|(n, _)| n == s.name()))
         .cloned()
@@ -107,11 +137,11 @@ pub async fn fill(
 /// The steps that build `manifest`'s version from the old copy, or `None` if no peer tells us
 /// the new version's tree. A peer whose signatures no real tree could have (they do not add up
 /// to the file, or are shorter than any leaf) is put in `liars` and the next one is asked.
-async fn plan(
+async fn plan<S: RangeSource>(
     old_tree: &Tree,
     groups: Option<Vec<Sig>>,
     manifest: &Manifest,
-    sources: &[Arc<PeerSource>],
+    sources: &[Arc<S>],
     liars: &mut Vec<(String, String)>,
 ) -> Option<Vec<Step>> {
     let version = manifest.blake3();
@@ -142,7 +172,7 @@ async fn plan(
             liars.push((source.name().to_owned(), why.into()));
             continue;
         }
-        let Some(mut leaves) = expand(source, version, &groups, &index).await else {
+        let Some(mut leaves) = expand(&**source, version, &groups, &index).await else {
             let why = "its leaf signatures did not add up to its groups (not used)";
             tracing::warn!(source = source.name(), "{why}");
             liars.push((source.name().to_owned(), why.into()));
@@ -155,9 +185,9 @@ async fn plan(
 /// The leaf signatures of the groups our copy lacks (none for a group where asking failed: it is
 /// fetched whole), asked in runs of up to [`MAX_GROUPS_PER_REQUEST`], a few runs at a time.
 /// `None` if an answer does not add up to its groups (the peer lies).
-async fn expand(
-    source: &PeerSource,
-    version: crate::model::manifest::Hash32,
+async fn expand<S: RangeSource>(
+    source: &S,
+    version: Hash32,
     groups: &[Sig],
     index: &Index,
 ) -> Option<Expanded> {
@@ -187,10 +217,10 @@ async fn expand(
 /// Fetches `(at, len)` ranges of the new version (none crossing a chunk boundary) into
 /// `partial`, spread over `sources`. A failed piece is left to the engine (its chunk will
 /// not verify). Returns the bytes fetched per peer.
-async fn fetch(
+async fn fetch<S: RangeSource>(
     partial: &Arc<PartialFile>,
     ranges: &[(u64, u64)],
-    sources: &[Arc<PeerSource>],
+    sources: &[Arc<S>],
 ) -> HashMap<String, u64> {
     let mut fetched: HashMap<String, u64> = HashMap::new();
     if sources.is_empty() {
