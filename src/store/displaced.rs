@@ -1,0 +1,65 @@
+//! Versions a replace displaced, kept hidden in `.qnode-displaced/` beside the file: a few per
+//! name, and a cap in all (files and bytes), oldest removed first.
+
+use super::*;
+
+/// The hidden folder, next to a replaced file, that keeps the versions it replaced (never listed:
+/// a name starting with a dot is not a served name).
+pub const DISPLACED_DIR: &str = ".qnode-displaced";
+
+/// Displaced versions kept per name; older ones are removed.
+pub const DISPLACED_KEPT: usize = 3;
+
+/// Displaced versions kept in one folder, of all names; the oldest are removed first.
+pub const DISPLACED_MAX_FILES: usize = 1000;
+
+/// Bytes of displaced versions kept in one folder; the oldest are removed first.
+pub const DISPLACED_MAX_BYTES: u64 = 1 << 30;
+
+/// Keeps the newest [`DISPLACED_KEPT`] displaced versions of `name` in `keep`, and in all at
+/// most [`DISPLACED_MAX_FILES`] files and [`DISPLACED_MAX_BYTES`] bytes there (oldest removed
+/// first, whatever their name).
+pub(super) fn prune_displaced(keep: &Path, name: &str) {
+    prune_displaced_to(keep, name, (DISPLACED_MAX_FILES, DISPLACED_MAX_BYTES));
+}
+
+/// [`prune_displaced`] with caps of its own in all: (files, bytes).
+pub(super) fn prune_displaced_to(keep: &Path, name: &str, (max_files, max_bytes): (usize, u64)) {
+    let Ok(entries) = fs::read_dir(keep) else {
+        return;
+    };
+    let prefix = format!("{name}.");
+    // By ctime: when each was displaced (linked here). Only regular files (not followed).
+    let mut all: Vec<((i64, i64), u64, PathBuf, bool)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let m = e.metadata().ok().filter(fs::Metadata::is_file)?;
+            let ours = e.file_name().to_str().is_some_and(|n| {
+                n.strip_prefix(&prefix)
+                    .is_some_and(|rest| rest.len() == 16 && !rest.contains('.'))
+            });
+            Some(((m.ctime(), m.ctime_nsec()), m.len(), e.path(), ours))
+        })
+        .collect();
+    all.sort();
+    let mut excess = all
+        .iter()
+        .filter(|v| v.3)
+        .count()
+        .saturating_sub(DISPLACED_KEPT);
+    let (mut files, mut bytes) = (all.len(), all.iter().map(|v| v.1).sum::<u64>());
+    for (_, len, path, ours) in all {
+        let over = files > max_files || bytes > max_bytes;
+        let drop_it = over || (ours && excess > 0);
+        if !drop_it {
+            continue;
+        }
+        if fs::remove_file(&path).is_ok() {
+            files -= 1;
+            bytes -= len;
+        }
+        if ours {
+            excess = excess.saturating_sub(1);
+        }
+    }
+}
