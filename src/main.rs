@@ -37,10 +37,8 @@ fn main() -> ExitCode {
         .init();
 
     // Client commands run their async work on this one thread (hashing and disk writes still go
-    // to the blocking pool): every wake-up across threads was a context switch. Measured (cargo
-    // bench, QNODE_BENCH_BIN A/B): 1 GiB loopback 714-755 -> 796 MB/s, 1.4 -> 1.3 CPU·s/GiB;
-    // one 200 Mbit/s source 5.1 -> 3.3 CPU·s/GiB, eight 3.7 -> 3.0, at the same throughput.
-    // `serve` answers many peers at once and keeps a worker per core.
+    // to the blocking pool): every wake-up across threads was a context switch (figures in
+    // docs/performance.md). `serve` answers many peers at once and keeps a worker per core.
     let runtime = match cli.command {
         Command::Serve(_) => tokio::runtime::Runtime::new(),
         _ => tokio::runtime::Builder::new_current_thread()
@@ -79,14 +77,9 @@ fn one_line(rendered: &str) -> String {
 ///
 /// Chunk buffers (1 MiB) are allocated and freed on different threads (async workers and the
 /// blocking pool). With glibc's default of up to 8 arenas per core, freed buffers scatter over many
-/// arenas and resident memory grows; with 2 arenas they are reused. Measured on a 1 GiB loopback
-/// transfer (cargo bench): default glibc: server 80 MB peak RSS; a fixed mmap threshold instead
-/// (every buffer a fresh mapping): 26 MB but 11% of server CPU in page faults; 2 arenas: 34 MB,
-/// server CPU -10% and downloader sys time -40% against the fixed threshold.
-/// glibc still trimmed freed buffers off the top of a heap and faulted them in again (40-100k page
-/// faults per GiB downloaded). Buffers below 8 MiB now always come from the arenas, which keep up
-/// to 64 MiB of free memory: 12k faults per GiB, loopback 1 GiB 605 -> 660 MiB/s, downloader CPU
-/// -6%, server peak RSS 34 -> 43 MB (interleaved runs, `perf stat`).
+/// arenas and resident memory grows; with 2 arenas they are reused. Buffers below 8 MiB always
+/// come from the arenas, which keep up to 64 MiB free, so glibc does not trim freed buffers off
+/// the top of a heap only to fault them in again. Figures: docs/performance.md.
 fn limit_heap_growth() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called once, before any thread exists.

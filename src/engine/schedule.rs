@@ -59,9 +59,8 @@ pub struct Options {
     /// the wire (16 MiB keeps a 1 GiB loopback transfer, where nothing is on the wire for long,
     /// under 64 MiB of RSS at both ends).
     pub max_in_flight_bytes: u64,
-    /// Most bytes added to that cap for data on the wire: the sum of each source's rate × RTT.
-    /// Measured with 3 sources at 400 Mbit/s and 100 ms (cargo bench, `long`): a 16 MiB cap
-    /// alone held them to 75 MB/s; with this (48 MiB) 104 MB/s, downloader peak RSS 32 MB.
+    /// Most bytes added to that cap for data on the wire: the sum of each source's rate × RTT
+    /// (without it, the cap alone held fast, distant sources back).
     pub max_on_the_wire_bytes: u64,
     /// Corrupt chunks a source may send before it is dropped.
     pub max_strikes: u32,
@@ -340,8 +339,7 @@ const OWNER_AHEAD: usize = 4;
 /// request queued behind others waits there even once other peers hold that chunk: at the end of
 /// a crowd, the owner of the last chunks out of the seeder was asked for 4 each by 7 downloaders
 /// (2 s of its link) while the peers it had sent them to stood idle. Left with us, a request goes
-/// to whichever holder has room. N = 8 (`cargo bench --bench swarm`, 11 runs each, alternating):
-/// 25.7 s against 26.1 s (means) with the usual floor of `min_window`.
+/// to whichever holder has room (measured in docs/performance.md).
 const LEAN_WINDOW: usize = 2;
 
 /// How long a delivery-rate sample lasts before it updates the smoothed rate.

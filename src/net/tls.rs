@@ -84,8 +84,8 @@ pub enum Congestion {
     /// CUBIC (RFC 9438), quinn's default.
     #[default]
     Cubic,
-    /// BBR (experimental in quinn; slower serving a crowd: 29-30 s against CUBIC's 25-26 s for
-    /// 8 downloaders in the swarm benchmark).
+    /// BBR (experimental in quinn; it was slower serving a crowd in the swarm benchmark, see
+    /// docs/performance.md).
     Bbr,
     /// NewReno (RFC 9002).
     Newreno,
@@ -170,8 +170,6 @@ pub fn transport_config() -> quinn::TransportConfig {
         .max_concurrent_uni_streams(0u32.into())
         // Chunks go out whole, in the order they were asked for, instead of all at once
         // interleaved: each arrives sooner, and the downloader holds fewer half-filled buffers.
-        // 3 sources at 400 Mbit/s, 100 ms (cargo bench, `long`): 75 -> 104 MB/s with the larger
-        // in-flight cap, downloader peak RSS 44 -> 32 MB.
         .send_fairness(false)
         .keep_alive_interval(Some(KEEP_ALIVE));
     // 30 s fits in a QUIC varint of milliseconds, so this conversion cannot fail.

@@ -14,9 +14,8 @@
 //!   produce more (a decompression bomb) or less is an error, and nothing beyond the expected
 //!   length is ever allocated. Hashes and verification stay over the plain bytes.
 //! - Each chunk is one frame (a chunk is compressed alone, so a chunk can come from any peer):
-//!   on the vim manuals here, level 3 frames of 1 MiB shrink 3.40× (one stream: 3.47×), level 5
-//!   3.58×, level 6 3.70×, at 238, 122 and 90 MB/s of one core. Levels 5 and 3 are used;
-//!   their speeds are measured in CPU time (what a core can do, however busy the machine).
+//!   levels 5 and 3 are used (their ratios and speeds on text: docs/performance.md); their
+//!   speeds are measured in CPU time (what a core can do, however busy the machine).
 //!   At most one compression context per core exists (a piece waits for a free one);
 //!   decompression contexts, small, are kept per thread.
 
