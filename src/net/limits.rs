@@ -49,12 +49,12 @@ pub struct MemoryBudget {
 
 /// Memory claimed for one reply; given back on drop.
 #[derive(Debug)]
-pub struct Held {
+pub struct Claim {
     peer: OwnedSemaphorePermit,
     all: OwnedSemaphorePermit,
 }
 
-impl Held {
+impl Claim {
     /// Gives back all but `len` bytes of the claim (what the reply holds now is less).
     pub fn keep(&mut self, len: usize) {
         for permit in [&mut self.peer, &mut self.all] {
@@ -112,9 +112,9 @@ pub struct PeerBudget {
 impl PeerBudget {
     /// Waits until `len` bytes may be held (the peer's own share first, then the common one), and
     /// claims them. `len` above a share is claimed as the whole share.
-    pub async fn claim(&self, len: u32) -> Held {
+    pub async fn claim(&self, len: u32) -> Claim {
         let len = len.min(self.per_peer);
-        Held {
+        Claim {
             peer: acquire(&self.mine, len).await,
             all: acquire(&self.all, len).await,
         }

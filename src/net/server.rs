@@ -43,14 +43,14 @@ use crate::wire::protocol::{
 
 /// Default cap on one uploaded file, in bytes (64 GiB).
 pub const DEFAULT_MAX_UPLOAD_SIZE: u64 = 64 << 30;
-/// How long a peer may take to send its request, or the next piece of an upload.
+/// How long a peer may take to send its request, or the next bytes of an upload.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a write to a peer may make no progress (the peer does not read) before its stream is
 /// reset and what it held is freed: the same as a request's.
 pub const WRITE_TIMEOUT: Duration = READ_TIMEOUT;
 /// How long shutdown waits for in-flight requests.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-/// Uploads are written to disk in pieces of this many bytes.
+/// Uploads are written to disk in parts of this many bytes.
 const UPLOAD_WRITE_BUF: usize = 1 << 20;
 
 /// Everything the server needs.
@@ -454,12 +454,12 @@ async fn handle_stream(
         Request::List => handle_list(&mut send, &server, &link).await,
         Request::Describe { name } => handle_describe(&mut send, &server, &link, &name).await,
         Request::ReadChunk { name, offset, len } => {
-            let piece = Piece::Chunk;
-            handle_read(&mut send, &server, &link, &name, (offset, len), piece).await
+            let kind = ReadKind::Chunk;
+            handle_read(&mut send, &server, &link, &name, (offset, len), kind).await
         }
         Request::ReadRange { name, offset, len } => {
-            let piece = Piece::Range;
-            handle_read(&mut send, &server, &link, &name, (offset, len), piece).await
+            let kind = ReadKind::Range;
+            handle_read(&mut send, &server, &link, &name, (offset, len), kind).await
         }
         Request::Groups { name, blake3 } => {
             handle_groups(&mut send, &server, &link, &name, (blake3, sig)).await
@@ -491,8 +491,8 @@ async fn handle_stream(
             offset,
             len,
         } => {
-            let piece = Piece::Version(blake3);
-            handle_read(&mut send, &server, &link, &name, (offset, len), piece).await
+            let kind = ReadKind::Version(blake3);
+            handle_read(&mut send, &server, &link, &name, (offset, len), kind).await
         }
         Request::ListAll => handle_list_all(&mut send, &server, &link).await,
     };
@@ -803,7 +803,7 @@ async fn handle_describe(
 
 /// What a read request may ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Piece {
+enum ReadKind {
     /// One chunk of the file's layout.
     Chunk,
     /// Any range at most one chunk long.
@@ -818,7 +818,7 @@ async fn handle_read(
     link: &Link,
     name: &FileName,
     (offset, len): (u64, u32),
-    piece: Piece,
+    kind: ReadKind,
 ) -> Result<String, Failure> {
     if u64::from(len) > MAX_CHUNK_SIZE {
         return Err(RemoteError::new(
@@ -837,7 +837,7 @@ async fn handle_read(
     // them: first from this peer's share (a peer that does not read stalls only itself), then
     // from the share of all peers together. While they are compressed, the frame needs room
     // too (at most 7/8 of them); then only what is sent stays claimed.
-    let pack = link.pack(server.compression, matches!(piece, Piece::Range));
+    let pack = link.pack(server.compression, matches!(kind, ReadKind::Range));
     let room = if pack.is_some() {
         len + len / 8 * 7
     } else {
@@ -847,10 +847,10 @@ async fn handle_read(
     let store = server.store.clone();
     let n = name.clone();
     let (data, frame) = blocking(move || {
-        let data = match piece {
-            Piece::Chunk => store.read_chunk(&n, offset, len),
-            Piece::Range => store.read_piece(&n, offset, len),
-            Piece::Version(blake3) => store.read_version(&n, &blake3, offset, len),
+        let data = match kind {
+            ReadKind::Chunk => store.read_chunk(&n, offset, len),
+            ReadKind::Range => store.read_piece(&n, offset, len),
+            ReadKind::Version(blake3) => store.read_version(&n, &blake3, offset, len),
         }?;
         let frame = pack.and_then(|level| codec::compress(&data, level));
         Ok((data, frame))

@@ -474,12 +474,12 @@ async fn send_delta(
             .await
             .map_err(ExchangeError::Local)?;
         if piece.len() >= UPLOAD_BUF {
-            write_piece(send, framing, &piece, true).await?;
+            write_block(send, framing, &piece, true).await?;
             piece.clear();
         }
     }
     if !piece.is_empty() {
-        write_piece(send, framing, &piece, true).await?;
+        write_block(send, framing, &piece, true).await?;
     }
     file.seek(std::io::SeekFrom::End(0))
         .await
@@ -515,7 +515,7 @@ pub enum Framing<'a> {
 
 /// Writes `data`, the next bytes of an upload body (of an `edit`'s leaves: compressed as
 /// [`codec::Mode::edit_level`] says).
-async fn write_piece(
+async fn write_block(
     send: &mut impl SendBytes,
     framing: Framing<'_>,
     data: &[u8],
@@ -662,7 +662,7 @@ async fn send_body(
                 "file shrank while uploading",
             )));
         }
-        write_piece(send, framing, &buf[..n], false).await?;
+        write_block(send, framing, &buf[..n], false).await?;
         left -= n as u64;
     }
     Ok(())
