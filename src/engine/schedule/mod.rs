@@ -427,9 +427,9 @@ pub struct Scheduler {
     pending: BTreeSet<Slot>,
     /// Each chunk's place among equally rare ones.
     rank: Vec<u32>,
-    /// Our stripe of the chunks (chunk `c` is ours if `c % .1 == .0`): see
+    /// Our stripe of the chunks: see
     /// [`Options::crowd_name`].
-    stripe: (u32, u32),
+    stripe: Stripe,
     /// Each chunk's place while we know of no crowd: an order of our own (from our name), so
     /// that downloaders that share `rank` but have not found each other yet do not start alike.
     alone: Vec<u32>,
@@ -471,7 +471,7 @@ impl Scheduler {
             chunks: (0..n).map(|_| ChunkState::default()).collect(),
             pending: BTreeSet::new(),
             rank: order(n, opts_seed),
-            stripe: (0, 1),
+            stripe: Stripe { place: 0, of: 1 },
             alone: order(n, start),
             whole: 0,
             rare_in_stripe: vec![0],
@@ -506,7 +506,8 @@ impl Scheduler {
         let Some(me) = &self.opts.crowd_name else {
             return;
         };
-        let (_, (j, m)) = place(me, self.opts.crowd_hint.iter().map(String::as_str));
+        let (_, Stripe { place: j, of: m }) =
+            place(me, self.opts.crowd_hint.iter().map(String::as_str));
         if m < 2 {
             return;
         }
@@ -521,7 +522,7 @@ impl Scheduler {
 
     /// Puts the queue in order again (what `slot` says changed).
     fn resort(&mut self) {
-        let queued: Vec<u32> = self.pending.iter().map(|s| s.4).collect();
+        let queued: Vec<u32> = self.pending.iter().map(|s| s.chunk).collect();
         self.pending = queued.into_iter().map(|c| self.slot(c)).collect();
     }
 
@@ -572,13 +573,13 @@ impl Scheduler {
 
     /// How far chunk `c`'s stripe is after ours: 0 is ours, 1 the next downloader's, ...
     fn stripe_of(&self, c: u32) -> u32 {
-        let (j, m) = self.stripe;
+        let Stripe { place: j, of: m } = self.stripe;
         (c % m + m - j) % m
     }
 
     /// We know of other downloaders of the file.
     fn in_a_crowd(&self) -> bool {
-        self.opts.crowd_name.is_some() && self.stripe.1 > 1
+        self.opts.crowd_name.is_some() && self.stripe.of > 1
     }
 
     /// `holds` if it is a set of this file's chunks, else the empty set.
@@ -603,7 +604,13 @@ impl Scheduler {
             0 => self.alone[c as usize],
             _ => u32::MAX - self.rank[c as usize],
         };
-        (!st.retried, st.avail, stripe, rank, c)
+        Slot {
+            fresh: !st.retried,
+            avail: st.avail,
+            stripe,
+            rank,
+            chunk: c,
+        }
     }
 
     fn enqueue(&mut self, c: u32) {
@@ -648,7 +655,7 @@ impl Scheduler {
             .iter()
             .filter(|s| s.live && s.holds.is_full())
             .count() as u32;
-        self.rare_in_stripe = vec![0; self.stripe.1 as usize];
+        self.rare_in_stripe = vec![0; self.stripe.of as usize];
         for c in 0..self.chunk_count() {
             if self.is_rare(c) {
                 self.count_rare(c, true);
@@ -682,7 +689,7 @@ impl Scheduler {
         if !self.requests.is_empty() || resting || !self.actions.is_empty() {
             return Status::Running;
         }
-        let supplied = self.pending.iter().any(|&(_, _, _, _, c)| {
+        let supplied = self.pending.iter().any(|&Slot { chunk: c, .. }| {
             self.sources
                 .iter()
                 .any(|s| s.usable(now) && s.holds.contains(c))
@@ -1003,7 +1010,7 @@ impl Scheduler {
                 let next_len = self
                     .pending
                     .first()
-                    .map_or(self.chunk_size, |&(_, _, _, _, c)| self.chunk_len(c));
+                    .map_or(self.chunk_size, |&Slot { chunk: c, .. }| self.chunk_len(c));
                 if in_flight_bytes + next_len > cap && !self.sources[s].in_flight.is_empty() {
                     continue;
                 }
@@ -1071,7 +1078,7 @@ impl Scheduler {
     /// anyway (better a retry than a stall).
     fn take_pending(&mut self, s: SourceId, usable: &[SourceId], rare_only: bool) -> Option<u32> {
         let holds = &self.sources[s].holds;
-        let slot = *self.pending.iter().find(|&&(_, _, _, _, c)| {
+        let slot = *self.pending.iter().find(|&&Slot { chunk: c, .. }| {
             let ours = self.stripe_of(c) == 0;
             if !holds.contains(c) || (rare_only && !(ours && self.is_rare(c))) {
                 return false;
@@ -1084,7 +1091,7 @@ impl Scheduler {
             failed & bit(s) == 0 || failed & holders == holders
         })?;
         self.pending.remove(&slot);
-        let c = slot.4;
+        let c = slot.chunk;
         self.chunks[c as usize].queued = false;
         Some(c)
     }
@@ -1098,7 +1105,7 @@ impl Scheduler {
     /// (shares are fixed, so that helpers never take the same chunk), never one of the first
     /// [`OWNER_AHEAD`] (in flight at the owner, or soon), and at most [`HELP`] at a time.
     fn take_help(&mut self, s: SourceId) -> Option<u32> {
-        let (j, m) = self.stripe;
+        let Stripe { place: j, of: m } = self.stripe;
         let helping = self.sources[s]
             .in_flight
             .values()
@@ -1214,18 +1221,33 @@ impl Scheduler {
     }
 }
 
-/// A pending chunk's place in the queue: (not retried, live sources holding it, how far its stripe
-/// is after ours, rank, chunk).
-type Slot = (bool, u32, u32, u32, u32);
+/// A pending chunk's place in the queue, ordered field by field: chunks not retried after retried
+/// ones, then by the live sources holding it (rarest first), how far its stripe is after ours, its
+/// rank in that stripe's order, and the chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Slot {
+    fresh: bool,
+    avail: u32,
+    stripe: u32,
+    rank: u32,
+    chunk: u32,
+}
+
+/// Our stripe of a crowd's chunks: chunk `c` is ours if `c % of == place`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stripe {
+    place: u32,
+    of: u32,
+}
 
 /// The crowd of `me` and `others`, sorted by name, and our stripe in it: (our place, of how many).
-fn place<'a>(me: &'a str, others: impl Iterator<Item = &'a str>) -> (Vec<&'a str>, (u32, u32)) {
+fn place<'a>(me: &'a str, others: impl Iterator<Item = &'a str>) -> (Vec<&'a str>, Stripe) {
     let mut crowd: Vec<&str> = others.chain([me]).collect();
     crowd.sort_unstable();
     crowd.dedup();
     let j = crowd.iter().position(|n| *n == me).unwrap_or(0) as u32;
     let m = crowd.len() as u32;
-    (crowd, (j, m))
+    (crowd, Stripe { place: j, of: m })
 }
 
 /// The seed of the order in which downloader `name` asks for its own stripe.

@@ -601,7 +601,7 @@ fn a_source_that_gains_chunks_makes_them_less_rare() {
     sched.add_source("seeder", ChunkSet::all(n), t0);
     let peer = sched.add_source("peer", ChunkSet::none(n), t0);
     // Nothing shared yet: file order.
-    assert_eq!(sched.pending.first().map(|s| s.4), Some(0));
+    assert_eq!(sched.pending.first().map(|s| s.chunk), Some(0));
     let mut low = ChunkSet::none(n);
     (0..6).for_each(|c| low.insert(c));
     sched.handle(
@@ -612,7 +612,7 @@ fn a_source_that_gains_chunks_makes_them_less_rare() {
         },
     );
     // Chunks 6 and 7 are the only ones held by one source now.
-    let order: Vec<u32> = sched.pending.iter().map(|s| s.4).collect();
+    let order: Vec<u32> = sched.pending.iter().map(|s| s.chunk).collect();
     assert_eq!(order, [6, 7, 0, 1, 2, 3, 4, 5]);
     sched.handle(
         t0,
@@ -621,7 +621,7 @@ fn a_source_that_gains_chunks_makes_them_less_rare() {
             reason: "gone".into(),
         },
     );
-    let order: Vec<u32> = sched.pending.iter().map(|s| s.4).collect();
+    let order: Vec<u32> = sched.pending.iter().map(|s| s.chunk).collect();
     assert_eq!(order, (0..n).collect::<Vec<_>>());
 }
 
@@ -840,7 +840,13 @@ fn helps(crowd: &[&str], me: &str, behind: &str, n: u32) -> Vec<u32> {
     // (Last: the others are asked first, so that the seeder is not asked with nothing in
     // flight, when it may be asked for anything.)
     let seeder = sched.add_source("s0", ChunkSet::all(n), t0);
-    assert_eq!(sched.stripe, (stripe(me), m));
+    assert_eq!(
+        sched.stripe,
+        Stripe {
+            place: stripe(me),
+            of: m
+        }
+    );
     asked_of(&sched.poll(t0), seeder)
 }
 
