@@ -66,11 +66,55 @@ pub struct ServeArgs {
     pub max_upload_rate: Option<u64>,
     /// Congestion controller for what we send
     #[arg(long, value_enum, default_value_t)]
-    pub congestion: tls::Congestion,
+    pub congestion: CongestionArg,
     /// Compress file data sent to qnode/2 peers: auto (while the link is slower than the
     /// compressor and the data shrinks), always (whenever it shrinks) or never
     #[arg(long, value_enum, default_value_t)]
-    pub compression: codec::Mode,
+    pub compression: CompressionArg,
+}
+
+/// `--congestion`: the congestion controller a sender uses (`net::tls::Congestion`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CongestionArg {
+    /// CUBIC (RFC 9438), quinn's default.
+    #[default]
+    Cubic,
+    /// BBR (experimental in quinn; it was slower serving a crowd in the swarm benchmark).
+    Bbr,
+    /// NewReno (RFC 9002).
+    Newreno,
+}
+
+impl From<CongestionArg> for tls::Congestion {
+    fn from(c: CongestionArg) -> Self {
+        match c {
+            CongestionArg::Cubic => Self::Cubic,
+            CongestionArg::Bbr => Self::Bbr,
+            CongestionArg::Newreno => Self::Newreno,
+        }
+    }
+}
+
+/// `--compression`: when a sender compresses (`wire::codec::Mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CompressionArg {
+    /// When the link is slower than the compressor and the bytes shrink.
+    #[default]
+    Auto,
+    /// Whenever the bytes shrink.
+    Always,
+    /// Never.
+    Never,
+}
+
+impl From<CompressionArg> for codec::Mode {
+    fn from(c: CompressionArg) -> Self {
+        match c {
+            CompressionArg::Auto => Self::Auto,
+            CompressionArg::Always => Self::Always,
+            CompressionArg::Never => Self::Never,
+        }
+    }
 }
 
 /// Parses `123`, `64K`, `20M`, `1G` (binary multiples) into bytes.
@@ -115,7 +159,7 @@ pub struct UploadArgs {
     /// Compress what is sent to qnode/2 peers: auto (while the link is slower than the
     /// compressor and the data shrinks), always (whenever it shrinks) or never
     #[arg(long, value_enum, default_value_t)]
-    pub compression: codec::Mode,
+    pub compression: CompressionArg,
     /// Print one JSON object instead of text
     #[arg(long)]
     pub json: bool,

@@ -16,10 +16,10 @@ use serde::Serialize;
 pub use crate::app::args::{Cli, Command, DownloadArgs, ListArgs, ServeArgs, UploadArgs};
 use crate::model::manifest::{FileName, Manifest, hex, parse_hex};
 use crate::model::peers::{PeerId, Root};
-use crate::net::client::UploadStatus;
 use crate::net::identity::{self, InitOutcome};
-use crate::node::{self, DownloadEvent, DownloadRequest, Fetched, Node, ServeOptions};
-use crate::transfer::download::DownloadReport;
+use crate::node::{
+    self, DownloadEvent, DownloadReport, DownloadRequest, Fetched, Node, ServeOptions, UploadStatus,
+};
 
 /// Runs the parsed command line; the exit code reflects per-peer failures.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -35,8 +35,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 max_upload_size: args.max_upload_size,
                 listen: args.listen,
                 max_upload_rate: args.max_upload_rate,
-                congestion: args.congestion,
-                compression: args.compression,
+                congestion: args.congestion.into(),
+                compression: args.compression.into(),
             };
             node::serve(&root, &me, &opts, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
@@ -199,7 +199,12 @@ async fn list(node: &Node, args: &ListArgs) -> anyhow::Result<bool> {
 /// `upload`: one file to every named peer.
 async fn upload(node: &Node, args: &UploadArgs) -> anyhow::Result<bool> {
     let uploaded = node
-        .upload(&args.file, &args.peers, args.replace, args.compression)
+        .upload(
+            &args.file,
+            &args.peers,
+            args.replace,
+            args.compression.into(),
+        )
         .await?;
     let name = &uploaded.name;
     let mut report = UploadReport {
@@ -211,7 +216,7 @@ async fn upload(node: &Node, args: &UploadArgs) -> anyhow::Result<bool> {
             Ok(UploadStatus::Stored) => (Some(UploadOut::Stored), None),
             Ok(UploadStatus::AlreadyPresent) => (Some(UploadOut::AlreadyPresent), None),
             Ok(UploadStatus::Replaced) => (Some(UploadOut::Replaced), None),
-            Err(e) if conflict(&e) && !args.replace => (
+            Err(e) if e.is_conflict() && !args.replace => (
                 None,
                 Some(format!(
                     "{e} (upload --replace replaces it; its old version is kept)"
@@ -252,11 +257,6 @@ async fn upload(node: &Node, args: &UploadArgs) -> anyhow::Result<bool> {
         }
     }
     Ok(report.results.iter().all(|r| r.ok))
-}
-
-/// Whether a peer refused because a different file has that name.
-fn conflict(e: &node::PeerFailure) -> bool {
-    matches!(e, node::PeerFailure::Client(c) if c.remote_kind() == Some(crate::wire::protocol::ErrorKind::Conflict))
 }
 
 /// `download`: fetch one file from every peer that serves it.

@@ -79,7 +79,7 @@ pub enum TlsError {
 }
 
 /// The congestion controller a sender uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Congestion {
     /// CUBIC (RFC 9438), quinn's default.
     #[default]

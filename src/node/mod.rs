@@ -23,12 +23,12 @@ use tokio::sync::mpsc;
 use crate::model::delta::{Sig, SigKind, Tree};
 use crate::model::manifest::{FileName, Hash32, Manifest, Regrain, hex};
 use crate::model::peers::{PeerEntry, PeerId, PeerTable, Root};
-use crate::net::client::{Changes, Client, ClientError, Offer, PeerSource, Redial, UploadStatus};
+use crate::net::client::{Changes, Client, ClientError, Offer, PeerSource, Redial};
 use crate::net::identity::{self, Identity, InitOutcome};
 use crate::net::server::{self, Server};
 use crate::net::tls::{self, Pins};
 use crate::store::{Check, Committed, PartialFile, Seen, Store, StoreError};
-use crate::transfer::download::{self, DownloadReport, Options, Progress};
+use crate::transfer::download::{self, Options, Progress};
 use crate::transfer::update;
 use crate::wire::codec;
 use crate::wire::protocol::{FileEntry, Incomplete};
@@ -78,6 +78,17 @@ pub enum PeerFailure {
     #[error(transparent)]
     Local(anyhow::Error),
 }
+
+impl PeerFailure {
+    /// Whether the peer refused because a different file has that name.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Self::Client(c) if c.remote_kind() == Some(crate::wire::protocol::ErrorKind::Conflict))
+    }
+}
+
+/// What the use cases return, for the command line to render.
+pub use crate::net::client::UploadStatus;
+pub use crate::transfer::download::DownloadReport;
 
 /// One peer's files.
 #[derive(Debug)]

@@ -85,7 +85,7 @@ pub const MAX_BLOCK: u32 = 1 << 20;
 const MAX_WINDOW_LOG: u32 = 27;
 
 /// When a sender compresses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// When the link is slower than the compressor and the bytes shrink.
