@@ -24,7 +24,7 @@ flags of the matching subcommands work too, e.g. --json";
 
 /// One parsed shell line.
 #[derive(Debug)]
-enum Action {
+enum LineAction {
     Run(Command),
     Help,
     Quit,
@@ -42,7 +42,7 @@ struct Line {
 }
 
 /// Parses one line; `Ok(None)` for a blank line or a `//`-less comment (`# ...` with a space).
-fn parse(line: &str) -> Result<Option<Action>, String> {
+fn parse(line: &str) -> Result<Option<LineAction>, String> {
     let mut words = line.split_whitespace();
     let Some(first) = words.next() else {
         return Ok(None);
@@ -52,8 +52,8 @@ fn parse(line: &str) -> Result<Option<Action>, String> {
     }
     let verb = first.trim_start_matches('#').to_ascii_lowercase();
     let verb = match verb.as_str() {
-        "help" | "?" => return Ok(Some(Action::Help)),
-        "quit" | "exit" => return Ok(Some(Action::Quit)),
+        "help" | "?" => return Ok(Some(LineAction::Help)),
+        "quit" | "exit" => return Ok(Some(LineAction::Quit)),
         "filelist" | "list" => "list",
         "upload" => "upload",
         "download" => "download",
@@ -61,7 +61,7 @@ fn parse(line: &str) -> Result<Option<Action>, String> {
     };
     let args = std::iter::once(verb).chain(words);
     match Line::try_parse_from(args) {
-        Ok(l) => Ok(Some(Action::Run(l.command))),
+        Ok(l) => Ok(Some(LineAction::Run(l.command))),
         Err(e) => {
             let msg = e.to_string();
             let first_line = msg.lines().next().unwrap_or("invalid command");
@@ -89,9 +89,9 @@ pub async fn run(execute: impl AsyncFn(Command) -> anyhow::Result<bool>) -> bool
         };
         match parse(&line) {
             Ok(None) => {}
-            Ok(Some(Action::Quit)) => break,
-            Ok(Some(Action::Help)) => crate::outln!("{HELP}"),
-            Ok(Some(Action::Run(command))) => match execute(command).await {
+            Ok(Some(LineAction::Quit)) => break,
+            Ok(Some(LineAction::Help)) => crate::outln!("{HELP}"),
+            Ok(Some(LineAction::Run(command))) => match execute(command).await {
                 Ok(ok) => all_ok &= ok,
                 Err(e) => {
                     crate::errln!("qnode: error: {}", crate::app::term::error_line(&e));
@@ -114,19 +114,21 @@ mod tests {
     #[test]
     fn seed_lines_parse_into_the_subcommands() {
         match parse("#FILELIST p1 p2").unwrap() {
-            Some(Action::Run(Command::List(a))) => assert_eq!(a.peers.len(), 2),
+            Some(LineAction::Run(Command::List(a))) => assert_eq!(a.peers.len(), 2),
             other => panic!("{other:?}"),
         }
         match parse("#UPLOAD notes.txt p3").unwrap() {
-            Some(Action::Run(Command::Upload(a))) => assert_eq!(a.file.to_str(), Some("notes.txt")),
+            Some(LineAction::Run(Command::Upload(a))) => {
+                assert_eq!(a.file.to_str(), Some("notes.txt"))
+            }
             other => panic!("{other:?}"),
         }
         match parse("  download lorem_ipsum.txt p2 p3 p4 --json").unwrap() {
-            Some(Action::Run(Command::Download(a))) => assert!(a.json && a.peers.len() == 3),
+            Some(LineAction::Run(Command::Download(a))) => assert!(a.json && a.peers.len() == 3),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(parse("quit").unwrap(), Some(Action::Quit)));
-        assert!(matches!(parse("HELP").unwrap(), Some(Action::Help)));
+        assert!(matches!(parse("quit").unwrap(), Some(LineAction::Quit)));
+        assert!(matches!(parse("HELP").unwrap(), Some(LineAction::Help)));
         assert!(parse("   ").unwrap().is_none());
         assert!(parse("# a comment").unwrap().is_none());
         assert!(parse("#BOGUS x").is_err());

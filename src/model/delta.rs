@@ -79,12 +79,12 @@ pub struct Tree {
 }
 
 /// Reads a file from its own position, so two readers of one descriptor do not share an offset.
-struct At<'a> {
+struct FileCursor<'a> {
     file: &'a std::fs::File,
     pos: u64,
 }
 
-impl Read for At<'_> {
+impl Read for FileCursor<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         use std::os::unix::fs::FileExt;
         let n = self.file.read_at(buf, self.pos)?;
@@ -102,11 +102,11 @@ impl Tree {
                 let mut h = blake3::Hasher::new();
                 h.update_reader(std::io::BufReader::with_capacity(
                     1 << 20,
-                    At { file, pos: 0 },
+                    FileCursor { file, pos: 0 },
                 ))?;
                 Ok::<_, std::io::Error>(*h.finalize().as_bytes())
             });
-            let tree = Self::of(At { file, pos: 0 }, kind);
+            let tree = Self::of(FileCursor { file, pos: 0 }, kind);
             let hash = hash
                 .join()
                 .map_err(|_| std::io::Error::other("the hashing thread failed"))??;

@@ -608,13 +608,13 @@ impl Node {
             .find(|m| m.offer.held.is_none())
             .map(|m| m.client.clone());
         let (old, prefetched) = match look_at(&target, req.update, first, name, &manifest).await? {
-            At::Same => {
+            AtTarget::Same => {
                 done.left_out = answers.left_out;
                 done.elapsed = started.elapsed();
                 return Ok(done);
             }
-            At::Nothing => (None, None),
-            At::Other(seen, prefetched) => (Some(seen), prefetched),
+            AtTarget::Nothing => (None, None),
+            AtTarget::Other(seen, prefetched) => (Some(seen), prefetched),
         };
 
         // In pieces if it may be a crowd's download (a peer holds part of it, or another peer
@@ -1119,7 +1119,7 @@ fn bytes_of(manifest: &Manifest, have: &[bool]) -> u64 {
 }
 
 /// What a download finds at its target.
-enum At {
+enum AtTarget {
     /// Nothing: a plain download.
     Nothing,
     /// The version to fetch.
@@ -1138,11 +1138,11 @@ async fn look_at(
     first: Option<Client>,
     name: &FileName,
     manifest: &Manifest,
-) -> anyhow::Result<At> {
+) -> anyhow::Result<AtTarget> {
     if !update {
         return match not_overwriting(Seen::of(target), target)? {
-            None => Ok(At::Nothing),
-            Some(seen) if seen.blake3 == manifest.blake3() => Ok(At::Same),
+            None => Ok(AtTarget::Nothing),
+            Some(seen) if seen.blake3 == manifest.blake3() => Ok(AtTarget::Same),
             Some(_) => bail!(
                 "{} already exists with different content; not overwriting it (use --update to replace it with the peers' version, or --output to save elsewhere)",
                 target.display()
@@ -1161,9 +1161,9 @@ async fn look_at(
     let read = tokio::task::spawn_blocking(move || Seen::with_tree(&t, kind));
     let (read, groups) = tokio::join!(read, groups);
     Ok(match not_overwriting(read?, target)? {
-        Some((seen, _)) if seen.blake3 == manifest.blake3() => At::Same,
-        Some((seen, tree)) => At::Other(seen, Some((tree, groups))),
-        None => At::Nothing,
+        Some((seen, _)) if seen.blake3 == manifest.blake3() => AtTarget::Same,
+        Some((seen, tree)) => AtTarget::Other(seen, Some((tree, groups))),
+        None => AtTarget::Nothing,
     })
 }
 

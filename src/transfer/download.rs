@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::schedule::{Action, ChunkSet, Event, RequestId, Scheduler, SourceId, Status};
+use crate::engine::schedule::{Action, ChunkSet, Event, RequestId, RunState, Scheduler, SourceId};
 pub use crate::engine::schedule::{Options, SourceReport};
 use crate::model::manifest::{Hash32, Manifest};
 use crate::store::{PartialFile, StoreError};
@@ -351,19 +351,19 @@ pub async fn run<S: ChunkSource>(
         let actions = sched.poll(now);
         io.act(actions);
         match sched.status(now) {
-            Status::Finished => break,
+            RunState::Finished => break,
             // No one can give what is missing, and no one may join or gain it any more; or
             // no one joined or gained any of it for a while.
-            Status::Stuck
+            RunState::Stuck
                 if (!joining && io.changes.is_empty())
                     || stuck_since.is_some_and(|t| now >= t + opts.stuck_wait) =>
             {
                 return Err(DownloadError::AllSourcesFailed(sched.failure_reasons()));
             }
-            Status::Stuck => {
+            RunState::Stuck => {
                 stuck_since.get_or_insert(now);
             }
-            Status::Running => stuck_since = None,
+            RunState::Running => stuck_since = None,
         }
         let deadline = sched
             .next_deadline()

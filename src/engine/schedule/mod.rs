@@ -224,7 +224,7 @@ pub enum Action {
 
 /// Where a download stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
+pub enum RunState {
     /// Requests are in flight, or may be made.
     Running,
     /// Every chunk is verified and written (writes of duplicates may still be running).
@@ -285,7 +285,7 @@ struct ChunkState {
 }
 
 #[derive(Debug)]
-struct Request {
+struct InFlight {
     source: SourceId,
     chunk: u32,
     asked: Instant,
@@ -445,7 +445,7 @@ pub struct Scheduler {
     helped: Option<(String, (u32, u32), Vec<u32>)>,
     remaining: u32,
     sources: Vec<SourceState>,
-    requests: HashMap<RequestId, Request>,
+    requests: HashMap<RequestId, InFlight>,
     next_request: RequestId,
     actions: Vec<Action>,
     done_bytes: u64,
@@ -681,13 +681,13 @@ impl Scheduler {
     }
 
     /// Where the download stands.
-    pub fn status(&self, now: Instant) -> Status {
+    pub fn status(&self, now: Instant) -> RunState {
         if self.remaining == 0 {
-            return Status::Finished;
+            return RunState::Finished;
         }
         let resting = self.sources.iter().any(|s| s.live && !s.usable(now));
         if !self.requests.is_empty() || resting || !self.actions.is_empty() {
-            return Status::Running;
+            return RunState::Running;
         }
         let supplied = self.pending.iter().any(|&Slot { chunk: c, .. }| {
             self.sources
@@ -695,9 +695,9 @@ impl Scheduler {
                 .any(|s| s.usable(now) && s.holds.contains(c))
         });
         if supplied {
-            Status::Running
+            RunState::Running
         } else {
-            Status::Stuck
+            RunState::Stuck
         }
     }
 
@@ -787,7 +787,7 @@ impl Scheduler {
     }
 
     /// Removes `request` from its source's window and its chunk's counts.
-    fn finish_request(&mut self, request: RequestId) -> Option<Request> {
+    fn finish_request(&mut self, request: RequestId) -> Option<InFlight> {
         let r = self.requests.remove(&request)?;
         let len = self.chunk_len(r.chunk);
         let src = &mut self.sources[r.source];
@@ -1049,7 +1049,7 @@ impl Scheduler {
         self.chunks[c as usize].fetching += 1;
         self.requests.insert(
             request,
-            Request {
+            InFlight {
                 source: s,
                 chunk: c,
                 asked: now,

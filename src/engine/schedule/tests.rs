@@ -116,11 +116,11 @@ impl Sim {
     }
 
     /// Runs until finished or stuck (or `limit` of virtual time); returns the status.
-    fn run(&mut self, limit: Duration) -> Status {
+    fn run(&mut self, limit: Duration) -> RunState {
         loop {
             self.poll();
             let status = self.sched.status(self.now);
-            if status != Status::Running || self.now - self.start > limit {
+            if status != RunState::Running || self.now - self.start > limit {
                 return status;
             }
             let next = self.due.first().map(|d| d.0);
@@ -186,7 +186,7 @@ fn a_small_file_is_spread_over_every_source_at_once() {
     let mut first: Vec<SourceId> = sim.asked.iter().map(|a| a.1).collect();
     first.sort_unstable();
     assert_eq!(first, [0, 1, 2], "one chunk each: {:?}", sim.asked);
-    assert_eq!(sim.run(MINUTE), Status::Finished);
+    assert_eq!(sim.run(MINUTE), RunState::Finished);
     assert_eq!(sim.elapsed(), Duration::from_millis(10));
 }
 
@@ -199,7 +199,7 @@ fn faster_sources_do_more() {
     let mut sim = Sim::new(64 * MIB, MIB, opts);
     let slow = sim.source("slow", after(40));
     let fast = sim.source("fast", after(1));
-    assert_eq!(sim.run(MINUTE), Status::Finished);
+    assert_eq!(sim.run(MINUTE), RunState::Finished);
     let (s, f) = (sim.report(slow), sim.report(fast));
     assert_eq!(s.bytes + f.bytes, 64 * MIB);
     assert!(f.bytes > 10 * s.bytes, "{s:?} {f:?}");
@@ -220,7 +220,7 @@ fn a_source_that_dies_is_dropped_and_its_chunks_go_elsewhere() {
         },
     );
     let ok = sim.source("ok", after(5));
-    assert_eq!(sim.run(MINUTE), Status::Finished);
+    assert_eq!(sim.run(MINUTE), RunState::Finished);
     let d = sim.report(dying);
     assert_eq!(d.dropped.as_deref(), Some("connection lost"));
     assert_eq!(d.bytes, 3 * MIB);
@@ -250,7 +250,7 @@ fn a_lost_connection_rests_the_source_with_doubling_backoff_and_it_is_used_again
         },
     );
     sim.source("slow", after(50));
-    assert_eq!(sim.run(MINUTE), Status::Finished);
+    assert_eq!(sim.run(MINUTE), RunState::Finished);
     let rests: Vec<Duration> = sim
         .log
         .iter()
@@ -287,7 +287,7 @@ fn corrupt_chunks_are_asked_elsewhere_and_a_liar_is_dropped_at_three_strikes() {
         },
     );
     sim.source("good", after(3));
-    assert_eq!(sim.run(MINUTE), Status::Finished);
+    assert_eq!(sim.run(MINUTE), RunState::Finished);
     let l = sim.report(liar);
     assert_eq!((l.bytes, l.corrupt), (0, 3));
     assert_eq!(l.dropped.as_deref(), Some("sent 3 corrupt chunks"));
@@ -318,7 +318,7 @@ fn a_hanging_request_times_out_exactly_and_is_asked_elsewhere() {
     );
     // Slow enough that its endgame copy of the hung chunk arrives after the timeout.
     let ok = sim.source("ok", after(1500));
-    assert_eq!(sim.run(MINUTE), Status::Finished);
+    assert_eq!(sim.run(MINUTE), RunState::Finished);
     let cancelled: Vec<Instant> = sim
         .log
         .iter()
@@ -348,7 +348,7 @@ fn a_hanging_source_is_covered_by_the_endgame() {
         },
     );
     let ok = sim.source("ok", after(10));
-    assert_eq!(sim.run(MINUTE), Status::Finished);
+    assert_eq!(sim.run(MINUTE), RunState::Finished);
     assert_eq!(sim.report(hung).bytes, 0);
     assert_eq!(sim.report(ok).bytes, 4 * MIB);
     assert!(
@@ -362,7 +362,7 @@ fn a_hanging_source_is_covered_by_the_endgame() {
 fn the_window_grows_to_cover_a_long_round_trip() {
     let mut sim = Sim::new(64 * MIB, MIB, Options::default());
     let far = sim.source("far", after(100));
-    assert_eq!(sim.run(MINUTE), Status::Finished);
+    assert_eq!(sim.run(MINUTE), RunState::Finished);
     // At the starting window (4 chunks per 100 ms) the transfer would take 1.6 s.
     assert!(sim.report(far).max_window > 8, "{:?}", sim.report(far));
     assert!(
@@ -384,7 +384,7 @@ fn many_sources_share_the_in_flight_cap() {
     for i in 0..3 {
         sim.source(&format!("s{i}"), after(20));
     }
-    assert_eq!(sim.run(MINUTE), Status::Finished);
+    assert_eq!(sim.run(MINUTE), RunState::Finished);
     // The cap, or one more chunk for each source with none in flight (it may always ask).
     assert!(
         (4 * MIB..=7 * MIB).contains(&sim.peak_bytes),
@@ -403,7 +403,7 @@ fn the_cap_grows_by_what_a_long_link_holds() {
     };
     let mut sim = Sim::new(64 * MIB, MIB, opts);
     sim.source("far", after(100));
-    assert_eq!(sim.run(MINUTE), Status::Finished);
+    assert_eq!(sim.run(MINUTE), RunState::Finished);
     assert_eq!(sim.peak_bytes, 8 * MIB, "2 MiB plus 6 MiB on the wire");
 }
 
@@ -420,7 +420,7 @@ fn budgets_count_a_chunks_real_length() {
     sim.source("a", after(10));
     sim.poll();
     assert_eq!(sim.asked_of(0), [0, 1]);
-    assert_eq!(sim.run(MINUTE), Status::Finished);
+    assert_eq!(sim.run(MINUTE), RunState::Finished);
 }
 
 #[test]
@@ -430,7 +430,7 @@ fn a_source_joining_late_is_used() {
     sim.poll();
     sim.now += Duration::from_millis(50);
     let late = sim.source("late", after(1));
-    assert_eq!(sim.run(MINUTE), Status::Finished);
+    assert_eq!(sim.run(MINUTE), RunState::Finished);
     assert!(sim.report(late).bytes > 16 * MIB, "{:?}", sim.report(late));
 }
 
@@ -443,7 +443,7 @@ fn partial_holders_are_asked_only_for_what_they_hold_and_a_holdings_change_unsti
     }
     let mut sim = Sim::new(u64::from(n) * MIB, MIB, Options::default());
     let half = sim.partial_source("half", after(1), evens);
-    assert_eq!(sim.run(MINUTE), Status::Stuck);
+    assert_eq!(sim.run(MINUTE), RunState::Stuck);
     assert!(sim.asked_of(half).iter().all(|c| c % 2 == 0));
     assert_eq!(sim.sched.progress().0, 4 * MIB);
     assert_eq!(
@@ -458,7 +458,7 @@ fn partial_holders_are_asked_only_for_what_they_hold_and_a_holdings_change_unsti
             chunks: ChunkSet::all(n),
         },
     );
-    assert_eq!(sim.run(MINUTE), Status::Finished);
+    assert_eq!(sim.run(MINUTE), RunState::Finished);
     assert_eq!(sim.report(half).bytes, u64::from(n) * MIB);
 }
 
@@ -647,7 +647,7 @@ fn a_source_that_leaves_has_its_requests_cancelled_and_asked_elsewhere() {
         .filter(|(_, a)| matches!(a, Action::Cancel { .. }))
         .count();
     assert_eq!(cancels, asked);
-    assert_eq!(sim.run(MINUTE), Status::Finished);
+    assert_eq!(sim.run(MINUTE), RunState::Finished);
     assert_eq!(sim.report(ok).bytes, 8 * MIB);
     assert_eq!(sim.report(gone).dropped.as_deref(), Some("went away"));
 }
@@ -673,7 +673,7 @@ fn when_every_source_fails_the_download_is_stuck_and_each_reason_is_named() {
             ..after(1)
         },
     );
-    assert_eq!(sim.run(MINUTE), Status::Stuck);
+    assert_eq!(sim.run(MINUTE), RunState::Stuck);
     assert_eq!(
         sim.sched.failure_reasons(),
         [
@@ -705,7 +705,7 @@ fn chunks_already_present_are_not_asked_and_empty_files_finish_at_once() {
     assert!(matches!(empty.poll(now)[..], [Action::Ask { len: 0, .. }]));
     assert_eq!(
         Scheduler::new(0, MIB, &[true], Options::default()).status(now),
-        Status::Finished
+        RunState::Finished
     );
 }
 
