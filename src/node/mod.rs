@@ -20,6 +20,7 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 
+use crate::engine::choice;
 use crate::model::delta::{Sig, SigKind, Tree};
 use crate::model::manifest::{FileName, Hash32, Manifest, Regrain, hex};
 use crate::model::peers::{PeerEntry, PeerId, PeerTable, Root};
@@ -563,22 +564,23 @@ impl Node {
             .await;
         // When no peer serves the file, the error names each peer's reason instead.
         let (manifest, members) = answers.agree(req.blake3)?;
-        // Who may be downloading it too: every peer asked but those holding it whole and those
-        // left out for another reason than holding none of it (yet).
-        let crowd_hint: Vec<String> = candidates
+        // Who may be downloading it too (`choice::crowd_hint`).
+        let ids: Vec<String> = candidates.iter().map(|c| c.id.to_string()).collect();
+        let asked: Vec<choice::Asked<'_>> = candidates
             .iter()
-            .filter(|c| {
-                let whole = members
+            .zip(&ids)
+            .map(|(c, peer)| choice::Asked {
+                peer,
+                whole: members
                     .iter()
-                    .any(|m| m.entry.id == c.id && m.offer.held.is_none());
-                let out = answers
+                    .any(|m| m.entry.id == c.id && m.offer.held.is_none()),
+                left_out: answers
                     .left_out
                     .iter()
-                    .any(|(p, why)| *p == c.id && !matches!(why, LeftOut::DoesNotServe(_)));
-                !whole && !out
+                    .any(|(p, why)| *p == c.id && !matches!(why, LeftOut::DoesNotServe(_))),
             })
-            .map(|c| c.id.to_string())
             .collect();
+        let crowd_hint = choice::crowd_hint(&asked);
         // Peers holding nothing of it yet are named at the end, if they never join.
         answers
             .left_out
@@ -617,18 +619,18 @@ impl Node {
             AtTarget::Other(seen, prefetched) => (Some(seen), prefetched),
         };
 
-        // In pieces if it may be a crowd's download (a peer holds part of it, or another peer
-        // asked may start it) and every peer serving it serves pieces and one sent their
-        // hashes: a crowd then passes each piece on as soon as it has it, a quarter of a
-        // chunk's time. Seeders alone serve chunks, with a quarter of the requests. An
-        // interrupted attempt resumes in pieces, so none it verified is lost. Not for an
-        // update, whose old copy is matched in chunks.
+        // In chunks or in pieces (`choice::in_pieces`).
         let tag = crate::store::download_tag(&manifest.blake3());
-        let crowd = !crowd_hint.is_empty()
-            || members.iter().any(|m| m.offer.held.is_some())
-            || PartialFile::left_by_an_attempt(&target, &tag);
-        let download = match (&old, crowd) {
-            (None, true) => in_pieces(&members).map_or_else(|| manifest.clone(), Arc::new),
+        let pieces = in_pieces(&members);
+        let facts = choice::UnitFacts {
+            crowd_hinted: !crowd_hint.is_empty(),
+            partial_member: members.iter().any(|m| m.offer.held.is_some()),
+            resumes: PartialFile::left_by_an_attempt(&target, &tag),
+            updating: old.is_some(),
+            pieces_known: pieces.is_some(),
+        };
+        let download = match pieces {
+            Some(p) if choice::in_pieces(&facts) => Arc::new(p),
             _ => manifest.clone(),
         };
         let (join, sources) = mpsc::unbounded_channel();
@@ -668,14 +670,11 @@ impl Node {
         (on.borrow_mut())(DownloadEvent::Started(manifest.size()));
         let opts = Options {
             fixed_window: req.window,
-            // Among equally rare chunks: in a crowd, an order all its downloaders share (each
-            // takes its own stripe of it); alone, our own random one.
-            order_seed: Some(match crowd_name {
-                Some(_) => {
-                    u64::from_le_bytes(manifest.blake3()[..8].try_into().unwrap_or_default())
-                }
-                None => fastrand::u64(..),
-            }),
+            order_seed: Some(choice::order_seed(
+                crowd_name.is_some(),
+                &manifest.blake3(),
+                fastrand::u64(..),
+            )),
             crowd_name,
             crowd_hint,
             ..Options::default()
