@@ -298,7 +298,7 @@ impl Client {
         let mut file = tokio::fs::File::open(path).await.map_err(local)?;
         let (mut send, mut recv) = self.open().await?;
         // A `qnode/2` peer takes the bytes in blocks, compressed as `compression` says.
-        let pace = codec::Pace::default();
+        let pace = codec::Pace::with_spare(crate::net::machine::cores_to_spare);
         let framing = match self.version {
             Version::V2 => Framing::Blocks(compression, &pace),
             Version::V1 => Framing::Raw,

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod identity;
 pub mod limits;
+pub mod machine;
 pub mod server;
 pub mod shared;
 pub mod tls;

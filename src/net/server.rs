@@ -357,7 +357,7 @@ async fn handle_connection(
         version,
         conn: conn.clone(),
         plain_for: AtomicU32::new(0),
-        pace: codec::Pace::default(),
+        pace: codec::Pace::with_spare(crate::net::machine::cores_to_spare),
     });
     loop {
         let stream = tokio::select! {

@@ -34,42 +34,6 @@ pub const CPU_SHARE: f64 = 0.75;
 /// The share of the machine's CPU time that must be idle for levels above [`ALWAYS_LEVEL`].
 pub const IDLE_FOR_STRONG: f64 = 0.10;
 
-/// The machine's idle share of CPU time lately (from `/proc/stat`, sampled at most every 250
-/// ms; 1 where it cannot be read).
-fn idle_share() -> f64 {
-    static LAST: std::sync::Mutex<Option<(Instant, u64, u64, f64)>> = std::sync::Mutex::new(None);
-    let read = || -> Option<(u64, u64)> {
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let cpu: Vec<u64> = stat
-            .lines()
-            .next()?
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        // user nice system idle iowait irq softirq steal: idle and iowait are idle.
-        let idle = cpu.get(3)? + cpu.get(4).copied().unwrap_or(0);
-        Some((cpu.iter().take(8).sum(), idle))
-    };
-    // Held for one read of a small file, at most every 250 ms.
-    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-    match *last {
-        Some((at, _, _, share)) if at.elapsed() < std::time::Duration::from_millis(250) => share,
-        prev => {
-            let Some((total, idle)) = read() else {
-                return 1.0;
-            };
-            let share = match prev {
-                Some((_, t0, i0, _)) if total > t0 => {
-                    (idle - i0.min(idle)) as f64 / (total - t0) as f64
-                }
-                _ => 1.0,
-            };
-            *last = Some((Instant::now(), total, idle, share));
-            share
-        }
-    }
-}
 /// The cores this process may use, read once: `available_parallelism` reads cgroup files on each
 /// call, too slow to ask at every reply.
 fn cores() -> usize {
@@ -105,8 +69,9 @@ impl Mode {
     /// above [`ALWAYS_LEVEL`] only while the machine's cores are [`IDLE_FOR_STRONG`] idle: a
     /// seeder sharing its machine (or serving many peers) keeps to the lighter level.
     pub fn level(self, pace: &Pace) -> Option<i32> {
-        // The stronger levels only while the machine has cores to spare.
-        self.level_given(pace, || idle_share() >= IDLE_FOR_STRONG)
+        // The stronger levels only while the machine has cores to spare (the connection's
+        // probe, from whoever made it: the wire reads no machine state).
+        self.level_given(pace, pace.spare)
     }
 
     /// [`Mode::level`], with whether the machine has cores to spare for the stronger levels
@@ -144,8 +109,18 @@ impl Mode {
 /// How fast one connection goes: the bytes it puts on the wire per second (from its UDP
 /// counter, sampled over at least [`PACE_SAMPLE`]), and the share of their plain bytes its
 /// compressed frames took, each smoothed.
-#[derive(Debug)]
-pub struct Pace(std::sync::Mutex<PaceState>);
+pub struct Pace {
+    state: std::sync::Mutex<PaceState>,
+    /// Whether the machine has cores to spare for levels above [`ALWAYS_LEVEL`] (at least
+    /// [`IDLE_FOR_STRONG`] of its CPU time idle); asked only when it matters.
+    spare: fn() -> bool,
+}
+
+impl std::fmt::Debug for Pace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pace").field("state", &self.state).finish()
+    }
+}
 
 #[derive(Debug)]
 struct PaceState {
@@ -165,13 +140,24 @@ pub const PACE_SAMPLE: std::time::Duration = std::time::Duration::from_millis(10
 const FIRST_RATIO: f64 = 0.35;
 
 impl Default for Pace {
+    /// A pace whose machine always has cores to spare.
     fn default() -> Self {
-        Self(std::sync::Mutex::new(PaceState {
-            since: Instant::now(),
-            bytes: 0,
-            wire: 0.0,
-            ratio: FIRST_RATIO,
-        }))
+        Self::with_spare(|| true)
+    }
+}
+
+impl Pace {
+    /// A pace that asks `spare` whether the machine has cores to spare for the stronger levels.
+    pub fn with_spare(spare: fn() -> bool) -> Self {
+        Self {
+            state: std::sync::Mutex::new(PaceState {
+                since: Instant::now(),
+                bytes: 0,
+                wire: 0.0,
+                ratio: FIRST_RATIO,
+            }),
+            spare,
+        }
     }
 }
 
@@ -179,7 +165,7 @@ impl Pace {
     /// A piece of `plain` bytes went out as `wire` bytes (equal if it went plain).
     pub fn sent(&self, plain: u64, wire: u64) {
         // Held for a few arithmetic operations; a poisoned lock still holds numbers.
-        let mut p = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if wire < plain && plain > 0 {
             p.ratio = 0.8 * p.ratio + 0.2 * (wire as f64 / plain as f64);
         }
@@ -188,7 +174,7 @@ impl Pace {
     /// The connection has put `total` bytes on the wire since it started (its UDP counter:
     /// what the link took, not what was handed to the connection's buffers).
     pub fn on_wire(&self, total: u64) {
-        let mut p = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let dt = p.since.elapsed().as_secs_f64();
         if p.bytes == 0 || total < p.bytes {
             (p.since, p.bytes) = (Instant::now(), total);
@@ -205,7 +191,7 @@ impl Pace {
 
     /// Wire bytes per second and the frames' ratio, once measured.
     pub fn rates(&self) -> Option<(f64, f64)> {
-        let p = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let p = self.state.lock().unwrap_or_else(|e| e.into_inner());
         (p.wire > 0.0).then_some((p.wire, p.ratio))
     }
 }
