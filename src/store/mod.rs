@@ -249,13 +249,27 @@ pub struct Store {
     hashing: Mutex<HashMap<FileName, Arc<Mutex<()>>>>,
 }
 
-/// A sidecar's identity (device, inode), its manifest and where its bits start.
-type HeldHeader = ((u64, u64), Arc<Manifest>, u64);
+/// What a sidecar's header says, kept so its bits can be read without parsing it again.
+#[derive(Debug, Clone)]
+struct HeldHeader {
+    /// The sidecar's identity (device, inode): a new sidecar under the name is read afresh.
+    id: (u64, u64),
+    manifest: Arc<Manifest>,
+    /// Where its bits start.
+    bits_at: u64,
+}
+
+/// A cached header and when it was last used.
+#[derive(Debug)]
+struct CachedHeader {
+    header: HeldHeader,
+    used: u64,
+}
 
 /// Sidecar headers kept in memory, least recently used dropped first.
 #[derive(Debug, Default)]
 struct HeldCache {
-    entries: HashMap<PathBuf, (HeldHeader, u64)>,
+    entries: HashMap<PathBuf, CachedHeader>,
     /// Bytes of the manifests held.
     bytes: usize,
     tick: u64,
@@ -265,31 +279,32 @@ impl HeldCache {
     fn get(&mut self, sidecar: &Path, id: (u64, u64)) -> Option<(Arc<Manifest>, u64)> {
         self.tick += 1;
         let tick = self.tick;
-        let (header, used) = self.entries.get_mut(sidecar)?;
-        if header.0 != id {
+        let cached = self.entries.get_mut(sidecar)?;
+        if cached.header.id != id {
             return None;
         }
-        *used = tick;
-        Some((header.1.clone(), header.2))
+        cached.used = tick;
+        Some((cached.header.manifest.clone(), cached.header.bits_at))
     }
 
     fn insert(&mut self, sidecar: PathBuf, header: HeldHeader) {
         self.tick += 1;
-        self.bytes += manifest_bytes(&header.1);
-        if let Some((old, _)) = self.entries.insert(sidecar, (header, self.tick)) {
-            self.bytes -= manifest_bytes(&old.1);
+        self.bytes += manifest_bytes(&header.manifest);
+        let used = self.tick;
+        if let Some(old) = self.entries.insert(sidecar, CachedHeader { header, used }) {
+            self.bytes -= manifest_bytes(&old.header.manifest);
         }
         while self.entries.len() > HELD_CACHED || self.bytes > HELD_CACHED_BYTES {
             let Some(oldest) = self
                 .entries
                 .iter()
-                .min_by_key(|(_, (_, used))| *used)
+                .min_by_key(|(_, c)| c.used)
                 .map(|(k, _)| k.clone())
             else {
                 break;
             };
-            if let Some((old, _)) = self.entries.remove(&oldest) {
-                self.bytes -= manifest_bytes(&old.1);
+            if let Some(old) = self.entries.remove(&oldest) {
+                self.bytes -= manifest_bytes(&old.header.manifest);
             }
         }
     }
@@ -695,7 +710,11 @@ impl Store {
                     return Ok(None);
                 };
                 let m = Arc::new(m);
-                let header = (opened.id, m.clone(), at);
+                let header = HeldHeader {
+                    id: opened.id,
+                    manifest: m.clone(),
+                    bits_at: at,
+                };
                 self.lock_held().insert(sidecar.to_owned(), header);
                 (m, at)
             }
