@@ -570,12 +570,12 @@ async fn reply(
     more: bool,
 ) -> Result<(), Failure> {
     let claim = u32::try_from(estimate.saturating_mul(2)).unwrap_or(u32::MAX);
-    let mut held = tokio::select! {
-        h = link.budget.claim(claim) => h,
+    let mut memory = tokio::select! {
+        m = link.budget.claim(claim) => m,
         () = send.stopped() => return Err(gone("cancelled while waiting for memory")),
     };
     let frame = protocol::encode_frame(&build()).map_err(gone)?;
-    held.keep(frame.len());
+    memory.keep(frame.len());
     exchange::send_frame(send, frame, !more).await.map_err(gone)
 }
 
@@ -843,7 +843,7 @@ async fn handle_read(
     } else {
         len
     };
-    let mut held = link.budget.claim(room).await;
+    let mut memory = link.budget.claim(room).await;
     let store = server.store.clone();
     let n = name.clone();
     let (data, frame) = blocking(move || {
@@ -862,7 +862,7 @@ async fn handle_read(
     let packed = frame.is_some();
     let body = Bytes::from(frame.unwrap_or(data));
     let wire = body.len() as u64;
-    held.keep(body.len());
+    memory.keep(body.len());
     exchange::send_chunk(send, len as usize, body, packed)
         .await
         .map_err(gone)?;
