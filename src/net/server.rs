@@ -720,9 +720,22 @@ async fn handle_observe(
     reply(send, link, estimate, build, held.is_some()).await?;
     drop((manifest, pieces, whole));
     let _slot = slot_held;
-    let (Some(mut watch), Some(mut known)) = (watch, known) else {
+    let (Some(watch), Some(known)) = (watch, known) else {
         return Ok(format!("{name} -> whole file{}", unit(in_pieces)));
     };
+    follow(send, server, (name, version, in_pieces), watch, known).await
+}
+
+/// Tells an observer what our download of version `version` of `name` in progress gains, in its
+/// unit, from `known` on, until the download completes or stops, the observer leaves, or we
+/// shut down.
+async fn follow(
+    send: &mut Outgoing,
+    server: &Server,
+    (name, version, in_pieces): (&FileName, Hash32, bool),
+    mut watch: tokio::sync::watch::Receiver<Progress>,
+    mut known: crate::model::manifest::ChunkSet,
+) -> Result<String, Failure> {
     let first = known.count();
     loop {
         let now = watch.borrow_and_update().clone();
