@@ -266,39 +266,26 @@ impl Drop for UploadSlot {
     }
 }
 
-/// Observers open per peer.
+/// Things (connections, observers) each peer has open, at most `MAX` per peer.
 #[derive(Debug, Default)]
-pub struct ObserverSlots(PeerCounts);
-
-/// One admitted observer; frees its slot on drop.
-#[derive(Debug)]
-pub struct ObserverSlot {
-    _counted: Counted,
-}
-
-impl ObserverSlots {
-    /// Admits one more observer of `peer`, if it has fewer than [`OBSERVERS_PER_PEER`].
-    pub fn admit(&self, peer: &PeerId) -> Option<ObserverSlot> {
-        let _counted = self.0.admit(peer, OBSERVERS_PER_PEER)?;
-        Some(ObserverSlot { _counted })
-    }
-}
+pub struct PeerSlots<const MAX: usize>(PeerCounts);
 
 /// Open connections per peer.
-#[derive(Debug, Default)]
-pub struct ConnectionSlots(PeerCounts);
+pub type ConnectionSlots = PeerSlots<CONNECTIONS_PER_PEER>;
+/// Open observers of downloads in progress per peer.
+pub type ObserverSlots = PeerSlots<OBSERVERS_PER_PEER>;
 
-/// One admitted connection; frees its slot on drop.
+/// One admitted thing; frees its slot on drop.
 #[derive(Debug)]
-pub struct ConnectionSlot {
+pub struct PeerSlot {
     _counted: Counted,
 }
 
-impl ConnectionSlots {
-    /// Admits one more connection of `peer`, if it has fewer than [`CONNECTIONS_PER_PEER`].
-    pub fn admit(&self, peer: &PeerId) -> Option<ConnectionSlot> {
-        let _counted = self.0.admit(peer, CONNECTIONS_PER_PEER)?;
-        Some(ConnectionSlot { _counted })
+impl<const MAX: usize> PeerSlots<MAX> {
+    /// Admits one more for `peer`, if it has fewer than `MAX`.
+    pub fn admit(&self, peer: &PeerId) -> Option<PeerSlot> {
+        let _counted = self.0.admit(peer, MAX)?;
+        Some(PeerSlot { _counted })
     }
 }
 

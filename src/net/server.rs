@@ -587,23 +587,34 @@ fn manifest_bytes(m: &Manifest) -> usize {
 /// Bytes a listing entry takes in an answer.
 const ENTRY_BYTES: usize = 64 + 255;
 
+/// The listing entries of `files`.
+fn file_entries(files: Vec<(FileName, Arc<Manifest>)>) -> Vec<FileEntry> {
+    files
+        .into_iter()
+        .map(|(name, m)| FileEntry::new(name, &m))
+        .collect()
+}
+
+/// How many of `total` files a listing holds, said in the log when it is cut.
+fn listed(total: usize) -> usize {
+    let count = total.min(protocol::MAX_LISTED_FILES);
+    if total > count {
+        warn!("listing only the first {count} of {total} files");
+    }
+    count
+}
+
 async fn handle_list(send: &mut Outgoing, server: &Server, link: &Link) -> Result<String, Failure> {
     let store = server.store.clone();
     let files = blocking(move || store.list()).await?;
     let total = files.len();
     let estimate = total.min(protocol::MAX_LISTED_FILES) * ENTRY_BYTES;
     let build = || {
-        let entries = files
-            .into_iter()
-            .map(|(name, m)| FileEntry::new(name, &m))
-            .collect();
+        let entries = file_entries(files);
         exchange::listing(entries)
     };
     reply(send, link, estimate, build, false).await?;
-    let count = total.min(protocol::MAX_LISTED_FILES);
-    if total > count {
-        warn!("listing only the first {count} of {total} files");
-    }
+    let count = listed(total);
     Ok(format!("-> {count} files"))
 }
 
@@ -618,10 +629,7 @@ async fn handle_list_all(
     let partial = held.len();
     let estimate = (total + partial).min(2 * protocol::MAX_LISTED_FILES) * ENTRY_BYTES;
     let build = || {
-        let entries = files
-            .into_iter()
-            .map(|(name, m)| FileEntry::new(name, &m))
-            .collect();
+        let entries = file_entries(files);
         let incomplete = held
             .into_iter()
             .map(|(name, h)| Incomplete::new(name, &h.manifest, h.bytes()))
@@ -629,10 +637,7 @@ async fn handle_list_all(
         exchange::listing_all(entries, incomplete)
     };
     reply(send, link, estimate, build, false).await?;
-    let count = total.min(protocol::MAX_LISTED_FILES);
-    if total > count {
-        warn!("listing only the first {count} of {total} files");
-    }
+    let count = listed(total);
     Ok(format!("-> {count} files, {partial} downloads in progress"))
 }
 
@@ -659,12 +664,11 @@ async fn handle_observe(
         })
     })
     .await?;
-    // The version in chunks, in pieces if we know its pieces' hashes, and for a download in
-    // progress what it holds, in the observer's unit. Manifests are shared, never copied per
-    // observer; only the answer being sent is built from them.
-    let mut slot_held = None;
-    let (version, watch, known) = match (&whole, held) {
-        (Some(whole), _) => (whole.manifest.blake3(), None, None),
+    // The version in chunks (manifests are shared, never copied per observer; only the answer
+    // being sent is built from them), in pieces if we know its pieces' hashes, and for a download
+    // in progress what it holds, in the observer's unit, and a watch of what it gains.
+    let (manifest, pieces, following) = match (whole, held) {
+        (Some(whole), _) => (whole.manifest, whole.pieces, None),
         (None, Some(h)) => {
             // Only these stay open: a whole file's answer ends at once.
             let Some(slot) = server.observers.admit(&link.peer) else {
@@ -676,11 +680,11 @@ async fn handle_observe(
                 )
                 .into());
             };
-            slot_held = Some(slot);
-            let version = h.manifest.blake3();
-            let known = Regrain::new(&h.manifest, in_pieces).apply(&h.chunks);
-            let watch = server.watches.subscribe(name, version, h);
-            (version, Some(watch), Some(known))
+            let m = h.manifest.clone();
+            let known = Regrain::new(&m, in_pieces).apply(&h.chunks);
+            let watch = server.watches.subscribe(name, m.blake3(), h);
+            let pieces = m.in_pieces().then(|| m.clone());
+            (Arc::new(m.coarse()), pieces, Some((slot, watch, known)))
         }
         (None, None) => {
             return Err(RemoteError::new(
@@ -690,26 +694,8 @@ async fn handle_observe(
             .into());
         }
     };
-    let first_held = watch.as_ref().map(|w| match &*w.borrow() {
-        Progress::Holding(h) => Some(h.manifest.clone()),
-        _ => None,
-    });
-    let offer = match (&whole, first_held.flatten()) {
-        (Some(w), _) => Some((w.manifest.clone(), w.pieces.clone(), None)),
-        (None, Some(m)) => Some((
-            Arc::new(m.coarse()),
-            m.in_pieces().then_some(m),
-            known.as_ref(),
-        )),
-        (None, None) => None,
-    };
-    let Some((manifest, pieces, held)) = offer else {
-        return Err(RemoteError::new(
-            ErrorKind::NotFound,
-            format!("the download of {name} here stopped"),
-        )
-        .into());
-    };
+    let version = manifest.blake3();
+    let held = following.as_ref().map(|(_, _, known)| known);
     let estimate = manifest_bytes(&manifest)
         + pieces.as_deref().map_or(0, manifest_bytes)
         + held.map_or(0, |h| h.len() as usize / 8);
@@ -718,9 +704,8 @@ async fn handle_observe(
         false => exchange::holding(&manifest, held),
     };
     reply(send, link, estimate, build, held.is_some()).await?;
-    drop((manifest, pieces, whole));
-    let _slot = slot_held;
-    let (Some(watch), Some(known)) = (watch, known) else {
+    drop((manifest, pieces));
+    let Some((_slot, watch, known)) = following else {
         return Ok(format!("{name} -> whole file{}", unit(in_pieces)));
     };
     follow(send, server, (name, version, in_pieces), watch, known).await

@@ -9,7 +9,6 @@
 //!   for any more stops.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -49,8 +48,6 @@ pub struct Watches {
     store: Arc<Store>,
     shutdown: CancellationToken,
     open: Mutex<HashMap<WatchKey, watch::Receiver<Progress>>>,
-    /// Looks taken (for tests and the log): one per poll of each watch, whatever the observers.
-    looks: AtomicUsize,
 }
 
 impl Watches {
@@ -60,7 +57,6 @@ impl Watches {
             store,
             shutdown,
             open: Mutex::default(),
-            looks: AtomicUsize::new(0),
         })
     }
 
@@ -81,11 +77,6 @@ impl Watches {
         open.insert(key.clone(), rx.clone());
         tokio::spawn(self.clone().poll(key, tx));
         rx
-    }
-
-    /// Looks taken so far, over all watches.
-    pub fn looks(&self) -> usize {
-        self.looks.load(Ordering::Relaxed)
     }
 
     /// Looks at the download every [`HAVE_POLL`] while anyone observes it, and tells them what
@@ -114,7 +105,6 @@ impl Watches {
             if end(None) {
                 return;
             }
-            self.looks.fetch_add(1, Ordering::Relaxed);
             let (store, n) = (self.store.clone(), name.clone());
             let now = tokio::task::spawn_blocking(move || -> Result<Progress, StoreError> {
                 Ok(match store.held(&n, &version)? {
@@ -161,8 +151,6 @@ pub struct TreeJobs {
     store: Arc<Store>,
     running: Running,
     slots: Arc<Semaphore>,
-    /// Computations started (for tests and the log).
-    started: AtomicUsize,
 }
 
 impl TreeJobs {
@@ -172,13 +160,7 @@ impl TreeJobs {
             store,
             running: Running::default(),
             slots: Arc::new(Semaphore::new(at_once.max(1))),
-            started: AtomicUsize::new(0),
         }
-    }
-
-    /// Computations started so far.
-    pub fn started(&self) -> usize {
-        self.started.load(Ordering::Relaxed)
     }
 
     /// The tree of version `blake3` of `name` (`Conflict` if the file is another version now).
@@ -261,7 +243,6 @@ impl TreeJobs {
         let tx = Arc::new(tx);
         running.insert(job.clone(), tx.clone());
         drop(running);
-        self.started.fetch_add(1, Ordering::Relaxed);
         let (store, slots, running) =
             (self.store.clone(), self.slots.clone(), self.running.clone());
         tokio::spawn(async move {

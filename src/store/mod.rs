@@ -242,9 +242,8 @@ pub struct Store {
     /// Manifests of downloads in progress (from their sidecars), by sidecar path, with the
     /// sidecar's identity and where its bits start.
     held: Mutex<HeldCache>,
-    /// Units of downloads in progress here that failed their check when read, by temporary
-    /// file and unit, with that file's identity then: not read again, and logged once.
-    damaged: Mutex<HashMap<(PathBuf, u32), FileKey>>,
+    /// Units of downloads in progress here that failed their check when read.
+    damaged: Damaged,
     /// Names whose manifest is being hashed, each with the lock its hashing holds.
     hashing: Mutex<HashMap<FileName, Arc<Mutex<()>>>>,
 }
@@ -307,6 +306,31 @@ impl HeldCache {
                 self.bytes -= manifest_bytes(&old.header.manifest);
             }
         }
+    }
+}
+
+/// Units of downloads in progress that failed their check when read, by temporary file and
+/// unit, with that file's identity then: not read again, and logged once per file version.
+#[derive(Debug, Default)]
+struct Damaged(Mutex<HashMap<(PathBuf, u32), FileKey>>);
+
+impl Damaged {
+    /// Whether `unit` of `part`, as the file `key` is, is known to be damaged.
+    fn knows(&self, part: &Path, unit: u32, key: FileKey) -> bool {
+        let known = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        known.get(&(part.to_owned(), unit)) == Some(&key)
+    }
+
+    /// Remembers that `unit` of `part` (the file `key`) is damaged; whether it is the first of
+    /// that file version. Past [`DAMAGED_KEPT`] units the memory starts over.
+    fn note(&self, part: &Path, unit: u32, key: FileKey) -> bool {
+        let mut known = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if known.len() >= DAMAGED_KEPT {
+            known.clear();
+        }
+        let first = !known.iter().any(|((p, _), k)| p == part && *k == key);
+        known.insert((part.to_owned(), unit), key);
+        first
     }
 }
 
@@ -383,7 +407,7 @@ impl Store {
             uploads: Arc::default(),
             trees: Mutex::default(),
             held: Mutex::default(),
-            damaged: Mutex::default(),
+            damaged: Damaged::default(),
             hashing: Mutex::default(),
         })
     }
@@ -555,36 +579,6 @@ impl Store {
         Ok(buf)
     }
 
-    /// The content-defined tree of version `blake3` of `name`, signed as `kind` says; `Conflict`
-    /// if the file is now another version.
-    pub fn tree(
-        &self,
-        name: &FileName,
-        blake3: Hash32,
-        kind: SigKind,
-    ) -> Result<Arc<Tree>, StoreError> {
-        let key = self.tree_key(name, blake3)?;
-        match self.cached_tree(name, kind)? {
-            Ok((_, tree)) => Ok(tree),
-            Err(now) if now == key => self.compute_tree(name, key, kind, &|| false),
-            Err(_) => Err(StoreError::Busy(format!(
-                "{name} (it changed while being read)"
-            ))),
-        }
-    }
-
-    /// The identity of the file under `name` if it is version `blake3`; `Conflict` if it is
-    /// another version now.
-    pub fn tree_key(&self, name: &FileName, blake3: Hash32) -> Result<FileKey, StoreError> {
-        let manifest = self.manifest(name)?;
-        if manifest.blake3() != blake3 {
-            return Err(StoreError::Conflict(format!(
-                "{name} (this peer serves another version now)"
-            )));
-        }
-        Ok(self.open_regular(name)?.1)
-    }
-
     /// The cached tree of the regular file under `name` now, signed as `kind` says, with the
     /// identity of that file; or, if none is cached for it, that identity (to compute one).
     #[allow(clippy::type_complexity)]
@@ -645,19 +639,6 @@ impl Store {
         }
         trees.insert((name.clone(), kind), (key, tree.clone()));
         Ok(tree)
-    }
-
-    /// The content-defined tree of the regular file under `name` now, whatever its version,
-    /// with the identity of the file it was read from.
-    pub fn current_tree(
-        &self,
-        name: &FileName,
-        kind: SigKind,
-    ) -> Result<(FileKey, Arc<Tree>), StoreError> {
-        match self.cached_tree(name, kind)? {
-            Ok(found) => Ok(found),
-            Err(key) => Ok((key, self.compute_tree(name, key, kind, &|| false)?)),
-        }
     }
 
     /// What the download of version `blake3` of `name` in progress here holds, if there is one.
@@ -796,11 +777,7 @@ impl Store {
             Err(e) => return Err(io(e)),
         };
         let key = file.metadata().map(|m| FileKey::of(&m)).map_err(io)?;
-        let damaged = |i: u32| {
-            let damaged = self.damaged.lock().unwrap_or_else(|p| p.into_inner());
-            damaged.get(&(part.clone(), i)) == Some(&key)
-        };
-        if let Some(i) = (first..last).find(|&i| damaged(i as u32)) {
+        if let Some(i) = (first..last).find(|&i| self.damaged.knows(&part, i as u32, key)) {
             return Err(not_held(i));
         }
         // Each unit is checked as it is read, a part at a time, and only the bytes asked for
@@ -828,17 +805,8 @@ impl Store {
                 at += n as u64;
             }
             if !check.matches() {
-                // Remembered for this version of the file, so it is neither read again nor
-                // logged again; the first damaged unit of a file is logged, the others counted
-                // at debug level.
-                let mut damaged = self.damaged.lock().unwrap_or_else(|p| p.into_inner());
-                if damaged.len() >= DAMAGED_KEPT {
-                    damaged.clear();
-                }
-                let first_here = !damaged.iter().any(|((p, _), k)| *p == part && *k == key);
-                damaged.insert((part.clone(), i), key);
-                drop(damaged);
-                if first_here {
+                // The first damaged unit of a file is logged, the others at debug level.
+                if self.damaged.note(&part, i, key) {
                     tracing::warn!(
                         "chunk {i} of the download of {name} in progress fails its check; not serving it (further damaged chunks of it are not logged)"
                     );
