@@ -9,7 +9,7 @@
 //! - [`app`]: the command line (clap), rendering typed outcomes, the seed's shell.
 //! - [`node`]: the session (identity, peer table, pins, endpoints, connections) and the use cases.
 //! - [`net`]: everything that names quinn: TLS, identities, the client, the server and its limits.
-//! - [`transfer`]: the drivers of a download and of an update, over source traits.
+//! - [`transfer`]: the drivers: a download session, the engine's driver, an update; over traits.
 //! - [`engine`]: pure download policy: events and `now` in, actions out.
 //! - [`store`]: `served_files`: files, manifests, partial files and their sidecars, trees, uploads.
 //! - [`wire`]: messages, framing, compression of bodies, each exchange over any stream.
@@ -22,8 +22,8 @@
 //! - `engine` does no I/O and reads no clock.
 //! - Only `app` and `main` write to stdout, through `app::term` (which never panics on a closed
 //!   stream).
-//! - `transfer` sees peers only through its traits (`download::ChunkSource`,
-//!   `update::RangeSource`), which `net::client::PeerSource` implements.
+//! - `transfer` sees peers only through its traits (`session::Peers`, `download::ChunkSource`,
+//!   `update::RangeSource`), which `node` and `net::client::PeerSource` implement.
 
 pub mod app;
 pub mod engine;

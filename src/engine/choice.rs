@@ -1,9 +1,10 @@
-//! A download's choices, made from the peers' answers as plain data: who may be downloading the
-//! file too (the crowd), whether the download goes in chunks or in pieces, and the order in
-//! which equally rare chunks are asked for. No I/O: the node gathers the facts and acts on the
-//! answers.
+//! A download's choices, made from the peers' answers as plain data: which version (peers are
+//! grouped by it, so chunks of two versions are never mixed), who may be downloading the file
+//! too (the crowd), whether the download goes in chunks or in pieces, and the order in which
+//! equally rare chunks are asked for. No I/O: `transfer::session` gathers the facts and acts on
+//! the answers.
 
-use crate::model::manifest::Hash32;
+use crate::model::manifest::{Hash32, Manifest};
 
 /// What one peer asked answered, as far as the choices go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +63,67 @@ pub fn order_seed(in_crowd: bool, version: &Hash32, random: u64) -> u64 {
         }
         false => random,
     }
+}
+
+/// The outcome of comparing what several peers describe under one name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Agreement {
+    /// The version to download.
+    pub manifest: Manifest,
+    /// Indexes (into the input) of the peers that serve exactly it.
+    pub members: Vec<usize>,
+    /// Indexes of peers that serve another version, with its hash.
+    pub other_versions: Vec<(usize, Hash32)>,
+}
+
+/// Picks the version to download: `wanted` if given, else the one most peers hold whole, then the
+/// one most peers hold at all (ties go to the version of the earliest peer). `whole[i]` says
+/// whether peer `i` holds its version whole (not a download in progress); missing entries count
+/// as whole. `None` when no peer serves a matching version.
+pub fn agree(
+    described: &[Option<Manifest>],
+    whole: &[bool],
+    wanted: Option<Hash32>,
+) -> Option<Agreement> {
+    let mut versions: Vec<(Hash32, Vec<usize>)> = Vec::new();
+    for (i, m) in described.iter().enumerate() {
+        let Some(m) = m else { continue };
+        // Same hash and same size (the whole manifest follows from those two).
+        match versions
+            .iter_mut()
+            .find(|(_, members)| described[members[0]].as_ref() == Some(m))
+        {
+            Some((_, members)) => members.push(i),
+            None => versions.push((m.blake3(), vec![i])),
+        }
+    }
+    let (_, members) = match wanted {
+        Some(w) => versions.iter().find(|(h, _)| *h == w)?.clone(),
+        // `max_by_key` keeps the last maximum; reversing keeps the earliest among equals.
+        None => versions
+            .iter()
+            .rev()
+            .max_by_key(|(_, m)| {
+                let wholes = m.iter().filter(|&&i| whole.get(i).copied().unwrap_or(true));
+                (wholes.count(), m.len())
+            })?
+            .clone(),
+    };
+    let manifest = described[members[0]].clone()?;
+    let other_versions = described
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| {
+            m.as_ref()
+                .filter(|m| **m != manifest)
+                .map(|m| (i, m.blake3()))
+        })
+        .collect();
+    Some(Agreement {
+        manifest,
+        members,
+        other_versions,
+    })
 }
 
 #[cfg(test)]
@@ -142,5 +204,34 @@ mod tests {
         v[..8].copy_from_slice(&7u64.to_le_bytes());
         assert_eq!(order_seed(true, &v, 99), 7);
         assert_eq!(order_seed(false, &v, 99), 99);
+    }
+
+    #[test]
+    fn agreement_takes_the_majority_or_the_wanted_version() {
+        let m = |s: &[u8]| Some(Manifest::from_reader(s, s.len() as u64).unwrap());
+        let (a, b) = (m(b"version a"), m(b"version b"));
+        let described = vec![b.clone(), a.clone(), None, a.clone()];
+        let got = agree(&described, &[], None).unwrap();
+        assert_eq!(got.members, [1, 3]);
+        assert_eq!(got.other_versions, [(0, b.as_ref().unwrap().blake3())]);
+        let got = agree(&described, &[], Some(b.as_ref().unwrap().blake3())).unwrap();
+        assert_eq!(got.members, [0]);
+        // A tie goes to the earliest peer's version.
+        assert_eq!(
+            agree(&[b.clone(), a.clone()], &[], None).unwrap().members,
+            [0]
+        );
+        assert!(agree(&[None, None], &[], None).is_none());
+        assert!(agree(&described, &[], Some([0; 32])).is_none());
+        // A version held whole by one peer goes before one that two peers are still downloading.
+        let partly = [a.clone(), a.clone(), b.clone()];
+        assert_eq!(
+            agree(&partly, &[false, false, true], None).unwrap().members,
+            [2]
+        );
+        assert_eq!(
+            agree(&partly, &[true, false, true], None).unwrap().members,
+            [0, 1]
+        );
     }
 }

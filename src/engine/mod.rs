@@ -1,5 +1,6 @@
-//! Pure download policy: the choice of unit and crowd from the peers' answers (`choice`), the scheduler (windows, picking and rarity, crowd stripes, endgame),
-//! events and `now` in, actions out. No tokio, no files, no clock.
+//! Pure download policy: the choices made from the peers' answers (`choice`: version, unit,
+//! crowd, order) and the scheduler (`schedule`: windows, picking and rarity, crowd stripes,
+//! endgame), events and `now` in, actions out. No tokio, no files, no clock.
 
 pub mod choice;
 pub mod schedule;

@@ -42,6 +42,12 @@ pub enum ClientError {
         /// Why.
         reason: String,
     },
+    /// The peer is not in our table (any more).
+    #[error("{peer} is not listed in peer_settings.txt")]
+    NotListed {
+        /// Who.
+        peer: PeerId,
+    },
     /// The connection broke or was refused (the message names the peer and says what to check).
     #[error("{}", explain(peer, source))]
     Connection {
@@ -87,7 +93,10 @@ pub enum ClientError {
 impl ClientError {
     /// Whether the connection is unusable from now on.
     pub fn is_fatal(&self) -> bool {
-        matches!(self, Self::Unreachable { .. } | Self::Connection { .. })
+        matches!(
+            self,
+            Self::Unreachable { .. } | Self::NotListed { .. } | Self::Connection { .. }
+        )
     }
 
     /// The remote error kind, if the peer answered with one.

@@ -7,9 +7,6 @@
 //! turns what happened into [`Event`]s. Sources may join while the download runs (a peer that
 //! answered late).
 //!
-//! [`agree`] groups the peers' manifests by file hash and picks one version; peers with another
-//! version are left out, so chunks of two versions are never mixed.
-//!
 //! This module does no printing and names no network types.
 
 use std::collections::HashMap;
@@ -27,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::schedule::{Action, ChunkSet, Event, RequestId, RunState, Scheduler, SourceId};
 pub use crate::engine::schedule::{Options, SourceReport};
-use crate::model::manifest::{Hash32, Manifest};
+use crate::model::manifest::Manifest;
 use crate::store::{PartialFile, StoreError};
 
 /// A boxed error from a source.
@@ -115,67 +112,6 @@ pub enum DownloadError {
     /// A task of the engine itself failed.
     #[error("internal error: {0}")]
     Internal(#[from] tokio::task::JoinError),
-}
-
-/// The outcome of comparing what several peers describe under one name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Agreement {
-    /// The version to download.
-    pub manifest: Manifest,
-    /// Indexes (into the input) of the peers that serve exactly it.
-    pub members: Vec<usize>,
-    /// Indexes of peers that serve another version, with its hash.
-    pub other_versions: Vec<(usize, Hash32)>,
-}
-
-/// Picks the version to download: `wanted` if given, else the one most peers hold whole, then the
-/// one most peers hold at all (ties go to the version of the earliest peer). `whole[i]` says
-/// whether peer `i` holds its version whole (not a download in progress); missing entries count
-/// as whole. `None` when no peer serves a matching version.
-pub fn agree(
-    described: &[Option<Manifest>],
-    whole: &[bool],
-    wanted: Option<Hash32>,
-) -> Option<Agreement> {
-    let mut versions: Vec<(Hash32, Vec<usize>)> = Vec::new();
-    for (i, m) in described.iter().enumerate() {
-        let Some(m) = m else { continue };
-        // Same hash and same size (the whole manifest follows from those two).
-        match versions
-            .iter_mut()
-            .find(|(_, members)| described[members[0]].as_ref() == Some(m))
-        {
-            Some((_, members)) => members.push(i),
-            None => versions.push((m.blake3(), vec![i])),
-        }
-    }
-    let (_, members) = match wanted {
-        Some(w) => versions.iter().find(|(h, _)| *h == w)?.clone(),
-        // `max_by_key` keeps the last maximum; reversing keeps the earliest among equals.
-        None => versions
-            .iter()
-            .rev()
-            .max_by_key(|(_, m)| {
-                let wholes = m.iter().filter(|&&i| whole.get(i).copied().unwrap_or(true));
-                (wholes.count(), m.len())
-            })?
-            .clone(),
-    };
-    let manifest = described[members[0]].clone()?;
-    let other_versions = described
-        .iter()
-        .enumerate()
-        .filter_map(|(i, m)| {
-            m.as_ref()
-                .filter(|m| **m != manifest)
-                .map(|m| (i, m.blake3()))
-        })
-        .collect();
-    Some(Agreement {
-        manifest,
-        members,
-        other_versions,
-    })
 }
 
 /// The sources of a download: those known at the start, and any that join later (the sender
@@ -817,34 +753,5 @@ mod tests {
             .await;
             assert_eq!(r.unwrap().size, len as u64);
         }
-    }
-
-    #[test]
-    fn agreement_takes_the_majority_or_the_wanted_version() {
-        let m = |s: &[u8]| Some(Manifest::from_reader(s, s.len() as u64).unwrap());
-        let (a, b) = (m(b"version a"), m(b"version b"));
-        let described = vec![b.clone(), a.clone(), None, a.clone()];
-        let got = agree(&described, &[], None).unwrap();
-        assert_eq!(got.members, [1, 3]);
-        assert_eq!(got.other_versions, [(0, b.as_ref().unwrap().blake3())]);
-        let got = agree(&described, &[], Some(b.as_ref().unwrap().blake3())).unwrap();
-        assert_eq!(got.members, [0]);
-        // A tie goes to the earliest peer's version.
-        assert_eq!(
-            agree(&[b.clone(), a.clone()], &[], None).unwrap().members,
-            [0]
-        );
-        assert!(agree(&[None, None], &[], None).is_none());
-        assert!(agree(&described, &[], Some([0; 32])).is_none());
-        // A version held whole by one peer goes before one that two peers are still downloading.
-        let partly = [a.clone(), a.clone(), b.clone()];
-        assert_eq!(
-            agree(&partly, &[false, false, true], None).unwrap().members,
-            [2]
-        );
-        assert_eq!(
-            agree(&partly, &[true, false, true], None).unwrap().members,
-            [0, 1]
-        );
     }
 }

@@ -1,3 +1,6 @@
+use super::picking::*;
+use super::stripes::*;
+use super::windows::*;
 use super::*;
 use std::collections::{BTreeSet, HashSet};
 
