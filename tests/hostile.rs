@@ -460,7 +460,7 @@ async fn a_peer_gets_a_bounded_number_of_connections() -> TestResult {
     let server = net.serve("p1", &[])?;
     let list = encode_frame(&Request::List)?;
     let mut open = Vec::new();
-    for i in 0..qnode::net::limits::CONNECTIONS_PER_PEER {
+    for i in 0..qnode::net::server::limits::CONNECTIONS_PER_PEER {
         let (ep, conn) = connect(&net, "p2", "p1").await?;
         assert!(
             matches!(raw(&conn, &list).await?, Response::Files(_)),

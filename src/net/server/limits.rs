@@ -468,3 +468,33 @@ mod tests {
         assert_eq!(log.note(t0 + Duration::from_secs(11)), Note::Log);
     }
 }
+
+/// A byte-rate limit shared by every connection: a virtual clock that each send advances by
+/// `bytes / rate`, so the long-run rate is exact and a send never waits longer than its own share.
+#[derive(Debug)]
+pub struct RateLimit {
+    bytes_per_sec: f64,
+    next_free: tokio::sync::Mutex<tokio::time::Instant>,
+}
+
+impl RateLimit {
+    /// A limit of `bytes_per_sec` (at least 1).
+    pub fn new(bytes_per_sec: u64) -> Self {
+        Self {
+            bytes_per_sec: bytes_per_sec.max(1) as f64,
+            next_free: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    /// Waits until `bytes` more may be sent.
+    ///
+    /// Turns are taken in order (tokio's mutex is fair) and a turn's time is taken only when it
+    /// comes: a request dropped while it waits (its asker got the chunk elsewhere) costs the
+    /// others nothing.
+    pub async fn acquire(&self, bytes: u64) {
+        let mut next = self.next_free.lock().await;
+        let start = (*next).max(tokio::time::Instant::now());
+        tokio::time::sleep_until(start).await;
+        *next = start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec);
+    }
+}
