@@ -8,7 +8,8 @@
 //! - `main`: logging, runtime, one-line errors, the exit code.
 //! - [`app`]: the command line (clap), rendering typed outcomes, the seed's shell.
 //! - [`node`]: the session (identity, peer table, pins, endpoints, connections) and the use cases.
-//! - [`net`]: everything that names quinn: TLS, identities, the client, the server and its limits.
+//! - [`net`]: everything that names quinn: TLS, identities, the client and its endpoints, the
+//!   server (accepting, answering, uploads, limits).
 //! - [`transfer`]: the drivers: a download session, the engine's driver, an update; over traits.
 //! - [`engine`]: pure download policy: events and `now` in, actions out.
 //! - [`store`]: `served_files`: files, manifests, partial files and their sidecars, trees, uploads.
@@ -16,7 +17,7 @@
 //! - [`model`]: manifests, chunk and piece arithmetic, delta trees, names, the settings parser.
 //!
 //! Rules:
-//! - Only `net` and `node` name quinn types.
+//! - Only `net` names quinn types.
 //! - Only `wire::protocol` turns bytes into messages; only `wire::exchange` sequences them on a
 //!   stream.
 //! - `engine` does no I/O and reads no clock.

@@ -1,4 +1,4 @@
-//! What a file is, checked: validated names, manifests, chunk arithmetic and BLAKE3.
+//! What a file is, checked: manifests, chunk arithmetic and BLAKE3 (names are `name`'s).
 //!
 //! A [`Manifest`] describes a file by its size and the BLAKE3 hash of every chunk. The chunk size is a
 //! pure function of the size ([`chunk_size_for`]), so the same bytes give the same manifest on every
@@ -9,7 +9,6 @@
 //!
 //! This module is synchronous and never touches sockets; it may read a file it is handed.
 
-use std::fmt;
 use std::io::{self, Read};
 
 use blake3::hazmat::{
@@ -17,8 +16,8 @@ use blake3::hazmat::{
 };
 use serde::{Deserialize, Serialize};
 
-/// Longest file name accepted, in bytes (the usual file-system limit).
-pub const MAX_NAME_LEN: usize = 255;
+pub use crate::model::name::{FileName, InvalidName, MAX_NAME_LEN};
+
 /// Smallest chunk, in bytes: one BLAKE3 chunk.
 pub const MIN_CHUNK_SIZE: u64 = 1024;
 /// Largest chunk used while a file has at most [`MAX_CHUNKS`] of them, in bytes.
@@ -42,76 +41,6 @@ pub const MIN_PIECE_SIZE: u64 = 16 * 1024;
 
 /// A 32-byte BLAKE3 hash or chaining value.
 pub type Hash32 = [u8; 32];
-
-/// A file name that is safe to join to `served_files`: one normal path component.
-///
-/// No `/`, `\`, NUL or control characters, no leading `.` (which also excludes `.`, `..` and our
-/// hidden temporary files), 1–255 bytes. Checked on construction and on deserialization, so a
-/// `FileName` from the wire is as safe as one from the command line.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct FileName(String);
-
-/// Why a file name was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid file name {shown:?}: {why}")]
-pub struct InvalidName {
-    /// The name, shortened if very long.
-    pub shown: String,
-    /// The rule it broke.
-    pub why: &'static str,
-}
-
-impl FileName {
-    /// Validates `name`.
-    pub fn new(name: impl Into<String>) -> Result<Self, InvalidName> {
-        let name = name.into();
-        let why = if name.is_empty() {
-            Some("it is empty")
-        } else if name.len() > MAX_NAME_LEN {
-            Some("it is longer than 255 bytes")
-        } else if name.starts_with('.') {
-            Some("it starts with '.'")
-        } else if name.contains(['/', '\\']) {
-            Some("it contains a path separator")
-        } else if name.chars().any(char::is_control) {
-            Some("it contains a control character")
-        } else {
-            None
-        };
-        match why {
-            None => Ok(Self(name)),
-            Some(why) => {
-                let shown: String = name.chars().take(80).collect();
-                Err(InvalidName { shown, why })
-            }
-        }
-    }
-
-    /// The name as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<String> for FileName {
-    type Error = InvalidName;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        Self::new(s)
-    }
-}
-
-impl From<FileName> for String {
-    fn from(n: FileName) -> Self {
-        n.0
-    }
-}
-
-impl fmt::Display for FileName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 /// The chunk size of a file of `size` bytes: a power of two, a pure function of the size.
 pub fn chunk_size_for(size: u64) -> u64 {

@@ -3,4 +3,5 @@
 
 pub mod delta;
 pub mod manifest;
+pub mod name;
 pub mod peers;

@@ -6,44 +6,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 
 /// Largest `peer_settings.txt` read, in bytes (100,000 peers take about 3 MB).
 pub const MAX_SETTINGS_LEN: u64 = 64 << 20;
 /// Longest part of a bad line quoted in an error, in characters.
 const QUOTED: usize = 80;
-
-/// Reads a small local file (settings, a key, a certificate) whole: it must be a regular file (a
-/// FIFO would block and `/dev/zero` never end) of at most `max` bytes. Symlinks are followed; what
-/// they lead to is checked. Returns the bytes and the file's metadata.
-pub fn read_small_file(path: &Path, max: u64) -> io::Result<(Vec<u8>, fs::Metadata)> {
-    let file: File = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)?;
-    let meta = file.metadata()?;
-    if !meta.is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ));
-    }
-    if meta.len() > max {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{} bytes, more than the {max} expected", meta.len()),
-        ));
-    }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    // Capped again in case it grows while we read.
-    file.take(max).read_to_end(&mut bytes)?;
-    Ok((bytes, meta))
-}
 
 /// `text` cut to [`QUOTED`] characters, marked if cut.
 fn quote(text: &str) -> String {

@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::model::peers::{PeerId, Root, read_small_file};
+use crate::model::peers::{PeerId, Root};
+use crate::store::read_small_file;
 
 /// The local peer's identity, ready for TLS.
 #[derive(Debug)]

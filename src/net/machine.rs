@@ -13,7 +13,7 @@ pub fn cores_to_spare() -> bool {
 /// The machine's idle share of CPU time lately (from `/proc/stat`, sampled at most every 250
 /// ms; 1 where it cannot be read).
 fn idle_share() -> f64 {
-    static LAST: std::sync::Mutex<Option<(Instant, u64, u64, f64)>> = std::sync::Mutex::new(None);
+    static LAST: std::sync::Mutex<Option<Sample>> = std::sync::Mutex::new(None);
     let read = || -> Option<(u64, u64)> {
         let stat = std::fs::read_to_string("/proc/stat").ok()?;
         let cpu: Vec<u64> = stat
@@ -30,19 +30,37 @@ fn idle_share() -> f64 {
     // Held for one read of a small file, at most every 250 ms.
     let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
     match *last {
-        Some((at, _, _, share)) if at.elapsed() < std::time::Duration::from_millis(250) => share,
+        Some(Sample { at, share, .. }) if at.elapsed() < std::time::Duration::from_millis(250) => {
+            share
+        }
         prev => {
             let Some((total, idle)) = read() else {
                 return 1.0;
             };
             let share = match prev {
-                Some((_, t0, i0, _)) if total > t0 => {
-                    (idle - i0.min(idle)) as f64 / (total - t0) as f64
+                Some(p) if total > p.total => {
+                    (idle - p.idle.min(idle)) as f64 / (total - p.total) as f64
                 }
                 _ => 1.0,
             };
-            *last = Some((Instant::now(), total, idle, share));
+            let at = Instant::now();
+            *last = Some(Sample {
+                at,
+                total,
+                idle,
+                share,
+            });
             share
         }
     }
+}
+
+/// One look at `/proc/stat`: when, the CPU time in all and idle so far, and the idle share since
+/// the look before.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: Instant,
+    total: u64,
+    idle: u64,
+    share: f64,
 }

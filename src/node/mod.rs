@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -20,6 +20,7 @@ use crate::model::delta::{SigKind, Tree};
 use crate::model::manifest::{FileName, Hash32, Manifest};
 use crate::model::peers::{PeerEntry, PeerId, PeerTable, Root};
 use crate::net::client::{Client, ClientError, Redial};
+use crate::net::endpoints::Endpoints;
 use crate::net::identity::{self, Identity, InitOutcome};
 use crate::net::server::{self, Server};
 use crate::net::tls::{self, Pins};
@@ -33,9 +34,8 @@ pub const CLOSE_GRACE: Duration = Duration::from_millis(15);
 /// Reads and checks `peer_settings.txt`; `me` must be listed.
 pub fn load_peers(root: &Root, me: &PeerId) -> anyhow::Result<PeerTable> {
     let path = root.settings_path();
-    let (bytes, _) =
-        crate::model::peers::read_small_file(&path, crate::model::peers::MAX_SETTINGS_LEN)
-            .with_context(|| format!("reading {}", path.display()))?;
+    let (bytes, _) = crate::store::read_small_file(&path, crate::model::peers::MAX_SETTINGS_LEN)
+        .with_context(|| format!("reading {}", path.display()))?;
     let text = String::from_utf8(bytes)
         .map_err(|_| anyhow::anyhow!("{} is not UTF-8 text", path.display()))?;
     let table = PeerTable::parse(&text).with_context(|| format!("in {}", path.display()))?;
@@ -179,7 +179,7 @@ pub struct Node {
     me: PeerId,
     peers: PeerTable,
     identity: Identity,
-    endpoints: Mutex<HashMap<bool, quinn::Endpoint>>,
+    endpoints: Endpoints,
     clients: tokio::sync::Mutex<HashMap<PeerId, Client>>,
 }
 
@@ -193,7 +193,7 @@ impl Node {
             me: me.clone(),
             peers,
             identity,
-            endpoints: Mutex::default(),
+            endpoints: Endpoints::default(),
             clients: tokio::sync::Mutex::default(),
         })
     }
@@ -208,44 +208,13 @@ impl Node {
         self.root.served_dir(&self.me)
     }
 
-    /// Closes every connection and gives the closes a moment to leave.
-    ///
-    /// quinn's `wait_idle` waits out the draining period (3 × PTO, about 80 ms even on loopback,
-    /// since PTO includes the 25 ms ACK delay) only to resend the close if it was lost; the close
-    /// itself goes out at once. A lost close costs the peer an idle timeout, nothing else, so the
-    /// wait is capped at [`CLOSE_GRACE`].
+    /// Closes every connection and gives the closes a moment to leave (at most [`CLOSE_GRACE`]:
+    /// see `Endpoints::wait_idle`).
     pub async fn finish(&self) {
         for client in self.clients.lock().await.values() {
             client.close();
         }
-        let endpoints: Vec<quinn::Endpoint> = self.lock_endpoints().values().cloned().collect();
-        for endpoint in endpoints {
-            let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
-        }
-    }
-
-    fn lock_endpoints(&self) -> std::sync::MutexGuard<'_, HashMap<bool, quinn::Endpoint>> {
-        // Only ever held for a lookup or insert of a whole entry, so never inconsistent.
-        self.endpoints.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn endpoint_for(&self, addr: SocketAddr) -> Result<quinn::Endpoint, String> {
-        let mut endpoints = self.lock_endpoints();
-        if let Some(e) = endpoints.get(&addr.is_ipv6()) {
-            return Ok(e.clone());
-        }
-        let any: SocketAddr = if addr.is_ipv6() {
-            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
-        } else {
-            SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
-        };
-        let (endpoint, capped) = tls::bind_endpoint(any, None, None)
-            .map_err(|e| format!("binding a UDP socket: {e}"))?;
-        if let Some(granted) = capped {
-            tracing::debug!("UDP receive buffer capped at {granted} bytes");
-        }
-        endpoints.insert(addr.is_ipv6(), endpoint.clone());
-        Ok(endpoint)
+        self.endpoints.wait_idle(CLOSE_GRACE).await;
     }
 
     /// A connection to `entry`, reused if one is open.
@@ -275,7 +244,7 @@ impl Node {
             identity::load_cert(&self.root, &entry.id).map_err(|e| unreachable(e.to_string()))?;
         let config = tls::client_config(&self.identity, &entry.id, pinned)
             .map_err(|e| unreachable(e.to_string()))?;
-        let endpoint = self.endpoint_for(entry.addr).map_err(unreachable)?;
+        let endpoint = self.endpoints.for_addr(entry.addr).map_err(unreachable)?;
         Ok(Redial {
             endpoint,
             config,

@@ -23,6 +23,17 @@ pub(super) fn prune_displaced(keep: &Path, name: &str) {
     prune_displaced_to(keep, name, (DISPLACED_MAX_FILES, DISPLACED_MAX_BYTES));
 }
 
+/// A displaced version found in the folder, ordered by when it was displaced.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Kept {
+    /// Its ctime (seconds, nanoseconds): when it was linked here.
+    displaced: (i64, i64),
+    len: u64,
+    path: PathBuf,
+    /// A version of the name being pruned.
+    ours: bool,
+}
+
 /// [`prune_displaced`] with caps of its own in all: (files, bytes).
 pub(super) fn prune_displaced_to(keep: &Path, name: &str, (max_files, max_bytes): (usize, u64)) {
     let Ok(entries) = fs::read_dir(keep) else {
@@ -30,7 +41,7 @@ pub(super) fn prune_displaced_to(keep: &Path, name: &str, (max_files, max_bytes)
     };
     let prefix = format!("{name}.");
     // By ctime: when each was displaced (linked here). Only regular files (not followed).
-    let mut all: Vec<((i64, i64), u64, PathBuf, bool)> = entries
+    let mut all: Vec<Kept> = entries
         .filter_map(Result::ok)
         .filter_map(|e| {
             let m = e.metadata().ok().filter(fs::Metadata::is_file)?;
@@ -38,17 +49,25 @@ pub(super) fn prune_displaced_to(keep: &Path, name: &str, (max_files, max_bytes)
                 n.strip_prefix(&prefix)
                     .is_some_and(|rest| rest.len() == 16 && !rest.contains('.'))
             });
-            Some(((m.ctime(), m.ctime_nsec()), m.len(), e.path(), ours))
+            Some(Kept {
+                displaced: (m.ctime(), m.ctime_nsec()),
+                len: m.len(),
+                path: e.path(),
+                ours,
+            })
         })
         .collect();
     all.sort();
     let mut excess = all
         .iter()
-        .filter(|v| v.3)
+        .filter(|v| v.ours)
         .count()
         .saturating_sub(DISPLACED_KEPT);
-    let (mut files, mut bytes) = (all.len(), all.iter().map(|v| v.1).sum::<u64>());
-    for (_, len, path, ours) in all {
+    let (mut files, mut bytes) = (all.len(), all.iter().map(|v| v.len).sum::<u64>());
+    for Kept {
+        len, path, ours, ..
+    } in all
+    {
         let over = files > max_files || bytes > max_bytes;
         let drop_it = over || (ours && excess > 0);
         if !drop_it {

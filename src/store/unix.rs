@@ -1,5 +1,6 @@
 //! The Unix calls the store is built on: opens that never follow a link or block, exclusive
-//! temporary files, linking a file by its descriptor, free disk space.
+//! temporary files, linking a file by its descriptor, free disk space, and reading a small
+//! local file (settings, keys, certificates) safely.
 
 use super::*;
 
@@ -123,4 +124,31 @@ pub(super) fn disk_space(dir: &Path) -> io::Result<(u64, u64)> {
     }
     let unit = st.f_frsize as u64;
     Ok((st.f_bavail as u64 * unit, st.f_blocks as u64 * unit))
+}
+
+/// Reads a small local file (settings, a key, a certificate) whole: it must be a regular file (a
+/// FIFO would block and `/dev/zero` never end) of at most `max` bytes. Symlinks are followed; what
+/// they lead to is checked. Returns the bytes and the file's metadata.
+pub fn read_small_file(path: &Path, max: u64) -> io::Result<(Vec<u8>, fs::Metadata)> {
+    let file: File = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    if meta.len() > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} bytes, more than the {max} expected", meta.len()),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // Capped again in case it grows while we read.
+    file.take(max).read_to_end(&mut bytes)?;
+    Ok((bytes, meta))
 }

@@ -91,6 +91,20 @@ pub struct DownloadReport {
     pub resumed_bytes: u64,
 }
 
+impl DownloadReport {
+    /// The report of a transfer of `manifest`'s file that took `elapsed`.
+    fn of(manifest: &Manifest, totals: crate::engine::schedule::Totals, elapsed: Duration) -> Self {
+        Self {
+            size: manifest.size(),
+            sources: totals.sources,
+            elapsed,
+            duplicate_bytes: totals.duplicate_bytes,
+            retried_chunks: totals.retried_chunks,
+            resumed_bytes: totals.resumed_bytes,
+        }
+    }
+}
+
 /// Progress, reported after every verified chunk.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {
@@ -149,6 +163,51 @@ struct Driver<S> {
 }
 
 impl<S: ChunkSource> Driver<S> {
+    fn new(manifest: Arc<Manifest>, out: Arc<PartialFile>) -> Self {
+        Self {
+            manifest,
+            out,
+            sources: Vec::new(),
+            fetches: FuturesUnordered::new(),
+            running: HashMap::new(),
+            arrived: HashMap::new(),
+            checks: JoinSet::new(),
+            changes: FuturesUnordered::new(),
+        }
+    }
+
+    /// A request ended: its bytes arrived (to be checked), or it failed.
+    fn fetched(
+        &mut self,
+        sched: &mut Scheduler,
+        request: RequestId,
+        result: Result<Bytes, SourceError>,
+    ) {
+        // A cancelled request has no one waiting for it.
+        let Some((chunk, _)) = self.running.remove(&request) else {
+            return;
+        };
+        let now = Instant::now();
+        match result {
+            Ok(data) => {
+                self.arrived.insert(request, (chunk, data));
+                sched.handle(now, Event::Arrived { request });
+            }
+            Err(e) => {
+                tracing::debug!(request, "request failed: {e}");
+                let (lost, reason) = (e.is_lost(), e.to_string());
+                sched.handle(
+                    now,
+                    Event::Failed {
+                        request,
+                        lost,
+                        reason,
+                    },
+                );
+            }
+        }
+    }
+
     fn join(&mut self, sched: &mut Scheduler, source: Arc<S>, now: Instant) {
         let watch = source.holds();
         let holds = match &watch {
@@ -252,16 +311,7 @@ pub async fn run<S: ChunkSource>(
 ) -> Result<DownloadReport, DownloadError> {
     let started = Instant::now();
     let mut sched = Scheduler::new(manifest.size(), manifest.chunk_size(), have, opts.clone());
-    let mut io = Driver {
-        manifest: manifest.clone(),
-        out,
-        sources: Vec::new(),
-        fetches: FuturesUnordered::new(),
-        running: HashMap::new(),
-        arrived: HashMap::new(),
-        checks: JoinSet::new(),
-        changes: FuturesUnordered::new(),
-    };
+    let mut io = Driver::new(manifest.clone(), out);
     // Since when nothing could be asked, if so.
     let mut stuck_since: Option<Instant> = None;
     let mut joining = true;
@@ -275,11 +325,11 @@ pub async fn run<S: ChunkSource>(
                 Err(mpsc::error::TryRecvError::Disconnected) => joining = false,
             }
         }
-        for (id, s) in io.sources.iter().enumerate() {
+        for (source, s) in io.sources.iter().enumerate() {
             sched.handle(
                 now,
                 Event::Rtt {
-                    source: id,
+                    source,
                     rtt: s.rtt(),
                 },
             );
@@ -320,33 +370,17 @@ pub async fn run<S: ChunkSource>(
                 None => joining = false,
             },
             Some((request, result)) = io.fetches.next(), if !io.fetches.is_empty() => {
-                // A cancelled request has no one waiting for it.
-                let Some((chunk, _)) = io.running.remove(&request) else {
-                    continue;
-                };
-                let now = Instant::now();
-                match result {
-                    Ok(data) => {
-                        io.arrived.insert(request, (chunk, data));
-                        sched.handle(now, Event::Arrived { request });
-                    }
-                    Err(e) => {
-                        tracing::debug!(request, "request failed: {e}");
-                        let lost = e.is_lost();
-                        sched.handle(now, Event::Failed { request, lost, reason: e.to_string() });
-                    }
-                }
+                io.fetched(&mut sched, request, result);
             }
             Some(joined) = io.checks.join_next(), if !io.checks.is_empty() => {
                 let (request, verdict) = joined?;
-                let now = Instant::now();
                 if verdict? {
-                    sched.handle(now, Event::Verified { request });
+                    sched.handle(Instant::now(), Event::Verified { request });
                     let (done, total) = sched.progress();
                     progress(Progress { done, total });
                 } else {
                     tracing::warn!(request, "chunk failed verification");
-                    sched.handle(now, Event::Corrupt { request });
+                    sched.handle(Instant::now(), Event::Corrupt { request });
                 }
             }
         }
@@ -359,15 +393,11 @@ pub async fn run<S: ChunkSource>(
         joined?.1?;
     }
     drop(io.out);
-    let totals = sched.totals();
-    Ok(DownloadReport {
-        size: manifest.size(),
-        sources: totals.sources,
-        elapsed: started.elapsed(),
-        duplicate_bytes: totals.duplicate_bytes,
-        retried_chunks: totals.retried_chunks,
-        resumed_bytes: totals.resumed_bytes,
-    })
+    Ok(DownloadReport::of(
+        &manifest,
+        sched.totals(),
+        started.elapsed(),
+    ))
 }
 
 #[cfg(test)]

@@ -19,8 +19,9 @@
 //!   - `Upload`: request, [`Response::Ready`] (or a final answer: `AlreadyPresent` or `Error`), then the
 //!     client sends exactly `size` raw bytes and finishes its side, then one final response
 //!     (`Stored` or `Error`). On `qnode/2` the bytes (of an upload, and of a replace's leaves)
-//!     travel in blocks: a 4-byte big-endian plain length (at most `codec::MAX_BLOCK`), a 4-byte
-//!     wire length, then that many bytes: raw if the two lengths are equal, else a zstd frame.
+//!     travel in blocks: a [`BlockHead`] (a 4-byte big-endian plain length, at most
+//!     `codec::MAX_BLOCK`, and a 4-byte wire length), then that many bytes: raw if the two lengths
+//!     are equal, else a zstd frame.
 //! - Errors travel as [`Response::Error`] with a machine-readable [`ErrorKind`], never as a dropped
 //!   stream; a request that cannot be decoded (garbage, or a variant from a newer version) is
 //!   answered with [`ErrorKind::BadRequest`].
@@ -462,6 +463,43 @@ pub async fn write_msg<T: Serialize>(
     Ok(())
 }
 
+/// The head of one block of an upload body on `qnode/2`: its plain length and its length on the
+/// wire (equal: raw bytes follow; shorter: a zstd frame follows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockHead {
+    /// Bytes the block holds, 1 to `codec::MAX_BLOCK`.
+    pub plain: u32,
+    /// Bytes that follow the head, at most `plain`.
+    pub wire: u32,
+}
+
+impl BlockHead {
+    /// Bytes of an encoded head.
+    pub const LEN: usize = 8;
+
+    /// The head as it travels: both lengths, 4 bytes big-endian each.
+    pub fn encode(self) -> [u8; Self::LEN] {
+        let mut head = [0u8; Self::LEN];
+        head[..4].copy_from_slice(&self.plain.to_be_bytes());
+        head[4..].copy_from_slice(&self.wire.to_be_bytes());
+        head
+    }
+
+    /// A head read off the wire, checked: an empty block, one over `codec::MAX_BLOCK` or one
+    /// longer on the wire than plain is invalid data.
+    pub fn decode(head: [u8; Self::LEN]) -> std::io::Result<Self> {
+        let plain = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        let wire = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+        if plain == 0 || plain > crate::wire::codec::MAX_BLOCK || wire > plain {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("a block of {plain} bytes in {wire}"),
+            ));
+        }
+        Ok(Self { plain, wire })
+    }
+}
+
 /// Encodes `msg` as one frame (length prefix included), for callers that batch writes.
 pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtocolError> {
     let mut buf = postcard::to_extend(msg, vec![0u8; 4])?;
@@ -745,6 +783,21 @@ mod tests {
                     .is_err(),
                 "{bytes:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_block_head_is_pinned_and_checked() {
+        let head = BlockHead {
+            plain: 1000,
+            wire: 300,
+        };
+        assert_eq!(head.encode(), [0, 0, 3, 0xe8, 0, 0, 1, 0x2c]);
+        assert_eq!(BlockHead::decode(head.encode()).unwrap(), head);
+        for (plain, wire) in [(0, 0), (crate::wire::codec::MAX_BLOCK + 1, 1), (3, 4)] {
+            let bad = BlockHead { plain, wire }.encode();
+            let err = BlockHead::decode(bad).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
         }
     }
 }

@@ -13,9 +13,7 @@ impl Scheduler {
     /// delivered for a while (or never) is not expected to deliver at all, so its chunks come
     /// first; among those, the one asked longest ago.
     pub(super) fn pick_duplicate(&self, s: SourceId, now: Instant) -> Option<u32> {
-        // Per chunk in flight: when it is expected, its oldest copy's request (asked first), and
-        // whether every copy is at a stalled source.
-        let mut eta: HashMap<u32, (f64, RequestId, bool)> = HashMap::new();
+        let mut eta: HashMap<u32, Expected> = HashMap::new();
         for src in &self.sources {
             let stalled = src.stalled(self.chunk_size, now);
             let per_chunk = if src.rate > 0.0 && !stalled {
@@ -30,12 +28,16 @@ impl Scheduler {
             for (k, (&id, &c)) in queue.enumerate() {
                 let secs = (k + 1) as f64 * per_chunk;
                 eta.entry(c)
-                    .and_modify(|(e, a, q)| {
-                        *e = e.min(secs);
-                        *a = (*a).min(id);
-                        *q &= stalled;
+                    .and_modify(|e| {
+                        e.secs = e.secs.min(secs);
+                        e.oldest = e.oldest.min(id);
+                        e.all_stalled &= stalled;
                     })
-                    .or_insert((secs, id, stalled));
+                    .or_insert(Expected {
+                        secs,
+                        oldest: id,
+                        all_stalled: stalled,
+                    });
             }
         }
         let me = &self.sources[s];
@@ -48,7 +50,7 @@ impl Scheduler {
         let crowd = self.in_a_crowd() && !(me.holds.is_full() && self.rare() == 0);
         eta.keys()
             .copied()
-            .filter(|c| !crowd || eta[c].2)
+            .filter(|c| !crowd || eta[c].all_stalled)
             .filter(|&c| {
                 let st = &self.chunks[c as usize];
                 me.holds.contains(c)
@@ -59,12 +61,23 @@ impl Scheduler {
                     && !me.in_flight.values().any(|&mine| mine == c)
             })
             .min_by(|&a, &b| {
-                let (ea, eb) = (eta[&a], eta[&b]);
+                let (ea, eb) = (&eta[&a], &eta[&b]);
                 self.chunks[a as usize]
                     .fetching
                     .cmp(&self.chunks[b as usize].fetching)
-                    .then(eb.0.total_cmp(&ea.0))
-                    .then(ea.1.cmp(&eb.1))
+                    .then(eb.secs.total_cmp(&ea.secs))
+                    .then(ea.oldest.cmp(&eb.oldest))
             })
     }
+}
+
+/// When a chunk in flight is expected, over all its copies.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Expected {
+    /// Seconds until the first copy is expected.
+    secs: f64,
+    /// Its oldest copy's request (asked first).
+    oldest: RequestId,
+    /// Every copy is at a stalled source.
+    all_stalled: bool,
 }

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use tokio::io::AsyncRead;
 use tracing::{debug, info, warn};
 
-use super::uploads::{self, Announced};
+use super::uploads::{self, UploadRequest};
 use super::{
     Answering, Failure, Link, PLAIN_AFTER_MISS, READ_TIMEOUT, Server, blocking, gone, observe,
     store_error,
@@ -74,11 +74,11 @@ pub(super) async fn handle(
             handle_leaves(send, server, link, &name, (blake3, sig), range).await
         }
         Request::Upload { name, size, blake3 } => {
-            let up = Announced::new(size, blake3, false);
+            let up = UploadRequest::new(size, blake3, false);
             uploads::handle_upload(send, recv, server, link, &name, up).await
         }
         Request::Replace { name, size, blake3 } => {
-            let up = Announced::new(size, blake3, true);
+            let up = UploadRequest::new(size, blake3, true);
             uploads::handle_upload(send, recv, server, link, &name, up).await
         }
         Request::Observe { name } => {
@@ -263,7 +263,7 @@ async fn handle_read(
     let (data, frame) = blocking(move || {
         let data = match kind {
             ReadKind::Chunk => store.read_chunk(&n, offset, len),
-            ReadKind::Range => store.read_piece(&n, offset, len),
+            ReadKind::Range => store.read_range(&n, offset, len),
             ReadKind::Version(blake3) => store.read_version(&n, &blake3, offset, len),
         }?;
         let frame = pack.and_then(|level| codec::compress(&data, level));

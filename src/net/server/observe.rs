@@ -8,7 +8,7 @@ use tracing::warn;
 
 use super::answer::{manifest_bytes, reply};
 use super::limits::OBSERVERS_PER_PEER;
-use super::shared::Progress;
+use super::shared::Watched;
 use super::{Answering, Failure, Link, Server, blocking, gone};
 use crate::model::manifest::{FileName, Hash32, Regrain};
 use crate::wire::exchange::{self, respond};
@@ -89,14 +89,14 @@ async fn follow(
     send: &mut impl Answering,
     server: &Server,
     (name, version, in_pieces): (&FileName, Hash32, bool),
-    mut watch: tokio::sync::watch::Receiver<Progress>,
+    mut watch: tokio::sync::watch::Receiver<Watched>,
     mut known: crate::model::manifest::ChunkSet,
 ) -> Result<String, Failure> {
     let first = known.count();
     loop {
         let now = watch.borrow_and_update().clone();
         match now {
-            Progress::Holding(h) => {
+            Watched::Holding(h) => {
                 // Only gains: a sidecar rewritten with fewer chunks (an attempt resumed) costs
                 // the observer failed requests for those, nothing worse. So does one rewritten
                 // in the other unit, which the observer is told of in the unit it counts.
@@ -113,21 +113,21 @@ async fn follow(
                     }
                 }
             }
-            Progress::Complete => {
+            Watched::Complete => {
                 respond(send, &Response::Complete).await;
                 return Ok(format!(
                     "{name} -> observed from {first} units to the whole file{}",
                     unit(in_pieces)
                 ));
             }
-            Progress::Stopped => {
+            Watched::Stopped => {
                 return Err(RemoteError::new(
                     ErrorKind::NotFound,
                     format!("the download of {name} here stopped"),
                 )
                 .into());
             }
-            Progress::Failed(e) => {
+            Watched::Failed(e) => {
                 warn!("watching the download of {name}: {e}");
                 return Err(RemoteError::new(
                     ErrorKind::Internal,

@@ -29,7 +29,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// What a download in progress here is doing, as its observers see it.
 #[derive(Debug, Clone)]
-pub enum Progress {
+pub enum Watched {
     /// Still downloading; holds these chunks (or pieces) now.
     Holding(Arc<Held>),
     /// Finished: the whole file of that version is served under its name.
@@ -47,7 +47,7 @@ type WatchKey = (FileName, Hash32);
 pub struct Watches {
     store: Arc<Store>,
     shutdown: CancellationToken,
-    open: Mutex<HashMap<WatchKey, watch::Receiver<Progress>>>,
+    open: Mutex<HashMap<WatchKey, watch::Receiver<Watched>>>,
 }
 
 impl Watches {
@@ -67,13 +67,13 @@ impl Watches {
         name: &FileName,
         version: Hash32,
         now: Held,
-    ) -> watch::Receiver<Progress> {
+    ) -> watch::Receiver<Watched> {
         let key = (name.clone(), version);
         let mut open = lock(&self.open);
         if let Some(rx) = open.get(&key) {
             return rx.clone();
         }
-        let (tx, rx) = watch::channel(Progress::Holding(Arc::new(now)));
+        let (tx, rx) = watch::channel(Watched::Holding(Arc::new(now)));
         open.insert(key.clone(), rx.clone());
         tokio::spawn(self.clone().poll(key, tx));
         rx
@@ -81,9 +81,9 @@ impl Watches {
 
     /// Looks at the download every [`HAVE_POLL`] while anyone observes it, and tells them what
     /// changed. The registry's own receiver does not count as an observer.
-    async fn poll(self: Arc<Self>, key: WatchKey, tx: watch::Sender<Progress>) {
+    async fn poll(self: Arc<Self>, key: WatchKey, tx: watch::Sender<Watched>) {
         let (name, version) = key.clone();
-        let end = |last: Option<Progress>| {
+        let end = |last: Option<Watched>| {
             let mut open = lock(&self.open);
             if last.is_none() && tx.receiver_count() > 1 {
                 return false;
@@ -98,7 +98,7 @@ impl Watches {
             tokio::select! {
                 () = tokio::time::sleep(HAVE_POLL) => {}
                 () = self.shutdown.cancelled() => {
-                    end(Some(Progress::Stopped));
+                    end(Some(Watched::Stopped));
                     return;
                 }
             }
@@ -106,27 +106,27 @@ impl Watches {
                 return;
             }
             let (store, n) = (self.store.clone(), name.clone());
-            let now = tokio::task::spawn_blocking(move || -> Result<Progress, StoreError> {
+            let now = tokio::task::spawn_blocking(move || -> Result<Watched, StoreError> {
                 Ok(match store.held(&n, &version)? {
-                    Some(h) => Progress::Holding(Arc::new(h)),
+                    Some(h) => Watched::Holding(Arc::new(h)),
                     None if store.lookup(&n)?.is_some_and(|m| m.blake3() == version) => {
-                        Progress::Complete
+                        Watched::Complete
                     }
-                    None => Progress::Stopped,
+                    None => Watched::Stopped,
                 })
             })
             .await;
             let now = match now {
                 Ok(Ok(p)) => p,
-                Ok(Err(e)) => Progress::Failed(e.to_string()),
-                Err(e) => Progress::Failed(e.to_string()),
+                Ok(Err(e)) => Watched::Failed(e.to_string()),
+                Err(e) => Watched::Failed(e.to_string()),
             };
             match now {
-                Progress::Holding(h) => {
+                Watched::Holding(h) => {
                     tx.send_if_modified(|last| match last {
-                        Progress::Holding(was) if was.chunks == h.chunks => false,
+                        Watched::Holding(was) if was.chunks == h.chunks => false,
                         _ => {
-                            *last = Progress::Holding(h);
+                            *last = Watched::Holding(h);
                             true
                         }
                     });

@@ -16,9 +16,9 @@ use crate::wire::protocol::{ErrorKind, RemoteError, Response, Version};
 /// Uploads are written to disk in parts of this many bytes.
 const UPLOAD_WRITE_BUF: usize = 1 << 20;
 
-/// What an upload request announced.
+/// What an upload request asked for.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Announced {
+pub(super) struct UploadRequest {
     /// Its size.
     pub(super) size: u64,
     /// The BLAKE3 of its content.
@@ -27,7 +27,7 @@ pub(super) struct Announced {
     pub(super) replace: bool,
 }
 
-impl Announced {
+impl UploadRequest {
     pub(super) fn new(size: u64, blake3: Hash32, replace: bool) -> Self {
         Self {
             size,
@@ -43,15 +43,18 @@ pub(super) async fn handle_upload(
     server: &Server,
     link: &Link,
     name: &FileName,
-    announced: Announced,
+    request: UploadRequest,
 ) -> Result<String, Failure> {
-    let Announced {
+    let UploadRequest {
         size,
         blake3: expected,
         replace,
-    } = announced;
+    } = request;
     let (peer, kind) = (&link.peer, link.version.sig_kind());
-    let framed = link.version == Version::V2;
+    let body = exchange::Announced {
+        size,
+        in_blocks: link.version == Version::V2,
+    };
     if size > server.max_upload_size {
         return Err(RemoteError::new(
             ErrorKind::TooLarge,
@@ -91,19 +94,10 @@ pub(super) async fn handle_upload(
     let upload = Arc::new(upload);
     let (check, received, wire) = match upload.replacing() {
         Some(old) => {
-            receive_delta(
-                send,
-                recv,
-                server,
-                name,
-                (size, framed),
-                &upload,
-                (old, kind, early),
-            )
-            .await?
+            receive_delta(send, recv, server, name, body, &upload, (old, kind, early)).await?
         }
         None => {
-            let (streamed, wire) = receive_whole(send, recv, name, (size, framed), &upload).await?;
+            let (streamed, wire) = receive_whole(send, recv, name, body, &upload).await?;
             (Check::Streamed(streamed), size, wire)
         }
     };
@@ -138,15 +132,15 @@ async fn receive_whole(
     send: &mut impl Answering,
     recv: &mut (impl AsyncRead + Unpin + Send),
     name: &FileName,
-    (size, framed): (u64, bool),
+    body: exchange::Announced,
     upload: &Arc<Upload>,
 ) -> Result<(Hash32, u64), Failure> {
     let mut hasher = blake3::Hasher::new();
-    let body = exchange::receive_upload(
+    let received = exchange::receive_upload(
         send,
         recv,
         name,
-        (size, framed),
+        body,
         UPLOAD_WRITE_BUF,
         READ_TIMEOUT,
         |offset, piece: Vec<u8>| {
@@ -156,7 +150,7 @@ async fn receive_whole(
         },
     )
     .await;
-    match body {
+    match received {
         Ok(wire) => Ok((*hasher.finalize().as_bytes(), wire)),
         Err(BodyError::Refused(e) | BodyError::Sink(e)) => Err(e.into()),
         Err(BodyError::Gone(e)) => Err(gone(e)),
@@ -170,7 +164,7 @@ async fn receive_delta(
     recv: &mut (impl AsyncRead + Unpin + Send),
     server: &Server,
     name: &FileName,
-    (size, framed): (u64, bool),
+    body: exchange::Announced,
     upload: &Arc<Upload>,
     (old, kind, early): (Seen, SigKind, Option<Early>),
 ) -> Result<(Check, u64, u64), Failure> {
@@ -201,7 +195,7 @@ async fn receive_delta(
     let steps = exchange::receive_delta(
         send,
         recv,
-        (size, framed),
+        body,
         (index, copy),
         READ_TIMEOUT,
         |at, piece| {

@@ -247,6 +247,14 @@ impl<P: Peers> Answers<P> {
         }
     }
 
+    /// Those of `asked` that hold nothing of the file (yet).
+    pub(super) fn absent<'p>(&self, asked: &'p [PeerId]) -> Vec<&'p PeerId> {
+        let nothing = self.left_out.iter().filter(|(_, why)| why.holds_nothing());
+        nothing
+            .filter_map(|(p, _)| asked.iter().find(|e| *e == p))
+            .collect()
+    }
+
     /// Everyone left out: those known before the transfer, those that answered during it
     /// (`late`, whose reason replaces an earlier one: a peer that held nothing may answer later
     /// with another version, or as an older qnode), and those that never answered.

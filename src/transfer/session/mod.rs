@@ -136,6 +136,13 @@ pub enum LeftOut<E> {
     NoPieces,
 }
 
+impl<E> LeftOut<E> {
+    /// It holds nothing of the file (yet): it may still join.
+    pub fn holds_nothing(&self) -> bool {
+        matches!(self, Self::DoesNotServe(_))
+    }
+}
+
 impl<E: std::fmt::Display> std::fmt::Display for LeftOut<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -223,23 +230,14 @@ pub async fn download<P: Peers>(
     };
 
     // Ask everyone what they have under that name; start once the version is known.
-    let mut asking: FuturesUnordered<_> = plan
-        .peers
-        .iter()
-        .map(|peer| async move { (peer, peers.ask(peer, name).await) })
-        .collect();
-    let mut answers = Answers::new(name.clone());
-    answers
-        .gather(&mut asking, plan.peers.len(), plan.blake3)
-        .await;
+    let (mut asking, mut answers) = ask_all(peers, plan).await;
     // When no peer serves the file, the error names each peer's reason instead.
     let (manifest, members) = answers.agree(plan.blake3)?;
     let crowd_hint = crowd_hint(&plan.peers, &members, &answers.left_out);
     // Peers holding nothing of it yet are named at the end, if they never join.
-    answers
-        .left_out
-        .iter()
-        .filter(|(_, why)| !matches!(why, LeftOut::DoesNotServe(_)))
+    let known = answers.left_out.iter();
+    known
+        .filter(|(_, why)| !why.holds_nothing())
         .for_each(|(p, why)| report(p, why));
     let mut done = Downloaded::of(plan, manifest);
     let manifest = done.manifest.clone();
@@ -269,23 +267,11 @@ pub async fn download<P: Peers>(
     if let Some(prefetched) = prefetched {
         let whole = joining.whole_sources();
         let filled = update::fill(target, prefetched, &manifest, &partial, have, &whole);
-        let filled = filled.await?;
-        (done.reused_bytes, done.range_bytes, have) = (filled.reused, filled.fetched, filled.have);
-        done.update_liars = filled.liars;
+        have = done.filled(filled.await?);
     }
     let crowd_name = offer_while_downloading(plan, &partial, &download, &have).await?;
     (on.borrow_mut())(DownloadEvent::Started(manifest.size()));
-    let opts = Options {
-        fixed_window: plan.window,
-        order_seed: Some(choice::order_seed(
-            crowd_name.is_some(),
-            &manifest.blake3(),
-            fastrand::u64(..),
-        )),
-        crowd_name,
-        crowd_hint,
-        ..Options::default()
-    };
+    let opts = options(plan, &manifest, crowd_name, crowd_hint);
     let engine = download::run(
         download.clone(),
         sources,
@@ -296,12 +282,7 @@ pub async fn download<P: Peers>(
     );
     // Peers that answer late join if they hold this version, and so do peers that held nothing
     // of it but start downloading it meanwhile.
-    let absent: Vec<&PeerId> = answers
-        .left_out
-        .iter()
-        .filter(|(_, why)| matches!(why, LeftOut::DoesNotServe(_)))
-        .filter_map(|(p, _)| plan.peers.iter().find(|e| *e == p))
-        .collect();
+    let absent = answers.absent(&plan.peers);
     let late_left_out = RefCell::new(Vec::new());
     let leave = |peer: &PeerId, why: LeftOut<P::Error>| {
         report(peer, &why);
@@ -314,23 +295,12 @@ pub async fn download<P: Peers>(
         done.wire_bytes += peers.close(&source).await;
     }
     // Peers that held nothing at first but joined later were not left out.
-    let joined: Vec<PeerId> = outcome
-        .as_ref()
-        .and_then(|o| o.as_ref().ok())
-        .map(|r| {
-            r.sources
-                .iter()
-                .filter_map(|s| s.name.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
+    let joined = joined(&outcome);
     answers.left_out.retain(|(p, _)| !joined.contains(p));
     done.left_out = answers.all_left_out(late_left_out.into_inner(), &plan.peers);
-    for (p, why) in &done.left_out {
-        if matches!(why, LeftOut::DoesNotServe(_)) {
-            report(p, why);
-        }
-    }
+    let last = done.left_out.iter();
+    last.filter(|(_, why)| why.holds_nothing())
+        .for_each(|(p, why)| report(p, why));
     let mut report = transferred(outcome, &partial, name, target)?;
     // Chunks built from our old copy are reused, not resumed.
     report.resumed_bytes = report.resumed_bytes.min(resumed);
@@ -340,7 +310,65 @@ pub async fn download<P: Peers>(
     Ok(done)
 }
 
+/// Asks every peer of `plan` what it holds, and takes the answers until the version is known (see
+/// [`Answers::gather`]); the answers still coming are the stream returned.
+async fn ask_all<'p, P: Peers>(
+    peers: &'p P,
+    plan: &'p Plan,
+) -> (
+    impl futures_util::Stream<Item = (&'p PeerId, Answer<P>)> + Unpin + 'p,
+    Answers<P>,
+) {
+    let name = &plan.name;
+    let mut asking: FuturesUnordered<_> = plan
+        .peers
+        .iter()
+        .map(|peer| async move { (peer, peers.ask(peer, name).await) })
+        .collect();
+    let mut answers = Answers::new(name.clone());
+    answers
+        .gather(&mut asking, plan.peers.len(), plan.blake3)
+        .await;
+    (asking, answers)
+}
+
+/// The engine's options: our window, stripe and order in a crowd.
+fn options(
+    plan: &Plan,
+    manifest: &Manifest,
+    crowd_name: Option<String>,
+    crowd_hint: Vec<String>,
+) -> Options {
+    Options {
+        fixed_window: plan.window,
+        order_seed: Some(choice::order_seed(
+            crowd_name.is_some(),
+            &manifest.blake3(),
+            fastrand::u64(..),
+        )),
+        crowd_name,
+        crowd_hint,
+        ..Options::default()
+    }
+}
+
+/// The peers that took part in a transfer that finished.
+fn joined(outcome: &Option<Result<DownloadReport, download::DownloadError>>) -> Vec<PeerId> {
+    let Some(Ok(report)) = outcome else {
+        return Vec::new();
+    };
+    let names = report.sources.iter();
+    names.filter_map(|s| s.name.parse().ok()).collect()
+}
+
 impl<E> Downloaded<E> {
+    /// Records what filling an update from the old copy did; the chunks that now verify.
+    fn filled(&mut self, filled: update::Filled) -> Vec<bool> {
+        (self.reused_bytes, self.range_bytes) = (filled.reused, filled.fetched);
+        self.update_liars = filled.liars;
+        filled.have
+    }
+
     /// Nothing done yet towards `manifest`'s version.
     fn of(plan: &Plan, manifest: Manifest) -> Self {
         Self {
