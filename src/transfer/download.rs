@@ -143,9 +143,11 @@ pub fn fixed_sources<S>(sources: Vec<Arc<S>>) -> Sources<S> {
 }
 
 type Fetch = Pin<Box<dyn Future<Output = (RequestId, Result<Bytes, SourceError>)> + Send>>;
-type Check = (RequestId, Result<bool, StoreError>);
+/// A chunk checked against the manifest (and written if good), or why the check failed.
+type Verdict = (RequestId, Result<bool, StoreError>);
 /// A source's holdings changed (and may change again), or will not change any more.
-type Change = Pin<Box<dyn Future<Output = (SourceId, Option<watch::Receiver<ChunkSet>>)> + Send>>;
+type HoldsChange =
+    Pin<Box<dyn Future<Output = (SourceId, Option<watch::Receiver<ChunkSet>>)> + Send>>;
 
 /// The I/O half of a download: the sources, the requests running against them, the checks.
 struct Driver<S> {
@@ -157,9 +159,9 @@ struct Driver<S> {
     running: HashMap<RequestId, (u32, CancellationToken)>,
     /// Bytes arrived, waiting for the scheduler's verdict.
     arrived: HashMap<RequestId, (u32, Bytes)>,
-    checks: JoinSet<Check>,
+    checks: JoinSet<Verdict>,
     /// Sources whose holdings may still change (downloads in progress at peers).
-    changes: FuturesUnordered<Change>,
+    changes: FuturesUnordered<HoldsChange>,
 }
 
 impl<S: ChunkSource> Driver<S> {

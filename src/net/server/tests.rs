@@ -270,3 +270,89 @@ async fn a_replace_takes_only_what_our_version_lacks_and_keeps_the_old_one() {
         .collect();
     assert_eq!(kept, [old]);
 }
+
+#[tokio::test]
+async fn a_tree_is_told_in_groups_then_leaves_and_too_many_at_once_are_refused() {
+    let data = text(20_000, usize::MAX);
+    let (_dir, server, link) = serving(&[("t.txt", &data)]);
+    let (n, version) = (name("t.txt"), *blake3::hash(&data).as_bytes());
+    let tree = Tree::of(&data[..], Version::V2.sig_kind()).unwrap();
+    let groups = exchange(&server, &link, async |w, r| {
+        exchange::groups(w, r, &n, version).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(groups, tree.group_sigs());
+    let count = u32::try_from(tree.group_count().min(3)).unwrap();
+    let leaves = exchange(&server, &link, async |w, r| {
+        exchange::leaves(w, r, &n, version, 0, count).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(leaves, tree.leaves_of(0, count as usize));
+    let too_many = protocol::MAX_GROUPS_PER_REQUEST + 1;
+    let refused = exchange(&server, &link, async |w, r| {
+        exchange::leaves(w, r, &n, version, 0, too_many).await
+    })
+    .await;
+    assert_eq!(remote_kind(refused.unwrap_err()), ErrorKind::TooLarge);
+    // Another version than the one served: the name holds something else now.
+    let other = exchange(&server, &link, async |w, r| {
+        exchange::groups(w, r, &n, [7; 32]).await
+    })
+    .await;
+    assert_eq!(remote_kind(other.unwrap_err()), ErrorKind::Conflict);
+}
+
+#[tokio::test]
+async fn a_download_in_progress_is_listed_observed_and_read_by_version() {
+    let data = text(2_000, usize::MAX);
+    let (dir, server, link) = serving(&[]);
+    let manifest =
+        crate::model::manifest::Manifest::from_reader(&data[..], data.len() as u64).unwrap();
+    let (chunk, version) = (manifest.chunk_size(), manifest.blake3());
+    // Two chunks of it verified and written, the others not yet.
+    let target = dir.path().join("p.txt");
+    let tag = crate::store::download_tag(&version);
+    let partial = crate::store::PartialFile::create(&target, &tag, manifest.size()).unwrap();
+    partial.write_at(0, &data[..2 * chunk as usize]).unwrap();
+    let mut have = vec![false; manifest.chunk_count() as usize];
+    (have[0], have[1]) = (true, true);
+    partial.share(&manifest, &have).unwrap();
+
+    let (files, _, incomplete) =
+        exchange(&server, &link, async |w, r| exchange::list_all(w, r).await)
+            .await
+            .unwrap();
+    assert!(files.is_empty());
+    assert_eq!(incomplete.len(), 1);
+    assert_eq!(
+        (incomplete[0].blake3, incomplete[0].held),
+        (version, 2 * chunk)
+    );
+
+    let n = name("p.txt");
+    let offer = exchange(&server, &link, async |w, r| {
+        let offer = exchange::observe(w, r, &n, false).await;
+        // The observer stays open while the download runs; shutting down ends it.
+        server.shutdown.cancel();
+        offer
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let held = offer.held.unwrap();
+    assert_eq!(held.iter().collect::<Vec<u32>>(), [0, 1]);
+
+    let got = exchange(&server, &link, async |w, r| {
+        exchange::read_version(w, r, &n, version, chunk, chunk as u32).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(got.data[..], data[chunk as usize..2 * chunk as usize]);
+    let not_yet = exchange(&server, &link, async |w, r| {
+        exchange::read_version(w, r, &n, version, 2 * chunk, chunk as u32).await
+    })
+    .await;
+    assert_eq!(remote_kind(not_yet.unwrap_err()), ErrorKind::NotFound);
+}
