@@ -13,8 +13,8 @@ use tracing::{debug, info, warn};
 
 use super::uploads::{self, UploadRequest};
 use super::{
-    Answering, Failure, Link, PLAIN_AFTER_MISS, READ_TIMEOUT, Server, blocking, gone, observe,
-    store_error,
+    Answering, Failure, Link, PLAIN_AFTER_MISS, READ_TIMEOUT, Server, blocking, gone,
+    manifest_bytes, observe, reply, store_error,
 };
 use crate::model::delta::SigKind;
 use crate::model::manifest::{FileName, Hash32, MAX_CHUNK_SIZE, Manifest};
@@ -107,32 +107,6 @@ pub(super) async fn handle(
         // The requester cancelled (e.g. another peer delivered that chunk first) or went away.
         Err(Failure::Gone(why)) => debug!("{kind} abandoned: {why}"),
     }
-}
-
-/// Sends one whole answer, or with `more` the first message of a stream of them. Its memory (about
-/// `estimate` bytes as built, as much again encoded) is claimed from the peer's share before it is
-/// built, and what is encoded stays claimed until quinn has taken it: a peer that does not read
-/// holds only its own share, and only until the write deadline.
-pub(super) async fn reply(
-    send: &mut impl Answering,
-    link: &Link,
-    estimate: usize,
-    build: impl FnOnce() -> Response,
-    more: bool,
-) -> Result<(), Failure> {
-    let claim = u32::try_from(estimate.saturating_mul(2)).unwrap_or(u32::MAX);
-    let mut memory = tokio::select! {
-        m = link.budget.claim(claim) => m,
-        () = send.stopped() => return Err(gone("cancelled while waiting for memory")),
-    };
-    let frame = protocol::encode_frame(&build()).map_err(gone)?;
-    memory.keep(frame.len());
-    exchange::send_frame(send, frame, !more).await.map_err(gone)
-}
-
-/// Bytes a manifest takes in an answer.
-pub(super) fn manifest_bytes(m: &Manifest) -> usize {
-    64 + 32 * m.chunk_count() as usize
 }
 
 /// Bytes a listing entry takes in an answer.

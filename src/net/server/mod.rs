@@ -29,12 +29,13 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::model::manifest::Manifest;
 use crate::model::peers::PeerId;
 use crate::net::tls::Pins;
 use crate::store::{Store, StoreError};
 use crate::wire::codec;
-use crate::wire::exchange::SendBytes;
-use crate::wire::protocol::{ErrorKind, RemoteError, Version};
+use crate::wire::exchange::{self, SendBytes};
+use crate::wire::protocol::{self, ErrorKind, RemoteError, Response, Version};
 pub use accept::{Outgoing, run};
 pub use limits::RateLimit;
 use limits::{ConnectionSlots, MemoryBudget, ObserverSlots, PeerBudget, RefusalLog, UploadSlots};
@@ -229,4 +230,30 @@ impl From<RemoteError> for Failure {
 
 fn gone(e: impl std::fmt::Display) -> Failure {
     Failure::Gone(e.to_string())
+}
+
+/// Sends one whole answer, or with `more` the first message of a stream of them. Its memory (about
+/// `estimate` bytes as built, as much again encoded) is claimed from the peer's share before it is
+/// built, and what is encoded stays claimed until quinn has taken it: a peer that does not read
+/// holds only its own share, and only until the write deadline.
+async fn reply(
+    send: &mut impl Answering,
+    link: &Link,
+    estimate: usize,
+    build: impl FnOnce() -> Response,
+    more: bool,
+) -> Result<(), Failure> {
+    let claim = u32::try_from(estimate.saturating_mul(2)).unwrap_or(u32::MAX);
+    let mut memory = tokio::select! {
+        m = link.budget.claim(claim) => m,
+        () = send.stopped() => return Err(gone("cancelled while waiting for memory")),
+    };
+    let frame = protocol::encode_frame(&build()).map_err(gone)?;
+    memory.keep(frame.len());
+    exchange::send_frame(send, frame, !more).await.map_err(gone)
+}
+
+/// Bytes a manifest takes in an answer.
+fn manifest_bytes(m: &Manifest) -> usize {
+    64 + 32 * m.chunk_count() as usize
 }

@@ -6,10 +6,9 @@ use std::sync::Arc;
 
 use tracing::warn;
 
-use super::answer::{manifest_bytes, reply};
 use super::limits::OBSERVERS_PER_PEER;
 use super::shared::Watched;
-use super::{Answering, Failure, Link, Server, blocking, gone};
+use super::{Answering, Failure, Link, Server, blocking, gone, manifest_bytes, reply};
 use crate::model::manifest::{FileName, Hash32, Regrain};
 use crate::wire::exchange::{self, respond};
 use crate::wire::protocol::{ErrorKind, RemoteError, Response};

@@ -308,8 +308,7 @@ async fn a_tree_is_told_in_groups_then_leaves_and_too_many_at_once_are_refused()
 async fn a_download_in_progress_is_listed_observed_and_read_by_version() {
     let data = text(2_000, usize::MAX);
     let (dir, server, link) = serving(&[]);
-    let manifest =
-        crate::model::manifest::Manifest::from_reader(&data[..], data.len() as u64).unwrap();
+    let manifest = Manifest::from_reader(&data[..], data.len() as u64).unwrap();
     let (chunk, version) = (manifest.chunk_size(), manifest.blake3());
     // Two chunks of it verified and written, the others not yet.
     let target = dir.path().join("p.txt");
