@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use qnode::model::manifest::FileName;
+use qnode::model::manifest::FilePath;
 use qnode::wire::protocol::{self, MAX_RESPONSE_LEN, Request, Response, encode_frame};
 
 // The tests' harness and hostile peer.
@@ -186,7 +186,7 @@ async fn lockout() -> anyhow::Result<()> {
     let usable = st.f_bavail * st.f_frsize - st.f_blocks * st.f_frsize / 100 * 5;
     let (mut send, mut recv) = conn.open_bi().await?;
     let hog = encode_frame(&Request::Upload {
-        name: FileName::new("hog.bin")?,
+        name: FilePath::new("hog.bin")?,
         size: usable,
         blake3: [0; 32],
     })?;

@@ -1,7 +1,7 @@
 //! Properties the fuzz targets check, shared with `tests/fuzz_corpus.rs`, which replays the
 //! committed corpus through them in every `cargo test`. Each returns normally or panics.
 
-use qnode::model::manifest::FileName;
+use qnode::model::manifest::{FileName, FilePath};
 use qnode::model::peers::PeerTable;
 use qnode::wire::protocol::{Request, Response, decode, encode_frame};
 
@@ -42,7 +42,8 @@ pub(crate) fn settings(data: &[u8]) {
     }
 }
 
-/// Any text: an accepted name is one normal path component that stays inside its folder.
+/// Any text: an accepted name is one normal path component that stays inside its folder, and an
+/// accepted path is normal components only.
 pub(crate) fn name(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -60,6 +61,18 @@ pub(crate) fn name(data: &[u8]) {
         assert_eq!(
             std::path::Path::new("/base").join(s).parent(),
             Some(std::path::Path::new("/base"))
+        );
+    }
+    // An accepted path: normal components only, so it stays beneath its root.
+    if let Ok(path) = FilePath::new(text) {
+        let s = path.as_str();
+        assert!(s.len() <= 1024 && path.components().count() <= 32);
+        let joined = std::path::Path::new("/base").join(s);
+        assert!(joined.starts_with("/base"));
+        assert!(
+            std::path::Path::new(s)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
         );
     }
 }

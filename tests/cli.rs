@@ -264,13 +264,18 @@ fn traversal_names_are_refused_and_nothing_outside_served_files_is_touched() -> 
     net.put("p1", ".hidden", b"x")?;
     let _p1 = net.serve("p1", &[])?;
 
+    // A file in a folder is served (issue 24: folders); the symlink and the hidden file are not.
     let json = net.json("p2", &["list", "p1", "--json"])?;
-    assert_eq!(json["peers"][0]["files"], serde_json::json!([]), "{json}");
+    let listed: Vec<&str> = json["peers"][0]["files"]
+        .as_array()
+        .map(|f| f.iter().filter_map(|e| e["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(listed, ["sub/inner.txt"], "{json}");
 
     for name in [
         "../outside.txt",
         "..",
-        "sub/inner.txt",
+        "sub/../link.txt",
         ".hidden",
         "/etc/passwd",
         "a\\b",
@@ -282,14 +287,17 @@ fn traversal_names_are_refused_and_nothing_outside_served_files_is_touched() -> 
     }
     let out = net.fails("p2", &["download", "link.txt", "p1"])?;
     assert!(out.stderr().contains("no peer serves link.txt"), "{out}");
-    let out = net.fails("p2", &["download", "sub", "p1"])?;
-    assert!(out.stderr().contains("no peer serves sub"), "{out}");
+    let out = net.fails("p2", &["download", "nothing", "p1"])?;
+    assert!(out.stderr().contains("no peer serves nothing"), "{out}");
     let entries: Vec<_> = std::fs::read_dir(net.served("p2"))?.collect();
     assert!(entries.is_empty(), "nothing may be written");
     assert_eq!(
         std::fs::read(net.root().join("outside.txt"))?,
         b"not shared"
     );
+    // `sub` is a folder there (issue 24): it is fetched as one, and only what it holds.
+    net.ok("p2", &["download", "sub", "p1"])?;
+    assert_eq!(std::fs::read(net.served("p2").join("sub/inner.txt"))?, b"x");
     Ok(())
 }
 

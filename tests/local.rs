@@ -169,8 +169,10 @@ fn closed_stdout_and_stderr_end_quietly_without_a_panic() -> TestResult {
     Ok(())
 }
 
-#[test]
-fn a_listing_cut_at_the_cap_says_so() -> TestResult {
+/// Issue 24: a `qnode/3` listing is never cut (it is paged); a `qnode/2` peer's `List` is still
+/// cut at the cap and says how many files there are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_cut_at_the_cap_says_so() -> TestResult {
     let net = Net::new(&["p1", "p2"])?;
     let cap = qnode::wire::protocol::MAX_LISTED_FILES;
     for i in 0..cap + 5 {
@@ -179,12 +181,19 @@ fn a_listing_cut_at_the_cap_says_so() -> TestResult {
     let _p1 = net.serve("p1", &[])?;
     let out = net.ok("p2", &["list", "p1", "--json"])?;
     let json = out.json()?;
-    assert_eq!(json["peers"][0]["files"].as_array().unwrap().len(), cap);
-    assert_eq!(json["peers"][0]["total"], cap + 5);
-    assert!(
-        out.stderr().contains(&format!("serves {} files", cap + 5)),
-        "{out}"
-    );
+    assert_eq!(json["peers"][0]["files"].as_array().unwrap().len(), cap + 5);
+    assert!(json["peers"][0].get("total").is_none(), "not cut: {json}");
+    assert_eq!(out.stderr(), "");
+    let (_ep, conn) =
+        util::peer::connect_speaking(&net, "p2", "p1", None, &[qnode::wire::protocol::ALPN_V2])
+            .await?;
+    let list = qnode::wire::protocol::encode_frame(&qnode::wire::protocol::Request::List)?;
+    match util::peer::raw(&conn, &list).await? {
+        qnode::wire::protocol::Response::FilesCut { files, total } => {
+            assert_eq!((files.len(), total), (cap, cap as u64 + 5));
+        }
+        other => panic!("expected a cut listing, got {other:?}"),
+    }
     // Under the cap: no total, no warning.
     let small = Net::new(&["p1", "p2"])?;
     small.put("p1", "a.txt", b"a")?;

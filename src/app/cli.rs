@@ -14,7 +14,7 @@ use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 pub use crate::app::args::{Cli, Command, DownloadArgs, ListArgs, ServeArgs, UploadArgs};
-use crate::model::manifest::{FileName, Manifest, hex, parse_hex};
+use crate::model::manifest::{FilePath, Manifest, hex, parse_hex};
 use crate::model::peers::{PeerId, Root};
 use crate::net::identity::{self, InitOutcome};
 use crate::node::{
@@ -267,8 +267,23 @@ async fn download(node: &Node, args: &DownloadArgs) -> anyhow::Result<bool> {
         }
         None => None,
     };
+    // A trailing `/` says the name is a folder; without it, a name no peer serves as a file is
+    // tried as a folder.
+    let folder = args.name.ends_with('/');
+    let name = FilePath::new(args.name.trim_end_matches('/'))?;
+    let folder_req = || node::FolderRequest {
+        name: name.clone(),
+        peers: args.peers.clone(),
+        output: args.output.clone(),
+        blake3,
+        window: args.window,
+        update: args.update,
+    };
+    if folder {
+        return download_folder(node, &folder_req(), args.json).await;
+    }
     let req = DownloadRequest {
-        name: FileName::new(args.name.as_str())?,
+        name: name.clone(),
         peers: args.peers.clone(),
         output: args.output.clone(),
         blake3,
@@ -299,7 +314,16 @@ async fn download(node: &Node, args: &DownloadArgs) -> anyhow::Result<bool> {
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    let done = result?;
+    let done = match result {
+        Err(e) if e.downcast_ref::<node::NotServed>().is_some() => {
+            // Not a file anywhere: a folder, if some peer has one under that name.
+            return match download_folder(node, &folder_req(), args.json).await {
+                Err(f) if f.to_string().starts_with("no peer serves the folder") => Err(e),
+                other => other,
+            };
+        }
+        other => other?,
+    };
     if let Some(report) = &done.report {
         for s in &report.sources {
             if s.corrupt > 0 {
@@ -356,6 +380,106 @@ async fn download(node: &Node, args: &DownloadArgs) -> anyhow::Result<bool> {
     }
     render_download(&out, args.json)?;
     Ok(true)
+}
+
+/// `download FOLDER`: one summary line, or one JSON object.
+async fn download_folder(
+    node: &Node,
+    req: &node::FolderRequest,
+    json: bool,
+) -> anyhow::Result<bool> {
+    let interrupted = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let done = node.download_folder(req, interrupted).await?;
+    for (peer, why) in &done.left_out {
+        crate::errln!("qnode: warning: {peer} left out: {why}");
+    }
+    let status = |s: node::FileStatus| match s {
+        node::FileStatus::Downloaded => "downloaded",
+        node::FileStatus::Copied => "copied",
+        node::FileStatus::AlreadyPresent => "already_present",
+        node::FileStatus::Updated => "updated",
+    };
+    let size: u64 = done.files.iter().map(|f| f.entry.size).sum();
+    let out = FolderOut {
+        name: format!("{}/", done.name),
+        kind: "folder",
+        blake3: hex(&done.version),
+        status: if done.changed() {
+            "downloaded"
+        } else {
+            "already_present"
+        },
+        path: done.target.display().to_string(),
+        files: done.files.len(),
+        size,
+        peers: done.peers.clone(),
+        reused_bytes: done.reused_bytes,
+        wire_bytes: done.wire_bytes,
+        seconds: done.elapsed.as_secs_f64(),
+        entries: done
+            .files
+            .iter()
+            .map(|f| FolderEntryOut {
+                name: f.entry.path.to_string(),
+                size: f.entry.size,
+                blake3: hex(&f.entry.blake3),
+                status: status(f.status),
+            })
+            .collect(),
+        left_out: done
+            .left_out
+            .iter()
+            .map(|(p, why)| LeftOutOut {
+                peer: p.to_string(),
+                reason: why.clone(),
+            })
+            .collect(),
+    };
+    if json {
+        print_json(&out)?;
+        return Ok(true);
+    }
+    let count = |s| done.files.iter().filter(|f| f.status == s).count();
+    crate::outln!(
+        "folder {} ({} files, {}) in {:.2} s: {} fetched, {} copied from our own files, {} already here, {} updated -> {}",
+        out.name,
+        out.files,
+        HumanBytes(size),
+        out.seconds,
+        count(node::FileStatus::Downloaded),
+        count(node::FileStatus::Copied),
+        count(node::FileStatus::AlreadyPresent),
+        count(node::FileStatus::Updated),
+        out.path
+    );
+    Ok(true)
+}
+
+#[derive(Serialize)]
+struct FolderOut {
+    name: String,
+    kind: &'static str,
+    blake3: String,
+    status: &'static str,
+    path: String,
+    files: usize,
+    size: u64,
+    peers: BTreeMap<String, u64>,
+    reused_bytes: u64,
+    wire_bytes: u64,
+    seconds: f64,
+    entries: Vec<FolderEntryOut>,
+    left_out: Vec<LeftOutOut>,
+}
+
+#[derive(Serialize)]
+struct FolderEntryOut {
+    name: String,
+    size: u64,
+    blake3: String,
+    status: &'static str,
 }
 
 fn progress_bar(total: u64) -> Option<ProgressBar> {
@@ -494,7 +618,7 @@ struct DownloadOut {
 
 impl DownloadOut {
     fn new(
-        name: &FileName,
+        name: &FilePath,
         target: &Path,
         manifest: &Manifest,
         seconds: f64,

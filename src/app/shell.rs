@@ -127,6 +127,13 @@ mod tests {
             Some(LineAction::Run(Command::Download(a))) => assert!(a.json && a.peers.len() == 3),
             other => panic!("{other:?}"),
         }
+        // A folder, as on the command line.
+        match parse("#DOWNLOAD notes/ p1 p2").unwrap() {
+            Some(LineAction::Run(Command::Download(a))) => {
+                assert_eq!((a.name.as_str(), a.peers.len()), ("notes/", 2))
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(parse("quit").unwrap(), Some(LineAction::Quit)));
         assert!(matches!(parse("HELP").unwrap(), Some(LineAction::Help)));
         assert!(parse("   ").unwrap().is_none());

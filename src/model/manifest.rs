@@ -16,7 +16,7 @@ use blake3::hazmat::{
 };
 use serde::{Deserialize, Serialize};
 
-pub use crate::model::name::{FileName, InvalidName, MAX_NAME_LEN};
+pub use crate::model::name::{FileName, FilePath, InvalidName, MAX_NAME_LEN};
 
 /// Smallest chunk, in bytes: one BLAKE3 chunk.
 pub const MIN_CHUNK_SIZE: u64 = 1024;

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::model::delta::{Sig, SigKind, Tree};
-use crate::model::manifest::{ChunkSet, FileName, Hash32, Manifest, Regrain};
+use crate::model::manifest::{ChunkSet, FilePath, Hash32, Manifest, Regrain};
 use crate::model::peers::PeerId;
 use crate::net::tls::{self, SERVER_NAME};
 use crate::transfer::download::{ChunkSource, SourceError};
@@ -41,6 +41,12 @@ pub enum ClientError {
         addr: SocketAddr,
         /// Why.
         reason: String,
+    },
+    /// The peer speaks a version without folders, and the name is in one.
+    #[error("{peer} is an older qnode, which does not support folders")]
+    NoFolders {
+        /// Who.
+        peer: PeerId,
     },
     /// The peer is not in our table (any more).
     #[error("{peer} is not listed in peer_settings.txt")]
@@ -177,6 +183,9 @@ impl Client {
     /// The files the peer serves (the first `MAX_LISTED_FILES` if there are more), how many it
     /// serves, and its downloads in progress (none from an older peer, which does not list them).
     pub async fn list(&self) -> Result<(Vec<FileEntry>, u64, Vec<Incomplete>), ClientError> {
+        if self.version.has_folders() {
+            return self.list_pages().await;
+        }
         match self
             .on_stream(async |send, recv| exchange::list_all(send, recv).await)
             .await
@@ -191,8 +200,28 @@ impl Client {
         }
     }
 
+    /// Every file of the peer's tree, page by page (`qnode/3`), and its downloads in progress.
+    async fn list_pages(&self) -> Result<(Vec<FileEntry>, u64, Vec<Incomplete>), ClientError> {
+        let (mut files, mut incomplete) = (Vec::<FileEntry>::new(), Vec::new());
+        loop {
+            let after = files.last().map(|f| f.name.clone());
+            let page = self
+                .on_stream(async |send, recv| exchange::list_page(send, recv, after.as_ref()).await)
+                .await?;
+            if after.is_none() {
+                incomplete = page.incomplete;
+            }
+            files.extend(page.files);
+            if !page.more {
+                let total = files.len() as u64;
+                return Ok((files, total, incomplete));
+            }
+        }
+    }
+
     /// The manifest of `name`, or `None` if the peer does not serve it.
-    pub async fn describe(&self, name: &FileName) -> Result<Option<Manifest>, ClientError> {
+    pub async fn describe(&self, name: &FilePath) -> Result<Option<Manifest>, ClientError> {
+        self.knows(name)?;
         self.on_stream(async |send, recv| exchange::describe(send, recv, name).await)
             .await
     }
@@ -200,7 +229,7 @@ impl Client {
     /// `len` bytes of `name` at `offset`, unverified (the caller checks them).
     pub async fn read_chunk(
         &self,
-        name: &FileName,
+        name: &FilePath,
         offset: u64,
         len: u32,
     ) -> Result<Received, ClientError> {
@@ -212,7 +241,7 @@ impl Client {
     /// download in progress; unverified.
     pub async fn read_version(
         &self,
-        name: &FileName,
+        name: &FilePath,
         blake3: Hash32,
         offset: u64,
         len: u32,
@@ -228,8 +257,9 @@ impl Client {
     /// progress there, what it gains.
     pub async fn observe(
         &self,
-        name: &FileName,
+        name: &FilePath,
     ) -> Result<Option<(Offer, Option<Changes>)>, ClientError> {
+        self.knows(name)?;
         for in_pieces in [true, false] {
             let (mut send, mut recv) = self.open().await?;
             match exchange::observe(&mut send, &mut recv, name, in_pieces).await {
@@ -261,7 +291,7 @@ impl Client {
     /// `len` bytes of `name` at any `offset` (at most one chunk), unverified.
     pub async fn read_range(
         &self,
-        name: &FileName,
+        name: &FilePath,
         offset: u64,
         len: u32,
     ) -> Result<Received, ClientError> {
@@ -270,7 +300,7 @@ impl Client {
     }
 
     /// The group signatures of version `blake3` of `name`.
-    pub async fn groups(&self, name: &FileName, blake3: Hash32) -> Result<Vec<Sig>, ClientError> {
+    pub async fn groups(&self, name: &FilePath, blake3: Hash32) -> Result<Vec<Sig>, ClientError> {
         self.on_stream(async |send, recv| exchange::groups(send, recv, name, blake3).await)
             .await
     }
@@ -278,7 +308,7 @@ impl Client {
     /// The leaf signatures of groups `first..first + count` of version `blake3` of `name`.
     pub async fn leaves(
         &self,
-        name: &FileName,
+        name: &FilePath,
         blake3: Hash32,
         first: u32,
         count: u32,
@@ -294,7 +324,7 @@ impl Client {
     /// sending only what the peer lacks.
     pub async fn upload(
         &self,
-        name: &FileName,
+        name: &FilePath,
         path: &Path,
         (size, blake3): (u64, Hash32),
         replace: Option<impl Future<Output = Result<Arc<Tree>, std::io::Error>>>,
@@ -304,12 +334,13 @@ impl Client {
             path: path.display().to_string(),
             source,
         };
+        self.knows(name)?;
         let mut file = tokio::fs::File::open(path).await.map_err(local)?;
         let (mut send, mut recv) = self.open().await?;
         // A `qnode/2` peer takes the bytes in blocks, compressed as `compression` says.
         let pace = codec::Pace::with_spare(crate::net::machine::cores_to_spare);
         let framing = match self.version {
-            Version::V2 => Framing::Blocks(compression, &pace),
+            Version::V2 | Version::V3 => Framing::Blocks(compression, &pace),
             Version::V1 => Framing::Raw,
         };
         let file = &mut file;
@@ -331,6 +362,21 @@ impl Client {
             Err(ExchangeError::Local(e)) => Err(local(e)),
             Err(e) => Err(self.exchange(e)),
         }
+    }
+
+    /// Whether the peer speaks a version with folders (`qnode/3`).
+    pub fn has_folders(&self) -> bool {
+        self.version.has_folders()
+    }
+
+    /// Whether the peer can be asked about `name`: one in a folder needs `qnode/3`.
+    fn knows(&self, name: &FilePath) -> Result<(), ClientError> {
+        if name.is_top_level() || self.version.has_folders() {
+            return Ok(());
+        }
+        Err(ClientError::NoFolders {
+            peer: self.peer.clone(),
+        })
     }
 
     /// A new request stream.
@@ -464,13 +510,15 @@ pub struct Redial {
 pub struct PeerSource {
     client: tokio::sync::Mutex<Client>,
     redial: Redial,
-    name: FileName,
+    name: FilePath,
     label: String,
     kind: SigKind,
     /// For a download in progress at the peer: the version, and what it holds as it changes.
     partial: Option<Partial>,
     /// Bytes of replies that crossed the wire (compressed or not).
     wire: std::sync::atomic::AtomicU64,
+    /// Its connection was made again (the one it was given was lost): that one is its own.
+    redialed: std::sync::atomic::AtomicBool,
 }
 
 /// A source that holds part of the file: a download in progress at the peer.
@@ -490,7 +538,7 @@ impl Drop for Partial {
 
 impl PeerSource {
     /// `client` serving `name`, reconnecting with `redial` when needed.
-    pub fn new(client: Client, name: FileName, redial: Redial) -> Self {
+    pub fn new(client: Client, name: FilePath, redial: Redial) -> Self {
         let label = client.peer().to_string();
         Self {
             kind: client.sig_kind(),
@@ -500,6 +548,7 @@ impl PeerSource {
             label,
             partial: None,
             wire: Default::default(),
+            redialed: Default::default(),
         }
     }
 
@@ -574,6 +623,8 @@ impl PeerSource {
                 self.redial.addr,
             )
             .await?;
+            self.redialed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(current.clone())
     }
@@ -600,9 +651,12 @@ impl PeerSource {
         Ok(self.count(client.read_range(&self.name, offset, len).await?))
     }
 
-    /// Closes the current connection.
+    /// Closes the connection it made again, if it did.
     pub async fn close(&self) {
-        self.client.lock().await.close();
+        // The connection it was given is the session's, which may use it for the next file.
+        if self.redialed.load(std::sync::atomic::Ordering::Relaxed) {
+            self.client.lock().await.close();
+        }
     }
 }
 

@@ -243,6 +243,7 @@ pub fn alpn_name(version: Version) -> &'static str {
     match version {
         Version::V1 => "qnode/1",
         Version::V2 => "qnode/2",
+        Version::V3 => "qnode/3",
     }
 }
 

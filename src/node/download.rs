@@ -8,12 +8,12 @@ use anyhow::bail;
 
 use super::Node;
 use crate::model::delta::{Sig, SigKind};
-use crate::model::manifest::{FileName, Hash32};
+use crate::model::manifest::{FilePath, Hash32};
 use crate::model::peers::PeerId;
 use crate::net::client::{Changes, Client, ClientError, Offer, PeerSource};
 use crate::transfer::session::{self, Holding, Peers, Plan};
 
-pub use crate::transfer::session::Fetched;
+pub use crate::transfer::session::{Fetched, NotServed};
 
 /// Why a peer took no part in a download.
 pub type LeftOut = session::LeftOut<ClientError>;
@@ -26,7 +26,7 @@ pub type Downloaded = session::Downloaded<ClientError>;
 #[derive(Debug, Clone)]
 pub struct DownloadRequest {
     /// The file.
-    pub name: FileName,
+    pub name: FilePath,
     /// Peers to fetch from (empty: every other peer).
     pub peers: Vec<PeerId>,
     /// Where to write it (a folder means FOLDER/NAME); default our served_files/NAME.
@@ -54,10 +54,15 @@ impl Node {
     /// Where a download goes, and whom to ask.
     fn download_plan(&self, req: &DownloadRequest) -> anyhow::Result<Plan> {
         let name = req.name.as_str();
+        // In a folder: its folders are made first, each a real folder (never a symlink).
+        let beneath = |root: PathBuf| -> anyhow::Result<PathBuf> {
+            crate::store::make_folders(&root, &req.name)?;
+            Ok(root.join(name))
+        };
         let target = match &req.output {
-            Some(p) if p.is_dir() => p.join(name),
+            Some(p) if p.is_dir() => beneath(p.clone())?,
             Some(p) => p.clone(),
-            None => self.served_dir().join(name),
+            None => beneath(self.served_dir())?,
         };
         let peers: Vec<PeerId> = self
             .select(&req.peers)?
@@ -83,12 +88,12 @@ impl Node {
 
 /// The node's peers as a download session asks them: over the node's connections, each source
 /// reconnecting on its own.
-struct Asking<'a> {
-    node: &'a Node,
+pub(super) struct Asking<'a> {
+    pub(super) node: &'a Node,
 }
 
 /// The connection that answered and, for a download in progress there, what it gains.
-struct Lead {
+pub(super) struct Lead {
     client: Client,
     changes: Option<Changes>,
 }
@@ -101,7 +106,7 @@ impl Peers for Asking<'_> {
     async fn ask(
         &self,
         peer: &PeerId,
-        name: &FileName,
+        name: &FilePath,
     ) -> Result<Option<(Offer, Lead)>, ClientError> {
         let client = self.node.client(self.node.entry(peer)?).await?;
         let answer = client.observe(name).await?;
@@ -112,14 +117,14 @@ impl Peers for Asking<'_> {
         lead.client.sig_kind()
     }
 
-    async fn groups(&self, lead: &Lead, name: &FileName, version: Hash32) -> Option<Vec<Sig>> {
+    async fn groups(&self, lead: &Lead, name: &FilePath, version: Hash32) -> Option<Vec<Sig>> {
         lead.client.groups(name, version).await.ok()
     }
 
     fn source(
         &self,
         peer: &PeerId,
-        name: &FileName,
+        name: &FilePath,
         lead: Lead,
         holding: Option<Holding>,
     ) -> Result<PeerSource, ClientError> {

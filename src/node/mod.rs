@@ -17,7 +17,7 @@ use futures_util::FutureExt;
 use futures_util::future::join_all;
 
 use crate::model::delta::{SigKind, Tree};
-use crate::model::manifest::{FileName, Hash32, Manifest};
+use crate::model::manifest::{FilePath, Hash32, Manifest};
 use crate::model::peers::{PeerEntry, PeerId, PeerTable, Root};
 use crate::net::client::{Client, ClientError, Redial};
 use crate::net::endpoints::Endpoints;
@@ -72,9 +72,11 @@ impl PeerFailure {
 /// What the use cases return, for the command line to render.
 pub use crate::net::client::UploadStatus;
 pub use crate::transfer::download::DownloadReport;
-pub use download::{DownloadEvent, DownloadRequest, Downloaded, Fetched, LeftOut};
+pub use download::{DownloadEvent, DownloadRequest, Downloaded, Fetched, LeftOut, NotServed};
 
 mod download;
+mod folder;
+pub use folder::{FileStatus, FolderDownloaded, FolderFile, FolderRequest};
 
 /// One peer's files.
 #[derive(Debug)]
@@ -91,7 +93,7 @@ pub struct Listing {
 #[derive(Debug)]
 pub struct Uploaded {
     /// The name the file was uploaded as.
-    pub name: FileName,
+    pub name: FilePath,
     /// Its size.
     pub size: u64,
     /// Each peer's outcome, in the order asked.
@@ -367,7 +369,7 @@ impl Node {
         })
     }
 
-    fn resolve_upload(&self, file: &Path) -> anyhow::Result<(PathBuf, FileName)> {
+    fn resolve_upload(&self, file: &Path) -> anyhow::Result<(PathBuf, FilePath)> {
         let served = self.served_dir();
         let path = if file.exists() {
             file.to_owned()
@@ -389,7 +391,7 @@ impl Node {
             .file_name()
             .and_then(|n| n.to_str())
             .with_context(|| format!("{} has no usable file name", path.display()))?;
-        Ok((path.clone(), FileName::new(base)?))
+        Ok((path.clone(), FilePath::new(base)?))
     }
 }
 

@@ -12,7 +12,7 @@
 //!   never replaces an existing file. An uncommitted one is removed on drop.
 //!
 //! All of it is blocking file I/O: async callers run it on `spawn_blocking`. It knows nothing of
-//! QUIC, postcard or peers, and takes names only as [`FileName`].
+//! QUIC, postcard or peers, and takes names only as [`FilePath`].
 
 mod displaced;
 pub mod held;
@@ -43,7 +43,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::model::delta::{SigKind, Tree};
 use crate::model::manifest::{
-    ChunkSet, FileName, Hash32, Manifest, chunk_size_for, hex, piece_size_for,
+    ChunkSet, FilePath, Hash32, Manifest, chunk_size_for, hex, piece_size_for,
 };
 use held::HeldWriter;
 
@@ -52,10 +52,13 @@ use held::HeldWriter;
 pub enum StoreError {
     /// No regular file of that name is served.
     #[error("{0} is not served here")]
-    NotFound(FileName),
+    NotFound(FilePath),
     /// A different file already has that name.
     #[error("a different file named {0} already exists")]
     Conflict(String),
+    /// `.qnodeignore` hides the path: not served, not stored.
+    #[error("{0} is hidden by .qnodeignore here")]
+    Ignored(FilePath),
     /// Another transfer of that name is in progress.
     #[error("another transfer of {0} is in progress")]
     Busy(String),
@@ -68,7 +71,7 @@ pub enum StoreError {
     #[error("range {offset}+{len} is outside {name} ({size} bytes)")]
     OutOfRange {
         /// The file.
-        name: FileName,
+        name: FilePath,
         /// Requested start.
         offset: u64,
         /// Requested length.
@@ -82,7 +85,7 @@ pub enum StoreError {
     )]
     NotAChunk {
         /// The file.
-        name: FileName,
+        name: FilePath,
         /// Requested start.
         offset: u64,
         /// Requested length.
@@ -94,7 +97,7 @@ pub enum StoreError {
     #[error("chunk {chunk} of {name} is not held here")]
     NotHeld {
         /// The file.
-        name: FileName,
+        name: FilePath,
         /// The chunk.
         chunk: u64,
     },
@@ -130,6 +133,7 @@ impl Clone for StoreError {
         match self {
             Self::NotFound(n) => Self::NotFound(n.clone()),
             Self::Conflict(s) => Self::Conflict(s.clone()),
+            Self::Ignored(n) => Self::Ignored(n.clone()),
             Self::Busy(s) => Self::Busy(s.clone()),
             Self::Changed(s) => Self::Changed(s.clone()),
             Self::OutOfRange {
@@ -221,6 +225,28 @@ impl FileKey {
     }
 }
 
+/// A listing: every served file with its manifest, sorted by path.
+pub type Listed = Arc<Vec<(FilePath, Arc<Manifest>)>>;
+
+/// How long a listing serves the pages after its first.
+pub const LISTING_KEPT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The file in `served_files` whose patterns (gitignore syntax) hide paths from listing, serving
+/// and uploading.
+pub const IGNORE_FILE: &str = ".qnodeignore";
+
+/// Creates the folders `path` is in beneath `root` (`served_files`, or a download's output
+/// folder), each a real folder: a symlink or a file on the way is refused, never followed.
+pub fn make_folders(root: &Path, path: &FilePath) -> Result<(), StoreError> {
+    let Some(parent) = path.parent() else {
+        return Ok(());
+    };
+    make_folders_beneath(root, parent).map_err(|e| match e.kind() {
+        io::ErrorKind::NotADirectory => StoreError::Conflict(format!("{parent} (not a folder)")),
+        _ => StoreError::io("creating the folders of", &root.join(path.as_str()), e),
+    })
+}
+
 /// A served file's manifests, as last hashed.
 #[derive(Debug, Clone)]
 pub struct Described {
@@ -238,9 +264,9 @@ pub struct Store {
     dir: PathBuf,
     /// Manifests by name. A std `Mutex`: it is held only for a map lookup or insert, never across
     /// hashing or an `.await`.
-    cache: Mutex<HashMap<FileName, Described>>,
+    cache: Mutex<HashMap<FilePath, Described>>,
     /// Names with an upload in progress, so two uploads of one name never interleave.
-    uploads: Arc<Mutex<HashSet<FileName>>>,
+    uploads: Arc<Mutex<HashSet<FilePath>>>,
     /// Content-defined trees (`delta`) of the last few files asked for, by name and signature
     /// kind (peers of both protocol versions may ask for one file's tree).
     trees: Mutex<TreeCache>,
@@ -249,8 +275,12 @@ pub struct Store {
     held: Mutex<HeldCache>,
     /// Units of downloads in progress here that failed their check when read.
     damaged: Damaged,
+    /// The last listing and when it was made, for the pages after a listing's first.
+    listing: Mutex<Option<(std::time::Instant, Listed)>>,
+    /// The `.qnodeignore` matcher, with the identity of the file it was read from.
+    ignore: Mutex<Option<(FileKey, ignore::gitignore::Gitignore)>>,
     /// Names whose manifest is being hashed, each with the lock its hashing holds.
-    hashing: Mutex<HashMap<FileName, Arc<Mutex<()>>>>,
+    hashing: Mutex<HashMap<FilePath, Arc<Mutex<()>>>>,
 }
 
 impl Store {
@@ -272,6 +302,8 @@ impl Store {
             trees: Mutex::default(),
             held: Mutex::default(),
             damaged: Damaged::default(),
+            listing: Mutex::default(),
+            ignore: Mutex::default(),
             hashing: Mutex::default(),
         })
     }
@@ -282,31 +314,19 @@ impl Store {
     }
 
     /// Where `name` lives (whether or not it exists).
-    pub fn path_of(&self, name: &FileName) -> PathBuf {
+    pub fn path_of(&self, name: &FilePath) -> PathBuf {
         self.dir.join(name.as_str())
     }
 
-    /// Every served file with its manifest, sorted by name.
-    pub fn list(&self) -> Result<Vec<(FileName, Arc<Manifest>)>, StoreError> {
-        let entries =
-            fs::read_dir(&self.dir).map_err(|e| StoreError::io("listing", &self.dir, e))?;
+    /// Every served file with its manifest, sorted by path: the whole tree, hidden entries and
+    /// symlinks skipped at every depth (a symlinked folder is never entered), and what
+    /// `.qnodeignore` hides left out.
+    pub fn list(&self) -> Result<Vec<(FilePath, Arc<Manifest>)>, StoreError> {
         let mut out = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| StoreError::io("listing", &self.dir, e))?;
-            let Some(name) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| FileName::new(n).ok())
-            else {
-                continue;
-            };
-            // `DirEntry::file_type` does not follow symlinks: only real regular files qualify.
-            if !entry.file_type().is_ok_and(|t| t.is_file()) {
-                continue;
-            }
-            match self.manifest(&name) {
-                Ok(m) => out.push((name, m)),
-                // Removed or replaced by a non-file since read_dir: not served.
+        for path in self.walk()? {
+            match self.manifest(&path) {
+                Ok(m) => out.push((path, m)),
+                // Removed or replaced by a non-file since the walk: not served.
                 Err(StoreError::NotFound(_)) => {}
                 Err(e) => return Err(e),
             }
@@ -315,15 +335,94 @@ impl Store {
         Ok(out)
     }
 
+    /// [`list`](Self::list) made now (`fresh`, a listing's first page), or the one made last
+    /// if it is younger than [`LISTING_KEPT`] (the pages after the first: one walk per listing,
+    /// and its pages agree with each other).
+    pub fn listing(&self, fresh: bool) -> Result<Listed, StoreError> {
+        let now = std::time::Instant::now();
+        if !fresh {
+            let last = self.listing.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, listed)) = last.as_ref()
+                && now.saturating_duration_since(*at) < LISTING_KEPT
+            {
+                return Ok(listed.clone());
+            }
+        }
+        let listed = Arc::new(self.list()?);
+        *self.listing.lock().unwrap_or_else(|p| p.into_inner()) = Some((now, listed.clone()));
+        Ok(listed)
+    }
+
+    /// The paths of the regular files in the tree, as [`list`](Self::list) serves them.
+    fn walk(&self) -> Result<Vec<FilePath>, StoreError> {
+        let walker = ignore::WalkBuilder::new(&self.dir)
+            .standard_filters(false)
+            .hidden(true)
+            .follow_links(false)
+            .max_depth(Some(crate::model::name::MAX_PATH_DEPTH))
+            .build();
+        let mut paths = Vec::new();
+        for entry in walker {
+            let entry = entry.map_err(|e| {
+                let e = e
+                    .into_io_error()
+                    .unwrap_or_else(|| io::Error::other("walk failed"));
+                StoreError::io("listing", &self.dir, e)
+            })?;
+            // Not followed: a symlink is a symlink here, never a file or a folder.
+            if !entry.file_type().is_some_and(|t| t.is_file()) {
+                continue;
+            }
+            let Ok(rel) = entry.path().strip_prefix(&self.dir) else {
+                continue;
+            };
+            let Some(path) = rel.to_str().and_then(|r| FilePath::new(r).ok()) else {
+                continue;
+            };
+            if !self.ignored(&path) {
+                paths.push(path);
+            }
+        }
+        Ok(paths)
+    }
+
+    /// Whether `served_files/.qnodeignore` (gitignore syntax) hides `path`. The file is read
+    /// again when it changes.
+    pub fn ignored(&self, path: &FilePath) -> bool {
+        let file = self.dir.join(IGNORE_FILE);
+        let Ok(meta) = fs::symlink_metadata(&file) else {
+            return false;
+        };
+        let key = FileKey::of(&meta);
+        let mut cached = self.ignore.lock().unwrap_or_else(|p| p.into_inner());
+        if cached.as_ref().is_none_or(|(k, _)| *k != key) {
+            let mut builder = ignore::gitignore::GitignoreBuilder::new(&self.dir);
+            if meta.is_file()
+                && let Some(e) = builder.add(&file)
+            {
+                tracing::warn!("{}: {e}", file.display());
+            }
+            let matcher = builder.build().unwrap_or_else(|e| {
+                tracing::warn!("{}: {e}", file.display());
+                ignore::gitignore::Gitignore::empty()
+            });
+            *cached = Some((key, matcher));
+        }
+        cached.as_ref().is_some_and(|(_, m)| {
+            m.matched_path_or_any_parents(path.as_str(), false)
+                .is_ignore()
+        })
+    }
+
     /// The manifest of `name`, from the cache if the file is unchanged.
-    pub fn manifest(&self, name: &FileName) -> Result<Arc<Manifest>, StoreError> {
+    pub fn manifest(&self, name: &FilePath) -> Result<Arc<Manifest>, StoreError> {
         Ok(self.described(name)?.manifest)
     }
 
     /// The manifest of `name` and, if the file has pieces
     /// ([`piece_size_for`](crate::model::manifest::piece_size_for) its size), its manifest in pieces,
     /// if a regular file of that name exists; both cached, from one look at the file.
-    pub fn lookup_with_pieces(&self, name: &FileName) -> Result<Option<Described>, StoreError> {
+    pub fn lookup_with_pieces(&self, name: &FilePath) -> Result<Option<Described>, StoreError> {
         match self.described(name) {
             Ok(d) => Ok(Some(d)),
             Err(StoreError::NotFound(_)) => Ok(None),
@@ -331,7 +430,7 @@ impl Store {
         }
     }
 
-    fn described(&self, name: &FileName) -> Result<Described, StoreError> {
+    fn described(&self, name: &FilePath) -> Result<Described, StoreError> {
         let path = self.path_of(name);
         for _attempt in 0..3 {
             let (file, key) = self.open_regular(name)?;
@@ -394,13 +493,13 @@ impl Store {
     }
 
     /// The manifest of `name` if a regular file of that name exists.
-    pub fn lookup(&self, name: &FileName) -> Result<Option<Arc<Manifest>>, StoreError> {
+    pub fn lookup(&self, name: &FilePath) -> Result<Option<Arc<Manifest>>, StoreError> {
         Ok(self.lookup_with_pieces(name)?.map(|d| d.manifest))
     }
 
     fn read_open(
         &self,
-        name: &FileName,
+        name: &FilePath,
         file: File,
         key: FileKey,
         offset: u64,
@@ -436,7 +535,7 @@ impl Store {
     /// memory bound as [`read_chunk`](Self::read_chunk)).
     pub fn read_range(
         &self,
-        name: &FileName,
+        name: &FilePath,
         offset: u64,
         len: u32,
     ) -> Result<Vec<u8>, StoreError> {
@@ -449,7 +548,7 @@ impl Store {
     /// more than one chunk of memory, whatever length it asks for.
     pub fn read_chunk(
         &self,
-        name: &FileName,
+        name: &FilePath,
         offset: u64,
         len: u32,
     ) -> Result<Vec<u8>, StoreError> {
@@ -459,7 +558,7 @@ impl Store {
     /// Reads at most one chunk's length, starting a chunk or piece if `aligned`.
     fn read_bounded(
         &self,
-        name: &FileName,
+        name: &FilePath,
         offset: u64,
         len: u32,
         aligned: bool,
@@ -479,7 +578,7 @@ impl Store {
     }
 
     /// The manifest of whatever is at `name`: `None` if nothing, a conflict if it is not a file.
-    fn existing(&self, name: &FileName) -> Result<Option<Arc<Manifest>>, StoreError> {
+    fn existing(&self, name: &FilePath) -> Result<Option<Arc<Manifest>>, StoreError> {
         let path = self.path_of(name);
         match fs::symlink_metadata(&path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -493,12 +592,17 @@ impl Store {
     ///
     /// Opened without following a link and without blocking (a FIFO put in its place would block
     /// `open` forever), then checked with `fstat`: what was opened is what is read.
-    fn open_regular(&self, name: &FileName) -> Result<(File, FileKey), StoreError> {
+    fn open_regular(&self, name: &FilePath) -> Result<(File, FileKey), StoreError> {
         let path = self.path_of(name);
         let not_found = || StoreError::NotFound(name.clone());
-        let file = match open_nofollow(&path) {
+        if self.ignored(name) {
+            return Err(not_found());
+        }
+        let file = match open_beneath(&self.dir, name) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound || not_regular(&e) => {
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound || not_regular(&e) || not_a_folder(&e) =>
+            {
                 return Err(not_found());
             }
             Err(e) => return Err(StoreError::io("opening", &path, e)),
@@ -527,7 +631,7 @@ impl Store {
         self.trees.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<FileName, Described>> {
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<FilePath, Described>> {
         // A poisoned lock only means another thread panicked mid-insert of a whole entry; the map
         // itself is still consistent.
         self.cache.lock().unwrap_or_else(|p| p.into_inner())

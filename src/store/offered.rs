@@ -133,25 +133,25 @@ pub fn download_tag(blake3: &Hash32) -> String {
 }
 
 /// The name and tag of a sidecar's file name, `.<name>.<tag>.held`.
-fn held_name(file_name: &str) -> Option<(FileName, &str)> {
+fn held_name(file_name: &str) -> Option<(FilePath, &str)> {
     let inner = file_name
         .strip_prefix('.')?
         .strip_suffix(&format!(".{}", held::EXTENSION))?;
     let (name, tag) = inner.rsplit_once('.')?;
     let hex_tag = tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit());
-    Some((FileName::new(name).ok()?, tag)).filter(|_| hex_tag)
+    Some((FilePath::new(name).ok()?, tag)).filter(|_| hex_tag)
 }
 
 impl Store {
     /// What the download of version `blake3` of `name` in progress here holds, if there is one.
-    pub fn held(&self, name: &FileName, blake3: &Hash32) -> Result<Option<Held>, StoreError> {
+    pub fn held(&self, name: &FilePath, blake3: &Hash32) -> Result<Option<Held>, StoreError> {
         let file = format!(".{name}.{}.{}", download_tag(blake3), held::EXTENSION);
         self.held_at(&self.dir.join(file), name)
     }
 
     /// The download of `name` in progress here (the one changed last, if there are several
     /// versions), if there is one.
-    pub fn held_any(&self, name: &FileName) -> Result<Option<Held>, StoreError> {
+    pub fn held_any(&self, name: &FilePath) -> Result<Option<Held>, StoreError> {
         Ok(self
             .held_all()?
             .into_iter()
@@ -161,7 +161,7 @@ impl Store {
     }
 
     /// Every download in progress here, by name.
-    pub fn held_all(&self) -> Result<Vec<(FileName, Held)>, StoreError> {
+    pub fn held_all(&self) -> Result<Vec<(FilePath, Held)>, StoreError> {
         let entries =
             fs::read_dir(&self.dir).map_err(|e| StoreError::io("listing", &self.dir, e))?;
         let mut out = Vec::new();
@@ -183,7 +183,7 @@ impl Store {
     pub(super) fn held_at(
         &self,
         sidecar: &Path,
-        name: &FileName,
+        name: &FilePath,
     ) -> Result<Option<Held>, StoreError> {
         let io = |e| StoreError::io("reading", sidecar, e);
         let Some(opened) = held::open(sidecar).map_err(io)? else {
@@ -230,7 +230,7 @@ impl Store {
     /// verified, checked against its manifest again before it is returned.
     pub fn read_version(
         &self,
-        name: &FileName,
+        name: &FilePath,
         blake3: &Hash32,
         offset: u64,
         len: u32,

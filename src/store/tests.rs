@@ -2,8 +2,8 @@ use super::displaced::prune_displaced_to;
 use super::*;
 use std::os::unix::fs::symlink;
 
-fn name(s: &str) -> FileName {
-    FileName::new(s).unwrap()
+fn name(s: &str) -> FilePath {
+    FilePath::new(s).unwrap()
 }
 
 fn not_found<T>(r: Result<T, StoreError>) -> bool {

@@ -5,7 +5,7 @@
 use super::*;
 
 /// Cached trees by name and signature kind, with the file each was read from.
-pub(super) type TreeCache = HashMap<(FileName, SigKind), (FileKey, Arc<Tree>)>;
+pub(super) type TreeCache = HashMap<(FilePath, SigKind), (FileKey, Arc<Tree>)>;
 
 /// Trees kept in memory (about 3 bytes of tree per KiB of file).
 const TREES_CACHED: usize = 8;
@@ -16,7 +16,7 @@ impl Store {
     #[allow(clippy::type_complexity)]
     pub fn cached_tree(
         &self,
-        name: &FileName,
+        name: &FilePath,
         kind: SigKind,
     ) -> Result<Result<(FileKey, Arc<Tree>), FileKey>, StoreError> {
         let (_, key) = self.open_regular(name)?;
@@ -31,7 +31,7 @@ impl Store {
     /// says true (no one waits for the tree any more) the work ends with `Busy`.
     pub fn compute_tree(
         &self,
-        name: &FileName,
+        name: &FilePath,
         key: FileKey,
         kind: SigKind,
         stop: &dyn Fn() -> bool,

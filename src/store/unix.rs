@@ -10,6 +10,12 @@ pub(super) fn not_regular(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENXIO))
 }
 
+/// Whether an open failed because a folder on the way is not a real folder (`ENOTDIR`: a file,
+/// or a symlink opened with `O_DIRECTORY | O_NOFOLLOW`).
+pub(super) fn not_a_folder(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOTDIR)
+}
+
 /// Opens `path` for reading without following a symlink and without blocking on a FIFO.
 pub(super) fn open_nofollow(path: &Path) -> io::Result<File> {
     OpenOptions::new()
@@ -151,4 +157,79 @@ pub fn read_small_file(path: &Path, max: u64) -> io::Result<(Vec<u8>, fs::Metada
     // Capped again in case it grows while we read.
     file.take(max).read_to_end(&mut bytes)?;
     Ok((bytes, meta))
+}
+
+/// Opens `rel` (a path of normal components) beneath the folder `root` for reading, following
+/// no symlink at any depth and never blocking on a FIFO: each folder on the way is opened with
+/// `O_NOFOLLOW | O_DIRECTORY` relative to the one before, so a symlinked folder is never
+/// traversed. A symlink anywhere fails with `ELOOP` (or `ENOTDIR` for a folder component).
+pub(super) fn open_beneath(root: &Path, rel: &FilePath) -> io::Result<File> {
+    let mut folder = open_root(root)?;
+    let mut components = rel.components().peekable();
+    while let Some(component) = components.next() {
+        let name = c_name(component)?;
+        if components.peek().is_none() {
+            let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
+            // SAFETY: `folder` is an open descriptor and `name` a NUL-terminated string.
+            let fd = unsafe { libc::openat(fd_of(&folder), name.as_ptr(), flags) };
+            return owned(fd);
+        }
+        folder = open_dir_nofollow(fd_of(&folder), &name)?;
+    }
+    Err(io::Error::from(io::ErrorKind::NotFound))
+}
+
+/// Creates the folders of `rel` (every component, none may be a symlink) beneath `root`, which
+/// must exist. A component that exists as anything but a real folder is an error.
+pub(super) fn make_folders_beneath(root: &Path, rel: &str) -> io::Result<()> {
+    let mut folder = open_root(root)?;
+    for component in rel.split('/').filter(|c| !c.is_empty()) {
+        let name = c_name(component)?;
+        // SAFETY: as above.
+        let made = unsafe { libc::mkdirat(fd_of(&folder), name.as_ptr(), 0o755) };
+        if made != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                return Err(e);
+            }
+        }
+        folder = open_dir_nofollow(fd_of(&folder), &name).map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP | libc::ENOTDIR) => io::Error::new(
+                io::ErrorKind::NotADirectory,
+                format!("{component} is not a folder (a symlink or a file?)"),
+            ),
+            _ => e,
+        })?;
+    }
+    Ok(())
+}
+
+/// The root folder itself (`served_files` may be a symlink the user made: it is followed).
+fn open_root(root: &Path) -> io::Result<File> {
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+    // SAFETY: a NUL-terminated path.
+    owned(unsafe { libc::open(c_path(root)?.as_ptr(), flags) })
+}
+
+fn open_dir_nofollow(at: libc::c_int, name: &std::ffi::CStr) -> io::Result<File> {
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: `at` is AT_FDCWD or an open descriptor; `name` is NUL-terminated.
+    owned(unsafe { libc::openat(at, name.as_ptr(), flags) })
+}
+
+fn fd_of(file: &File) -> libc::c_int {
+    std::os::fd::AsRawFd::as_raw_fd(file)
+}
+
+/// A descriptor `openat` returned, owned (or its error).
+fn owned(fd: libc::c_int) -> io::Result<File> {
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by no one else.
+    Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+fn c_name(component: &str) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(component).map_err(|_| io::Error::other("NUL in a name"))
 }

@@ -8,11 +8,21 @@ impl Store {
     /// file is already served, else a reserved [`Upload`] to write into.
     pub fn begin_upload(
         &self,
-        name: &FileName,
+        name: &FilePath,
         size: u64,
         blake3: Hash32,
         replace: bool,
     ) -> Result<Option<Upload>, StoreError> {
+        if self.ignored(name) {
+            return Err(StoreError::Ignored(name.clone()));
+        }
+        // Its folders first, each a real folder (never through a symlink).
+        if let Some(parent) = name.parent() {
+            make_folders_beneath(&self.dir, parent).map_err(|e| match e.kind() {
+                io::ErrorKind::NotADirectory => StoreError::Conflict(name.to_string()),
+                _ => StoreError::io("creating the folders of", &self.path_of(name), e),
+            })?;
+        }
         let mut replacing = None;
         if let Some(existing) = self.existing(name)? {
             if existing.size() == size && existing.blake3() == blake3 {
@@ -117,12 +127,12 @@ impl Upload {
 
 #[derive(Debug)]
 struct UploadGuard {
-    set: Arc<Mutex<HashSet<FileName>>>,
-    name: FileName,
+    set: Arc<Mutex<HashSet<FilePath>>>,
+    name: FilePath,
 }
 
 impl UploadGuard {
-    fn claim(set: &Arc<Mutex<HashSet<FileName>>>, name: &FileName) -> Result<Self, StoreError> {
+    fn claim(set: &Arc<Mutex<HashSet<FilePath>>>, name: &FilePath) -> Result<Self, StoreError> {
         let mut names = set.lock().unwrap_or_else(|p| p.into_inner());
         if !names.insert(name.clone()) {
             return Err(StoreError::Busy(name.to_string()));

@@ -33,33 +33,37 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::model::delta::{Sig, SigKind};
-use crate::model::manifest::{FileName, Hash32, Manifest};
+use crate::model::manifest::{FilePath, Hash32, Manifest};
 
 /// The first application protocol (and version), negotiated in the TLS handshake.
 pub const ALPN: &[u8] = b"qnode/1";
 /// The second: `qnode/1`'s messages, with tree signatures hashed by XXH3.
 pub const ALPN_V2: &[u8] = b"qnode/2";
+/// The third: `qnode/2`'s messages, where a name may be a path into a folder (`FilePath`).
+pub const ALPN_V3: &[u8] = b"qnode/3";
 /// Every protocol we speak, the preferred first (a TLS server picks the first of its own list
 /// that the client offers).
-pub const ALPNS: [&[u8]; 2] = [ALPN_V2, ALPN];
+pub const ALPNS: [&[u8]; 3] = [ALPN_V3, ALPN_V2, ALPN];
 
-/// The protocol version a connection agreed on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The protocol version a connection agreed on, oldest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Version {
     /// `qnode/1`.
     V1,
     /// `qnode/2`.
     V2,
+    /// `qnode/3`.
+    V3,
 }
 
 impl Version {
     /// The version of the ALPN a handshake agreed on (`qnode/1` if none was: rustls refuses a
     /// handshake without a common protocol, so that never happens between qnode peers).
     pub fn of_alpn(alpn: Option<&[u8]>) -> Self {
-        if alpn == Some(ALPN_V2) {
-            Self::V2
-        } else {
-            Self::V1
+        match alpn {
+            Some(ALPN_V3) => Self::V3,
+            Some(ALPN_V2) => Self::V2,
+            _ => Self::V1,
         }
     }
 
@@ -67,8 +71,19 @@ impl Version {
     pub fn sig_kind(self) -> SigKind {
         match self {
             Self::V1 => SigKind::Blake3,
-            Self::V2 => SigKind::Xxh3,
+            Self::V2 | Self::V3 => SigKind::Xxh3,
         }
+    }
+
+    /// Whether bodies may be compressed, and uploads travel in blocks (`qnode/2` on).
+    pub fn compresses(self) -> bool {
+        self >= Self::V2
+    }
+
+    /// Whether names may be paths into folders (`qnode/3` on). An older peer neither sees nor
+    /// serves a file in a folder.
+    pub fn has_folders(self) -> bool {
+        self >= Self::V3
     }
 }
 /// Largest request frame, in bytes. Requests are small: a name of at most 255 bytes and a few numbers.
@@ -88,12 +103,12 @@ pub enum Request {
     /// The manifest of one file.
     Describe {
         /// Which file.
-        name: FileName,
+        name: FilePath,
     },
     /// `len` bytes of a file starting at `offset`; the requester verifies them against its manifest.
     ReadChunk {
         /// Which file.
-        name: FileName,
+        name: FilePath,
         /// First byte.
         offset: u64,
         /// How many bytes (at most `manifest::MAX_CHUNK_SIZE`).
@@ -102,7 +117,7 @@ pub enum Request {
     /// Store a file under `name`; its bytes follow once the server answers [`Response::Ready`].
     Upload {
         /// The name to store it under.
-        name: FileName,
+        name: FilePath,
         /// Its exact size in bytes.
         size: u64,
         /// The BLAKE3 hash of its bytes; the server checks it before storing.
@@ -112,7 +127,7 @@ pub enum Request {
     /// [`Response::Groups`]; a peer serving another version answers `Conflict`.
     Groups {
         /// Which file.
-        name: FileName,
+        name: FilePath,
         /// Which version.
         blake3: Hash32,
     },
@@ -120,7 +135,7 @@ pub enum Request {
     /// (at most [`MAX_GROUPS_PER_REQUEST`]), answered with [`Response::Leaves`].
     Leaves {
         /// Which file.
-        name: FileName,
+        name: FilePath,
         /// Which version.
         blake3: Hash32,
         /// First group.
@@ -132,7 +147,7 @@ pub enum Request {
     /// answered like `ReadChunk`. The requester verifies the chunks it builds from them.
     ReadRange {
         /// Which file.
-        name: FileName,
+        name: FilePath,
         /// First byte.
         offset: u64,
         /// How many bytes.
@@ -142,7 +157,7 @@ pub enum Request {
     /// the final answer is [`Response::Replaced`] then.
     Replace {
         /// The name to store it under.
-        name: FileName,
+        name: FilePath,
         /// Its exact size in bytes.
         size: u64,
         /// The BLAKE3 hash of its bytes.
@@ -154,13 +169,13 @@ pub enum Request {
     /// the whole file is under its name (or an error if the download stopped there).
     Observe {
         /// Which file.
-        name: FileName,
+        name: FilePath,
     },
     /// One chunk of version `blake3` of `name`, from the whole file or from a download in
     /// progress that holds it verified; answered like `ReadChunk`.
     ReadVersion {
         /// Which file.
-        name: FileName,
+        name: FilePath,
         /// Which version.
         blake3: Hash32,
         /// First byte (a chunk's start).
@@ -174,9 +189,20 @@ pub enum Request {
     /// answered with [`Response::HoldingPieces`], then `Have` of pieces, then `Complete`.
     ObservePieces {
         /// Which file.
-        name: FileName,
+        name: FilePath,
+    },
+    /// `qnode/3`: the next page of the whole tree, files by path after `after` (from the first if
+    /// none), at most [`PAGE_FILES`]; the first page also carries the downloads in progress.
+    /// Answered with [`Response::Page`]. No listing is ever cut: the asker pages to the end.
+    ListPage {
+        /// The last path of the page before, if any.
+        after: Option<FilePath>,
     },
 }
+
+/// Files per [`Request::ListPage`] answer: at most 10,000 × about 1.1 KB with the longest paths,
+/// under [`MAX_RESPONSE_LEN`].
+pub const PAGE_FILES: usize = 10_000;
 
 /// Most groups one `Leaves` request may ask for (1024 leaves each at most: under 4 MiB).
 pub const MAX_GROUPS_PER_REQUEST: u32 = 256;
@@ -196,8 +222,27 @@ impl Request {
             Self::Observe { .. } => "observe",
             Self::ReadVersion { .. } => "read_version",
             Self::ListAll => "list_all",
+            Self::ListPage { .. } => "list_page",
             // Logged as `observe`, with "in pieces" in its outcome.
             Self::ObservePieces { .. } => "observe",
+        }
+    }
+
+    /// The file it names, if it names one.
+    pub fn name(&self) -> Option<&FilePath> {
+        match self {
+            Self::List | Self::ListAll => None,
+            Self::ListPage { after } => after.as_ref(),
+            Self::Describe { name }
+            | Self::ReadChunk { name, .. }
+            | Self::Upload { name, .. }
+            | Self::Groups { name, .. }
+            | Self::Leaves { name, .. }
+            | Self::ReadRange { name, .. }
+            | Self::Replace { name, .. }
+            | Self::Observe { name }
+            | Self::ObservePieces { name }
+            | Self::ReadVersion { name, .. } => Some(name),
         }
     }
 }
@@ -206,7 +251,7 @@ impl Request {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileEntry {
     /// Its name.
-    pub name: FileName,
+    pub name: FilePath,
     /// Its size in bytes.
     pub size: u64,
     /// The BLAKE3 hash of its bytes.
@@ -215,7 +260,7 @@ pub struct FileEntry {
 
 impl FileEntry {
     /// The listing entry of `name`, described by `manifest`.
-    pub fn new(name: FileName, manifest: &Manifest) -> Self {
+    pub fn new(name: FilePath, manifest: &Manifest) -> Self {
         Self {
             name,
             size: manifest.size(),
@@ -302,13 +347,22 @@ pub enum Response {
         /// The pieces held (chunks, if the file has no pieces), if not all.
         held: Option<Vec<u8>>,
     },
+    /// Answer to `ListPage`: files by path, and whether more follow.
+    Page {
+        /// The files, sorted by path, all after the page's `after`.
+        files: Vec<FileEntry>,
+        /// Downloads in progress (first page only; at most [`MAX_LISTED_FILES`]).
+        incomplete: Vec<Incomplete>,
+        /// Another page follows: ask again after the last of `files`.
+        more: bool,
+    },
 }
 
 /// A download in progress, as listed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Incomplete {
     /// The file's name.
-    pub name: FileName,
+    pub name: FilePath,
     /// The whole file's size in bytes.
     pub size: u64,
     /// The BLAKE3 hash of the whole file.
@@ -320,7 +374,7 @@ pub struct Incomplete {
 impl Incomplete {
     /// The listing entry of a download of `name` in progress: `manifest`'s version, `held`
     /// bytes of it verified.
-    pub fn new(name: FileName, manifest: &Manifest, held: u64) -> Self {
+    pub fn new(name: FilePath, manifest: &Manifest, held: u64) -> Self {
         Self {
             name,
             size: manifest.size(),
@@ -516,8 +570,8 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtocolError> {
 mod tests {
     use super::*;
 
-    fn name(s: &str) -> FileName {
-        FileName::new(s).unwrap()
+    fn name(s: &str) -> FilePath {
+        FilePath::new(s).unwrap()
     }
 
     fn frame<T: Serialize>(msg: &T) -> Vec<u8> {
@@ -659,7 +713,17 @@ mod tests {
 
     #[test]
     fn versions_follow_the_agreed_protocol() {
-        assert_eq!(ALPNS, [b"qnode/2".as_slice(), b"qnode/1".as_slice()]);
+        assert_eq!(
+            ALPNS,
+            [
+                b"qnode/3".as_slice(),
+                b"qnode/2".as_slice(),
+                b"qnode/1".as_slice()
+            ]
+        );
+        assert_eq!(Version::of_alpn(Some(b"qnode/3")), Version::V3);
+        assert_eq!(Version::V3.sig_kind(), SigKind::Xxh3);
+        assert!(Version::V3.has_folders() && !Version::V2.has_folders());
         assert_eq!(Version::of_alpn(Some(b"qnode/2")), Version::V2);
         assert_eq!(Version::of_alpn(Some(b"qnode/1")), Version::V1);
         assert_eq!(Version::V1.sig_kind(), SigKind::Blake3);
@@ -685,6 +749,21 @@ mod tests {
             read
         );
         assert_eq!(frame(&Request::ListAll), [0, 0, 0, 1, 10]);
+        assert_eq!(
+            frame(&Request::ListPage { after: None }),
+            [0, 0, 0, 2, 12, 0]
+        );
+        let after = Some(FilePath::new("a/b").unwrap());
+        assert_eq!(
+            frame(&Request::ListPage { after }),
+            [0, 0, 0, 6, 12, 1, 3, b'a', b'/', b'b']
+        );
+        let page = Response::Page {
+            files: Vec::new(),
+            incomplete: Vec::new(),
+            more: true,
+        };
+        assert_eq!(frame(&page), [0, 0, 0, 4, 18, 0, 0, 1]);
         let m = Manifest::from_reader(&b"hi"[..], 2).unwrap();
         let mut holding = vec![0, 0, 0, 70, 12, 2, 0x80, 0x08, 1];
         holding.extend(blake3::hash(b"hi").as_bytes());

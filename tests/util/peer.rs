@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use qnode::model::manifest::FileName;
+use qnode::model::manifest::FilePath;
 use qnode::model::peers::{PeerId, Root};
 use qnode::net::{identity, tls};
 use qnode::wire::protocol::{self, ErrorKind, MAX_RESPONSE_LEN, Request, Response, encode_frame};
@@ -174,7 +174,7 @@ pub fn cpu_seconds(pid: i32) -> f64 {
 
 pub fn observe_pieces(name: &str) -> Vec<u8> {
     encode_frame(&Request::ObservePieces {
-        name: FileName::new(name).unwrap(),
+        name: FilePath::new(name).unwrap(),
     })
     .unwrap()
 }
@@ -190,7 +190,7 @@ pub fn stingy() -> quinn::TransportConfig {
 /// `Groups` of `name` at `version`.
 pub fn groups_request(name: &str, version: [u8; 32]) -> Vec<u8> {
     encode_frame(&Request::Groups {
-        name: FileName::new(name).unwrap(),
+        name: FilePath::new(name).unwrap(),
         blake3: version,
     })
     .unwrap()
@@ -269,7 +269,7 @@ pub async fn start_replace(
     size: u64,
 ) -> anyhow::Result<(quinn::SendStream, quinn::RecvStream)> {
     let replace = encode_frame(&Request::Replace {
-        name: FileName::new(name)?,
+        name: FilePath::new(name)?,
         size,
         blake3: [1; 32],
     })?;

@@ -122,7 +122,7 @@ async fn handle_connection(
     tracing::Span::current().record("peer", tracing::field::display(&peer));
     let version = tls::version(&conn);
     let packing = match version {
-        Version::V2 => format!("compression {:?}", server.compression).to_lowercase(),
+        Version::V2 | Version::V3 => format!("compression {:?}", server.compression).to_lowercase(),
         Version::V1 => "no compression (the peer speaks qnode/1)".into(),
     };
     info!(%peer, "connected: {}, {packing}", tls::alpn_name(version));

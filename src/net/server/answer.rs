@@ -17,7 +17,7 @@ use super::{
     manifest_bytes, observe, reply, store_error,
 };
 use crate::model::delta::SigKind;
-use crate::model::manifest::{FileName, Hash32, MAX_CHUNK_SIZE, Manifest};
+use crate::model::manifest::{FilePath, Hash32, MAX_CHUNK_SIZE, Manifest};
 use crate::wire::codec;
 use crate::wire::exchange::{self, respond};
 use crate::wire::protocol::{
@@ -50,6 +50,20 @@ pub(super) async fn handle(
         }
     };
     let kind = request.kind();
+    // A peer of an older version neither sees nor names a file in a folder.
+    if let Some(name) = request.name()
+        && !name.is_top_level()
+        && !link.version.has_folders()
+    {
+        let why = format!("{name} is in a folder, and folders need qnode/3");
+        info!("{kind} refused: {why}");
+        respond(
+            send,
+            &Response::Error(RemoteError::new(ErrorKind::NotFound, why)),
+        )
+        .await;
+        return;
+    }
     let outcome = match request {
         Request::List => handle_list(send, server, link).await,
         Request::Describe { name } => handle_describe(send, server, link, &name).await,
@@ -97,6 +111,7 @@ pub(super) async fn handle(
             handle_read(send, server, link, &name, (offset, len), kind).await
         }
         Request::ListAll => handle_list_all(send, server, link).await,
+        Request::ListPage { after } => handle_list_page(send, server, link, after).await,
     };
     match outcome {
         Ok(summary) => info!("{kind} {summary}"),
@@ -113,7 +128,7 @@ pub(super) async fn handle(
 const ENTRY_BYTES: usize = 64 + 255;
 
 /// The listing entries of `files`.
-fn file_entries(files: Vec<(FileName, Arc<Manifest>)>) -> Vec<FileEntry> {
+fn file_entries(files: Vec<(FilePath, Arc<Manifest>)>) -> Vec<FileEntry> {
     files
         .into_iter()
         .map(|(name, m)| FileEntry::new(name, &m))
@@ -135,7 +150,8 @@ async fn handle_list(
     link: &Link,
 ) -> Result<String, Failure> {
     let store = server.store.clone();
-    let files = blocking(move || store.list()).await?;
+    let mut files = blocking(move || store.list()).await?;
+    files.retain(|(name, _)| link.version.has_folders() || name.is_top_level());
     let total = files.len();
     let estimate = total.min(protocol::MAX_LISTED_FILES) * ENTRY_BYTES;
     let build = || {
@@ -153,7 +169,8 @@ async fn handle_list_all(
     link: &Link,
 ) -> Result<String, Failure> {
     let store = server.store.clone();
-    let (files, held) = blocking(move || Ok((store.list()?, store.held_all()?))).await?;
+    let (mut files, held) = blocking(move || Ok((store.list()?, store.held_all()?))).await?;
+    files.retain(|(name, _)| link.version.has_folders() || name.is_top_level());
     let total = files.len();
     let partial = held.len();
     let estimate = (total + partial).min(2 * protocol::MAX_LISTED_FILES) * ENTRY_BYTES;
@@ -170,11 +187,56 @@ async fn handle_list_all(
     Ok(format!("-> {count} files, {partial} downloads in progress"))
 }
 
+/// One page of the whole tree after `after` (`qnode/3`), with the downloads in progress on the
+/// first page.
+async fn handle_list_page(
+    send: &mut impl Answering,
+    server: &Server,
+    link: &Link,
+    after: Option<FilePath>,
+) -> Result<String, Failure> {
+    let store = server.store.clone();
+    let first = after.is_none();
+    let (files, held) = blocking(move || {
+        let held = if first { store.held_all()? } else { Vec::new() };
+        Ok((store.listing(first)?, held))
+    })
+    .await?;
+    let start = match &after {
+        Some(a) => files.partition_point(|(name, _)| name <= a),
+        None => 0,
+    };
+    let end = (start + protocol::PAGE_FILES).min(files.len());
+    let more = end < files.len();
+    let page: Vec<_> = files[start..end].to_vec();
+    drop(files);
+    let count = page.len();
+    let estimate = (count + held.len().min(protocol::MAX_LISTED_FILES)) * PAGE_ENTRY_BYTES;
+    let build = || {
+        let incomplete = (held.into_iter().take(protocol::MAX_LISTED_FILES))
+            .map(|(name, h)| Incomplete::new(name, &h.manifest, h.bytes()))
+            .collect();
+        Response::Page {
+            files: file_entries(page),
+            incomplete,
+            more,
+        }
+    };
+    reply(send, link, estimate, build, false).await?;
+    Ok(format!(
+        "-> {count} files{}",
+        if more { ", more" } else { "" }
+    ))
+}
+
+/// Bytes a page's entry takes in an answer, with the longest path.
+const PAGE_ENTRY_BYTES: usize = 64 + crate::model::name::MAX_PATH_LEN;
+
 async fn handle_describe(
     send: &mut impl Answering,
     server: &Server,
     link: &Link,
-    name: &FileName,
+    name: &FilePath,
 ) -> Result<String, Failure> {
     let store = server.store.clone();
     let n = name.clone();
@@ -204,7 +266,7 @@ async fn handle_read(
     send: &mut impl Answering,
     server: &Server,
     link: &Link,
-    name: &FileName,
+    name: &FilePath,
     (offset, len): (u64, u32),
     kind: ReadKind,
 ) -> Result<String, Failure> {
@@ -269,7 +331,7 @@ async fn handle_groups(
     send: &mut impl Answering,
     server: &Server,
     link: &Link,
-    name: &FileName,
+    name: &FilePath,
     (blake3, kind): (Hash32, SigKind),
 ) -> Result<String, Failure> {
     let tree = server
@@ -294,7 +356,7 @@ async fn handle_leaves(
     send: &mut impl Answering,
     server: &Server,
     link: &Link,
-    name: &FileName,
+    name: &FilePath,
     (blake3, kind): (Hash32, SigKind),
     (first, count): (u32, u32),
 ) -> Result<String, Failure> {

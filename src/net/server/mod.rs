@@ -166,7 +166,7 @@ impl Link {
     /// shrink (random or compressed data). The ranges of an update (`edit`) as
     /// `codec::Mode::edit_level` says.
     fn pack(&self, mode: codec::Mode, edit: bool) -> Option<i32> {
-        if self.version != Version::V2 || mode == codec::Mode::Never {
+        if !self.version.compresses() || mode == codec::Mode::Never {
             return None;
         }
         let skip = self.plain_for.load(Ordering::Relaxed);
@@ -186,7 +186,9 @@ impl Link {
 fn store_error(e: StoreError) -> RemoteError {
     let kind = match &e {
         StoreError::NotFound(_) | StoreError::NotHeld { .. } => ErrorKind::NotFound,
-        StoreError::Conflict(_) | StoreError::Changed(_) => ErrorKind::Conflict,
+        StoreError::Conflict(_) | StoreError::Changed(_) | StoreError::Ignored(_) => {
+            ErrorKind::Conflict
+        }
         StoreError::Busy(_) => ErrorKind::Busy,
         StoreError::OutOfRange { .. } | StoreError::NotAChunk { .. } => ErrorKind::BadRequest,
         StoreError::NoSpace(_) => ErrorKind::NoSpace,

@@ -9,7 +9,7 @@ use tracing::warn;
 use super::limits::OBSERVERS_PER_PEER;
 use super::shared::Watched;
 use super::{Answering, Failure, Link, Server, blocking, gone, manifest_bytes, reply};
-use crate::model::manifest::{FileName, Hash32, Regrain};
+use crate::model::manifest::{FilePath, Hash32, Regrain};
 use crate::wire::exchange::{self, respond};
 use crate::wire::protocol::{ErrorKind, RemoteError, Response};
 
@@ -23,7 +23,7 @@ pub(super) async fn handle_observe(
     send: &mut impl Answering,
     server: &Server,
     link: &Link,
-    name: &FileName,
+    name: &FilePath,
     in_pieces: bool,
 ) -> Result<String, Failure> {
     let (store, n) = (server.store.clone(), name.clone());
@@ -87,7 +87,7 @@ pub(super) async fn handle_observe(
 async fn follow(
     send: &mut impl Answering,
     server: &Server,
-    (name, version, in_pieces): (&FileName, Hash32, bool),
+    (name, version, in_pieces): (&FilePath, Hash32, bool),
     mut watch: tokio::sync::watch::Receiver<Watched>,
     mut known: crate::model::manifest::ChunkSet,
 ) -> Result<String, Failure> {

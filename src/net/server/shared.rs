@@ -16,7 +16,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::model::delta::{SigKind, Tree};
-use crate::model::manifest::{FileName, Hash32};
+use crate::model::manifest::{FilePath, Hash32};
 use crate::store::{FileKey, Held, Store, StoreError};
 
 /// How often an observed download in progress is looked at again for new chunks.
@@ -40,7 +40,7 @@ pub enum Watched {
     Failed(String),
 }
 
-type WatchKey = (FileName, Hash32);
+type WatchKey = (FilePath, Hash32);
 
 /// One watch per observed download in progress.
 #[derive(Debug)]
@@ -64,7 +64,7 @@ impl Watches {
     /// receiver that changes only when the download gains units, completes or stops.
     pub fn subscribe(
         self: &Arc<Self>,
-        name: &FileName,
+        name: &FilePath,
         version: Hash32,
         now: Held,
     ) -> watch::Receiver<Watched> {
@@ -140,7 +140,7 @@ impl Watches {
     }
 }
 
-type JobKey = (FileName, FileKey, SigKind);
+type JobKey = (FilePath, FileKey, SigKind);
 /// A computed tree, with the version (BLAKE3) of the file it is the tree of.
 type TreeResult = Result<(Hash32, Arc<Tree>), StoreError>;
 type Running = Arc<Mutex<HashMap<JobKey, Arc<watch::Sender<Option<TreeResult>>>>>>;
@@ -168,7 +168,7 @@ impl TreeJobs {
     /// hashed yet hashes it once.
     pub async fn of_version(
         &self,
-        name: &FileName,
+        name: &FilePath,
         blake3: Hash32,
         kind: SigKind,
     ) -> Result<Arc<Tree>, StoreError> {
@@ -196,7 +196,7 @@ impl TreeJobs {
     /// identity of the file it was read from.
     pub async fn of(
         &self,
-        name: &FileName,
+        name: &FilePath,
         expect: Option<FileKey>,
         kind: SigKind,
     ) -> Result<(FileKey, Arc<Tree>), StoreError> {
@@ -217,7 +217,7 @@ impl TreeJobs {
     /// The shared computation of the tree of the file `key` under `name`.
     async fn computed(
         &self,
-        name: &FileName,
+        name: &FilePath,
         key: FileKey,
         kind: SigKind,
     ) -> Result<(Hash32, Arc<Tree>), StoreError> {

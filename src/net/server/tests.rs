@@ -9,7 +9,7 @@ use tokio::io::{AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 
 use super::*;
 use crate::model::delta::{SigKind, Tree};
-use crate::model::manifest::{FileName, MAX_CHUNK_SIZE};
+use crate::model::manifest::{FilePath, MAX_CHUNK_SIZE};
 use crate::wire::exchange::{self, ExchangeError, Framing, UploadStatus};
 use crate::wire::protocol::{self, Response};
 
@@ -65,8 +65,8 @@ async fn exchange<T>(
     got
 }
 
-fn name(s: &str) -> FileName {
-    FileName::new(s).unwrap()
+fn name(s: &str) -> FilePath {
+    FilePath::new(s).unwrap()
 }
 
 fn text(lines: usize, edit: usize) -> Vec<u8> {

@@ -8,10 +8,10 @@ use tokio::io::AsyncRead;
 use super::limits::Refused;
 use super::{Answering, Failure, Link, READ_TIMEOUT, Server, blocking, gone, store_error};
 use crate::model::delta::{Index, SigKind, Step};
-use crate::model::manifest::{FileName, Hash32};
+use crate::model::manifest::{FilePath, Hash32};
 use crate::store::{Check, Committed, Seen, StoreError, Upload};
 use crate::wire::exchange::{self, BodyError, respond};
-use crate::wire::protocol::{ErrorKind, RemoteError, Response, Version};
+use crate::wire::protocol::{ErrorKind, RemoteError, Response};
 
 /// Uploads are written to disk in parts of this many bytes.
 const UPLOAD_WRITE_BUF: usize = 1 << 20;
@@ -42,7 +42,7 @@ pub(super) async fn handle_upload(
     recv: &mut (impl AsyncRead + Unpin + Send),
     server: &Server,
     link: &Link,
-    name: &FileName,
+    name: &FilePath,
     request: UploadRequest,
 ) -> Result<String, Failure> {
     let UploadRequest {
@@ -53,7 +53,7 @@ pub(super) async fn handle_upload(
     let (peer, kind) = (&link.peer, link.version.sig_kind());
     let body = exchange::Announced {
         size,
-        in_blocks: link.version == Version::V2,
+        in_blocks: link.version.compresses(),
     };
     if size > server.max_upload_size {
         return Err(RemoteError::new(
@@ -131,7 +131,7 @@ impl Drop for Early {
 async fn receive_whole(
     send: &mut impl Answering,
     recv: &mut (impl AsyncRead + Unpin + Send),
-    name: &FileName,
+    name: &FilePath,
     body: exchange::Announced,
     upload: &Arc<Upload>,
 ) -> Result<(Hash32, u64), Failure> {
@@ -163,7 +163,7 @@ async fn receive_delta(
     send: &mut impl Answering,
     recv: &mut (impl AsyncRead + Unpin + Send),
     server: &Server,
-    name: &FileName,
+    name: &FilePath,
     body: exchange::Announced,
     upload: &Arc<Upload>,
     (old, kind, early): (Seen, SigKind, Option<Early>),

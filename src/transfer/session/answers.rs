@@ -5,14 +5,13 @@ use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
 use futures_util::StreamExt;
 use futures_util::future::join_all;
 use tokio::sync::mpsc;
 
 use super::{ASK_AGAIN, ASK_AGAIN_MAX, Answer, DOWNLOAD_GRACE, Holding, LeftOut, Peers};
 use crate::engine::choice;
-use crate::model::manifest::{FileName, Hash32, Manifest, Regrain, hex};
+use crate::model::manifest::{FilePath, Hash32, Manifest, Regrain, hex};
 use crate::model::peers::PeerId;
 use crate::transfer::download::ChunkSource;
 use crate::wire::exchange::Offer;
@@ -20,7 +19,7 @@ use crate::wire::exchange::Offer;
 /// The running download's door for peers that answer late or are asked again.
 pub(super) struct Joining<'a, P: Peers> {
     pub(super) peers: &'a P,
-    pub(super) name: &'a FileName,
+    pub(super) name: &'a FilePath,
     /// The version fetched.
     pub(super) manifest: &'a Manifest,
     /// The same, in the unit the download counts (chunks or pieces).
@@ -34,7 +33,7 @@ pub(super) struct Joining<'a, P: Peers> {
 impl<'a, P: Peers> Joining<'a, P> {
     pub(super) fn new(
         peers: &'a P,
-        name: &'a FileName,
+        name: &'a FilePath,
         (manifest, download): (&'a Manifest, &'a Manifest),
         join: mpsc::UnboundedSender<Arc<P::Source>>,
     ) -> Self {
@@ -200,7 +199,7 @@ pub(super) struct Served<P: Peers> {
 
 /// The answers to "what do you serve under that name?" so far.
 pub(super) struct Answers<P: Peers> {
-    pub(super) name: FileName,
+    pub(super) name: FilePath,
     /// Who answered (or failed to).
     pub(super) answered: Vec<PeerId>,
     /// Peers that hold some version, whole or in part.
@@ -209,7 +208,7 @@ pub(super) struct Answers<P: Peers> {
 }
 
 impl<P: Peers> Answers<P> {
-    pub(super) fn new(name: FileName) -> Self {
+    pub(super) fn new(name: FilePath) -> Self {
         Self {
             name,
             answered: Vec::new(),
@@ -298,11 +297,13 @@ impl<P: Peers> Answers<P> {
                 .iter()
                 .map(|(p, l)| format!("{p}: {l}"))
                 .collect();
-            let (name, why) = (&self.name, why.join("; "));
-            match wanted {
-                Some(w) => bail!("no peer serves {name} with BLAKE3 {} ({why})", hex(&w)),
-                None => bail!("no peer serves {name} ({why})"),
+            let wanted = wanted.map(|w| format!(" with BLAKE3 {}", hex(&w)));
+            return Err(super::NotServed {
+                name: self.name.clone(),
+                wanted: wanted.unwrap_or_default(),
+                why: why.join("; "),
             }
+            .into());
         };
         for &(i, other) in &agreement.other_versions {
             let why = LeftOut::OtherVersion(self.name.clone(), other);

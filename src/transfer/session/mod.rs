@@ -31,7 +31,7 @@ use target::{
 
 use crate::engine::choice;
 use crate::model::delta::{Sig, SigKind};
-use crate::model::manifest::{ChunkSet, FileName, Hash32, Manifest, Regrain, hex};
+use crate::model::manifest::{ChunkSet, FilePath, Hash32, Manifest, Regrain, hex};
 use crate::model::peers::PeerId;
 use crate::store::PartialFile;
 use crate::transfer::download::{self, DownloadReport, Options, Progress};
@@ -62,7 +62,7 @@ pub trait Peers {
     fn ask(
         &self,
         peer: &PeerId,
-        name: &FileName,
+        name: &FilePath,
     ) -> impl Future<Output = Result<Option<(Offer, Self::Lead)>, Self::Error>>;
 
     /// How the peer that gave `lead` signs trees.
@@ -72,7 +72,7 @@ pub trait Peers {
     fn groups(
         &self,
         lead: &Self::Lead,
-        name: &FileName,
+        name: &FilePath,
         version: Hash32,
     ) -> impl Future<Output = Option<Vec<Sig>>>;
 
@@ -81,7 +81,7 @@ pub trait Peers {
     fn source(
         &self,
         peer: &PeerId,
-        name: &FileName,
+        name: &FilePath,
         lead: Self::Lead,
         holding: Option<Holding>,
     ) -> Result<Self::Source, Self::Error>;
@@ -105,7 +105,7 @@ pub struct Holding {
 #[derive(Debug, Clone)]
 pub struct Plan {
     /// The file.
-    pub name: FileName,
+    pub name: FilePath,
     /// Where it goes.
     pub target: PathBuf,
     /// The peers to ask.
@@ -125,9 +125,9 @@ pub struct Plan {
 #[derive(Debug)]
 pub enum LeftOut<E> {
     /// It does not serve the file.
-    DoesNotServe(FileName),
+    DoesNotServe(FilePath),
     /// It serves another version.
-    OtherVersion(FileName, Hash32),
+    OtherVersion(FilePath, Hash32),
     /// It could not be reached or asked.
     Failed(E),
     /// It had not answered when the download finished.
@@ -162,6 +162,18 @@ impl<E: std::fmt::Display> std::fmt::Display for LeftOut<E> {
     }
 }
 
+/// No peer serves the file (as a file: it may be a folder there).
+#[derive(Debug, thiserror::Error)]
+#[error("no peer serves {name}{wanted} ({why})")]
+pub struct NotServed {
+    /// The name asked for.
+    pub name: FilePath,
+    /// " with BLAKE3 …" if a version was asked for.
+    pub wanted: String,
+    /// Each peer's reason.
+    pub why: String,
+}
+
 /// What happens during a download, for progress display.
 #[derive(Debug)]
 pub enum DownloadEvent<'a, E> {
@@ -188,7 +200,7 @@ pub enum Fetched {
 #[derive(Debug)]
 pub struct Downloaded<E> {
     /// The file.
-    pub name: FileName,
+    pub name: FilePath,
     /// Where it is.
     pub target: PathBuf,
     /// The version fetched.

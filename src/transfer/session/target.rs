@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 
 use super::{Fetched, Peers, Plan};
 use crate::model::delta::{Sig, Tree};
-use crate::model::manifest::{FileName, Manifest};
+use crate::model::manifest::{FilePath, Manifest};
 use crate::store::{Check, Committed, PartialFile, Seen, StoreError};
 use crate::transfer::download::{self, DownloadReport};
 
@@ -64,7 +64,7 @@ pub(super) async fn open_partial(
 pub(super) fn transferred(
     outcome: Option<Result<DownloadReport, download::DownloadError>>,
     partial: &PartialFile,
-    name: &FileName,
+    name: &FilePath,
     target: &Path,
 ) -> anyhow::Result<DownloadReport> {
     let e = match outcome {

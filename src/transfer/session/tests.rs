@@ -87,7 +87,7 @@ impl Peers for Shelf {
     async fn ask(
         &self,
         peer: &PeerId,
-        _: &FileName,
+        _: &FilePath,
     ) -> Result<Option<(Offer, Self::Lead)>, Self::Error> {
         let mut answers = self.answers.lock().unwrap();
         let Some(queue) = answers.get_mut(peer) else {
@@ -118,14 +118,14 @@ impl Peers for Shelf {
         SigKind::default()
     }
 
-    async fn groups(&self, _: &Self::Lead, _: &FileName, _: Hash32) -> Option<Vec<Sig>> {
+    async fn groups(&self, _: &Self::Lead, _: &FilePath, _: Hash32) -> Option<Vec<Sig>> {
         None
     }
 
     fn source(
         &self,
         peer: &PeerId,
-        _: &FileName,
+        _: &FilePath,
         data: Self::Lead,
         holding: Option<Holding>,
     ) -> Result<Mem, Self::Error> {
@@ -150,7 +150,7 @@ fn data(len: usize, seed: u8) -> Arc<Vec<u8>> {
 }
 
 fn plan(dir: &Path, peers: &[&str], blake3: Option<Hash32>) -> Plan {
-    let name = FileName::new("notes.txt").unwrap();
+    let name = FilePath::new("notes.txt").unwrap();
     Plan {
         target: dir.join(name.as_str()),
         name,

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeek, AsyncSeekExt, AsyncWriteExt};
 
 use crate::model::delta::{Sig, Tree};
-use crate::model::manifest::{ChunkSet, FileName, Hash32, Manifest, piece_size_for, unit_count};
+use crate::model::manifest::{ChunkSet, FilePath, Hash32, Manifest, piece_size_for, unit_count};
 use crate::wire::codec;
 use crate::wire::protocol::{
     self, Delta, ErrorKind, FileEntry, Incomplete, MAX_RESPONSE_LEN, Request, Response,
@@ -60,7 +60,7 @@ pub async fn list(
 pub async fn describe(
     send: &mut impl SendBytes,
     recv: &mut (impl AsyncRead + Unpin),
-    name: &FileName,
+    name: &FilePath,
 ) -> Result<Option<Manifest>, ExchangeError> {
     let req = Request::Describe { name: name.clone() };
     match ask(send, recv, &req, true).await {
@@ -80,7 +80,7 @@ pub async fn describe(
 pub async fn read_chunk(
     send: &mut impl SendBytes,
     recv: &mut (impl AsyncRead + Unpin),
-    name: &FileName,
+    name: &FilePath,
     offset: u64,
     len: u32,
 ) -> Result<Received, ExchangeError> {
@@ -96,7 +96,7 @@ pub async fn read_chunk(
 pub async fn read_range(
     send: &mut impl SendBytes,
     recv: &mut (impl AsyncRead + Unpin),
-    name: &FileName,
+    name: &FilePath,
     offset: u64,
     len: u32,
 ) -> Result<Received, ExchangeError> {
@@ -183,7 +183,7 @@ pub(super) async fn read_to(
 pub async fn read_version(
     send: &mut impl SendBytes,
     recv: &mut (impl AsyncRead + Unpin),
-    name: &FileName,
+    name: &FilePath,
     blake3: Hash32,
     offset: u64,
     len: u32,
@@ -217,7 +217,7 @@ pub struct Offer {
 pub async fn observe(
     send: &mut impl SendBytes,
     recv: &mut (impl AsyncRead + Unpin),
-    name: &FileName,
+    name: &FilePath,
     in_pieces: bool,
 ) -> Result<Option<Offer>, ExchangeError> {
     let name = name.clone();
@@ -302,7 +302,7 @@ pub async fn list_all(
 pub async fn groups(
     send: &mut impl SendBytes,
     recv: &mut (impl AsyncRead + Unpin),
-    name: &FileName,
+    name: &FilePath,
     blake3: Hash32,
 ) -> Result<Vec<Sig>, ExchangeError> {
     let req = Request::Groups {
@@ -319,7 +319,7 @@ pub async fn groups(
 pub async fn leaves(
     send: &mut impl SendBytes,
     recv: &mut (impl AsyncRead + Unpin),
-    name: &FileName,
+    name: &FilePath,
     blake3: Hash32,
     first: u32,
     count: u32,
@@ -346,7 +346,7 @@ pub async fn leaves(
 pub async fn upload(
     send: &mut impl SendBytes,
     recv: &mut (impl AsyncRead + Unpin),
-    name: &FileName,
+    name: &FilePath,
     (size, blake3): (u64, Hash32),
     replace: Option<impl Future<Output = Result<Arc<Tree>, std::io::Error>>>,
     file: &mut (impl AsyncRead + AsyncSeek + Unpin),
@@ -440,4 +440,48 @@ pub(super) async fn lacking(
         }
         _ => Err(ExchangeError::Unexpected("replace")),
     }
+}
+
+/// One page of a peer's tree (`ListPage`).
+#[derive(Debug)]
+pub struct Page {
+    /// Files by path, all after the page asked after.
+    pub files: Vec<FileEntry>,
+    /// Downloads in progress (on the first page).
+    pub incomplete: Vec<Incomplete>,
+    /// Another page follows.
+    pub more: bool,
+}
+
+/// `ListPage` (`qnode/3`): the page of the peer's tree after `after`. A page out of order, not
+/// after `after`, or empty while saying more follow is an unexpected answer, so an asker paging
+/// to the end always ends.
+pub async fn list_page(
+    send: &mut impl SendBytes,
+    recv: &mut (impl AsyncRead + Unpin),
+    after: Option<&FilePath>,
+) -> Result<Page, ExchangeError> {
+    let request = Request::ListPage {
+        after: after.cloned(),
+    };
+    let Response::Page {
+        files,
+        incomplete,
+        more,
+    } = ask(send, recv, &request, true).await?
+    else {
+        return Err(ExchangeError::Unexpected("list"));
+    };
+    let ordered = files.windows(2).all(|w| w[0].name < w[1].name);
+    let after_last = files
+        .first()
+        .is_none_or(|f| after.is_none_or(|a| f.name > *a));
+    if !ordered || !after_last || (more && files.is_empty()) {
+        return Err(ExchangeError::Unexpected("list"));
+    }
+    Ok(Page {
+        files,
+        incomplete,
+        more,
+    })
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::model::delta::{self, Index, Step};
-use crate::model::manifest::FileName;
+use crate::model::manifest::FilePath;
 use crate::wire::codec;
 use crate::wire::protocol::{
     self, BlockHead, Delta, ErrorKind, MAX_RESPONSE_LEN, ProtocolError, RemoteError, Response,
@@ -185,7 +185,7 @@ pub(super) async fn send_body(
 
 /// A failed read of an upload body: bytes that do not decode are the requester's fault (it is
 /// told so); anything else means the stream broke.
-pub(super) fn body_error<E>(name: &FileName, e: std::io::Error) -> BodyError<E> {
+pub(super) fn body_error<E>(name: &FilePath, e: std::io::Error) -> BodyError<E> {
     match e.kind() {
         std::io::ErrorKind::InvalidData => {
             BodyError::Refused(RemoteError::new(ErrorKind::Corrupt, format!("{name}: {e}")))
@@ -214,7 +214,7 @@ pub enum BodyError<E> {
 pub async fn receive_upload<E, F: Future<Output = Result<(), E>>>(
     send: &mut impl SendBytes,
     recv: &mut (impl AsyncRead + Unpin),
-    name: &FileName,
+    name: &FilePath,
     Announced { size, in_blocks }: Announced,
     piece: usize,
     timeout: Duration,

@@ -8,15 +8,15 @@ use std::time::Duration;
 use tokio::io::AsyncRead;
 
 use crate::model::delta::Tree;
-use crate::model::manifest::FileName;
+use crate::model::manifest::FilePath;
 use crate::wire::codec;
 use crate::wire::protocol::{
     self, ErrorKind, FileEntry, MAX_LISTED_FILES, RemoteError, Request, Response,
 };
 use tokio::io::{ReadHalf, WriteHalf};
 
-fn name(s: &str) -> FileName {
-    FileName::new(s).unwrap()
+fn name(s: &str) -> FilePath {
+    FilePath::new(s).unwrap()
 }
 
 type Half = (

@@ -1,0 +1,337 @@
+//! The `download FOLDER` use case: every file under a folder on the peers, from the peers that
+//! serve the folder's version (the one most serve, or the one asked for), each file verified and
+//! atomic as a single file is; a file whose content we already hold anywhere in `served_files` is
+//! copied, not fetched (a rename or a move costs no bytes on the wire).
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures_util::StreamExt;
+use futures_util::future::join_all;
+
+use super::Node;
+use super::download::Asking;
+use crate::model::folder::{self, Entry};
+use crate::model::manifest::{FilePath, Hash32, hex};
+use crate::model::peers::PeerId;
+use crate::store::{Seen, Store};
+use crate::transfer::session::{self, Fetched, Plan};
+
+/// A folder to download.
+#[derive(Debug, Clone)]
+pub struct FolderRequest {
+    /// The folder, as the peers name it.
+    pub name: FilePath,
+    /// Peers to fetch from (empty: every other peer).
+    pub peers: Vec<PeerId>,
+    /// Where the folder goes instead of our served_files/NAME (a folder: PATH/NAME).
+    pub output: Option<PathBuf>,
+    /// The folder version wanted, if given.
+    pub blake3: Option<Hash32>,
+    /// A fixed request window per peer, if given.
+    pub window: Option<usize>,
+    /// Bring files we hold in another version up to date instead of refusing.
+    pub update: bool,
+}
+
+/// How one file of a folder download ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileStatus {
+    /// Fetched from the peers.
+    Downloaded,
+    /// Copied from a file with the same content we already held.
+    Copied,
+    /// Already there.
+    AlreadyPresent,
+    /// Our other version was brought up to date.
+    Updated,
+}
+
+/// One file of a downloaded folder.
+#[derive(Debug, Clone)]
+pub struct FolderFile {
+    /// Its path inside the folder, size and BLAKE3.
+    pub entry: Entry,
+    /// How it ended.
+    pub status: FileStatus,
+}
+
+/// What a folder download did.
+#[derive(Debug)]
+pub struct FolderDownloaded {
+    /// The folder.
+    pub name: FilePath,
+    /// Where it is.
+    pub target: PathBuf,
+    /// The folder's version.
+    pub version: Hash32,
+    /// Its files, by path.
+    pub files: Vec<FolderFile>,
+    /// Peers that took no part, and why.
+    pub left_out: Vec<(PeerId, String)>,
+    /// Bytes fetched from each peer.
+    pub peers: BTreeMap<String, u64>,
+    /// Bytes copied from files we already held.
+    pub reused_bytes: u64,
+    /// Bytes of the peers' replies that crossed the wire.
+    pub wire_bytes: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+impl FolderDownloaded {
+    /// Whether anything was written.
+    pub fn changed(&self) -> bool {
+        self.files
+            .iter()
+            .any(|f| f.status != FileStatus::AlreadyPresent)
+    }
+}
+
+/// Files of a folder fetched at once.
+const FILES_IN_FLIGHT: usize = 8;
+
+/// What fetching one file of a folder did.
+struct EntryFetched {
+    status: FileStatus,
+    wire_bytes: u64,
+    reused_bytes: u64,
+    /// Bytes fetched from each peer.
+    peers: Vec<(String, u64)>,
+}
+
+/// The versions of the folder the peers serve, and the peers left out.
+type Asked = (Vec<(PeerId, Vec<Entry>)>, Vec<(PeerId, String)>);
+
+impl Node {
+    /// `download FOLDER`: every file under the folder, until done or `interrupt`.
+    pub async fn download_folder(
+        &self,
+        req: &FolderRequest,
+        interrupt: impl Future<Output = ()>,
+    ) -> anyhow::Result<FolderDownloaded> {
+        let started = Instant::now();
+        let name = &req.name;
+        let (serving, mut left_out) = self.ask_folder(req).await?;
+        // Grouped by version: the wanted one, else the one most peers serve (the first asked
+        // among equals).
+        let mut versions: Vec<(Hash32, Vec<Entry>, Vec<PeerId>)> = Vec::new();
+        for (peer, entries) in serving {
+            let v = folder::version(&entries);
+            match versions.iter_mut().find(|(w, ..)| *w == v) {
+                Some((.., peers)) => peers.push(peer),
+                None => versions.push((v, entries, vec![peer])),
+            }
+        }
+        let chosen = match req.blake3 {
+            Some(w) => versions.iter().position(|(v, ..)| *v == w),
+            None => (0..versions.len())
+                .rev()
+                .max_by_key(|&i| versions[i].2.len()),
+        };
+        let Some(chosen) = chosen else {
+            let why: Vec<String> = left_out.iter().map(|(p, w)| format!("{p}: {w}")).collect();
+            bail!("no peer serves the folder {name}/ ({})", why.join("; "));
+        };
+        let (version, entries, members) = versions.swap_remove(chosen);
+        for (other, _, peers) in versions {
+            let why = format!("serves another version of {name}/ ({})", hex(&other));
+            left_out.extend(peers.into_iter().map(|p| (p, why.clone())));
+        }
+        let target = match &req.output {
+            Some(p) if p.is_dir() => p.join(name.as_str()),
+            Some(p) => p.clone(),
+            None => self.served_dir().join(name.as_str()),
+        };
+        let mut done = FolderDownloaded {
+            name: name.clone(),
+            target,
+            version,
+            files: Vec::new(),
+            left_out,
+            peers: BTreeMap::new(),
+            reused_bytes: 0,
+            wire_bytes: 0,
+            elapsed: Duration::ZERO,
+        };
+        let held = self.held_by_content()?;
+        // Several files at once over the same connections: small files are round trips, not
+        // bytes. In path order, so a re-run resumes where this one stopped.
+        let (held, members, target) = (&held, &members[..], &done.target);
+        let mut fetching =
+            futures_util::stream::iter(entries.into_iter().map(|entry| async move {
+                let got = self.fetch_entry(req, members, &entry, held, target).await;
+                (entry, got)
+            }))
+            .buffered(FILES_IN_FLIGHT);
+        tokio::pin!(interrupt);
+        let mut files = Vec::new();
+        loop {
+            let next = tokio::select! {
+                next = fetching.next() => next,
+                () = &mut interrupt => bail!(
+                    "downloading {name}/: interrupted; run the same command again to resume"
+                ),
+            };
+            let Some((entry, got)) = next else { break };
+            let got = got.with_context(|| format!("downloading {name}/{}", entry.path))?;
+            files.push((entry, got));
+        }
+        drop(fetching);
+        for (entry, got) in files {
+            done.wire_bytes += got.wire_bytes;
+            done.reused_bytes += got.reused_bytes;
+            for (peer, bytes) in got.peers {
+                *done.peers.entry(peer).or_default() += bytes;
+            }
+            let status = got.status;
+            done.files.push(FolderFile { entry, status });
+        }
+        done.elapsed = started.elapsed();
+        Ok(done)
+    }
+
+    /// Every peer's files under the folder (from its whole listing), or why it is left out.
+    async fn ask_folder(&self, req: &FolderRequest) -> anyhow::Result<Asked> {
+        let peers: Vec<_> = self.select(&req.peers)?;
+        let peers: Vec<_> = peers.into_iter().filter(|e| e.id != self.me).collect();
+        if peers.is_empty() {
+            bail!("no peer to download {}/ from", req.name);
+        }
+        let answers = join_all(peers.iter().map(|entry| async move {
+            let client = self.client(entry).await?;
+            if !client.has_folders() {
+                return Err(crate::net::client::ClientError::NoFolders {
+                    peer: entry.id.clone(),
+                });
+            }
+            client.list().await.map(|(files, _, _)| files)
+        }))
+        .await;
+        let (mut serving, mut left_out) = (Vec::new(), Vec::new());
+        for (entry, answer) in peers.into_iter().zip(answers) {
+            match answer {
+                Ok(files) => {
+                    let files = files.into_iter().map(|f| (f.name, f.size, f.blake3));
+                    let entries = folder::entries_under(&req.name, files);
+                    if entries.is_empty() {
+                        let why = format!("does not serve the folder {}/", req.name);
+                        left_out.push((entry.id, why));
+                    } else {
+                        serving.push((entry.id, entries));
+                    }
+                }
+                Err(e) => left_out.push((entry.id, e.to_string())),
+            }
+        }
+        Ok((serving, left_out))
+    }
+
+    /// Where each content we serve is, by BLAKE3 (to copy a moved or renamed file, not fetch it).
+    fn held_by_content(&self) -> anyhow::Result<HashMap<Hash32, PathBuf>> {
+        let store = Store::open(self.served_dir())?;
+        let listed = store.list()?;
+        Ok(listed
+            .into_iter()
+            .map(|(path, m)| (m.blake3(), store.path_of(&path)))
+            .collect())
+    }
+
+    /// One file of the folder: already there, copied from our own copy of its content, or
+    /// fetched (as a single file is) from the peers serving the folder's version.
+    async fn fetch_entry(
+        &self,
+        req: &FolderRequest,
+        members: &[PeerId],
+        entry: &Entry,
+        held: &HashMap<Hash32, PathBuf>,
+        folder: &Path,
+    ) -> anyhow::Result<EntryFetched> {
+        let root = folder.parent().unwrap_or(Path::new("."));
+        let base = folder.file_name().and_then(|n| n.to_str());
+        let inside = FilePath::new(format!("{}/{}", base.unwrap_or_default(), entry.path))?;
+        crate::store::make_folders(root, &inside)?;
+        let target = folder.join(entry.path.as_str());
+        let mut got = EntryFetched {
+            status: FileStatus::AlreadyPresent,
+            wire_bytes: 0,
+            reused_bytes: 0,
+            peers: Vec::new(),
+        };
+        match Seen::of(&target) {
+            Ok(Some(seen)) if seen.blake3 == entry.blake3 => return Ok(got),
+            Ok(None) => {
+                if let Some(from) = held.get(&entry.blake3)
+                    && copy_verified(from, &target, &entry.blake3)?
+                {
+                    (got.status, got.reused_bytes) = (FileStatus::Copied, entry.size);
+                    return Ok(got);
+                }
+            }
+            _ => {}
+        }
+        let plan = Plan {
+            name: FilePath::new(format!("{}/{}", req.name, entry.path))?,
+            target,
+            peers: members.to_vec(),
+            blake3: Some(entry.blake3),
+            window: req.window,
+            update: req.update,
+            offer_as: None,
+        };
+        let fetched = session::download(
+            &Asking { node: self },
+            &plan,
+            std::future::pending(),
+            |_| {},
+        )
+        .await?;
+        got.wire_bytes = fetched.wire_bytes;
+        got.reused_bytes = fetched.reused_bytes;
+        let sources = fetched.report.iter().flat_map(|r| &r.sources);
+        got.peers = sources.map(|s| (s.name.clone(), s.bytes)).collect();
+        got.status = match fetched.status {
+            Fetched::Downloaded => FileStatus::Downloaded,
+            Fetched::AlreadyPresent => FileStatus::AlreadyPresent,
+            Fetched::Updated => FileStatus::Updated,
+        };
+        Ok(got)
+    }
+}
+
+/// Copies `from` to `to` if its content still hashes to `blake3`: into a hidden temporary file
+/// beside `to`, checked, then linked under the name (never over a file that appeared meanwhile).
+/// False if the content changed (the caller fetches it instead).
+fn copy_verified(from: &Path, to: &Path, blake3: &Hash32) -> anyhow::Result<bool> {
+    let dir = to.parent().unwrap_or(Path::new("."));
+    let base = to.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let temp = dir.join(format!(".{base}.copy-{}.part", std::process::id()));
+    let result = (|| -> anyhow::Result<bool> {
+        std::fs::copy(from, &temp).with_context(|| format!("copying {}", from.display()))?;
+        let mut hasher = blake3::Hasher::new();
+        let mut file = std::fs::File::open(&temp)?;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        if hasher.finalize().as_bytes() != blake3 {
+            return Ok(false);
+        }
+        file.sync_all()?;
+        match std::fs::hard_link(&temp, to) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("saving {}", to.display())),
+        }
+    })();
+    let _ = std::fs::remove_file(&temp);
+    result
+}
