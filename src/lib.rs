@@ -24,7 +24,7 @@
 //! - Only `app` and `main` write to stdout, through `app::term` (which never panics on a closed
 //!   stream).
 //! - `transfer` sees peers only through its traits (`session::Peers`, `download::ChunkSource`,
-//!   `update::RangeSource`), which `node` and `net::client::PeerSource` implement.
+//!   `update::RangeSource`), which `node` and `net::source::PeerSource` implement.
 
 pub mod app;
 pub mod engine;

@@ -322,3 +322,113 @@ fn a_folder_is_fetched_whole_and_a_moved_file_costs_no_bytes() -> TestResult {
     assert_eq!(json["wire_bytes"], 0, "{json}");
     Ok(())
 }
+
+/// A local folder that differs from the peers' version is refused, naming the files and
+/// `--update`; with `--update` it becomes the peers' version: a changed file brought up to date
+/// (its old version kept), a missing one fetched, one the version lacks displaced (kept, hidden).
+#[test]
+fn a_folder_update_makes_it_the_peers_version_and_keeps_what_it_replaces() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    let old = util::text::prose(60_000, 7);
+    let mut new = old.clone();
+    new[30_000..30_010].copy_from_slice(b"EDITED!!!\n");
+    let put = |peer: &str, path: &str, data: &[u8]| -> anyhow::Result<()> {
+        let at = net.served(peer).join(path);
+        std::fs::create_dir_all(at.parent().unwrap())?;
+        Ok(std::fs::write(at, data)?)
+    };
+    put("p1", "notes/a.txt", &new)?;
+    put("p1", "notes/sub/b.txt", b"only on p1\n")?;
+    put("p2", "notes/a.txt", &old)?;
+    put("p2", "notes/c.txt", b"only here\n")?;
+    let _p1 = net.serve("p1", &[])?;
+
+    let out = net.fails("p2", &["download", "notes/", "p1"])?;
+    assert!(out.stderr().contains("notes/a.txt"), "{out}");
+    assert!(out.stderr().contains("--update"), "{out}");
+    assert_eq!(std::fs::read(net.served("p2").join("notes/a.txt"))?, old);
+    assert!(
+        !net.served("p2").join("notes/sub").exists(),
+        "nothing fetched"
+    );
+
+    let json = net.json("p2", &["download", "notes/", "p1", "--update", "--json"])?;
+    let folder = net.served("p2").join("notes");
+    assert_eq!(std::fs::read(folder.join("a.txt"))?, new);
+    assert_eq!(std::fs::read(folder.join("sub/b.txt"))?, b"only on p1\n");
+    assert!(!folder.join("c.txt").exists(), "{json}");
+    assert_eq!(json["displaced"], serde_json::json!(["c.txt"]), "{json}");
+    let entries = json["entries"].as_array().cloned().unwrap_or_default();
+    let a = entries.iter().find(|e| e["name"] == "a.txt");
+    assert_eq!(
+        a.map(|e| e["status"].clone()),
+        Some("updated".into()),
+        "{json}"
+    );
+    // Both what was replaced and what was displaced are kept, hidden.
+    let kept: Vec<Vec<u8>> = std::fs::read_dir(folder.join(".qnode-displaced"))?
+        .map(|e| std::fs::read(e?.path()))
+        .collect::<Result<_, _>>()?;
+    assert!(kept.contains(&old), "the old a.txt is kept");
+    assert!(kept.contains(&b"only here\n".to_vec()), "c.txt is kept");
+    Ok(())
+}
+
+/// `upload FOLDER PEERS...`: every file stored under the same relative path on each target
+/// (hidden entries left out), one status per file; again, all already there; a different file
+/// under one of the names is refused (named, with `--replace`) and the others are stored.
+#[test]
+fn a_folder_is_uploaded_whole_and_nothing_is_overwritten_without_replace() -> TestResult {
+    let net = Net::new(&["p1", "p2", "p3"])?;
+    let dir = net.root().join("mine/notes");
+    for (path, data) in [
+        ("todo.txt", &b"buy milk\n"[..]),
+        ("2026/plan.md", b"# plan\n"),
+        ("2026/deep/x.txt", b"x\n"),
+        (".secret", b"hidden\n"),
+    ] {
+        let at = dir.join(path);
+        std::fs::create_dir_all(at.parent().unwrap())?;
+        std::fs::write(at, data)?;
+    }
+    std::fs::create_dir_all(net.served("p3").join("notes"))?;
+    std::fs::write(net.served("p3").join("notes/todo.txt"), b"theirs\n")?;
+    let _servers = [net.serve("p1", &[])?, net.serve("p3", &[])?];
+    let dir_arg = dir.to_str().unwrap_or_default();
+
+    let out = net.run("p2", &["upload", dir_arg, "p1", "p3", "--json"])?;
+    let json = out.json()?;
+    assert_eq!(
+        (json["kind"].clone(), json["files"].clone()),
+        ("folder".into(), 3.into())
+    );
+    let p1 = &json["results"][0];
+    assert_eq!(
+        (p1["peer"].clone(), p1["stored"].clone()),
+        ("p1".into(), 3.into()),
+        "{json}"
+    );
+    let p3 = &json["results"][1];
+    assert_eq!(
+        (p3["stored"].clone(), p3["ok"].clone()),
+        (2.into(), false.into()),
+        "{json}"
+    );
+    assert_eq!(p3["errors"][0]["name"], "notes/todo.txt", "{json}");
+    assert!(out.stderr().contains("--replace"), "{out}");
+    assert_eq!(
+        std::fs::read(net.served("p3").join("notes/todo.txt"))?,
+        b"theirs\n"
+    );
+    for (path, data) in [
+        ("notes/todo.txt", &b"buy milk\n"[..]),
+        ("notes/2026/deep/x.txt", b"x\n"),
+    ] {
+        assert_eq!(std::fs::read(net.served("p1").join(path))?, data, "{path}");
+    }
+    assert!(!net.served("p1").join("notes/.secret").exists());
+
+    let json = net.json("p2", &["upload", dir_arg, "p1", "--json"])?;
+    assert_eq!(json["results"][0]["already_present"], 3, "{json}");
+    Ok(())
+}

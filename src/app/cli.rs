@@ -198,6 +198,16 @@ async fn list(node: &Node, args: &ListArgs) -> anyhow::Result<bool> {
 
 /// `upload`: one file to every named peer.
 async fn upload(node: &Node, args: &UploadArgs) -> anyhow::Result<bool> {
+    // A folder (a path, or one in our served_files): every file under it.
+    let in_served = node.served_dir().join(&args.file);
+    let folder = match () {
+        () if args.file.is_dir() => Some(args.file.clone()),
+        () if !args.file.exists() && in_served.is_dir() => Some(in_served),
+        () => None,
+    };
+    if let Some(dir) = folder {
+        return super::folders::upload(node, args, &dir).await;
+    }
     let uploaded = node
         .upload(
             &args.file,
@@ -280,7 +290,7 @@ async fn download(node: &Node, args: &DownloadArgs) -> anyhow::Result<bool> {
         update: args.update,
     };
     if folder {
-        return download_folder(node, &folder_req(), args.json).await;
+        return super::folders::download(node, &folder_req(), args.json).await;
     }
     let req = DownloadRequest {
         name: name.clone(),
@@ -317,13 +327,18 @@ async fn download(node: &Node, args: &DownloadArgs) -> anyhow::Result<bool> {
     let done = match result {
         Err(e) if e.downcast_ref::<node::NotServed>().is_some() => {
             // Not a file anywhere: a folder, if some peer has one under that name.
-            return match download_folder(node, &folder_req(), args.json).await {
+            return match super::folders::download(node, &folder_req(), args.json).await {
                 Err(f) if f.to_string().starts_with("no peer serves the folder") => Err(e),
                 other => other,
             };
         }
         other => other?,
     };
+    report_download(&done, args.json)
+}
+
+/// A file download's warnings (corrupt chunks, dropped peers), then its line or JSON object.
+fn report_download(done: &node::Downloaded, json: bool) -> anyhow::Result<bool> {
     if let Some(report) = &done.report {
         for s in &report.sources {
             if s.corrupt > 0 {
@@ -378,108 +393,8 @@ async fn download(node: &Node, args: &DownloadArgs) -> anyhow::Result<bool> {
             }),
         }
     }
-    render_download(&out, args.json)?;
+    render_download(&out, json)?;
     Ok(true)
-}
-
-/// `download FOLDER`: one summary line, or one JSON object.
-async fn download_folder(
-    node: &Node,
-    req: &node::FolderRequest,
-    json: bool,
-) -> anyhow::Result<bool> {
-    let interrupted = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let done = node.download_folder(req, interrupted).await?;
-    for (peer, why) in &done.left_out {
-        crate::errln!("qnode: warning: {peer} left out: {why}");
-    }
-    let status = |s: node::FileStatus| match s {
-        node::FileStatus::Downloaded => "downloaded",
-        node::FileStatus::Copied => "copied",
-        node::FileStatus::AlreadyPresent => "already_present",
-        node::FileStatus::Updated => "updated",
-    };
-    let size: u64 = done.files.iter().map(|f| f.entry.size).sum();
-    let out = FolderOut {
-        name: format!("{}/", done.name),
-        kind: "folder",
-        blake3: hex(&done.version),
-        status: if done.changed() {
-            "downloaded"
-        } else {
-            "already_present"
-        },
-        path: done.target.display().to_string(),
-        files: done.files.len(),
-        size,
-        peers: done.peers.clone(),
-        reused_bytes: done.reused_bytes,
-        wire_bytes: done.wire_bytes,
-        seconds: done.elapsed.as_secs_f64(),
-        entries: done
-            .files
-            .iter()
-            .map(|f| FolderEntryOut {
-                name: f.entry.path.to_string(),
-                size: f.entry.size,
-                blake3: hex(&f.entry.blake3),
-                status: status(f.status),
-            })
-            .collect(),
-        left_out: done
-            .left_out
-            .iter()
-            .map(|(p, why)| LeftOutOut {
-                peer: p.to_string(),
-                reason: why.clone(),
-            })
-            .collect(),
-    };
-    if json {
-        print_json(&out)?;
-        return Ok(true);
-    }
-    let count = |s| done.files.iter().filter(|f| f.status == s).count();
-    crate::outln!(
-        "folder {} ({} files, {}) in {:.2} s: {} fetched, {} copied from our own files, {} already here, {} updated -> {}",
-        out.name,
-        out.files,
-        HumanBytes(size),
-        out.seconds,
-        count(node::FileStatus::Downloaded),
-        count(node::FileStatus::Copied),
-        count(node::FileStatus::AlreadyPresent),
-        count(node::FileStatus::Updated),
-        out.path
-    );
-    Ok(true)
-}
-
-#[derive(Serialize)]
-struct FolderOut {
-    name: String,
-    kind: &'static str,
-    blake3: String,
-    status: &'static str,
-    path: String,
-    files: usize,
-    size: u64,
-    peers: BTreeMap<String, u64>,
-    reused_bytes: u64,
-    wire_bytes: u64,
-    seconds: f64,
-    entries: Vec<FolderEntryOut>,
-    left_out: Vec<LeftOutOut>,
-}
-
-#[derive(Serialize)]
-struct FolderEntryOut {
-    name: String,
-    size: u64,
-    blake3: String,
-    status: &'static str,
 }
 
 fn progress_bar(total: u64) -> Option<ProgressBar> {
@@ -494,7 +409,7 @@ fn progress_bar(total: u64) -> Option<ProgressBar> {
     Some(bar)
 }
 
-fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
+pub(super) fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
     crate::outln!("{}", serde_json::to_string(value)?);
     Ok(())
 }
@@ -562,9 +477,9 @@ struct UploadResult {
 }
 
 #[derive(Serialize)]
-struct LeftOutOut {
-    peer: String,
-    reason: String,
+pub(super) struct LeftOutOut {
+    pub(super) peer: String,
+    pub(super) reason: String,
 }
 
 #[derive(Serialize)]

@@ -10,7 +10,8 @@ use super::Node;
 use crate::model::delta::{Sig, SigKind};
 use crate::model::manifest::{FilePath, Hash32};
 use crate::model::peers::PeerId;
-use crate::net::client::{Changes, Client, ClientError, Offer, PeerSource};
+use crate::net::client::{Changes, Client, ClientError, Offer};
+use crate::net::source::PeerSource;
 use crate::transfer::session::{self, Holding, Peers, Plan};
 
 pub use crate::transfer::session::{Fetched, NotServed};

@@ -75,6 +75,9 @@ pub struct FolderDownloaded {
     pub left_out: Vec<(PeerId, String)>,
     /// Bytes fetched from each peer.
     pub peers: BTreeMap<String, u64>,
+    /// Files we held in the folder that its version lacks (`--update`): moved to the displaced
+    /// versions, never destroyed.
+    pub displaced: Vec<FilePath>,
     /// Bytes copied from files we already held.
     pub reused_bytes: u64,
     /// Bytes of the peers' replies that crossed the wire.
@@ -86,9 +89,11 @@ pub struct FolderDownloaded {
 impl FolderDownloaded {
     /// Whether anything was written.
     pub fn changed(&self) -> bool {
-        self.files
-            .iter()
-            .any(|f| f.status != FileStatus::AlreadyPresent)
+        !self.displaced.is_empty()
+            || self
+                .files
+                .iter()
+                .any(|f| f.status != FileStatus::AlreadyPresent)
     }
 }
 
@@ -117,31 +122,7 @@ impl Node {
         let started = Instant::now();
         let name = &req.name;
         let (serving, mut left_out) = self.ask_folder(req).await?;
-        // Grouped by version: the wanted one, else the one most peers serve (the first asked
-        // among equals).
-        let mut versions: Vec<(Hash32, Vec<Entry>, Vec<PeerId>)> = Vec::new();
-        for (peer, entries) in serving {
-            let v = folder::version(&entries);
-            match versions.iter_mut().find(|(w, ..)| *w == v) {
-                Some((.., peers)) => peers.push(peer),
-                None => versions.push((v, entries, vec![peer])),
-            }
-        }
-        let chosen = match req.blake3 {
-            Some(w) => versions.iter().position(|(v, ..)| *v == w),
-            None => (0..versions.len())
-                .rev()
-                .max_by_key(|&i| versions[i].2.len()),
-        };
-        let Some(chosen) = chosen else {
-            let why: Vec<String> = left_out.iter().map(|(p, w)| format!("{p}: {w}")).collect();
-            bail!("no peer serves the folder {name}/ ({})", why.join("; "));
-        };
-        let (version, entries, members) = versions.swap_remove(chosen);
-        for (other, _, peers) in versions {
-            let why = format!("serves another version of {name}/ ({})", hex(&other));
-            left_out.extend(peers.into_iter().map(|p| (p, why.clone())));
-        }
+        let (version, entries, members) = choose_version(name, serving, req.blake3, &mut left_out)?;
         let target = match &req.output {
             Some(p) if p.is_dir() => p.join(name.as_str()),
             Some(p) => p.clone(),
@@ -154,10 +135,31 @@ impl Node {
             files: Vec::new(),
             left_out,
             peers: BTreeMap::new(),
+            displaced: Vec::new(),
             reused_bytes: 0,
             wire_bytes: 0,
             elapsed: Duration::ZERO,
         };
+        // Without --update, local files that differ from the version are refused before any
+        // byte is fetched, all named at once.
+        if !req.update {
+            let differ: Vec<String> = (entries.iter())
+                .filter(|e| {
+                    let at = done.target.join(e.path.as_str());
+                    matches!(Seen::of(&at), Ok(Some(seen)) if seen.blake3 != e.blake3)
+                        || at.symlink_metadata().is_ok_and(|m| !m.is_file())
+                })
+                .map(|e| format!("{name}/{}", e.path))
+                .collect();
+            if !differ.is_empty() {
+                bail!(
+                    "{} already exist{} with different content: {}; not overwriting (use --update to make the folder the peers' version, or --output to save elsewhere)",
+                    differ.len(),
+                    if differ.len() == 1 { "s" } else { "" },
+                    differ.join(", ")
+                );
+            }
+        }
         let held = self.held_by_content()?;
         // Several files at once over the same connections: small files are round trips, not
         // bytes. In path order, so a re-run resumes where this one stopped.
@@ -190,6 +192,9 @@ impl Node {
             }
             let status = got.status;
             done.files.push(FolderFile { entry, status });
+        }
+        if req.update {
+            done.displaced = displace_others(&done.target, &done.files)?;
         }
         done.elapsed = started.elapsed();
         Ok(done)
@@ -301,6 +306,74 @@ impl Node {
         };
         Ok(got)
     }
+}
+
+/// Groups the peers by the version of the folder they serve and picks one: `wanted`, else the
+/// one most peers serve (the first asked among equals). The others are added to `left_out`.
+fn choose_version(
+    name: &FilePath,
+    serving: Vec<(PeerId, Vec<Entry>)>,
+    wanted: Option<Hash32>,
+    left_out: &mut Vec<(PeerId, String)>,
+) -> anyhow::Result<(Hash32, Vec<Entry>, Vec<PeerId>)> {
+    let mut versions: Vec<(Hash32, Vec<Entry>, Vec<PeerId>)> = Vec::new();
+    for (peer, entries) in serving {
+        let v = folder::version(&entries);
+        match versions.iter_mut().find(|(w, ..)| *w == v) {
+            Some((.., peers)) => peers.push(peer),
+            None => versions.push((v, entries, vec![peer])),
+        }
+    }
+    let chosen = match wanted {
+        Some(w) => versions.iter().position(|(v, ..)| *v == w),
+        None => (0..versions.len())
+            .rev()
+            .max_by_key(|&i| versions[i].2.len()),
+    };
+    let Some(chosen) = chosen else {
+        let why: Vec<String> = left_out.iter().map(|(p, w)| format!("{p}: {w}")).collect();
+        bail!("no peer serves the folder {name}/ ({})", why.join("; "));
+    };
+    let chosen = versions.swap_remove(chosen);
+    for (other, _, peers) in versions {
+        let why = format!("serves another version of {name}/ ({})", hex(&other));
+        left_out.extend(peers.into_iter().map(|p| (p, why.clone())));
+    }
+    Ok(chosen)
+}
+
+/// Moves the files under `folder` that `files` (the version) lacks into the displaced versions
+/// beside each; their paths inside the folder. Hidden entries and symlinks are left alone.
+fn displace_others(folder: &Path, files: &[FolderFile]) -> anyhow::Result<Vec<FilePath>> {
+    let wanted: std::collections::HashSet<&str> =
+        files.iter().map(|f| f.entry.path.as_str()).collect();
+    let walker = ignore::WalkBuilder::new(folder)
+        .standard_filters(false)
+        .hidden(true)
+        .follow_links(false)
+        .build();
+    let mut displaced = Vec::new();
+    for entry in walker.filter_map(Result::ok) {
+        if !entry.file_type().is_some_and(|t| t.is_file()) {
+            continue;
+        }
+        let Some(path) = (entry.path().strip_prefix(folder).ok())
+            .and_then(|r| r.to_str())
+            .and_then(|r| FilePath::new(r).ok())
+        else {
+            continue;
+        };
+        if wanted.contains(path.as_str()) {
+            continue;
+        }
+        let Some(seen) = Seen::of(entry.path())? else {
+            continue;
+        };
+        crate::store::displace(entry.path(), &seen.blake3)?;
+        displaced.push(path);
+    }
+    displaced.sort();
+    Ok(displaced)
 }
 
 /// Copies `from` to `to` if its content still hashes to `blake3`: into a hidden temporary file

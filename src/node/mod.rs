@@ -318,6 +318,68 @@ impl Node {
     ) -> anyhow::Result<Uploaded> {
         let targets = self.select(peers)?;
         let (path, name) = self.resolve_upload(file)?;
+        self.upload_as(path, name, &targets, replace, compression)
+            .await
+    }
+
+    /// `upload FOLDER`: every file under the folder (hidden entries and symlinks left out), each
+    /// stored by every named peer under the folder's name and its path inside it.
+    pub async fn upload_folder(
+        &self,
+        dir: &Path,
+        peers: &[PeerId],
+        replace: bool,
+        compression: codec::Mode,
+    ) -> anyhow::Result<(FilePath, Vec<Uploaded>)> {
+        let targets = self.select(peers)?;
+        let base = dir.canonicalize().ok();
+        let base = base
+            .as_deref()
+            .and_then(Path::file_name)
+            .and_then(|n| n.to_str());
+        let folder = FilePath::new(
+            base.with_context(|| format!("{} has no usable folder name", dir.display()))?,
+        )?;
+        let walker = ignore::WalkBuilder::new(dir)
+            .standard_filters(false)
+            .hidden(true)
+            .follow_links(false)
+            .build();
+        let mut files = Vec::new();
+        for entry in walker {
+            let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+            if !entry.file_type().is_some_and(|t| t.is_file()) {
+                continue;
+            }
+            let rel = entry.path().strip_prefix(dir).ok().and_then(|r| r.to_str());
+            let name = rel
+                .and_then(|r| FilePath::new(format!("{folder}/{r}")).ok())
+                .with_context(|| format!("{} has no usable path", entry.path().display()))?;
+            files.push((entry.path().to_owned(), name));
+        }
+        files.sort_by(|a, b| a.1.cmp(&b.1));
+        if files.is_empty() {
+            bail!("{} holds no file to upload", dir.display());
+        }
+        let mut uploaded = Vec::with_capacity(files.len());
+        for (path, name) in files {
+            uploaded.push(
+                self.upload_as(path, name, &targets, replace, compression)
+                    .await?,
+            );
+        }
+        Ok((folder, uploaded))
+    }
+
+    /// One file at `path` to every peer of `targets`, as `name`.
+    async fn upload_as(
+        &self,
+        path: PathBuf,
+        name: FilePath,
+        targets: &[PeerEntry],
+        replace: bool,
+        compression: codec::Mode,
+    ) -> anyhow::Result<Uploaded> {
         let p = path.clone();
         let hashed = tokio::task::spawn_blocking(move || hash_file(&p));
         // To replace, also the file's tree, computed beside the hash and still running while the
@@ -365,7 +427,7 @@ impl Node {
         Ok(Uploaded {
             name,
             size,
-            results: targets.into_iter().map(|e| e.id).zip(results).collect(),
+            results: targets.iter().map(|e| e.id.clone()).zip(results).collect(),
         })
     }
 

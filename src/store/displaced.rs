@@ -16,6 +16,47 @@ pub const DISPLACED_MAX_FILES: usize = 1000;
 /// Bytes of displaced versions kept in one folder; the oldest are removed first.
 pub const DISPLACED_MAX_BYTES: u64 = 1 << 30;
 
+/// The displaced versions' folder in `dir`, made if need be (mode 0700). A symlink planted there
+/// by a local user would send versions (and the pruning) into another folder: only a real
+/// folder is used, else nothing is displaced.
+pub(super) fn displaced_folder(dir: &Path) -> Result<PathBuf, StoreError> {
+    let keep = dir.join(DISPLACED_DIR);
+    match fs::create_dir(&keep) {
+        Ok(()) => {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = fs::set_permissions(&keep, fs::Permissions::from_mode(0o700));
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(StoreError::io("creating", &keep, e)),
+    }
+    if !fs::symlink_metadata(&keep).is_ok_and(|m| m.file_type().is_dir()) {
+        return Err(StoreError::io(
+            "keeping the old version in",
+            &keep,
+            io::Error::other("not a folder (a symlink?); nothing was replaced"),
+        ));
+    }
+    Ok(keep)
+}
+
+/// Moves the file at `path` (whose content hashes to `blake3`) into the displaced versions
+/// beside it: linked there first, then unlinked from its name, so it is never lost.
+pub fn displace(path: &Path, blake3: &Hash32) -> Result<(), StoreError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let keep = displaced_folder(dir)?;
+    let kept = keep.join(format!("{name}.{}", &hex(blake3)[..16]));
+    match fs::hard_link(path, &kept) {
+        Ok(()) => {}
+        // The same version was displaced before: it is kept already.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(StoreError::io("keeping", path, e)),
+    }
+    fs::remove_file(path).map_err(|e| StoreError::io("removing", path, e))?;
+    prune_displaced(&keep, name);
+    Ok(())
+}
+
 /// Keeps the newest [`DISPLACED_KEPT`] displaced versions of `name` in `keep`, and in all at
 /// most [`DISPLACED_MAX_FILES`] files and [`DISPLACED_MAX_BYTES`] bytes there (oldest removed
 /// first, whatever their name).

@@ -24,7 +24,9 @@ mod trees;
 mod unix;
 mod uploads;
 
-pub use displaced::{DISPLACED_DIR, DISPLACED_KEPT, DISPLACED_MAX_BYTES, DISPLACED_MAX_FILES};
+pub use displaced::{
+    DISPLACED_DIR, DISPLACED_KEPT, DISPLACED_MAX_BYTES, DISPLACED_MAX_FILES, displace,
+};
 use offered::{Damaged, HeldCache};
 pub use offered::{Held, download_tag};
 pub use partial::{Check, Committed, PartialFile, Seen};

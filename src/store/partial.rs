@@ -2,7 +2,7 @@
 //! written, synced, checked, then linked (or renamed over an old version it keeps). What a file
 //! was when it was seen (`Seen`), to notice a change before replacing it.
 
-use super::displaced::prune_displaced;
+use super::displaced::{displaced_folder, prune_displaced};
 use super::unix::*;
 use super::*;
 
@@ -406,25 +406,13 @@ impl PartialFile {
         let name = self.verify(expected, check)?;
         let dir = self.target.parent().unwrap_or(Path::new(".")).to_owned();
         let io = |what: &'static str, p: &Path, e| StoreError::io(what, p, e);
-        let keep = dir.join(DISPLACED_DIR);
-        match fs::create_dir(&keep) {
-            Ok(()) => {
-                use std::os::unix::fs::PermissionsExt;
-                let _ = fs::set_permissions(&keep, fs::Permissions::from_mode(0o700));
+        let keep = match displaced_folder(&dir) {
+            Ok(keep) => keep,
+            Err(e) => {
+                self.keep.store(true, Ordering::SeqCst);
+                return Err(e);
             }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io("creating", &keep, e)),
-        }
-        // A symlink planted there by a local user would send the old version (and the pruning)
-        // into another folder: only a real folder is used.
-        if !fs::symlink_metadata(&keep).is_ok_and(|m| m.file_type().is_dir()) {
-            self.keep.store(true, Ordering::SeqCst);
-            return Err(io(
-                "keeping the old version in",
-                &keep,
-                io::Error::other("not a folder (a symlink?); nothing was replaced"),
-            ));
-        }
+        };
         // Still the version seen at the start (ctime too: a change that kept the mtime)?
         let unchanged = |full: bool| {
             fs::symlink_metadata(&self.target).is_ok_and(|now| {
