@@ -432,3 +432,54 @@ fn a_folder_is_uploaded_whole_and_nothing_is_overwritten_without_replace() -> Te
     assert_eq!(json["results"][0]["already_present"], 3, "{json}");
     Ok(())
 }
+
+/// An interrupted folder download stops cleanly (one line), keeps the partial files of the files
+/// in flight, and a re-run finishes from there: finished files are not fetched again, and the
+/// interrupted ones resume.
+#[test]
+fn an_interrupted_folder_download_resumes() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    let files: Vec<(String, Vec<u8>)> = (0..4)
+        .map(|i| {
+            (
+                format!("notes/part{i}.bin"),
+                util::random_bytes(512 << 10, 60 + i),
+            )
+        })
+        .collect();
+    for (path, data) in &files {
+        let at = net.served("p1").join(path);
+        std::fs::create_dir_all(at.parent().unwrap())?;
+        std::fs::write(at, data)?;
+    }
+    let p1 = net.serve("p1", &["--max-upload-rate", "256K"])?;
+    let download = net.spawn("p2", &["download", "notes/", "p1"])?;
+    p1.wait_for_log_count("read_chunk notes/", 8, std::time::Duration::from_secs(20))?;
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child's.
+    unsafe {
+        libc::kill(download.1.id() as i32, libc::SIGINT);
+    }
+    let out = util::Out::of(download)?;
+    assert!(!out.success(), "{out}");
+    assert!(out.stderr().contains("interrupted"), "{out}");
+    let folder = net.served("p2").join("notes");
+    let partials = std::fs::read_dir(&folder)?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
+        .count();
+    assert!(partials > 0, "the files in flight keep their partial files");
+
+    let json = net.json("p2", &["download", "notes/", "p1", "--json"])?;
+    for (path, data) in &files {
+        assert_eq!(&std::fs::read(net.served("p2").join(path))?, data, "{path}");
+    }
+    let fetched: u64 = (json["peers"].as_object().into_iter().flatten())
+        .filter_map(|(_, b)| b.as_u64())
+        .sum();
+    let all: u64 = files.iter().map(|(_, d)| d.len() as u64).sum();
+    assert!(
+        fetched < all,
+        "what was fetched before is not fetched again: {json}"
+    );
+    Ok(())
+}

@@ -161,29 +161,9 @@ impl Node {
             }
         }
         let held = self.held_by_content()?;
-        // Several files at once over the same connections: small files are round trips, not
-        // bytes. In path order, so a re-run resumes where this one stopped.
-        let (held, members, target) = (&held, &members[..], &done.target);
-        let mut fetching =
-            futures_util::stream::iter(entries.into_iter().map(|entry| async move {
-                let got = self.fetch_entry(req, members, &entry, held, target).await;
-                (entry, got)
-            }))
-            .buffered(FILES_IN_FLIGHT);
-        tokio::pin!(interrupt);
-        let mut files = Vec::new();
-        loop {
-            let next = tokio::select! {
-                next = fetching.next() => next,
-                () = &mut interrupt => bail!(
-                    "downloading {name}/: interrupted; run the same command again to resume"
-                ),
-            };
-            let Some((entry, got)) = next else { break };
-            let got = got.with_context(|| format!("downloading {name}/{}", entry.path))?;
-            files.push((entry, got));
-        }
-        drop(fetching);
+        let files = self
+            .fetch_all(req, &members, entries, &held, &done.target, interrupt)
+            .await?;
         for (entry, got) in files {
             done.wire_bytes += got.wire_bytes;
             done.reused_bytes += got.reused_bytes;
@@ -198,6 +178,62 @@ impl Node {
         }
         done.elapsed = started.elapsed();
         Ok(done)
+    }
+
+    /// Every file of `entries` into `target`, a few at once, in path order.
+    async fn fetch_all(
+        &self,
+        req: &FolderRequest,
+        members: &[PeerId],
+        entries: Vec<Entry>,
+        held: &HashMap<Hash32, PathBuf>,
+        target: &Path,
+        interrupt: impl Future<Output = ()>,
+    ) -> anyhow::Result<Vec<(Entry, EntryFetched)>> {
+        let name = &req.name;
+        // Several files at once over the same connections (small files are round trips, not
+        // bytes), in path order. Stopped as a whole (interrupted, or one file failed), each file
+        // in flight is told to stop, so its partial file is kept for the re-run.
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stop = &stop;
+        let mut fetching =
+            futures_util::stream::iter(entries.into_iter().map(|entry| async move {
+                let got = self
+                    .fetch_entry(req, members, &entry, held, target, stop)
+                    .await;
+                (entry, got)
+            }))
+            .buffered(FILES_IN_FLIGHT);
+        tokio::pin!(interrupt);
+        let (mut files, mut failed) = (Vec::new(), None);
+        loop {
+            let next = tokio::select! {
+                next = fetching.next() => next,
+                () = &mut interrupt, if !stop.is_cancelled() => {
+                    stop.cancel();
+                    continue;
+                }
+            };
+            let Some((entry, got)) = next else { break };
+            match got {
+                Ok(got) => files.push((entry, got)),
+                // Told to stop: its partial file is kept.
+                Err(e) if stop.is_cancelled() && interrupted_by(&e) => {}
+                Err(e) => {
+                    stop.cancel();
+                    let e = e.context(format!("downloading {name}/{}", entry.path));
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        drop(fetching);
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if stop.is_cancelled() {
+            bail!("downloading {name}/: interrupted; run the same command again to resume");
+        }
+        Ok(files)
     }
 
     /// Every peer's files under the folder (from its whole listing), or why it is left out.
@@ -255,6 +291,7 @@ impl Node {
         entry: &Entry,
         held: &HashMap<Hash32, PathBuf>,
         folder: &Path,
+        stop: &tokio_util::sync::CancellationToken,
     ) -> anyhow::Result<EntryFetched> {
         let root = folder.parent().unwrap_or(Path::new("."));
         let base = folder.file_name().and_then(|n| n.to_str());
@@ -288,13 +325,8 @@ impl Node {
             update: req.update,
             offer_as: None,
         };
-        let fetched = session::download(
-            &Asking { node: self },
-            &plan,
-            std::future::pending(),
-            |_| {},
-        )
-        .await?;
+        let fetched =
+            session::download(&Asking { node: self }, &plan, stop.cancelled(), |_| {}).await?;
         got.wire_bytes = fetched.wire_bytes;
         got.reused_bytes = fetched.reused_bytes;
         let sources = fetched.report.iter().flat_map(|r| &r.sources);
@@ -306,6 +338,11 @@ impl Node {
         };
         Ok(got)
     }
+}
+
+/// Whether a file's download ended because it was told to stop (its partial file is kept).
+fn interrupted_by(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.to_string() == "interrupted")
 }
 
 /// Groups the peers by the version of the folder they serve and picks one: `wanted`, else the
