@@ -13,6 +13,9 @@ use anyhow::Context;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use super::folders::LeftOutOut;
+use super::term::print_json;
+
 pub use crate::app::args::{Cli, Command, DownloadArgs, ListArgs, ServeArgs, UploadArgs};
 use crate::model::manifest::{FilePath, Manifest, hex, parse_hex};
 use crate::model::peers::{PeerId, Root};
@@ -281,8 +284,9 @@ async fn download(node: &Node, args: &DownloadArgs) -> anyhow::Result<bool> {
     // tried as a folder.
     let folder = args.name.ends_with('/');
     let name = FilePath::new(args.name.trim_end_matches('/'))?;
-    let folder_req = || node::FolderRequest {
-        name: name.clone(),
+    // The same request names a file or, failing that, a folder.
+    let req = DownloadRequest {
+        name,
         peers: args.peers.clone(),
         output: args.output.clone(),
         blake3,
@@ -290,16 +294,8 @@ async fn download(node: &Node, args: &DownloadArgs) -> anyhow::Result<bool> {
         update: args.update,
     };
     if folder {
-        return super::folders::download(node, &folder_req(), args.json).await;
+        return super::folders::download(node, &req, args.json).await;
     }
-    let req = DownloadRequest {
-        name: name.clone(),
-        peers: args.peers.clone(),
-        output: args.output.clone(),
-        blake3,
-        window: args.window,
-        update: args.update,
-    };
     let mut bar: Option<ProgressBar> = None;
     let interrupted = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -327,7 +323,7 @@ async fn download(node: &Node, args: &DownloadArgs) -> anyhow::Result<bool> {
     let done = match result {
         Err(e) if e.downcast_ref::<node::NotServed>().is_some() => {
             // Not a file anywhere: a folder, if some peer has one under that name.
-            return match super::folders::download(node, &folder_req(), args.json).await {
+            return match super::folders::download(node, &req, args.json).await {
                 Err(f) if f.to_string().starts_with("no peer serves the folder") => Err(e),
                 other => other,
             };
@@ -409,11 +405,6 @@ fn progress_bar(total: u64) -> Option<ProgressBar> {
     Some(bar)
 }
 
-pub(super) fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
-    crate::outln!("{}", serde_json::to_string(value)?);
-    Ok(())
-}
-
 #[derive(Serialize)]
 struct ListReport {
     peers: Vec<PeerFiles>,
@@ -474,12 +465,6 @@ struct UploadResult {
     status: Option<UploadOut>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
-}
-
-#[derive(Serialize)]
-pub(super) struct LeftOutOut {
-    pub(super) peer: String,
-    pub(super) reason: String,
 }
 
 #[derive(Serialize)]

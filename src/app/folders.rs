@@ -8,7 +8,7 @@ use indicatif::HumanBytes;
 use serde::Serialize;
 
 use super::args::UploadArgs;
-use super::cli::{LeftOutOut, print_json};
+use super::term::print_json;
 use crate::model::manifest::hex;
 use crate::node::{self, Node, UploadStatus};
 
@@ -125,7 +125,7 @@ struct FileError {
 /// `download FOLDER`: one summary line, or one JSON object.
 pub(super) async fn download(
     node: &Node,
-    req: &node::FolderRequest,
+    req: &node::DownloadRequest,
     json: bool,
 ) -> anyhow::Result<bool> {
     let interrupted = async {
@@ -224,4 +224,11 @@ struct FolderEntryOut {
     size: u64,
     blake3: String,
     status: &'static str,
+}
+
+/// A peer left out of a download, as rendered.
+#[derive(Serialize)]
+pub(super) struct LeftOutOut {
+    pub(super) peer: String,
+    pub(super) reason: String,
 }

@@ -16,6 +16,12 @@ pub fn err(args: std::fmt::Arguments<'_>) {
     let _ = std::io::stderr().lock().write_fmt(args);
 }
 
+/// One JSON object on its own line on stdout.
+pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    crate::outln!("{}", serde_json::to_string(value)?);
+    Ok(())
+}
+
 /// The error and its causes on one line, each cause once: a message that already ends with its
 /// cause's text (as "reading x: Is a directory (os error 21)" does) does not repeat it.
 pub fn error_line(e: &anyhow::Error) -> String {

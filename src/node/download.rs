@@ -23,7 +23,7 @@ pub type DownloadEvent<'a> = session::DownloadEvent<'a, ClientError>;
 /// What a download did.
 pub type Downloaded = session::Downloaded<ClientError>;
 
-/// A validated download request.
+/// A validated download request: a file, or (`Node::download_folder`) a folder.
 #[derive(Debug, Clone)]
 pub struct DownloadRequest {
     /// The file.

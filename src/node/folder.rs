@@ -14,29 +14,12 @@ use futures_util::StreamExt;
 use futures_util::future::join_all;
 
 use super::Node;
-use super::download::Asking;
+use super::download::{Asking, DownloadRequest};
 use crate::model::folder::{self, Entry};
 use crate::model::manifest::{FilePath, Hash32, hex};
 use crate::model::peers::PeerId;
 use crate::store::{Seen, Store};
 use crate::transfer::session::{self, Fetched, Plan};
-
-/// A folder to download.
-#[derive(Debug, Clone)]
-pub struct FolderRequest {
-    /// The folder, as the peers name it.
-    pub name: FilePath,
-    /// Peers to fetch from (empty: every other peer).
-    pub peers: Vec<PeerId>,
-    /// Where the folder goes instead of our served_files/NAME (a folder: PATH/NAME).
-    pub output: Option<PathBuf>,
-    /// The folder version wanted, if given.
-    pub blake3: Option<Hash32>,
-    /// A fixed request window per peer, if given.
-    pub window: Option<usize>,
-    /// Bring files we hold in another version up to date instead of refusing.
-    pub update: bool,
-}
 
 /// How one file of a folder download ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,7 +99,7 @@ impl Node {
     /// `download FOLDER`: every file under the folder, until done or `interrupt`.
     pub async fn download_folder(
         &self,
-        req: &FolderRequest,
+        req: &DownloadRequest,
         interrupt: impl Future<Output = ()>,
     ) -> anyhow::Result<FolderDownloaded> {
         let started = Instant::now();
@@ -183,7 +166,7 @@ impl Node {
     /// Every file of `entries` into `target`, a few at once, in path order.
     async fn fetch_all(
         &self,
-        req: &FolderRequest,
+        req: &DownloadRequest,
         members: &[PeerId],
         entries: Vec<Entry>,
         held: &HashMap<Hash32, PathBuf>,
@@ -237,7 +220,7 @@ impl Node {
     }
 
     /// Every peer's files under the folder (from its whole listing), or why it is left out.
-    async fn ask_folder(&self, req: &FolderRequest) -> anyhow::Result<Asked> {
+    async fn ask_folder(&self, req: &DownloadRequest) -> anyhow::Result<Asked> {
         let peers: Vec<_> = self.select(&req.peers)?;
         let peers: Vec<_> = peers.into_iter().filter(|e| e.id != self.me).collect();
         if peers.is_empty() {
@@ -286,7 +269,7 @@ impl Node {
     /// fetched (as a single file is) from the peers serving the folder's version.
     async fn fetch_entry(
         &self,
-        req: &FolderRequest,
+        req: &DownloadRequest,
         members: &[PeerId],
         entry: &Entry,
         held: &HashMap<Hash32, PathBuf>,

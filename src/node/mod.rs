@@ -76,7 +76,7 @@ pub use download::{DownloadEvent, DownloadRequest, Downloaded, Fetched, LeftOut,
 
 mod download;
 mod folder;
-pub use folder::{FileStatus, FolderDownloaded, FolderFile, FolderRequest};
+pub use folder::{FileStatus, FolderDownloaded, FolderFile};
 
 /// One peer's files.
 #[derive(Debug)]
