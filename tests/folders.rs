@@ -186,6 +186,11 @@ async fn hostile_paths_in_every_request_are_refused_before_any_disk_access() -> 
                 size: 3,
                 blake3: [0; 32],
             },
+            Request::ReadFile {
+                name: q.clone(),
+                blake3: [0; 32],
+                size: 3,
+            },
         ];
         for request in requests {
             let frame = encode_frame(&request)?;
@@ -439,13 +444,18 @@ fn a_folder_is_uploaded_whole_and_nothing_is_overwritten_without_replace() -> Te
 #[test]
 fn an_interrupted_folder_download_resumes() -> TestResult {
     let net = Net::new(&["p1", "p2"])?;
+    // Four files fetched in chunks (over 1 MiB) and twenty small ones fetched whole.
     let files: Vec<(String, Vec<u8>)> = (0..4)
         .map(|i| {
             (
                 format!("notes/part{i}.bin"),
-                util::random_bytes(512 << 10, 60 + i),
+                util::random_bytes(1536 << 10, 60 + i),
             )
         })
+        .chain((0..20).map(|i| {
+            let name = format!("notes/small/s{i:02}.txt");
+            (name, util::random_bytes(4096, 80 + i))
+        }))
         .collect();
     for (path, data) in &files {
         let at = net.served("p1").join(path);

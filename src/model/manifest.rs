@@ -34,6 +34,8 @@ pub const MAX_CHUNKS: u64 = 1 << 16;
 pub const MAX_CHUNK_SIZE: u64 = 1 << 26;
 /// Largest file qnode handles, in bytes (4 TiB): [`MAX_CHUNKS`] chunks of [`MAX_CHUNK_SIZE`].
 pub const MAX_FILE_SIZE: u64 = MAX_CHUNKS * MAX_CHUNK_SIZE;
+/// Largest file asked for whole in one request (`ReadFile`): a small file of a folder.
+pub const MAX_WHOLE_FILE: u64 = 1 << 20;
 /// How many pieces a chunk is cut into where a file has pieces ([`piece_size_for`]).
 pub const PIECES_PER_CHUNK: u32 = 4;
 /// Smallest piece, in bytes: below it a piece's request costs more than its crossing saves.

@@ -247,6 +247,18 @@ impl Client {
         .await
     }
 
+    /// The whole of version `blake3` of the small file `name` (`size` bytes), unverified.
+    pub async fn read_file(
+        &self,
+        name: &FilePath,
+        blake3: Hash32,
+        size: u32,
+    ) -> Result<Received, ClientError> {
+        self.knows(name)?;
+        self.on_stream(async |send, recv| exchange::read_file(send, recv, name, blake3, size).await)
+            .await
+    }
+
     /// What the peer holds of `name`, in pieces where the file has them (`ObservePieces`; an
     /// older peer is asked `Observe`, and one older still `Describe`), and for a download in
     /// progress there, what it gains.

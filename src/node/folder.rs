@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -18,8 +20,9 @@ use super::download::{Asking, DownloadRequest};
 use crate::model::folder::{self, Entry};
 use crate::model::manifest::{FilePath, Hash32, hex};
 use crate::model::peers::PeerId;
-use crate::store::{Seen, Store};
+use crate::store::{Batch, Seen, Store};
 use crate::transfer::session::{self, Fetched, Plan};
+use crate::wire::exchange::Received;
 
 /// How one file of a folder download ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,8 +83,27 @@ impl FolderDownloaded {
     }
 }
 
-/// Files of a folder fetched at once.
-const FILES_IN_FLIGHT: usize = 8;
+/// Files of a folder fetched at once (most are small: round trips, not bytes).
+const FILES_IN_FLIGHT: usize = 32;
+/// Of those, files fetched as a single file is (in chunks from every peer, resumable).
+const SESSIONS_IN_FLIGHT: usize = 8;
+/// Files up to this size are fetched whole in one request from one peer, checked against the
+/// BLAKE3 the folder's version names, and committed in batches ([`Batch`]).
+const SMALL_FILE: u64 = crate::wire::protocol::MAX_WHOLE_FILE;
+
+/// What the files of one folder download share.
+struct Fetching<'a> {
+    req: &'a DownloadRequest,
+    members: &'a [PeerId],
+    held: &'a HashMap<Hash32, PathBuf>,
+    folder: &'a Path,
+    stop: &'a tokio_util::sync::CancellationToken,
+    /// Small files waiting for their batch.
+    batch: Arc<Batch>,
+    /// Requests in flight to each member, to ask the least busy one.
+    load: Vec<AtomicUsize>,
+    sessions: tokio::sync::Semaphore,
+}
 
 /// What fetching one file of a folder did.
 struct EntryFetched {
@@ -163,7 +185,7 @@ impl Node {
         Ok(done)
     }
 
-    /// Every file of `entries` into `target`, a few at once, in path order.
+    /// Every file of `entries` into `target`, several at once; sorted by path.
     async fn fetch_all(
         &self,
         req: &DownloadRequest,
@@ -174,19 +196,26 @@ impl Node {
         interrupt: impl Future<Output = ()>,
     ) -> anyhow::Result<Vec<(Entry, EntryFetched)>> {
         let name = &req.name;
-        // Several files at once over the same connections (small files are round trips, not
-        // bytes), in path order. Stopped as a whole (interrupted, or one file failed), each file
-        // in flight is told to stop, so its partial file is kept for the re-run.
+        // Stopped as a whole (interrupted, or one file failed), each file in flight is told to
+        // stop, so its partial file is kept for the re-run.
         let stop = tokio_util::sync::CancellationToken::new();
-        let stop = &stop;
+        let shared = Fetching {
+            req,
+            members,
+            held,
+            folder: target,
+            stop: &stop,
+            batch: Arc::new(Batch::default()),
+            load: members.iter().map(|_| AtomicUsize::new(0)).collect(),
+            sessions: tokio::sync::Semaphore::new(SESSIONS_IN_FLIGHT),
+        };
+        let shared = &shared;
         let mut fetching =
             futures_util::stream::iter(entries.into_iter().map(|entry| async move {
-                let got = self
-                    .fetch_entry(req, members, &entry, held, target, stop)
-                    .await;
+                let got = self.fetch_entry(shared, &entry).await;
                 (entry, got)
             }))
-            .buffered(FILES_IN_FLIGHT);
+            .buffer_unordered(FILES_IN_FLIGHT);
         tokio::pin!(interrupt);
         let (mut files, mut failed) = (Vec::new(), None);
         loop {
@@ -210,12 +239,17 @@ impl Node {
             }
         }
         drop(fetching);
+        // What was fetched and checked is kept, whatever stopped the rest.
+        let batch = shared.batch.clone();
+        let committed = tokio::task::spawn_blocking(move || batch.commit()).await?;
         if let Some(e) = failed {
             return Err(e);
         }
+        committed.with_context(|| format!("saving the files of {name}/"))?;
         if stop.is_cancelled() {
             bail!("downloading {name}/: interrupted; run the same command again to resume");
         }
+        files.sort_by(|a, b| a.0.path.cmp(&b.0.path));
         Ok(files)
     }
 
@@ -265,17 +299,15 @@ impl Node {
             .collect())
     }
 
-    /// One file of the folder: already there, copied from our own copy of its content, or
-    /// fetched (as a single file is) from the peers serving the folder's version.
+    /// One file of the folder: already there, copied from our own copy of its content, fetched
+    /// whole if it is small, or else fetched as a single file is from the peers serving the
+    /// folder's version.
     async fn fetch_entry(
         &self,
-        req: &DownloadRequest,
-        members: &[PeerId],
+        with: &Fetching<'_>,
         entry: &Entry,
-        held: &HashMap<Hash32, PathBuf>,
-        folder: &Path,
-        stop: &tokio_util::sync::CancellationToken,
     ) -> anyhow::Result<EntryFetched> {
+        let folder = with.folder;
         let root = folder.parent().unwrap_or(Path::new("."));
         let base = folder.file_name().and_then(|n| n.to_str());
         let inside = FilePath::new(format!("{}/{}", base.unwrap_or_default(), entry.path))?;
@@ -290,26 +322,31 @@ impl Node {
         match Seen::of(&target) {
             Ok(Some(seen)) if seen.blake3 == entry.blake3 => return Ok(got),
             Ok(None) => {
-                if let Some(from) = held.get(&entry.blake3)
+                if let Some(from) = with.held.get(&entry.blake3)
                     && copy_verified(from, &target, &entry.blake3)?
                 {
                     (got.status, got.reused_bytes) = (FileStatus::Copied, entry.size);
                     return Ok(got);
                 }
+                if entry.size <= SMALL_FILE {
+                    return self.fetch_small(with, entry, target).await;
+                }
             }
             _ => {}
         }
+        let req = with.req;
         let plan = Plan {
             name: FilePath::new(format!("{}/{}", req.name, entry.path))?,
             target,
-            peers: members.to_vec(),
+            peers: with.members.to_vec(),
             blake3: Some(entry.blake3),
             window: req.window,
             update: req.update,
             offer_as: None,
         };
+        let _permit = with.sessions.acquire().await?;
         let fetched =
-            session::download(&Asking { node: self }, &plan, stop.cancelled(), |_| {}).await?;
+            session::download(&Asking { node: self }, &plan, with.stop.cancelled(), |_| {}).await?;
         got.wire_bytes = fetched.wire_bytes;
         got.reused_bytes = fetched.reused_bytes;
         let sources = fetched.report.iter().flat_map(|r| &r.sources);
@@ -320,6 +357,69 @@ impl Node {
             Fetched::Updated => FileStatus::Updated,
         };
         Ok(got)
+    }
+
+    /// A small file we lack, whole in one request from the least busy member (the next one if
+    /// that fails or sends other content), checked against its BLAKE3 and staged for the batch.
+    async fn fetch_small(
+        &self,
+        with: &Fetching<'_>,
+        entry: &Entry,
+        target: PathBuf,
+    ) -> anyhow::Result<EntryFetched> {
+        let name = FilePath::new(format!("{}/{}", with.req.name, entry.path))?;
+        let mut order: Vec<usize> = (0..with.members.len()).collect();
+        order.sort_by_key(|&i| with.load[i].load(Ordering::Relaxed));
+        let mut why = Vec::new();
+        for i in order {
+            let peer = &with.members[i];
+            let read = async {
+                if entry.size == 0 {
+                    return Ok(Received::default());
+                }
+                let client = self.client(self.entry(peer)?).await?;
+                // A small file's size fits a request's length.
+                let size = u32::try_from(entry.size).unwrap_or(u32::MAX);
+                client.read_file(&name, entry.blake3, size).await
+            };
+            with.load[i].fetch_add(1, Ordering::Relaxed);
+            let got = tokio::select! {
+                got = read => got,
+                () = with.stop.cancelled() => {
+                    with.load[i].fetch_sub(1, Ordering::Relaxed);
+                    bail!("interrupted");
+                }
+            };
+            with.load[i].fetch_sub(1, Ordering::Relaxed);
+            let got = match got {
+                Ok(got) => got,
+                Err(e) => {
+                    why.push(format!("{peer}: {e}"));
+                    continue;
+                }
+            };
+            if got.data.len() as u64 != entry.size
+                || blake3::hash(&got.data).as_bytes() != &entry.blake3
+            {
+                why.push(format!("{peer}: sent other content"));
+                continue;
+            }
+            let (batch, blake3) = (with.batch.clone(), entry.blake3);
+            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                if batch.stage(&target, &got.data, blake3)? {
+                    batch.commit()?;
+                }
+                Ok(())
+            })
+            .await??;
+            return Ok(EntryFetched {
+                status: FileStatus::Downloaded,
+                wire_bytes: got.wire,
+                reused_bytes: 0,
+                peers: vec![(peer.to_string(), entry.size)],
+            });
+        }
+        bail!("no peer sent it ({})", why.join("; "))
     }
 }
 

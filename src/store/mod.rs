@@ -14,6 +14,7 @@
 //! All of it is blocking file I/O: async callers run it on `spawn_blocking`. It knows nothing of
 //! QUIC, postcard or peers, and takes names only as [`FilePath`].
 
+mod batch;
 mod displaced;
 pub mod held;
 mod offered;
@@ -24,6 +25,7 @@ mod trees;
 mod unix;
 mod uploads;
 
+pub use batch::Batch;
 pub use displaced::{
     DISPLACED_DIR, DISPLACED_KEPT, DISPLACED_MAX_BYTES, DISPLACED_MAX_FILES, displace,
 };
@@ -45,7 +47,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::model::delta::{SigKind, Tree};
 use crate::model::manifest::{
-    ChunkSet, FilePath, Hash32, Manifest, chunk_size_for, hex, piece_size_for,
+    ChunkSet, FilePath, Hash32, MAX_WHOLE_FILE, Manifest, chunk_size_for, hex, piece_size_for,
 };
 use held::HeldWriter;
 
@@ -555,6 +557,29 @@ impl Store {
         len: u32,
     ) -> Result<Vec<u8>, StoreError> {
         self.read_bounded(name, offset, len, true)
+    }
+
+    /// Reads the whole of `name` if it is version `blake3`, `len` bytes long, and small: at most
+    /// [`MAX_WHOLE_FILE`] (so, like a chunk, a request never makes the server hold more).
+    pub fn read_whole(
+        &self,
+        name: &FilePath,
+        blake3: &Hash32,
+        len: u32,
+    ) -> Result<Vec<u8>, StoreError> {
+        let (file, key) = self.open_regular(name)?;
+        if u64::from(len) > MAX_WHOLE_FILE || key.size != u64::from(len) {
+            return Err(StoreError::NotAChunk {
+                name: name.clone(),
+                offset: 0,
+                len: u64::from(len),
+                chunk: key.size.min(MAX_WHOLE_FILE),
+            });
+        }
+        if self.lookup(name)?.is_none_or(|m| m.blake3() != *blake3) {
+            return Err(StoreError::NotFound(name.clone()));
+        }
+        self.read_open(name, file, key, 0, len)
     }
 
     /// Reads at most one chunk's length, starting a chunk or piece if `aligned`.

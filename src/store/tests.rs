@@ -482,3 +482,64 @@ fn uploads_take_disk_as_bytes_arrive_and_stale_ones_are_removed() {
     assert!(!temp.exists());
     assert!(dir.path().join(".dl.txt.0123456789abcdef.part").exists());
 }
+
+/// A small file is read whole only as the version asked for, at its exact size, and never over
+/// the limit of a whole read.
+#[test]
+fn a_whole_read_is_of_the_version_asked_at_its_size() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir(dir.path().join("n")).unwrap();
+    fs::write(dir.path().join("n/a.txt"), b"hello, folder").unwrap();
+    let big = vec![7u8; MAX_WHOLE_FILE as usize + 1];
+    fs::write(dir.path().join("big"), &big).unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let b3 = *blake3::hash(b"hello, folder").as_bytes();
+    let a = name("n/a.txt");
+    assert_eq!(store.read_whole(&a, &b3, 13).unwrap(), b"hello, folder");
+    assert!(not_found(store.read_whole(&a, &[0; 32], 13)));
+    assert!(matches!(
+        store.read_whole(&a, &b3, 12),
+        Err(StoreError::NotAChunk { .. })
+    ));
+    let big_b3 = *blake3::hash(&big).as_bytes();
+    let len = big.len() as u32;
+    assert!(matches!(
+        store.read_whole(&name("big"), &big_b3, len),
+        Err(StoreError::NotAChunk { .. })
+    ));
+}
+
+/// Staged files appear under their names only when their batch commits; a name taken meanwhile
+/// by the same content is fine, by other content a conflict; nothing staged is left behind.
+#[test]
+fn a_batch_shows_its_files_only_when_it_commits_and_never_replaces_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let batch = Batch::default();
+    let h = |b: &[u8]| *blake3::hash(b).as_bytes();
+    assert!(!batch.stage(&d.join("a"), b"one", h(b"one")).unwrap());
+    assert!(!batch.stage(&d.join("b"), b"two", h(b"two")).unwrap());
+    assert!(!d.join("a").exists() && !d.join("b").exists());
+    fs::write(d.join("b"), b"two").unwrap();
+    let done = batch.commit().unwrap();
+    assert_eq!(
+        done,
+        [
+            (d.join("a"), Committed::Stored),
+            (d.join("b"), Committed::AlreadyPresent)
+        ]
+    );
+    assert_eq!(fs::read(d.join("a")).unwrap(), b"one");
+    batch.stage(&d.join("c"), b"new", h(b"new")).unwrap();
+    fs::write(d.join("c"), b"old").unwrap();
+    assert!(matches!(batch.commit(), Err(StoreError::Conflict(_))));
+    assert_eq!(fs::read(d.join("c")).unwrap(), b"old");
+    batch.stage(&d.join("e"), b"never", h(b"never")).unwrap();
+    drop(batch);
+    let mut left: Vec<_> = fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["a", "b", "c"]);
+}

@@ -198,7 +198,21 @@ pub enum Request {
         /// The last path of the page before, if any.
         after: Option<FilePath>,
     },
+    /// `qnode/3`: the whole of a small file (at most [`MAX_WHOLE_FILE`] bytes) in one answer,
+    /// if the peer serves version `blake3` of it, `size` bytes long; answered like `ReadChunk`.
+    /// The asker checks the bytes against `blake3`. Many small files of a folder cost a request
+    /// each, not a manifest and a chunk each.
+    ReadFile {
+        /// Which file.
+        name: FilePath,
+        /// Which version.
+        blake3: Hash32,
+        /// Its size.
+        size: u32,
+    },
 }
+
+pub use crate::model::manifest::MAX_WHOLE_FILE;
 
 /// Files per [`Request::ListPage`] answer: at most 10,000 × about 1.1 KB with the longest paths,
 /// under [`MAX_RESPONSE_LEN`].
@@ -223,6 +237,7 @@ impl Request {
             Self::ReadVersion { .. } => "read_version",
             Self::ListAll => "list_all",
             Self::ListPage { .. } => "list_page",
+            Self::ReadFile { .. } => "read_file",
             // Logged as `observe`, with "in pieces" in its outcome.
             Self::ObservePieces { .. } => "observe",
         }
@@ -242,7 +257,8 @@ impl Request {
             | Self::Replace { name, .. }
             | Self::Observe { name }
             | Self::ObservePieces { name }
-            | Self::ReadVersion { name, .. } => Some(name),
+            | Self::ReadVersion { name, .. }
+            | Self::ReadFile { name, .. } => Some(name),
         }
     }
 }
@@ -757,6 +773,17 @@ mod tests {
         assert_eq!(
             frame(&Request::ListPage { after }),
             [0, 0, 0, 6, 12, 1, 3, b'a', b'/', b'b']
+        );
+        let mut whole = vec![0, 0, 0, 37, 13, 1, b'a'];
+        whole.extend([7; 32]);
+        whole.extend([0x80, 0x08]);
+        assert_eq!(
+            frame(&Request::ReadFile {
+                name: name("a"),
+                blake3: [7; 32],
+                size: 1024
+            }),
+            whole
         );
         let page = Response::Page {
             files: Vec::new(),

@@ -112,6 +112,10 @@ pub(super) async fn handle(
         }
         Request::ListAll => handle_list_all(send, server, link).await,
         Request::ListPage { after } => handle_list_page(send, server, link, after).await,
+        Request::ReadFile { name, blake3, size } => {
+            let kind = ReadKind::Whole(blake3);
+            handle_read(send, server, link, &name, (0, size), kind).await
+        }
     };
     match outcome {
         Ok(summary) => info!("{kind} {summary}"),
@@ -260,6 +264,8 @@ enum ReadKind {
     Range,
     /// One chunk of this version, from the whole file or a download in progress.
     Version(Hash32),
+    /// The whole of this version of a small file.
+    Whole(Hash32),
 }
 
 async fn handle_read(
@@ -301,6 +307,7 @@ async fn handle_read(
             ReadKind::Chunk => store.read_chunk(&n, offset, len),
             ReadKind::Range => store.read_range(&n, offset, len),
             ReadKind::Version(blake3) => store.read_version(&n, &blake3, offset, len),
+            ReadKind::Whole(blake3) => store.read_whole(&n, &blake3, len),
         }?;
         let frame = pack.and_then(|level| codec::compress(&data, level));
         Ok((data, frame))

@@ -92,6 +92,22 @@ pub async fn read_chunk(
     read_bytes(send, recv, &req, len).await
 }
 
+/// `ReadFile`: the whole of version `blake3` of a small file of `size` bytes, unverified.
+pub async fn read_file(
+    send: &mut impl SendBytes,
+    recv: &mut (impl AsyncRead + Unpin),
+    name: &FilePath,
+    blake3: Hash32,
+    size: u32,
+) -> Result<Received, ExchangeError> {
+    let req = Request::ReadFile {
+        name: name.clone(),
+        blake3,
+        size,
+    };
+    read_bytes(send, recv, &req, size).await
+}
+
 /// `ReadRange`: `len` bytes of `name` at any `offset` (at most one chunk), unverified.
 pub async fn read_range(
     send: &mut impl SendBytes,
@@ -109,7 +125,7 @@ pub async fn read_range(
 }
 
 /// The bytes a read brought: the plain bytes asked for, and how many crossed the wire for them.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Received {
     /// The plain bytes (unverified).
     pub data: Bytes,
