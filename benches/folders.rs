@@ -188,13 +188,16 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-const CASES: [(&str, &str); 6] = [
-    ("(a) fresh copy, 1 peer", "rsync -rt"),
-    ("(a) fresh copy, 1 peer", "qnode"),
-    ("(b) fresh copy, 3 peers", "qnode"),
-    ("(c) nothing changed", "rsync -rt"),
-    ("(c) nothing changed", "qnode"),
-    ("(d) 1 line edited, 10 files moved", "rsync -rt --delete"),
+/// The rows: case, tool, and the row of the reference it is measured against.
+const CASES: [(&str, &str, usize); 8] = [
+    ("(a) fresh copy, 1 peer", "rsync -rt", 0),
+    ("(a) fresh copy, 1 peer", "rsync -rtz", 0),
+    ("(a) fresh copy, 1 peer", "qnode", 0),
+    ("(b) fresh copy, 3 peers", "qnode", 0),
+    ("(c) nothing changed", "rsync -rt", 4),
+    ("(c) nothing changed", "qnode", 4),
+    ("(d) 1 line edited, 10 files moved", "rsync -rt --delete", 6),
+    ("(d) 1 line edited, 10 files moved", "qnode --update", 6),
 ];
 
 fn network(runs: usize) -> anyhow::Result<()> {
@@ -286,27 +289,30 @@ fn network(runs: usize) -> anyhow::Result<()> {
             _ => Ok(()),
         }
     };
-    let mut rows: Vec<Vec<(u64, f64)>> = vec![Vec::new(); CASES.len() + 1];
+    let mut rows: Vec<Vec<(u64, f64)>> = vec![Vec::new(); CASES.len()];
     for _ in 0..runs {
         wipe(&rsync_dest)?;
         rows[0].push(measure(client, &mut rsync(&[]))?);
         same_tree(&rsync_dest, &tree, "rsync")?;
+        wipe(&rsync_dest)?;
+        rows[1].push(measure(client, &mut rsync(&["-z"]))?);
+        same_tree(&rsync_dest, &tree, "rsync -z")?;
         wipe(&qnode_dest)?;
-        rows[1].push(measure(client, &mut qnode(&["download", "tree", "p1"]))?);
+        rows[2].push(measure(client, &mut qnode(&["download", "tree", "p1"]))?);
         same_tree(&qnode_dest, &tree, "qnode, 1 peer")?;
         wipe(&qnode_dest)?;
         let mut c = qnode(&["download", "tree", "p1", "p2", "p3"]);
-        rows[2].push(measure(client, &mut c)?);
+        rows[3].push(measure(client, &mut c)?);
         same_tree(&qnode_dest, &tree, "qnode, 3 peers")?;
-        rows[3].push(measure(client, &mut rsync(&[]))?);
-        rows[4].push(measure(client, &mut qnode(&["download", "tree", "p1"]))?);
+        rows[4].push(measure(client, &mut rsync(&[]))?);
+        rows[5].push(measure(client, &mut qnode(&["download", "tree", "p1"]))?);
         for id in ["p1", "p2", "p3"] {
             change(&root.served(id).join("tree"), folders, false)?;
         }
-        rows[5].push(measure(client, &mut rsync(&["--delete"]))?);
+        rows[6].push(measure(client, &mut rsync(&["--delete"]))?);
         same_tree(&rsync_dest, &tree, "rsync --delete")?;
         let mut c = qnode(&["download", "tree", "p1", "--update"]);
-        rows[6].push(measure(client, &mut c)?);
+        rows[7].push(measure(client, &mut c)?);
         same_tree(&qnode_dest, &tree, "qnode --update")?;
         for id in ["p1", "p2", "p3"] {
             change(&root.served(id).join("tree"), folders, true)?;
@@ -315,11 +321,6 @@ fn network(runs: usize) -> anyhow::Result<()> {
     println!();
     println!("| case | tool | bytes on the link | seconds | bytes vs rsync | time vs rsync |");
     println!("|---|---|---|---|---|---|");
-    let names: Vec<(&str, &str)> = CASES
-        .iter()
-        .copied()
-        .chain([("(d) 1 line edited, 10 files moved", "qnode --update")])
-        .collect();
     let stats: Vec<(Spread, Spread)> = rows
         .iter()
         .map(|r| {
@@ -328,10 +329,8 @@ fn network(runs: usize) -> anyhow::Result<()> {
             (median(&mut bytes), median(&mut secs))
         })
         .collect();
-    // Each row against rsync's row of the same case.
-    let reference = [0, 0, 0, 3, 3, 5, 5];
-    for (k, ((case, tool), ((b, _, _), (s, smin, smax)))) in names.iter().zip(&stats).enumerate() {
-        let ((rb, _, _), (rs, _, _)) = stats[reference[k]];
+    for ((case, tool, reference), ((b, _, _), (s, smin, smax))) in CASES.iter().zip(&stats) {
+        let ((rb, _, _), (rs, _, _)) = stats[*reference];
         println!(
             "| {case} | {tool} | {:.3} MB | {s:.2} ({smin:.2}–{smax:.2}) | {:.2} | {:.2} |",
             b / 1e6,

@@ -493,3 +493,38 @@ fn an_interrupted_folder_download_resumes() -> TestResult {
     );
     Ok(())
 }
+
+/// A peer outside the folder's version that holds some of its files under other paths serves
+/// them too (checked by content), and is still named as left out of the version.
+#[test]
+fn a_peer_holding_a_file_elsewhere_serves_it() -> TestResult {
+    let net = Net::new(&["p1", "p2", "p3"])?;
+    let files: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|i| {
+            (
+                format!("n{i:02}.txt"),
+                util::text::prose(2_000 + i * 10, 90 + i as u64),
+            )
+        })
+        .collect();
+    for (name, data) in &files {
+        std::fs::create_dir_all(net.served("p1").join("notes"))?;
+        std::fs::write(net.served("p1").join("notes").join(name), data)?;
+        std::fs::create_dir_all(net.served("p3").join("archive/old"))?;
+        std::fs::write(net.served("p3").join("archive/old").join(name), data)?;
+    }
+    let _servers = [net.serve("p1", &[])?, net.serve("p3", &[])?];
+    let json = net.json("p2", &["download", "notes/", "p1", "p3", "--json"])?;
+    for (name, data) in &files {
+        let got = std::fs::read(net.served("p2").join("notes").join(name))?;
+        assert_eq!(&got, data, "{name}");
+    }
+    let from_p3 = json["peers"]["p3"].as_u64().unwrap_or(0);
+    assert!(from_p3 > 0, "p3 served files it holds elsewhere: {json}");
+    let left: Vec<_> = json["left_out"].as_array().cloned().unwrap_or_default();
+    assert!(
+        left.iter().any(|l| l["peer"] == "p3"),
+        "p3 does not serve the folder: {json}"
+    );
+    Ok(())
+}

@@ -122,6 +122,21 @@ struct FileError {
     error: String,
 }
 
+/// The bar of a folder download (hidden where stderr is not a terminal).
+fn folder_bar(total: u64) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    let style = indicatif::ProgressStyle::with_template(
+        "{bar:40} {bytes}/{total_bytes} {msg} {bytes_per_sec} eta {eta}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar
+}
+
 /// `download FOLDER`: one summary line, or one JSON object.
 pub(super) async fn download(
     node: &Node,
@@ -131,7 +146,19 @@ pub(super) async fn download(
     let interrupted = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    let done = node.download_folder(req, interrupted).await?;
+    // On a terminal: one bar over the folder's bytes, with its files counted beside it.
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let result = node
+        .download_folder(req, interrupted, |p| {
+            let bar = bar.get_or_insert_with(|| folder_bar(p.bytes));
+            bar.set_position(p.bytes_done);
+            bar.set_message(format!("{}/{} files", p.files_done, p.files));
+        })
+        .await;
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let done = result?;
     for (peer, why) in &done.left_out {
         crate::errln!("qnode: warning: {peer} left out: {why}");
     }

@@ -363,9 +363,18 @@ fn hash_file(file: &std::fs::File, size: u64, unit: u64) -> io::Result<Vec<Hash3
                 })
             })
             .collect::<io::Result<Vec<_>>>()
+            // Exactly as many as there are: a server keeps a manifest per file (a collected
+            // Vec starts at room for four).
+            .map(|mut v| {
+                v.shrink_to_fit();
+                v
+            })
     };
-    // Below a few MiB a second thread costs more than it saves.
-    let half = if size < 4 << 20 { count } else { count / 2 };
+    // Below a few MiB a second thread costs more than it saves (a folder's notes: most files).
+    if size < 4 << 20 {
+        return part(0..count);
+    }
+    let half = count / 2;
     let (first, second) = std::thread::scope(|s| {
         let second = s.spawn(|| part(half..count));
         (part(0..half), second.join())

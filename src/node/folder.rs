@@ -3,7 +3,7 @@
 //! atomic as a single file is; a file whose content we already hold anywhere in `served_files` is
 //! copied, not fetched (a rename or a move costs no bytes on the wire).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -44,6 +44,19 @@ pub struct FolderFile {
     pub entry: Entry,
     /// How it ended.
     pub status: FileStatus,
+}
+
+/// How far a folder download is: files and bytes there (already, copied or fetched) of all.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FolderProgress {
+    /// Files of the folder's version.
+    pub files: usize,
+    /// Of those, files there.
+    pub files_done: usize,
+    /// Bytes of the folder's version.
+    pub bytes: u64,
+    /// Of those, bytes there.
+    pub bytes_done: u64,
 }
 
 /// What a folder download did.
@@ -95,12 +108,16 @@ const SMALL_FILE: u64 = crate::wire::protocol::MAX_WHOLE_FILE;
 struct Fetching<'a> {
     req: &'a DownloadRequest,
     members: &'a [PeerId],
+    /// Peers outside the version that hold some of its small files elsewhere.
+    holders: &'a Holders,
     held: &'a HashMap<Hash32, PathBuf>,
     folder: &'a Path,
-    stop: &'a tokio_util::sync::CancellationToken,
+    /// Told to stop as a whole (interrupted, or one file failed): each file in flight stops and
+    /// keeps its partial file for the re-run.
+    stop: tokio_util::sync::CancellationToken,
     /// Small files waiting for their batch.
     batch: Arc<Batch>,
-    /// Requests in flight to each member, to ask the least busy one.
+    /// Requests in flight to each member, then each holder, to ask the least busy one.
     load: Vec<AtomicUsize>,
     sessions: tokio::sync::Semaphore,
 }
@@ -114,20 +131,40 @@ struct EntryFetched {
     peers: Vec<(String, u64)>,
 }
 
+impl EntryFetched {
+    /// A file that was there already.
+    fn present() -> Self {
+        Self {
+            status: FileStatus::AlreadyPresent,
+            wire_bytes: 0,
+            reused_bytes: 0,
+            peers: Vec::new(),
+        }
+    }
+}
+
 /// The versions of the folder the peers serve, and the peers left out.
-type Asked = (Vec<(PeerId, Vec<Entry>)>, Vec<(PeerId, String)>);
+type Asked = (Vec<(PeerId, Vec<Entry>)>, Vec<(PeerId, String)>, Holders);
+
+/// Each answering peer's small files by content (BLAKE3) and one path it serves it under: a peer
+/// outside the folder's version may still serve a file of it that it holds elsewhere.
+type Holders = Vec<(PeerId, HashMap<Hash32, FilePath>)>;
 
 impl Node {
-    /// `download FOLDER`: every file under the folder, until done or `interrupt`.
+    /// `download FOLDER`: every file under the folder, until done or `interrupt`; `progress`
+    /// hears how far it is once the files there are known, then after each file.
     pub async fn download_folder(
         &self,
         req: &DownloadRequest,
         interrupt: impl Future<Output = ()>,
+        mut progress: impl FnMut(FolderProgress),
     ) -> anyhow::Result<FolderDownloaded> {
         let started = Instant::now();
         let name = &req.name;
-        let (serving, mut left_out) = self.ask_folder(req).await?;
+        let (serving, mut left_out, mut holders) = self.ask_folder(req).await?;
         let (version, entries, members) = choose_version(name, serving, req.blake3, &mut left_out)?;
+        // The members serve every file under its path already.
+        holders.retain(|(peer, _)| !members.contains(peer));
         let target = match &req.output {
             Some(p) if p.is_dir() => p.join(name.as_str()),
             Some(p) => p.clone(),
@@ -145,30 +182,62 @@ impl Node {
             wire_bytes: 0,
             elapsed: Duration::ZERO,
         };
+        let folder = done.target.clone();
+        let (here, missing, differ) =
+            tokio::task::spawn_blocking(move || look(&folder, entries)).await?;
         // Without --update, local files that differ from the version are refused before any
         // byte is fetched, all named at once.
-        if !req.update {
-            let differ: Vec<String> = (entries.iter())
-                .filter(|e| {
-                    let at = done.target.join(e.path.as_str());
-                    matches!(Seen::of(&at), Ok(Some(seen)) if seen.blake3 != e.blake3)
-                        || at.symlink_metadata().is_ok_and(|m| !m.is_file())
-                })
+        if !req.update && !differ.is_empty() {
+            let differ: Vec<String> = (differ.iter())
                 .map(|e| format!("{name}/{}", e.path))
                 .collect();
-            if !differ.is_empty() {
-                bail!(
-                    "{} already exist{} with different content: {}; not overwriting (use --update to make the folder the peers' version, or --output to save elsewhere)",
-                    differ.len(),
-                    if differ.len() == 1 { "s" } else { "" },
-                    differ.join(", ")
-                );
-            }
+            bail!(
+                "{} already exist{} with different content: {}; not overwriting (use --update to make the folder the peers' version, or --output to save elsewhere)",
+                differ.len(),
+                if differ.len() == 1 { "s" } else { "" },
+                differ.join(", ")
+            );
         }
-        let held = self.held_by_content()?;
-        let files = self
-            .fetch_all(req, &members, entries, &held, &done.target, interrupt)
+        let count = |es: &[Entry]| (es.len(), es.iter().map(|e| e.size).sum::<u64>());
+        let (here_files, here_bytes) = count(&here);
+        let (mut now, more) = (FolderProgress::default(), [count(&missing), count(&differ)]);
+        (now.files_done, now.bytes_done) = (here_files, here_bytes);
+        now.files = here_files + more[0].0 + more[1].0;
+        now.bytes = here_bytes + more[0].1 + more[1].1;
+        progress(now);
+        let mut one_more = |size: u64| {
+            now.files_done += 1;
+            now.bytes_done += size;
+            progress(now);
+        };
+        // Where we hold the content of a missing file already (the files of its size only).
+        let held = match missing.is_empty() {
+            true => HashMap::new(),
+            false => self.held_by_content(missing.iter().map(|e| e.size).collect())?,
+        };
+        let wanted = missing.into_iter().chain(differ).collect();
+        let mut files = self
+            .fetch_all(
+                Fetching {
+                    req,
+                    members: &members,
+                    holders: &holders,
+                    held: &held,
+                    folder: &done.target,
+                    stop: Default::default(),
+                    batch: Arc::new(Batch::default()),
+                    load: (members.iter().chain(holders.iter().map(|h| &h.0)))
+                        .map(|_| AtomicUsize::new(0))
+                        .collect(),
+                    sessions: tokio::sync::Semaphore::new(SESSIONS_IN_FLIGHT),
+                },
+                wanted,
+                interrupt,
+                &mut one_more,
+            )
             .await?;
+        files.extend(here.into_iter().map(|e| (e, EntryFetched::present())));
+        files.sort_by(|a, b| a.0.path.cmp(&b.0.path));
         for (entry, got) in files {
             done.wire_bytes += got.wire_bytes;
             done.reused_bytes += got.reused_bytes;
@@ -188,27 +257,13 @@ impl Node {
     /// Every file of `entries` into `target`, several at once; sorted by path.
     async fn fetch_all(
         &self,
-        req: &DownloadRequest,
-        members: &[PeerId],
+        shared: Fetching<'_>,
         entries: Vec<Entry>,
-        held: &HashMap<Hash32, PathBuf>,
-        target: &Path,
         interrupt: impl Future<Output = ()>,
+        done: &mut impl FnMut(u64),
     ) -> anyhow::Result<Vec<(Entry, EntryFetched)>> {
-        let name = &req.name;
-        // Stopped as a whole (interrupted, or one file failed), each file in flight is told to
-        // stop, so its partial file is kept for the re-run.
-        let stop = tokio_util::sync::CancellationToken::new();
-        let shared = Fetching {
-            req,
-            members,
-            held,
-            folder: target,
-            stop: &stop,
-            batch: Arc::new(Batch::default()),
-            load: members.iter().map(|_| AtomicUsize::new(0)).collect(),
-            sessions: tokio::sync::Semaphore::new(SESSIONS_IN_FLIGHT),
-        };
+        let name = &shared.req.name;
+        let stop = shared.stop.clone();
         let shared = &shared;
         let mut fetching =
             futures_util::stream::iter(entries.into_iter().map(|entry| async move {
@@ -228,7 +283,10 @@ impl Node {
             };
             let Some((entry, got)) = next else { break };
             match got {
-                Ok(got) => files.push((entry, got)),
+                Ok(got) => {
+                    done(entry.size);
+                    files.push((entry, got));
+                }
                 // Told to stop: its partial file is kept.
                 Err(e) if stop.is_cancelled() && interrupted_by(&e) => {}
                 Err(e) => {
@@ -270,10 +328,14 @@ impl Node {
             client.list().await.map(|(files, _, _)| files)
         }))
         .await;
-        let (mut serving, mut left_out) = (Vec::new(), Vec::new());
+        let (mut serving, mut left_out, mut holders) = (Vec::new(), Vec::new(), Vec::new());
         for (entry, answer) in peers.into_iter().zip(answers) {
             match answer {
                 Ok(files) => {
+                    let small = (files.iter())
+                        .filter(|f| f.size <= SMALL_FILE)
+                        .map(|f| (f.blake3, f.name.clone()));
+                    holders.push((entry.id.clone(), small.collect()));
                     let files = files.into_iter().map(|f| (f.name, f.size, f.blake3));
                     let entries = folder::entries_under(&req.name, files);
                     if entries.is_empty() {
@@ -286,13 +348,14 @@ impl Node {
                 Err(e) => left_out.push((entry.id, e.to_string())),
             }
         }
-        Ok((serving, left_out))
+        Ok((serving, left_out, holders))
     }
 
-    /// Where each content we serve is, by BLAKE3 (to copy a moved or renamed file, not fetch it).
-    fn held_by_content(&self) -> anyhow::Result<HashMap<Hash32, PathBuf>> {
+    /// Where each content we serve of one of `sizes` is, by BLAKE3 (to copy a moved or renamed
+    /// file, not fetch it).
+    fn held_by_content(&self, sizes: HashSet<u64>) -> anyhow::Result<HashMap<Hash32, PathBuf>> {
         let store = Store::open(self.served_dir())?;
-        let listed = store.list()?;
+        let listed = store.list_sized(&sizes)?;
         Ok(listed
             .into_iter()
             .map(|(path, m)| (m.blake3(), store.path_of(&path)))
@@ -313,12 +376,7 @@ impl Node {
         let inside = FilePath::new(format!("{}/{}", base.unwrap_or_default(), entry.path))?;
         crate::store::make_folders(root, &inside)?;
         let target = folder.join(entry.path.as_str());
-        let mut got = EntryFetched {
-            status: FileStatus::AlreadyPresent,
-            wire_bytes: 0,
-            reused_bytes: 0,
-            peers: Vec::new(),
-        };
+        let mut got = EntryFetched::present();
         match Seen::of(&target) {
             Ok(Some(seen)) if seen.blake3 == entry.blake3 => return Ok(got),
             Ok(None) => {
@@ -359,8 +417,9 @@ impl Node {
         Ok(got)
     }
 
-    /// A small file we lack, whole in one request from the least busy member (the next one if
-    /// that fails or sends other content), checked against its BLAKE3 and staged for the batch.
+    /// A small file we lack, whole in one request from the least busy peer that holds it (a
+    /// member under its path, or a holder under its own; the next one if that fails or sends
+    /// other content), checked against its BLAKE3 and staged for the batch.
     async fn fetch_small(
         &self,
         with: &Fetching<'_>,
@@ -368,11 +427,17 @@ impl Node {
         target: PathBuf,
     ) -> anyhow::Result<EntryFetched> {
         let name = FilePath::new(format!("{}/{}", with.req.name, entry.path))?;
-        let mut order: Vec<usize> = (0..with.members.len()).collect();
-        order.sort_by_key(|&i| with.load[i].load(Ordering::Relaxed));
+        let members = with.members.iter().map(|p| (p, &name));
+        let holders = (with.holders.iter())
+            .map(|(p, files)| (p, files.get(&entry.blake3)))
+            .map(|(p, at)| at.map(|at| (p, at)));
+        let mut order: Vec<(usize, &PeerId, &FilePath)> = (members.map(Some).chain(holders))
+            .enumerate()
+            .filter_map(|(i, c)| c.map(|(p, at)| (i, p, at)))
+            .collect();
+        order.sort_by_key(|&(i, ..)| with.load[i].load(Ordering::Relaxed));
         let mut why = Vec::new();
-        for i in order {
-            let peer = &with.members[i];
+        for (i, peer, name) in order {
             let read = async {
                 if entry.size == 0 {
                     return Ok(Received::default());
@@ -380,7 +445,7 @@ impl Node {
                 let client = self.client(self.entry(peer)?).await?;
                 // A small file's size fits a request's length.
                 let size = u32::try_from(entry.size).unwrap_or(u32::MAX);
-                client.read_file(&name, entry.blake3, size).await
+                client.read_file(name, entry.blake3, size).await
             };
             with.load[i].fetch_add(1, Ordering::Relaxed);
             let got = tokio::select! {
@@ -421,6 +486,40 @@ impl Node {
         }
         bail!("no peer sent it ({})", why.join("; "))
     }
+}
+
+/// The entries of the folder's version already at `folder`, those missing there, and those that
+/// differ (another content, or not a regular file). Many files are looked at (hashed) on two
+/// threads.
+fn look(folder: &Path, mut entries: Vec<Entry>) -> (Vec<Entry>, Vec<Entry>, Vec<Entry>) {
+    if entries.len() < 64 {
+        return look_at(folder, entries);
+    }
+    let second = entries.split_off(entries.len() / 2);
+    // Had the thread failed, its files would count as differing: fetched, or named.
+    let fallback = second.clone();
+    let (mut a, b) = std::thread::scope(|s| {
+        let b = s.spawn(|| look_at(folder, second));
+        (look_at(folder, entries), b.join())
+    });
+    let b = b.unwrap_or_else(|_| (Vec::new(), Vec::new(), fallback));
+    a.0.extend(b.0);
+    a.1.extend(b.1);
+    a.2.extend(b.2);
+    a
+}
+
+fn look_at(folder: &Path, entries: Vec<Entry>) -> (Vec<Entry>, Vec<Entry>, Vec<Entry>) {
+    let (mut here, mut missing, mut differ) = (Vec::new(), Vec::new(), Vec::new());
+    for e in entries {
+        let at = folder.join(e.path.as_str());
+        match Seen::of(&at) {
+            Ok(Some(seen)) if seen.blake3 == e.blake3 => here.push(e),
+            Ok(None) => missing.push(e),
+            _ => differ.push(e),
+        }
+    }
+    (here, missing, differ)
 }
 
 /// Whether a file's download ended because it was told to stop (its partial file is kept).
@@ -465,8 +564,7 @@ fn choose_version(
 /// Moves the files under `folder` that `files` (the version) lacks into the displaced versions
 /// beside each; their paths inside the folder. Hidden entries and symlinks are left alone.
 fn displace_others(folder: &Path, files: &[FolderFile]) -> anyhow::Result<Vec<FilePath>> {
-    let wanted: std::collections::HashSet<&str> =
-        files.iter().map(|f| f.entry.path.as_str()).collect();
+    let wanted: HashSet<&str> = files.iter().map(|f| f.entry.path.as_str()).collect();
     let walker = ignore::WalkBuilder::new(folder)
         .standard_filters(false)
         .hidden(true)

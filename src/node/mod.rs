@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use futures_util::FutureExt;
 use futures_util::future::join_all;
+use futures_util::{FutureExt, StreamExt, TryStreamExt};
 
 use crate::model::delta::{SigKind, Tree};
 use crate::model::manifest::{FilePath, Hash32, Manifest};
@@ -76,7 +76,7 @@ pub use download::{DownloadEvent, DownloadRequest, Downloaded, Fetched, LeftOut,
 
 mod download;
 mod folder;
-pub use folder::{FileStatus, FolderDownloaded, FolderFile};
+pub use folder::{FileStatus, FolderDownloaded, FolderFile, FolderProgress};
 
 /// One peer's files.
 #[derive(Debug)]
@@ -361,13 +361,15 @@ impl Node {
         if files.is_empty() {
             bail!("{} holds no file to upload", dir.display());
         }
-        let mut uploaded = Vec::with_capacity(files.len());
-        for (path, name) in files {
-            uploaded.push(
-                self.upload_as(path, name, &targets, replace, compression)
-                    .await?,
-            );
-        }
+        // A few files at once (small files are round trips), under what a server admits from one
+        // peer at a time (a slot freed just as its answer arrives may not be free yet), in order.
+        let in_flight = server::UPLOADS_PER_PEER.saturating_sub(1).max(1);
+        let targets = &targets;
+        let uploaded: Vec<Uploaded> = futures_util::stream::iter(files)
+            .map(|(path, name)| self.upload_as(path, name, targets, replace, compression))
+            .buffered(in_flight)
+            .try_collect()
+            .await?;
         Ok((folder, uploaded))
     }
 

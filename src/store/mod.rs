@@ -229,6 +229,13 @@ impl FileKey {
     }
 }
 
+/// Whether `rules` hide `path` or a folder it is in.
+fn hides(rules: &ignore::gitignore::Gitignore, path: &FilePath) -> bool {
+    rules
+        .matched_path_or_any_parents(path.as_str(), false)
+        .is_ignore()
+}
+
 /// A listing: every served file with its manifest, sorted by path.
 pub type Listed = Arc<Vec<(FilePath, Arc<Manifest>)>>;
 
@@ -282,7 +289,7 @@ pub struct Store {
     /// The last listing and when it was made, for the pages after a listing's first.
     listing: Mutex<Option<(std::time::Instant, Listed)>>,
     /// The `.qnodeignore` matcher, with the identity of the file it was read from.
-    ignore: Mutex<Option<(FileKey, ignore::gitignore::Gitignore)>>,
+    ignore: Mutex<Option<(FileKey, Arc<ignore::gitignore::Gitignore>)>>,
     /// Names whose manifest is being hashed, each with the lock its hashing holds.
     hashing: Mutex<HashMap<FilePath, Arc<Mutex<()>>>>,
 }
@@ -326,9 +333,16 @@ impl Store {
     /// symlinks skipped at every depth (a symlinked folder is never entered), and what
     /// `.qnodeignore` hides left out.
     pub fn list(&self) -> Result<Vec<(FilePath, Arc<Manifest>)>, StoreError> {
-        let mut out = Vec::new();
-        for path in self.walk()? {
-            match self.manifest(&path) {
+        let paths = self.walk()?;
+        // Room for every file at once: growing the cache as it fills holds two tables at once.
+        {
+            let mut cache = self.lock_cache();
+            let more = paths.len().saturating_sub(cache.len());
+            cache.reserve(more);
+        }
+        let mut out = Vec::with_capacity(paths.len());
+        for path in paths {
+            match self.listed_manifest(&path) {
                 Ok(m) => out.push((path, m)),
                 // Removed or replaced by a non-file since the walk: not served.
                 Err(StoreError::NotFound(_)) => {}
@@ -336,6 +350,27 @@ impl Store {
             }
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// The served files of one of `sizes` bytes, with their manifests (only those are hashed).
+    pub fn list_sized(
+        &self,
+        sizes: &HashSet<u64>,
+    ) -> Result<Vec<(FilePath, Arc<Manifest>)>, StoreError> {
+        let mut out = Vec::new();
+        for path in self.walk()? {
+            let sized =
+                fs::symlink_metadata(self.path_of(&path)).is_ok_and(|m| sizes.contains(&m.len()));
+            if !sized {
+                continue;
+            }
+            match self.listed_manifest(&path) {
+                Ok(m) => out.push((path, m)),
+                Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
         Ok(out)
     }
 
@@ -352,6 +387,8 @@ impl Store {
                 return Ok(listed.clone());
             }
         }
+        // The last listing goes first: a large tree's two listings are not held at once.
+        *self.listing.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let listed = Arc::new(self.list()?);
         *self.listing.lock().unwrap_or_else(|p| p.into_inner()) = Some((now, listed.clone()));
         Ok(listed)
@@ -366,6 +403,7 @@ impl Store {
             .max_depth(Some(crate::model::name::MAX_PATH_DEPTH))
             .build();
         let mut paths = Vec::new();
+        let ignore = self.ignore_rules();
         for entry in walker {
             let entry = entry.map_err(|e| {
                 let e = e
@@ -383,7 +421,7 @@ impl Store {
             let Some(path) = rel.to_str().and_then(|r| FilePath::new(r).ok()) else {
                 continue;
             };
-            if !self.ignored(&path) {
+            if !ignore.as_ref().is_some_and(|rules| hides(rules, &path)) {
                 paths.push(path);
             }
         }
@@ -393,10 +431,13 @@ impl Store {
     /// Whether `served_files/.qnodeignore` (gitignore syntax) hides `path`. The file is read
     /// again when it changes.
     pub fn ignored(&self, path: &FilePath) -> bool {
+        self.ignore_rules().is_some_and(|rules| hides(&rules, path))
+    }
+
+    /// The rules of `.qnodeignore` as the file is now, if there is one.
+    fn ignore_rules(&self) -> Option<Arc<ignore::gitignore::Gitignore>> {
         let file = self.dir.join(IGNORE_FILE);
-        let Ok(meta) = fs::symlink_metadata(&file) else {
-            return false;
-        };
+        let meta = fs::symlink_metadata(&file).ok()?;
         let key = FileKey::of(&meta);
         let mut cached = self.ignore.lock().unwrap_or_else(|p| p.into_inner());
         if cached.as_ref().is_none_or(|(k, _)| *k != key) {
@@ -410,12 +451,23 @@ impl Store {
                 tracing::warn!("{}: {e}", file.display());
                 ignore::gitignore::Gitignore::empty()
             });
-            *cached = Some((key, matcher));
+            *cached = Some((key, Arc::new(matcher)));
         }
-        cached.as_ref().is_some_and(|(_, m)| {
-            m.matched_path_or_any_parents(path.as_str(), false)
-                .is_ignore()
-        })
+        cached.as_ref().map(|(_, m)| m.clone())
+    }
+
+    /// The manifest of a file a walk just found: from the cache if the file's metadata (one
+    /// `lstat`, no open) is what the cached manifest was made from, else as
+    /// [`manifest`](Self::manifest) makes it. A listing of a large tree costs a stat a file.
+    fn listed_manifest(&self, name: &FilePath) -> Result<Arc<Manifest>, StoreError> {
+        if let Ok(meta) = fs::symlink_metadata(self.path_of(name))
+            && meta.is_file()
+            && let Some(d) = self.lock_cache().get(name)
+            && d.key == FileKey::of(&meta)
+        {
+            return Ok(d.manifest.clone());
+        }
+        self.manifest(name)
     }
 
     /// The manifest of `name`, from the cache if the file is unchanged.

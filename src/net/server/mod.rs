@@ -37,8 +37,8 @@ use crate::wire::codec;
 use crate::wire::exchange::{self, SendBytes};
 use crate::wire::protocol::{self, ErrorKind, RemoteError, Response, Version};
 pub use accept::{Outgoing, run};
-pub use limits::RateLimit;
 use limits::{ConnectionSlots, MemoryBudget, ObserverSlots, PeerBudget, RefusalLog, UploadSlots};
+pub use limits::{RateLimit, UPLOADS_PER_PEER};
 pub use shared::HAVE_POLL;
 use shared::{TreeJobs, Watches};
 
