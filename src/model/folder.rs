@@ -43,12 +43,97 @@ pub fn version(entries: &[Entry]) -> Hash32 {
     sorted.sort();
     let mut hasher = blake3::Hasher::new();
     for e in sorted {
-        hasher.update(e.path.as_str().as_bytes());
-        hasher.update(&[0]);
-        hasher.update(&e.size.to_le_bytes());
-        hasher.update(&e.blake3);
+        add(&mut hasher, e.path.as_str(), e.size, &e.blake3);
     }
     *hasher.finalize().as_bytes()
+}
+
+/// One level of a folder: its version, the files directly in it, and the folders directly in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Level {
+    /// The folder's version.
+    pub version: Hash32,
+    /// The files directly in it (paths of one component).
+    pub files: Vec<Entry>,
+    /// The folders directly in it: name, how many files are under it, its version.
+    pub folders: Vec<(FilePath, u64, Hash32)>,
+}
+
+/// The level of the folder whose files (paths inside it) are `entries`, sorted by path.
+pub fn level(entries: &[Entry]) -> Level {
+    let mut out = Level {
+        version: version(entries),
+        files: Vec::new(),
+        folders: Vec::new(),
+    };
+    let mut at = 0;
+    while let Some(e) = entries.get(at) {
+        let Some((first, _)) = e.path.as_str().split_once('/') else {
+            out.files.push(e.clone());
+            at += 1;
+            continue;
+        };
+        // A folder's files are next to each other in path order.
+        let prefix = format!("{first}/");
+        let count = entries[at..]
+            .iter()
+            .take_while(|e| e.path.as_str().starts_with(&prefix))
+            .count();
+        let mut hasher = blake3::Hasher::new();
+        for e in &entries[at..at + count] {
+            add(
+                &mut hasher,
+                &e.path.as_str()[prefix.len()..],
+                e.size,
+                &e.blake3,
+            );
+        }
+        if let Ok(name) = FilePath::new(first) {
+            let v = *hasher.finalize().as_bytes();
+            out.folders.push((name, count as u64, v));
+        }
+        at += count;
+    }
+    out
+}
+
+/// The entries under folder `prefix` (ending in `/`) among `entries` (sorted by path): how many,
+/// and the version of that folder (their paths taken inside it).
+pub fn version_under(entries: &[Entry], prefix: &str) -> (u64, Hash32) {
+    let start = entries.partition_point(|e| e.path.as_str() < prefix);
+    let mut hasher = blake3::Hasher::new();
+    let mut count = 0;
+    for e in entries[start..]
+        .iter()
+        .take_while(|e| e.path.as_str().starts_with(prefix))
+    {
+        add(
+            &mut hasher,
+            &e.path.as_str()[prefix.len()..],
+            e.size,
+            &e.blake3,
+        );
+        count += 1;
+    }
+    (count, *hasher.finalize().as_bytes())
+}
+
+/// The entries under folder `prefix` (ending in `/`) among `entries` (sorted by path).
+pub fn under<'a>(entries: &'a [Entry], prefix: &str) -> &'a [Entry] {
+    let start = entries.partition_point(|e| e.path.as_str() < prefix);
+    let count = entries[start..]
+        .iter()
+        .take_while(|e| e.path.as_str().starts_with(prefix))
+        .count();
+    &entries[start..start + count]
+}
+
+/// One entry's bytes in a version.
+fn add(hasher: &mut blake3::Hasher, path: &str, size: u64, blake3: &Hash32) {
+    hasher.update(path.as_bytes());
+    hasher.update(&[0]);
+    hasher.update(&size.to_le_bytes());
+    hasher.update(blake3);
 }
 
 #[cfg(test)]
@@ -83,5 +168,29 @@ mod tests {
         for other in [renamed, resized, edited, entries[..1].to_vec()] {
             assert_ne!(version(&other), v);
         }
+    }
+
+    #[test]
+    fn a_level_names_its_files_and_each_folder_with_that_folders_version() {
+        let files = vec![
+            (p("n/a.txt"), 1, [1; 32]),
+            (p("n/b/c.txt"), 2, [2; 32]),
+            (p("n/b/d/e.txt"), 3, [3; 32]),
+            (p("n/b.txt"), 4, [4; 32]),
+            (p("n/z/f.txt"), 5, [5; 32]),
+        ];
+        let entries = entries_under(&p("n"), files.clone());
+        let level = level(&entries);
+        assert_eq!(level.version, version(&entries));
+        let names: Vec<&str> = level.files.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(names, ["a.txt", "b.txt"]);
+        let b = entries_under(&p("n/b"), files.clone());
+        let z = entries_under(&p("n/z"), files);
+        assert_eq!(
+            level.folders,
+            [(p("b"), 2, version(&b)), (p("z"), 1, version(&z))]
+        );
+        assert_eq!(version_under(&entries, "b/"), (2, version(&b)));
+        assert_eq!(under(&entries, "z/").len(), 1);
     }
 }

@@ -259,6 +259,18 @@ impl Client {
             .await
     }
 
+    /// One level of folder `path` (`None`: nothing under it), `fresh` or from the peer's last
+    /// fresh walk.
+    pub async fn folder_level(
+        &self,
+        path: &FilePath,
+        fresh: bool,
+    ) -> Result<Option<exchange::Level>, ClientError> {
+        self.knows(path)?;
+        self.on_stream(async |send, recv| exchange::folder_level(send, recv, path, fresh).await)
+            .await
+    }
+
     /// What the peer holds of `name`, in pieces where the file has them (`ObservePieces`; an
     /// older peer is asked `Observe`, and one older still `Describe`), and for a download in
     /// progress there, what it gains.

@@ -17,6 +17,7 @@ use futures_util::future::join_all;
 
 use super::Node;
 use super::download::{Asking, DownloadRequest};
+use super::levels;
 use crate::model::folder::{self, Entry};
 use crate::model::manifest::{FilePath, Hash32, hex};
 use crate::model::peers::PeerId;
@@ -161,15 +162,34 @@ impl Node {
     ) -> anyhow::Result<FolderDownloaded> {
         let started = Instant::now();
         let name = &req.name;
-        let (serving, mut left_out, mut holders) = self.ask_folder(req).await?;
-        let (version, entries, members) = choose_version(name, serving, req.blake3, &mut left_out)?;
-        // The members serve every file under its path already.
-        holders.retain(|(peer, _)| !members.contains(peer));
         let target = match &req.output {
             Some(p) if p.is_dir() => p.join(name.as_str()),
             Some(p) => p.clone(),
             None => self.served_dir().join(name.as_str()),
         };
+        // Level by level where every peer can; else every peer's whole tree.
+        let (version, members, left_out, mut holders, others, sorted);
+        match self.ask_levels(req, &target).await? {
+            Some(found) => {
+                let folder = target.clone();
+                let (entries, local) = (found.entries, found.local);
+                let look = move || levels::sort_out(&folder, entries, &local);
+                sorted = tokio::task::spawn_blocking(look).await?;
+                (version, members) = (found.version, found.members);
+                (left_out, others) = (found.left_out, found.others);
+                holders = Holders::new();
+            }
+            None => {
+                let (serving, mut out, mut all) = self.ask_folder(req).await?;
+                let (v, entries, m) = choose_version(name, serving, req.blake3, &mut out)?;
+                // The members serve every file under its path already.
+                all.retain(|(peer, _)| !m.contains(peer));
+                let folder = target.clone();
+                sorted = tokio::task::spawn_blocking(move || look(&folder, entries)).await?;
+                (version, members, left_out, holders) = (v, m, out, all);
+                others = Vec::new();
+            }
+        }
         let mut done = FolderDownloaded {
             name: name.clone(),
             target,
@@ -182,9 +202,7 @@ impl Node {
             wire_bytes: 0,
             elapsed: Duration::ZERO,
         };
-        let folder = done.target.clone();
-        let (here, missing, differ) =
-            tokio::task::spawn_blocking(move || look(&folder, entries)).await?;
+        let (here, missing, differ) = sorted;
         // Without --update, local files that differ from the version are refused before any
         // byte is fetched, all named at once.
         if !req.update && !differ.is_empty() {
@@ -210,6 +228,10 @@ impl Node {
             now.bytes_done += size;
             progress(now);
         };
+        // Peers outside the version may hold missing files elsewhere: their trees are listed.
+        if !missing.is_empty() && !others.is_empty() {
+            holders = self.holders(&others).await;
+        }
         // Where we hold the content of a missing file already (the files of its size only).
         let held = match missing.is_empty() {
             true => HashMap::new(),
@@ -309,6 +331,25 @@ impl Node {
         }
         files.sort_by(|a, b| a.0.path.cmp(&b.0.path));
         Ok(files)
+    }
+
+    /// The small files of each of `peers` by content, from their whole trees (a peer that does
+    /// not answer holds nothing).
+    async fn holders(&self, peers: &[PeerId]) -> Holders {
+        let lists = join_all(peers.iter().map(|peer| async move {
+            let client = self.client(self.entry(peer)?).await?;
+            client.list().await.map(|(files, _, _)| files)
+        }))
+        .await;
+        (peers.iter().zip(lists))
+            .filter_map(|(peer, files)| {
+                let files = files.ok()?;
+                let small = (files.into_iter())
+                    .filter(|f| f.size <= SMALL_FILE)
+                    .map(|f| (f.blake3, f.name));
+                Some((peer.clone(), small.collect()))
+            })
+            .collect()
     }
 
     /// Every peer's files under the folder (from its whole listing), or why it is left out.

@@ -76,6 +76,7 @@ pub use download::{DownloadEvent, DownloadRequest, Downloaded, Fetched, LeftOut,
 
 mod download;
 mod folder;
+mod levels;
 pub use folder::{FileStatus, FolderDownloaded, FolderFile, FolderProgress};
 
 /// One peer's files.

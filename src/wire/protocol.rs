@@ -210,6 +210,17 @@ pub enum Request {
         /// Its size.
         size: u32,
     },
+    /// `qnode/3`: one level of folder `path`: its version, the files directly in it and each
+    /// folder in it with that folder's version, answered with [`Response::Folder`]. An asker
+    /// compares the versions with its own and asks only for the folders that differ. `fresh`:
+    /// the tree as it is now (a first question), else as the last fresh one saw it (the
+    /// questions after it, so they agree with each other, as pages do).
+    Folder {
+        /// Which folder.
+        path: FilePath,
+        /// Walk the tree afresh.
+        fresh: bool,
+    },
 }
 
 pub use crate::model::manifest::MAX_WHOLE_FILE;
@@ -238,6 +249,7 @@ impl Request {
             Self::ListAll => "list_all",
             Self::ListPage { .. } => "list_page",
             Self::ReadFile { .. } => "read_file",
+            Self::Folder { .. } => "folder",
             // Logged as `observe`, with "in pieces" in its outcome.
             Self::ObservePieces { .. } => "observe",
         }
@@ -258,7 +270,8 @@ impl Request {
             | Self::Observe { name }
             | Self::ObservePieces { name }
             | Self::ReadVersion { name, .. }
-            | Self::ReadFile { name, .. } => Some(name),
+            | Self::ReadFile { name, .. }
+            | Self::Folder { path: name, .. } => Some(name),
         }
     }
 }
@@ -372,6 +385,29 @@ pub enum Response {
         /// Another page follows: ask again after the last of `files`.
         more: bool,
     },
+    /// Answer to `Folder`: one level of a folder.
+    Folder {
+        /// The folder's version (`model::folder::version` of every file under it).
+        version: Hash32,
+        /// The files directly in it, by name (at most [`PAGE_FILES`] of files and folders).
+        files: Vec<FileEntry>,
+        /// The folders directly in it, by name.
+        folders: Vec<FolderEntry>,
+        /// More than [`PAGE_FILES`] files and folders are directly in it: the asker lists the
+        /// tree instead.
+        cut: bool,
+    },
+}
+
+/// A folder in a folder, as [`Response::Folder`] names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FolderEntry {
+    /// Its name (one component).
+    pub name: FilePath,
+    /// How many files are under it.
+    pub files: u64,
+    /// Its version.
+    pub version: Hash32,
 }
 
 /// A download in progress, as listed.
@@ -774,6 +810,35 @@ mod tests {
             frame(&Request::ListPage { after }),
             [0, 0, 0, 6, 12, 1, 3, b'a', b'/', b'b']
         );
+        assert_eq!(
+            frame(&Request::Folder {
+                path: name("a"),
+                fresh: true
+            }),
+            [0, 0, 0, 4, 14, 1, b'a', 1]
+        );
+        let level = Response::Folder {
+            version: [5; 32],
+            files: vec![FileEntry {
+                name: name("f"),
+                size: 2,
+                blake3: [6; 32],
+            }],
+            folders: vec![FolderEntry {
+                name: name("d"),
+                files: 3,
+                version: [7; 32],
+            }],
+            cut: false,
+        };
+        let mut want = vec![0, 0, 0, 106, 19];
+        want.extend([5; 32]);
+        want.extend([1, 1, b'f', 2]);
+        want.extend([6; 32]);
+        want.extend([1, 1, b'd', 3]);
+        want.extend([7; 32]);
+        want.push(0);
+        assert_eq!(frame(&level), want);
         let mut whole = vec![0, 0, 0, 37, 13, 1, b'a'];
         whole.extend([7; 32]);
         whole.extend([0x80, 0x08]);

@@ -17,11 +17,13 @@ use super::{
     manifest_bytes, observe, reply, store_error,
 };
 use crate::model::delta::SigKind;
+use crate::model::folder::{self, Entry};
 use crate::model::manifest::{FilePath, Hash32, MAX_CHUNK_SIZE, Manifest};
 use crate::wire::codec;
 use crate::wire::exchange::{self, respond};
 use crate::wire::protocol::{
-    self, ErrorKind, FileEntry, Incomplete, MAX_GROUPS_PER_REQUEST, RemoteError, Request, Response,
+    self, ErrorKind, FileEntry, FolderEntry, Incomplete, MAX_GROUPS_PER_REQUEST, RemoteError,
+    Request, Response,
 };
 
 /// Reads one request from `recv`, answers it on `send`, and logs what happened.
@@ -112,6 +114,7 @@ pub(super) async fn handle(
         }
         Request::ListAll => handle_list_all(send, server, link).await,
         Request::ListPage { after } => handle_list_page(send, server, link, after).await,
+        Request::Folder { path, fresh } => handle_folder(send, server, link, path, fresh).await,
         Request::ReadFile { name, blake3, size } => {
             let kind = ReadKind::Whole(blake3);
             handle_read(send, server, link, &name, (0, size), kind).await
@@ -231,6 +234,81 @@ async fn handle_list_page(
         "-> {count} files{}",
         if more { ", more" } else { "" }
     ))
+}
+
+async fn handle_folder(
+    send: &mut impl Answering,
+    server: &Server,
+    link: &Link,
+    path: FilePath,
+    fresh: bool,
+) -> Result<String, Failure> {
+    if !link.version.has_folders() {
+        let why = "folders need qnode/3".to_string();
+        return Err(RemoteError::new(ErrorKind::BadRequest, why).into());
+    }
+    let store = server.store.clone();
+    let p = path.clone();
+    let level = blocking(move || {
+        let listed = store.listing(fresh)?;
+        // The files under the folder are next to each other in path order.
+        let prefix = format!("{p}/");
+        let start = listed.partition_point(|(n, _)| n.as_str() < prefix.as_str());
+        let entries: Vec<Entry> = listed[start..]
+            .iter()
+            .take_while(|(n, _)| n.as_str().starts_with(&prefix))
+            .filter_map(|(n, m)| {
+                let path = FilePath::new(&n.as_str()[prefix.len()..]).ok()?;
+                Some(Entry {
+                    path,
+                    size: m.size(),
+                    blake3: m.blake3(),
+                })
+            })
+            .collect();
+        Ok((!entries.is_empty()).then(|| folder::level(&entries)))
+    })
+    .await?;
+    let Some(level) = level else {
+        let why = format!("no file under {path}/");
+        return Err(RemoteError::new(ErrorKind::NotFound, why).into());
+    };
+    let cut = level.files.len() + level.folders.len() > protocol::PAGE_FILES;
+    let (count, dirs) = (level.files.len(), level.folders.len());
+    let estimate = if cut {
+        64
+    } else {
+        (count + dirs) * PAGE_ENTRY_BYTES
+    };
+    let build = || {
+        let (files, folders) = if cut {
+            (Vec::new(), Vec::new())
+        } else {
+            let files = (level.files.into_iter())
+                .map(|e| FileEntry {
+                    name: e.path,
+                    size: e.size,
+                    blake3: e.blake3,
+                })
+                .collect();
+            let folders = (level.folders.into_iter())
+                .map(|(name, files, version)| FolderEntry {
+                    name,
+                    files,
+                    version,
+                })
+                .collect();
+            (files, folders)
+        };
+        Response::Folder {
+            version: level.version,
+            files,
+            folders,
+            cut,
+        }
+    };
+    reply(send, link, estimate, build, false).await?;
+    Ok(format!("{path}/ -> {count} files, {dirs} folders"))
 }
 
 /// Bytes a page's entry takes in an answer, with the longest path.

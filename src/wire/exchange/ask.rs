@@ -10,7 +10,7 @@ use crate::model::delta::{Sig, Tree};
 use crate::model::manifest::{ChunkSet, FilePath, Hash32, Manifest, piece_size_for, unit_count};
 use crate::wire::codec;
 use crate::wire::protocol::{
-    self, Delta, ErrorKind, FileEntry, Incomplete, MAX_RESPONSE_LEN, Request, Response,
+    self, Delta, ErrorKind, FileEntry, FolderEntry, Incomplete, MAX_RESPONSE_LEN, Request, Response,
 };
 
 use super::*;
@@ -106,6 +106,63 @@ pub async fn read_file(
         size,
     };
     read_bytes(send, recv, &req, size).await
+}
+
+/// One level of a folder, as [`Response::Folder`] answers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Level {
+    /// The folder's version.
+    pub version: Hash32,
+    /// The files directly in it, sorted by name, each one component.
+    pub files: Vec<FileEntry>,
+    /// The folders directly in it, sorted by name, each one component.
+    pub folders: Vec<FolderEntry>,
+    /// Too many to answer: list the tree instead.
+    pub cut: bool,
+}
+
+/// `Folder`: one level of folder `path` (`None`: the peer serves no file under it).
+pub async fn folder_level(
+    send: &mut impl SendBytes,
+    recv: &mut (impl AsyncRead + Unpin),
+    path: &FilePath,
+    fresh: bool,
+) -> Result<Option<Level>, ExchangeError> {
+    let request = Request::Folder {
+        path: path.clone(),
+        fresh,
+    };
+    let (version, files, folders, cut) = match ask(send, recv, &request, true).await {
+        Ok(Response::Folder {
+            version,
+            files,
+            folders,
+            cut,
+        }) => (version, files, folders, cut),
+        Ok(_) => return Err(ExchangeError::Unexpected("folder")),
+        Err(ExchangeError::Remote(e)) if e.kind == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // Names of one component each, sorted, a name never both a file and a folder.
+    let one = |n: &FilePath| n.is_top_level();
+    let sorted = files.windows(2).all(|w| w[0].name < w[1].name)
+        && folders.windows(2).all(|w| w[0].name < w[1].name);
+    let clash = folders
+        .iter()
+        .any(|d| files.binary_search_by(|f| f.name.cmp(&d.name)).is_ok());
+    if !files.iter().all(|f| one(&f.name))
+        || !folders.iter().all(|d| one(&d.name))
+        || !sorted
+        || clash
+    {
+        return Err(ExchangeError::Unexpected("folder"));
+    }
+    Ok(Some(Level {
+        version,
+        files,
+        folders,
+        cut,
+    }))
 }
 
 /// `ReadRange`: `len` bytes of `name` at any `offset` (at most one chunk), unverified.
