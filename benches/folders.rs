@@ -390,7 +390,7 @@ fn listing(files: u64) -> anyhow::Result<()> {
     println!("|---|---|---|");
     let mib = |k: u64| k as f64 / 1024.0;
     println!(
-        "| list, the server's first scan | {:.2} | {:.1} MiB |",
+        "| list, the first (the server scanned when it came up) | {:.2} | {:.1} MiB |",
         first.wall,
         mib(first.max_rss_kib)
     );

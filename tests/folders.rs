@@ -191,6 +191,10 @@ async fn hostile_paths_in_every_request_are_refused_before_any_disk_access() -> 
                 blake3: [0; 32],
                 size: 3,
             },
+            Request::Folder {
+                path: q.clone(),
+                fresh: true,
+            },
         ];
         for request in requests {
             let frame = encode_frame(&request)?;
