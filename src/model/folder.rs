@@ -61,39 +61,52 @@ pub struct Level {
 
 /// The level of the folder whose files (paths inside it) are `entries`, sorted by path.
 pub fn level(entries: &[Entry]) -> Level {
+    level_sorted(entries.iter().map(|e| (e.path.as_str(), e.size, e.blake3)))
+}
+
+/// [`level`] in one pass over (path inside the folder, size, BLAKE3), sorted by path, without
+/// a copy of them: only the files directly in the folder are kept.
+pub fn level_sorted<'a>(files: impl IntoIterator<Item = (&'a str, u64, Hash32)>) -> Level {
+    let mut all = blake3::Hasher::new();
     let mut out = Level {
-        version: version(entries),
+        version: [0; 32],
         files: Vec::new(),
         folders: Vec::new(),
     };
-    let mut at = 0;
-    while let Some(e) = entries.get(at) {
-        let Some((first, _)) = e.path.as_str().split_once('/') else {
-            out.files.push(e.clone());
-            at += 1;
-            continue;
-        };
-        // A folder's files are next to each other in path order.
-        let prefix = format!("{first}/");
-        let count = entries[at..]
-            .iter()
-            .take_while(|e| e.path.as_str().starts_with(&prefix))
-            .count();
-        let mut hasher = blake3::Hasher::new();
-        for e in &entries[at..at + count] {
-            add(
-                &mut hasher,
-                &e.path.as_str()[prefix.len()..],
-                e.size,
-                &e.blake3,
-            );
+    // The folder being summed: its name, files so far, hasher. Its files are next to each
+    // other in path order.
+    let mut open: Option<(&str, u64, blake3::Hasher)> = None;
+    let close = |open: &mut Option<(&str, u64, blake3::Hasher)>, out: &mut Level| {
+        if let Some((name, count, hasher)) = open.take()
+            && let Ok(name) = FilePath::new(name)
+        {
+            out.folders
+                .push((name, count, *hasher.finalize().as_bytes()));
         }
-        if let Ok(name) = FilePath::new(first) {
-            let v = *hasher.finalize().as_bytes();
-            out.folders.push((name, count as u64, v));
+    };
+    for (path, size, blake3) in files {
+        add(&mut all, path, size, &blake3);
+        match path.split_once('/') {
+            None => {
+                close(&mut open, &mut out);
+                if let Ok(path) = FilePath::new(path) {
+                    out.files.push(Entry { path, size, blake3 });
+                }
+            }
+            Some((first, rest)) => {
+                if open.as_ref().is_none_or(|(name, ..)| *name != first) {
+                    close(&mut open, &mut out);
+                    open = Some((first, 0, blake3::Hasher::new()));
+                }
+                if let Some((_, count, hasher)) = open.as_mut() {
+                    add(hasher, rest, size, &blake3);
+                    *count += 1;
+                }
+            }
         }
-        at += count;
     }
+    close(&mut open, &mut out);
+    out.version = *all.finalize().as_bytes();
     out
 }
 

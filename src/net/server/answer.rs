@@ -17,7 +17,7 @@ use super::{
     manifest_bytes, observe, reply, store_error,
 };
 use crate::model::delta::SigKind;
-use crate::model::folder::{self, Entry};
+use crate::model::folder;
 use crate::model::manifest::{FilePath, Hash32, MAX_CHUNK_SIZE, Manifest};
 use crate::wire::codec;
 use crate::wire::exchange::{self, respond};
@@ -254,19 +254,17 @@ async fn handle_folder(
         // The files under the folder are next to each other in path order.
         let prefix = format!("{p}/");
         let start = listed.partition_point(|(n, _)| n.as_str() < prefix.as_str());
-        let entries: Vec<Entry> = listed[start..]
-            .iter()
-            .take_while(|(n, _)| n.as_str().starts_with(&prefix))
-            .filter_map(|(n, m)| {
-                let path = FilePath::new(&n.as_str()[prefix.len()..]).ok()?;
-                Some(Entry {
-                    path,
-                    size: m.size(),
-                    blake3: m.blake3(),
-                })
-            })
-            .collect();
-        Ok((!entries.is_empty()).then(|| folder::level(&entries)))
+        let under = || {
+            listed[start..]
+                .iter()
+                .take_while(|(n, _)| n.as_str().starts_with(&prefix))
+                .map(|(n, m)| (&n.as_str()[prefix.len()..], m.size(), m.blake3()))
+        };
+        // Summed straight from the listing: no copy of a large tree's paths per question.
+        Ok(under()
+            .next()
+            .is_some()
+            .then(|| folder::level_sorted(under())))
     })
     .await?;
     let Some(level) = level else {
