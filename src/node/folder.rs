@@ -60,6 +60,38 @@ pub struct FolderProgress {
     pub bytes_done: u64,
 }
 
+impl FolderProgress {
+    /// Before anything is fetched: the files `here` are done, the `others` to do.
+    fn start(here: &[Entry], others: &[&[Entry]]) -> Self {
+        let count = |es: &[Entry]| (es.len(), es.iter().map(|e| e.size).sum::<u64>());
+        let (files_done, bytes_done) = count(here);
+        let (mut files, mut bytes) = (files_done, bytes_done);
+        for (f, b) in others.iter().map(|es| count(es)) {
+            files += f;
+            bytes += b;
+        }
+        Self {
+            files,
+            files_done,
+            bytes,
+            bytes_done,
+        }
+    }
+}
+
+/// Refuses a folder download without `--update` where files differ here, naming them all.
+fn refuse_differing(name: &FilePath, differ: &[Entry]) -> anyhow::Result<()> {
+    let differ: Vec<String> = (differ.iter())
+        .map(|e| format!("{name}/{}", e.path))
+        .collect();
+    bail!(
+        "{} already exist{} with different content: {}; not overwriting (use --update to make the folder the peers' version, or --output to save elsewhere)",
+        differ.len(),
+        if differ.len() == 1 { "s" } else { "" },
+        differ.join(", ")
+    )
+}
+
 /// What a folder download did.
 #[derive(Debug)]
 pub struct FolderDownloaded {
@@ -87,6 +119,19 @@ pub struct FolderDownloaded {
 }
 
 impl FolderDownloaded {
+    /// Counts each file's outcome in.
+    fn add(&mut self, files: Vec<(Entry, EntryFetched)>) {
+        for (entry, got) in files {
+            self.wire_bytes += got.wire_bytes;
+            self.reused_bytes += got.reused_bytes;
+            for (peer, bytes) in got.peers {
+                *self.peers.entry(peer).or_default() += bytes;
+            }
+            let status = got.status;
+            self.files.push(FolderFile { entry, status });
+        }
+    }
+
     /// Whether anything was written.
     pub fn changed(&self) -> bool {
         !self.displaced.is_empty()
@@ -130,6 +175,30 @@ struct EntryFetched {
     reused_bytes: u64,
     /// Bytes fetched from each peer.
     peers: Vec<(String, u64)>,
+}
+
+impl<'a> Fetching<'a> {
+    fn new(
+        req: &'a DownloadRequest,
+        (members, holders): (&'a [PeerId], &'a Holders),
+        held: &'a HashMap<Hash32, PathBuf>,
+        folder: &'a Path,
+    ) -> Self {
+        let load = (members.iter().chain(holders.iter().map(|h| &h.0)))
+            .map(|_| AtomicUsize::new(0))
+            .collect();
+        Self {
+            req,
+            members,
+            holders,
+            held,
+            folder,
+            stop: Default::default(),
+            batch: Arc::new(Batch::default()),
+            load,
+            sessions: tokio::sync::Semaphore::new(SESSIONS_IN_FLIGHT),
+        }
+    }
 }
 
 impl EntryFetched {
@@ -185,7 +254,8 @@ impl Node {
                 // The members serve every file under its path already.
                 all.retain(|(peer, _)| !m.contains(peer));
                 let folder = target.clone();
-                sorted = tokio::task::spawn_blocking(move || look(&folder, entries)).await?;
+                sorted =
+                    tokio::task::spawn_blocking(move || levels::look(&folder, entries)).await?;
                 (version, members, left_out, holders) = (v, m, out, all);
                 others = Vec::new();
             }
@@ -206,22 +276,9 @@ impl Node {
         // Without --update, local files that differ from the version are refused before any
         // byte is fetched, all named at once.
         if !req.update && !differ.is_empty() {
-            let differ: Vec<String> = (differ.iter())
-                .map(|e| format!("{name}/{}", e.path))
-                .collect();
-            bail!(
-                "{} already exist{} with different content: {}; not overwriting (use --update to make the folder the peers' version, or --output to save elsewhere)",
-                differ.len(),
-                if differ.len() == 1 { "s" } else { "" },
-                differ.join(", ")
-            );
+            refuse_differing(name, &differ)?;
         }
-        let count = |es: &[Entry]| (es.len(), es.iter().map(|e| e.size).sum::<u64>());
-        let (here_files, here_bytes) = count(&here);
-        let (mut now, more) = (FolderProgress::default(), [count(&missing), count(&differ)]);
-        (now.files_done, now.bytes_done) = (here_files, here_bytes);
-        now.files = here_files + more[0].0 + more[1].0;
-        now.bytes = here_bytes + more[0].1 + more[1].1;
+        let mut now = FolderProgress::start(&here, &[&missing, &differ]);
         progress(now);
         let mut one_more = |size: u64| {
             now.files_done += 1;
@@ -240,19 +297,7 @@ impl Node {
         let wanted = missing.into_iter().chain(differ).collect();
         let mut files = self
             .fetch_all(
-                Fetching {
-                    req,
-                    members: &members,
-                    holders: &holders,
-                    held: &held,
-                    folder: &done.target,
-                    stop: Default::default(),
-                    batch: Arc::new(Batch::default()),
-                    load: (members.iter().chain(holders.iter().map(|h| &h.0)))
-                        .map(|_| AtomicUsize::new(0))
-                        .collect(),
-                    sessions: tokio::sync::Semaphore::new(SESSIONS_IN_FLIGHT),
-                },
+                Fetching::new(req, (&members, &holders), &held, &done.target),
                 wanted,
                 interrupt,
                 &mut one_more,
@@ -260,15 +305,7 @@ impl Node {
             .await?;
         files.extend(here.into_iter().map(|e| (e, EntryFetched::present())));
         files.sort_by(|a, b| a.0.path.cmp(&b.0.path));
-        for (entry, got) in files {
-            done.wire_bytes += got.wire_bytes;
-            done.reused_bytes += got.reused_bytes;
-            for (peer, bytes) in got.peers {
-                *done.peers.entry(peer).or_default() += bytes;
-            }
-            let status = got.status;
-            done.files.push(FolderFile { entry, status });
-        }
+        done.add(files);
         if req.update {
             done.displaced = displace_others(&done.target, &done.files)?;
         }
@@ -527,40 +564,6 @@ impl Node {
         }
         bail!("no peer sent it ({})", why.join("; "))
     }
-}
-
-/// The entries of the folder's version already at `folder`, those missing there, and those that
-/// differ (another content, or not a regular file). Many files are looked at (hashed) on two
-/// threads.
-fn look(folder: &Path, mut entries: Vec<Entry>) -> (Vec<Entry>, Vec<Entry>, Vec<Entry>) {
-    if entries.len() < 64 {
-        return look_at(folder, entries);
-    }
-    let second = entries.split_off(entries.len() / 2);
-    // Had the thread failed, its files would count as differing: fetched, or named.
-    let fallback = second.clone();
-    let (mut a, b) = std::thread::scope(|s| {
-        let b = s.spawn(|| look_at(folder, second));
-        (look_at(folder, entries), b.join())
-    });
-    let b = b.unwrap_or_else(|_| (Vec::new(), Vec::new(), fallback));
-    a.0.extend(b.0);
-    a.1.extend(b.1);
-    a.2.extend(b.2);
-    a
-}
-
-fn look_at(folder: &Path, entries: Vec<Entry>) -> (Vec<Entry>, Vec<Entry>, Vec<Entry>) {
-    let (mut here, mut missing, mut differ) = (Vec::new(), Vec::new(), Vec::new());
-    for e in entries {
-        let at = folder.join(e.path.as_str());
-        match Seen::of(&at) {
-            Ok(Some(seen)) if seen.blake3 == e.blake3 => here.push(e),
-            Ok(None) => missing.push(e),
-            _ => differ.push(e),
-        }
-    }
-    (here, missing, differ)
 }
 
 /// Whether a file's download ended because it was told to stop (its partial file is kept).

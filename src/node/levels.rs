@@ -1,5 +1,5 @@
-//! A folder asked level by level (`Folder`, `qnode/3`): each peer's version of it from one
-//! question; then, from a peer serving the chosen version, only the folders whose version differs
+//! What is here and what the peers serve of a folder. Asked level by level (`Folder`,
+//! `qnode/3`): each peer's version of it from one question; then, from a peer serving the chosen version, only the folders whose version differs
 //! from ours here (a folder identical here costs no more questions), and the files that come back
 //! are checked against the version before they are used. A re-run with nothing changed moves a
 //! few hundred bytes, not the folder's listing.
@@ -238,4 +238,38 @@ pub(super) fn sort_out(
         }
     }
     (same, missing, differ)
+}
+
+/// The entries of the folder's version already at `folder`, those missing there, and those that
+/// differ (another content, or not a regular file). Many files are looked at (hashed) on two
+/// threads.
+pub(super) fn look(folder: &Path, mut entries: Vec<Entry>) -> (Vec<Entry>, Vec<Entry>, Vec<Entry>) {
+    if entries.len() < 64 {
+        return look_at(folder, entries);
+    }
+    let second = entries.split_off(entries.len() / 2);
+    // Had the thread failed, its files would count as differing: fetched, or named.
+    let fallback = second.clone();
+    let (mut a, b) = std::thread::scope(|s| {
+        let b = s.spawn(|| look_at(folder, second));
+        (look_at(folder, entries), b.join())
+    });
+    let b = b.unwrap_or_else(|_| (Vec::new(), Vec::new(), fallback));
+    a.0.extend(b.0);
+    a.1.extend(b.1);
+    a.2.extend(b.2);
+    a
+}
+
+fn look_at(folder: &Path, entries: Vec<Entry>) -> (Vec<Entry>, Vec<Entry>, Vec<Entry>) {
+    let (mut here, mut missing, mut differ) = (Vec::new(), Vec::new(), Vec::new());
+    for e in entries {
+        let at = folder.join(e.path.as_str());
+        match Seen::of(&at) {
+            Ok(Some(seen)) if seen.blake3 == e.blake3 => here.push(e),
+            Ok(None) => missing.push(e),
+            _ => differ.push(e),
+        }
+    }
+    (here, missing, differ)
 }

@@ -52,18 +52,9 @@ pub(super) async fn handle(
         }
     };
     let kind = request.kind();
-    // A peer of an older version neither sees nor names a file in a folder.
-    if let Some(name) = request.name()
-        && !name.is_top_level()
-        && !link.version.has_folders()
-    {
-        let why = format!("{name} is in a folder, and folders need qnode/3");
-        info!("{kind} refused: {why}");
-        respond(
-            send,
-            &Response::Error(RemoteError::new(ErrorKind::NotFound, why)),
-        )
-        .await;
+    if let Some(err) = beyond_version(&request, link) {
+        info!("{kind} refused: {}", err.message);
+        respond(send, &Response::Error(err)).await;
         return;
     }
     let outcome = match request {
@@ -129,6 +120,17 @@ pub(super) async fn handle(
         // The requester cancelled (e.g. another peer delivered that chunk first) or went away.
         Err(Failure::Gone(why)) => debug!("{kind} abandoned: {why}"),
     }
+}
+
+/// Why a peer of an older version may not ask `request`: it neither sees nor names a file in a
+/// folder.
+fn beyond_version(request: &Request, link: &Link) -> Option<RemoteError> {
+    let name = request.name()?;
+    if name.is_top_level() || link.version.has_folders() {
+        return None;
+    }
+    let why = format!("{name} is in a folder, and folders need qnode/3");
+    Some(RemoteError::new(ErrorKind::NotFound, why))
 }
 
 /// Bytes a listing entry takes in an answer.
