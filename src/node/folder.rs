@@ -609,11 +609,7 @@ fn choose_version(
 /// beside each; their paths inside the folder. Hidden entries and symlinks are left alone.
 fn displace_others(folder: &Path, files: &[FolderFile]) -> anyhow::Result<Vec<FilePath>> {
     let wanted: HashSet<&str> = files.iter().map(|f| f.entry.path.as_str()).collect();
-    let walker = ignore::WalkBuilder::new(folder)
-        .standard_filters(false)
-        .hidden(true)
-        .follow_links(false)
-        .build();
+    let walker = crate::store::walk_tree(folder);
     let mut displaced = Vec::new();
     for entry in walker.filter_map(Result::ok) {
         if !entry.file_type().is_some_and(|t| t.is_file()) {

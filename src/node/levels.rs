@@ -175,11 +175,7 @@ async fn descend(
 /// The regular files under `folder` (hidden entries and symlinks skipped, as a served tree),
 /// each hashed, by path inside it; many on two threads.
 fn walk_local(folder: &Path) -> Vec<Entry> {
-    let walker = ignore::WalkBuilder::new(folder)
-        .standard_filters(false)
-        .hidden(true)
-        .follow_links(false)
-        .build();
+    let walker = crate::store::walk_tree(folder);
     let mut paths: Vec<FilePath> = walker
         .filter_map(Result::ok)
         .filter(|e| e.file_type().is_some_and(|t| t.is_file()))

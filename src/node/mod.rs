@@ -341,11 +341,7 @@ impl Node {
         let folder = FilePath::new(
             base.with_context(|| format!("{} has no usable folder name", dir.display()))?,
         )?;
-        let walker = ignore::WalkBuilder::new(dir)
-            .standard_filters(false)
-            .hidden(true)
-            .follow_links(false)
-            .build();
+        let walker = crate::store::walk_tree(dir);
         let mut files = Vec::new();
         for entry in walker {
             let entry = entry.with_context(|| format!("reading {}", dir.display()))?;

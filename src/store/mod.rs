@@ -230,6 +230,17 @@ impl FileKey {
     }
 }
 
+/// A walk of the tree under `dir` as a served tree is read: hidden entries skipped, symlinks
+/// never followed, no deeper than a path may go.
+pub fn walk_tree(dir: &Path) -> ignore::Walk {
+    ignore::WalkBuilder::new(dir)
+        .standard_filters(false)
+        .hidden(true)
+        .follow_links(false)
+        .max_depth(Some(crate::model::name::MAX_PATH_DEPTH))
+        .build()
+}
+
 /// Whether `rules` hide `path` or a folder it is in.
 fn hides(rules: &ignore::gitignore::Gitignore, path: &FilePath) -> bool {
     rules
@@ -376,12 +387,7 @@ impl Store {
 
     /// The paths of the regular files in the tree, as [`list`](Self::list) serves them.
     fn walk(&self) -> Result<Vec<FilePath>, StoreError> {
-        let walker = ignore::WalkBuilder::new(&self.dir)
-            .standard_filters(false)
-            .hidden(true)
-            .follow_links(false)
-            .max_depth(Some(crate::model::name::MAX_PATH_DEPTH))
-            .build();
+        let walker = walk_tree(&self.dir);
         let mut paths = Vec::new();
         let ignore = self.ignore_rules();
         for entry in walker {
