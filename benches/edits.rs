@@ -27,37 +27,8 @@ use text::text;
 #[path = "../tests/util/netns.rs"]
 mod netns;
 
-fn qnode() -> String {
-    std::env::var("QNODE_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_qnode").into())
-}
-
-/// Bytes host `ns` has sent and received on its link.
-fn link_bytes(ns: &str) -> anyhow::Result<u64> {
-    let mut total = 0;
-    for dir in ["rx_bytes", "tx_bytes"] {
-        let out = Command::new("ip")
-            .args(["netns", "exec", ns, "cat"])
-            .arg(format!("/sys/class/net/eth0/statistics/{dir}"))
-            .output()?;
-        total += String::from_utf8_lossy(&out.stdout).trim().parse::<u64>()?;
-    }
-    Ok(total)
-}
-
-/// Runs `cmd`, returning (bytes on `ns`'s link, seconds); fails if it fails.
-fn measure(ns: &str, cmd: &mut Command) -> anyhow::Result<(u64, f64)> {
-    let before = link_bytes(ns)?;
-    let started = Instant::now();
-    let out = cmd.stdin(Stdio::null()).output()?;
-    let secs = started.elapsed().as_secs_f64();
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok((link_bytes(ns)? - before, secs))
-}
+mod util;
+use util::{Spread, measure, median, qnode};
 
 struct Kill(Child);
 
@@ -253,14 +224,6 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// A median, minimum and maximum.
-type Spread = (f64, f64, f64);
-
-fn median(v: &mut [f64]) -> Spread {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
 fn check(path: &Path, want: &[u8], what: &str) -> anyhow::Result<()> {

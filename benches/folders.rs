@@ -5,6 +5,8 @@
 //! Part 1, per run (the tools take turns, case by case): a fresh copy from one peer (rsync, qnode)
 //! and from three peers (qnode); a re-run with nothing changed; one line edited in one file and
 //! ten files renamed or moved, brought over by `download --update` and `rsync -rt --delete`.
+//! Then, with the servers sending uncompressed (so the links are the limit), a fresh copy from
+//! one peer and from three.
 //! Printed: bytes on the client's link (both directions) and seconds, median (min–max). The
 //! servers' links are limited both ways to the rate; the client's only what it sends, so three
 //! servers can fill three links.
@@ -24,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 mod util;
-use util::{Root, Usage, env_u64, stop, wait_usage};
+use util::{Root, Spread, Usage, env_u64, measure, median, stop, wait_usage};
 
 #[allow(dead_code, unreachable_pub)]
 #[path = "../tests/util/netns.rs"]
@@ -97,34 +99,6 @@ fn change(tree: &Path, folders: u64, undo: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Bytes host `ns` has sent and received on its link.
-fn link_bytes(ns: &str) -> anyhow::Result<u64> {
-    let mut total = 0;
-    for dir in ["rx_bytes", "tx_bytes"] {
-        let out = Command::new("ip")
-            .args(["netns", "exec", ns, "cat"])
-            .arg(format!("/sys/class/net/eth0/statistics/{dir}"))
-            .output()?;
-        total += String::from_utf8_lossy(&out.stdout).trim().parse::<u64>()?;
-    }
-    Ok(total)
-}
-
-/// Runs `cmd` in `ns`'s view, returning (bytes on `ns`'s link, seconds); fails if it fails.
-fn measure(ns: &str, cmd: &mut Command) -> anyhow::Result<(u64, f64)> {
-    let before = link_bytes(ns)?;
-    let started = Instant::now();
-    let out = cmd.stdin(Stdio::null()).output()?;
-    let secs = started.elapsed().as_secs_f64();
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok((link_bytes(ns)? - before, secs))
-}
-
 /// The regular files under `dir` (hidden entries skipped), relative, sorted.
 fn files_of(dir: &Path) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = ignore::WalkBuilder::new(dir)
@@ -162,14 +136,6 @@ impl Drop for Running {
     }
 }
 
-/// A median, minimum and maximum.
-type Spread = (f64, f64, f64);
-
-fn median(v: &mut [f64]) -> Spread {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
-}
-
 fn main() -> anyhow::Result<()> {
     let runs = env_u64("QNODE_BENCH_RUNS", 3).max(1) as usize;
     // SAFETY: geteuid has no preconditions.
@@ -189,7 +155,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// The rows: case, tool, and the row of the reference it is measured against.
-const CASES: [(&str, &str, usize); 8] = [
+const CASES: [(&str, &str, usize); 10] = [
     ("(a) fresh copy, 1 peer", "rsync -rt", 0),
     ("(a) fresh copy, 1 peer", "rsync -rtz", 0),
     ("(a) fresh copy, 1 peer", "qnode", 0),
@@ -198,6 +164,8 @@ const CASES: [(&str, &str, usize); 8] = [
     ("(c) nothing changed", "qnode", 4),
     ("(d) 1 line edited, 10 files moved", "rsync -rt --delete", 6),
     ("(d) 1 line edited, 10 files moved", "qnode --update", 6),
+    ("(e) fresh copy, 1 peer, uncompressed", "qnode", 0),
+    ("(e) fresh copy, 3 peers, uncompressed", "qnode", 8),
 ];
 
 fn network(runs: usize) -> anyhow::Result<()> {
@@ -318,9 +286,24 @@ fn network(runs: usize) -> anyhow::Result<()> {
             change(&root.served(id).join("tree"), folders, true)?;
         }
     }
+    // (e) The links as the limit: the servers again, sending the text as it is.
+    stop(&mut servers.0);
+    for (i, id) in ["p1", "p2", "p3"].iter().enumerate() {
+        let plain = ["--compression", "never"];
+        (servers.0).push(root.serve(Some(&ns[i]), id, &plain, ("p4", Some(client)))?);
+    }
+    for _ in 0..runs {
+        wipe(&qnode_dest)?;
+        rows[8].push(measure(client, &mut qnode(&["download", "tree", "p1"]))?);
+        same_tree(&qnode_dest, &tree, "qnode, 1 peer, uncompressed")?;
+        wipe(&qnode_dest)?;
+        let mut c = qnode(&["download", "tree", "p1", "p2", "p3"]);
+        rows[9].push(measure(client, &mut c)?);
+        same_tree(&qnode_dest, &tree, "qnode, 3 peers, uncompressed")?;
+    }
     println!();
-    println!("| case | tool | bytes on the link | seconds | bytes vs rsync | time vs rsync |");
-    println!("|---|---|---|---|---|---|");
+    println!("| case | tool | bytes on the link | seconds | bytes vs ref. | time vs ref. | ref. |");
+    println!("|---|---|---|---|---|---|---|");
     let stats: Vec<(Spread, Spread)> = rows
         .iter()
         .map(|r| {
@@ -331,8 +314,10 @@ fn network(runs: usize) -> anyhow::Result<()> {
         .collect();
     for ((case, tool, reference), ((b, _, _), (s, smin, smax))) in CASES.iter().zip(&stats) {
         let ((rb, _, _), (rs, _, _)) = stats[*reference];
+        let (rcase, rtool, _) = CASES[*reference];
+        let rcase = rcase.split(' ').next().unwrap_or(rcase);
         println!(
-            "| {case} | {tool} | {:.3} MB | {s:.2} ({smin:.2}–{smax:.2}) | {:.2} | {:.2} |",
+            "| {case} | {tool} | {:.3} MB | {s:.2} ({smin:.2}–{smax:.2}) | {:.2} | {:.2} | {rcase} {rtool} |",
             b / 1e6,
             b / rb,
             s / rs

@@ -532,3 +532,31 @@ fn a_peer_holding_a_file_elsewhere_serves_it() -> TestResult {
     );
     Ok(())
 }
+
+/// A large file (fetched in chunks, not whole) that a peer outside the folder's version holds
+/// under another path: that peer serves chunks of it too.
+#[test]
+fn a_peer_holding_a_large_file_elsewhere_serves_its_chunks() -> TestResult {
+    let net = Net::new(&["p1", "p2", "p3"])?;
+    let data = util::text::prose(3 << 20, 7);
+    std::fs::create_dir_all(net.served("p1").join("big"))?;
+    std::fs::create_dir_all(net.served("p3").join("stash"))?;
+    net.put("p1", "big/book.txt", &data)?;
+    net.put("p3", "stash/copy of book.txt", &data)?;
+    // p1 sends slowly: p3, unlimited, has time to serve its share.
+    let _servers = [
+        net.serve(
+            "p1",
+            &["--max-upload-rate", "512K", "--compression", "never"],
+        )?,
+        net.serve("p3", &["--compression", "never"])?,
+    ];
+    let json = net.json("p2", &["download", "big/", "p1", "p3", "--json"])?;
+    assert_eq!(std::fs::read(net.served("p2").join("big/book.txt"))?, data);
+    let from_p3 = json["peers"]["p3"].as_u64().unwrap_or(0);
+    assert!(
+        from_p3 > 0,
+        "p3 served chunks of the file it holds elsewhere: {json}"
+    );
+    Ok(())
+}

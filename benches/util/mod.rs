@@ -235,3 +235,39 @@ pub fn random_file(path: &Path, size: u64) -> anyhow::Result<()> {
     f.into_inner()?.sync_all()?;
     Ok(())
 }
+
+/// Bytes host `ns` has sent and received on its link.
+pub fn link_bytes(ns: &str) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for dir in ["rx_bytes", "tx_bytes"] {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "cat"])
+            .arg(format!("/sys/class/net/eth0/statistics/{dir}"))
+            .output()?;
+        total += String::from_utf8_lossy(&out.stdout).trim().parse::<u64>()?;
+    }
+    Ok(total)
+}
+
+/// Runs `cmd`, returning (bytes on `ns`'s link, seconds); fails if it fails.
+pub fn measure(ns: &str, cmd: &mut Command) -> anyhow::Result<(u64, f64)> {
+    let before = link_bytes(ns)?;
+    let started = Instant::now();
+    let out = cmd.stdin(Stdio::null()).output()?;
+    let secs = started.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok((link_bytes(ns)? - before, secs))
+}
+
+/// A median, minimum and maximum.
+pub type Spread = (f64, f64, f64);
+
+pub fn median(v: &mut [f64]) -> Spread {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}

@@ -1,6 +1,7 @@
 //! The `download` use case: where the file goes and whom to ask, then `transfer::session` over
 //! this node's connections (the peers as [`Peers`]).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 
@@ -49,7 +50,7 @@ impl Node {
         on: impl FnMut(DownloadEvent<'_>),
     ) -> anyhow::Result<Downloaded> {
         let plan = self.download_plan(req)?;
-        session::download(&Asking { node: self }, &plan, interrupt, on).await
+        session::download(&Asking::new(self), &plan, interrupt, on).await
     }
 
     /// Where a download goes, and whom to ask.
@@ -91,11 +92,28 @@ impl Node {
 /// reconnecting on its own.
 pub(super) struct Asking<'a> {
     pub(super) node: &'a Node,
+    /// Peers that serve the file under another name (its content held elsewhere in their
+    /// trees), and that name: asked and read under it.
+    pub(super) aliases: HashMap<PeerId, FilePath>,
 }
 
-/// The connection that answered and, for a download in progress there, what it gains.
+impl<'a> Asking<'a> {
+    pub(super) fn new(node: &'a Node) -> Self {
+        let aliases = HashMap::new();
+        Self { node, aliases }
+    }
+
+    /// The name `peer` serves the file under.
+    fn name_at<'n>(&'n self, peer: &PeerId, name: &'n FilePath) -> &'n FilePath {
+        self.aliases.get(peer).unwrap_or(name)
+    }
+}
+
+/// The connection that answered (and the name it was asked under) and, for a download in
+/// progress there, what it gains.
 pub(super) struct Lead {
     client: Client,
+    name: FilePath,
     changes: Option<Changes>,
 }
 
@@ -110,16 +128,26 @@ impl Peers for Asking<'_> {
         name: &FilePath,
     ) -> Result<Option<(Offer, Lead)>, ClientError> {
         let client = self.node.client(self.node.entry(peer)?).await?;
-        let answer = client.observe(name).await?;
-        Ok(answer.map(|(offer, changes)| (offer, Lead { client, changes })))
+        let name = self.name_at(peer, name).clone();
+        let answer = client.observe(&name).await?;
+        Ok(answer.map(|(offer, changes)| {
+            (
+                offer,
+                Lead {
+                    client,
+                    name,
+                    changes,
+                },
+            )
+        }))
     }
 
     fn sig_kind(&self, lead: &Lead) -> SigKind {
         lead.client.sig_kind()
     }
 
-    async fn groups(&self, lead: &Lead, name: &FilePath, version: Hash32) -> Option<Vec<Sig>> {
-        lead.client.groups(name, version).await.ok()
+    async fn groups(&self, lead: &Lead, _: &FilePath, version: Hash32) -> Option<Vec<Sig>> {
+        lead.client.groups(&lead.name, version).await.ok()
     }
 
     fn source(
@@ -130,7 +158,7 @@ impl Peers for Asking<'_> {
         holding: Option<Holding>,
     ) -> Result<PeerSource, ClientError> {
         let redial = self.node.redial(self.node.entry(peer)?)?;
-        let source = PeerSource::new(lead.client, name.clone(), redial);
+        let source = PeerSource::new(lead.client, self.name_at(peer, name).clone(), redial);
         Ok(match holding {
             Some(h) => source.holding(h.version, h.held, lead.changes, h.regrain),
             None => source,

@@ -183,6 +183,7 @@ impl<'a> Fetching<'a> {
         (members, holders): (&'a [PeerId], &'a Holders),
         held: &'a HashMap<Hash32, PathBuf>,
         folder: &'a Path,
+        batch: Arc<Batch>,
     ) -> Self {
         let load = (members.iter().chain(holders.iter().map(|h| &h.0)))
             .map(|_| AtomicUsize::new(0))
@@ -194,7 +195,7 @@ impl<'a> Fetching<'a> {
             held,
             folder,
             stop: Default::default(),
-            batch: Arc::new(Batch::default()),
+            batch,
             load,
             sessions: tokio::sync::Semaphore::new(SESSIONS_IN_FLIGHT),
         }
@@ -216,7 +217,7 @@ impl EntryFetched {
 /// The versions of the folder the peers serve, and the peers left out.
 type Asked = (Vec<(PeerId, Vec<Entry>)>, Vec<(PeerId, String)>, Holders);
 
-/// Each answering peer's small files by content (BLAKE3) and one path it serves it under: a peer
+/// Each answering peer's files by content (BLAKE3) and one path it serves it under: a peer
 /// outside the folder's version may still serve a file of it that it holds elsewhere.
 type Holders = Vec<(PeerId, HashMap<Hash32, FilePath>)>;
 
@@ -238,12 +239,15 @@ impl Node {
         };
         // Level by level where every peer can; else every peer's whole tree.
         let (version, members, left_out, mut holders, others, sorted);
+        let mut walked = None;
         match self.ask_levels(req, &target).await? {
             Some(found) => {
                 let folder = target.clone();
                 let (entries, local) = (found.entries, found.local);
-                let look = move || levels::sort_out(&folder, entries, &local);
-                sorted = tokio::task::spawn_blocking(look).await?;
+                let look = move || (levels::sort_out(&folder, entries, &local.entries), local);
+                let local;
+                (sorted, local) = tokio::task::spawn_blocking(look).await?;
+                walked = Some(local);
                 (version, members) = (found.version, found.members);
                 (left_out, others) = (found.left_out, found.others);
                 holders = Holders::new();
@@ -295,14 +299,24 @@ impl Node {
             false => self.held_by_content(missing.iter().map(|e| e.size).collect())?,
         };
         let wanted = missing.into_iter().chain(differ).collect();
-        let mut files = self
-            .fetch_all(
-                Fetching::new(req, (&members, &holders), &held, &done.target),
-                wanted,
-                interrupt,
-                &mut one_more,
-            )
-            .await?;
+        let batch = Arc::new(Batch::default());
+        let with = Fetching::new(
+            req,
+            (&members, &holders),
+            &held,
+            &done.target,
+            batch.clone(),
+        );
+        let fetched = self.fetch_all(with, wanted, interrupt, &mut one_more).await;
+        // What was hashed here and what was written, for the next run (even if this one failed).
+        if let Some(walked) = walked {
+            let (folder, linked) = (done.target.clone(), batch.take_linked());
+            let note = move || walked.save(&folder, linked);
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(note).await {
+                tracing::debug!("the index of hashes was not written: {e}");
+            }
+        }
+        let mut files = fetched?;
         files.extend(here.into_iter().map(|e| (e, EntryFetched::present())));
         files.sort_by(|a, b| a.0.path.cmp(&b.0.path));
         done.add(files);
@@ -370,7 +384,7 @@ impl Node {
         Ok(files)
     }
 
-    /// The small files of each of `peers` by content, from their whole trees (a peer that does
+    /// The files of each of `peers` by content, from their whole trees (a peer that does
     /// not answer holds nothing).
     async fn holders(&self, peers: &[PeerId]) -> Holders {
         let lists = join_all(peers.iter().map(|peer| async move {
@@ -381,10 +395,8 @@ impl Node {
         (peers.iter().zip(lists))
             .filter_map(|(peer, files)| {
                 let files = files.ok()?;
-                let small = (files.into_iter())
-                    .filter(|f| f.size <= SMALL_FILE)
-                    .map(|f| (f.blake3, f.name));
-                Some((peer.clone(), small.collect()))
+                let held = files.into_iter().map(|f| (f.blake3, f.name));
+                Some((peer.clone(), held.collect()))
             })
             .collect()
     }
@@ -471,18 +483,26 @@ impl Node {
             _ => {}
         }
         let req = with.req;
+        // Peers outside the version that hold this content elsewhere serve its chunks too.
+        let mut asking = Asking::new(self);
+        let mut peers = with.members.to_vec();
+        for (peer, files) in with.holders {
+            if let Some(at) = files.get(&entry.blake3) {
+                asking.aliases.insert(peer.clone(), at.clone());
+                peers.push(peer.clone());
+            }
+        }
         let plan = Plan {
             name: FilePath::new(format!("{}/{}", req.name, entry.path))?,
             target,
-            peers: with.members.to_vec(),
+            peers,
             blake3: Some(entry.blake3),
             window: req.window,
             update: req.update,
             offer_as: None,
         };
         let _permit = with.sessions.acquire().await?;
-        let fetched =
-            session::download(&Asking { node: self }, &plan, with.stop.cancelled(), |_| {}).await?;
+        let fetched = session::download(&asking, &plan, with.stop.cancelled(), |_| {}).await?;
         got.wire_bytes = fetched.wire_bytes;
         got.reused_bytes = fetched.reused_bytes;
         let sources = fetched.report.iter().flat_map(|r| &r.sources);

@@ -16,7 +16,7 @@ use crate::model::folder::{self, Entry};
 use crate::model::manifest::{FilePath, Hash32, hex};
 use crate::model::peers::PeerId;
 use crate::net::client::{Client, ClientError};
-use crate::store::Seen;
+use crate::store::{Seen, Walked};
 use crate::wire::exchange::Level;
 use crate::wire::protocol::ErrorKind;
 
@@ -32,8 +32,8 @@ pub(super) struct Found {
     pub others: Vec<PeerId>,
     /// Peers that take no part, and why.
     pub left_out: Vec<(PeerId, String)>,
-    /// The files at the target now, by path (each hashed once).
-    pub local: Vec<Entry>,
+    /// The files at the target now, by path (each hashed once, or known from the index).
+    pub local: Walked,
 }
 
 impl Node {
@@ -50,8 +50,8 @@ impl Node {
         if peers.is_empty() {
             bail!("no peer to download {name}/ from");
         }
-        let folder = target.to_owned();
-        let local = tokio::task::spawn_blocking(move || walk_local(&folder));
+        let (root, folder) = (self.served_dir(), target.to_owned());
+        let local = tokio::task::spawn_blocking(move || crate::store::walk_hashed(&root, &folder));
         let answers = join_all(peers.iter().map(|entry| async move {
             let client = self.client(entry).await?;
             if !client.has_folders() {
@@ -109,7 +109,7 @@ impl Node {
         // From the first member that answers in full and agrees with the version.
         let mut entries = None;
         for (_, client, level) in &members {
-            if let Ok(Some(found)) = descend(client, name, level.clone(), &local).await
+            if let Ok(Some(found)) = descend(client, name, level.clone(), &local.entries).await
                 && folder::version(&found) == chosen
             {
                 entries = Some(found);
@@ -170,50 +170,6 @@ async fn descend(
     }
     entries.sort();
     Ok(Some(entries))
-}
-
-/// The regular files under `folder` (hidden entries and symlinks skipped, as a served tree),
-/// each hashed, by path inside it; many on two threads.
-fn walk_local(folder: &Path) -> Vec<Entry> {
-    let walker = crate::store::walk_tree(folder);
-    let mut paths: Vec<FilePath> = walker
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_some_and(|t| t.is_file()))
-        .filter_map(|e| {
-            let rel = e.path().strip_prefix(folder).ok()?.to_str()?;
-            FilePath::new(rel).ok()
-        })
-        .collect();
-    let hash = |paths: Vec<FilePath>| -> Vec<Entry> {
-        paths
-            .into_iter()
-            .filter_map(|path| {
-                let seen = Seen::of(&folder.join(path.as_str())).ok()??;
-                let size = std::fs::symlink_metadata(folder.join(path.as_str()))
-                    .ok()?
-                    .len();
-                Some(Entry {
-                    path,
-                    size,
-                    blake3: seen.blake3,
-                })
-            })
-            .collect()
-    };
-    let mut entries = if paths.len() < 64 {
-        hash(paths)
-    } else {
-        let second = paths.split_off(paths.len() / 2);
-        let (mut a, b) = std::thread::scope(|s| {
-            let b = s.spawn(|| hash(second));
-            (hash(paths), b.join())
-        });
-        // A thread that failed leaves its files unknown here: they are fetched or compared anew.
-        a.extend(b.unwrap_or_default());
-        a
-    };
-    entries.sort();
-    entries
 }
 
 /// The entries of the version already at `folder` (as `local` saw it), those missing there, and

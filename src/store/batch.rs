@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::unix::{link_descriptor, open_temp};
-use super::{Committed, Seen, StoreError};
+use super::{Committed, FileKey, Seen, StoreError};
 use crate::model::manifest::Hash32;
 
 /// Files staged before a batch is committed (each holds a descriptor until then).
@@ -33,6 +33,8 @@ struct Staged {
 pub struct Batch {
     staged: Mutex<(Vec<Staged>, u64)>,
     count: AtomicU64,
+    /// Each file linked under its name: its path, its identity right after, its BLAKE3.
+    linked: Mutex<Vec<(PathBuf, FileKey, Hash32)>>,
 }
 
 impl Batch {
@@ -80,15 +82,23 @@ impl Batch {
         flush(&first.file, &first.temp)?;
         let mut done = Vec::with_capacity(staged.len());
         let mut failed = None;
+        let mut linked = Vec::with_capacity(staged.len());
         for s in staged {
-            if failed.is_none() {
-                match link(&s) {
-                    Ok(c) => done.push((s.target.clone(), c)),
-                    Err(e) => failed = Some(e),
-                }
-            }
+            let outcome = failed.is_none().then(|| link(&s));
             let _ = std::fs::remove_file(&s.temp);
+            match outcome {
+                Some(Ok(c)) => {
+                    // Its identity once the temporary name is gone (that changes its ctime).
+                    if let (Committed::Stored, Ok(m)) = (c, s.file.metadata()) {
+                        linked.push((s.target.clone(), FileKey::of(&m), s.blake3));
+                    }
+                    done.push((s.target.clone(), c));
+                }
+                Some(Err(e)) => failed = Some(e),
+                None => {}
+            }
         }
+        (self.linked.lock().unwrap_or_else(|e| e.into_inner())).append(&mut linked);
         if let Some(e) = failed {
             return Err(e);
         }
@@ -101,6 +111,13 @@ impl Batch {
     }
 }
 
+impl Batch {
+    /// The files linked so far (path, identity right after, BLAKE3), taken.
+    pub fn take_linked(&self) -> Vec<(PathBuf, FileKey, Hash32)> {
+        std::mem::take(&mut self.linked.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
 impl Drop for Batch {
     fn drop(&mut self) {
         // Never committed: their temporary files go.
@@ -109,6 +126,27 @@ impl Drop for Batch {
             let _ = std::fs::remove_file(&s.temp);
         }
     }
+}
+
+/// Whether `name` is a file a batch staged in a process that is gone (killed before it could
+/// commit or remove it): litter, to be removed.
+pub(super) fn stale_staged(name: &str) -> bool {
+    let Some(rest) = name
+        .strip_prefix('.')
+        .and_then(|n| n.strip_suffix(".staged"))
+    else {
+        return false;
+    };
+    let pid = rest.rsplit('.').next().and_then(|t| t.split('-').next());
+    let Some(pid) = pid.and_then(|p| p.parse::<i32>().ok()) else {
+        return false;
+    };
+    if pid <= 0 || pid as u32 == std::process::id() {
+        return false;
+    }
+    // SAFETY: signal 0 only asks whether the process exists.
+    let gone = unsafe { libc::kill(pid, 0) } != 0;
+    gone && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
 }
 
 /// Flushes the whole file system `file` is on.

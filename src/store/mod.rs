@@ -16,6 +16,7 @@
 
 mod batch;
 mod displaced;
+mod hashes;
 pub mod held;
 mod listing;
 mod offered;
@@ -30,6 +31,7 @@ pub use batch::Batch;
 pub use displaced::{
     DISPLACED_DIR, DISPLACED_KEPT, DISPLACED_MAX_BYTES, DISPLACED_MAX_FILES, displace,
 };
+pub use hashes::{HASHES_FILE, Walked, walk_hashed};
 use offered::{Damaged, HeldCache};
 pub use offered::{Held, download_tag};
 pub use partial::{Check, Committed, PartialFile, Seen};
@@ -203,7 +205,7 @@ impl StoreError {
 
 /// What identifies one version of a file on disk (size, mtime, ctime, inode, device), for the
 /// caches and to notice a change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct FileKey {
     size: u64,
     mtime: (i64, i64),
@@ -233,12 +235,17 @@ impl FileKey {
 /// A walk of the tree under `dir` as a served tree is read: hidden entries skipped, symlinks
 /// never followed, no deeper than a path may go.
 pub fn walk_tree(dir: &Path) -> ignore::Walk {
-    ignore::WalkBuilder::new(dir)
+    tree_walker(dir).build()
+}
+
+fn tree_walker(dir: &Path) -> ignore::WalkBuilder {
+    let mut walker = ignore::WalkBuilder::new(dir);
+    walker
         .standard_filters(false)
         .hidden(true)
         .follow_links(false)
-        .max_depth(Some(crate::model::name::MAX_PATH_DEPTH))
-        .build()
+        .max_depth(Some(crate::model::name::MAX_PATH_DEPTH));
+    walker
 }
 
 /// Whether `rules` hide `path` or a folder it is in.

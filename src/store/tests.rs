@@ -543,3 +543,81 @@ fn a_batch_shows_its_files_only_when_it_commits_and_never_replaces_one() {
     left.sort();
     assert_eq!(left, ["a", "b", "c"]);
 }
+
+/// A walk hashes what the index does not know unchanged: after a save, nothing is read again;
+/// a file rewritten with the same size and mtime is still noticed (its ctime moved), as is one
+/// written after being linked, and a damaged index only costs hashing.
+#[test]
+fn the_index_of_hashes_spares_reading_unchanged_files_only() {
+    let root = tempfile::tempdir().unwrap();
+    let folder = root.path().join("notes");
+    fs::create_dir_all(folder.join("a")).unwrap();
+    for i in 0..100 {
+        fs::write(folder.join(format!("a/n{i}.txt")), format!("note {i:03}")).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let first = walk_hashed(root.path(), &folder);
+    assert_eq!((first.entries.len(), first.hashed()), (100, 100));
+    first.save(&folder, Vec::new()).unwrap();
+    assert_eq!(walk_hashed(root.path(), &folder).hashed(), 0);
+
+    // Same size, mtime put back: only the ctime tells.
+    let edited = folder.join("a/n7.txt");
+    let mtime = fs::metadata(&edited).unwrap().modified().unwrap();
+    fs::write(&edited, "note 999").unwrap();
+    File::options()
+        .write(true)
+        .open(&edited)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let again = walk_hashed(root.path(), &folder);
+    assert_eq!(again.hashed(), 1);
+    let e = again.entries.iter().find(|e| e.path.as_str() == "a/n7.txt");
+    assert_eq!(e.unwrap().blake3, *blake3::hash(b"note 999").as_bytes());
+
+    // A file linked by a download, then changed before the save: not recorded.
+    let linked = folder.join("a/new.txt");
+    fs::write(&linked, "first").unwrap();
+    let key = FileKey::of(&fs::symlink_metadata(&linked).unwrap());
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    fs::write(&linked, "other").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let b3 = *blake3::hash(b"first").as_bytes();
+    again
+        .save(&folder, vec![(linked.clone(), key, b3)])
+        .unwrap();
+    let after = walk_hashed(root.path(), &folder);
+    assert_eq!(
+        after.hashed(),
+        1,
+        "the changed file is read, the other 100 known"
+    );
+    let e = after
+        .entries
+        .iter()
+        .find(|e| e.path.as_str() == "a/new.txt");
+    assert_eq!(e.unwrap().blake3, *blake3::hash(b"other").as_bytes());
+
+    // What a killed download staged goes; what a live one stages stays.
+    let dead = folder.join("a/.n1.txt.4194303-7.staged");
+    let live = folder.join(format!("a/.n1.txt.{}-8.staged", std::process::id()));
+    let init = folder.join("a/.n2.txt.1-9.staged");
+    for f in [&dead, &live, &init] {
+        fs::write(f, "staged").unwrap();
+    }
+    walk_hashed(root.path(), &folder);
+    assert!(!dead.exists() && live.exists() && init.exists());
+
+    // Damaged: read as far as it goes, the rest hashed.
+    fs::write(root.path().join(HASHES_FILE), b"qnhash01\xff\xff\xff").unwrap();
+    let damaged = walk_hashed(root.path(), &folder);
+    assert_eq!((damaged.entries.len(), damaged.hashed()), (101, 101));
+    // A folder outside served_files has no index.
+    let outside = tempfile::tempdir().unwrap();
+    fs::write(outside.path().join("x"), "x").unwrap();
+    let w = walk_hashed(root.path(), outside.path());
+    w.save(outside.path(), Vec::new()).unwrap();
+    assert!(!outside.path().join(HASHES_FILE).exists());
+}
