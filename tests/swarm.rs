@@ -210,3 +210,47 @@ fn two_versions_in_a_crowd_never_mix() -> TestResult {
     );
     Ok(())
 }
+
+/// A crowd downloading a folder: its large file is swarmed as a single file is. Three peers
+/// fetch `big/` from a seeder held to 1 MiB/s, each serving what it has verified of the file
+/// to the others while it downloads.
+#[test]
+fn a_crowd_downloading_a_folder_swarms_its_large_files() -> TestResult {
+    let crowd = ["p2", "p3", "p4"];
+    let net = Net::new(&["p1", "p2", "p3", "p4"])?;
+    let data = random_bytes(3 << 20, 33);
+    std::fs::create_dir_all(net.served("p1").join("big"))?;
+    net.put("p1", "big/f.bin", &data)?;
+    let _seeder = net.serve("p1", &["--max-upload-rate", "1M"])?;
+    let _servers: Vec<_> = crowd
+        .iter()
+        .map(|p| net.serve(p, &[]))
+        .collect::<Result<_, _>>()?;
+    let downloads: Vec<_> = crowd
+        .iter()
+        .map(|p| net.spawn(p, &["download", "big/", "--json"]))
+        .collect::<Result<_, _>>()?;
+    let mut from_seeder = 0;
+    for (p, d) in crowd.iter().zip(downloads) {
+        let out = Out::of(d)?;
+        assert!(out.success(), "{out}");
+        assert_eq!(
+            b3(&std::fs::read(net.served(p).join("big/f.bin"))?),
+            b3(&data)
+        );
+        let json = out.json()?;
+        let others: Vec<&str> = crowd.iter().copied().filter(|o| o != p).collect();
+        let given: u64 = from(&json, &others).iter().sum();
+        assert!(
+            given > 0,
+            "{p} got nothing from the other downloaders: {json}"
+        );
+        from_seeder += share(&json, "p1");
+    }
+    assert!(
+        from_seeder < 2 * data.len() as u64,
+        "the seeder sent {from_seeder} bytes, {:.1} copies",
+        from_seeder as f64 / data.len() as f64
+    );
+    Ok(())
+}

@@ -156,6 +156,9 @@ struct Fetching<'a> {
     members: &'a [PeerId],
     /// Peers outside the version that hold some of its small files elsewhere.
     holders: &'a Holders,
+    /// Peers that answered without serving the version: one may start downloading a large file
+    /// of it too (a crowd), and then serves what it has of it.
+    others: &'a [PeerId],
     held: &'a HashMap<Hash32, PathBuf>,
     folder: &'a Path,
     /// Told to stop as a whole (interrupted, or one file failed): each file in flight stops and
@@ -180,7 +183,7 @@ struct EntryFetched {
 impl<'a> Fetching<'a> {
     fn new(
         req: &'a DownloadRequest,
-        (members, holders): (&'a [PeerId], &'a Holders),
+        (members, holders, others): (&'a [PeerId], &'a Holders, &'a [PeerId]),
         held: &'a HashMap<Hash32, PathBuf>,
         folder: &'a Path,
         batch: Arc<Batch>,
@@ -192,6 +195,7 @@ impl<'a> Fetching<'a> {
             req,
             members,
             holders,
+            others,
             held,
             folder,
             stop: Default::default(),
@@ -299,10 +303,11 @@ impl Node {
             false => self.held_by_content(missing.iter().map(|e| e.size).collect())?,
         };
         let wanted = missing.into_iter().chain(differ).collect();
-        let batch = Arc::new(Batch::default());
+        let journal = walked.as_ref().and_then(|w| w.journal());
+        let batch = Arc::new(Batch::noting(journal, &self.served_dir()));
         let with = Fetching::new(
             req,
-            (&members, &holders),
+            (&members, &holders, &others),
             &held,
             &done.target,
             batch.clone(),
@@ -310,8 +315,7 @@ impl Node {
         let fetched = self.fetch_all(with, wanted, interrupt, &mut one_more).await;
         // What was hashed here and what was written, for the next run (even if this one failed).
         if let Some(walked) = walked {
-            let (folder, linked) = (done.target.clone(), batch.take_linked());
-            let note = move || walked.save(&folder, linked);
+            let note = move || walked.save();
             if let Ok(Err(e)) = tokio::task::spawn_blocking(note).await {
                 tracing::debug!("the index of hashes was not written: {e}");
             }
@@ -492,6 +496,11 @@ impl Node {
                 peers.push(peer.clone());
             }
         }
+        let joining = with
+            .others
+            .iter()
+            .filter(|p| !asking.aliases.contains_key(*p));
+        peers.extend(joining.cloned());
         let plan = Plan {
             name: FilePath::new(format!("{}/{}", req.name, entry.path))?,
             target,
@@ -499,7 +508,9 @@ impl Node {
             blake3: Some(entry.blake3),
             window: req.window,
             update: req.update,
-            offer_as: None,
+            // In our served_files, what verifies is offered to the crowd as it arrives.
+            offer_as: (folder == self.served_dir().join(req.name.as_str()))
+                .then(|| self.me.clone()),
         };
         let _permit = with.sessions.acquire().await?;
         let fetched = session::download(&asking, &plan, with.stop.cancelled(), |_| {}).await?;

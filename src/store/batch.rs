@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::hashes::Journal;
 use super::unix::{link_descriptor, open_temp};
 use super::{Committed, FileKey, Seen, StoreError};
 use crate::model::manifest::Hash32;
@@ -33,8 +34,9 @@ struct Staged {
 pub struct Batch {
     staged: Mutex<(Vec<Staged>, u64)>,
     count: AtomicU64,
-    /// Each file linked under its name: its path, its identity right after, its BLAKE3.
-    linked: Mutex<Vec<(PathBuf, FileKey, Hash32)>>,
+    /// Where each file linked under its name is noted (its path, identity right after, BLAKE3),
+    /// for the index of hashes.
+    journal: Option<Mutex<Journal>>,
 }
 
 impl Batch {
@@ -82,15 +84,21 @@ impl Batch {
         flush(&first.file, &first.temp)?;
         let mut done = Vec::with_capacity(staged.len());
         let mut failed = None;
-        let mut linked = Vec::with_capacity(staged.len());
+        let mut journal = self
+            .journal
+            .as_ref()
+            .map(|j| j.lock().unwrap_or_else(|e| e.into_inner()));
         for s in staged {
             let outcome = failed.is_none().then(|| link(&s));
             let _ = std::fs::remove_file(&s.temp);
             match outcome {
                 Some(Ok(c)) => {
                     // Its identity once the temporary name is gone (that changes its ctime).
-                    if let (Committed::Stored, Ok(m)) = (c, s.file.metadata()) {
-                        linked.push((s.target.clone(), FileKey::of(&m), s.blake3));
+                    if let (Committed::Stored, Ok(m), Some(j)) =
+                        (c, s.file.metadata(), &mut journal)
+                    {
+                        // A note lost costs a hashing at the next run, nothing more.
+                        let _ = j.note(&s.target, FileKey::of(&m), s.blake3);
                     }
                     done.push((s.target.clone(), c));
                 }
@@ -98,7 +106,10 @@ impl Batch {
                 None => {}
             }
         }
-        (self.linked.lock().unwrap_or_else(|e| e.into_inner())).append(&mut linked);
+        if let Some(j) = &mut journal {
+            let _ = j.flush();
+        }
+        drop(journal);
         if let Some(e) = failed {
             return Err(e);
         }
@@ -112,9 +123,17 @@ impl Batch {
 }
 
 impl Batch {
-    /// The files linked so far (path, identity right after, BLAKE3), taken.
-    pub fn take_linked(&self) -> Vec<(PathBuf, FileKey, Hash32)> {
-        std::mem::take(&mut self.linked.lock().unwrap_or_else(|e| e.into_inner()))
+    /// A batch that notes each file it links in `journal` (see [`Walked::journal`]), paths
+    /// from `root`.
+    ///
+    /// [`Walked::journal`]: super::Walked::journal
+    pub fn noting(journal: Option<PathBuf>, root: &Path) -> Self {
+        let journal = journal.map(|j| Mutex::new(Journal::new(j, root.to_owned())));
+        Self {
+            staged: Mutex::default(),
+            count: AtomicU64::default(),
+            journal,
+        }
     }
 }
 
@@ -141,12 +160,7 @@ pub(super) fn stale_staged(name: &str) -> bool {
     let Some(pid) = pid.and_then(|p| p.parse::<i32>().ok()) else {
         return false;
     };
-    if pid <= 0 || pid as u32 == std::process::id() {
-        return false;
-    }
-    // SAFETY: signal 0 only asks whether the process exists.
-    let gone = unsafe { libc::kill(pid, 0) } != 0;
-    gone && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+    super::unix::process_gone(pid)
 }
 
 /// Flushes the whole file system `file` is on.

@@ -5,8 +5,9 @@
 //! It is a cache only: a missing, stale or damaged index means more hashing, never a wrong
 //! answer. A record is kept only for a file whose ctime was older than the look at it by more
 //! than a clock tick ([`SETTLED`]): a later write then always changes the ctime (as git treats
-//! "racily clean" entries). Records are sorted by path, read and written as a stream; the file is
-//! replaced whole (temporary file, rename), so a crash leaves the old index or the new one.
+//! "racily clean" entries). Records are read and written as a stream, in no order (of two for one
+//! path, the later counts); the file is replaced whole (temporary file, rename), so a crash leaves
+//! the old index or the new one.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -62,7 +63,10 @@ pub fn walk_hashed(root: &Path, folder: &Path) -> Walked {
     let began = SystemTime::now();
     let indexed = prefix_of(root, folder).map(|p| (root.to_owned(), p));
     let known = match &indexed {
-        Some((root, prefix)) => load(root, prefix),
+        Some((root, prefix)) => {
+            remove_litter(root);
+            load(root, prefix)
+        }
         None => HashMap::new(),
     };
     // Hidden entries are skipped as a served tree's are; the litter of a killed batch goes.
@@ -145,47 +149,98 @@ impl Walked {
         self.hashed
     }
 
-    /// Writes the index anew for this folder: what the walk saw, and the files `linked` since
-    /// (target path, identity when linked, BLAKE3) that are still as they were. Nothing is
-    /// written when the walk hashed nothing and nothing was linked. Errors are the caller's to
-    /// ignore: the index is a cache.
-    pub fn save(self, folder: &Path, linked: Vec<(PathBuf, FileKey, Hash32)>) -> io::Result<()> {
-        let Some((root, prefix)) = &self.indexed else {
+    /// Where a [`Batch`](super::Batch) notes each file it links, for [`save`](Self::save) to
+    /// take in (a file, not memory: a folder may have 100,000 files); `None` without an index.
+    pub fn journal(&self) -> Option<PathBuf> {
+        let (root, _) = self.indexed.as_ref()?;
+        Some(root.join(format!("{HASHES_FILE}.{}.linked", std::process::id())))
+    }
+
+    /// Writes the index anew for this folder: what the walk saw, then the files the journal says
+    /// were linked since that are still as they were (later records win). Nothing is written
+    /// when the walk hashed nothing and nothing was linked. Errors are the caller's to ignore:
+    /// the index is a cache. Written as a stream: no copy of the records in memory.
+    pub fn save(self) -> io::Result<()> {
+        let (Some((root, prefix)), Some(journal)) = (&self.indexed, self.journal()) else {
             return Ok(());
         };
-        if self.hashed == 0 && linked.is_empty() {
+        let linked = fs::metadata(&journal).is_ok_and(|m| m.len() > MAGIC.len() as u64);
+        if self.hashed == 0 && !linked {
+            let _ = fs::remove_file(&journal);
             return Ok(());
         }
-        let settled = |key: &FileKey, at: SystemTime| {
-            let ctime = SystemTime::UNIX_EPOCH
-                + Duration::new(
-                    key.ctime.0.max(0) as u64,
-                    key.ctime.1.clamp(0, 999_999_999) as u32,
-                );
-            ctime + SETTLED < at
-        };
-        let mut fresh: HashMap<String, (FileKey, Hash32)> = HashMap::new();
-        for (entry, key) in self.entries.iter().zip(&self.keys) {
-            if settled(key, self.began) {
-                fresh.insert(format!("{prefix}{}", entry.path), (*key, entry.blake3));
-            }
-        }
+        let began = self.began;
+        let walked = (self.entries.iter().zip(&self.keys))
+            .filter(|(_, key)| settled(key, began))
+            .map(|(e, key)| Record {
+                path: format!("{prefix}{}", e.path),
+                key: *key,
+                blake3: e.blake3,
+            });
         let now = SystemTime::now();
-        for (target, key, blake3) in linked {
-            let Ok(rel) = target.strip_prefix(folder) else {
-                continue;
-            };
-            let Some(rel) = rel.to_str() else { continue };
-            let same = fs::symlink_metadata(&target).is_ok_and(|m| FileKey::of(&m) == key);
-            if same && settled(&key, now) {
-                fresh.insert(format!("{prefix}{rel}"), (key, blake3));
-            }
+        let linked = records(&journal).filter(|r| {
+            let at = root.join(&r.path);
+            let same = fs::symlink_metadata(at).is_ok_and(|m| FileKey::of(&m) == r.key);
+            same && settled(&r.key, now) && r.path.starts_with(prefix.as_str())
+        });
+        let written = write(root, prefix, walked.chain(linked));
+        let _ = fs::remove_file(&journal);
+        written
+    }
+}
+
+/// Whether a file of identity `key`, looked at `at`, had been still long enough before.
+fn settled(key: &FileKey, at: SystemTime) -> bool {
+    let (secs, nanos) = (key.ctime.0.max(0) as u64, key.ctime.1.clamp(0, 999_999_999));
+    SystemTime::UNIX_EPOCH + Duration::new(secs, nanos as u32) + SETTLED < at
+}
+
+/// Appends records to a journal (made when the first comes).
+pub(super) struct Journal {
+    path: PathBuf,
+    /// The folder the records' paths start from (`served_files`).
+    root: PathBuf,
+    out: Option<BufWriter<File>>,
+}
+
+impl Journal {
+    pub(super) fn new(path: PathBuf, root: PathBuf) -> Self {
+        Self {
+            path,
+            root,
+            out: None,
         }
-        let mut fresh: Vec<Record> = (fresh.into_iter())
-            .map(|(path, (key, blake3))| Record { path, key, blake3 })
-            .collect();
-        fresh.sort_by(|a, b| a.path.cmp(&b.path));
-        write(root, prefix, fresh)
+    }
+
+    /// Notes that `target` (under the root) was linked as `key`, with content `blake3`.
+    pub(super) fn note(&mut self, target: &Path, key: FileKey, blake3: Hash32) -> io::Result<()> {
+        let Some(path) = target
+            .strip_prefix(&self.root)
+            .ok()
+            .and_then(|p| p.to_str())
+        else {
+            return Ok(());
+        };
+        let out = match &mut self.out {
+            Some(out) => out,
+            None => {
+                let mut out = BufWriter::new(File::create(&self.path)?);
+                out.write_all(&MAGIC)?;
+                self.out.insert(out)
+            }
+        };
+        let record = Record {
+            path: path.to_owned(),
+            key,
+            blake3,
+        };
+        postcard::to_io(&record, out)
+            .map(|_| ())
+            .map_err(io::Error::other)
+    }
+
+    pub(super) fn flush(&mut self) -> io::Result<()> {
+        self.out.as_mut().map_or(Ok(()), |o| o.flush())
     }
 }
 
@@ -201,9 +256,31 @@ fn prefix_of(root: &Path, folder: &Path) -> Option<String> {
     })
 }
 
-/// The records of the index at `root` in order, until its end or the first damaged one.
-fn records(root: &Path) -> impl Iterator<Item = Record> {
-    let mut reader = File::open(root.join(HASHES_FILE)).ok().map(BufReader::new);
+/// Removes the journals and temporary indexes of processes that are gone (killed mid-run).
+fn remove_litter(root: &Path) {
+    let Ok(entries) = fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(HASHES_FILE)) else {
+            continue;
+        };
+        let pid = (rest
+            .strip_suffix(".linked")
+            .or_else(|| rest.strip_suffix(".tmp")))
+        .and_then(|r| r.strip_prefix('.'))
+        .and_then(|p| p.parse::<i32>().ok());
+        if pid.is_some_and(super::unix::process_gone) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// The records of the index (or journal) `file` in order, until its end or the first damaged
+/// one.
+fn records(file: &Path) -> impl Iterator<Item = Record> {
+    let mut reader = File::open(file).ok().map(BufReader::new);
     if let Some(r) = reader.as_mut() {
         let mut magic = [0u8; 8];
         if io::Read::read_exact(r, &mut magic).is_err() || magic != MAGIC {
@@ -223,9 +300,9 @@ fn records(root: &Path) -> impl Iterator<Item = Record> {
     })
 }
 
-/// The records under `prefix`, by their path inside it.
+/// The records under `prefix`, by their path inside it (of two for one path, the later).
 fn load(root: &Path, prefix: &str) -> HashMap<String, (FileKey, Hash32)> {
-    records(root)
+    records(&root.join(HASHES_FILE))
         .filter_map(|r| {
             let rel = r.path.strip_prefix(prefix)?.to_owned();
             Some((rel, (r.key, r.blake3)))
@@ -233,22 +310,19 @@ fn load(root: &Path, prefix: &str) -> HashMap<String, (FileKey, Hash32)> {
         .collect()
 }
 
-/// Replaces the records under `prefix` by `fresh` (sorted by path), keeping the others.
-fn write(root: &Path, prefix: &str, fresh: Vec<Record>) -> io::Result<()> {
+/// Replaces the records under `prefix` by `fresh`, keeping the others.
+fn write(root: &Path, prefix: &str, fresh: impl Iterator<Item = Record>) -> io::Result<()> {
     let temp = root.join(format!("{HASHES_FILE}.{}.tmp", std::process::id()));
     let written = (|| {
         let mut out = BufWriter::new(File::create(&temp)?);
         out.write_all(&MAGIC)?;
-        let mut fresh = fresh.into_iter().peekable();
         let put = |out: &mut BufWriter<File>, r: &Record| {
             postcard::to_io(r, &mut *out)
                 .map(|_| ())
                 .map_err(io::Error::other)
         };
-        for old in records(root).filter(|r| !r.path.starts_with(prefix)) {
-            while let Some(r) = fresh.next_if(|r| r.path < old.path) {
-                put(&mut out, &r)?;
-            }
+        let index = root.join(HASHES_FILE);
+        for old in records(&index).filter(|r| !r.path.starts_with(prefix)) {
             put(&mut out, &old)?;
         }
         for r in fresh {

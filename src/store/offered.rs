@@ -133,44 +133,91 @@ pub fn download_tag(blake3: &Hash32) -> String {
 }
 
 /// The name and tag of a sidecar's file name, `.<name>.<tag>.held`.
-fn held_name(file_name: &str) -> Option<(FilePath, &str)> {
+fn held_name(file_name: &str) -> Option<(&str, &str)> {
     let inner = file_name
         .strip_prefix('.')?
         .strip_suffix(&format!(".{}", held::EXTENSION))?;
     let (name, tag) = inner.rsplit_once('.')?;
     let hex_tag = tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit());
-    Some((FilePath::new(name).ok()?, tag)).filter(|_| hex_tag)
+    Some((name, tag)).filter(|_| hex_tag)
+}
+
+/// The folder of `name` beneath `dir` (opened following no symlink on the way: its files are
+/// reached through this descriptor), where a download of it keeps its files, and its path
+/// there; `None` if there is no such folder.
+fn beside(dir: &Path, name: &FilePath) -> Result<Option<(File, PathBuf)>, StoreError> {
+    let folder = name.as_str().rsplit_once('/').map_or("", |(f, _)| f);
+    match open_folder_beneath(dir, folder) {
+        Ok(f) => Ok(Some((f, dir.join(folder)))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound || not_a_folder(&e) || not_regular(&e) => {
+            Ok(None)
+        }
+        Err(e) => Err(StoreError::io("opening", &dir.join(folder), e)),
+    }
+}
+
+/// The last component of `name`.
+fn base_of(name: &FilePath) -> &str {
+    name.as_str()
+        .rsplit_once('/')
+        .map_or(name.as_str(), |(_, b)| b)
 }
 
 impl Store {
     /// What the download of version `blake3` of `name` in progress here holds, if there is one.
     pub fn held(&self, name: &FilePath, blake3: &Hash32) -> Result<Option<Held>, StoreError> {
-        let file = format!(".{name}.{}.{}", download_tag(blake3), held::EXTENSION);
-        self.held_at(&self.dir.join(file), name)
+        let Some((folder, at)) = beside(&self.dir, name)? else {
+            return Ok(None);
+        };
+        let file = format!(
+            ".{}.{}.{}",
+            base_of(name),
+            download_tag(blake3),
+            held::EXTENSION
+        );
+        self.held_at(&fd_path(&folder), &at, &file, name)
     }
 
     /// The download of `name` in progress here (the one changed last, if there are several
     /// versions), if there is one.
     pub fn held_any(&self, name: &FilePath) -> Result<Option<Held>, StoreError> {
-        Ok(self
-            .held_all()?
-            .into_iter()
-            .filter(|(n, _)| n == name)
-            .max_by_key(|(_, held)| held.changed)
-            .map(|(_, held)| held))
+        let Some((folder, at)) = beside(&self.dir, name)? else {
+            return Ok(None);
+        };
+        let open_at = fd_path(&folder);
+        let entries = fs::read_dir(&open_at).map_err(|e| StoreError::io("listing", &at, e))?;
+        let mut found: Option<Held> = None;
+        for entry in entries.flatten() {
+            let file_name = entry.file_name();
+            let Some(file) = file_name.to_str() else {
+                continue;
+            };
+            if held_name(file).is_none_or(|(n, _)| n != base_of(name)) {
+                continue;
+            }
+            if let Some(held) = self.held_at(&open_at, &at, file, name)?
+                && found.as_ref().is_none_or(|f| f.changed < held.changed)
+            {
+                found = Some(held);
+            }
+        }
+        Ok(found)
     }
 
-    /// Every download in progress here, by name.
+    /// Every download in progress here at the top of `served_files`, by name.
     pub fn held_all(&self) -> Result<Vec<(FilePath, Held)>, StoreError> {
         let entries =
             fs::read_dir(&self.dir).map_err(|e| StoreError::io("listing", &self.dir, e))?;
         let mut out = Vec::new();
         for entry in entries.flatten() {
             let file_name = entry.file_name();
-            let Some((name, _)) = file_name.to_str().and_then(held_name) else {
+            let Some(file) = file_name.to_str() else {
                 continue;
             };
-            if let Some(held) = self.held_at(&entry.path(), &name)? {
+            let Some(name) = held_name(file).and_then(|(n, _)| FilePath::new(n).ok()) else {
+                continue;
+            };
+            if let Some(held) = self.held_at(&self.dir, &self.dir, file, &name)? {
                 out.push((name, held));
             }
         }
@@ -182,11 +229,15 @@ impl Store {
     /// after its version, beside a temporary file of the right size.
     pub(super) fn held_at(
         &self,
-        sidecar: &Path,
+        open_at: &Path,
+        folder: &Path,
+        file: &str,
         name: &FilePath,
     ) -> Result<Option<Held>, StoreError> {
+        // Opened through `open_at` (the folder's descriptor), cached by its path.
+        let sidecar = &folder.join(file);
         let io = |e| StoreError::io("reading", sidecar, e);
-        let Some(opened) = held::open(sidecar).map_err(io)? else {
+        let Some(opened) = held::open(&open_at.join(file)).map_err(io)? else {
             return Ok(None);
         };
         let cached = self.lock_held().get(sidecar, opened.id);
@@ -207,9 +258,8 @@ impl Store {
             }
         };
         let tag = download_tag(&manifest.blake3());
-        let named = held_name(&sidecar.file_name().unwrap_or_default().to_string_lossy())
-            .is_some_and(|(n, t)| n == *name && t == tag);
-        let part = sidecar.with_extension("part");
+        let named = held_name(file).is_some_and(|(n, t)| n == base_of(name) && t == tag);
+        let part = open_at.join(file).with_extension("part");
         let beside =
             fs::symlink_metadata(&part).is_ok_and(|m| m.is_file() && m.len() == manifest.size());
         if !named || !beside {
@@ -271,11 +321,14 @@ impl Store {
         if let Some(i) = (first..last).find(|&i| !held.chunks.contains(i as u32)) {
             return Err(not_held(i));
         }
-        let part = self
-            .dir
-            .join(format!(".{name}.{}.part", download_tag(blake3)));
+        let Some((folder, at)) = beside(&self.dir, name)? else {
+            return Err(not_held(first));
+        };
+        let part_name = format!(".{}.{}.part", base_of(name), download_tag(blake3));
+        // Known damage is remembered by the part's path, not the descriptor's.
+        let part = at.join(&part_name);
         let io = |e| StoreError::io("reading", &part, e);
-        let file = match open_nofollow(&part) {
+        let file = match open_nofollow(&fd_path(&folder).join(&part_name)) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound || not_regular(&e) => {
                 return Err(not_held(first));

@@ -558,7 +558,7 @@ fn the_index_of_hashes_spares_reading_unchanged_files_only() {
     std::thread::sleep(std::time::Duration::from_millis(150));
     let first = walk_hashed(root.path(), &folder);
     assert_eq!((first.entries.len(), first.hashed()), (100, 100));
-    first.save(&folder, Vec::new()).unwrap();
+    first.save().unwrap();
     assert_eq!(walk_hashed(root.path(), &folder).hashed(), 0);
 
     // Same size, mtime put back: only the ctime tells.
@@ -577,28 +577,35 @@ fn the_index_of_hashes_spares_reading_unchanged_files_only() {
     let e = again.entries.iter().find(|e| e.path.as_str() == "a/n7.txt");
     assert_eq!(e.unwrap().blake3, *blake3::hash(b"note 999").as_bytes());
 
-    // A file linked by a download, then changed before the save: not recorded.
-    let linked = folder.join("a/new.txt");
-    fs::write(&linked, "first").unwrap();
-    let key = FileKey::of(&fs::symlink_metadata(&linked).unwrap());
+    // Files linked by a download are noted; one changed before the save is not recorded.
+    let batch = Batch::noting(again.journal(), root.path());
+    let (linked, kept) = (folder.join("a/new.txt"), folder.join("a/kept.txt"));
+    for (f, data) in [(&linked, "first"), (&kept, "kept")] {
+        let b3 = *blake3::hash(data.as_bytes()).as_bytes();
+        batch.stage(f, data.as_bytes(), b3).unwrap();
+    }
+    batch.commit().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(150));
     fs::write(&linked, "other").unwrap();
     std::thread::sleep(std::time::Duration::from_millis(150));
-    let b3 = *blake3::hash(b"first").as_bytes();
-    again
-        .save(&folder, vec![(linked.clone(), key, b3)])
-        .unwrap();
+    again.save().unwrap();
     let after = walk_hashed(root.path(), &folder);
     assert_eq!(
         after.hashed(),
         1,
-        "the changed file is read, the other 100 known"
+        "the changed file is read, the other 101 known"
     );
     let e = after
         .entries
         .iter()
         .find(|e| e.path.as_str() == "a/new.txt");
     assert_eq!(e.unwrap().blake3, *blake3::hash(b"other").as_bytes());
+    assert!(
+        !root
+            .path()
+            .join(format!("{HASHES_FILE}.{}.linked", std::process::id()))
+            .exists()
+    );
 
     // What a killed download staged goes; what a live one stages stays.
     let dead = folder.join("a/.n1.txt.4194303-7.staged");
@@ -613,11 +620,12 @@ fn the_index_of_hashes_spares_reading_unchanged_files_only() {
     // Damaged: read as far as it goes, the rest hashed.
     fs::write(root.path().join(HASHES_FILE), b"qnhash01\xff\xff\xff").unwrap();
     let damaged = walk_hashed(root.path(), &folder);
-    assert_eq!((damaged.entries.len(), damaged.hashed()), (101, 101));
+    assert_eq!((damaged.entries.len(), damaged.hashed()), (102, 102));
     // A folder outside served_files has no index.
     let outside = tempfile::tempdir().unwrap();
     fs::write(outside.path().join("x"), "x").unwrap();
     let w = walk_hashed(root.path(), outside.path());
-    w.save(outside.path(), Vec::new()).unwrap();
+    assert!(w.journal().is_none());
+    w.save().unwrap();
     assert!(!outside.path().join(HASHES_FILE).exists());
 }

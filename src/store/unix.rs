@@ -179,6 +179,16 @@ pub(super) fn open_beneath(root: &Path, rel: &FilePath) -> io::Result<File> {
     Err(io::Error::from(io::ErrorKind::NotFound))
 }
 
+/// Opens the folder `rel` (components separated by `/`; empty for `root` itself) beneath
+/// `root`, following no symlink at any depth.
+pub(super) fn open_folder_beneath(root: &Path, rel: &str) -> io::Result<File> {
+    let mut folder = open_root(root)?;
+    for component in rel.split('/').filter(|c| !c.is_empty()) {
+        folder = open_dir_nofollow(fd_of(&folder), &c_name(component)?)?;
+    }
+    Ok(folder)
+}
+
 /// Creates the folders of `rel` (every component, none may be a symlink) beneath `root`, which
 /// must exist. A component that exists as anything but a real folder is an error.
 pub(super) fn make_folders_beneath(root: &Path, rel: &str) -> io::Result<()> {
@@ -232,4 +242,14 @@ fn owned(fd: libc::c_int) -> io::Result<File> {
 
 fn c_name(component: &str) -> io::Result<std::ffi::CString> {
     std::ffi::CString::new(component).map_err(|_| io::Error::other("NUL in a name"))
+}
+
+/// Whether process `pid` (not ours) no longer exists: what it left behind is litter.
+pub(super) fn process_gone(pid: i32) -> bool {
+    if pid <= 0 || pid as u32 == std::process::id() {
+        return false;
+    }
+    // SAFETY: signal 0 only asks whether the process exists.
+    let gone = unsafe { libc::kill(pid, 0) } != 0;
+    gone && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
 }
