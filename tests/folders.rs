@@ -560,3 +560,34 @@ fn a_peer_holding_a_large_file_elsewhere_serves_its_chunks() -> TestResult {
     );
     Ok(())
 }
+
+/// A folder with more files directly in it than one `Folder` answer carries (10,000) is still
+/// fetched whole: the level comes back cut and the client lists the peers' trees instead.
+#[test]
+fn a_level_too_large_for_one_answer_is_fetched_from_the_listing() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    let dir = net.served("p1").join("flat");
+    std::fs::create_dir_all(&dir)?;
+    let count = 10_001;
+    let content = |i: usize| match i % 1000 {
+        0 => format!("note {i}\n"),
+        _ => String::new(),
+    };
+    for i in 0..count {
+        std::fs::write(dir.join(format!("e{i:05}.txt")), content(i))?;
+    }
+    let _server = net.serve("p1", &[])?;
+    let json = net.json("p2", &["download", "flat/", "p1", "--json"])?;
+    assert_eq!(json["files"], count, "{}", json["status"]);
+    let got = net.served("p2").join("flat");
+    assert_eq!(std::fs::read_dir(&got)?.count(), count);
+    for i in (0..count).step_by(1000) {
+        let name = format!("e{i:05}.txt");
+        assert_eq!(
+            std::fs::read_to_string(got.join(&name))?,
+            content(i),
+            "{name}"
+        );
+    }
+    Ok(())
+}
