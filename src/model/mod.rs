@@ -6,3 +6,4 @@ pub mod folder;
 pub mod manifest;
 pub mod name;
 pub mod peers;
+pub mod vector;
