@@ -12,39 +12,7 @@
 //!   other is kept as `NAME.sync-conflict-YYYYMMDD-HHMMSS-PEER.EXT`, named after its own time
 //!   and peer, so every peer names it alike.
 
-use crate::model::manifest::Hash32;
-use crate::model::vector::{Order, Vector};
-
-/// One version of a file of a synced folder, as its index says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Version {
-    /// Its size in bytes (0 once deleted).
-    pub size: u64,
-    /// Its BLAKE3 (of no bytes once deleted).
-    pub blake3: Hash32,
-    /// Deleted: a tombstone.
-    pub deleted: bool,
-    /// Its version vector.
-    pub vector: Vector,
-    /// Its modification time, seconds since 1970.
-    pub modified: i64,
-    /// The peer that made it.
-    pub by: String,
-}
-
-impl Version {
-    /// Whether the two hold the same thing (the same bytes, or both nothing).
-    fn same_content(&self, other: &Self) -> bool {
-        (self.deleted && other.deleted)
-            || (!self.deleted && !other.deleted && self.blake3 == other.blake3)
-    }
-
-    /// Whether this one keeps the name against `other` in a conflict: the later modification,
-    /// on a tie the larger peer ID.
-    fn wins_over(&self, other: &Self) -> bool {
-        (self.modified, &self.by) > (other.modified, &other.by)
-    }
-}
+use crate::model::vector::{Order, Vector, Version};
 
 /// Which of the two.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,4 +1,4 @@
-//! Version vectors: for one file of a synced folder, a counter per peer that changed it (as
+//! Version vectors and file versions: for one file of a synced folder, a counter per peer that changed it (as
 //! Syncthing's `Vector`). A version whose vector is greater than or equal to another's, entry by
 //! entry, has seen every change the other has; two vectors each ahead somewhere are concurrent
 //! edits.
@@ -8,6 +8,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use super::manifest::Hash32;
 use super::peers::PeerId;
 
 /// Most peers a vector may name (more than a folder is ever synced with; a bound on what a
@@ -143,6 +144,37 @@ impl Vector {
     /// Its entries, by peer.
     pub fn entries(&self) -> &[(String, u64)] {
         &self.0
+    }
+}
+
+/// One version of a file of a synced folder, as its index says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Version {
+    /// Its size in bytes (0 once deleted).
+    pub size: u64,
+    /// Its BLAKE3 (of no bytes once deleted).
+    pub blake3: Hash32,
+    /// Deleted: a tombstone.
+    pub deleted: bool,
+    /// Its version vector.
+    pub vector: Vector,
+    /// Its modification time, seconds since 1970.
+    pub modified: i64,
+    /// The peer that made it.
+    pub by: String,
+}
+
+impl Version {
+    /// Whether the two hold the same thing (the same bytes, or both nothing).
+    pub fn same_content(&self, other: &Self) -> bool {
+        (self.deleted && other.deleted)
+            || (!self.deleted && !other.deleted && self.blake3 == other.blake3)
+    }
+
+    /// Whether this one keeps the name against `other` in a conflict: the later modification,
+    /// on a tie the larger peer ID.
+    pub fn wins_over(&self, other: &Self) -> bool {
+        (self.modified, &self.by) > (other.modified, &other.by)
     }
 }
 

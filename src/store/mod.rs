@@ -21,6 +21,7 @@ pub mod held;
 mod listing;
 mod offered;
 mod partial;
+pub mod synced;
 #[cfg(test)]
 mod tests;
 mod trees;
@@ -63,6 +64,9 @@ pub enum StoreError {
     /// A different file already has that name.
     #[error("a different file named {0} already exists")]
     Conflict(String),
+    /// A synced folder cannot be synced as it is (missing, unmarked, its index damaged).
+    #[error("{0}")]
+    Sync(String),
     /// `.qnodeignore` hides the path: not served, not stored.
     #[error("{0} is hidden by .qnodeignore here")]
     Ignored(FilePath),
@@ -140,6 +144,7 @@ impl Clone for StoreError {
         match self {
             Self::NotFound(n) => Self::NotFound(n.clone()),
             Self::Conflict(s) => Self::Conflict(s.clone()),
+            Self::Sync(s) => Self::Sync(s.clone()),
             Self::Ignored(n) => Self::Ignored(n.clone()),
             Self::Busy(s) => Self::Busy(s.clone()),
             Self::Changed(s) => Self::Changed(s.clone()),

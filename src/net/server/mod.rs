@@ -193,7 +193,8 @@ fn store_error(e: StoreError) -> RemoteError {
         StoreError::OutOfRange { .. } | StoreError::NotAChunk { .. } => ErrorKind::BadRequest,
         StoreError::NoSpace(_) => ErrorKind::NoSpace,
         StoreError::Corrupt { .. } => ErrorKind::Corrupt,
-        StoreError::Io { .. } => ErrorKind::Internal,
+        // A synced folder's state names local paths.
+        StoreError::Io { .. } | StoreError::Sync(_) => ErrorKind::Internal,
     };
     // Internal errors carry local paths; the peer gets the gist, the log gets the detail.
     if kind == ErrorKind::Internal {

@@ -1,0 +1,303 @@
+//! The index of a synced folder: every file's version (a deleted one as a tombstone) with the
+//! local sequence number of its last change, and how far we have read each other peer's index.
+//! A peer that returns asks only for what changed since the sequence it last saw (as
+//! Syncthing's index updates do).
+//!
+//! It lives in `served_files/.qnode-sync/` (outside the folder, so an emptied or unmounted
+//! folder does not take it along), written whole to a temporary file, flushed and renamed. The
+//! folder itself carries the marker `.qnodefolder`, made when the folder is first synced: a folder
+//! found without it (an unmounted disk, a deleted folder) is not scanned at all, so its files'
+//! absence never spreads as deletes.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use super::{FileKey, Seen, StoreError};
+use crate::model::manifest::{FilePath, Hash32};
+use crate::model::peers::PeerId;
+use crate::model::vector::{Vector, Version};
+
+/// The marker a synced folder carries.
+pub const MARKER: &str = ".qnodefolder";
+
+/// Where the indexes of synced folders live, in `served_files`.
+pub const SYNC_DIR: &str = ".qnode-sync";
+
+/// How long a file must have been left alone before a scan takes it (one still being written is
+/// taken at a later scan).
+pub const SETTLE: Duration = Duration::from_millis(300);
+
+/// What the index file begins with (its format's version).
+const MAGIC: [u8; 8] = *b"qnsync01";
+
+/// One file as the index knows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Known {
+    /// Its version (a tombstone once deleted).
+    pub version: Version,
+    /// The local sequence number of its last change here.
+    pub sequence: u64,
+    /// The file's identity on disk when it was last looked at or written (none once deleted).
+    key: Option<FileKey>,
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct OnDisk {
+    files: BTreeMap<String, Known>,
+    sequence: u64,
+    seen: BTreeMap<String, u64>,
+}
+
+/// What a scan found changed here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A new file, or a new version of one.
+    Changed(String),
+    /// A file gone.
+    Deleted(String),
+}
+
+/// The index of one synced folder.
+pub struct SyncIndex {
+    /// The folder.
+    folder: PathBuf,
+    /// The index file.
+    file: PathBuf,
+    me: PeerId,
+    state: OnDisk,
+}
+
+impl SyncIndex {
+    /// The index of the folder `name` (a path in `root`, `served_files`; empty for all of it),
+    /// synced as `me`. The first time, the folder must exist: its marker is made then. After
+    /// that a missing folder or marker is an error until it is back.
+    pub fn open(root: &Path, name: &str, me: PeerId) -> Result<Self, StoreError> {
+        let folder = match name {
+            "" => root.to_owned(),
+            name => {
+                let name = FilePath::new(name).map_err(|e| StoreError::Sync(e.to_string()))?;
+                root.join(name.as_str())
+            }
+        };
+        let dir = root.join(SYNC_DIR);
+        fs::create_dir_all(&dir).map_err(|e| StoreError::io("making", &dir, e))?;
+        let tag = crate::model::manifest::hex(blake3::hash(name.as_bytes()).as_bytes());
+        let file = dir.join(format!("{}.index", &tag[..16]));
+        let state = match fs::read(&file) {
+            Ok(bytes) => decode(&bytes).ok_or_else(|| {
+                let file = file.display();
+                StoreError::Sync(format!("{file} is damaged (move it away to index anew)"))
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if !folder.is_dir() {
+                    return Err(StoreError::Sync(format!(
+                        "{} is not a folder: nothing to sync",
+                        folder.display()
+                    )));
+                }
+                let marker = folder.join(MARKER);
+                fs::write(&marker, b"qnode sync marker: do not delete\n")
+                    .map_err(|e| StoreError::io("making", &marker, e))?;
+                OnDisk::default()
+            }
+            Err(e) => return Err(StoreError::io("reading", &file, e)),
+        };
+        Ok(Self {
+            folder,
+            file,
+            me,
+            state,
+        })
+    }
+
+    /// The folder synced.
+    pub fn folder(&self) -> &Path {
+        &self.folder
+    }
+
+    /// Whether the folder is there with its marker (else nothing may be scanned or deleted).
+    pub fn marked(&self) -> bool {
+        fs::symlink_metadata(self.folder.join(MARKER)).is_ok_and(|m| m.is_file())
+    }
+
+    /// Looks at every file of the folder (hashing only those whose identity moved) and records
+    /// what changed here since the last scan: new versions bump our counter, files gone become
+    /// tombstones. Files changed within [`SETTLE`] of `now` are left for a later scan (the
+    /// second value says whether any was). Refused, changing nothing, without the marker.
+    pub fn scan(&mut self, now: SystemTime) -> Result<(Vec<Change>, bool), StoreError> {
+        if !self.marked() {
+            return Err(StoreError::Sync(format!(
+                "{} has lost its marker {MARKER} (unmounted or deleted?): not syncing it until it is back",
+                self.folder.display()
+            )));
+        }
+        let (mut changes, mut unsettled) = (Vec::new(), false);
+        let mut present = std::collections::HashSet::new();
+        for entry in super::walk_tree(&self.folder).filter_map(Result::ok) {
+            if !entry.file_type().is_some_and(|t| t.is_file()) {
+                continue;
+            }
+            let Some(path) = (entry.path().strip_prefix(&self.folder).ok())
+                .and_then(|p| p.to_str())
+                .and_then(|p| FilePath::new(p).ok())
+            else {
+                continue;
+            };
+            let path = path.as_str().to_owned();
+            present.insert(path.clone());
+            let Ok(meta) = fs::symlink_metadata(entry.path()) else {
+                continue;
+            };
+            let key = FileKey::of(&meta);
+            let known = self.state.files.get(&path);
+            if known.is_some_and(|k| k.key == Some(key) && !k.version.deleted) {
+                continue;
+            }
+            if !settled(&key, now) {
+                unsettled = true;
+                continue;
+            }
+            let Ok(Some(seen)) = Seen::of(entry.path()) else {
+                continue;
+            };
+            let key = seen.key;
+            if let Some(k) = self.state.files.get_mut(&path)
+                && !k.version.deleted
+                && k.version.blake3 == seen.blake3
+            {
+                k.key = Some(key);
+                continue;
+            }
+            let mtime = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
+            let modified = mtime.map_or(0, |d| d.as_secs() as i64);
+            self.change(&path, key.size, seen.blake3, false, modified, Some(key));
+            changes.push(Change::Changed(path));
+        }
+        let gone: Vec<String> = (self.state.files.iter())
+            .filter(|(p, k)| !k.version.deleted && !present.contains(*p))
+            .map(|(p, _)| p.clone())
+            .collect();
+        let when = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        for path in gone {
+            let empty = *blake3::hash(b"").as_bytes();
+            self.change(&path, 0, empty, true, when, None);
+            changes.push(Change::Deleted(path));
+        }
+        Ok((changes, unsettled))
+    }
+
+    /// A change made here: our counter bumped, the next sequence number.
+    fn change(
+        &mut self,
+        path: &str,
+        size: u64,
+        blake3: Hash32,
+        deleted: bool,
+        modified: i64,
+        key: Option<FileKey>,
+    ) {
+        let mut vector =
+            (self.state.files.get(path)).map_or_else(Vector::default, |k| k.version.vector.clone());
+        vector.bump(&self.me);
+        let by = self.me.as_str().to_owned();
+        let version = Version {
+            size,
+            blake3,
+            deleted,
+            vector,
+            modified,
+            by,
+        };
+        self.state.sequence += 1;
+        let sequence = self.state.sequence;
+        self.state.files.insert(
+            path.to_owned(),
+            Known {
+                version,
+                sequence,
+                key,
+            },
+        );
+    }
+
+    /// Records `version` of `path` as what is here now (taken from a peer, merged, or
+    /// relabelled), found on disk as `at` (`None` once deleted). It gets the next sequence
+    /// number, so peers that have not seen it learn it from us too.
+    pub fn record(&mut self, path: &str, version: Version, at: Option<&Path>) {
+        let key = at
+            .and_then(|p| fs::symlink_metadata(p).ok())
+            .map(|m| FileKey::of(&m));
+        self.state.sequence += 1;
+        let sequence = self.state.sequence;
+        self.state.files.insert(
+            path.to_owned(),
+            Known {
+                version,
+                sequence,
+                key,
+            },
+        );
+    }
+
+    /// The version of `path` here, if the index knows one (a tombstone too).
+    pub fn get(&self, path: &str) -> Option<&Version> {
+        self.state.files.get(path).map(|k| &k.version)
+    }
+
+    /// Every file changed after sequence `since`, in the order of their changes, and our last
+    /// sequence number.
+    pub fn since(&self, since: u64) -> (Vec<(String, Version, u64)>, u64) {
+        let mut out: Vec<(String, Version, u64)> = (self.state.files.iter())
+            .filter(|(_, k)| k.sequence > since)
+            .map(|(p, k)| (p.clone(), k.version.clone(), k.sequence))
+            .collect();
+        out.sort_by_key(|(_, _, s)| *s);
+        (out, self.state.sequence)
+    }
+
+    /// The last sequence number of `peer`'s index we took in.
+    pub fn seen(&self, peer: &str) -> u64 {
+        self.state.seen.get(peer).copied().unwrap_or(0)
+    }
+
+    /// Notes that we took in `peer`'s index up to `sequence`.
+    pub fn saw(&mut self, peer: &str, sequence: u64) {
+        self.state.seen.insert(peer.to_owned(), sequence);
+    }
+
+    /// Writes the index (temporary file, flushed, renamed over the old one).
+    pub fn save(&self) -> Result<(), StoreError> {
+        let temp = self.file.with_extension("tmp");
+        let io = |e| StoreError::io("writing", &temp, e);
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend(postcard::to_stdvec(&self.state).map_err(|e| io(io::Error::other(e)))?);
+        let mut f = File::create(&temp).map_err(io)?;
+        f.write_all(&bytes)
+            .and_then(|()| f.sync_all())
+            .map_err(io)?;
+        fs::rename(&temp, &self.file).map_err(|e| StoreError::io("renaming", &temp, e))
+    }
+}
+
+/// Whether a file of identity `key` has been left alone long enough before `now`.
+fn settled(key: &FileKey, now: SystemTime) -> bool {
+    let changed = |(s, n): (i64, i64)| {
+        SystemTime::UNIX_EPOCH + Duration::new(s.max(0) as u64, n.clamp(0, 999_999_999) as u32)
+    };
+    changed(key.mtime).max(changed(key.ctime)) + SETTLE <= now
+}
+
+fn decode(bytes: &[u8]) -> Option<OnDisk> {
+    let body = bytes.strip_prefix(&MAGIC[..])?;
+    postcard::from_bytes(body).ok()
+}
