@@ -23,9 +23,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // `serve` reports each request at the default level; client commands only warnings.
+    // `serve` (and `sync`, which serves) reports each request at the default level; client
+    // commands only warnings.
     let default = match cli.command {
-        Command::Serve(_) => "info",
+        Command::Serve(_) | Command::Sync(_) => "info",
         _ => "warn",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
@@ -38,9 +39,10 @@ fn main() -> ExitCode {
 
     // Client commands run their async work on this one thread (hashing and disk writes still go
     // to the blocking pool): every wake-up across threads was a context switch (figures in
-    // docs/performance.md). `serve` answers many peers at once and keeps a worker per core.
+    // docs/performance.md). `serve` and `sync` answer many peers at once and keep a worker per
+    // core.
     let runtime = match cli.command {
-        Command::Serve(_) => tokio::runtime::Runtime::new(),
+        Command::Serve(_) | Command::Sync(_) => tokio::runtime::Runtime::new(),
         _ => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),

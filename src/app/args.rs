@@ -49,6 +49,28 @@ pub enum Command {
     Download(DownloadArgs),
     /// Interactive client speaking the original #FILELIST / #UPLOAD / #DOWNLOAD lines
     Shell,
+    /// Serve, and keep a folder identical with the same folder on peers that sync it too, until
+    /// SIGINT or SIGTERM
+    Sync(SyncArgs),
+}
+
+/// Options of `sync`.
+#[derive(Debug, Clone, Args)]
+pub struct SyncArgs {
+    /// Peers to sync with (default: every other listed peer)
+    #[arg(value_name = "PEERS")]
+    pub peers: Vec<PeerId>,
+    /// The folder to sync, a path in served_files (default: all of served_files)
+    #[arg(long, value_name = "PATH")]
+    pub folder: Option<String>,
+    /// Scan the whole folder this often (seconds), whatever the file-system events say
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub rescan: u64,
+    /// One JSON object per line per event instead of text
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub serve: ServeArgs,
 }
 
 /// Options of `serve`.

@@ -34,14 +34,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Init => init(&root, &me),
         Command::Serve(args) => {
-            let opts = ServeOptions {
-                max_upload_size: args.max_upload_size,
-                listen: args.listen,
-                max_upload_rate: args.max_upload_rate,
-                congestion: args.congestion.into(),
-                compression: args.compression.into(),
+            node::serve(&root, &me, &serve_options(&args), shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sync(args) => {
+            let folder = args.folder.unwrap_or_default();
+            let folder = folder.trim_end_matches('/').to_owned();
+            if !folder.is_empty() {
+                FilePath::new(folder.as_str())?;
+            }
+            let opts = node::SyncOptions {
+                folder,
+                peers: args.peers,
+                rescan: std::time::Duration::from_secs(args.rescan.max(1)),
             };
-            node::serve(&root, &me, &opts, shutdown_signal()).await?;
+            let json = args.json;
+            let serve = serve_options(&args.serve);
+            let on = move |e: node::SyncEvent| crate::app::folders::print_sync_event(&e, json);
+            node::sync(&root, &me, &serve, opts, shutdown_signal(), on).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Shell => {
@@ -105,7 +115,7 @@ pub async fn execute(node: &Node, command: Command) -> anyhow::Result<bool> {
         Command::List(args) => list(node, &args).await,
         Command::Upload(args) => upload(node, &args).await,
         Command::Download(args) => download(node, &args).await,
-        Command::Init | Command::Serve(_) | Command::Shell => {
+        Command::Init | Command::Serve(_) | Command::Shell | Command::Sync(_) => {
             anyhow::bail!("that command is not available here")
         }
     }
@@ -629,4 +639,15 @@ fn render_download(out: &DownloadOut, json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The server's options from the command line.
+fn serve_options(args: &ServeArgs) -> ServeOptions {
+    ServeOptions {
+        max_upload_size: args.max_upload_size,
+        listen: args.listen,
+        max_upload_rate: args.max_upload_rate,
+        congestion: args.congestion.into(),
+        compression: args.compression.into(),
+    }
 }

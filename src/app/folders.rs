@@ -259,3 +259,29 @@ pub(super) struct LeftOutOut {
     pub(super) peer: String,
     pub(super) reason: String,
 }
+
+/// One line for a `sync` event: text, or (`json`) one JSON object.
+pub(crate) fn print_sync_event(e: &node::SyncEvent, json: bool) {
+    use std::io::Write;
+    let line = if json {
+        serde_json::json!({
+            "event": e.event,
+            "name": e.name,
+            "peer": e.peer,
+            "bytes": e.bytes,
+            "detail": e.detail,
+        })
+        .to_string()
+    } else {
+        let detail = match e.detail.as_str() {
+            "" => String::new(),
+            d => format!(" ({d})"),
+        };
+        format!(
+            "{} {} from {}, {} bytes on the wire{detail}",
+            e.event, e.name, e.peer, e.bytes
+        )
+    };
+    // A closed stdout ends nothing: sync goes on.
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}

@@ -147,6 +147,7 @@ mod tests {
             vector: v,
             modified,
             by: by.to_owned(),
+            parent: None,
         }
     }
 

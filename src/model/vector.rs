@@ -162,6 +162,9 @@ pub struct Version {
     pub modified: i64,
     /// The peer that made it.
     pub by: String,
+    /// The content it was made from (the version before it where it was made), if any: two
+    /// concurrent edits of the same parent merge against it.
+    pub parent: Option<Hash32>,
 }
 
 impl Version {

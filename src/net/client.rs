@@ -271,6 +271,20 @@ impl Client {
             .await
     }
 
+    /// What changed in the peer's synced folder `folder` after `since` (waiting up to
+    /// `wait_ms` for a change).
+    pub async fn sync_index(
+        &self,
+        folder: &str,
+        since: u64,
+        wait_ms: u32,
+    ) -> Result<exchange::SyncPage, ClientError> {
+        self.on_stream(async |send, recv| {
+            exchange::sync_index(send, recv, folder, since, wait_ms).await
+        })
+        .await
+    }
+
     /// What the peer holds of `name`, in pieces where the file has them (`ObservePieces`; an
     /// older peer is asked `Observe`, and one older still `Describe`), and for a download in
     /// progress there, what it gains.

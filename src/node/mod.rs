@@ -77,7 +77,9 @@ pub use download::{DownloadEvent, DownloadRequest, Downloaded, Fetched, LeftOut,
 mod download;
 mod folder;
 mod levels;
+mod sync;
 pub use folder::{FileStatus, FolderDownloaded, FolderFile, FolderProgress};
+pub use sync::{SyncEvent, SyncOptions, sync};
 
 /// One peer's files.
 #[derive(Debug)]
@@ -121,6 +123,17 @@ pub async fn serve(
     root: &Root,
     me: &PeerId,
     opts: &ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    serve_with(root, me, opts, Arc::default(), shutdown).await
+}
+
+/// `serve`, answering `SyncIndex` about the `synced` folders.
+pub async fn serve_with(
+    root: &Root,
+    me: &PeerId,
+    opts: &ServeOptions,
+    synced: Arc<server::synced::SyncedFolders>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let peers = load_peers(root, me)?;
@@ -171,6 +184,7 @@ pub async fn serve(
         opts.max_upload_rate.map(server::RateLimit::new),
     );
     server.compression = opts.compression;
+    server.synced = synced;
     let server = Arc::new(server);
     server::run(endpoint, server, shutdown).await;
     Ok(())

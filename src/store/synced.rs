@@ -181,6 +181,12 @@ impl SyncIndex {
             self.change(&path, key.size, seen.blake3, false, modified, Some(key));
             changes.push(Change::Changed(path));
         }
+        // While a file is still being written, files gone wait too: a rename shows as a file
+        // gone and one not settled yet, and recorded together (the new name first) the peers
+        // copy the content they hold instead of fetching it.
+        if unsettled {
+            return Ok((changes, unsettled));
+        }
         let gone: Vec<String> = (self.state.files.iter())
             .filter(|(p, k)| !k.version.deleted && !present.contains(*p))
             .map(|(p, _)| p.clone())
@@ -206,9 +212,10 @@ impl SyncIndex {
         modified: i64,
         key: Option<FileKey>,
     ) {
-        let mut vector =
-            (self.state.files.get(path)).map_or_else(Vector::default, |k| k.version.vector.clone());
+        let before = self.state.files.get(path).map(|k| &k.version);
+        let mut vector = before.map_or_else(Vector::default, |v| v.vector.clone());
         vector.bump(&self.me);
+        let parent = before.filter(|v| !v.deleted).map(|v| v.blake3);
         let by = self.me.as_str().to_owned();
         let version = Version {
             size,
@@ -217,6 +224,7 @@ impl SyncIndex {
             vector,
             modified,
             by,
+            parent,
         };
         self.state.sequence += 1;
         let sequence = self.state.sequence;
@@ -247,6 +255,26 @@ impl SyncIndex {
                 key,
             },
         );
+    }
+
+    /// Whether the file at `at` (the folder's `path`) is as the index last saw it: the same
+    /// identity, or absent where the index knows none or a tombstone.
+    pub fn is_current(&self, path: &str, at: &Path) -> bool {
+        let now = fs::symlink_metadata(at).ok().map(|m| FileKey::of(&m));
+        match (self.state.files.get(path), now) {
+            (None, None) => true,
+            (Some(k), None) => k.version.deleted,
+            (Some(k), Some(now)) => !k.version.deleted && k.key == Some(now),
+            (None, Some(_)) => false,
+        }
+    }
+
+    /// A file of the folder that held content `blake3` when it was last seen (to copy it
+    /// rather than fetch it: a rename or move moves no file bytes).
+    pub fn holding(&self, blake3: &Hash32) -> Option<PathBuf> {
+        let (path, _) = (self.state.files.iter())
+            .find(|(_, k)| !k.version.deleted && k.version.blake3 == *blake3)?;
+        Some(self.folder.join(path))
     }
 
     /// The version of `path` here, if the index knows one (a tombstone too).

@@ -221,7 +221,26 @@ pub enum Request {
         /// Walk the tree afresh.
         fresh: bool,
     },
+    /// `qnode/3`, between peers running `sync`: the files of synced folder `folder` (empty:
+    /// the whole of `served_files`) changed after the asker's last look (`since`, a sequence
+    /// number of the answerer's index), answered with [`Response::SyncIndex`]. With nothing new,
+    /// the answer waits up to `wait_ms` (at most [`MAX_SYNC_WAIT_MS`]) for a change: one
+    /// question in flight per peer tells of each change as it happens.
+    SyncIndex {
+        /// Which synced folder.
+        folder: String,
+        /// The last sequence number the asker took in.
+        since: u64,
+        /// How long to wait for a change when there is none.
+        wait_ms: u32,
+    },
 }
+
+/// Longest a [`Request::SyncIndex`] waits for a change (under QUIC's idle timeout, 30 s).
+pub const MAX_SYNC_WAIT_MS: u32 = 20_000;
+
+/// Records per [`Response::SyncIndex`]: a few hundred bytes each (a path and a small vector).
+pub const SYNC_PAGE: usize = 1_000;
 
 pub use crate::model::manifest::MAX_WHOLE_FILE;
 
@@ -250,6 +269,7 @@ impl Request {
             Self::ListPage { .. } => "list_page",
             Self::ReadFile { .. } => "read_file",
             Self::Folder { .. } => "folder",
+            Self::SyncIndex { .. } => "sync_index",
             // Logged as `observe`, with "in pieces" in its outcome.
             Self::ObservePieces { .. } => "observe",
         }
@@ -258,7 +278,7 @@ impl Request {
     /// The file it names, if it names one.
     pub fn name(&self) -> Option<&FilePath> {
         match self {
-            Self::List | Self::ListAll => None,
+            Self::List | Self::ListAll | Self::SyncIndex { .. } => None,
             Self::ListPage { after } => after.as_ref(),
             Self::Describe { name }
             | Self::ReadChunk { name, .. }
@@ -397,6 +417,27 @@ pub enum Response {
         /// tree instead.
         cut: bool,
     },
+    /// Answer to `SyncIndex`: what changed, in the order of the changes.
+    SyncIndex {
+        /// At most [`SYNC_PAGE`] records, each with a sequence number above the question's
+        /// `since` and at most `last`, increasing.
+        records: Vec<SyncRecord>,
+        /// The answerer's last sequence number (ask again from the last record's if `more`).
+        last: u64,
+        /// More records follow.
+        more: bool,
+    },
+}
+
+/// One file's version in a synced folder's index, as [`Response::SyncIndex`] tells it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRecord {
+    /// Its path in the folder.
+    pub path: FilePath,
+    /// Its version (a tombstone once deleted).
+    pub version: crate::model::vector::Version,
+    /// The answerer's sequence number of this change.
+    pub sequence: u64,
 }
 
 /// A folder in a folder, as [`Response::Folder`] names it.
@@ -850,6 +891,37 @@ mod tests {
             }),
             whole
         );
+        assert_eq!(
+            frame(&Request::SyncIndex {
+                folder: "n".into(),
+                since: 300,
+                wait_ms: 1000
+            }),
+            [0, 0, 0, 7, 15, 1, b'n', 0xac, 0x02, 0xe8, 0x07]
+        );
+        let mut vector = crate::model::vector::Vector::default();
+        vector.bump(&"p1".parse().unwrap());
+        let synced = Response::SyncIndex {
+            records: vec![SyncRecord {
+                path: name("f"),
+                version: crate::model::vector::Version {
+                    size: 2,
+                    blake3: [6; 32],
+                    deleted: false,
+                    vector,
+                    modified: 3,
+                    by: "p1".into(),
+                    parent: None,
+                },
+                sequence: 4,
+            }],
+            last: 5,
+            more: false,
+        };
+        let mut want = vec![0, 0, 0, 51, 20, 1, 1, b'f', 2];
+        want.extend([6; 32]);
+        want.extend([0, 1, 2, b'p', b'1', 1, 6, 2, b'p', b'1', 0, 4, 5, 0]);
+        assert_eq!(frame(&synced), want);
         let page = Response::Page {
             files: Vec::new(),
             incomplete: Vec::new(),

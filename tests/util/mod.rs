@@ -196,7 +196,12 @@ impl Net {
     pub fn serve(&self, id: &str, extra: &[&str]) -> anyhow::Result<Server> {
         let mut args = vec!["serve"];
         args.extend_from_slice(extra);
-        let mut cmd = self.cmd(id, &args);
+        self.start(id, &args)
+    }
+
+    /// Starts a command that serves (`serve`, `sync`) for `id` and waits until it listens.
+    pub fn start(&self, id: &str, args: &[&str]) -> anyhow::Result<Server> {
+        let mut cmd = self.cmd(id, args);
         cmd.stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn()?;
         let stderr = child.stderr.take().context("no stderr")?;

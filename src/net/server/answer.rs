@@ -110,6 +110,11 @@ pub(super) async fn handle(
             let kind = ReadKind::Whole(blake3);
             handle_read(send, server, link, &name, (0, size), kind).await
         }
+        Request::SyncIndex {
+            folder,
+            since,
+            wait_ms,
+        } => super::synced::handle_sync_index(send, server, link, folder, since, wait_ms).await,
     };
     match outcome {
         Ok(summary) => info!("{kind} {summary}"),

@@ -16,6 +16,7 @@ mod answer;
 pub mod limits;
 mod observe;
 pub mod shared;
+pub mod synced;
 #[cfg(test)]
 mod tests;
 mod uploads;
@@ -85,6 +86,8 @@ pub struct Server {
     pub watches: Arc<Watches>,
     /// Tree computations, shared and capped.
     pub trees: Arc<TreeJobs>,
+    /// The folders we sync (none unless `sync` runs): `SyncIndex` answers about them.
+    pub synced: Arc<synced::SyncedFolders>,
 }
 
 /// Refused handshakes logged in full per [`STATS_INTERVAL`]; the rest are counted in one line.
@@ -120,6 +123,7 @@ impl Server {
             shutdown,
             compression: codec::Mode::default(),
             observers: ObserverSlots::default(),
+            synced: Arc::default(),
         }
     }
 

@@ -108,6 +108,61 @@ pub async fn read_file(
     read_bytes(send, recv, &req, size).await
 }
 
+/// What changed in a synced folder, as [`Response::SyncIndex`] answers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncPage {
+    /// The records, their sequence numbers increasing.
+    pub records: Vec<protocol::SyncRecord>,
+    /// The answerer's last sequence number.
+    pub last: u64,
+    /// More records follow (ask again from the last record's sequence).
+    pub more: bool,
+}
+
+/// `SyncIndex`: what changed in synced folder `folder` after `since`, waiting up to `wait_ms`
+/// for a change. An answer that breaks the rules (sequence numbers out of order or outside
+/// `since..=last`, too many records, a bad version vector or peer) is refused.
+pub async fn sync_index(
+    send: &mut impl SendBytes,
+    recv: &mut (impl AsyncRead + Unpin),
+    folder: &str,
+    since: u64,
+    wait_ms: u32,
+) -> Result<SyncPage, ExchangeError> {
+    let request = Request::SyncIndex {
+        folder: folder.to_owned(),
+        since,
+        wait_ms,
+    };
+    let Response::SyncIndex {
+        records,
+        last,
+        more,
+    } = ask(send, recv, &request, true).await?
+    else {
+        return Err(ExchangeError::Unexpected("sync index"));
+    };
+    let ordered = records.windows(2).all(|w| w[0].sequence < w[1].sequence);
+    let within = records
+        .iter()
+        .all(|r| r.sequence > since && r.sequence <= last);
+    let valid = records.iter().all(|r| {
+        r.version.vector.check().is_ok()
+            && r.version.by.parse::<crate::model::peers::PeerId>().is_ok()
+            && r.version.vector.get(&r.version.by) > 0
+    });
+    if records.len() > protocol::SYNC_PAGE || !ordered || !within || !valid {
+        return Err(ExchangeError::Unexpected(
+            "sync index (impossible sequence numbers or versions)",
+        ));
+    }
+    Ok(SyncPage {
+        records,
+        last,
+        more,
+    })
+}
+
 /// One level of a folder, as [`Response::Folder`] answers it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Level {

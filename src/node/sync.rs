@@ -1,0 +1,517 @@
+//! `sync`: the server, plus a folder kept identical with the same folder on other peers that
+//! sync it too.
+//!
+//! - Here: file-system events (debounced) and a periodic rescan find what changed; each change
+//!   is recorded in the folder's index ([`SyncIndex`]) under our next sequence number, and the
+//!   peers waiting on `SyncIndex` hear of it at once.
+//! - From each peer: one `SyncIndex` question in flight, from the last sequence number we took
+//!   in of its index; each record is decided by `engine::sync` against ours and applied: a new
+//!   version fetched and put in place atomically (the one it replaces kept in the displaced
+//!   versions), a delete displaced, a conflict kept as a copy. What we apply is recorded under
+//!   our own next sequence number (so peers that have not seen it learn it from us) with the
+//!   file's identity as written, so our own writes never look like local edits.
+//! - Before a record touches a file, a file changed here since the last scan is scanned first:
+//!   our edit is a version too, and is decided against theirs, never overwritten unseen.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use super::{Node, ServeOptions};
+use crate::engine::sync::{Decision, Side, decide};
+use crate::model::manifest::{FilePath, MAX_WHOLE_FILE};
+use crate::model::peers::{PeerId, Root};
+use crate::model::vector::Version;
+use crate::net::client::ClientError;
+use crate::net::server::synced::{SyncedFolder, SyncedFolders};
+use crate::store::synced::{Change, SETTLE, SyncIndex};
+use crate::store::{Check, Committed, PartialFile, Seen, download_tag};
+use crate::wire::protocol::{ErrorKind, SyncRecord};
+
+/// What `sync` is asked to do.
+#[derive(Debug, Clone)]
+pub struct SyncOptions {
+    /// The folder, a path in `served_files` (empty: all of it).
+    pub folder: String,
+    /// The peers to sync with (empty: every other listed peer).
+    pub peers: Vec<PeerId>,
+    /// How often the whole folder is scanned, whatever the events say.
+    pub rescan: Duration,
+}
+
+/// One thing `sync` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncEvent {
+    /// `changed`, `deleted` (here), `created`, `updated`, `removed` (from a peer), `conflict`,
+    /// `in_sync`, `paused`, `refused`.
+    pub event: &'static str,
+    /// The file (or the folder, for `in_sync` and `paused`).
+    pub name: String,
+    /// The peer it came from (ourselves for changes here).
+    pub peer: String,
+    /// Bytes of file data that crossed the wire for it.
+    pub bytes: u64,
+    /// More, for a person (the conflict copy's name, why it paused).
+    pub detail: String,
+}
+
+/// How long a peer's `SyncIndex` question waits for a change.
+const WAIT_MS: u32 = 15_000;
+/// Quiet time after file-system events before a scan.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+type On = Arc<dyn Fn(SyncEvent) + Send + Sync>;
+
+/// `sync`: serves, and keeps `opts.folder` in sync with the peers, until `shutdown`.
+pub async fn sync(
+    root: &Root,
+    me: &PeerId,
+    serve: &ServeOptions,
+    opts: SyncOptions,
+    shutdown: impl Future<Output = ()>,
+    on: impl Fn(SyncEvent) + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let on: On = Arc::new(on);
+    let served = root.served_dir(me);
+    std::fs::create_dir_all(&served).with_context(|| format!("making {}", served.display()))?;
+    let index = SyncIndex::open(&served, &opts.folder, me.clone())?;
+    let folder = SyncedFolder::new(index);
+    let registry = Arc::new(SyncedFolders::default());
+    registry.add(&opts.folder, folder.clone());
+    let unsettled = scan(&folder, me, &on).await?;
+    let stop = CancellationToken::new();
+    let node = Arc::new(Node::load(root, me)?);
+    let peers: Vec<PeerId> = match opts.peers.is_empty() {
+        true => node.peers.entries().iter().map(|e| e.id.clone()).collect(),
+        false => opts.peers.clone(),
+    };
+    let peers: Vec<PeerId> = peers.into_iter().filter(|p| p != me).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    let (root2, me2, serve2, stopped) = (root.clone(), me.clone(), serve.clone(), stop.clone());
+    tasks.spawn(async move {
+        let done = stopped.cancelled_owned();
+        if let Err(e) = super::serve_with(&root2, &me2, &serve2, registry, done).await {
+            tracing::error!("serving: {e:#}");
+        }
+    });
+    // The pullers run on this task (a download session is not Send), each until `stop`.
+    let pullers = peers.into_iter().map(|peer| {
+        let puller = Puller {
+            node: node.clone(),
+            folder: folder.clone(),
+            name: opts.folder.clone(),
+            peer,
+            on: on.clone(),
+        };
+        puller.run(stop.clone())
+    });
+    let watching = (opts.rescan, unsettled);
+    let here = watch_here(
+        folder.clone(),
+        me.clone(),
+        watching,
+        on.clone(),
+        stop.clone(),
+    );
+    let work = async { tokio::join!(futures_util::future::join_all(pullers), here) };
+    let stopping = async {
+        shutdown.await;
+        stop.cancel();
+    };
+    tokio::join!(work, stopping);
+    while tasks.join_next().await.is_some() {}
+    let f = folder.clone();
+    tokio::task::spawn_blocking(move || f.lock().save()).await??;
+    Ok(())
+}
+
+/// Scans the folder, records and announces what changed here; tells the waiting peers.
+/// Returns whether a file was still being written (scan again soon).
+async fn scan(folder: &Arc<SyncedFolder>, me: &PeerId, on: &On) -> anyhow::Result<bool> {
+    let f = folder.clone();
+    let scanned = tokio::task::spawn_blocking(move || {
+        let mut index = f.lock();
+        let found = index.scan(SystemTime::now())?;
+        if !found.0.is_empty() {
+            index.save()?;
+        }
+        anyhow::Ok(found)
+    })
+    .await?;
+    let (changes, unsettled) = scanned?;
+    for change in &changes {
+        let (event, name) = match change {
+            Change::Changed(n) => ("changed", n),
+            Change::Deleted(n) => ("deleted", n),
+        };
+        let (name, peer) = (name.clone(), me.to_string());
+        let detail = String::new();
+        on(SyncEvent {
+            event,
+            name,
+            peer,
+            bytes: 0,
+            detail,
+        });
+    }
+    if !changes.is_empty() {
+        folder.tell();
+    }
+    Ok(unsettled)
+}
+
+/// Scans on file-system events (debounced) and every `rescan` (soon at first if a file was
+/// still being written), until `stop`.
+async fn watch_here(
+    folder: Arc<SyncedFolder>,
+    me: PeerId,
+    (rescan, mut soon): (Duration, bool),
+    on: On,
+    stop: CancellationToken,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let dir = folder.lock().folder().to_owned();
+    let watcher = notify_debouncer_full::new_debouncer(DEBOUNCE, None, move |_| {
+        let _ = tx.send(());
+    });
+    // Without events (no inotify), the rescan still finds every change.
+    let _watcher = match watcher {
+        Ok(mut w) => match w.watch(&dir, notify::RecursiveMode::Recursive) {
+            Ok(()) => Some(w),
+            Err(e) => {
+                tracing::warn!(
+                    "not watching {} for changes: {e}; rescanning only",
+                    dir.display()
+                );
+                None
+            }
+        },
+        Err(e) => {
+            tracing::warn!("no file-system events: {e}; rescanning only");
+            None
+        }
+    };
+    let mut paused = false;
+    loop {
+        let wait = if soon { SETTLE } else { rescan };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = rx.recv() => {}
+            () = tokio::time::sleep(wait) => {}
+        }
+        while rx.try_recv().is_ok() {}
+        match scan(&folder, &me, &on).await {
+            Ok(unsettled) => {
+                soon = unsettled;
+                if paused {
+                    paused = false;
+                    let name = dir.display().to_string();
+                    let detail = "its marker is back: syncing again".to_owned();
+                    on(SyncEvent {
+                        event: "in_sync",
+                        name,
+                        peer: me.to_string(),
+                        bytes: 0,
+                        detail,
+                    });
+                }
+            }
+            Err(e) => {
+                if !paused {
+                    paused = true;
+                    let name = dir.display().to_string();
+                    on(SyncEvent {
+                        event: "paused",
+                        name,
+                        peer: me.to_string(),
+                        bytes: 0,
+                        detail: format!("{e:#}"),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Takes in one peer's changes to the folder, as they happen.
+struct Puller {
+    node: Arc<Node>,
+    folder: Arc<SyncedFolder>,
+    name: String,
+    peer: PeerId,
+    on: On,
+}
+
+impl Puller {
+    async fn run(self, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(250);
+        let mut in_sync = false;
+        while !stop.is_cancelled() {
+            let pulled = tokio::select! {
+                () = stop.cancelled() => return,
+                pulled = self.pull_once() => pulled,
+            };
+            match pulled {
+                Ok(caught_up) => {
+                    backoff = Duration::from_millis(250);
+                    if caught_up && !in_sync {
+                        self.tell("in_sync", self.name.clone(), 0, String::new());
+                    }
+                    in_sync = caught_up;
+                    continue;
+                }
+                Err(e) => {
+                    in_sync = false;
+                    tracing::debug!("sync with {}: {e:#}", self.peer);
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    fn tell(&self, event: &'static str, name: String, bytes: u64, detail: String) {
+        let peer = self.peer.to_string();
+        (self.on)(SyncEvent {
+            event,
+            name,
+            peer,
+            bytes,
+            detail,
+        });
+    }
+
+    /// One question and what its answer brings. True when the peer had nothing more.
+    async fn pull_once(&self) -> anyhow::Result<bool> {
+        let since = self.folder.lock().seen(self.peer.as_str());
+        let client = self.node.client(self.node.entry(&self.peer)?).await?;
+        let page = match client.sync_index(&self.name, since, WAIT_MS).await {
+            Ok(page) => page,
+            Err(e) if e.remote_kind() == Some(ErrorKind::NotFound) => {
+                // Not syncing this folder (yet): asked again after the backoff.
+                anyhow::bail!("{} does not sync it: {e}", self.peer);
+            }
+            Err(e @ ClientError::Unexpected { .. }) => {
+                self.tell("refused", self.name.clone(), 0, e.to_string());
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if page.last < since {
+            // Its index began anew: take all of it in again.
+            self.folder.lock().saw(self.peer.as_str(), 0);
+            return Ok(false);
+        }
+        let caught_up = page.records.is_empty() && !page.more;
+        for record in page.records {
+            let sequence = record.sequence;
+            self.apply(record).await?;
+            let f = self.folder.clone();
+            let peer = self.peer.to_string();
+            tokio::task::spawn_blocking(move || {
+                let mut index = f.lock();
+                index.saw(&peer, sequence);
+                index.save()
+            })
+            .await??;
+            self.folder.tell();
+        }
+        Ok(caught_up)
+    }
+
+    /// Decides one record of the peer's against ours and applies it.
+    async fn apply(&self, record: SyncRecord) -> anyhow::Result<()> {
+        let path = record.path.as_str().to_owned();
+        let here = self.folder.lock().folder().join(&path);
+        // A change here not scanned yet is scanned first: it is a version too.
+        let ours = self.current(&path, &here).await?;
+        let theirs = record.version;
+        match decide(&path, ours.as_ref(), &theirs, false) {
+            Decision::Keep => {}
+            Decision::Relabel(vector) => {
+                if let Some(mut ours) = ours {
+                    ours.vector = vector;
+                    self.record(&path, ours, Some(&here)).await?;
+                }
+            }
+            Decision::Take(vector) => {
+                let version = Version { vector, ..theirs };
+                self.take(&path, &here, ours.as_ref(), version).await?;
+            }
+            // Merging is not built yet: concurrent text edits are kept apart as conflicts.
+            Decision::Merge { .. } | Decision::Conflict { .. } => {
+                let Some(ours) = ours else { return Ok(()) };
+                let Decision::Conflict {
+                    winner,
+                    vector,
+                    copy,
+                } = crate::engine::sync::conflict(&path, &ours, &theirs)
+                else {
+                    return Ok(());
+                };
+                let copy_at = self.folder.lock().folder().join(&copy);
+                match winner {
+                    Side::Theirs => {
+                        // Ours goes to the copy (a link: the same bytes), theirs takes the name.
+                        std::fs::hard_link(&here, &copy_at)
+                            .with_context(|| format!("keeping {copy}"))?;
+                        self.record(&copy, ours.clone(), Some(&copy_at)).await?;
+                        let version = Version { vector, ..theirs };
+                        self.take(&path, &here, Some(&ours), version).await?;
+                    }
+                    Side::Ours => {
+                        self.take(&copy, &copy_at, None, theirs.clone()).await?;
+                        let version = Version { vector, ..ours };
+                        self.record(&path, version, Some(&here)).await?;
+                    }
+                }
+                self.tell("conflict", path, 0, copy);
+            }
+        }
+        Ok(())
+    }
+
+    /// Our version of `path` now: from the index, after a scan if the file changed since.
+    async fn current(&self, path: &str, here: &Path) -> anyhow::Result<Option<Version>> {
+        let stale = {
+            let index = self.folder.lock();
+            !index.is_current(path, here)
+        };
+        if stale {
+            let me = self.node.me().clone();
+            scan(&self.folder, &me, &self.on).await?;
+            // Still being written here: decided once it settles (the record is asked again).
+            anyhow::ensure!(
+                self.folder.lock().is_current(path, here),
+                "{path} is being written here"
+            );
+        }
+        Ok(self.folder.lock().get(path).cloned())
+    }
+
+    async fn record(&self, path: &str, version: Version, at: Option<&Path>) -> anyhow::Result<()> {
+        let (f, path, at) = (self.folder.clone(), path.to_owned(), at.map(Path::to_owned));
+        tokio::task::spawn_blocking(move || f.lock().record(&path, version, at.as_deref())).await?;
+        Ok(())
+    }
+
+    /// Puts `version` of `path` in place at `here` (fetched from the peer, or displaced if it
+    /// is a delete), replacing `ours` if we hold it, and records it.
+    async fn take(
+        &self,
+        path: &str,
+        here: &Path,
+        ours: Option<&Version>,
+        version: Version,
+    ) -> anyhow::Result<()> {
+        if version.deleted {
+            if let Some(ours) = ours.filter(|o| !o.deleted)
+                && let Ok(Some(seen)) = Seen::of(here)
+                && seen.blake3 == ours.blake3
+            {
+                crate::store::displace(here, &seen.blake3)?;
+            }
+            self.record(path, version, None).await?;
+            self.tell("removed", path.to_owned(), 0, String::new());
+            return Ok(());
+        }
+        let existed = ours.is_some_and(|o| !o.deleted);
+        let bytes = self.fetch(path, here, &version).await?;
+        self.record(path, version, Some(here)).await?;
+        let event = if existed { "updated" } else { "created" };
+        self.tell(event, path.to_owned(), bytes, String::new());
+        Ok(())
+    }
+
+    /// Fetches `version` of `path` from the peer into `here`, atomically, the file there (if
+    /// any) kept in the displaced versions. The bytes that crossed the wire.
+    async fn fetch(&self, path: &str, here: &Path, version: &Version) -> anyhow::Result<u64> {
+        let name = match self.name.as_str() {
+            "" => FilePath::new(path)?,
+            folder => FilePath::new(format!("{folder}/{path}"))?,
+        };
+        let served = self.node.served_dir();
+        let inside = FilePath::new(
+            here.strip_prefix(&served)
+                .unwrap_or(here)
+                .to_string_lossy()
+                .as_ref(),
+        )?;
+        crate::store::make_folders(&served, &inside)?;
+        if version.size > MAX_WHOLE_FILE {
+            let req = super::DownloadRequest {
+                name,
+                peers: vec![self.peer.clone()],
+                output: Some(here.to_owned()),
+                blake3: Some(version.blake3),
+                window: None,
+                update: true,
+            };
+            let got = self
+                .node
+                .download(&req, std::future::pending(), |_| {})
+                .await?;
+            return Ok(got.wire_bytes);
+        }
+        // Content we hold under another name (a rename, a move, a copy) is copied, checked.
+        let held = self.folder.lock().holding(&version.blake3);
+        if let Some(from) = held.filter(|f| f != here) {
+            let (here2, blake3) = (here.to_owned(), version.blake3);
+            let copied =
+                tokio::task::spawn_blocking(move || copy_checked(&from, &here2, &blake3)).await?;
+            if copied.is_ok_and(|done| done) {
+                return Ok(0);
+            }
+        }
+        let got = match version.size {
+            0 => crate::wire::exchange::Received::default(),
+            size => {
+                let client = self.node.client(self.node.entry(&self.peer)?).await?;
+                client.read_file(&name, version.blake3, size as u32).await?
+            }
+        };
+        let ok = got.data.len() as u64 == version.size
+            && blake3::hash(&got.data).as_bytes() == &version.blake3;
+        anyhow::ensure!(ok, "{} sent other content for {path}", self.peer);
+        let (here, blake3, wire) = (here.to_owned(), version.blake3, got.wire);
+        tokio::task::spawn_blocking(move || put(&here, &got.data, &blake3)).await??;
+        Ok(wire)
+    }
+}
+
+/// Copies `from` to `to` (new, or replacing another version there, which is displaced) if
+/// `from` still holds `blake3`; false if it no longer does.
+fn copy_checked(
+    from: &Path,
+    to: &Path,
+    blake3: &crate::model::manifest::Hash32,
+) -> anyhow::Result<bool> {
+    let Ok((data, _)) = crate::store::read_small_file(from, MAX_WHOLE_FILE) else {
+        return Ok(false);
+    };
+    if blake3::hash(&data).as_bytes() != blake3 {
+        return Ok(false);
+    }
+    put(to, &data, blake3)?;
+    Ok(true)
+}
+
+/// Puts `data` (whose BLAKE3 is `blake3`) at `to` atomically: a new file, or in place of another
+/// version there (kept in the displaced versions; nothing is replaced if it changed meanwhile).
+fn put(to: &Path, data: &[u8], blake3: &crate::model::manifest::Hash32) -> anyhow::Result<()> {
+    let partial = PartialFile::create(to, &download_tag(blake3), data.len() as u64)?;
+    partial.write_at(0, data)?;
+    let _: Committed = match Seen::of(to)? {
+        Some(old) if old.blake3 == *blake3 => return Ok(()),
+        Some(old) => partial.commit_replacing(*blake3, Check::Reread, old)?,
+        None => partial.commit(*blake3, Check::Reread)?,
+    };
+    Ok(())
+}

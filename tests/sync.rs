@@ -1,0 +1,216 @@
+//! `sync` with real processes on 127.0.0.1: a folder kept identical between peers.
+
+mod util;
+
+use std::path::Path;
+use std::time::Duration;
+
+use util::{Net, Server, TestResult, poll};
+
+/// Starts `sync` of `notes` for `id` (a short rescan: the events are what the tests watch, the
+/// rescan a backstop).
+fn sync(net: &Net, id: &str) -> anyhow::Result<Server> {
+    net.start(id, &["sync", "--folder", "notes", "--rescan", "5"])
+}
+
+/// Waits until `rel` in `id`'s notes holds `want` (`None`: absent).
+fn until(net: &Net, id: &str, rel: &str, want: Option<&[u8]>) -> TestResult {
+    let at = net.served(id).join("notes").join(rel);
+    poll(Duration::from_secs(20), || {
+        let now = std::fs::read(&at).ok();
+        Ok((now.as_deref() == want).then_some(()))
+    })
+    .map_err(|e| anyhow::anyhow!("{id}: {rel} never became {want:?}: {e}"))
+}
+
+fn write(dir: &Path, rel: &str, data: &str) -> TestResult {
+    let at = dir.join(rel);
+    std::fs::create_dir_all(at.parent().unwrap())?;
+    std::fs::write(at, data)?;
+    Ok(())
+}
+
+/// The visible files of a folder, relative and sorted, with their bytes.
+fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                out.push((rel, std::fs::read(&p).unwrap_or_default()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Creates, edits, moves between folders and deletes made on either peer reach the other; the
+/// moved file is copied from what the receiver holds (no file bytes), and what a sync replaces
+/// or deletes is kept in the displaced versions.
+#[test]
+fn creates_edits_moves_and_deletes_travel_both_ways() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    let (n1, n2) = (
+        net.served("p1").join("notes"),
+        net.served("p2").join("notes"),
+    );
+    write(&n1, "a.txt", "first note\n")?;
+    write(&n1, "sub/b.txt", "second note\n")?;
+    std::fs::create_dir_all(&n2)?;
+    let s1 = sync(&net, "p1")?;
+    let _s2 = sync(&net, "p2")?;
+    until(&net, "p2", "a.txt", Some(b"first note\n"))?;
+    until(&net, "p2", "sub/b.txt", Some(b"second note\n"))?;
+
+    write(&n2, "a.txt", "first note, edited on p2\n")?;
+    until(&net, "p1", "a.txt", Some(b"first note, edited on p2\n"))?;
+    assert!(
+        std::fs::read_dir(n1.join(".qnode-displaced"))?.count() > 0,
+        "the replaced version is kept"
+    );
+
+    std::fs::create_dir_all(n1.join("other"))?;
+    std::fs::rename(n1.join("sub/b.txt"), n1.join("other/b2.txt"))?;
+    until(&net, "p2", "other/b2.txt", Some(b"second note\n"))?;
+    until(&net, "p2", "sub/b.txt", None)?;
+
+    std::fs::remove_file(n2.join("a.txt"))?;
+    until(&net, "p1", "a.txt", None)?;
+    assert_eq!(tree(&n1), tree(&n2));
+    assert!(tree(&n1).iter().all(|(n, _)| !n.contains("sync-conflict")));
+    // p2 took the moved file from its own copy: p1 served no whole file for it.
+    let log = s1.log();
+    assert!(
+        !log.contains("read_file notes/other/b2.txt"),
+        "the move moved file bytes: {log}"
+    );
+    Ok(())
+}
+
+/// Edits of one file made on both peers while they were apart: one version keeps the name and
+/// the other is kept as a conflict copy, the same on both peers.
+#[test]
+fn concurrent_edits_end_the_same_on_both_peers() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    let (n1, n2) = (
+        net.served("p1").join("notes"),
+        net.served("p2").join("notes"),
+    );
+    write(&n1, "a.txt", "one\ntwo\n")?;
+    std::fs::create_dir_all(&n2)?;
+    let s1 = sync(&net, "p1")?;
+    let s2 = sync(&net, "p2")?;
+    until(&net, "p2", "a.txt", Some(b"one\ntwo\n"))?;
+    drop(s2);
+    write(&n1, "a.txt", "one, by p1\ntwo\n")?;
+    std::thread::sleep(Duration::from_millis(1100));
+    write(&n2, "a.txt", "one\ntwo, by p2\n")?;
+    let _s2 = sync(&net, "p2")?;
+    poll(Duration::from_secs(20), || {
+        let (t1, t2) = (tree(&n1), tree(&n2));
+        Ok((t1 == t2 && t1.len() == 2).then_some(()))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}: {:?} / {:?}", tree(&n1), tree(&n2)))?;
+    // The later edit (p2's) keeps the name; p1's is the copy.
+    let t = tree(&n1);
+    assert_eq!(
+        t[0],
+        (
+            "a.sync-conflict-".to_owned() + &t[0].0[16..],
+            b"one, by p1\ntwo\n".to_vec()
+        )
+    );
+    assert!(t[0].0.ends_with("-p1.txt"), "{t:?}");
+    assert_eq!(t[1], ("a.txt".to_owned(), b"one\ntwo, by p2\n".to_vec()));
+    drop(s1);
+    Ok(())
+}
+
+/// A folder whose marker is gone (an unmounted disk, a deleted folder) spreads no delete: the
+/// peer keeps its files, and the folder is synced again once the marker is back.
+#[test]
+fn a_folder_without_its_marker_spreads_no_deletes() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    let (n1, n2) = (
+        net.served("p1").join("notes"),
+        net.served("p2").join("notes"),
+    );
+    write(&n1, "a.txt", "keep me\n")?;
+    std::fs::create_dir_all(&n2)?;
+    let s1 = sync(&net, "p1")?;
+    let _s2 = sync(&net, "p2")?;
+    until(&net, "p2", "a.txt", Some(b"keep me\n"))?;
+    let marker = std::fs::read(n1.join(".qnodefolder"))?;
+    std::fs::remove_file(n1.join(".qnodefolder"))?;
+    std::fs::remove_file(n1.join("a.txt"))?;
+    s1.wait_for_log_count("sync_index", 1, Duration::from_secs(10))?;
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(std::fs::read(n2.join("a.txt"))?, b"keep me\n");
+    // The marker back (as after a remount): now the delete is real, and it travels.
+    std::fs::write(n1.join(".qnodefolder"), marker)?;
+    write(&n1, "b.txt", "a new note\n")?;
+    until(&net, "p2", "b.txt", Some(b"a new note\n"))?;
+    until(&net, "p2", "a.txt", None)?;
+    Ok(())
+}
+
+/// A peer that was down catches up when it returns, and is sent only what changed since it
+/// last looked.
+#[test]
+fn a_peer_that_was_down_catches_up_with_only_the_changes() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    let (n1, n2) = (
+        net.served("p1").join("notes"),
+        net.served("p2").join("notes"),
+    );
+    for i in 0..20 {
+        write(&n1, &format!("n{i:02}.txt"), &format!("note {i}\n"))?;
+    }
+    std::fs::create_dir_all(&n2)?;
+    let s1 = sync(&net, "p1")?;
+    let s2 = sync(&net, "p2")?;
+    until(&net, "p2", "n19.txt", Some(b"note 19\n"))?;
+    drop(s2);
+    for i in 0..3 {
+        write(&n1, &format!("n{i:02}.txt"), &format!("note {i}, edited\n"))?;
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let _s2 = sync(&net, "p2")?;
+    for i in 0..3 {
+        until(
+            &net,
+            "p2",
+            &format!("n{i:02}.txt"),
+            Some(format!("note {i}, edited\n").as_bytes()),
+        )?;
+    }
+    assert_eq!(tree(&n1), tree(&n2));
+    // What p1 answered p2: all 20 once (since 0), then never more than the 3 changes (the
+    // first p2 may have been sent them too, just before it stopped).
+    let log = s1.log();
+    let answers: Vec<(u64, u64)> = (log.lines())
+        .filter_map(|l| l.split("sync_index \"notes\" since ").nth(1))
+        .filter_map(|rest| {
+            let (since, rest) = rest.split_once(": ")?;
+            let (n, _) = rest.split_once(" changes")?;
+            Some((since.parse().ok()?, n.parse().ok()?))
+        })
+        .collect();
+    let from_zero: u64 = answers.iter().filter(|a| a.0 == 0).map(|a| a.1).sum();
+    let later: Vec<u64> = answers.iter().filter(|a| a.0 >= 20).map(|a| a.1).collect();
+    assert_eq!(from_zero, 20, "{answers:?}");
+    assert!(
+        later.iter().all(|&n| n <= 3) && later.contains(&3),
+        "{answers:?}"
+    );
+    Ok(())
+}
