@@ -96,10 +96,10 @@ fn creates_edits_moves_and_deletes_travel_both_ways() -> TestResult {
     Ok(())
 }
 
-/// Edits of one file made on both peers while they were apart: one version keeps the name and
-/// the other is kept as a conflict copy, the same on both peers.
+/// Edits of the same line of one file made on both peers while they were apart: one version
+/// keeps the name and the other is kept as a conflict copy, the same on both peers.
 #[test]
-fn concurrent_edits_end_the_same_on_both_peers() -> TestResult {
+fn concurrent_edits_of_one_line_end_as_a_conflict_copy_on_both_peers() -> TestResult {
     let net = Net::new(&["p1", "p2"])?;
     let (n1, n2) = (
         net.served("p1").join("notes"),
@@ -113,7 +113,7 @@ fn concurrent_edits_end_the_same_on_both_peers() -> TestResult {
     drop(s2);
     write(&n1, "a.txt", "one, by p1\ntwo\n")?;
     std::thread::sleep(Duration::from_millis(1100));
-    write(&n2, "a.txt", "one\ntwo, by p2\n")?;
+    write(&n2, "a.txt", "one, by p2\ntwo\n")?;
     let _s2 = sync(&net, "p2")?;
     poll(Duration::from_secs(20), || {
         let (t1, t2) = (tree(&n1), tree(&n2));
@@ -130,7 +130,7 @@ fn concurrent_edits_end_the_same_on_both_peers() -> TestResult {
         )
     );
     assert!(t[0].0.ends_with("-p1.txt"), "{t:?}");
-    assert_eq!(t[1], ("a.txt".to_owned(), b"one\ntwo, by p2\n".to_vec()));
+    assert_eq!(t[1], ("a.txt".to_owned(), b"one, by p2\ntwo\n".to_vec()));
     drop(s1);
     Ok(())
 }
@@ -212,5 +212,34 @@ fn a_peer_that_was_down_catches_up_with_only_the_changes() -> TestResult {
         later.iter().all(|&n| n <= 3) && later.contains(&3),
         "{answers:?}"
     );
+    Ok(())
+}
+
+/// Edits of different lines of one file made on both peers while they were apart are merged
+/// three-way against the version both edited: both peers end with one file holding both edits,
+/// and no conflict copy.
+#[test]
+fn concurrent_edits_of_different_lines_merge_alike_on_both_peers() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    let (n1, n2) = (
+        net.served("p1").join("notes"),
+        net.served("p2").join("notes"),
+    );
+    write(&n1, "a.txt", "one\ntwo\nthree\nfour\n")?;
+    std::fs::create_dir_all(&n2)?;
+    let _s1 = sync(&net, "p1")?;
+    let s2 = sync(&net, "p2")?;
+    until(&net, "p2", "a.txt", Some(b"one\ntwo\nthree\nfour\n"))?;
+    drop(s2);
+    write(&n1, "a.txt", "one, by p1\ntwo\nthree\nfour\n")?;
+    std::thread::sleep(Duration::from_millis(1100));
+    write(&n2, "a.txt", "one\ntwo\nthree\nfour, by p2\n")?;
+    let _s2 = sync(&net, "p2")?;
+    let merged = b"one, by p1\ntwo\nthree\nfour, by p2\n";
+    until(&net, "p1", "a.txt", Some(merged))?;
+    until(&net, "p2", "a.txt", Some(merged))?;
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(tree(&n1), tree(&n2));
+    assert_eq!(tree(&n1).len(), 1, "no conflict copy: {:?}", tree(&n1));
     Ok(())
 }

@@ -28,7 +28,7 @@ use crate::model::peers::{PeerId, Root};
 use crate::model::vector::Version;
 use crate::net::client::ClientError;
 use crate::net::server::synced::{SyncedFolder, SyncedFolders};
-use crate::store::synced::{Change, SETTLE, SyncIndex};
+use crate::store::synced::{Change, MAX_MERGED, SETTLE, SyncIndex};
 use crate::store::{Check, Committed, PartialFile, Seen, download_tag};
 use crate::wire::protocol::{ErrorKind, SyncRecord};
 
@@ -138,6 +138,7 @@ async fn scan(folder: &Arc<SyncedFolder>, me: &PeerId, on: &On) -> anyhow::Resul
         let found = index.scan(SystemTime::now())?;
         if !found.0.is_empty() {
             index.save()?;
+            index.prune_objects();
         }
         anyhow::Ok(found)
     })
@@ -333,7 +334,8 @@ impl Puller {
         // A change here not scanned yet is scanned first: it is a version too.
         let ours = self.current(&path, &here).await?;
         let theirs = record.version;
-        match decide(&path, ours.as_ref(), &theirs, false) {
+        let mergeable = self.mergeable(ours.as_ref(), &theirs);
+        match decide(&path, ours.as_ref(), &theirs, mergeable) {
             Decision::Keep => {}
             Decision::Relabel(vector) => {
                 if let Some(mut ours) = ours {
@@ -346,35 +348,145 @@ impl Puller {
                 self.take(&path, &here, ours.as_ref(), version).await?;
             }
             // Merging is not built yet: concurrent text edits are kept apart as conflicts.
-            Decision::Merge { .. } | Decision::Conflict { .. } => {
+            Decision::Merge { first, vector } => {
                 let Some(ours) = ours else { return Ok(()) };
-                let Decision::Conflict {
-                    winner,
-                    vector,
-                    copy,
-                } = crate::engine::sync::conflict(&path, &ours, &theirs)
-                else {
-                    return Ok(());
-                };
-                let copy_at = self.folder.lock().folder().join(&copy);
-                match winner {
-                    Side::Theirs => {
-                        // Ours goes to the copy (a link: the same bytes), theirs takes the name.
-                        std::fs::hard_link(&here, &copy_at)
-                            .with_context(|| format!("keeping {copy}"))?;
-                        self.record(&copy, ours.clone(), Some(&copy_at)).await?;
-                        let version = Version { vector, ..theirs };
-                        self.take(&path, &here, Some(&ours), version).await?;
-                    }
-                    Side::Ours => {
-                        self.take(&copy, &copy_at, None, theirs.clone()).await?;
-                        let version = Version { vector, ..ours };
-                        self.record(&path, version, Some(&here)).await?;
-                    }
+                let both = (&ours, &theirs);
+                if !self.merge(&path, &here, both, first, vector).await? {
+                    self.keep_apart(&path, &here, ours, theirs).await?;
                 }
-                self.tell("conflict", path, 0, copy);
+            }
+            Decision::Conflict { .. } => {
+                let Some(ours) = ours else { return Ok(()) };
+                self.keep_apart(&path, &here, ours, theirs).await?;
             }
         }
+        Ok(())
+    }
+
+    /// Whether concurrent `ours` and `theirs` may merge: both text edits of one version whose
+    /// content we kept.
+    fn mergeable(&self, ours: Option<&Version>, theirs: &Version) -> bool {
+        let Some(ours) = ours else { return false };
+        let edits = !ours.deleted && !theirs.deleted;
+        let small = ours.size <= MAX_MERGED && theirs.size <= MAX_MERGED;
+        let same_parent = ours.parent.is_some() && ours.parent == theirs.parent;
+        edits
+            && small
+            && same_parent
+            && ours
+                .parent
+                .is_some_and(|p| self.folder.lock().object(&p).is_some())
+    }
+
+    /// Merges our version and theirs (both edits of one parent) three-way, `first` first, and
+    /// puts the result under the name with `vector`, made by `first`'s peer: every peer merging
+    /// the two gets the same bytes and version. False if the edits overlap (or a part is
+    /// missing): the caller keeps them apart instead.
+    async fn merge(
+        &self,
+        path: &str,
+        here: &Path,
+        (ours, theirs): (&Version, &Version),
+        first: Side,
+        vector: crate::model::vector::Vector,
+    ) -> anyhow::Result<bool> {
+        let Some(parent) = ours.parent else {
+            return Ok(false);
+        };
+        let Some(ancestor) = self.folder.lock().object(&parent) else {
+            return Ok(false);
+        };
+        let Ok((mine, _)) = crate::store::read_small_file(here, MAX_MERGED) else {
+            return Ok(false);
+        };
+        if blake3::hash(&mine).as_bytes() != &ours.blake3 {
+            // Changed again meanwhile: decided at the next look.
+            anyhow::bail!("{path} changed while being merged");
+        }
+        let got = self.read_theirs(path, theirs).await?;
+        let (a, b, by) = match first {
+            Side::Ours => (&mine[..], &got.data[..], &ours.by),
+            Side::Theirs => (&got.data[..], &mine[..], &theirs.by),
+        };
+        let Some(merged) = crate::engine::sync::merge_text(&ancestor, a, b) else {
+            return Ok(false);
+        };
+        let blake3 = *blake3::hash(&merged).as_bytes();
+        let version = Version {
+            size: merged.len() as u64,
+            blake3,
+            deleted: false,
+            vector,
+            modified: ours.modified.max(theirs.modified),
+            by: by.clone(),
+            parent: Some(parent),
+        };
+        let to = here.to_owned();
+        let data = merged.clone();
+        tokio::task::spawn_blocking(move || put(&to, &data, &blake3)).await??;
+        self.folder.lock().keep_object(&blake3, &merged);
+        self.record(path, version, Some(here)).await?;
+        self.tell("merged", path.to_owned(), got.wire, String::new());
+        Ok(true)
+    }
+
+    /// The whole of their version of `path` (at most [`MAX_WHOLE_FILE`] bytes), checked.
+    async fn read_theirs(
+        &self,
+        path: &str,
+        theirs: &Version,
+    ) -> anyhow::Result<crate::wire::exchange::Received> {
+        let name = self.name_of(path)?;
+        let client = self.node.client(self.node.entry(&self.peer)?).await?;
+        let size = u32::try_from(theirs.size).unwrap_or(u32::MAX);
+        let got = client.read_file(&name, theirs.blake3, size).await?;
+        let ok = got.data.len() as u64 == theirs.size
+            && blake3::hash(&got.data).as_bytes() == &theirs.blake3;
+        anyhow::ensure!(ok, "{} sent other content for {path}", self.peer);
+        Ok(got)
+    }
+
+    /// The name the peer serves the folder's `path` under.
+    fn name_of(&self, path: &str) -> anyhow::Result<FilePath> {
+        Ok(match self.name.as_str() {
+            "" => FilePath::new(path)?,
+            folder => FilePath::new(format!("{folder}/{path}"))?,
+        })
+    }
+
+    /// Concurrent edits that cannot merge: the winner keeps the name, the other is kept as a
+    /// conflict copy (named alike on every peer).
+    async fn keep_apart(
+        &self,
+        path: &str,
+        here: &Path,
+        ours: Version,
+        theirs: Version,
+    ) -> anyhow::Result<()> {
+        let Decision::Conflict {
+            winner,
+            vector,
+            copy,
+        } = crate::engine::sync::conflict(path, &ours, &theirs)
+        else {
+            return Ok(());
+        };
+        let copy_at = self.folder.lock().folder().join(&copy);
+        match winner {
+            Side::Theirs => {
+                // Ours goes to the copy (a link: the same bytes), theirs takes the name.
+                std::fs::hard_link(here, &copy_at).with_context(|| format!("keeping {copy}"))?;
+                self.record(&copy, ours.clone(), Some(&copy_at)).await?;
+                let version = Version { vector, ..theirs };
+                self.take(path, here, Some(&ours), version).await?;
+            }
+            Side::Ours => {
+                self.take(&copy, &copy_at, None, theirs.clone()).await?;
+                let version = Version { vector, ..ours };
+                self.record(path, version, Some(here)).await?;
+            }
+        }
+        self.tell("conflict", path.to_owned(), 0, copy);
         Ok(())
     }
 
@@ -433,10 +545,7 @@ impl Puller {
     /// Fetches `version` of `path` from the peer into `here`, atomically, the file there (if
     /// any) kept in the displaced versions. The bytes that crossed the wire.
     async fn fetch(&self, path: &str, here: &Path, version: &Version) -> anyhow::Result<u64> {
-        let name = match self.name.as_str() {
-            "" => FilePath::new(path)?,
-            folder => FilePath::new(format!("{folder}/{path}"))?,
-        };
+        let name = self.name_of(path)?;
         let served = self.node.served_dir();
         let inside = FilePath::new(
             here.strip_prefix(&served)
@@ -480,6 +589,7 @@ impl Puller {
         let ok = got.data.len() as u64 == version.size
             && blake3::hash(&got.data).as_bytes() == &version.blake3;
         anyhow::ensure!(ok, "{} sent other content for {path}", self.peer);
+        self.folder.lock().keep_object(&version.blake3, &got.data);
         let (here, blake3, wire) = (here.to_owned(), version.blake3, got.wire);
         tokio::task::spawn_blocking(move || put(&here, &got.data, &blake3)).await??;
         Ok(wire)

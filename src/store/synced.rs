@@ -32,6 +32,10 @@ pub const SYNC_DIR: &str = ".qnode-sync";
 /// taken at a later scan).
 pub const SETTLE: Duration = Duration::from_millis(300);
 
+/// Largest text file kept for three-way merges (its content, while a version of it may need it
+/// as the ancestor).
+pub const MAX_MERGED: u64 = 1 << 20;
+
 /// What the index file begins with (its format's version).
 const MAGIC: [u8; 8] = *b"qnsync01";
 
@@ -179,6 +183,11 @@ impl SyncIndex {
                 .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
             let modified = mtime.map_or(0, |d| d.as_secs() as i64);
             self.change(&path, key.size, seen.blake3, false, modified, Some(key));
+            if key.size <= MAX_MERGED
+                && let Ok((data, _)) = super::read_small_file(entry.path(), MAX_MERGED)
+            {
+                self.keep_object(&seen.blake3, &data);
+            }
             changes.push(Change::Changed(path));
         }
         // While a file is still being written, files gone wait too: a rename shows as a file
@@ -266,6 +275,59 @@ impl SyncIndex {
             (Some(k), None) => k.version.deleted,
             (Some(k), Some(now)) => !k.version.deleted && k.key == Some(now),
             (None, Some(_)) => false,
+        }
+    }
+
+    /// Keeps `data` (whose BLAKE3 must be `blake3`), if it is text of at most [`MAX_MERGED`]
+    /// bytes, as a possible ancestor for a three-way merge. Best effort: a merge without its
+    /// ancestor becomes a conflict copy, nothing worse.
+    pub fn keep_object(&self, blake3: &Hash32, data: &[u8]) {
+        let text = !data.contains(&0) && std::str::from_utf8(data).is_ok();
+        if data.len() as u64 > MAX_MERGED || !text || blake3::hash(data).as_bytes() != blake3 {
+            return;
+        }
+        let dir = self.file.with_extension("objects");
+        let at = dir.join(crate::model::manifest::hex(blake3));
+        if at.exists() {
+            return;
+        }
+        let temp = dir.join(format!(".{}.tmp", std::process::id()));
+        let kept = fs::create_dir_all(&dir)
+            .and_then(|()| fs::write(&temp, data))
+            .and_then(|()| fs::rename(&temp, &at));
+        if let Err(e) = kept {
+            let _ = fs::remove_file(&temp);
+            tracing::debug!("not keeping an ancestor for merges: {e}");
+        }
+    }
+
+    /// The content `blake3` if it was kept for merges (and still hashes to it).
+    pub fn object(&self, blake3: &Hash32) -> Option<Vec<u8>> {
+        let at = self
+            .file
+            .with_extension("objects")
+            .join(crate::model::manifest::hex(blake3));
+        let (data, _) = super::read_small_file(&at, MAX_MERGED).ok()?;
+        (blake3::hash(&data).as_bytes() == blake3).then_some(data)
+    }
+
+    /// Removes the kept contents no version in the index is or was made from.
+    pub fn prune_objects(&self) {
+        let dir = self.file.with_extension("objects");
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return;
+        };
+        let wanted: std::collections::HashSet<String> = (self.state.files.values())
+            .filter(|k| !k.version.deleted)
+            .flat_map(|k| [Some(k.version.blake3), k.version.parent])
+            .flatten()
+            .map(|b| crate::model::manifest::hex(&b))
+            .collect();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !wanted.contains(&name) {
+                let _ = fs::remove_file(e.path());
+            }
         }
     }
 
