@@ -131,6 +131,17 @@ fn concurrent_edits_of_one_line_end_as_a_conflict_copy_on_both_peers() -> TestRe
     );
     assert!(t[0].0.ends_with("-p1.txt"), "{t:?}");
     assert_eq!(t[1], ("a.txt".to_owned(), b"one, by p2\ntwo\n".to_vec()));
+    // `status` names the copy kept and finds p2 in sync once nothing is pending.
+    poll(Duration::from_secs(10), || {
+        let json = net.json("p1", &["status", "--json"])?;
+        let f = &json["folders"][0];
+        let p2 = &f["peers"][0];
+        let done = f["folder"] == "notes"
+            && f["conflicts"].as_array().is_some_and(|c| c.len() == 1)
+            && p2["peer"] == "p2"
+            && p2["in_sync"] == true;
+        Ok(done.then_some(()))
+    })?;
     drop(s1);
     Ok(())
 }

@@ -52,6 +52,17 @@ pub enum Command {
     /// Serve, and keep a folder identical with the same folder on peers that sync it too, until
     /// SIGINT or SIGTERM
     Sync(SyncArgs),
+    /// For each folder synced here and each other peer: in sync or not, what is pending, the
+    /// conflict copies kept
+    Status(StatusArgs),
+}
+
+/// Options of `status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Print one JSON object instead of text
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Options of `sync`.

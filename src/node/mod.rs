@@ -79,7 +79,7 @@ mod folder;
 mod levels;
 mod sync;
 pub use folder::{FileStatus, FolderDownloaded, FolderFile, FolderProgress};
-pub use sync::{SyncEvent, SyncOptions, sync};
+pub use sync::{FolderStatus, PeerStatus, SyncEvent, SyncOptions, sync};
 
 /// One peer's files.
 #[derive(Debug)]

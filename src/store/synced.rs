@@ -52,6 +52,8 @@ pub struct Known {
 
 #[derive(Default, Serialize, Deserialize)]
 struct OnDisk {
+    /// The folder's name (a path in `served_files`; empty for all of it).
+    name: String,
     files: BTreeMap<String, Known>,
     sequence: u64,
     seen: BTreeMap<String, u64>,
@@ -107,7 +109,10 @@ impl SyncIndex {
                 let marker = folder.join(MARKER);
                 fs::write(&marker, b"qnode sync marker: do not delete\n")
                     .map_err(|e| StoreError::io("making", &marker, e))?;
-                OnDisk::default()
+                OnDisk {
+                    name: name.to_owned(),
+                    ..OnDisk::default()
+                }
             }
             Err(e) => return Err(StoreError::io("reading", &file, e)),
         };
@@ -377,6 +382,55 @@ impl SyncIndex {
             .map_err(io)?;
         fs::rename(&temp, &self.file).map_err(|e| StoreError::io("renaming", &temp, e))
     }
+}
+
+/// What `status` tells of one synced folder, read from its index.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// The folder's name (a path in `served_files`; empty for all of it).
+    pub name: String,
+    /// Files in it now.
+    pub files: usize,
+    /// Conflict copies in it now.
+    pub conflicts: Vec<String>,
+    /// How far we took in each peer's index.
+    pub seen: BTreeMap<String, u64>,
+    /// Our last sequence number.
+    pub sequence: u64,
+    /// Whether its marker is there.
+    pub marked: bool,
+}
+
+/// The folders synced in `root` (`served_files`), from their indexes (read only).
+pub fn synced_folders(root: &Path) -> Vec<Summary> {
+    let Ok(entries) = fs::read_dir(root.join(SYNC_DIR)) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Summary> = (entries.flatten())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "index"))
+        .filter_map(|e| decode(&fs::read(e.path()).ok()?))
+        .map(|state| {
+            let live = state.files.iter().filter(|(_, k)| !k.version.deleted);
+            let conflicts = (live.clone())
+                .filter(|(p, _)| p.contains(".sync-conflict-"))
+                .map(|(p, _)| p.clone())
+                .collect();
+            let folder = match state.name.as_str() {
+                "" => root.to_owned(),
+                name => root.join(name),
+            };
+            Summary {
+                files: live.count(),
+                conflicts,
+                marked: folder.join(MARKER).is_file(),
+                name: state.name,
+                seen: state.seen,
+                sequence: state.sequence,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
 }
 
 /// Whether a file of identity `key` has been left alone long enough before `now`.
