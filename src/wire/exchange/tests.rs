@@ -255,3 +255,84 @@ async fn a_compressed_reply_is_unpacked_and_a_bomb_is_an_error() {
         }
     }
 }
+
+/// A sync index answer from a hostile peer is refused when its sequence numbers are out of
+/// order or outside what was asked, or a version names a bad vector or peer; a path outside the
+/// folder cannot even be decoded.
+#[tokio::test]
+async fn sync_index_answers_that_break_the_rules_are_refused() {
+    use crate::model::vector::{Vector, Version};
+    use protocol::SyncRecord;
+    let mut vector = Vector::default();
+    vector.bump(&"p2".parse().unwrap());
+    let record = |path: &str, sequence: u64| SyncRecord {
+        path: name(path),
+        version: Version {
+            size: 1,
+            blake3: [1; 32],
+            deleted: false,
+            vector: vector.clone(),
+            modified: 0,
+            by: "p2".into(),
+            parent: None,
+        },
+        sequence,
+    };
+    let answer = |records: Vec<SyncRecord>, last: u64| Response::SyncIndex {
+        records,
+        last,
+        more: false,
+    };
+    let mut bad_peer = record("a", 6);
+    bad_peer.version.by = "../p2".into();
+    let mut not_by_its_peer = record("a", 6);
+    not_by_its_peer.version.by = "p3".into();
+    let mut bad_vector = record("a", 6);
+    let mut entries = Vector::default();
+    entries.bump(&"p9".parse().unwrap());
+    bad_vector.version.vector = entries.merged(&vector);
+    bad_vector.version.vector = reversed(&bad_vector.version.vector);
+    let cases = [
+        (
+            "fine",
+            answer(vec![record("a", 6), record("b", 7)], 9),
+            true,
+        ),
+        (
+            "out of order",
+            answer(vec![record("a", 7), record("b", 6)], 9),
+            false,
+        ),
+        ("at or below since", answer(vec![record("a", 5)], 9), false),
+        ("beyond last", answer(vec![record("a", 10)], 9), false),
+        ("bad peer", answer(vec![bad_peer], 9), false),
+        (
+            "made by a peer not in its vector",
+            answer(vec![not_by_its_peer], 9),
+            false,
+        ),
+        ("unsorted vector", answer(vec![bad_vector], 9), false),
+    ];
+    for (what, response, ok) in cases {
+        let ((mut cw, mut cr), (mut sw, mut sr)) = pipe();
+        let server = tokio::spawn(async move {
+            let _ = read_request(&mut sr).await.unwrap();
+            respond(&mut sw, &response).await;
+        });
+        let got = sync_index(&mut cw, &mut cr, "notes", 5, 0).await;
+        server.await.unwrap();
+        assert_eq!(got.is_ok(), ok, "{what}: {got:?}");
+    }
+    // `..` in a path is refused while the answer is decoded.
+    let mut raw = vec![20u8, 1, 4];
+    raw.extend(b"../a");
+    assert!(postcard::from_bytes::<Response>(&raw).is_err());
+}
+
+/// The same entries in the reverse order (a vector only a hostile peer would send).
+fn reversed(v: &crate::model::vector::Vector) -> crate::model::vector::Vector {
+    let mut entries: Vec<(String, u64)> = v.entries().to_vec();
+    entries.reverse();
+    let bytes = postcard::to_stdvec(&entries).unwrap();
+    postcard::from_bytes(&bytes).unwrap()
+}
