@@ -254,3 +254,43 @@ fn concurrent_edits_of_different_lines_merge_alike_on_both_peers() -> TestResult
     assert_eq!(tree(&n1).len(), 1, "no conflict copy: {:?}", tree(&n1));
     Ok(())
 }
+
+/// A peer killed (SIGKILL) while it takes in a folder loses nothing: every file it holds is a
+/// complete version, and once restarted it finishes, identical to the other peer.
+#[test]
+fn a_peer_killed_mid_sync_holds_only_whole_files_and_finishes_after_a_restart() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    let (n1, n2) = (
+        net.served("p1").join("notes"),
+        net.served("p2").join("notes"),
+    );
+    for i in 0..20u64 {
+        let text = util::text::prose(64 << 10, i);
+        write(&n1, &format!("n{i:02}.txt"), std::str::from_utf8(&text)?)?;
+    }
+    std::fs::create_dir_all(&n2)?;
+    // p1 sends slowly: p2 is still taking the folder in when it is killed.
+    let args = ["sync", "--folder", "notes", "--max-upload-rate", "256K"];
+    let _s1 = net.start("p1", &args)?;
+    let mut s2 = sync(&net, "p2")?;
+    poll(Duration::from_secs(20), || {
+        Ok((tree(&n2).len() >= 3).then_some(()))
+    })?;
+    s2.signal(libc::SIGKILL);
+    s2.kill();
+    let want = tree(&n1);
+    let held = tree(&n2);
+    assert!(
+        held.len() < want.len(),
+        "killed before the end: {}",
+        held.len()
+    );
+    for file in &held {
+        assert!(want.contains(file), "{} is not a whole version", file.0);
+    }
+    let _s2 = sync(&net, "p2")?;
+    poll(Duration::from_secs(30), || {
+        Ok((tree(&n2) == want).then_some(()))
+    })?;
+    Ok(())
+}
