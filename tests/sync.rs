@@ -190,6 +190,11 @@ fn a_peer_that_was_down_catches_up_with_only_the_changes() -> TestResult {
     let s1 = sync(&net, "p1")?;
     let s2 = sync(&net, "p2")?;
     until(&net, "p2", "n19.txt", Some(b"note 19\n"))?;
+    // Stopped once it has taken in (and noted) all of p1's index.
+    poll(Duration::from_secs(10), || {
+        let json = net.json("p2", &["status", "--json"])?;
+        Ok((json["folders"][0]["peers"][0]["in_sync"] == true).then_some(()))
+    })?;
     drop(s2);
     for i in 0..3 {
         write(&n1, &format!("n{i:02}.txt"), &format!("note {i}, edited\n"))?;
@@ -292,5 +297,49 @@ fn a_peer_killed_mid_sync_holds_only_whole_files_and_finishes_after_a_restart() 
     poll(Duration::from_secs(30), || {
         Ok((tree(&n2) == want).then_some(()))
     })?;
+    Ok(())
+}
+
+/// Two peers editing the same file every 100 ms for 10 s converge to one identical folder once
+/// the edits stop, and each peer's last edit survives (under the name or as a conflict copy).
+#[test]
+fn an_edit_storm_on_two_peers_converges_and_keeps_both_last_edits() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    let (n1, n2) = (
+        net.served("p1").join("notes"),
+        net.served("p2").join("notes"),
+    );
+    write(&n1, "a.txt", "start\n")?;
+    std::fs::create_dir_all(&n2)?;
+    let _s1 = sync(&net, "p1")?;
+    let _s2 = sync(&net, "p2")?;
+    until(&net, "p2", "a.txt", Some(b"start\n"))?;
+    let storm = |dir: std::path::PathBuf, who: &'static str| {
+        std::thread::spawn(move || -> anyhow::Result<String> {
+            let mut last = String::new();
+            for k in 0..100 {
+                last = format!("{who} edit {k}\n");
+                std::fs::write(dir.join("a.txt"), &last)?;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(last)
+        })
+    };
+    let (a, b) = (storm(n1.clone(), "p1"), storm(n2.clone(), "p2"));
+    let lasts = [a.join().unwrap()?, b.join().unwrap()?];
+    poll(Duration::from_secs(30), || {
+        let (t1, t2) = (tree(&n1), tree(&n2));
+        Ok((t1 == t2).then_some(()))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}: {:?} / {:?}", tree(&n1), tree(&n2)))?;
+    std::thread::sleep(Duration::from_secs(1));
+    let t = tree(&n1);
+    assert_eq!(t, tree(&n2));
+    for last in &lasts {
+        assert!(
+            t.iter().any(|(_, data)| data == last.as_bytes()),
+            "{last:?} was lost: {t:?}"
+        );
+    }
     Ok(())
 }
