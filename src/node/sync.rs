@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
+use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::{Node, ServeOptions};
@@ -61,6 +62,8 @@ pub struct SyncEvent {
 
 /// How long a peer's `SyncIndex` question waits for a change.
 const WAIT_MS: u32 = 15_000;
+/// Records of one answer applied at once.
+const APPLIED_AT_ONCE: usize = 16;
 /// Quiet time after file-system events before a scan.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
@@ -311,19 +314,32 @@ impl Puller {
             return Ok(false);
         }
         let caught_up = page.records.is_empty() && !page.more;
-        for record in page.records {
-            let sequence = record.sequence;
+        let Some(last) = page.records.last().map(|r| r.sequence) else {
+            return Ok(caught_up);
+        };
+        // New versions many at once (paths in a page are distinct), then deletes: a move's new
+        // name is copied from the old one before the old one goes.
+        let (edits, deletes): (Vec<_>, Vec<_>) =
+            page.records.into_iter().partition(|r| !r.version.deleted);
+        let applied: Vec<anyhow::Result<()>> = futures_util::stream::iter(edits)
+            .map(|r| self.apply(r))
+            .buffer_unordered(APPLIED_AT_ONCE)
+            .collect()
+            .await;
+        applied.into_iter().collect::<anyhow::Result<()>>()?;
+        for record in deletes {
             self.apply(record).await?;
-            let f = self.folder.clone();
-            let peer = self.peer.to_string();
-            tokio::task::spawn_blocking(move || {
-                let mut index = f.lock();
-                index.saw(&peer, sequence);
-                index.save()
-            })
-            .await??;
-            self.folder.tell();
         }
+        // Noted once per page: after a crash the page is asked again, and what was applied
+        // already is found the same.
+        let (f, peer) = (self.folder.clone(), self.peer.to_string());
+        tokio::task::spawn_blocking(move || {
+            let mut index = f.lock();
+            index.saw(&peer, last);
+            index.save()
+        })
+        .await??;
+        self.folder.tell();
         Ok(caught_up)
     }
 
