@@ -13,6 +13,15 @@ fn sync(net: &Net, id: &str) -> anyhow::Result<Server> {
     net.start(id, &["sync", "--folder", "notes", "--rescan", "5"])
 }
 
+/// Waits until `id` has taken in (and noted) all of the other peer's index, so that stopping it
+/// loses nothing of what it knows.
+fn settled(net: &Net, id: &str) -> TestResult {
+    poll(Duration::from_secs(10), || {
+        let json = net.json(id, &["status", "--json"])?;
+        Ok((json["folders"][0]["peers"][0]["in_sync"] == true).then_some(()))
+    })
+}
+
 /// Waits until `rel` in `id`'s notes holds `want` (`None`: absent).
 fn until(net: &Net, id: &str, rel: &str, want: Option<&[u8]>) -> TestResult {
     let at = net.served(id).join("notes").join(rel);
@@ -110,6 +119,7 @@ fn concurrent_edits_of_one_line_end_as_a_conflict_copy_on_both_peers() -> TestRe
     let s1 = sync(&net, "p1")?;
     let s2 = sync(&net, "p2")?;
     until(&net, "p2", "a.txt", Some(b"one\ntwo\n"))?;
+    settled(&net, "p2")?;
     drop(s2);
     write(&n1, "a.txt", "one, by p1\ntwo\n")?;
     std::thread::sleep(Duration::from_millis(1100));
@@ -191,10 +201,7 @@ fn a_peer_that_was_down_catches_up_with_only_the_changes() -> TestResult {
     let s2 = sync(&net, "p2")?;
     until(&net, "p2", "n19.txt", Some(b"note 19\n"))?;
     // Stopped once it has taken in (and noted) all of p1's index.
-    poll(Duration::from_secs(10), || {
-        let json = net.json("p2", &["status", "--json"])?;
-        Ok((json["folders"][0]["peers"][0]["in_sync"] == true).then_some(()))
-    })?;
+    settled(&net, "p2")?;
     drop(s2);
     for i in 0..3 {
         write(&n1, &format!("n{i:02}.txt"), &format!("note {i}, edited\n"))?;
@@ -246,6 +253,7 @@ fn concurrent_edits_of_different_lines_merge_alike_on_both_peers() -> TestResult
     let _s1 = sync(&net, "p1")?;
     let s2 = sync(&net, "p2")?;
     until(&net, "p2", "a.txt", Some(b"one\ntwo\nthree\nfour\n"))?;
+    settled(&net, "p2")?;
     drop(s2);
     write(&n1, "a.txt", "one, by p1\ntwo\nthree\nfour\n")?;
     std::thread::sleep(Duration::from_millis(1100));

@@ -277,10 +277,14 @@ pub(crate) fn print_sync_event(e: &node::SyncEvent, json: bool) {
             "" => String::new(),
             d => format!(" ({d})"),
         };
-        format!(
-            "{} {} from {}, {} bytes on the wire{detail}",
-            e.event, e.name, e.peer, e.bytes
-        )
+        match e.event {
+            // Here, not from a peer.
+            "changed" | "deleted" | "paused" => format!("{} {} here{detail}", e.event, e.name),
+            _ => format!(
+                "{} {} from {}, {} bytes on the wire{detail}",
+                e.event, e.name, e.peer, e.bytes
+            ),
+        }
     };
     // A closed stdout ends nothing: sync goes on.
     let _ = writeln!(std::io::stdout().lock(), "{line}");

@@ -14,7 +14,7 @@
 //!   our edit is a version too, and is decided against theirs, never overwritten unseen.
 
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -62,8 +62,8 @@ pub struct SyncEvent {
 
 /// How long a peer's `SyncIndex` question waits for a change.
 const WAIT_MS: u32 = 15_000;
-/// Records of one answer applied at once.
-const APPLIED_AT_ONCE: usize = 16;
+/// Records of one answer applied at once (most are small files: round trips, not bytes).
+const APPLIED_AT_ONCE: usize = 32;
 /// Quiet time after file-system events before a scan.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
@@ -135,10 +135,23 @@ pub async fn sync(
 /// Scans the folder, records and announces what changed here; tells the waiting peers.
 /// Returns whether a file was still being written (scan again soon).
 async fn scan(folder: &Arc<SyncedFolder>, me: &PeerId, on: &On) -> anyhow::Result<bool> {
+    scan_some(folder, me, on, None).await
+}
+
+/// [`scan`], of the files at or under `paths` only (all of them if `None`).
+async fn scan_some(
+    folder: &Arc<SyncedFolder>,
+    me: &PeerId,
+    on: &On,
+    paths: Option<Vec<String>>,
+) -> anyhow::Result<bool> {
     let f = folder.clone();
     let scanned = tokio::task::spawn_blocking(move || {
         let mut index = f.lock();
-        let found = index.scan(SystemTime::now())?;
+        let found = match &paths {
+            None => index.scan(SystemTime::now())?,
+            Some(paths) => index.scan_paths(SystemTime::now(), paths)?,
+        };
         if !found.0.is_empty() {
             index.save()?;
             index.prune_objects();
@@ -173,14 +186,24 @@ async fn scan(folder: &Arc<SyncedFolder>, me: &PeerId, on: &On) -> anyhow::Resul
 async fn watch_here(
     folder: Arc<SyncedFolder>,
     me: PeerId,
-    (rescan, mut soon): (Duration, bool),
+    (rescan, soon): (Duration, bool),
     on: On,
     stop: CancellationToken,
 ) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let dir = folder.lock().folder().to_owned();
-    let watcher = notify_debouncer_full::new_debouncer(DEBOUNCE, None, move |_| {
-        let _ = tx.send(());
+    // Each batch of events as the paths they name (`None`: something was missed, scan all).
+    let watcher = notify_debouncer_full::new_debouncer(DEBOUNCE, None, move |got| {
+        let paths: Option<Vec<PathBuf>> = match got {
+            Ok(events) => {
+                let events: Vec<notify_debouncer_full::DebouncedEvent> = events;
+                let rescan = events.iter().any(|e| e.need_rescan());
+                let paths = events.into_iter().flat_map(|e| e.event.paths);
+                (!rescan).then(|| paths.collect())
+            }
+            Err(_) => None,
+        };
+        let _ = tx.send(paths);
     });
     // Without events (no inotify), the rescan still finds every change.
     let _watcher = match watcher {
@@ -200,17 +223,39 @@ async fn watch_here(
         }
     };
     let mut paused = false;
+    let mut events_on = true;
+    // Paths to look at again soon (still being written); `None` inside: all.
+    let mut again: Option<Option<Vec<String>>> = soon.then_some(None);
     loop {
-        let wait = if soon { SETTLE } else { rescan };
+        let wait = if again.is_some() { SETTLE } else { rescan };
+        let mut look: Option<Vec<String>> = Some(Vec::new());
         tokio::select! {
             () = stop.cancelled() => return,
-            _ = rx.recv() => {}
-            () = tokio::time::sleep(wait) => {}
+            got = rx.recv(), if events_on => match got {
+                Some(got) => add_paths(&mut look, &dir, got),
+                // The watcher is gone: rescans only.
+                None => {
+                    events_on = false;
+                    continue;
+                }
+            },
+            () = tokio::time::sleep(wait) => {
+                look = again.take().unwrap_or(None);
+            }
         }
-        while rx.try_recv().is_ok() {}
-        match scan(&folder, &me, &on).await {
+        while let Ok(got) = rx.try_recv() {
+            add_paths(&mut look, &dir, got);
+        }
+        if let (Some(look), Some(Some(more))) = (&mut look, &again) {
+            look.extend(more.iter().cloned());
+        }
+        if look.as_ref().is_some_and(Vec::is_empty) {
+            continue;
+        }
+        let looked = look.clone();
+        match scan_some(&folder, &me, &on, look).await {
             Ok(unsettled) => {
-                soon = unsettled;
+                again = unsettled.then_some(looked);
                 if paused {
                     paused = false;
                     let name = dir.display().to_string();
@@ -237,6 +282,28 @@ async fn watch_here(
                     });
                 }
             }
+        }
+    }
+}
+
+/// Adds what a batch of events names to `look` (paths inside the folder that a served tree
+/// shows: hidden entries, such as our temporary files, left out); `None` (something was
+/// missed) makes it a scan of everything.
+fn add_paths(look: &mut Option<Vec<String>>, dir: &Path, got: Option<Vec<PathBuf>>) {
+    let (Some(paths), Some(list)) = (got, look.as_mut()) else {
+        *look = None;
+        return;
+    };
+    for p in paths {
+        let Some(rel) = p.strip_prefix(dir).ok().and_then(|r| r.to_str()) else {
+            continue;
+        };
+        if rel.is_empty() {
+            *look = None;
+            return;
+        }
+        if FilePath::new(rel).is_ok() && !list.iter().any(|l| l == rel) {
+            list.push(rel.to_owned());
         }
     }
 }
@@ -634,10 +701,12 @@ fn copy_checked(
 fn put(to: &Path, data: &[u8], blake3: &crate::model::manifest::Hash32) -> anyhow::Result<()> {
     let partial = PartialFile::create(to, &download_tag(blake3), data.len() as u64)?;
     partial.write_at(0, data)?;
+    // Hashed as written (in memory), not read back.
+    let written = Check::Streamed(*blake3::hash(data).as_bytes());
     let _: Committed = match Seen::of(to)? {
         Some(old) if old.blake3 == *blake3 => return Ok(()),
-        Some(old) => partial.commit_replacing(*blake3, Check::Reread, old)?,
-        None => partial.commit(*blake3, Check::Reread)?,
+        Some(old) => partial.commit_replacing(*blake3, written, old)?,
+        None => partial.commit(*blake3, written)?,
     };
     Ok(())
 }

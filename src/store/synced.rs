@@ -76,6 +76,8 @@ pub struct SyncIndex {
     file: PathBuf,
     me: PeerId,
     state: OnDisk,
+    /// Files found missing, and since when (taken as deleted after [`SETTLE`]).
+    missing: std::collections::HashMap<String, SystemTime>,
 }
 
 impl SyncIndex {
@@ -121,6 +123,7 @@ impl SyncIndex {
             file,
             me,
             state,
+            missing: Default::default(),
         })
     }
 
@@ -139,6 +142,24 @@ impl SyncIndex {
     /// tombstones. Files changed within [`SETTLE`] of `now` are left for a later scan (the
     /// second value says whether any was). Refused, changing nothing, without the marker.
     pub fn scan(&mut self, now: SystemTime) -> Result<(Vec<Change>, bool), StoreError> {
+        self.scan_within(now, None)
+    }
+
+    /// Like [`scan`](Self::scan), looking only at the files at or under `paths` (in the folder;
+    /// where file-system events said something changed).
+    pub fn scan_paths(
+        &mut self,
+        now: SystemTime,
+        paths: &[String],
+    ) -> Result<(Vec<Change>, bool), StoreError> {
+        self.scan_within(now, Some(paths))
+    }
+
+    fn scan_within(
+        &mut self,
+        now: SystemTime,
+        within: Option<&[String]>,
+    ) -> Result<(Vec<Change>, bool), StoreError> {
         if !self.marked() {
             return Err(StoreError::Sync(format!(
                 "{} has lost its marker {MARKER} (unmounted or deleted?): not syncing it until it is back",
@@ -147,7 +168,14 @@ impl SyncIndex {
         }
         let (mut changes, mut unsettled) = (Vec::new(), false);
         let mut present = std::collections::HashSet::new();
-        for entry in super::walk_tree(&self.folder).filter_map(Result::ok) {
+        let roots: Vec<PathBuf> = match within {
+            None => vec![self.folder.clone()],
+            Some(paths) => paths.iter().map(|p| self.folder.join(p)).collect(),
+        };
+        let walks = roots
+            .iter()
+            .flat_map(|r| super::walk_tree(r).filter_map(Result::ok));
+        for entry in walks {
             if !entry.file_type().is_some_and(|t| t.is_file()) {
                 continue;
             }
@@ -201,14 +229,42 @@ impl SyncIndex {
         if unsettled {
             return Ok((changes, unsettled));
         }
+        let looked_at = |p: &str| {
+            within.is_none_or(|w| {
+                w.iter().any(|r| {
+                    p == r
+                        || p.strip_prefix(r.as_str())
+                            .is_some_and(|t| t.starts_with('/'))
+                })
+            })
+        };
         let gone: Vec<String> = (self.state.files.iter())
-            .filter(|(p, k)| !k.version.deleted && !present.contains(*p))
+            .filter(|(p, k)| !k.version.deleted && !present.contains(*p) && looked_at(p))
             .map(|(p, _)| p.clone())
             .collect();
+        // A file is taken as deleted once it has been missing for SETTLE: the other half of a
+        // rename may come in a later batch of events.
+        let now_missing: std::collections::HashSet<&String> = gone.iter().collect();
+        self.missing
+            .retain(|p, _| now_missing.contains(p) || !looked_at(p));
+        let mut waiting = false;
+        let gone: Vec<String> = (gone.iter())
+            .filter(|p| {
+                let since = *self.missing.entry((*p).clone()).or_insert(now);
+                let long = since + SETTLE <= now;
+                waiting |= !long;
+                long
+            })
+            .cloned()
+            .collect();
+        if waiting {
+            unsettled = true;
+        }
         let when = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
         for path in gone {
+            self.missing.remove(&path);
             let empty = *blake3::hash(b"").as_bytes();
             self.change(&path, 0, empty, true, when, None);
             changes.push(Change::Deleted(path));
