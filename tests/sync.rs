@@ -351,3 +351,30 @@ fn an_edit_storm_on_two_peers_converges_and_keeps_both_last_edits() -> TestResul
     }
     Ok(())
 }
+
+/// An edit of a larger file we hold another version of travels as a delta: the receiver asks
+/// for the changed ranges, not the whole file.
+#[test]
+fn an_edit_of_a_larger_file_travels_as_a_delta() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    let (n1, n2) = (
+        net.served("p1").join("notes"),
+        net.served("p2").join("notes"),
+    );
+    let text = util::text::prose(512 << 10, 3);
+    std::fs::create_dir_all(&n1)?;
+    std::fs::write(n1.join("book.txt"), &text)?;
+    std::fs::create_dir_all(&n2)?;
+    let s1 = sync(&net, "p1")?;
+    let _s2 = sync(&net, "p2")?;
+    until(&net, "p2", "book.txt", Some(&text))?;
+    let mut edited = text.clone();
+    edited.splice(1000..1000, b"one new line\n".iter().copied());
+    std::fs::write(n1.join("book.txt"), &edited)?;
+    until(&net, "p2", "book.txt", Some(&edited))?;
+    let log = s1.log();
+    let whole = log.matches("read_file notes/book.txt").count();
+    assert_eq!(whole, 1, "only the first version was sent whole: {log}");
+    assert!(log.contains("read_range notes/book.txt"), "{log}");
+    Ok(())
+}

@@ -64,6 +64,9 @@ pub struct SyncEvent {
 const WAIT_MS: u32 = 15_000;
 /// Records of one answer applied at once (most are small files: round trips, not bytes).
 const APPLIED_AT_ONCE: usize = 32;
+/// Files larger than this that we hold another version of are updated through the delta path
+/// rather than fetched whole.
+const DELTA_FROM: u64 = 64 << 10;
 /// Quiet time after file-system events before a scan.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
@@ -637,7 +640,11 @@ impl Puller {
                 .as_ref(),
         )?;
         crate::store::make_folders(&served, &inside)?;
-        if version.size > MAX_WHOLE_FILE {
+        // Another version of a larger file here: brought up to date through the delta path
+        // (only what changed crosses), as a file too large to fetch whole is.
+        let older =
+            std::fs::symlink_metadata(here).is_ok_and(|m| m.is_file() && m.len() > DELTA_FROM);
+        if version.size > MAX_WHOLE_FILE || (older && version.size > DELTA_FROM) {
             let req = super::DownloadRequest {
                 name,
                 peers: vec![self.peer.clone()],
