@@ -378,3 +378,43 @@ fn an_edit_of_a_larger_file_travels_as_a_delta() -> TestResult {
     assert!(log.contains("read_range notes/book.txt"), "{log}");
     Ok(())
 }
+
+/// Three peers: two take a folder in from the first and from each other at once, and neither
+/// takes its own writes for edits (which would come back to the first as new versions): the
+/// first peer's index ends with exactly its own changes.
+#[test]
+fn peers_taking_a_folder_in_from_each_other_make_no_versions_of_their_own() -> TestResult {
+    let net = Net::new(&["p1", "p2", "p3"])?;
+    let n1 = net.served("p1").join("notes");
+    for i in 0..300 {
+        write(
+            &n1,
+            &format!("d{}/n{i:03}.txt", i % 10),
+            &format!("note {i}\n"),
+        )?;
+    }
+    for id in ["p2", "p3"] {
+        std::fs::create_dir_all(net.served(id).join("notes"))?;
+    }
+    let s1 = sync(&net, "p1")?;
+    let _s2 = sync(&net, "p2")?;
+    let _s3 = sync(&net, "p3")?;
+    for id in ["p2", "p3"] {
+        poll(Duration::from_secs(30), || {
+            Ok((tree(&net.served(id).join("notes")).len() == 300).then_some(()))
+        })?;
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(tree(&net.served("p2").join("notes")), tree(&n1));
+    assert_eq!(tree(&net.served("p3").join("notes")), tree(&n1));
+    let log = s1.log();
+    let lasts: Vec<u64> = (log.lines())
+        .filter_map(|l| l.split(", last ").nth(1))
+        .filter_map(|r| r.split(' ').next()?.parse().ok())
+        .collect();
+    assert!(
+        !lasts.is_empty() && lasts.iter().all(|&l| l == 300),
+        "{lasts:?}"
+    );
+    Ok(())
+}

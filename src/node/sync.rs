@@ -16,7 +16,7 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use futures_util::StreamExt;
@@ -417,6 +417,11 @@ impl Puller {
     async fn apply(&self, record: SyncRecord) -> anyhow::Result<()> {
         let path = record.path.as_str().to_owned();
         let here = self.folder.lock().folder().join(&path);
+        // Another peer's record of the same file being applied: decided once it is done.
+        let waited = Instant::now();
+        while self.folder.lock().is_writing(&path) && waited.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         // A change here not scanned yet is scanned first: it is a version too.
         let ours = self.current(&path, &here).await?;
         let theirs = record.version;
@@ -509,7 +514,12 @@ impl Puller {
         };
         let to = here.to_owned();
         let data = merged.clone();
-        tokio::task::spawn_blocking(move || put(&to, &data, &blake3)).await??;
+        self.folder.lock().writing(path, true);
+        let written = tokio::task::spawn_blocking(move || put(&to, &data, &blake3)).await;
+        if !matches!(written, Ok(Ok(()))) {
+            self.folder.lock().writing(path, false);
+        }
+        written??;
         self.folder.lock().keep_object(&blake3, &merged);
         self.record(path, version, Some(here)).await?;
         self.tell("merged", path.to_owned(), got.wire, String::new());
@@ -561,7 +571,11 @@ impl Puller {
         match winner {
             Side::Theirs => {
                 // Ours goes to the copy (a link: the same bytes), theirs takes the name.
-                std::fs::hard_link(here, &copy_at).with_context(|| format!("keeping {copy}"))?;
+                self.folder.lock().writing(&copy, true);
+                if let Err(e) = std::fs::hard_link(here, &copy_at) {
+                    self.folder.lock().writing(&copy, false);
+                    return Err(e).with_context(|| format!("keeping {copy}"));
+                }
                 self.record(&copy, ours.clone(), Some(&copy_at)).await?;
                 let version = Version { vector, ..theirs };
                 self.take(path, here, Some(&ours), version).await?;
@@ -609,23 +623,32 @@ impl Puller {
         ours: Option<&Version>,
         version: Version,
     ) -> anyhow::Result<()> {
-        if version.deleted {
-            if let Some(ours) = ours.filter(|o| !o.deleted)
-                && let Ok(Some(seen)) = Seen::of(here)
-                && seen.blake3 == ours.blake3
-            {
-                crate::store::displace(here, &seen.blake3)?;
+        // Marked as ours until recorded: a scan meanwhile must not take it for an edit here.
+        self.folder.lock().writing(path, true);
+        let taken = async {
+            if version.deleted {
+                if let Some(ours) = ours.filter(|o| !o.deleted)
+                    && let Ok(Some(seen)) = Seen::of(here)
+                    && seen.blake3 == ours.blake3
+                {
+                    crate::store::displace(here, &seen.blake3)?;
+                }
+                self.record(path, version, None).await?;
+                self.tell("removed", path.to_owned(), 0, String::new());
+                return Ok(());
             }
-            self.record(path, version, None).await?;
-            self.tell("removed", path.to_owned(), 0, String::new());
-            return Ok(());
+            let existed = ours.is_some_and(|o| !o.deleted);
+            let bytes = self.fetch(path, here, &version).await?;
+            self.record(path, version, Some(here)).await?;
+            let event = if existed { "updated" } else { "created" };
+            self.tell(event, path.to_owned(), bytes, String::new());
+            Ok(())
         }
-        let existed = ours.is_some_and(|o| !o.deleted);
-        let bytes = self.fetch(path, here, &version).await?;
-        self.record(path, version, Some(here)).await?;
-        let event = if existed { "updated" } else { "created" };
-        self.tell(event, path.to_owned(), bytes, String::new());
-        Ok(())
+        .await;
+        if taken.is_err() {
+            self.folder.lock().writing(path, false);
+        }
+        taken
     }
 
     /// Fetches `version` of `path` from the peer into `here`, atomically, the file there (if

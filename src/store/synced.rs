@@ -78,6 +78,9 @@ pub struct SyncIndex {
     state: OnDisk,
     /// Files found missing, and since when (taken as deleted after [`SETTLE`]).
     missing: std::collections::HashMap<String, SystemTime>,
+    /// Files the sync itself is writing or removing (until it records them): a scan leaves
+    /// them alone, so our own writes are never taken for edits here.
+    writing: std::collections::HashSet<String>,
 }
 
 impl SyncIndex {
@@ -124,6 +127,7 @@ impl SyncIndex {
             me,
             state,
             missing: Default::default(),
+            writing: Default::default(),
         })
     }
 
@@ -187,6 +191,10 @@ impl SyncIndex {
             };
             let path = path.as_str().to_owned();
             present.insert(path.clone());
+            if self.writing.contains(&path) {
+                unsettled = true;
+                continue;
+            }
             let Ok(meta) = fs::symlink_metadata(entry.path()) else {
                 continue;
             };
@@ -240,6 +248,7 @@ impl SyncIndex {
         };
         let gone: Vec<String> = (self.state.files.iter())
             .filter(|(p, k)| !k.version.deleted && !present.contains(*p) && looked_at(p))
+            .filter(|(p, _)| !self.writing.contains(*p))
             .map(|(p, _)| p.clone())
             .collect();
         // A file is taken as deleted once it has been missing for SETTLE: the other half of a
@@ -308,10 +317,25 @@ impl SyncIndex {
         );
     }
 
+    /// Notes that the sync itself writes (or removes) `path` now, until it records it or calls
+    /// this with `false`: scans leave it alone meanwhile.
+    pub fn writing(&mut self, path: &str, on: bool) {
+        match on {
+            true => self.writing.insert(path.to_owned()),
+            false => self.writing.remove(path),
+        };
+    }
+
+    /// Whether the sync itself is writing `path` now.
+    pub fn is_writing(&self, path: &str) -> bool {
+        self.writing.contains(path)
+    }
+
     /// Records `version` of `path` as what is here now (taken from a peer, merged, or
     /// relabelled), found on disk as `at` (`None` once deleted). It gets the next sequence
     /// number, so peers that have not seen it learn it from us too.
     pub fn record(&mut self, path: &str, version: Version, at: Option<&Path>) {
+        self.writing.remove(path);
         let key = at
             .and_then(|p| fs::symlink_metadata(p).ok())
             .map(|m| FileKey::of(&m));
