@@ -201,7 +201,10 @@ async fn watch_here(
             Ok(events) => {
                 let events: Vec<notify_debouncer_full::DebouncedEvent> = events;
                 let rescan = events.iter().any(|e| e.need_rescan());
-                let paths = events.into_iter().flat_map(|e| e.event.paths);
+                // Opens and reads change nothing (and our own scans and the server open files:
+                // taken for changes, they would keep scanning forever).
+                let changes = events.into_iter().filter(|e| !e.event.kind.is_access());
+                let paths = changes.flat_map(|e| e.event.paths);
                 (!rescan).then(|| paths.collect())
             }
             Err(_) => None,
