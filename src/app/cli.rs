@@ -115,7 +115,7 @@ pub async fn execute(node: &Node, command: Command) -> anyhow::Result<bool> {
         Command::List(args) => list(node, &args).await,
         Command::Upload(args) => upload(node, &args).await,
         Command::Download(args) => download(node, &args).await,
-        Command::Status(args) => status(node, args.json).await,
+        Command::Status(args) => super::folders::status(node, args.json).await,
         Command::Init | Command::Serve(_) | Command::Shell | Command::Sync(_) => {
             anyhow::bail!("that command is not available here")
         }
@@ -651,54 +651,4 @@ fn serve_options(args: &ServeArgs) -> ServeOptions {
         congestion: args.congestion.into(),
         compression: args.compression.into(),
     }
-}
-
-/// `status`: each synced folder, each peer's standing with it; false if a peer could not be
-/// asked.
-async fn status(node: &Node, json: bool) -> anyhow::Result<bool> {
-    let folders = node.sync_status().await;
-    let ok = folders
-        .iter()
-        .all(|f| f.peers.iter().all(|p| p.error.is_none()));
-    if json {
-        print_json(&serde_json::json!({ "folders": folders }))?;
-        return Ok(ok);
-    }
-    if folders.is_empty() {
-        println!("no folder is synced here (qnode sync starts one)");
-    }
-    for f in &folders {
-        let name = if f.folder.is_empty() {
-            "served_files"
-        } else {
-            f.folder.as_str()
-        };
-        let marker = if f.marked {
-            ""
-        } else {
-            ", its marker .qnodefolder is missing: not syncing"
-        };
-        println!(
-            "{name}/: {} files, {} conflict copies kept{marker}",
-            f.files,
-            f.conflicts.len()
-        );
-        for c in &f.conflicts {
-            println!("  conflict copy: {c}");
-        }
-        for p in &f.peers {
-            match (&p.error, p.in_sync) {
-                (Some(e), _) => println!("  {}: not reachable or not syncing it ({e})", p.peer),
-                (None, true) => println!("  {}: in sync", p.peer),
-                (None, false) => {
-                    let more = if p.more { "+" } else { "" };
-                    println!(
-                        "  {}: {}{more} of its changes pending here",
-                        p.peer, p.pending
-                    );
-                }
-            }
-        }
-    }
-    Ok(ok)
 }

@@ -289,3 +289,53 @@ pub(crate) fn print_sync_event(e: &node::SyncEvent, json: bool) {
     // A closed stdout ends nothing: sync goes on.
     let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
+
+/// `status`: each synced folder, each peer's standing with it; false if a peer could not be
+/// asked.
+pub(super) async fn status(node: &Node, json: bool) -> anyhow::Result<bool> {
+    let folders = node.sync_status().await;
+    let ok = folders
+        .iter()
+        .all(|f| f.peers.iter().all(|p| p.error.is_none()));
+    if json {
+        print_json(&serde_json::json!({ "folders": folders }))?;
+        return Ok(ok);
+    }
+    if folders.is_empty() {
+        println!("no folder is synced here (qnode sync starts one)");
+    }
+    for f in &folders {
+        let name = if f.folder.is_empty() {
+            "served_files"
+        } else {
+            f.folder.as_str()
+        };
+        let marker = if f.marked {
+            ""
+        } else {
+            ", its marker .qnodefolder is missing: not syncing"
+        };
+        println!(
+            "{name}/: {} files, {} conflict copies kept{marker}",
+            f.files,
+            f.conflicts.len()
+        );
+        for c in &f.conflicts {
+            println!("  conflict copy: {c}");
+        }
+        for p in &f.peers {
+            match (&p.error, p.in_sync) {
+                (Some(e), _) => println!("  {}: not reachable or not syncing it ({e})", p.peer),
+                (None, true) => println!("  {}: in sync", p.peer),
+                (None, false) => {
+                    let more = if p.more { "+" } else { "" };
+                    println!(
+                        "  {}: {}{more} of its changes pending here",
+                        p.peer, p.pending
+                    );
+                }
+            }
+        }
+    }
+    Ok(ok)
+}

@@ -314,12 +314,7 @@ impl Node {
         );
         let fetched = self.fetch_all(with, wanted, interrupt, &mut one_more).await;
         // What was hashed here and what was written, for the next run (even if this one failed).
-        if let Some(walked) = walked {
-            let note = move || walked.save();
-            if let Ok(Err(e)) = tokio::task::spawn_blocking(note).await {
-                tracing::debug!("the index of hashes was not written: {e}");
-            }
-        }
+        levels::save_hashes(walked).await;
         let mut files = fetched?;
         files.extend(here.into_iter().map(|e| (e, EntryFetched::present())));
         files.sort_by(|a, b| a.0.path.cmp(&b.0.path));

@@ -225,3 +225,11 @@ fn look_at(folder: &Path, entries: Vec<Entry>) -> (Vec<Entry>, Vec<Entry>, Vec<E
     }
     (here, missing, differ)
 }
+
+/// Writes the index of hashes for the next run (a cache: a failure costs hashing then).
+pub(super) async fn save_hashes(walked: Option<Walked>) {
+    let Some(walked) = walked else { return };
+    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || walked.save()).await {
+        tracing::debug!("the index of hashes was not written: {e}");
+    }
+}

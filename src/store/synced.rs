@@ -59,6 +59,13 @@ struct OnDisk {
     seen: BTreeMap<String, u64>,
 }
 
+/// What a look at one file found.
+enum Looked {
+    Same,
+    Unsettled,
+    Changed,
+}
+
 /// What a scan found changed here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -195,39 +202,13 @@ impl SyncIndex {
                 unsettled = true;
                 continue;
             }
-            let Ok(meta) = fs::symlink_metadata(entry.path()) else {
-                continue;
-            };
-            let key = FileKey::of(&meta);
-            let known = self.state.files.get(&path);
-            if known.is_some_and(|k| k.key == Some(key) && !k.version.deleted) {
-                continue;
-            }
-            if !settled(&key, now) {
-                unsettled = true;
-                continue;
-            }
-            let Ok(Some(seen)) = Seen::of(entry.path()) else {
-                continue;
-            };
-            let key = seen.key;
-            if let Some(k) = self.state.files.get_mut(&path)
-                && !k.version.deleted
-                && k.version.blake3 == seen.blake3
-            {
-                k.key = Some(key);
-                continue;
-            }
-            let mtime = meta
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
-            let modified = mtime.map_or(0, |d| d.as_secs() as i64);
-            self.change(&path, key.size, seen.blake3, false, modified, Some(key));
-            if key.size <= MAX_MERGED
-                && let Ok((data, _)) = super::read_small_file(entry.path(), MAX_MERGED)
-            {
-                self.keep_object(&seen.blake3, &data);
+            match self.look_at(entry.path(), &path, now) {
+                Looked::Same => continue,
+                Looked::Unsettled => {
+                    unsettled = true;
+                    continue;
+                }
+                Looked::Changed => {}
             }
             changes.push(Change::Changed(path));
         }
@@ -279,6 +260,45 @@ impl SyncIndex {
             changes.push(Change::Deleted(path));
         }
         Ok((changes, unsettled))
+    }
+
+    /// Looks at the file `at` (the folder's `path`): the same as the index knows it, still being
+    /// written, or a new version (recorded).
+    fn look_at(&mut self, at: &Path, path: &str, now: SystemTime) -> Looked {
+        let Ok(meta) = fs::symlink_metadata(at) else {
+            return Looked::Same;
+        };
+        let key = FileKey::of(&meta);
+        let known = self.state.files.get(path);
+        if known.is_some_and(|k| k.key == Some(key) && !k.version.deleted) {
+            return Looked::Same;
+        }
+        if !settled(&key, now) {
+            return Looked::Unsettled;
+        }
+        let Ok(Some(seen)) = Seen::of(at) else {
+            return Looked::Same;
+        };
+        let key = seen.key;
+        if let Some(k) = self.state.files.get_mut(path)
+            && !k.version.deleted
+            && k.version.blake3 == seen.blake3
+        {
+            k.key = Some(key);
+            return Looked::Same;
+        }
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
+        let modified = mtime.map_or(0, |d| d.as_secs() as i64);
+        self.change(path, key.size, seen.blake3, false, modified, Some(key));
+        if key.size <= MAX_MERGED
+            && let Ok((data, _)) = super::read_small_file(at, MAX_MERGED)
+        {
+            self.keep_object(&seen.blake3, &data);
+        }
+        Looked::Changed
     }
 
     /// A change made here: our counter bumped, the next sequence number.
