@@ -147,22 +147,6 @@ impl Drop for Batch {
     }
 }
 
-/// Whether `name` is a file a batch staged in a process that is gone (killed before it could
-/// commit or remove it): litter, to be removed.
-pub(super) fn stale_staged(name: &str) -> bool {
-    let Some(rest) = name
-        .strip_prefix('.')
-        .and_then(|n| n.strip_suffix(".staged"))
-    else {
-        return false;
-    };
-    let pid = rest.rsplit('.').next().and_then(|t| t.split('-').next());
-    let Some(pid) = pid.and_then(|p| p.parse::<i32>().ok()) else {
-        return false;
-    };
-    super::unix::process_gone(pid)
-}
-
 /// Flushes the whole file system `file` is on.
 fn flush(file: &File, path: &Path) -> Result<(), StoreError> {
     // SAFETY: the descriptor is open for the call.

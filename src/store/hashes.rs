@@ -74,7 +74,7 @@ pub fn walk_hashed(root: &Path, folder: &Path) -> Walked {
         .hidden(false)
         .filter_entry(|e| {
             let name = e.file_name().to_str().unwrap_or(".");
-            if super::batch::stale_staged(name) && e.file_type().is_some_and(|t| t.is_file()) {
+            if super::unix::stale_staged(name) && e.file_type().is_some_and(|t| t.is_file()) {
                 let _ = fs::remove_file(e.path());
             }
             !name.starts_with('.')

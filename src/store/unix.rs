@@ -253,3 +253,19 @@ pub(super) fn process_gone(pid: i32) -> bool {
     let gone = unsafe { libc::kill(pid, 0) } != 0;
     gone && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
 }
+
+/// Whether `name` is a file a [`Batch`](super::Batch) staged (`.NAME.PID-N.staged`) in a
+/// process that is gone (killed before it could commit or remove it): litter, to be removed.
+pub(super) fn stale_staged(name: &str) -> bool {
+    let Some(rest) = name
+        .strip_prefix('.')
+        .and_then(|n| n.strip_suffix(".staged"))
+    else {
+        return false;
+    };
+    let pid = rest.rsplit('.').next().and_then(|t| t.split('-').next());
+    let Some(pid) = pid.and_then(|p| p.parse::<i32>().ok()) else {
+        return false;
+    };
+    process_gone(pid)
+}
