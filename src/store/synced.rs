@@ -325,16 +325,19 @@ impl SyncIndex {
             by,
             parent,
         };
+        self.insert(path, version, key);
+    }
+
+    /// `version` of `path` under the next sequence number.
+    fn insert(&mut self, path: &str, version: Version, key: Option<FileKey>) {
         self.state.sequence += 1;
         let sequence = self.state.sequence;
-        self.state.files.insert(
-            path.to_owned(),
-            Known {
-                version,
-                sequence,
-                key,
-            },
-        );
+        let known = Known {
+            version,
+            sequence,
+            key,
+        };
+        self.state.files.insert(path.to_owned(), known);
     }
 
     /// Notes that the sync itself writes (or removes) `path` now, until it records it or calls
@@ -359,16 +362,7 @@ impl SyncIndex {
         let key = at
             .and_then(|p| fs::symlink_metadata(p).ok())
             .map(|m| FileKey::of(&m));
-        self.state.sequence += 1;
-        let sequence = self.state.sequence;
-        self.state.files.insert(
-            path.to_owned(),
-            Known {
-                version,
-                sequence,
-                key,
-            },
-        );
+        self.insert(path, version, key);
     }
 
     /// Whether the file at `at` (the folder's `path`) is as the index last saw it: the same
