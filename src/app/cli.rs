@@ -50,7 +50,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let json = args.json;
             let serve = serve_options(&args.serve);
-            let on = move |e: node::SyncEvent| crate::app::folders::print_sync_event(&e, json);
+            let on = move |e: node::SyncEvent| crate::app::sync::print_sync_event(&e, json);
             node::sync(&root, &me, &serve, opts, shutdown_signal(), on).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -115,7 +115,7 @@ pub async fn execute(node: &Node, command: Command) -> anyhow::Result<bool> {
         Command::List(args) => list(node, &args).await,
         Command::Upload(args) => upload(node, &args).await,
         Command::Download(args) => download(node, &args).await,
-        Command::Status(args) => super::folders::status(node, args.json).await,
+        Command::Status(args) => super::sync::status(node, args.json).await,
         Command::Init | Command::Serve(_) | Command::Shell | Command::Sync(_) => {
             anyhow::bail!("that command is not available here")
         }

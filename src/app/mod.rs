@@ -1,9 +1,10 @@
 //! The command line: clap types (`args`), running and rendering commands (`cli`, and the folder
-//! commands in `folders`), the seed's `#` lines (`shell`), and stdout that never panics
-//! (`term`).
+//! commands in `folders`, `sync` and `status` in `sync`), the seed's `#` lines (`shell`), and
+//! stdout that never panics (`term`).
 
 pub mod args;
 pub mod cli;
 mod folders;
 pub mod shell;
+mod sync;
 pub mod term;

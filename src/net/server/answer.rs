@@ -250,10 +250,7 @@ async fn handle_folder(
     path: FilePath,
     fresh: bool,
 ) -> Result<String, Failure> {
-    if !link.version.has_folders() {
-        let why = "folders need qnode/3".to_string();
-        return Err(RemoteError::new(ErrorKind::BadRequest, why).into());
-    }
+    link.needs_qnode3("folders")?;
     let store = server.store.clone();
     let p = path.clone();
     let level = blocking(move || {

@@ -165,6 +165,15 @@ struct Link {
 const PLAIN_AFTER_MISS: u32 = 15;
 
 impl Link {
+    /// Refuses `what` (a request of `qnode/3`: folders, sync) to a peer of an older version.
+    fn needs_qnode3(&self, what: &str) -> Result<(), Failure> {
+        if self.version.has_folders() {
+            return Ok(());
+        }
+        let why = format!("{what} need qnode/3");
+        Err(RemoteError::new(ErrorKind::BadRequest, why).into())
+    }
+
     /// The level to try compressing the next reply at, if any: only to a `qnode/2` peer, as
     /// `mode` says (see `codec::Mode::level`), and not for a while after a reply that did not
     /// shrink (random or compressed data). The ranges of an update (`edit`) as

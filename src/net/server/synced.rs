@@ -77,10 +77,7 @@ pub(super) async fn handle_sync_index(
     since: u64,
     wait_ms: u32,
 ) -> Result<String, Failure> {
-    if !link.version.has_folders() {
-        let why = "sync needs qnode/3".to_string();
-        return Err(RemoteError::new(ErrorKind::BadRequest, why).into());
-    }
+    link.needs_qnode3("sync requests")?;
     let Some(folder) = server.synced.get(&name) else {
         let why = format!("the folder {name:?} is not synced here");
         return Err(RemoteError::new(ErrorKind::NotFound, why).into());
