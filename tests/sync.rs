@@ -418,3 +418,41 @@ fn peers_taking_a_folder_in_from_each_other_make_no_versions_of_their_own() -> T
     );
     Ok(())
 }
+
+/// A crowd taking in one new large version swarms: with the first peer's upload held to
+/// 512 KiB/s, the two others fetch from each other what they have verified, and each ends with
+/// the version whole.
+#[test]
+fn a_crowd_taking_in_a_new_large_version_swarms() -> TestResult {
+    let net = Net::new(&["p1", "p2", "p3"])?;
+    for id in ["p1", "p2", "p3"] {
+        std::fs::create_dir_all(net.served(id).join("notes"))?;
+    }
+    let slow = ["sync", "--folder", "notes", "--max-upload-rate", "512K"];
+    let _s1 = net.start("p1", &slow)?;
+    let s2 = sync(&net, "p2")?;
+    let s3 = sync(&net, "p3")?;
+    let data = util::random_bytes(3 << 20, 41);
+    write_bytes(&net.served("p1").join("notes"), "media/big.bin", &data)?;
+    until(&net, "p2", "media/big.bin", Some(&data))?;
+    until(&net, "p3", "media/big.bin", Some(&data))?;
+    // Each downloader's own server gave the other some of it.
+    let (l2, l3) = (s2.log(), s3.log());
+    let asked = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("notes/media/big.bin") && l.contains("read_"))
+            .count()
+    };
+    assert!(asked(&l2) + asked(&l3) > 0, "p2:\n{l2}\np3:\n{l3}");
+    Ok(())
+}
+
+fn write_bytes(dir: &Path, rel: &str, data: &[u8]) -> TestResult {
+    let at = dir.join(rel);
+    std::fs::create_dir_all(at.parent().unwrap())?;
+    // Written beside and renamed: the new version appears whole.
+    let tmp = dir.join(".writing");
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(tmp, at)?;
+    Ok(())
+}

@@ -75,7 +75,9 @@ impl Node {
         if peers.is_empty() {
             bail!("no peer to download {name} from");
         }
-        let served = target.parent() == Some(self.served_dir().as_path());
+        // In our served_files under its own name (at any depth), or at its top.
+        let served = target == self.served_dir().join(name)
+            || target.parent() == Some(self.served_dir().as_path());
         Ok(Plan {
             name: req.name.clone(),
             target,

@@ -111,12 +111,14 @@ pub async fn sync(
         }
     });
     // The pullers run on this task (a download session is not Send), each until `stop`.
+    let crowd: Arc<[PeerId]> = peers.clone().into();
     let pullers = peers.into_iter().map(|peer| {
         let puller = Puller {
             node: node.clone(),
             folder: folder.clone(),
             name: opts.folder.clone(),
             peer,
+            crowd: crowd.clone(),
             on: on.clone(),
         };
         puller.run(stop.clone())

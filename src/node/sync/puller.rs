@@ -9,6 +9,9 @@ pub(super) struct Puller {
     pub(super) folder: Arc<SyncedFolder>,
     pub(super) name: String,
     pub(super) peer: PeerId,
+    /// Every peer we sync the folder with: a large version is fetched from all that hold it
+    /// or are fetching it too, so a crowd taking in one new version swarms.
+    pub(super) crowd: Arc<[PeerId]>,
     pub(super) on: On,
 }
 
@@ -330,10 +333,10 @@ impl Puller {
                 return Ok(());
             }
             let existed = ours.is_some_and(|o| !o.deleted);
-            let bytes = self.fetch(path, here, &version).await?;
+            let (bytes, from) = self.fetch(path, here, &version).await?;
             self.record(path, version, Some(here)).await?;
             let event = if existed { "updated" } else { "created" };
-            self.tell(event, path.to_owned(), bytes, String::new());
+            self.tell(event, path.to_owned(), bytes, from);
             Ok(())
         }
         .await;
@@ -344,8 +347,14 @@ impl Puller {
     }
 
     /// Fetches `version` of `path` from the peer into `here`, atomically, the file there (if
-    /// any) kept in the displaced versions. The bytes that crossed the wire.
-    async fn fetch(&self, path: &str, here: &Path, version: &Version) -> anyhow::Result<u64> {
+    /// any) kept in the displaced versions. The bytes that crossed the wire, and (for a large
+    /// version) which peers gave them.
+    async fn fetch(
+        &self,
+        path: &str,
+        here: &Path,
+        version: &Version,
+    ) -> anyhow::Result<(u64, String)> {
         let name = self.name_of(path)?;
         let served = self.node.served_dir();
         let inside = FilePath::new(
@@ -360,9 +369,11 @@ impl Puller {
         let older =
             std::fs::symlink_metadata(here).is_ok_and(|m| m.is_file() && m.len() > DELTA_FROM);
         if version.size > MAX_WHOLE_FILE || (older && version.size > DELTA_FROM) {
+            // The peer that told us first; the others join as they start on it.
+            let others = self.crowd.iter().filter(|p| **p != self.peer).cloned();
             let req = crate::node::DownloadRequest {
                 name,
-                peers: vec![self.peer.clone()],
+                peers: std::iter::once(self.peer.clone()).chain(others).collect(),
                 output: Some(here.to_owned()),
                 blake3: Some(version.blake3),
                 window: None,
@@ -372,7 +383,7 @@ impl Puller {
                 .node
                 .download(&req, std::future::pending(), |_| {})
                 .await?;
-            return Ok(got.wire_bytes);
+            return Ok((got.wire_bytes, gave(&got)));
         }
         // Content we hold under another name (a rename, a move, a copy) is copied, checked.
         let held = self.folder.lock().holding(&version.blake3);
@@ -381,7 +392,7 @@ impl Puller {
             let copied =
                 tokio::task::spawn_blocking(move || copy_checked(&from, &here2, &blake3)).await?;
             if copied.is_ok_and(|done| done) {
-                return Ok(0);
+                return Ok((0, String::new()));
             }
         }
         let got = match version.size {
@@ -397,10 +408,25 @@ impl Puller {
         self.folder.lock().keep_object(&version.blake3, &got.data);
         let (here, blake3, wire) = (here.to_owned(), version.blake3, got.wire);
         tokio::task::spawn_blocking(move || put(&here, &got.data, &blake3)).await??;
-        Ok(wire)
+        Ok((wire, String::new()))
     }
 }
 
+/// Each peer's share of a download's bytes where more than one gave some, as
+/// `shares: p1 2097152, p3 1048576`.
+fn gave(got: &crate::node::Downloaded) -> String {
+    let shares: Vec<String> = got
+        .report
+        .iter()
+        .flat_map(|r| &r.sources)
+        .filter(|s| s.bytes > 0)
+        .map(|s| format!("{} {}", s.name, s.bytes))
+        .collect();
+    match shares.len() {
+        0 | 1 => String::new(),
+        _ => format!("shares: {}", shares.join(", ")),
+    }
+}
 /// Copies `from` to `to` (new, or replacing another version there, which is displaced) if
 /// `from` still holds `blake3`; false if it no longer does.
 fn copy_checked(
