@@ -456,3 +456,117 @@ fn write_bytes(dir: &Path, rel: &str, data: &[u8]) -> TestResult {
     std::fs::rename(tmp, at)?;
     Ok(())
 }
+
+/// The hostile listed peers of `a_hostile_peers_index_and_content_are_refused_and_named`, by
+/// what each sends: a version vector out of order, a sequence number beyond its last, a path
+/// outside the folder, and content other than the version it announced.
+fn hostile_answer(
+    liar: &'static str,
+    req: qnode::wire::protocol::Request,
+    mut send: quinn::SendStream,
+) -> util::peer::Answer {
+    use qnode::model::vector::{Vector, Version};
+    use qnode::wire::protocol::{Request, Response, SyncRecord};
+    Box::pin(async move {
+        let truth = b"truth";
+        let mut vector = Vector::default();
+        vector.bump(&liar.parse().unwrap());
+        let record = |path: &str, sequence: u64| SyncRecord {
+            path: qnode::model::manifest::FilePath::new(path).unwrap(),
+            version: Version {
+                size: truth.len() as u64,
+                blake3: *blake3::hash(truth).as_bytes(),
+                deleted: false,
+                vector: vector.clone(),
+                modified: 0,
+                by: liar.into(),
+                parent: None,
+            },
+            sequence,
+        };
+        match req {
+            Request::SyncIndex { since: 0, .. } => {
+                let mut records = vec![record(&format!("from-{liar}.txt"), 1)];
+                let mut last = 1;
+                match liar {
+                    "p2" => {
+                        let mut v = Vector::default();
+                        v.bump(&"p9".parse().unwrap());
+                        let mut entries = v.merged(&vector).entries().to_vec();
+                        entries.reverse();
+                        let bytes = postcard::to_stdvec(&entries).unwrap();
+                        records[0].version.vector = postcard::from_bytes(&bytes).unwrap();
+                    }
+                    "p4" => last = 0,
+                    _ => {}
+                }
+                let answer = Response::SyncIndex {
+                    records,
+                    last,
+                    more: false,
+                };
+                let mut bytes = postcard::to_stdvec(&answer).unwrap();
+                if liar == "p5" {
+                    // `from-p5.txt` made `../p5.txt`: outside the folder.
+                    let at = bytes.windows(8).position(|w| w == b"from-p5.").unwrap();
+                    bytes[at..at + 8].copy_from_slice(b"../p5.tx");
+                    bytes.splice(at + 8..at + 11, *b"t");
+                    bytes[at - 1] = 9;
+                }
+                let mut framed = (bytes.len() as u32).to_be_bytes().to_vec();
+                framed.extend(bytes);
+                let _ = qnode::wire::exchange::send_frame(&mut send, framed, true).await;
+            }
+            Request::ReadFile { .. } => {
+                let lie = bytes::Bytes::from_static(b"lies!");
+                let _ = qnode::wire::exchange::send_chunk(&mut send, 5, lie, false).await;
+            }
+            // Nothing more: an honest idle peer's answer to the next question.
+            _ => std::future::pending::<()>().await,
+        }
+    })
+}
+
+/// Listed peers answering the sync index with a vector out of order, a sequence number beyond
+/// their last, a path outside the folder, or content other than announced: each is refused and
+/// named once, nothing of theirs lands, and the honest peer's change still arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_peers_index_and_content_are_refused_and_named() -> TestResult {
+    let net = Net::new(&["p1", "p2", "p3", "p4", "p5", "p6"])?;
+    let liars = ["p2", "p4", "p5", "p6"];
+    let _fakes: Vec<_> = (liars.iter())
+        .map(|&liar| {
+            util::peer::fake_peer(&net, liar, "p1", move |req, send| {
+                hostile_answer(liar, req, send)
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    for id in ["p1", "p3"] {
+        std::fs::create_dir_all(net.served(id).join("notes"))?;
+    }
+    let s1 = tokio::task::block_in_place(|| sync(&net, "p1"))?;
+    let _s3 = tokio::task::block_in_place(|| sync(&net, "p3"))?;
+    write(&net.served("p3").join("notes"), "honest.txt", "fine")?;
+    tokio::task::block_in_place(|| until(&net, "p1", "honest.txt", Some(b"fine")))?;
+    for liar in liars {
+        let said = format!("sync with {liar}: refused");
+        tokio::task::block_in_place(|| s1.wait_for_log(&said, Duration::from_secs(20)))?;
+    }
+    // Named once each, however often asked again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = s1.log();
+    for liar in liars {
+        let said = format!("sync with {liar}: refused");
+        assert_eq!(log.matches(&said).count(), 1, "{log}");
+    }
+    assert!(
+        log.contains("p6 sent other content for from-p6.txt"),
+        "{log}"
+    );
+    assert_eq!(
+        tree(&net.served("p1").join("notes")),
+        vec![("honest.txt".to_owned(), b"fine".to_vec())]
+    );
+    assert!(!net.served("p1").join("p5.txt").exists());
+    Ok(())
+}

@@ -88,6 +88,9 @@ pub struct SyncIndex {
     /// Files the sync itself is writing or removing (until it records them): a scan leaves
     /// them alone, so our own writes are never taken for edits here.
     writing: std::collections::HashSet<String>,
+    /// Each file's path by the sequence number of its last change: a page of changes costs
+    /// what it holds, not the whole index.
+    order: BTreeMap<u64, String>,
 }
 
 impl SyncIndex {
@@ -128,6 +131,9 @@ impl SyncIndex {
             }
             Err(e) => return Err(StoreError::io("reading", &file, e)),
         };
+        let order = (state.files.iter())
+            .map(|(path, k)| (k.sequence, path.clone()))
+            .collect();
         Ok(Self {
             folder,
             file,
@@ -135,6 +141,7 @@ impl SyncIndex {
             state,
             missing: Default::default(),
             writing: Default::default(),
+            order,
         })
     }
 
@@ -337,7 +344,10 @@ impl SyncIndex {
             sequence,
             key,
         };
-        self.state.files.insert(path.to_owned(), known);
+        if let Some(old) = self.state.files.insert(path.to_owned(), known) {
+            self.order.remove(&old.sequence);
+        }
+        self.order.insert(sequence, path.to_owned());
     }
 
     /// Notes that the sync itself writes (or removes) `path` now, until it records it or calls
@@ -443,15 +453,25 @@ impl SyncIndex {
         self.state.files.get(path).map(|k| &k.version)
     }
 
-    /// Every file changed after sequence `since`, in the order of their changes, and our last
-    /// sequence number.
-    pub fn since(&self, since: u64) -> (Vec<(String, Version, u64)>, u64) {
-        let mut out: Vec<(String, Version, u64)> = (self.state.files.iter())
-            .filter(|(_, k)| k.sequence > since)
-            .map(|(p, k)| (p.clone(), k.version.clone(), k.sequence))
+    /// The first `limit` files changed after sequence `since`, in the order of their changes,
+    /// whether more follow, and our last sequence number.
+    pub fn since(&self, since: u64, limit: usize) -> (Vec<(String, Version, u64)>, bool, u64) {
+        let mut after = self.order.range(since.saturating_add(1)..);
+        let out = (after.by_ref().take(limit))
+            .filter_map(|(&seq, path)| {
+                Some((
+                    path.clone(),
+                    self.state.files.get(path)?.version.clone(),
+                    seq,
+                ))
+            })
             .collect();
-        out.sort_by_key(|(_, _, s)| *s);
-        (out, self.state.sequence)
+        (out, after.next().is_some(), self.state.sequence)
+    }
+
+    /// Our last sequence number.
+    pub fn last(&self) -> u64 {
+        self.state.sequence
     }
 
     /// The last sequence number of `peer`'s index we took in.

@@ -654,7 +654,7 @@ fn a_synced_folders_index_records_changes_and_needs_its_marker() {
     let (changes, unsettled) = index.scan(later()).unwrap();
     assert_eq!(changes.len(), 2);
     assert!(!unsettled);
-    assert_eq!(index.since(0).1, 2);
+    assert_eq!(index.last(), 2);
     assert!(index.scan(later()).unwrap().0.is_empty(), "nothing changed");
 
     fs::write(notes.join("b.txt"), "b, edited").unwrap();
@@ -664,7 +664,7 @@ fn a_synced_folders_index_records_changes_and_needs_its_marker() {
     );
     let b = index.get("b.txt").unwrap();
     assert_eq!((b.vector.get("p1"), b.size), (2, 9));
-    let (after, last) = index.since(2);
+    let (after, _, last) = index.since(2, usize::MAX);
     assert_eq!(
         (after.len(), after[0].0.as_str(), after[0].2, last),
         (1, "b.txt", 3, 3)
@@ -689,7 +689,15 @@ fn a_synced_folders_index_records_changes_and_needs_its_marker() {
     index.save().unwrap();
 
     let mut again = SyncIndex::open(root.path(), "notes", me).unwrap();
-    assert_eq!((again.since(0).0.len(), again.seen("p2")), (3, 17));
+    assert_eq!(
+        (again.since(0, usize::MAX).0.len(), again.seen("p2")),
+        (3, 17)
+    );
+    // A page: the oldest changes first, and whether more follow.
+    let (page, more, _) = again.since(0, 2);
+    let sequences: Vec<u64> = page.iter().map(|(_, _, s)| *s).collect();
+    assert_eq!((sequences, more), (vec![3, 4], true));
+    assert!(!again.since(3, 2).1);
     // The marker gone: nothing is scanned, no delete recorded.
     fs::remove_file(notes.join(MARKER)).unwrap();
     fs::remove_file(notes.join("b.txt")).unwrap();

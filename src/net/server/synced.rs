@@ -26,7 +26,7 @@ pub struct SyncedFolder {
 
 impl SyncedFolder {
     pub fn new(index: SyncIndex) -> Arc<Self> {
-        let (changed, _) = watch::channel(index.since(u64::MAX).1);
+        let (changed, _) = watch::channel(index.last());
         Arc::new(Self {
             index: Mutex::new(index),
             changed,
@@ -40,7 +40,7 @@ impl SyncedFolder {
 
     /// Tells the waiting questions that the index moved on.
     pub fn tell(&self) {
-        let last = self.lock().since(u64::MAX).1;
+        let last = self.lock().last();
         self.changed.send_replace(last);
     }
 }
@@ -92,9 +92,7 @@ pub(super) async fn handle_sync_index(
     let f = folder.clone();
     let (records, last, more) = blocking(move || {
         let index = f.lock();
-        let (mut changes, last) = index.since(since);
-        let more = changes.len() > SYNC_PAGE;
-        changes.truncate(SYNC_PAGE);
+        let (changes, more, last) = index.since(since, SYNC_PAGE);
         let records: Vec<SyncRecord> = (changes.into_iter())
             .filter_map(|(path, version, sequence)| {
                 let path = crate::model::manifest::FilePath::new(path).ok()?;

@@ -18,7 +18,7 @@ pub(super) struct Puller {
 impl Puller {
     pub(super) async fn run(self, stop: CancellationToken) {
         let mut backoff = Duration::from_millis(250);
-        let mut in_sync = false;
+        let (mut in_sync, mut refused) = (false, false);
         while !stop.is_cancelled() {
             let pulled = tokio::select! {
                 () = stop.cancelled() => return,
@@ -27,6 +27,7 @@ impl Puller {
             match pulled {
                 Ok(caught_up) => {
                     backoff = Duration::from_millis(250);
+                    refused = false;
                     if caught_up && !in_sync {
                         self.tell("in_sync", self.name.clone(), 0, String::new());
                     }
@@ -35,7 +36,16 @@ impl Puller {
                 }
                 Err(e) => {
                     in_sync = false;
-                    tracing::debug!("sync with {}: {e:#}", self.peer);
+                    match e.downcast_ref::<Refused>() {
+                        // Said once while it lasts; asked again after the backoff.
+                        Some(Refused(why)) if !refused => {
+                            tracing::warn!("sync with {}: refused: {why}", self.peer);
+                            self.tell("refused", self.name.clone(), 0, why.clone());
+                            refused = true;
+                        }
+                        Some(_) => {}
+                        None => tracing::debug!("sync with {}: {e:#}", self.peer),
+                    }
                 }
             }
             tokio::select! {
@@ -67,10 +77,7 @@ impl Puller {
                 // Not syncing this folder (yet): asked again after the backoff.
                 anyhow::bail!("{} does not sync it: {e}", self.peer);
             }
-            Err(e @ ClientError::Unexpected { .. }) => {
-                self.tell("refused", self.name.clone(), 0, e.to_string());
-                return Err(e.into());
-            }
+            Err(e) if breaks_the_rules(&e) => return Err(judged(e)),
             Err(e) => return Err(e.into()),
         };
         if page.last < since {
@@ -230,11 +237,21 @@ impl Puller {
         let name = self.name_of(path)?;
         let client = self.node.client(self.node.entry(&self.peer)?).await?;
         let size = u32::try_from(theirs.size).unwrap_or(u32::MAX);
-        let got = client.read_file(&name, theirs.blake3, size).await?;
+        let got = client
+            .read_file(&name, theirs.blake3, size)
+            .await
+            .map_err(judged)?;
         let ok = got.data.len() as u64 == theirs.size
             && blake3::hash(&got.data).as_bytes() == &theirs.blake3;
-        anyhow::ensure!(ok, "{} sent other content for {path}", self.peer);
+        if !ok {
+            return Err(self.liar(path));
+        }
         Ok(got)
+    }
+
+    /// The peer sent other content than the version it announced for `path`.
+    fn liar(&self, path: &str) -> anyhow::Error {
+        Refused(format!("{} sent other content for {path}", self.peer)).into()
     }
 
     /// The name the peer serves the folder's `path` under.
@@ -399,12 +416,14 @@ impl Puller {
             0 => crate::wire::exchange::Received::default(),
             size => {
                 let client = self.node.client(self.node.entry(&self.peer)?).await?;
-                client.read_file(&name, version.blake3, size as u32).await?
+                (client.read_file(&name, version.blake3, size as u32).await).map_err(judged)?
             }
         };
         let ok = got.data.len() as u64 == version.size
             && blake3::hash(&got.data).as_bytes() == &version.blake3;
-        anyhow::ensure!(ok, "{} sent other content for {path}", self.peer);
+        if !ok {
+            return Err(self.liar(path));
+        }
         self.folder.lock().keep_object(&version.blake3, &got.data);
         let (here, blake3, wire) = (here.to_owned(), version.blake3, got.wire);
         tokio::task::spawn_blocking(move || put(&here, &got.data, &blake3)).await??;
@@ -427,6 +446,42 @@ fn gave(got: &crate::node::Downloaded) -> String {
         _ => format!("shares: {}", shares.join(", ")),
     }
 }
+/// A peer's answer that breaks the rules (a bad index, content other than announced): said
+/// once, and nothing of it applied.
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// Whether `e` is an answer no honest peer sends (rather than a link or a peer gone).
+fn breaks_the_rules(e: &ClientError) -> bool {
+    use crate::wire::protocol::ProtocolError;
+    match e {
+        ClientError::Unexpected { .. } => true,
+        ClientError::Protocol { source, .. } => {
+            matches!(
+                source,
+                ProtocolError::Decode(_) | ProtocolError::TooLarge { .. }
+            )
+        }
+        _ => false,
+    }
+}
+
+/// `e`, as [`Refused`] if it breaks the rules.
+fn judged(e: ClientError) -> anyhow::Error {
+    match breaks_the_rules(&e) {
+        true => Refused(e.to_string()).into(),
+        false => e.into(),
+    }
+}
+
 /// Copies `from` to `to` (new, or replacing another version there, which is displaced) if
 /// `from` still holds `blake3`; false if it no longer does.
 fn copy_checked(
