@@ -15,7 +15,8 @@
 //! with its default watcher delay (10 s) and once with 1 s. Bytes are the sum over the hosts'
 //! links of what each sent (every byte counted once).
 //!
-//! `cargo bench --bench sync` (root, `ip`, `tc`, `syncthing`; skipped with a note otherwise).
+//! `cargo bench --bench sync` (root, `ip`, `tc`, `syncthing`; skipped with a note otherwise);
+//! `QNODE_BENCH_SYNC_HOSTS=2` for one peer.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -34,13 +35,17 @@ mod netns;
 #[path = "../tests/util/text.rs"]
 mod text;
 
-const HOSTS: usize = 5;
+/// Hosts in the run (`QNODE_BENCH_SYNC_HOSTS`, default 5: host 1 and four peers; 2 gives the
+/// figures for one peer).
+fn hosts() -> usize {
+    env_u64("QNODE_BENCH_SYNC_HOSTS", 5).clamp(2, 16) as usize
+}
 const BIG: &str = "big.txt";
 
 /// Bytes all hosts have sent on their links.
 fn sent_by_all(net: &netns::TestNet) -> anyhow::Result<u64> {
     let mut total = 0;
-    for i in 1..=HOSTS {
+    for i in 1..=hosts() {
         let out = Command::new("ip")
             .args(["netns", "exec", net.ns(i), "cat"])
             .arg("/sys/class/net/eth0/statistics/tx_bytes")
@@ -134,7 +139,7 @@ impl Drop for Tool {
 /// seconds until the first and until the last did.
 fn wait_all(tool: &Tool, files: u64, big: &[u8], poll: Duration) -> anyhow::Result<(f64, f64)> {
     let started = Instant::now();
-    let mut done: Vec<Option<f64>> = vec![None; HOSTS - 1];
+    let mut done: Vec<Option<f64>> = vec![None; hosts() - 1];
     while done.iter().any(Option::is_none) {
         for (i, d) in done.iter_mut().enumerate() {
             if d.is_some() {
@@ -207,7 +212,7 @@ fn measure(net: &netns::TestNet, tool: &Tool, files: u64, runs: usize) -> anyhow
 
 /// `qnode sync` on every host, host 1 holding the folder.
 fn start_qnode(net: &netns::TestNet, root: &Root, files: u64) -> anyhow::Result<Tool> {
-    let ids: Vec<String> = (1..=HOSTS).map(|i| format!("p{i}")).collect();
+    let ids: Vec<String> = (1..=hosts()).map(|i| format!("p{i}")).collect();
     let folders: Vec<PathBuf> = ids.iter().map(|id| root.served(id).join("notes")).collect();
     make_folder(&folders[0], files)?;
     for f in &folders[1..] {
@@ -223,7 +228,7 @@ fn start_qnode(net: &netns::TestNet, root: &Root, files: u64) -> anyhow::Result<
         children.push(child);
     }
     // `status` on every host: in sync with every other peer.
-    let hosts: Vec<(String, String)> = (1..=HOSTS)
+    let hosts: Vec<(String, String)> = (1..=hosts())
         .map(|i| (net.ns(i).to_owned(), ids[i - 1].clone()))
         .collect();
     let (qnode, root_dir) = (util::qnode(), root.path().to_owned());
@@ -270,7 +275,7 @@ fn start_syncthing(
     delay: u32,
 ) -> anyhow::Result<Tool> {
     let mut ids = Vec::new();
-    for i in 1..=HOSTS {
+    for i in 1..=hosts() {
         let home = dir.join(format!("h{i}"));
         let out = Command::new("syncthing")
             .args(["generate", "--no-default-folder", "--skip-port-probing"])
@@ -286,12 +291,14 @@ fn start_syncthing(
             .to_owned();
         ids.push(id);
     }
-    let folders: Vec<PathBuf> = (1..=HOSTS).map(|i| dir.join(format!("data{i}"))).collect();
+    let folders: Vec<PathBuf> = (1..=hosts())
+        .map(|i| dir.join(format!("data{i}")))
+        .collect();
     make_folder(&folders[0], files)?;
     for f in &folders {
         std::fs::create_dir_all(f.join(".stfolder"))?;
     }
-    let devices: String = (1..=HOSTS)
+    let devices: String = (1..=hosts())
         .map(|i| {
             format!(
                 "<device id=\"{}\" name=\"h{i}\" compression=\"metadata\"><address>tcp://{}:22000</address></device>\n",
@@ -301,7 +308,7 @@ fn start_syncthing(
         })
         .collect();
     let mut children = Vec::new();
-    for i in 1..=HOSTS {
+    for i in 1..=hosts() {
         let members: String = ids
             .iter()
             .map(|d| format!("<device id=\"{d}\"></device>"))
@@ -366,17 +373,18 @@ fn main() -> anyhow::Result<()> {
     let runs = env_u64("QNODE_BENCH_RUNS", 3).max(1) as usize;
     let files = env_u64("QNODE_BENCH_SYNC_FILES", 10_000);
     let rate = std::env::var("QNODE_BENCH_SYNC_RATE").unwrap_or_else(|_| "100mbit".into());
-    let net = netns::TestNet::new(HOSTS)?;
-    for i in 1..=HOSTS {
+    let net = netns::TestNet::new(hosts())?;
+    for i in 1..=hosts() {
         net.shape(i, &rate, "64kb")?;
         net.shape_in(i, &rate, "64kb")?;
     }
     println!(
-        "qnode sync against Syncthing: {files} text files and one 1 MiB file, {HOSTS} hosts on a {rate} bridge; edits: median of {runs} runs"
+        "qnode sync against Syncthing: {files} text files and one 1 MiB file, {} hosts on a {rate} bridge; edits: median of {runs} runs",
+        hosts()
     );
     let mut rows = Vec::new();
     {
-        let peers: Vec<(String, String)> = (1..=HOSTS)
+        let peers: Vec<(String, String)> = (1..=hosts())
             .map(|i| (format!("p{i}"), format!("{} 47700", net.ip(i))))
             .collect();
         let peers: Vec<(&str, String)> =
@@ -392,7 +400,8 @@ fn main() -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "| tool | initial sync to 4 peers | its bytes | idle CPU per process | 1 line edited: 1st peer | all 4 peers | bytes |"
+        "| tool | initial sync to {n} peers | its bytes | idle CPU per process | 1 line edited: 1st peer | all {n} peers | bytes |",
+        n = hosts() - 1
     );
     println!("|---|---|---|---|---|---|---|");
     for (name, f) in &mut rows {
