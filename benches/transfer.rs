@@ -272,7 +272,11 @@ fn probe_via(root: &Root, total: u64, relay: Option<(Duration, f64)>) -> anyhow:
     let client_id = identity::load(&r, &d)?;
     let mut pins = tls::Pins::default();
     pins.insert(d.clone(), &client_id.cert);
-    let mut server_cfg = tls::server_config(&server_id, pins, tls::Congestion::default())?;
+    let mut server_cfg = tls::server_config(
+        &server_id,
+        tls::LivePins::new(pins),
+        tls::Congestion::default(),
+    )?;
     // qnode sends each stream whole, in order; for the probe's 8 × 4 MiB pattern round-robin is
     // faster (1 GiB loopback, 3 runs each: 1277 against 976 MB/s), and the ceiling is the best
     // one connection does.

@@ -165,6 +165,11 @@ impl Client {
         self.conn.rtt()
     }
 
+    /// The address the connection goes to.
+    pub fn remote(&self) -> SocketAddr {
+        self.conn.remote_address()
+    }
+
     /// Whether the connection is still open.
     pub fn is_open(&self) -> bool {
         self.conn.close_reason().is_none()

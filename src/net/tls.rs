@@ -67,6 +67,40 @@ impl Pins {
     }
 }
 
+/// The pins in force: replaced whole when `peer_settings.txt` or `certs/` change, so a running
+/// server takes a new peer in, and refuses a removed or re-keyed one, without a restart.
+#[derive(Debug)]
+pub struct LivePins {
+    now: std::sync::RwLock<Arc<Pins>>,
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl LivePins {
+    /// `pins`, in force until replaced.
+    pub fn new(pins: Pins) -> Arc<Self> {
+        Arc::new(Self {
+            now: std::sync::RwLock::new(Arc::new(pins)),
+            changed: tokio::sync::watch::Sender::new(0),
+        })
+    }
+
+    /// The pins in force now.
+    pub fn current(&self) -> Arc<Pins> {
+        self.now.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts `pins` in force; those watching hear of it.
+    pub fn replace(&self, pins: Pins) {
+        *self.now.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(pins);
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Changes from now on.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
 /// A TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -91,11 +125,11 @@ pub enum Congestion {
     Newreno,
 }
 
-/// The server side of QUIC for `identity`, accepting only clients whose certificate is pinned,
-/// sending with congestion controller `cc`.
+/// The server side of QUIC for `identity`, accepting only clients whose certificate is pinned
+/// (by the pins in force at each handshake), sending with congestion controller `cc`.
 pub fn server_config(
     identity: &Identity,
-    pins: Pins,
+    pins: Arc<LivePins>,
     cc: Congestion,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let provider = provider();
@@ -231,11 +265,16 @@ pub fn bind_endpoint(
 
 /// The pinned peer a connection's client presented, if the handshake gave one.
 pub fn peer_identity(conn: &quinn::Connection, pins: &Pins) -> Option<PeerId> {
+    pins.peer_of(&presented(conn)?).cloned()
+}
+
+/// The certificate the other side of `conn` presented.
+pub fn presented(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
     let certs = conn
         .peer_identity()?
         .downcast::<Vec<CertificateDer<'static>>>()
         .ok()?;
-    pins.peer_of(certs.first()?).cloned()
+    certs.first().cloned()
 }
 
 /// The application protocol name of `version`, for logs.
@@ -325,7 +364,7 @@ impl ServerCertVerifier for PinnedServer {
 /// Accepts any certificate pinned for a listed peer, and nothing else.
 #[derive(Debug)]
 struct PinnedClients {
-    pins: Pins,
+    pins: Arc<LivePins>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
@@ -344,7 +383,7 @@ impl ClientCertVerifier for PinnedClients {
         intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        if intermediates.is_empty() && self.pins.peer_of(end_entity).is_some() {
+        if intermediates.is_empty() && self.pins.current().peer_of(end_entity).is_some() {
             Ok(ClientCertVerified::assertion())
         } else {
             Err(mismatch(

@@ -129,7 +129,7 @@ impl Peers for Asking<'_> {
         peer: &PeerId,
         name: &FilePath,
     ) -> Result<Option<(Offer, Lead)>, ClientError> {
-        let client = self.node.client(self.node.entry(peer)?).await?;
+        let client = self.node.client(&self.node.entry(peer)?).await?;
         let name = self.name_at(peer, name).clone();
         let answer = client.observe(&name).await?;
         Ok(answer.map(|(offer, changes)| {
@@ -159,7 +159,7 @@ impl Peers for Asking<'_> {
         lead: Lead,
         holding: Option<Holding>,
     ) -> Result<PeerSource, ClientError> {
-        let redial = self.node.redial(self.node.entry(peer)?)?;
+        let redial = self.node.redial(&self.node.entry(peer)?)?;
         let source = PeerSource::new(lead.client, self.name_at(peer, name).clone(), redial);
         Ok(match holding {
             Some(h) => source.holding(h.version, h.held, lead.changes, h.regrain),

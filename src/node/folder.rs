@@ -387,7 +387,7 @@ impl Node {
     /// not answer holds nothing).
     async fn holders(&self, peers: &[PeerId]) -> Holders {
         let lists = join_all(peers.iter().map(|peer| async move {
-            let client = self.client(self.entry(peer)?).await?;
+            let client = self.client(&self.entry(peer)?).await?;
             client.list().await.map(|(files, _, _)| files)
         }))
         .await;
@@ -546,7 +546,7 @@ impl Node {
                 if entry.size == 0 {
                     return Ok(Received::default());
                 }
-                let client = self.client(self.entry(peer)?).await?;
+                let client = self.client(&self.entry(peer)?).await?;
                 // A small file's size fits a request's length.
                 let size = u32::try_from(entry.size).unwrap_or(u32::MAX);
                 client.read_file(name, entry.blake3, size).await

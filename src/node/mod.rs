@@ -23,7 +23,7 @@ use crate::net::client::{Client, ClientError, Redial};
 use crate::net::endpoints::Endpoints;
 use crate::net::identity::{self, Identity, InitOutcome};
 use crate::net::server::{self, Server};
-use crate::net::tls::{self, Pins};
+use crate::net::tls;
 use crate::store::Store;
 use crate::wire::codec;
 use crate::wire::protocol::{FileEntry, Incomplete};
@@ -75,6 +75,8 @@ pub use crate::transfer::download::DownloadReport;
 pub use download::{DownloadEvent, DownloadRequest, Downloaded, Fetched, LeftOut, NotServed};
 
 mod download;
+pub mod listed;
+use listed::Live;
 mod folder;
 mod levels;
 mod sync;
@@ -125,7 +127,8 @@ pub async fn serve(
     opts: &ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    serve_with(root, me, opts, Arc::default(), shutdown).await
+    let live = Live::load(root, me)?;
+    serve_with(root, me, opts, Arc::default(), live, shutdown).await
 }
 
 /// `serve`, answering `SyncIndex` about the `synced` folders.
@@ -134,9 +137,10 @@ pub async fn serve_with(
     me: &PeerId,
     opts: &ServeOptions,
     synced: Arc<server::synced::SyncedFolders>,
+    live: Live,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let peers = load_peers(root, me)?;
+    let peers = live.listed.borrow().table.clone();
     let (identity, outcome) =
         identity::init(root, me).with_context(|| format!("initialising {me}"))?;
     if outcome == InitOutcome::Created {
@@ -144,13 +148,6 @@ pub async fn serve_with(
             "created a new identity; copy {} to every peer",
             root.cert_path(me).display()
         );
-    }
-    let mut pins = Pins::default();
-    for entry in peers.entries() {
-        match identity::load_cert(root, &entry.id) {
-            Ok(cert) => pins.insert(entry.id.clone(), &cert),
-            Err(e) => tracing::warn!("{} cannot connect to us: {e}", entry.id),
-        }
     }
     let store = Arc::new(Store::open(root.served_dir(me))?);
     match store.remove_stale_uploads() {
@@ -160,6 +157,12 @@ pub async fn serve_with(
         ),
         Err(e) => tracing::warn!("could not look for stale upload files: {e}"),
     }
+    // Our own certificate may be new (made just now): read again.
+    let live = match outcome {
+        InitOutcome::Created => Live::load(root, me)?,
+        _ => live,
+    };
+    let pins = live.pins.clone();
     let config = tls::server_config(&identity, pins.clone(), opts.congestion)?;
     // peer_settings.txt lists us, checked by load_peers.
     let addr = opts
@@ -186,7 +189,11 @@ pub async fn serve_with(
     server.compression = opts.compression;
     server.synced = synced;
     let server = Arc::new(server);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let watching = tokio::spawn(live.watch(root.clone(), me.clone(), stop.clone()));
     server::run(endpoint, server, shutdown).await;
+    stop.cancel();
+    let _ = watching.await;
     Ok(())
 }
 
@@ -194,7 +201,8 @@ pub async fn serve_with(
 pub struct Node {
     root: Root,
     me: PeerId,
-    peers: PeerTable,
+    /// The table in force (kept live by `serve` and `sync`).
+    peers: tokio::sync::watch::Receiver<Arc<listed::Listed>>,
     identity: Identity,
     endpoints: Endpoints,
     clients: tokio::sync::Mutex<HashMap<PeerId, Client>>,
@@ -203,7 +211,21 @@ pub struct Node {
 impl Node {
     /// Loads the settings and our identity.
     pub fn load(root: &Root, me: &PeerId) -> anyhow::Result<Self> {
-        let peers = load_peers(root, me)?;
+        let table = load_peers(root, me)?;
+        let listed = listed::Listed {
+            table,
+            certs: HashMap::new(),
+        };
+        let (_, peers) = tokio::sync::watch::channel(Arc::new(listed));
+        Self::following(root, me, peers)
+    }
+
+    /// Loads our identity, dialling by the table `peers` holds at each moment.
+    pub fn following(
+        root: &Root,
+        me: &PeerId,
+        peers: tokio::sync::watch::Receiver<Arc<listed::Listed>>,
+    ) -> anyhow::Result<Self> {
         let identity = identity::load(root, me)?;
         Ok(Self {
             root: root.clone(),
@@ -234,10 +256,27 @@ impl Node {
         self.endpoints.wait_idle(CLOSE_GRACE).await;
     }
 
+    /// The table in force.
+    pub fn table(&self) -> PeerTable {
+        self.peers.borrow().table.clone()
+    }
+
+    /// Closes our connections to `peers` (removed, readdressed or re-keyed): the next request
+    /// dials again by the table in force.
+    pub async fn forget(&self, peers: &[PeerId]) {
+        let mut clients = self.clients.lock().await;
+        for peer in peers {
+            if let Some(c) = clients.remove(peer) {
+                c.close();
+            }
+        }
+    }
+
     /// A connection to `entry`, reused if one is open.
     async fn client(&self, entry: &PeerEntry) -> Result<Client, ClientError> {
         if let Some(c) = self.clients.lock().await.get(&entry.id)
             && c.is_open()
+            && c.remote() == entry.addr
         {
             return Ok(c.clone());
         }
@@ -270,13 +309,18 @@ impl Node {
     }
 
     /// `peer`'s entry in our table.
-    fn entry(&self, peer: &PeerId) -> Result<&PeerEntry, ClientError> {
+    fn entry(&self, peer: &PeerId) -> Result<PeerEntry, ClientError> {
         let not_listed = || ClientError::NotListed { peer: peer.clone() };
-        self.peers.get(peer).ok_or_else(not_listed)
+        self.peers
+            .borrow()
+            .table
+            .get(peer)
+            .cloned()
+            .ok_or_else(not_listed)
     }
 
     fn select(&self, named: &[PeerId]) -> anyhow::Result<Vec<PeerEntry>> {
-        Ok(self.peers.select(&self.me, named)?)
+        Ok(self.peers.borrow().table.select(&self.me, named)?)
     }
 
     /// `list`: every named peer's files (default: every other peer), in the order named.

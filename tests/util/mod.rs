@@ -100,6 +100,34 @@ impl Net {
         Ok(path)
     }
 
+    /// A root of its own for `id`, as on another machine: a copy of the table, `certs/` and
+    /// `id`'s folder (identity and served files), at the same addresses.
+    pub fn apart(&self, id: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        for part in ["peer_settings.txt", "certs", id] {
+            copy_tree(&self.root().join(part), &dir.path().join(part))?;
+        }
+        Ok(Self {
+            dir,
+            peers: self.peers.clone(),
+            hosts: Default::default(),
+        })
+    }
+
+    /// Rewrites the table: the peers `ids` at their addresses, then `extra` lines.
+    pub fn list_only(&self, ids: &[&str], extra: &str) -> TestResult {
+        let mut text: String = (self.peers.iter())
+            .filter(|(p, _)| ids.contains(&p.as_str()))
+            .map(|(p, port)| format!("{p} 127.0.0.1 {port}\n"))
+            .collect();
+        text.push_str(extra);
+        // Written beside and renamed, as an editor does: never read half-written.
+        let path = self.root().join("peer_settings.txt");
+        std::fs::write(path.with_extension("new"), text)?;
+        std::fs::rename(path.with_extension("new"), path)?;
+        Ok(())
+    }
+
     /// A `qnode --root R --peer ID ARGS` command with a clean environment.
     pub fn cmd(&self, id: &str, args: &[&str]) -> Command {
         let mut c = match self.hosts.get(id) {
@@ -447,4 +475,18 @@ pub fn is_root(test: &str, why: &str) -> bool {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "SKIPPED {test}: needs root {why}");
     false
+}
+
+/// Copies a file or a folder (recursively).
+pub fn copy_tree(from: &Path, to: &Path) -> TestResult {
+    if from.is_dir() {
+        std::fs::create_dir_all(to)?;
+        for e in std::fs::read_dir(from)? {
+            let e = e?;
+            copy_tree(&e.path(), &to.join(e.file_name()))?;
+        }
+    } else {
+        std::fs::copy(from, to)?;
+    }
+    Ok(())
 }

@@ -111,7 +111,7 @@ pub fn fake_peer(
     pins.insert(asker.clone(), &identity::load_cert(&root, &asker)?);
     let config = tls::server_config(
         &identity::load(&root, &me)?,
-        pins,
+        tls::LivePins::new(pins),
         tls::Congestion::default(),
     )?;
     let port = net.peers.iter().find(|(p, _)| p == id).unwrap().1;

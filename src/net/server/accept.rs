@@ -100,7 +100,8 @@ async fn handle_connection(
             return;
         }
     };
-    let Some(peer) = tls::peer_identity(&conn, &server.pins) else {
+    let mut pins_changed = server.pins.subscribe();
+    let Some(peer) = tls::peer_identity(&conn, &server.pins.current()) else {
         // Unreachable in practice: the verifier accepts only pinned certificates.
         warn!("connection without a pinned certificate; closing");
         conn.close(CloseCode::Refused.code().into(), b"unknown peer");
@@ -141,6 +142,15 @@ async fn handle_connection(
         let stream = tokio::select! {
             () = cancel.cancelled() => break,
             s = conn.accept_bi() => s,
+            Ok(()) = pins_changed.changed() => {
+                // Removed from peer_settings.txt, or its certificate replaced: refused from now on.
+                if tls::peer_identity(&conn, &server.pins.current()).as_ref() != Some(&peer) {
+                    info!(%peer, "closing its connection: no longer listed with this certificate");
+                    conn.close(CloseCode::Refused.code().into(), b"no longer listed");
+                    break;
+                }
+                continue;
+            }
         };
         match stream {
             Ok((send, recv)) => {

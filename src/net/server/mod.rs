@@ -32,7 +32,7 @@ use tracing::warn;
 
 use crate::model::manifest::Manifest;
 use crate::model::peers::PeerId;
-use crate::net::tls::Pins;
+use crate::net::tls::LivePins;
 use crate::store::{Store, StoreError};
 use crate::wire::codec;
 use crate::wire::exchange::{self, SendBytes};
@@ -60,8 +60,9 @@ pub struct Server {
     pub me: PeerId,
     /// Our `served_files`.
     pub store: Arc<Store>,
-    /// Pinned certificates, to name the peer behind each connection.
-    pub pins: Pins,
+    /// Pinned certificates in force, to name the peer behind each connection (and close it
+    /// once its peer is no longer listed or was re-keyed).
+    pub pins: Arc<LivePins>,
     /// Largest upload accepted, in bytes.
     pub max_upload_size: u64,
     /// Paces chunk data sent to all peers together, if set.
@@ -101,7 +102,7 @@ impl Server {
     pub fn new(
         me: PeerId,
         store: Arc<Store>,
-        pins: Pins,
+        pins: Arc<LivePins>,
         max_upload_size: u64,
         upload_limit: Option<RateLimit>,
     ) -> Self {

@@ -40,7 +40,8 @@ fn serving(files: &[(&str, &[u8])]) -> (tempfile::TempDir, Server, Link) {
     }
     let store = Arc::new(Store::open(dir.path()).unwrap());
     let me: PeerId = "p1".parse().unwrap();
-    let server = Server::new(me, store, Pins::default(), 1 << 20, None);
+    let pins = LivePins::new(crate::net::tls::Pins::default());
+    let server = Server::new(me, store, pins, 1 << 20, None);
     let peer: PeerId = "p2".parse().unwrap();
     let link = Link {
         budget: server.budget.for_peer(&peer),

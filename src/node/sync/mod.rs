@@ -96,33 +96,25 @@ pub async fn sync(
     registry.add(&opts.folder, folder.clone());
     let unsettled = scan(&folder, me, &on).await?;
     let stop = CancellationToken::new();
-    let node = Arc::new(Node::load(root, me)?);
-    let peers: Vec<PeerId> = match opts.peers.is_empty() {
-        true => node.peers.entries().iter().map(|e| e.id.clone()).collect(),
-        false => opts.peers.clone(),
-    };
-    let peers: Vec<PeerId> = peers.into_iter().filter(|p| p != me).collect();
+    let live = super::Live::load(root, me)?;
+    let node = Arc::new(Node::following(root, me, live.listed.subscribe())?);
+    let changes = live.listed.subscribe();
     let mut tasks = tokio::task::JoinSet::new();
     let (root2, me2, serve2, stopped) = (root.clone(), me.clone(), serve.clone(), stop.clone());
     tasks.spawn(async move {
         let done = stopped.cancelled_owned();
-        if let Err(e) = super::serve_with(&root2, &me2, &serve2, registry, done).await {
+        if let Err(e) = super::serve_with(&root2, &me2, &serve2, registry, live, done).await {
             tracing::error!("serving: {e:#}");
         }
     });
-    // The pullers run on this task (a download session is not Send), each until `stop`.
-    let crowd: Arc<[PeerId]> = peers.clone().into();
-    let pullers = peers.into_iter().map(|peer| {
-        let puller = Puller {
-            node: node.clone(),
-            folder: folder.clone(),
-            name: opts.folder.clone(),
-            peer,
-            crowd: crowd.clone(),
-            on: on.clone(),
-        };
-        puller.run(stop.clone())
-    });
+    let pullers = Pullers {
+        node: node.clone(),
+        folder: folder.clone(),
+        name: opts.folder.clone(),
+        named: opts.peers.clone().into(),
+        on: on.clone(),
+    };
+    let pullers = pullers.run(changes, stop.clone());
     let watching = (opts.rescan, unsettled);
     let here = watch_here(
         folder.clone(),
@@ -131,7 +123,7 @@ pub async fn sync(
         on.clone(),
         stop.clone(),
     );
-    let work = async { tokio::join!(futures_util::future::join_all(pullers), here) };
+    let work = async { tokio::join!(pullers, here) };
     let stopping = async {
         shutdown.await;
         stop.cancel();
@@ -141,6 +133,81 @@ pub async fn sync(
     let f = folder.clone();
     tokio::task::spawn_blocking(move || f.lock().save()).await??;
     Ok(())
+}
+
+/// The pullers of a folder, one per peer we sync it with: the named peers, or every peer the
+/// table in force lists (started and stopped as it changes).
+struct Pullers {
+    node: Arc<Node>,
+    folder: Arc<SyncedFolder>,
+    name: String,
+    named: Arc<[PeerId]>,
+    on: On,
+}
+
+impl Pullers {
+    /// Runs them (on this task: a download session is not Send) until `stop`.
+    async fn run(
+        self,
+        mut changes: tokio::sync::watch::Receiver<Arc<super::listed::Listed>>,
+        stop: CancellationToken,
+    ) {
+        let mut running: std::collections::HashMap<PeerId, CancellationToken> = Default::default();
+        let mut pulling = futures_util::stream::FuturesUnordered::new();
+        let mut listed = changes.borrow_and_update().clone();
+        loop {
+            for peer in crowd(&self.named, &listed.table, self.node.me()) {
+                if running.contains_key(&peer) {
+                    continue;
+                }
+                let mine = stop.child_token();
+                running.insert(peer.clone(), mine.clone());
+                let puller = Puller {
+                    node: self.node.clone(),
+                    folder: self.folder.clone(),
+                    name: self.name.clone(),
+                    peer,
+                    named: self.named.clone(),
+                    on: self.on.clone(),
+                };
+                pulling.push(puller.run(mine));
+            }
+            tokio::select! {
+                () = stop.cancelled() => break,
+                Some(()) = pulling.next() => continue,
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        // The server is gone: nothing more changes.
+                        stop.cancelled().await;
+                        break;
+                    }
+                }
+            }
+            let new = changes.borrow_and_update().clone();
+            self.node.forget(&listed.changed_in(&new)).await;
+            let wanted = crowd(&self.named, &new.table, self.node.me());
+            running.retain(|peer, token| {
+                let keep = wanted.contains(peer);
+                if !keep {
+                    token.cancel();
+                }
+                keep
+            });
+            listed = new;
+        }
+        while pulling.next().await.is_some() {}
+    }
+}
+
+/// The peers a folder is synced with: those `named`, or every one `table` lists but us.
+fn crowd(named: &[PeerId], table: &crate::model::peers::PeerTable, me: &PeerId) -> Vec<PeerId> {
+    let all = || table.entries().iter().map(|e| e.id.clone()).collect();
+    let peers: Vec<PeerId> = if named.is_empty() {
+        all()
+    } else {
+        named.to_vec()
+    };
+    peers.into_iter().filter(|p| p != me).collect()
 }
 
 /// Scans the folder, records and announces what changed here; tells the waiting peers.

@@ -9,9 +9,9 @@ pub(super) struct Puller {
     pub(super) folder: Arc<SyncedFolder>,
     pub(super) name: String,
     pub(super) peer: PeerId,
-    /// Every peer we sync the folder with: a large version is fetched from all that hold it
-    /// or are fetching it too, so a crowd taking in one new version swarms.
-    pub(super) crowd: Arc<[PeerId]>,
+    /// The peers named to sync with (empty: every listed peer). A large version is fetched
+    /// from all of them that hold it or are fetching it too, so a crowd swarms.
+    pub(super) named: Arc<[PeerId]>,
     pub(super) on: On,
 }
 
@@ -70,7 +70,7 @@ impl Puller {
     /// One question and what its answer brings. True when the peer had nothing more.
     async fn pull_once(&self) -> anyhow::Result<bool> {
         let since = self.folder.lock().seen(self.peer.as_str());
-        let client = self.node.client(self.node.entry(&self.peer)?).await?;
+        let client = self.node.client(&self.node.entry(&self.peer)?).await?;
         let page = match client.sync_index(&self.name, since, WAIT_MS).await {
             Ok(page) => page,
             Err(e) if e.remote_kind() == Some(ErrorKind::NotFound) => {
@@ -235,7 +235,7 @@ impl Puller {
         theirs: &Version,
     ) -> anyhow::Result<crate::wire::exchange::Received> {
         let name = self.name_of(path)?;
-        let client = self.node.client(self.node.entry(&self.peer)?).await?;
+        let client = self.node.client(&self.node.entry(&self.peer)?).await?;
         let size = u32::try_from(theirs.size).unwrap_or(u32::MAX);
         let got = client
             .read_file(&name, theirs.blake3, size)
@@ -387,7 +387,8 @@ impl Puller {
             std::fs::symlink_metadata(here).is_ok_and(|m| m.is_file() && m.len() > DELTA_FROM);
         if version.size > MAX_WHOLE_FILE || (older && version.size > DELTA_FROM) {
             // The peer that told us first; the others join as they start on it.
-            let others = self.crowd.iter().filter(|p| **p != self.peer).cloned();
+            let crowd = crowd(&self.named, &self.node.table(), self.node.me());
+            let others = crowd.into_iter().filter(|p| *p != self.peer);
             let req = crate::node::DownloadRequest {
                 name,
                 peers: std::iter::once(self.peer.clone()).chain(others).collect(),
@@ -415,7 +416,7 @@ impl Puller {
         let got = match version.size {
             0 => crate::wire::exchange::Received::default(),
             size => {
-                let client = self.node.client(self.node.entry(&self.peer)?).await?;
+                let client = self.node.client(&self.node.entry(&self.peer)?).await?;
                 (client.read_file(&name, version.blake3, size as u32).await).map_err(judged)?
             }
         };

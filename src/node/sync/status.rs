@@ -39,7 +39,7 @@ impl Node {
             tokio::task::spawn_blocking(move || crate::store::synced::synced_folders(&served))
                 .await
                 .unwrap_or_default();
-        let others: Vec<PeerId> = (self.peers.entries().iter())
+        let others: Vec<PeerId> = (self.table().entries().iter())
             .map(|e| e.id.clone())
             .filter(|p| *p != self.me)
             .collect();
@@ -47,7 +47,7 @@ impl Node {
         for f in folders {
             let asked = futures_util::future::join_all(others.iter().map(|peer| async {
                 let since = f.seen.get(peer.as_str()).copied().unwrap_or(0);
-                let client = self.client(self.entry(peer)?).await?;
+                let client = self.client(&self.entry(peer)?).await?;
                 client.sync_index(&f.name, since, 0).await
             }))
             .await;

@@ -1,0 +1,137 @@
+//! Reach: a running `serve` or `sync` takes in edits to `peer_settings.txt` and `certs/` without
+//! a restart. Each peer that must see the files differently has a root of its own
+//! (`Net::apart`), as on separate machines.
+
+mod util;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use util::{Net, TestResult, poll};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// p3 is not in p1's table: its handshake is refused. Once the line is added, p1's running
+/// server lists its files to p3 within seconds, and says it took p3 in.
+#[test]
+fn a_peer_added_while_serving_is_served_within_seconds() -> TestResult {
+    let net = Net::new(&["p1", "p2", "p3"])?;
+    net.put("p1", "a.txt", b"hello")?;
+    let p3 = net.apart("p3")?;
+    net.list_only(&["p1", "p2"], "")?;
+    let s1 = net.serve("p1", &[])?;
+    let refused = p3.run("p3", &["list", "p1"])?;
+    assert!(!refused.success(), "{refused}");
+    let added = Instant::now();
+    net.list_only(&["p1", "p2", "p3"], "")?;
+    poll(WAIT, || {
+        Ok(p3.run("p3", &["list", "p1"])?.success().then_some(()))
+    })?;
+    let _ = writeln!(
+        std::io::stderr(),
+        "p3 served {:.2} s after it was added",
+        added.elapsed().as_secs_f64()
+    );
+    s1.wait_for_log("p3 added at 127.0.0.1:", WAIT)?;
+    Ok(())
+}
+
+/// p2 is downloading from p1 (held to 256 KiB/s) when it is removed from p1's table: p1 closes
+/// its connection at once, and refuses it from then on; p3 is still served.
+#[test]
+fn a_removed_peer_is_disconnected_and_refused() -> TestResult {
+    let net = Net::new(&["p1", "p2", "p3"])?;
+    let p2 = net.apart("p2")?;
+    let data = util::random_bytes(4 << 20, 71);
+    net.put("p1", "big.bin", &data)?;
+    let s1 = net.serve("p1", &["--max-upload-rate", "256K"])?;
+    let download = p2.spawn("p2", &["download", "big.bin", "p1"])?;
+    s1.wait_for_log("read_chunk big.bin", WAIT)?;
+    let removed = Instant::now();
+    net.list_only(&["p1", "p3"], "")?;
+    let out = util::Out::of(download)?;
+    assert!(!out.success(), "the download ended early: {out}");
+    assert!(removed.elapsed() < Duration::from_secs(12), "{out}");
+    s1.wait_for_log("closing its connection: no longer listed", WAIT)?;
+    assert!(!p2.run("p2", &["list", "p1"])?.success());
+    net.ok("p3", &["list", "p1"])?;
+    assert!(!p2.served("p2").join("big.bin").exists());
+    Ok(())
+}
+
+/// A malformed line is said once and changes nothing: p2 is still served; the next good edit
+/// is taken in.
+#[test]
+fn a_malformed_edit_keeps_the_last_good_table() -> TestResult {
+    let net = Net::new(&["p1", "p2", "p3"])?;
+    let p2 = net.apart("p2")?;
+    let s1 = net.serve("p1", &[])?;
+    net.list_only(&["p1"], "p2 127.0.0.1 not-a-port\n")?;
+    s1.wait_for_log("the last good peer table stays in force", WAIT)?;
+    p2.ok("p2", &["list", "p1"])?;
+    std::thread::sleep(Duration::from_secs(2));
+    let said = s1.log().matches("stays in force").count();
+    assert_eq!(said, 1, "said once: {}", s1.log());
+    net.list_only(&["p1", "p3"], "")?;
+    s1.wait_for_log("p2 removed", WAIT)?;
+    assert!(!p2.run("p2", &["list", "p1"])?.success());
+    Ok(())
+}
+
+/// p2 makes a new key pair; its new certificate is copied into p1's `certs/`: p1 closes the
+/// connection p2 had with the old key and refuses that key, and accepts the new one.
+#[test]
+fn a_replaced_certificate_takes_effect_and_the_old_one_is_refused() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    net.put("p1", "a.txt", b"hello")?;
+    let s1 = net.serve("p1", &[])?;
+    let new_p2 = net.apart("p2")?;
+    std::fs::remove_file(new_p2.root().join("p2").join("identity.key"))?;
+    std::fs::remove_file(new_p2.root().join("p2").join("identity.pem"))?;
+    std::fs::remove_file(new_p2.root().join("certs").join("p2.pem"))?;
+    new_p2.ok("p2", &["init"])?;
+    net.ok("p2", &["list", "p1"])?;
+    assert!(!new_p2.run("p2", &["list", "p1"])?.success());
+    // Installed as a copy would be: written beside, renamed into place.
+    let pem = std::fs::read(new_p2.root().join("certs").join("p2.pem"))?;
+    let at = net.root().join("certs").join("p2.pem");
+    std::fs::write(at.with_extension("new"), pem)?;
+    std::fs::rename(at.with_extension("new"), &at)?;
+    s1.wait_for_log("p2 has a new certificate", WAIT)?;
+    poll(WAIT, || {
+        Ok(new_p2.run("p2", &["list", "p1"])?.success().then_some(()))
+    })?;
+    assert!(!net.run("p2", &["list", "p1"])?.success());
+    Ok(())
+}
+
+/// p2 moves to another port while both sync a folder: once p1's table says where, p1 dials
+/// the new address, and a change made on p2 there reaches p1.
+#[test]
+fn a_peer_readdressed_while_syncing_is_dialled_at_its_new_address() -> TestResult {
+    let net = Net::new(&["p1", "p2", "p9"])?;
+    for id in ["p1", "p2"] {
+        std::fs::create_dir_all(net.served(id).join("notes"))?;
+    }
+    // p9 is never run: its port is where p2 moves.
+    let port9 = net.peers.iter().find(|(p, _)| p == "p9").unwrap().1;
+    let p2 = net.apart("p2")?;
+    let args = ["sync", "--folder", "notes", "--rescan", "5"];
+    let _s1 = net.start("p1", &args)?;
+    let new_addr = format!("127.0.0.1:{port9}");
+    let mut moved = args.to_vec();
+    moved.extend(["--listen", new_addr.as_str()]);
+    let _s2 = p2.start("p2", &moved)?;
+    std::fs::write(p2.served("p2").join("notes").join("from-p2.txt"), "moved")?;
+    let at = net.served("p1").join("notes").join("from-p2.txt");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!at.exists(), "p1 cannot know where p2 is yet");
+    let port1 = net.peers.iter().find(|(p, _)| p == "p1").unwrap().1;
+    let table = format!("p1 127.0.0.1 {port1}\np2 127.0.0.1 {port9}\n");
+    let path = net.root().join("peer_settings.txt");
+    std::fs::write(path.with_extension("new"), table)?;
+    std::fs::rename(path.with_extension("new"), path)?;
+    poll(WAIT, || Ok(at.exists().then_some(())))?;
+    assert_eq!(std::fs::read(&at)?, b"moved");
+    Ok(())
+}
