@@ -135,3 +135,55 @@ fn a_peer_readdressed_while_syncing_is_dialled_at_its_new_address() -> TestResul
     assert_eq!(std::fs::read(&at)?, b"moved");
     Ok(())
 }
+
+/// Peers listed as `auto`, on hosts of a bridge (namespaces): found by mDNS. An impostor
+/// announcing itself as p2 with another certificate is not dialled (the download names the
+/// refusal) and `discover` marks it; once the real p2 announces, p1 downloads from it.
+#[test]
+fn peers_listed_as_auto_are_found_on_the_lan_and_an_impostor_is_refused() -> TestResult {
+    use util::netns::{self, TestNet};
+    if !netns::available("peers_listed_as_auto_are_found_on_the_lan_and_an_impostor_is_refused") {
+        return Ok(());
+    }
+    let tn = TestNet::new(3)?;
+    let net = Net::on_hosts(&["p1", "p2", "p3"], &tn)?;
+    std::fs::write(
+        net.root().join("peer_settings.txt"),
+        "p1 auto\np2 auto\np3 auto\n",
+    )?;
+    net.put("p2", "a.txt", b"from the real p2")?;
+    // The impostor: p2's name, a key pair of its own, on host 3.
+    let impostor = net.apart("p2")?.on_host("p2", tn.ns(3));
+    std::fs::remove_file(impostor.root().join("p2").join("identity.key"))?;
+    std::fs::remove_file(impostor.root().join("p2").join("identity.pem"))?;
+    std::fs::remove_file(impostor.root().join("certs").join("p2.pem"))?;
+    impostor.ok("p2", &["init"])?;
+    std::fs::write(impostor.served("p2").join("a.txt"), b"from the impostor")?;
+    let _fake = impostor.serve("p2", &[])?;
+    let refused = net.fails("p1", &["download", "a.txt", "p2"])?;
+    assert!(
+        refused.stderr().contains("only with another certificate"),
+        "{refused}"
+    );
+    let heard = net.json("p1", &["discover", "--json", "--wait", "2"])?;
+    let p2 = (heard["peers"].as_array().unwrap().iter())
+        .find(|p| p["peer"] == "p2")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(p2["standing"], "other certificate", "{heard}");
+    let _real = net.serve("p2", &[])?;
+    net.ok("p1", &["download", "a.txt", "p2"])?;
+    assert_eq!(
+        std::fs::read(net.served("p1").join("a.txt"))?,
+        b"from the real p2"
+    );
+    let heard = net.json("p1", &["discover", "--json", "--wait", "2"])?;
+    let standings: Vec<String> = (heard["peers"].as_array().unwrap().iter())
+        .map(|p| format!("{} {}", p["peer"], p["standing"]))
+        .collect();
+    assert!(
+        standings.contains(&"\"p2\" \"listed\"".to_owned()),
+        "{heard}"
+    );
+    Ok(())
+}

@@ -55,6 +55,20 @@ pub enum Command {
     /// For each folder synced here and each other peer: in sync or not, what is pending, the
     /// conflict copies kept
     Status(StatusArgs),
+    /// The qnode nodes announcing themselves on the local network (mDNS), with their
+    /// certificates' fingerprints, those not in our table marked
+    Discover(DiscoverArgs),
+}
+
+/// Options of `discover`.
+#[derive(Debug, Clone, Args)]
+pub struct DiscoverArgs {
+    /// How long to listen, in seconds
+    #[arg(long, default_value_t = 3)]
+    pub wait: u64,
+    /// Print one JSON object instead of text
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Options of `status`.

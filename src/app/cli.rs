@@ -116,6 +116,7 @@ pub async fn execute(node: &Node, command: Command) -> anyhow::Result<bool> {
         Command::Upload(args) => upload(node, &args).await,
         Command::Download(args) => download(node, &args).await,
         Command::Status(args) => super::sync::status(node, args.json).await,
+        Command::Discover(args) => super::reach::discover(node, args.wait, args.json).await,
         Command::Init | Command::Serve(_) | Command::Shell | Command::Sync(_) => {
             anyhow::bail!("that command is not available here")
         }

@@ -74,15 +74,28 @@ impl fmt::Display for PeerId {
 pub struct PeerEntry {
     /// The peer's ID.
     pub id: PeerId,
-    /// Where its `serve` listens (UDP).
-    pub addr: SocketAddr,
+    /// Where its `serve` listens (UDP); `None` for a peer listed as `auto`, found on the local
+    /// network (mDNS) instead.
+    pub addr: Option<SocketAddr>,
 }
+
+impl PeerEntry {
+    /// Where it is, for a person: its address, or `auto`.
+    pub fn place(&self) -> String {
+        self.addr.map_or_else(|| AUTO.to_owned(), |a| a.to_string())
+    }
+}
+
+/// The word that lists a peer without an address: `p3 auto`.
+pub const AUTO: &str = "auto";
 
 /// A malformed `peer_settings.txt`, with the 1-based line number at fault.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SettingsError {
     /// A line that is not `peer_ID ip_addr server_port`.
-    #[error("line {line}: expected `peer_ID ip_addr server_port`, found {found:?}")]
+    #[error(
+        "line {line}: expected `peer_ID ip_addr server_port` or `peer_ID auto`, found {found:?}"
+    )]
     Malformed {
         /// The line number.
         line: usize,
@@ -143,40 +156,24 @@ impl PeerTable {
                 continue;
             }
             let fields: Vec<&str> = content.split_whitespace().collect();
-            let [id, ip, port] = fields[..] else {
-                return Err(SettingsError::Malformed {
-                    line,
-                    found: quote(content),
-                });
+            let (id, addr) = match fields[..] {
+                [id, AUTO] => (id, None),
+                [id, ip, port] => (id, Some(address(line, ip, port)?)),
+                _ => {
+                    return Err(SettingsError::Malformed {
+                        line,
+                        found: quote(content),
+                    });
+                }
             };
             let id: PeerId = id
                 .parse()
                 .map_err(|source| SettingsError::BadId { line, source })?;
-            let ip: IpAddr = ip
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse()
-                .map_err(|_| SettingsError::BadAddress {
-                    line,
-                    found: quote(ip),
-                })?;
-            let port: u16 = match port.parse() {
-                Ok(p) if p != 0 => p,
-                _ => {
-                    return Err(SettingsError::BadPort {
-                        line,
-                        found: quote(port),
-                    });
-                }
-            };
             if let Some(&first) = line_of.get(&id) {
                 return Err(SettingsError::Duplicate { line, first, id });
             }
             line_of.insert(id.clone(), line);
-            entries.push(PeerEntry {
-                id,
-                addr: SocketAddr::new(ip, port),
-            });
+            entries.push(PeerEntry { id, addr });
         }
         Ok(Self { entries })
     }
@@ -212,6 +209,25 @@ impl PeerTable {
             }
         }
         Ok(out)
+    }
+}
+
+/// The address of line `line`: an IP (IPv6 optionally in brackets) and a port (1-65535).
+fn address(line: usize, ip: &str, port: &str) -> Result<SocketAddr, SettingsError> {
+    let ip: IpAddr = ip
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .map_err(|_| SettingsError::BadAddress {
+            line,
+            found: quote(ip),
+        })?;
+    match port.parse() {
+        Ok(p) if p != 0 => Ok(SocketAddr::new(ip, p)),
+        _ => Err(SettingsError::BadPort {
+            line,
+            found: quote(port),
+        }),
     }
 }
 
@@ -284,9 +300,23 @@ mod tests {
         .unwrap();
         let ids: Vec<_> = t.entries().iter().map(|e| e.id.to_string()).collect();
         assert_eq!(ids, ["p1", "p2", "p3", "p4"]);
-        assert_eq!(t.entries()[1].addr, "127.0.0.1:53235".parse().unwrap());
-        assert_eq!(t.entries()[2].addr, "[::1]:9000".parse().unwrap());
-        assert_eq!(t.entries()[3].addr, "[::1]:9001".parse().unwrap());
+        assert_eq!(
+            t.entries()[1].addr,
+            Some("127.0.0.1:53235".parse().unwrap())
+        );
+        assert_eq!(t.entries()[2].addr, Some("[::1]:9000".parse().unwrap()));
+        assert_eq!(t.entries()[3].addr, Some("[::1]:9001".parse().unwrap()));
+        // `auto`: found on the local network.
+        let t = PeerTable::parse(
+            "p1 127.0.0.1 5
+p3 auto # on the LAN
+",
+        )
+        .unwrap();
+        assert_eq!(
+            (t.entries()[1].id.as_str(), t.entries()[1].addr),
+            ("p3", None)
+        );
     }
 
     #[test]

@@ -37,6 +37,14 @@ pub enum ClientError {
         /// Why.
         reason: String,
     },
+    /// A peer listed as `auto` was not found on the local network.
+    #[error("cannot find {peer}: {reason}")]
+    NotFound {
+        /// Who.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
     /// The peer speaks a version without folders, and the name is in one.
     #[error("{peer} is an older qnode, which does not support folders")]
     NoFolders {
@@ -96,7 +104,10 @@ impl ClientError {
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
-            Self::Unreachable { .. } | Self::NotListed { .. } | Self::Connection { .. }
+            Self::Unreachable { .. }
+                | Self::NotFound { .. }
+                | Self::NotListed { .. }
+                | Self::Connection { .. }
         )
     }
 

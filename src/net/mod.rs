@@ -6,6 +6,7 @@
 pub mod client;
 pub mod endpoints;
 pub mod identity;
+pub mod lan;
 pub mod machine;
 pub mod server;
 pub mod source;

@@ -164,9 +164,9 @@ pub async fn watch(
 fn say_changes(old: &Listed, new: &Listed) {
     for e in new.table.entries() {
         match old.table.get(&e.id) {
-            None => tracing::info!("{} added at {}", e.id, e.addr),
+            None => tracing::info!("{} added at {}", e.id, e.place()),
             Some(o) if o.addr != e.addr => {
-                tracing::info!("{} moved from {} to {}", e.id, o.addr, e.addr);
+                tracing::info!("{} moved from {} to {}", e.id, o.place(), e.place());
             }
             Some(_) if old.certs.get(&e.id) != new.certs.get(&e.id) => {
                 tracing::info!("{} has a new certificate", e.id);
@@ -178,5 +178,48 @@ fn say_changes(old: &Listed, new: &Listed) {
         if new.table.get(&e.id).is_none() {
             tracing::info!("{} removed: refused from now on", e.id);
         }
+    }
+}
+
+/// A node heard announcing itself on the local network, and how it stands with our table.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Discovered {
+    /// The peer ID it claims.
+    pub peer: String,
+    /// Where it says it listens.
+    pub addrs: Vec<String>,
+    /// Its certificate's fingerprint, as it announced it.
+    pub fingerprint: String,
+    /// `listed` (our table lists it and its pinned certificate has this fingerprint), `other
+    /// certificate` (listed, but pinned with another: refused), `not listed`, or `us`.
+    pub standing: &'static str,
+}
+
+impl super::Node {
+    /// `discover`: the qnode nodes announcing on the local network, heard for `wait`.
+    pub async fn discover(&self, wait: Duration) -> anyhow::Result<Vec<Discovered>> {
+        let lan = crate::net::lan::Lan::start(None).map_err(anyhow::Error::msg)?;
+        tokio::time::sleep(wait).await;
+        let table = self.table();
+        Ok((lan.heard().into_iter())
+            .map(|a| {
+                let pinned = table
+                    .get(&a.peer)
+                    .and_then(|_| identity::load_cert(&self.root, &a.peer).ok());
+                let standing = match pinned {
+                    _ if a.peer == self.me => "us",
+                    Some(cert) if crate::net::lan::fingerprint(&cert) == a.fingerprint => "listed",
+                    Some(_) => "other certificate",
+                    None if table.get(&a.peer).is_some() => "other certificate",
+                    None => "not listed",
+                };
+                Discovered {
+                    peer: a.peer.to_string(),
+                    addrs: a.addrs.iter().map(ToString::to_string).collect(),
+                    fingerprint: a.fingerprint,
+                    standing,
+                }
+            })
+            .collect())
     }
 }

@@ -164,11 +164,10 @@ pub async fn serve_with(
     };
     let pins = live.pins.clone();
     let config = tls::server_config(&identity, pins.clone(), opts.congestion)?;
-    // peer_settings.txt lists us, checked by load_peers.
-    let addr = opts
-        .listen
-        .or(peers.get(me).map(|e| e.addr))
-        .context("no address to listen on")?;
+    // peer_settings.txt lists us (checked by load_peers); listed as `auto`, on any address.
+    let addr = (opts.listen)
+        .or(peers.get(me).and_then(|e| e.addr))
+        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
     let (endpoint, capped) =
         tls::bind_endpoint(addr, Some(config), Some(tls::reset_key(&identity)))
             .with_context(|| format!("listening on {addr}"))?;
@@ -178,7 +177,9 @@ pub async fn serve_with(
             tls::UDP_BUFFER
         );
     }
+    let addr = endpoint.local_addr().unwrap_or(addr);
     tracing::info!("{me} serving {} on {addr}", store.dir().display());
+    let _announced = announce(&peers, me, addr.port(), &identity);
     let mut server = Server::new(
         me.clone(),
         store,
@@ -197,6 +198,29 @@ pub async fn serve_with(
     Ok(())
 }
 
+/// Announces us on the local network (mDNS) where the table lists a peer as `auto` (us or
+/// another): only those who asked for it send multicast.
+fn announce(
+    peers: &PeerTable,
+    me: &PeerId,
+    port: u16,
+    identity: &Identity,
+) -> Option<crate::net::lan::Lan> {
+    if peers.entries().iter().all(|e| e.addr.is_some()) {
+        return None;
+    }
+    match crate::net::lan::Lan::start(Some((me, port, &identity.cert))) {
+        Ok(lan) => {
+            tracing::info!("announcing {me} on the local network (port {port})");
+            Some(lan)
+        }
+        Err(e) => {
+            tracing::warn!("cannot announce on the local network: {e}");
+            None
+        }
+    }
+}
+
 /// A client-side session: who we are, the peers, and connections reused across commands.
 pub struct Node {
     root: Root,
@@ -206,7 +230,14 @@ pub struct Node {
     identity: Identity,
     endpoints: Endpoints,
     clients: tokio::sync::Mutex<HashMap<PeerId, Client>>,
+    /// Announcements on the local network, heard once a peer listed as `auto` is dialled.
+    lan: tokio::sync::OnceCell<Result<Arc<crate::net::lan::Lan>, String>>,
+    /// Where peers listed as `auto` were last found.
+    found: std::sync::Mutex<HashMap<PeerId, SocketAddr>>,
 }
+
+/// How long dialling a peer listed as `auto` waits to hear its announcement.
+pub const LAN_WAIT: Duration = Duration::from_secs(3);
 
 impl Node {
     /// Loads the settings and our identity.
@@ -234,6 +265,8 @@ impl Node {
             identity,
             endpoints: Endpoints::default(),
             clients: tokio::sync::Mutex::default(),
+            lan: tokio::sync::OnceCell::new(),
+            found: std::sync::Mutex::default(),
         })
     }
 
@@ -274,14 +307,18 @@ impl Node {
 
     /// A connection to `entry`, reused if one is open.
     async fn client(&self, entry: &PeerEntry) -> Result<Client, ClientError> {
+        let addr = match entry.addr {
+            Some(addr) => addr,
+            None => self.find_on_lan(&entry.id).await?,
+        };
         if let Some(c) = self.clients.lock().await.get(&entry.id)
             && c.is_open()
-            && c.remote() == entry.addr
+            && c.remote() == addr
         {
             return Ok(c.clone());
         }
         let dial = self.redial(entry)?;
-        let client = Client::connect(&dial.endpoint, dial.config, &entry.id, entry.addr).await?;
+        let client = Client::connect(&dial.endpoint, dial.config, &entry.id, addr).await?;
         self.clients
             .lock()
             .await
@@ -289,22 +326,52 @@ impl Node {
         Ok(client)
     }
 
+    /// Where `peer` (listed as `auto`) announced itself on the local network with its pinned
+    /// certificate (waiting up to [`LAN_WAIT`] to hear it), noted for redialling.
+    async fn find_on_lan(&self, peer: &PeerId) -> Result<SocketAddr, ClientError> {
+        let not_found = |reason: String| ClientError::NotFound {
+            peer: peer.clone(),
+            reason,
+        };
+        let lan = self
+            .lan
+            .get_or_init(|| async { crate::net::lan::Lan::start(None).map(Arc::new) })
+            .await
+            .as_ref()
+            .map_err(|e| not_found(e.clone()))?;
+        let cert = identity::load_cert(&self.root, peer).map_err(|e| not_found(e.to_string()))?;
+        let addr = lan.find(peer, &cert, LAN_WAIT).await.map_err(not_found)?;
+        let mut found = self.found.lock().unwrap_or_else(|p| p.into_inner());
+        found.insert(peer.clone(), addr);
+        Ok(addr)
+    }
+
     /// What connecting to `entry` needs: our endpoint and a configuration pinning its certificate.
     fn redial(&self, entry: &PeerEntry) -> Result<Redial, ClientError> {
+        let addr = match entry.addr {
+            Some(addr) => addr,
+            None => {
+                let found = self.found.lock().unwrap_or_else(|p| p.into_inner());
+                *found.get(&entry.id).ok_or_else(|| ClientError::NotFound {
+                    peer: entry.id.clone(),
+                    reason: "not heard on the local network yet".into(),
+                })?
+            }
+        };
         let unreachable = |reason: String| ClientError::Unreachable {
             peer: entry.id.clone(),
-            addr: entry.addr,
+            addr,
             reason,
         };
         let pinned =
             identity::load_cert(&self.root, &entry.id).map_err(|e| unreachable(e.to_string()))?;
         let config = tls::client_config(&self.identity, &entry.id, pinned)
             .map_err(|e| unreachable(e.to_string()))?;
-        let endpoint = self.endpoints.for_addr(entry.addr).map_err(unreachable)?;
+        let endpoint = self.endpoints.for_addr(addr).map_err(unreachable)?;
         Ok(Redial {
             endpoint,
             config,
-            addr: entry.addr,
+            addr,
         })
     }
 

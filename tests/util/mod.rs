@@ -114,6 +114,12 @@ impl Net {
         })
     }
 
+    /// The same root, with `id`'s commands run in network namespace `ns`.
+    pub fn on_host(mut self, id: &str, ns: &str) -> Self {
+        self.hosts.insert(id.to_owned(), ns.to_owned());
+        self
+    }
+
     /// Rewrites the table: the peers `ids` at their addresses, then `extra` lines.
     pub fn list_only(&self, ids: &[&str], extra: &str) -> TestResult {
         let mut text: String = (self.peers.iter())
