@@ -38,7 +38,12 @@ pub(crate) fn settings(data: &[u8]) {
         ids.sort();
         ids.dedup();
         assert_eq!(ids.len(), n, "duplicate IDs accepted");
-        assert!(table.entries().iter().all(|e| e.addr.is_none_or(|a| a.port() != 0)));
+        assert!(
+            table
+                .entries()
+                .iter()
+                .all(|e| e.addr.is_none_or(|a| a.port() != 0))
+        );
     }
 }
 
