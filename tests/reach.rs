@@ -187,3 +187,50 @@ fn peers_listed_as_auto_are_found_on_the_lan_and_an_impostor_is_refused() -> Tes
     );
     Ok(())
 }
+
+/// p4 and p5 are each behind a NAT router (nftables masquerade, ports kept: an
+/// endpoint-independent mapping) and listed as `auto`; p1 is on the bridge. p5's server keeps a
+/// connection to p1; p4 asks p1 to introduce it, p5 opens its NAT toward p4, and p4 downloads
+/// from p5 directly through both NATs.
+#[test]
+fn peers_behind_nats_are_introduced_and_punch_through() -> TestResult {
+    use util::netns::{self, TestNet};
+    if !netns::available("peers_behind_nats_are_introduced_and_punch_through") {
+        return Ok(());
+    }
+    let mut tn = TestNet::new(3)?;
+    let behind4 = tn.behind_nat(2, false)?;
+    let behind5 = tn.behind_nat(3, false)?;
+    let net = Net::on_hosts(&["p1", "p4", "p5"], &tn)?
+        .on_host("p4", &behind4)
+        .on_host("p5", &behind5);
+    std::fs::write(
+        net.root().join("peer_settings.txt"),
+        format!("p1 {} 47000\np4 auto\np5 auto\n", tn.ip(1)),
+    )?;
+    let data = util::random_bytes(1 << 20, 81);
+    net.put("p5", "f.bin", &data)?;
+    let s1 = net.serve("p1", &[])?;
+    let s5 = net.serve("p5", &[])?;
+    s5.wait_for_log("p1 can introduce others to us", WAIT)?;
+    // p4 cannot reach p5 but through an introduction: no address, no LAN in common.
+    let started = Instant::now();
+    let json = match net.json("p4", &["download", "f.bin", "p5", "--json"]) {
+        Ok(json) => json,
+        Err(e) => anyhow::bail!("{e}\np1:\n{}\np5:\n{}", s1.log(), s5.log()),
+    };
+    assert_eq!(
+        std::fs::read(net.served("p4").join("f.bin"))?,
+        data,
+        "{json}"
+    );
+    assert_eq!(util::share(&json, "p5"), data.len() as u64, "{json}");
+    s1.wait_for_log("introduce p4 to p5", WAIT)?;
+    s5.wait_for_log("p1 introduces p4", WAIT)?;
+    let _ = writeln!(
+        std::io::stderr(),
+        "punched through two NATs: {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

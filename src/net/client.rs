@@ -287,6 +287,36 @@ impl Client {
             .await
     }
 
+    /// Where `peer` is, as this peer (an introducer `peer` keeps a connection to) sees it, once
+    /// `peer` was asked to open its NAT toward us.
+    pub async fn introduce(&self, peer: &PeerId) -> Result<SocketAddr, ClientError> {
+        self.on_stream(async |send, recv| exchange::introduce(send, recv, peer.as_str()).await)
+            .await
+    }
+
+    /// Answers the requests an introducer sends on this connection (we dialled it and keep
+    /// the connection so that it can introduce others to us) until the connection ends: each
+    /// `Punch` calls `punch` with the address to send datagrams to.
+    pub async fn answer_introductions(&self, punch: impl Fn(&str, SocketAddr)) {
+        while let Ok((mut send, mut recv)) = self.conn.accept_bi().await {
+            let answer = match exchange::read_request(&mut recv).await {
+                Ok(protocol::Request::Punch { peer, addr }) => {
+                    tracing::info!(
+                        "{} introduces {peer}: opening our NAT toward {addr}",
+                        self.peer
+                    );
+                    punch(&peer, addr);
+                    protocol::Response::Punched
+                }
+                _ => protocol::Response::Error(RemoteError::new(
+                    ErrorKind::BadRequest,
+                    "only introductions are answered here",
+                )),
+            };
+            exchange::respond(&mut send, &answer).await;
+        }
+    }
+
     /// What changed in the peer's synced folder `folder` after `since` (waiting up to
     /// `wait_ms` for a change).
     pub async fn sync_index(

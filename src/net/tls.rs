@@ -229,6 +229,17 @@ pub fn bind_endpoint(
     server: Option<quinn::ServerConfig>,
     reset_key: Option<[u8; 32]>,
 ) -> std::io::Result<(quinn::Endpoint, Option<usize>)> {
+    let (endpoint, capped, _) = bind_punching(addr, server, reset_key)?;
+    Ok((endpoint, capped))
+}
+
+/// [`bind_endpoint`], and a handle on the same UDP socket to send datagrams from that quinn
+/// ignores: they open a NAT toward a peer about to dial us (hole punching).
+pub fn bind_punching(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    reset_key: Option<[u8; 32]>,
+) -> std::io::Result<(quinn::Endpoint, Option<usize>, std::net::UdpSocket)> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
@@ -258,9 +269,10 @@ pub fn bind_endpoint(
         }
         None => quinn::EndpointConfig::default(),
     };
+    let punching: std::net::UdpSocket = socket.try_clone()?.into();
     let endpoint =
         quinn::Endpoint::new(config, server, socket.into(), Arc::new(quinn::TokioRuntime))?;
-    Ok((endpoint, capped))
+    Ok((endpoint, capped, punching))
 }
 
 /// The pinned peer a connection's client presented, if the handshake gave one.

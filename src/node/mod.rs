@@ -76,6 +76,7 @@ pub use download::{DownloadEvent, DownloadRequest, Downloaded, Fetched, LeftOut,
 
 mod download;
 pub mod listed;
+mod punch;
 use listed::Live;
 mod folder;
 mod levels;
@@ -168,8 +169,8 @@ pub async fn serve_with(
     let addr = (opts.listen)
         .or(peers.get(me).and_then(|e| e.addr))
         .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-    let (endpoint, capped) =
-        tls::bind_endpoint(addr, Some(config), Some(tls::reset_key(&identity)))
+    let (endpoint, capped, socket) =
+        tls::bind_punching(addr, Some(config), Some(tls::reset_key(&identity)))
             .with_context(|| format!("listening on {addr}"))?;
     if let Some(granted) = capped {
         tracing::warn!(
@@ -191,6 +192,18 @@ pub async fn serve_with(
     server.synced = synced;
     let server = Arc::new(server);
     let stop = tokio_util::sync::CancellationToken::new();
+    // Listed as `auto`: we may be behind a NAT, so we keep connections others can be
+    // introduced to us through.
+    if peers.get(me).is_some_and(|e| e.addr.is_none()) {
+        let reachable = punch::stay_reachable(
+            endpoint.clone(),
+            Arc::new(socket),
+            Arc::new(identity),
+            live.listed.subscribe(),
+            stop.clone(),
+        );
+        tokio::spawn(reachable);
+    }
     let watching = tokio::spawn(live.watch(root.clone(), me.clone(), stop.clone()));
     server::run(endpoint, server, shutdown).await;
     stop.cancel();
@@ -309,7 +322,7 @@ impl Node {
     async fn client(&self, entry: &PeerEntry) -> Result<Client, ClientError> {
         let addr = match entry.addr {
             Some(addr) => addr,
-            None => self.find_on_lan(&entry.id).await?,
+            None => self.locate(&entry.id).await?,
         };
         if let Some(c) = self.clients.lock().await.get(&entry.id)
             && c.is_open()
@@ -328,7 +341,7 @@ impl Node {
 
     /// Where `peer` (listed as `auto`) announced itself on the local network with its pinned
     /// certificate (waiting up to [`LAN_WAIT`] to hear it), noted for redialling.
-    async fn find_on_lan(&self, peer: &PeerId) -> Result<SocketAddr, ClientError> {
+    pub(super) async fn find_on_lan(&self, peer: &PeerId) -> Result<SocketAddr, ClientError> {
         let not_found = |reason: String| ClientError::NotFound {
             peer: peer.clone(),
             reason,

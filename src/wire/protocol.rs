@@ -234,6 +234,23 @@ pub enum Request {
         /// How long to wait for a change when there is none.
         wait_ms: u32,
     },
+    /// `qnode/3`: introduce us to `peer`, which keeps a connection to the answerer (it cannot
+    /// be dialled: behind a NAT). The answerer asks `peer` to send a few datagrams to our
+    /// address as the answerer sees it, opening `peer`'s NAT toward us, then answers with
+    /// `peer`'s address as it sees it ([`Response::Introduced`]): we dial that, and the pinned
+    /// handshake decides whether it is `peer`.
+    Introduce {
+        /// Whom to reach.
+        peer: String,
+    },
+    /// `qnode/3`, from an introducer to a peer that keeps a connection to it: send a few
+    /// datagrams to `addr`, where `peer` will dial us from. Answered with `Response::Punched`.
+    Punch {
+        /// Who will dial.
+        peer: String,
+        /// From where, as the introducer sees it.
+        addr: std::net::SocketAddr,
+    },
 }
 
 /// Longest a [`Request::SyncIndex`] waits for a change (under QUIC's idle timeout, 30 s).
@@ -270,6 +287,8 @@ impl Request {
             Self::ReadFile { .. } => "read_file",
             Self::Folder { .. } => "folder",
             Self::SyncIndex { .. } => "sync_index",
+            Self::Introduce { .. } => "introduce",
+            Self::Punch { .. } => "punch",
             // Logged as `observe`, with "in pieces" in its outcome.
             Self::ObservePieces { .. } => "observe",
         }
@@ -278,7 +297,11 @@ impl Request {
     /// The file it names, if it names one.
     pub fn name(&self) -> Option<&FilePath> {
         match self {
-            Self::List | Self::ListAll | Self::SyncIndex { .. } => None,
+            Self::List
+            | Self::ListAll
+            | Self::SyncIndex { .. }
+            | Self::Introduce { .. }
+            | Self::Punch { .. } => None,
             Self::ListPage { after } => after.as_ref(),
             Self::Describe { name }
             | Self::ReadChunk { name, .. }
@@ -427,6 +450,14 @@ pub enum Response {
         /// More records follow.
         more: bool,
     },
+    /// Answer to `Introduce`: where the peer is, as the introducer sees it (it was asked to
+    /// open its NAT toward us).
+    Introduced {
+        /// Its address.
+        addr: std::net::SocketAddr,
+    },
+    /// Answer to `Punch`: the datagrams are on their way.
+    Punched,
 }
 
 /// One file's version in a synced folder's index, as [`Response::SyncIndex`] tells it.

@@ -112,6 +112,69 @@ impl TestNet {
         Ok(net)
     }
 
+    /// Puts a host behind host `i`, which becomes its NAT router: the new host (its namespace
+    /// is returned) is 192.168.`i`.2 on a link of its own to `i`, its default route through
+    /// `i`, whose nftables masquerade what it forwards to the bridge. `random`: a new random
+    /// port per destination, as symmetric NATs do (else the port is kept, as endpoint-
+    /// independent NATs do). Nothing from the bridge reaches the new host unless it answers
+    /// what it sent.
+    pub fn behind_nat(&mut self, i: usize, random: bool) -> anyhow::Result<String> {
+        let router = self.ns(i).to_owned();
+        let inner = format!("{router}-in");
+        sh(&format!("ip netns add {inner}"))?;
+        self.hosts.push(inner.clone());
+        sh(&format!(
+            "ip link add eth0 netns {inner} type veth peer name lan0 netns {router}"
+        ))?;
+        sh(&format!(
+            "ip -n {router} addr add 192.168.{i}.1/24 dev lan0"
+        ))?;
+        sh(&format!("ip -n {router} link set lan0 up"))?;
+        sh(&format!("ip -n {inner} addr add 192.168.{i}.2/24 dev eth0"))?;
+        sh(&format!("ip -n {inner} link set eth0 up"))?;
+        sh(&format!("ip -n {inner} link set lo up"))?;
+        sh(&format!(
+            "ip -n {inner} route add default via 192.168.{i}.1"
+        ))?;
+        sh(&format!(
+            "ip netns exec {router} sysctl -q -w net.ipv4.ip_forward=1"
+        ))?;
+        sh(&format!("ip netns exec {router} nft add table ip qtnat"))?;
+        sh_args(&[
+            "ip",
+            "netns",
+            "exec",
+            &router,
+            "nft",
+            "add",
+            "chain",
+            "ip",
+            "qtnat",
+            "post",
+            "{ type nat hook postrouting priority 100 ; }",
+        ])?;
+        let how = if random {
+            "masquerade random"
+        } else {
+            "masquerade"
+        };
+        sh(&format!(
+            "ip netns exec {router} nft add rule ip qtnat post oifname eth0 {how}"
+        ))?;
+        // As a home router's firewall does: what arrives unasked is dropped before it is
+        // tracked (else it would take the tuple its host's own mapping needs).
+        for hook in ["input", "forward"] {
+            let chain = format!("{{ type filter hook {hook} priority 0 ; }}");
+            sh_args(&[
+                "ip", "netns", "exec", &router, "nft", "add", "chain", "ip", "qtnat", hook, &chain,
+            ])?;
+            sh(&format!(
+                "ip netns exec {router} nft add rule ip qtnat {hook} iifname eth0 ct state new drop"
+            ))?;
+        }
+        Ok(inner)
+    }
+
     /// The namespace of host `i` (1-based).
     pub fn ns(&self, i: usize) -> &str {
         &self.hosts[i - 1]

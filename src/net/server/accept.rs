@@ -127,8 +127,15 @@ async fn handle_connection(
         Version::V1 => "no compression (the peer speaks qnode/1)".into(),
     };
     info!(%peer, "connected: {}, {packing}", tls::alpn_name(version));
+    // Known for introductions while it lasts.
+    let _present = Present {
+        server: server.clone(),
+        peer: peer.clone(),
+        n: server.present.add(&peer, Arc::new(Reachable(conn.clone()))),
+    };
     let link = Arc::new(Link {
         peer: peer.clone(),
+        remote: conn.remote_address(),
         budget: server.budget.for_peer(&peer),
         version,
         wire_sent: {
@@ -170,6 +177,40 @@ async fn handle_connection(
                 break;
             }
         }
+    }
+}
+
+/// A connection of a peer, as an introducer asks it to punch.
+struct Reachable(quinn::Connection);
+
+impl super::introduce::Reachable for Reachable {
+    fn remote(&self) -> std::net::SocketAddr {
+        self.0.remote_address()
+    }
+
+    fn punch(
+        &self,
+        peer: &PeerId,
+        addr: std::net::SocketAddr,
+    ) -> futures_util::future::BoxFuture<'static, Result<(), String>> {
+        let (conn, peer) = (self.0.clone(), peer.to_string());
+        Box::pin(async move {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            (exchange::punch(&mut send, &mut recv, &peer, addr).await).map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// A connection's place among the present ones, given up when it ends.
+struct Present {
+    server: Arc<Server>,
+    peer: PeerId,
+    n: u64,
+}
+
+impl Drop for Present {
+    fn drop(&mut self) {
+        self.server.present.remove(&self.peer, self.n);
     }
 }
 

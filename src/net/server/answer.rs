@@ -115,6 +115,14 @@ pub(super) async fn handle(
             since,
             wait_ms,
         } => super::synced::handle_sync_index(send, server, link, folder, since, wait_ms).await,
+        Request::Introduce { peer } => {
+            super::introduce::handle_introduce(send, server, link, peer).await
+        }
+        Request::Punch { .. } => Err(RemoteError::new(
+            ErrorKind::BadRequest,
+            "punch is asked by an introducer of a peer that dialled it",
+        )
+        .into()),
     };
     match outcome {
         Ok(summary) => info!("{kind} {summary}"),

@@ -13,6 +13,7 @@
 
 mod accept;
 mod answer;
+pub mod introduce;
 pub mod limits;
 mod observe;
 pub mod shared;
@@ -89,6 +90,8 @@ pub struct Server {
     pub trees: Arc<TreeJobs>,
     /// The folders we sync (none unless `sync` runs): `SyncIndex` answers about them.
     pub synced: Arc<synced::SyncedFolders>,
+    /// Every peer's open connections, for introductions.
+    pub present: introduce::Present,
 }
 
 /// Refused handshakes logged in full per [`STATS_INTERVAL`]; the rest are counted in one line.
@@ -125,6 +128,7 @@ impl Server {
             compression: codec::Mode::default(),
             observers: ObserverSlots::default(),
             synced: Arc::default(),
+            present: introduce::Present::default(),
         }
     }
 
@@ -152,6 +156,8 @@ pub trait Answering: SendBytes {
 /// What the requests of one connection share.
 struct Link {
     peer: PeerId,
+    /// Its address, as its NAT (if any) maps it.
+    remote: std::net::SocketAddr,
     budget: PeerBudget,
     version: Version,
     /// Bytes sent on the connection so far (the link's pace is measured from it).

@@ -44,6 +44,7 @@ fn serving(files: &[(&str, &[u8])]) -> (tempfile::TempDir, Server, Link) {
     let server = Server::new(me, store, pins, 1 << 20, None);
     let peer: PeerId = "p2".parse().unwrap();
     let link = Link {
+        remote: "127.0.0.1:1".parse().unwrap(),
         budget: server.budget.for_peer(&peer),
         peer,
         version: Version::V2,

@@ -613,3 +613,37 @@ pub async fn list_page(
         more,
     })
 }
+
+/// `Introduce`: where `peer` is, as the answerer (an introducer it keeps a connection to) sees
+/// it, once it was asked to open its NAT toward us.
+pub async fn introduce(
+    send: &mut impl SendBytes,
+    recv: &mut (impl AsyncRead + Unpin),
+    peer: &str,
+) -> Result<std::net::SocketAddr, ExchangeError> {
+    let request = Request::Introduce {
+        peer: peer.to_owned(),
+    };
+    match ask(send, recv, &request, true).await? {
+        Response::Introduced { addr } => Ok(addr),
+        _ => Err(ExchangeError::Unexpected("introduce")),
+    }
+}
+
+/// `Punch`: asks a peer keeping a connection to us to send a few datagrams to `addr`, where
+/// `peer` will dial it from.
+pub async fn punch(
+    send: &mut impl SendBytes,
+    recv: &mut (impl AsyncRead + Unpin),
+    peer: &str,
+    addr: std::net::SocketAddr,
+) -> Result<(), ExchangeError> {
+    let request = Request::Punch {
+        peer: peer.to_owned(),
+        addr,
+    };
+    match ask(send, recv, &request, true).await? {
+        Response::Punched => Ok(()),
+        _ => Err(ExchangeError::Unexpected("punch")),
+    }
+}

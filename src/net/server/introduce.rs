@@ -1,0 +1,122 @@
+//! Introductions: a peer behind a NAT keeps a connection to us (it dialled us: we can reach it
+//! on that connection, and see its address as its NAT maps it). When another peer asks to be
+//! introduced to it, we ask it to send a few datagrams to the asker's address as we see it
+//! (opening its NAT toward the asker), then tell the asker its address: the asker dials it, and
+//! the pinned handshake decides. We hand out only addresses we observed, never one a peer
+//! claims.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+
+use super::{Answering, Failure, Link, Server};
+use crate::model::peers::PeerId;
+use crate::wire::exchange::respond;
+use crate::wire::protocol::{ErrorKind, RemoteError, Response};
+
+/// How long the introduced peer has to say it opened its NAT.
+pub const PUNCH_WAIT: Duration = Duration::from_secs(3);
+
+/// One open connection of a peer, as an introducer needs it.
+pub trait Reachable: Send + Sync {
+    /// Its address, as its NAT maps it.
+    fn remote(&self) -> SocketAddr;
+    /// Asks it to send datagrams to `addr`, where `peer` will dial it from.
+    fn punch(&self, peer: &PeerId, addr: SocketAddr) -> BoxFuture<'static, Result<(), String>>;
+}
+
+/// A peer's open connections, each with the number it is forgotten by.
+type Conns = Vec<(u64, Arc<dyn Reachable>)>;
+
+/// The open connections of every peer, by peer.
+#[derive(Default)]
+pub struct Present {
+    next: AtomicU64,
+    by_peer: Mutex<HashMap<PeerId, Conns>>,
+}
+
+impl std::fmt::Debug for Present {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Present").finish_non_exhaustive()
+    }
+}
+
+impl Present {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Conns>> {
+        self.by_peer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes a connection of `peer`; the number to forget it by.
+    pub fn add(&self, peer: &PeerId, conn: Arc<dyn Reachable>) -> u64 {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().entry(peer.clone()).or_default().push((n, conn));
+        n
+    }
+
+    /// Forgets connection `n` of `peer`.
+    pub fn remove(&self, peer: &PeerId, n: u64) {
+        let mut all = self.lock();
+        if let Some(conns) = all.get_mut(peer) {
+            conns.retain(|(m, _)| *m != n);
+            if conns.is_empty() {
+                all.remove(peer);
+            }
+        }
+    }
+
+    fn of(&self, peer: &PeerId) -> Vec<Arc<dyn Reachable>> {
+        self.lock()
+            .get(peer)
+            .map(|c| c.iter().map(|(_, r)| r.clone()).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// `Introduce`: asks each open connection of `peer` to punch toward the asker (a peer's few
+/// connections, at once: only the one it keeps for introductions answers), and answers with the
+/// address of the first that did.
+pub(super) async fn handle_introduce(
+    send: &mut impl Answering,
+    server: &Server,
+    link: &Link,
+    peer: String,
+) -> Result<String, Failure> {
+    link.needs_qnode3("introductions")?;
+    let bad = |why: String| Failure::from(RemoteError::new(ErrorKind::BadRequest, why));
+    let peer: PeerId = peer.parse().map_err(|e| bad(format!("{e}")))?;
+    if peer == link.peer || peer == server.me {
+        return Err(bad(format!("cannot introduce {} to {peer}", link.peer)));
+    }
+    let conns = server.present.of(&peer);
+    let not_here = || {
+        let why = format!(
+            "{peer} keeps no connection to {} that answers introductions",
+            server.me
+        );
+        Failure::from(RemoteError::new(ErrorKind::NotFound, why))
+    };
+    if conns.is_empty() {
+        return Err(not_here());
+    }
+    let asks = conns.iter().map(|c| {
+        let (c, asker, at) = (c.clone(), link.peer.clone(), link.remote);
+        Box::pin(async move {
+            match tokio::time::timeout(PUNCH_WAIT, c.punch(&asker, at)).await {
+                Ok(Ok(())) => Ok(c.remote()),
+                _ => Err(()),
+            }
+        })
+    });
+    let Ok((addr, _)) = futures_util::future::select_ok(asks).await else {
+        return Err(not_here());
+    };
+    respond(send, &Response::Introduced { addr }).await;
+    Ok(format!(
+        "{} to {peer} at {addr} ({} at {})",
+        link.peer, link.peer, link.remote
+    ))
+}
