@@ -225,12 +225,63 @@ fn peers_behind_nats_are_introduced_and_punch_through() -> TestResult {
         "{json}"
     );
     assert_eq!(util::share(&json, "p5"), data.len() as u64, "{json}");
+    assert_eq!(json["routes"]["p5"], "punched (introduced by p1)", "{json}");
     s1.wait_for_log("introduce p4 to p5", WAIT)?;
     s5.wait_for_log("p1 introduces p4", WAIT)?;
     let _ = writeln!(
         std::io::stderr(),
         "punched through two NATs: {:.2} s",
         started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Both behind NATs that map each destination to a new port (`masquerade random`, as symmetric
+/// NATs do): the punched address gets no answer, and p1 relays. Its limits hold: paced to
+/// 512 KiB/s (1 MiB takes at least 1.5 s through it), and with `--max-relayed 1` a second relay
+/// while the first runs is refused by name.
+#[test]
+fn peers_behind_symmetric_nats_are_relayed_within_its_limits() -> TestResult {
+    use util::netns::{self, TestNet};
+    if !netns::available("peers_behind_symmetric_nats_are_relayed_within_its_limits") {
+        return Ok(());
+    }
+    let mut tn = TestNet::new(3)?;
+    let behind4 = tn.behind_nat(2, true)?;
+    let behind5 = tn.behind_nat(3, true)?;
+    let net = Net::on_hosts(&["p1", "p4", "p5"], &tn)?
+        .on_host("p4", &behind4)
+        .on_host("p5", &behind5);
+    std::fs::write(
+        net.root().join("peer_settings.txt"),
+        format!("p1 {} 47000\np4 auto\np5 auto\n", tn.ip(1)),
+    )?;
+    let data = util::random_bytes(1 << 20, 82);
+    net.put("p5", "f.bin", &data)?;
+    net.put("p5", "g.bin", b"second")?;
+    let s1 = net.serve("p1", &["--relay-rate", "512K", "--max-relayed", "1"])?;
+    let s5 = net.serve("p5", &[])?;
+    s5.wait_for_log("p1 can introduce others to us", WAIT)?;
+    let started = Instant::now();
+    let json = match net.json("p4", &["download", "f.bin", "p5", "--json"]) {
+        Ok(json) => json,
+        Err(e) => anyhow::bail!("{e}\np1:\n{}\np5:\n{}", s1.log(), s5.log()),
+    };
+    let took = started.elapsed();
+    assert_eq!(std::fs::read(net.served("p4").join("f.bin"))?, data);
+    assert_eq!(json["routes"]["p5"], "relayed by p1", "{json}");
+    assert!(took > Duration::from_millis(1500), "paced: {took:?}");
+    s1.wait_for_log("relay p4 to p5 through", WAIT)?;
+    // The first relay is still there (until idle): a second is refused, and said so.
+    let refused = net.fails("p4", &["download", "g.bin", "p5"])?;
+    assert!(
+        refused.stderr().contains("relays 1 peers already"),
+        "{refused}"
+    );
+    let _ = writeln!(
+        std::io::stderr(),
+        "relayed through p1 at 512 KiB/s: 1 MiB in {:.2} s",
+        took.as_secs_f64()
     );
     Ok(())
 }

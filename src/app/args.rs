@@ -118,6 +118,16 @@ pub struct ServeArgs {
     /// compressor and the data shrinks), always (whenever it shrinks) or never
     #[arg(long, value_enum, default_value_t)]
     pub compression: CompressionArg,
+    /// Cap on what the relays we run for peers behind NATs carry together, in bytes per
+    /// second (suffixes as for --max-upload-rate)
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub relay_rate: Option<u64>,
+    /// Most relays at once
+    #[arg(long, value_name = "N", default_value_t = crate::net::server::relay::DEFAULT_MAX_RELAYED)]
+    pub max_relayed: usize,
+    /// Relay for no one
+    #[arg(long)]
+    pub no_relay: bool,
 }
 
 /// `--congestion`: the congestion controller a sender uses (`net::tls::Congestion`).

@@ -342,11 +342,11 @@ async fn download(node: &Node, args: &DownloadArgs) -> anyhow::Result<bool> {
         }
         other => other?,
     };
-    report_download(&done, args.json)
+    report_download(node, &done, args.json)
 }
 
 /// A file download's warnings (corrupt chunks, dropped peers), then its line or JSON object.
-fn report_download(done: &node::Downloaded, json: bool) -> anyhow::Result<bool> {
+fn report_download(node: &Node, done: &node::Downloaded, json: bool) -> anyhow::Result<bool> {
     if let Some(report) = &done.report {
         for s in &report.sources {
             if s.corrupt > 0 {
@@ -382,6 +382,11 @@ fn report_download(done: &node::Downloaded, json: bool) -> anyhow::Result<bool> 
         left_out,
     );
     let mut out = out;
+    for peer in out.peers.keys().cloned().collect::<Vec<_>>() {
+        if let Some(route) = peer.parse().ok().and_then(|p| node.route(&p)) {
+            out.routes.insert(peer, route);
+        }
+    }
     out.reused_bytes = done.reused_bytes;
     out.wire_bytes = done.wire_bytes;
     for (peer, bytes) in &done.range_bytes {
@@ -526,6 +531,10 @@ struct DownloadOut {
     /// Bytes of the peers' replies that crossed the wire (fewer than they stand for where they
     /// were compressed).
     wire_bytes: u64,
+    /// How each peer listed as `auto` was reached (`found on the LAN`, `punched (introduced by
+    /// p1)`, `relayed by p1`); the others were dialled directly.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    routes: BTreeMap<String, String>,
 }
 
 impl DownloadOut {
@@ -563,6 +572,7 @@ impl DownloadOut {
             resumed_bytes: report.map_or(0, |r| r.resumed_bytes),
             reused_bytes: 0,
             wire_bytes: 0,
+            routes: BTreeMap::new(),
         }
     }
 }
@@ -651,5 +661,8 @@ fn serve_options(args: &ServeArgs) -> ServeOptions {
         max_upload_rate: args.max_upload_rate,
         congestion: args.congestion.into(),
         compression: args.compression.into(),
+        relay: !args.no_relay,
+        relay_rate: args.relay_rate,
+        max_relayed: args.max_relayed,
     }
 }

@@ -136,6 +136,27 @@ impl Client {
         peer: &PeerId,
         addr: SocketAddr,
     ) -> Result<Self, ClientError> {
+        match Self::connect_within(endpoint, config, peer, addr, CONNECT_TIMEOUT).await? {
+            Some(client) => Ok(client),
+            None => Err(ClientError::Unreachable {
+                peer: peer.clone(),
+                addr,
+                reason: format!(
+                    "no answer within {}s (is `qnode --peer {peer} serve` running?)",
+                    CONNECT_TIMEOUT.as_secs()
+                ),
+            }),
+        }
+    }
+
+    /// [`Client::connect`], giving up after `wait` without an answer (`None`).
+    pub async fn connect_within(
+        endpoint: &quinn::Endpoint,
+        config: quinn::ClientConfig,
+        peer: &PeerId,
+        addr: SocketAddr,
+        wait: Duration,
+    ) -> Result<Option<Self>, ClientError> {
         let unreachable = |reason: String| ClientError::Unreachable {
             peer: peer.clone(),
             addr,
@@ -144,21 +165,16 @@ impl Client {
         let connecting = endpoint
             .connect_with(config, addr, SERVER_NAME)
             .map_err(|e| unreachable(e.to_string()))?;
-        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-            Err(_) => {
-                return Err(unreachable(format!(
-                    "no answer within {}s (is `qnode --peer {peer} serve` running?)",
-                    CONNECT_TIMEOUT.as_secs()
-                )));
-            }
+        let conn = match tokio::time::timeout(wait, connecting).await {
+            Err(_) => return Ok(None),
             Ok(Err(e)) => return Err(unreachable(explain(peer, &e))),
             Ok(Ok(c)) => c,
         };
-        Ok(Self {
+        Ok(Some(Self {
             peer: peer.clone(),
             version: tls::version(&conn),
             conn,
-        })
+        }))
     }
 
     /// Who this is connected to.
@@ -291,6 +307,13 @@ impl Client {
     /// `peer` was asked to open its NAT toward us.
     pub async fn introduce(&self, peer: &PeerId) -> Result<SocketAddr, ClientError> {
         self.on_stream(async |send, recv| exchange::introduce(send, recv, peer.as_str()).await)
+            .await
+    }
+
+    /// Where to dial to reach `peer` through this peer's relay (`peer` keeps a connection to
+    /// it and was asked to open its NAT toward the relay).
+    pub async fn relay(&self, peer: &PeerId) -> Result<SocketAddr, ClientError> {
+        self.on_stream(async |send, recv| exchange::relay(send, recv, peer.as_str()).await)
             .await
     }
 

@@ -119,6 +119,12 @@ pub struct ServeOptions {
     pub congestion: tls::Congestion,
     /// When file data sent to `qnode/2` peers is compressed.
     pub compression: codec::Mode,
+    /// Whether we relay for peers that cannot punch through to each other.
+    pub relay: bool,
+    /// Cap on what all relays carry together, in bytes per second.
+    pub relay_rate: Option<u64>,
+    /// Most relays at once.
+    pub max_relayed: usize,
 }
 
 /// Serves our files until `shutdown` resolves.
@@ -189,6 +195,11 @@ pub async fn serve_with(
         opts.max_upload_rate.map(server::RateLimit::new),
     );
     server.compression = opts.compression;
+    server.relays = Arc::new(server::relay::Relays::new(
+        opts.relay,
+        opts.max_relayed,
+        opts.relay_rate,
+    ));
     server.synced = synced;
     let server = Arc::new(server);
     let stop = tokio_util::sync::CancellationToken::new();
@@ -247,6 +258,8 @@ pub struct Node {
     lan: tokio::sync::OnceCell<Result<Arc<crate::net::lan::Lan>, String>>,
     /// Where peers listed as `auto` were last found.
     found: std::sync::Mutex<HashMap<PeerId, SocketAddr>>,
+    /// How each of them was reached.
+    routes: std::sync::Mutex<HashMap<PeerId, String>>,
 }
 
 /// How long dialling a peer listed as `auto` waits to hear its announcement.
@@ -280,6 +293,7 @@ impl Node {
             clients: tokio::sync::Mutex::default(),
             lan: tokio::sync::OnceCell::new(),
             found: std::sync::Mutex::default(),
+            routes: std::sync::Mutex::default(),
         })
     }
 
@@ -320,23 +334,31 @@ impl Node {
 
     /// A connection to `entry`, reused if one is open.
     async fn client(&self, entry: &PeerEntry) -> Result<Client, ClientError> {
-        let addr = match entry.addr {
-            Some(addr) => addr,
-            None => self.locate(&entry.id).await?,
-        };
         if let Some(c) = self.clients.lock().await.get(&entry.id)
             && c.is_open()
-            && c.remote() == addr
+            && entry.addr.is_none_or(|a| c.remote() == a)
         {
             return Ok(c.clone());
         }
-        let dial = self.redial(entry)?;
-        let client = Client::connect(&dial.endpoint, dial.config, &entry.id, addr).await?;
+        let client = match entry.addr {
+            Some(addr) => {
+                let dial = self.redial(entry)?;
+                Client::connect(&dial.endpoint, dial.config, &entry.id, addr).await?
+            }
+            None => self.reach(entry).await?,
+        };
         self.clients
             .lock()
             .await
             .insert(entry.id.clone(), client.clone());
         Ok(client)
+    }
+
+    /// How we reach each peer listed as `auto`: `found on the LAN`, `punched (introduced by
+    /// p1)`, `relayed by p1`.
+    pub fn route(&self, peer: &PeerId) -> Option<String> {
+        let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        routes.get(peer).cloned()
     }
 
     /// Where `peer` (listed as `auto`) announced itself on the local network with its pinned

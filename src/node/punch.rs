@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Node;
 use super::listed::Listed;
-use crate::model::peers::PeerId;
+use crate::model::peers::{PeerEntry, PeerId};
 use crate::net::client::{Client, ClientError};
 use crate::net::identity::Identity;
 use crate::net::tls;
@@ -133,20 +133,58 @@ fn punch(socket: &Arc<UdpSocket>, to: SocketAddr) {
     });
 }
 
+/// How long a punched connection may take before the relay is asked.
+const PUNCH_WAIT: Duration = Duration::from_secs(2);
+
 impl Node {
+    /// A connection to `entry`, listed as `auto`: where the LAN or an introducer says it is,
+    /// punched through; through the introducer's relay if that gets no answer within
+    /// [`PUNCH_WAIT`].
+    pub(super) async fn reach(&self, entry: &PeerEntry) -> Result<Client, ClientError> {
+        let peer = &entry.id;
+        let (addr, by) = self.locate(peer).await?;
+        let dial = self.redial(entry)?;
+        let Some(by) = by else {
+            self.note_route(peer, "found on the LAN".into());
+            return Client::connect(&dial.endpoint, dial.config, peer, addr).await;
+        };
+        let punched =
+            Client::connect_within(&dial.endpoint, dial.config.clone(), peer, addr, PUNCH_WAIT);
+        if let Some(client) = punched.await? {
+            self.note_route(peer, format!("punched (introduced by {})", by.id));
+            return Ok(client);
+        }
+        // No answer: a NAT that maps each destination anew. Through the introducer's relay.
+        let relay = Box::pin(self.client(&by)).await?.relay(peer).await?;
+        self.found_at(peer, relay);
+        self.note_route(peer, format!("relayed by {}", by.id));
+        tracing::info!("{peer}: no answer punched through; relayed by {}", by.id);
+        Client::connect(&dial.endpoint, dial.config, peer, relay).await
+    }
+
+    fn note_route(&self, peer: &PeerId, route: String) {
+        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        routes.insert(peer.clone(), route);
+    }
+
+    fn found_at(&self, peer: &PeerId, addr: SocketAddr) {
+        let mut found = self.found.lock().unwrap_or_else(|p| p.into_inner());
+        found.insert(peer.clone(), addr);
+    }
+
     /// Where `peer` (listed as `auto`) can be dialled: heard on the LAN, or introduced by a
-    /// listed peer it keeps a connection to, whichever answers first.
-    pub(super) async fn locate(&self, peer: &PeerId) -> Result<SocketAddr, ClientError> {
-        let lan = self.find_on_lan(peer);
-        let introduced = self.introduced(peer);
+    /// listed peer it keeps a connection to (named), whichever answers first.
+    async fn locate(&self, peer: &PeerId) -> Result<(SocketAddr, Option<PeerEntry>), ClientError> {
+        let lan = async { self.find_on_lan(peer).await.map(|a| (a, None)) };
+        let introduced = async { self.introduced(peer).await.map(|(a, by)| (a, Some(by))) };
         tokio::pin!(lan, introduced);
         let (first, other) = tokio::select! {
             r = &mut lan => match r {
-                Ok(addr) => return Ok(addr),
+                Ok(found) => return Ok(found),
                 Err(e) => (e, introduced.await),
             },
             r = &mut introduced => match r {
-                Ok(addr) => return Ok(addr),
+                Ok(found) => return Ok(found),
                 Err(e) => (e, lan.await),
             },
         };
@@ -157,8 +195,8 @@ impl Node {
     }
 
     /// `peer`'s address as one of our listed peers with an address (its introducers) sees it,
-    /// once `peer` opened its NAT toward us.
-    async fn introduced(&self, peer: &PeerId) -> Result<SocketAddr, ClientError> {
+    /// once `peer` opened its NAT toward us; and that introducer.
+    async fn introduced(&self, peer: &PeerId) -> Result<(SocketAddr, PeerEntry), ClientError> {
         let table = self.table();
         let introducers: Vec<_> = (table.entries().iter())
             .filter(|e| e.addr.is_some() && e.id != self.me && e.id != *peer)
@@ -168,7 +206,7 @@ impl Node {
             Box::pin(async move {
                 let client = Box::pin(self.client(e)).await?;
                 let addr = client.introduce(peer).await?;
-                Ok::<_, ClientError>((addr, e.id.clone()))
+                Ok::<_, ClientError>((addr, e.clone()))
             })
         });
         let not_found = |reason: String| ClientError::NotFound {
@@ -182,10 +220,9 @@ impl Node {
         }
         match futures_util::future::select_ok(asks).await {
             Ok(((addr, by), _)) => {
-                tracing::info!("{by} introduced {peer} at {addr}: dialling it (punched)");
-                let mut found = self.found.lock().unwrap_or_else(|p| p.into_inner());
-                found.insert(peer.clone(), addr);
-                Ok(addr)
+                tracing::info!("{} introduced {peer} at {addr}", by.id);
+                self.found_at(peer, addr);
+                Ok((addr, by))
             }
             Err(e) => Err(not_found(format!("no introducer could reach it ({e})"))),
         }

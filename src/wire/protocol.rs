@@ -243,6 +243,13 @@ pub enum Request {
         /// Whom to reach.
         peer: String,
     },
+    /// `qnode/3`: carry our datagrams to and from `peer` (which keeps a connection to the
+    /// answerer), where an introduction did not get through: answered with
+    /// [`Response::Introduced`] giving the relay's address to dial.
+    Relay {
+        /// Whom to reach.
+        peer: String,
+    },
     /// `qnode/3`, from an introducer to a peer that keeps a connection to it: send a few
     /// datagrams to `addr`, where `peer` will dial us from. Answered with `Response::Punched`.
     Punch {
@@ -288,6 +295,7 @@ impl Request {
             Self::Folder { .. } => "folder",
             Self::SyncIndex { .. } => "sync_index",
             Self::Introduce { .. } => "introduce",
+            Self::Relay { .. } => "relay",
             Self::Punch { .. } => "punch",
             // Logged as `observe`, with "in pieces" in its outcome.
             Self::ObservePieces { .. } => "observe",
@@ -301,6 +309,7 @@ impl Request {
             | Self::ListAll
             | Self::SyncIndex { .. }
             | Self::Introduce { .. }
+            | Self::Relay { .. }
             | Self::Punch { .. } => None,
             Self::ListPage { after } => after.as_ref(),
             Self::Describe { name }

@@ -136,6 +136,7 @@ async fn handle_connection(
     let link = Arc::new(Link {
         peer: peer.clone(),
         remote: conn.remote_address(),
+        local: conn.local_ip(),
         budget: server.budget.for_peer(&peer),
         version,
         wire_sent: {

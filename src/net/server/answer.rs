@@ -118,6 +118,7 @@ pub(super) async fn handle(
         Request::Introduce { peer } => {
             super::introduce::handle_introduce(send, server, link, peer).await
         }
+        Request::Relay { peer } => super::relay::handle_relay(send, server, link, peer).await,
         Request::Punch { .. } => Err(RemoteError::new(
             ErrorKind::BadRequest,
             "punch is asked by an introducer of a peer that dialled it",

@@ -68,7 +68,7 @@ impl Present {
         }
     }
 
-    fn of(&self, peer: &PeerId) -> Vec<Arc<dyn Reachable>> {
+    pub(super) fn of(&self, peer: &PeerId) -> Vec<Arc<dyn Reachable>> {
         self.lock()
             .get(peer)
             .map(|c| c.iter().map(|(_, r)| r.clone()).collect())

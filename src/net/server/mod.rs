@@ -16,6 +16,7 @@ mod answer;
 pub mod introduce;
 pub mod limits;
 mod observe;
+pub mod relay;
 pub mod shared;
 pub mod synced;
 #[cfg(test)]
@@ -92,6 +93,8 @@ pub struct Server {
     pub synced: Arc<synced::SyncedFolders>,
     /// Every peer's open connections, for introductions.
     pub present: introduce::Present,
+    /// What relaying we offer, and the relays running.
+    pub relays: Arc<relay::Relays>,
 }
 
 /// Refused handshakes logged in full per [`STATS_INTERVAL`]; the rest are counted in one line.
@@ -129,6 +132,7 @@ impl Server {
             observers: ObserverSlots::default(),
             synced: Arc::default(),
             present: introduce::Present::default(),
+            relays: Arc::default(),
         }
     }
 
@@ -158,6 +162,8 @@ struct Link {
     peer: PeerId,
     /// Its address, as its NAT (if any) maps it.
     remote: std::net::SocketAddr,
+    /// Our address it reached us at, if known.
+    local: Option<std::net::IpAddr>,
     budget: PeerBudget,
     version: Version,
     /// Bytes sent on the connection so far (the link's pace is measured from it).

@@ -45,6 +45,7 @@ fn serving(files: &[(&str, &[u8])]) -> (tempfile::TempDir, Server, Link) {
     let peer: PeerId = "p2".parse().unwrap();
     let link = Link {
         remote: "127.0.0.1:1".parse().unwrap(),
+        local: None,
         budget: server.budget.for_peer(&peer),
         peer,
         version: Version::V2,

@@ -630,6 +630,21 @@ pub async fn introduce(
     }
 }
 
+/// `Relay`: where to dial to reach `peer` through the answerer's relay.
+pub async fn relay(
+    send: &mut impl SendBytes,
+    recv: &mut (impl AsyncRead + Unpin),
+    peer: &str,
+) -> Result<std::net::SocketAddr, ExchangeError> {
+    let request = Request::Relay {
+        peer: peer.to_owned(),
+    };
+    match ask(send, recv, &request, true).await? {
+        Response::Introduced { addr } => Ok(addr),
+        _ => Err(ExchangeError::Unexpected("relay")),
+    }
+}
+
 /// `Punch`: asks a peer keeping a connection to us to send a few datagrams to `addr`, where
 /// `peer` will dial it from.
 pub async fn punch(

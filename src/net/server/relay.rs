@@ -1,0 +1,198 @@
+//! Relaying: where two peers behind NATs cannot punch through (a NAT that maps each destination
+//! to a new port), their introducer carries their QUIC datagrams. Each relay is two UDP sockets
+//! of ours: the asker dials one, the other peer opens its NAT toward the other (it punches, as
+//! for an introduction), and each datagram from one side's address goes out of the other
+//! socket to the other side's. We see only ciphertext; their pinned handshake is end to end.
+//! Within limits: at most `max` relays at once, all of them together paced to `rate`, and a
+//! relay idle for [`RELAY_IDLE`] ends.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+use super::introduce::PUNCH_WAIT;
+use super::limits::RateLimit;
+use super::{Answering, Failure, Link, Server};
+use crate::model::peers::PeerId;
+use crate::wire::exchange::respond;
+use crate::wire::protocol::{ErrorKind, RemoteError, Response};
+
+/// A relay with no datagram either way for this long ends (QUIC's keep-alives, every few
+/// seconds, keep a live one going).
+pub const RELAY_IDLE: Duration = Duration::from_secs(30);
+
+/// Largest UDP datagram carried.
+const MAX_DATAGRAM: usize = 65_535;
+
+/// What relaying we offer.
+#[derive(Debug)]
+pub struct Relays {
+    /// Whether we relay at all.
+    pub enabled: bool,
+    /// At most this many at once.
+    pub max: usize,
+    /// All of them together paced to this, if set.
+    pub rate: Option<Arc<RateLimit>>,
+    active: AtomicUsize,
+}
+
+impl Default for Relays {
+    fn default() -> Self {
+        Self::new(true, DEFAULT_MAX_RELAYED, None)
+    }
+}
+
+/// Relays at once unless `--max-relayed` says otherwise.
+pub const DEFAULT_MAX_RELAYED: usize = 16;
+
+impl Relays {
+    /// Relaying as `serve` was asked.
+    pub fn new(enabled: bool, max: usize, rate: Option<u64>) -> Self {
+        Self {
+            enabled,
+            max,
+            rate: rate.map(|r| Arc::new(RateLimit::new(r))),
+            active: AtomicUsize::new(0),
+        }
+    }
+
+    /// A place for one more relay, if there is one.
+    fn admit(self: &Arc<Self>) -> Option<Slot> {
+        let taken = self.active.fetch_add(1, Ordering::AcqRel);
+        if taken >= self.max {
+            self.active.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(self.clone()))
+    }
+}
+
+/// One relay's place, given back when it ends.
+struct Slot(Arc<Relays>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// `Relay`: two sockets for the asker and `peer`; `peer` is asked to punch toward its one, and
+/// the asker is told where to dial.
+pub(super) async fn handle_relay(
+    send: &mut impl Answering,
+    server: &Server,
+    link: &Link,
+    peer: String,
+) -> Result<String, Failure> {
+    link.needs_qnode3("relays")?;
+    let refuse = |kind, why: String| Failure::from(RemoteError::new(kind, why));
+    if !server.relays.enabled {
+        return Err(refuse(
+            ErrorKind::NotFound,
+            format!("{} relays nothing", server.me),
+        ));
+    }
+    let peer: PeerId = (peer.parse()).map_err(|e| refuse(ErrorKind::BadRequest, format!("{e}")))?;
+    if peer == link.peer || peer == server.me {
+        let why = format!("cannot relay {} to {peer}", link.peer);
+        return Err(refuse(ErrorKind::BadRequest, why));
+    }
+    let Some(slot) = server.relays.admit() else {
+        let why = format!("{} relays {} peers already", server.me, server.relays.max);
+        return Err(refuse(ErrorKind::Busy, why));
+    };
+    let ip = link.local.ok_or_else(|| {
+        refuse(
+            ErrorKind::Internal,
+            "our address on this link is unknown".into(),
+        )
+    })?;
+    let bind = |ip: IpAddr| async move { UdpSocket::bind(SocketAddr::new(ip, 0)).await };
+    let io = |e: std::io::Error| refuse(ErrorKind::Internal, format!("relay socket: {e}"));
+    let (ours, theirs) = (bind(ip).await.map_err(io)?, bind(ip).await.map_err(io)?);
+    let (at_ours, at_theirs) = (
+        ours.local_addr().map_err(io)?,
+        theirs.local_addr().map_err(io)?,
+    );
+    // The other peer opens its NAT toward its socket; its datagram tells us its address.
+    let conns = server.present.of(&peer);
+    let asks = conns.iter().map(|c| {
+        let (c, asker) = (c.clone(), link.peer.clone());
+        Box::pin(async move {
+            match tokio::time::timeout(PUNCH_WAIT, c.punch(&asker, at_theirs)).await {
+                Ok(Ok(())) => Ok(()),
+                _ => Err(()),
+            }
+        })
+    });
+    if conns.is_empty() || futures_util::future::select_ok(asks).await.is_err() {
+        let why = format!("{peer} keeps no connection to {} that answers", server.me);
+        return Err(refuse(ErrorKind::NotFound, why));
+    }
+    let relay = Relay {
+        ours,
+        theirs,
+        rate: server.relays.rate.clone(),
+        stop: server.shutdown.clone(),
+    };
+    let between = format!("{} and {peer}", link.peer);
+    tokio::spawn(async move {
+        let _slot = slot;
+        let carried = relay.run().await;
+        tracing::info!("relay between {between} ended after {carried} bytes");
+    });
+    respond(send, &Response::Introduced { addr: at_ours }).await;
+    Ok(format!(
+        "{} to {peer} through {at_ours} and {at_theirs}",
+        link.peer
+    ))
+}
+
+/// The two sockets of one relay.
+struct Relay {
+    /// The asker's: it dials this one.
+    ours: UdpSocket,
+    /// The other peer's: it opened its NAT toward this one.
+    theirs: UdpSocket,
+    rate: Option<Arc<RateLimit>>,
+    stop: CancellationToken,
+}
+
+impl Relay {
+    /// Carries datagrams both ways until idle or shutdown; the bytes carried.
+    async fn run(self) -> u64 {
+        // Each side's address is the one its first datagram came from; nothing else is carried.
+        let (mut asker, mut other): (Option<SocketAddr>, Option<SocketAddr>) = (None, None);
+        let (mut a, mut b) = (vec![0u8; MAX_DATAGRAM], vec![0u8; MAX_DATAGRAM]);
+        let mut carried = 0u64;
+        loop {
+            let got = tokio::select! {
+                () = self.stop.cancelled() => return carried,
+                () = tokio::time::sleep(RELAY_IDLE) => return carried,
+                r = self.ours.recv_from(&mut a) => r.map(|(n, from)| (true, n, from)),
+                r = self.theirs.recv_from(&mut b) => r.map(|(n, from)| (false, n, from)),
+            };
+            let Ok((from_asker, n, from)) = got else {
+                continue;
+            };
+            let (me, to, out, data) = match from_asker {
+                true => (&mut asker, other, &self.theirs, &a[..n]),
+                false => (&mut other, asker, &self.ours, &b[..n]),
+            };
+            if *me.get_or_insert(from) != from {
+                continue;
+            }
+            let Some(to) = to else { continue };
+            if let Some(rate) = &self.rate {
+                rate.acquire(n as u64).await;
+            }
+            if out.send_to(data, to).await.is_ok() {
+                carried += n as u64;
+            }
+        }
+    }
+}
