@@ -285,3 +285,70 @@ fn peers_behind_symmetric_nats_are_relayed_within_its_limits() -> TestResult {
     );
     Ok(())
 }
+
+/// An introducer that lies: the fake p1 (in host 1's namespace) gives p3's address for p5.
+/// p4 dials it with p5's pinned certificate, and the handshake refuses the impostor: nothing is
+/// downloaded, and the error says whose certificate did not match.
+#[test]
+fn an_introducer_that_lies_about_an_address_is_refused_by_the_pin() -> TestResult {
+    use util::netns::{self, TestNet};
+    if !netns::available("an_introducer_that_lies_about_an_address_is_refused_by_the_pin") {
+        return Ok(());
+    }
+    let tn = TestNet::new(4)?;
+    let net = Net::on_hosts(&["p1", "p4", "p3", "p5"], &tn)?;
+    let (ip1, ip3) = (tn.ip(1), tn.ip(3));
+    std::fs::write(
+        net.root().join("peer_settings.txt"),
+        format!("p1 {ip1} 47000\np3 {ip3} 47000\np4 auto\np5 auto\n"),
+    )?;
+    net.put("p3", "f.bin", b"the impostor's")?;
+    let _s3 = net.serve("p3", &[])?;
+    let liar: std::net::SocketAddr = format!("{ip3}:47000").parse()?;
+    let at: std::net::SocketAddr = format!("{ip1}:47000").parse()?;
+    let ns = tn.ns(1).to_owned();
+    let root = net.root().to_owned();
+    let (ready, up) = std::sync::mpsc::channel();
+    // The fake introducer runs on a thread moved into host 1's namespace.
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let Ok(file) = std::fs::File::open(format!("/var/run/netns/{ns}")) else {
+            return;
+        };
+        // SAFETY: setns on an open namespace file; it moves only this thread.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async move {
+            let fake = util::peer::fake_peer_at(&root, "p1", "p4", at, move |req, mut send| {
+                Box::pin(async move {
+                    let answer = match req {
+                        qnode::wire::protocol::Request::Introduce { .. } => {
+                            qnode::wire::protocol::Response::Introduced { addr: liar }
+                        }
+                        _ => return util::peer::not_found(&mut send).await,
+                    };
+                    qnode::wire::exchange::respond(&mut send, &answer).await;
+                })
+            });
+            let _ = ready.send(fake.is_ok());
+            if let Ok(fake) = fake {
+                let _ = fake.await;
+            }
+        });
+    });
+    anyhow::ensure!(up.recv_timeout(WAIT)?, "the fake introducer did not start");
+    let refused = net.fails("p4", &["download", "f.bin", "p5"])?;
+    assert!(
+        refused.stderr().contains("does not match certs/p5.pem"),
+        "{refused}"
+    );
+    assert!(!net.served("p4").join("f.bin").exists());
+    Ok(())
+}

@@ -104,7 +104,25 @@ pub fn fake_peer(
     asker: &str,
     answer: impl Fn(Request, quinn::SendStream) -> Answer + Send + Sync + 'static,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let root = Root::new(net.root());
+    let port = net.peers.iter().find(|(p, _)| p == id).unwrap().1;
+    fake_peer_at(
+        net.root(),
+        id,
+        asker,
+        format!("127.0.0.1:{port}").parse()?,
+        answer,
+    )
+}
+
+/// [`fake_peer`] of the root at `root`, listening at `addr`.
+pub fn fake_peer_at(
+    root: &std::path::Path,
+    id: &str,
+    asker: &str,
+    addr: std::net::SocketAddr,
+    answer: impl Fn(Request, quinn::SendStream) -> Answer + Send + Sync + 'static,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let root = Root::new(root);
     let me: PeerId = id.parse()?;
     let asker: PeerId = asker.parse()?;
     let mut pins = tls::Pins::default();
@@ -114,9 +132,7 @@ pub fn fake_peer(
         tls::LivePins::new(pins),
         tls::Congestion::default(),
     )?;
-    let port = net.peers.iter().find(|(p, _)| p == id).unwrap().1;
-    let (endpoint, _) =
-        tls::bind_endpoint(format!("127.0.0.1:{port}").parse()?, Some(config), None)?;
+    let (endpoint, _) = tls::bind_endpoint(addr, Some(config), None)?;
     let answer = Arc::new(answer);
     Ok(tokio::spawn(async move {
         while let Some(incoming) = endpoint.accept().await {
