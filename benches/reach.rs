@@ -6,6 +6,12 @@
 //!    a peer listed at its address, and from the same peer listed as `auto` (found by mDNS).
 //! 2. A peer added to `peer_settings.txt` while a server runs: seconds from the edit until that
 //!    peer's `list` of the server succeeds (polled every 20 ms).
+//! 3. Across NATs: p4 and p5 each behind a router (nftables masquerade; its own link at the
+//!    rate), p1 on the bridge. With ports kept (endpoint-independent mappings) p4 reaches p5
+//!    punched; with a random port per destination (symmetric) p1 relays. First byte (a 1 KiB
+//!    file) and the throughput of a `QNODE_BENCH_REACH_SIZE` file (default 256 MiB) from p5,
+//!    punched and relayed, against the same download by p4 from p1 (listed at its address:
+//!    direct); the relay's CPU per GiB carried.
 //!
 //! Median (min–max) of `QNODE_BENCH_RUNS` (default 5). `cargo bench --bench reach` (root, `ip`,
 //! `tc`; skipped with a note otherwise).
@@ -16,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 
 mod util;
-use util::{Root, env_u64, median, stop};
+use util::{Root, cpu_ticks, env_u64, median, stop};
 
 #[allow(dead_code, unreachable_pub)]
 #[path = "../tests/util/netns.rs"]
@@ -126,6 +132,11 @@ fn main() -> anyhow::Result<()> {
     let _ = p1.kill();
     let _ = p1.wait();
 
+    drop(net);
+    let size = env_u64("QNODE_BENCH_REACH_SIZE", 256 << 20);
+    let punched = across_nats(false, &rate, runs, size)?;
+    let relayed = across_nats(true, &rate, runs, size)?;
+
     let (d, dlo, dhi) = median(&mut direct);
     let (l, llo, lhi) = median(&mut lan);
     let (a, alo, ahi) = median(&mut added);
@@ -135,5 +146,93 @@ fn main() -> anyhow::Result<()> {
     println!("| first byte, peer listed at its address | {d:.3} ({dlo:.3}–{dhi:.3}) |");
     println!("| first byte, peer listed as `auto` (mDNS) | {l:.3} ({llo:.3}–{lhi:.3}) |");
     println!("| a peer added to the table: served after | {a:.2} ({alo:.2}–{ahi:.2}) |");
+    println!();
+    println!(
+        "| across NATs | first byte: direct | reached | {} MiB: direct | reached | ratio | relay CPU·s/GiB |",
+        size >> 20
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (name, mut f) in [("punched", punched), ("relayed", relayed)] {
+        let (fd, _, _) = median(&mut f.first_direct);
+        let (fr, _, _) = median(&mut f.first_reached);
+        let mb = |s: f64| size as f64 / 1e6 / s;
+        println!(
+            "| {name} | {fd:.3} s | {fr:.3} s | {:.1} MB/s | {:.1} MB/s | {:.2} | {} |",
+            mb(f.bulk_direct),
+            mb(f.bulk_reached),
+            f.bulk_direct / f.bulk_reached,
+            f.relay_cpu_per_gib
+                .map_or_else(|| "–".to_owned(), |c| format!("{c:.2}"))
+        );
+    }
     Ok(())
+}
+
+/// What one NAT topology measured.
+struct Across {
+    first_direct: Vec<f64>,
+    first_reached: Vec<f64>,
+    bulk_direct: f64,
+    bulk_reached: f64,
+    relay_cpu_per_gib: Option<f64>,
+}
+
+/// p1 on the bridge, p4 and p5 behind routers (`symmetric`: a random port per destination);
+/// every link at `rate`.
+fn across_nats(symmetric: bool, rate: &str, runs: usize, size: u64) -> anyhow::Result<Across> {
+    let mut net = netns::TestNet::new(3)?;
+    let behind4 = net.behind_nat(2, symmetric)?;
+    let behind5 = net.behind_nat(3, symmetric)?;
+    for i in 1..=3 {
+        net.shape(i, rate, "64kb")?;
+        net.shape_in(i, rate, "64kb")?;
+    }
+    let peers = [
+        ("p1", format!("{} 47900", net.ip(1))),
+        ("p4", "127.0.0.1 1".to_owned()),
+        ("p5", "127.0.0.1 2".to_owned()),
+    ];
+    let peers: Vec<(&str, String)> = peers.iter().map(|(a, b)| (*a, b.clone())).collect();
+    let root = Root::new(&peers)?;
+    table(
+        &root,
+        &format!("p1 {} 47900\np4 auto\np5 auto\n", net.ip(1)),
+    )?;
+    for id in ["p1", "p5"] {
+        std::fs::write(root.served(id).join("tiny.txt"), vec![b'x'; 1024])?;
+        util::random_file(&root.served(id).join("big.bin"), size)?;
+    }
+    let mut children = vec![root.serve(Some(net.ns(1)), "p1", &[], ("p4", Some(&behind4)))?];
+    children.push(
+        root.cmd(Some(&behind5), "p5", &["serve"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    // p5 has dialled p1 (its introducer) once p1 can introduce p4 to it.
+    std::thread::sleep(Duration::from_secs(3));
+    let from = |peer: &str, name: &str| -> anyhow::Result<f64> {
+        Ok(root.download(Some(&behind4), "p4", name, &[peer])?.wall)
+    };
+    let first_direct = (0..runs)
+        .map(|_| from("p1", "tiny.txt"))
+        .collect::<anyhow::Result<_>>()?;
+    let first_reached = (0..runs)
+        .map(|_| from("p5", "tiny.txt"))
+        .collect::<anyhow::Result<_>>()?;
+    let bulk_direct = from("p1", "big.bin")?;
+    let relay = children[0].id();
+    let before = cpu_ticks(relay);
+    let bulk_reached = from("p5", "big.bin")?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let cpu = (cpu_ticks(relay) - before) as f64 / hz;
+    stop(&mut children);
+    Ok(Across {
+        first_direct,
+        first_reached,
+        bulk_direct,
+        bulk_reached,
+        relay_cpu_per_gib: symmetric.then(|| cpu / (size as f64 / f64::from(1u32 << 30))),
+    })
 }

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 mod util;
-use util::{Root, env_u64, median, stop};
+use util::{Root, cpu_ticks, env_u64, median, stop};
 
 #[allow(dead_code, unreachable_pub)]
 #[path = "../tests/util/netns.rs"]
@@ -53,31 +53,6 @@ fn sent_by_all(net: &netns::TestNet) -> anyhow::Result<u64> {
         total += String::from_utf8_lossy(&out.stdout).trim().parse::<u64>()?;
     }
     Ok(total)
-}
-
-/// CPU time (user + system, clock ticks) of process `pid` and its children so far (Syncthing
-/// runs its work in a child of a monitor process).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let at = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let children =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    let below: u64 = (children.split_whitespace())
-        .filter_map(|c| c.parse::<u32>().ok())
-        .map(cpu_ticks)
-        .sum();
-    at(11) + at(12) + below
 }
 
 /// The folder: `files` notes in about 100 folders and one 1 MiB text file.

@@ -271,3 +271,28 @@ pub fn median(v: &mut [f64]) -> Spread {
     v.sort_by(f64::total_cmp);
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
+
+/// CPU time (user + system, clock ticks) of process `pid` and its children so far (Syncthing
+/// runs its work in a child of a monitor process).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let at = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let below: u64 = (children.split_whitespace())
+        .filter_map(|c| c.parse::<u32>().ok())
+        .map(cpu_ticks)
+        .sum();
+    at(11) + at(12) + below
+}
