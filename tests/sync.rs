@@ -570,3 +570,32 @@ async fn a_hostile_peers_index_and_content_are_refused_and_named() -> TestResult
     assert!(!net.served("p1").join("p5.txt").exists());
     Ok(())
 }
+
+/// An edit wins over a concurrent delete: p1 deletes a note while p2, stopped, edits it; once
+/// p2 is back both hold p2's edit.
+#[test]
+fn an_edit_wins_over_a_concurrent_delete_on_both_peers() -> TestResult {
+    let net = Net::new(&["p1", "p2"])?;
+    let (n1, n2) = (
+        net.served("p1").join("notes"),
+        net.served("p2").join("notes"),
+    );
+    write(&n1, "a.txt", "first\n")?;
+    std::fs::create_dir_all(&n2)?;
+    let _s1 = sync(&net, "p1")?;
+    let s2 = sync(&net, "p2")?;
+    until(&net, "p2", "a.txt", Some(b"first\n"))?;
+    settled(&net, "p2")?;
+    drop(s2);
+    std::fs::remove_file(n1.join("a.txt"))?;
+    write(&n2, "a.txt", "first\nedited while apart\n")?;
+    // p1 has recorded its delete (the file has been missing long enough) before p2 returns.
+    std::thread::sleep(Duration::from_millis(1500));
+    let _s2 = sync(&net, "p2")?;
+    let edited = b"first\nedited while apart\n";
+    until(&net, "p1", "a.txt", Some(edited))?;
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(tree(&n1), tree(&n2));
+    assert_eq!(tree(&n1), vec![("a.txt".to_owned(), edited.to_vec())]);
+    Ok(())
+}
