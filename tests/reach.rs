@@ -194,22 +194,11 @@ fn peers_listed_as_auto_are_found_on_the_lan_and_an_impostor_is_refused() -> Tes
 /// from p5 directly through both NATs.
 #[test]
 fn peers_behind_nats_are_introduced_and_punch_through() -> TestResult {
-    use util::netns::{self, TestNet};
+    use util::netns;
     if !netns::available("peers_behind_nats_are_introduced_and_punch_through") {
         return Ok(());
     }
-    let mut tn = TestNet::new(3)?;
-    let behind4 = tn.behind_nat(2, false)?;
-    let behind5 = tn.behind_nat(3, false)?;
-    let net = Net::on_hosts(&["p1", "p4", "p5"], &tn)?
-        .on_host("p4", &behind4)
-        .on_host("p5", &behind5);
-    std::fs::write(
-        net.root().join("peer_settings.txt"),
-        format!("p1 {} 47000\np4 auto\np5 auto\n", tn.ip(1)),
-    )?;
-    let data = util::random_bytes(1 << 20, 81);
-    net.put("p5", "f.bin", &data)?;
+    let (_tn, net, data) = behind_nats(false, 81)?;
     let s1 = net.serve("p1", &[])?;
     let s5 = net.serve("p5", &[])?;
     s5.wait_for_log("p1 can introduce others to us", WAIT)?;
@@ -242,22 +231,11 @@ fn peers_behind_nats_are_introduced_and_punch_through() -> TestResult {
 /// while the first runs is refused by name.
 #[test]
 fn peers_behind_symmetric_nats_are_relayed_within_its_limits() -> TestResult {
-    use util::netns::{self, TestNet};
+    use util::netns;
     if !netns::available("peers_behind_symmetric_nats_are_relayed_within_its_limits") {
         return Ok(());
     }
-    let mut tn = TestNet::new(3)?;
-    let behind4 = tn.behind_nat(2, true)?;
-    let behind5 = tn.behind_nat(3, true)?;
-    let net = Net::on_hosts(&["p1", "p4", "p5"], &tn)?
-        .on_host("p4", &behind4)
-        .on_host("p5", &behind5);
-    std::fs::write(
-        net.root().join("peer_settings.txt"),
-        format!("p1 {} 47000\np4 auto\np5 auto\n", tn.ip(1)),
-    )?;
-    let data = util::random_bytes(1 << 20, 82);
-    net.put("p5", "f.bin", &data)?;
+    let (_tn, net, data) = behind_nats(true, 82)?;
     net.put("p5", "g.bin", b"second")?;
     let s1 = net.serve("p1", &["--relay-rate", "512K", "--max-relayed", "1"])?;
     let s5 = net.serve("p5", &[])?;
@@ -351,4 +329,22 @@ fn an_introducer_that_lies_about_an_address_is_refused_by_the_pin() -> TestResul
     );
     assert!(!net.served("p4").join("f.bin").exists());
     Ok(())
+}
+
+/// p1 on the bridge; p4 and p5 each behind a NAT router of their own (`symmetric`: a random
+/// port per destination), listed as `auto`; p5 holding `f.bin`, 1 MiB of `seed`.
+fn behind_nats(symmetric: bool, seed: u64) -> anyhow::Result<(util::netns::TestNet, Net, Vec<u8>)> {
+    let mut tn = util::netns::TestNet::new(3)?;
+    let behind4 = tn.behind_nat(2, symmetric)?;
+    let behind5 = tn.behind_nat(3, symmetric)?;
+    let net = Net::on_hosts(&["p1", "p4", "p5"], &tn)?
+        .on_host("p4", &behind4)
+        .on_host("p5", &behind5);
+    std::fs::write(
+        net.root().join("peer_settings.txt"),
+        format!("p1 {} 47000\np4 auto\np5 auto\n", tn.ip(1)),
+    )?;
+    let data = util::random_bytes(1 << 20, seed);
+    net.put("p5", "f.bin", &data)?;
+    Ok((tn, net, data))
 }

@@ -559,3 +559,81 @@ fn decode(bytes: &[u8]) -> Option<OnDisk> {
     let body = bytes.strip_prefix(&MAGIC[..])?;
     postcard::from_bytes(body).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A synced folder's index: each change here bumps our counter and takes the next sequence
+    /// number; a file still being written waits; a file gone becomes a tombstone; the index comes
+    /// back as saved; and without its marker the folder is not scanned (its files' absence never
+    /// becomes deletes).
+    #[test]
+    fn a_synced_folders_index_records_changes_and_needs_its_marker() {
+        let root = tempfile::tempdir().unwrap();
+        let me: crate::model::peers::PeerId = "p1".parse().unwrap();
+        assert!(
+            SyncIndex::open(root.path(), "notes", me.clone()).is_err(),
+            "no folder yet"
+        );
+        let notes = root.path().join("notes");
+        fs::create_dir(&notes).unwrap();
+        fs::write(notes.join("a.txt"), "a").unwrap();
+        fs::write(notes.join("b.txt"), "b").unwrap();
+        let mut index = SyncIndex::open(root.path(), "notes", me.clone()).unwrap();
+        assert!(notes.join(MARKER).is_file());
+        let later = || SystemTime::now() + Duration::from_secs(1);
+        let (changes, unsettled) = index.scan(later()).unwrap();
+        assert_eq!(changes.len(), 2);
+        assert!(!unsettled);
+        assert_eq!(index.last(), 2);
+        assert!(index.scan(later()).unwrap().0.is_empty(), "nothing changed");
+
+        fs::write(notes.join("b.txt"), "b, edited").unwrap();
+        assert_eq!(
+            index.scan(later()).unwrap().0,
+            vec![Change::Changed("b.txt".into())]
+        );
+        let b = index.get("b.txt").unwrap();
+        assert_eq!((b.vector.get("p1"), b.size), (2, 9));
+        let (after, _, last) = index.since(2, usize::MAX);
+        assert_eq!(
+            (after.len(), after[0].0.as_str(), after[0].2, last),
+            (1, "b.txt", 3, 3)
+        );
+
+        // Still being written: left for a later scan.
+        fs::write(notes.join("c.txt"), "c").unwrap();
+        let (changes, unsettled) = index.scan(SystemTime::now()).unwrap();
+        assert!(changes.is_empty() && unsettled);
+
+        // Gone: a delete once it has been missing a while (the other half of a rename may follow).
+        fs::remove_file(notes.join("a.txt")).unwrap();
+        let (changes, unsettled) = index.scan(later()).unwrap();
+        assert!(!changes.contains(&Change::Deleted("a.txt".into())) && unsettled);
+        let (changes, _) = index.scan(later() + Duration::from_secs(1)).unwrap();
+        assert!(
+            changes.contains(&Change::Deleted("a.txt".into())),
+            "{changes:?}"
+        );
+        assert!(index.get("a.txt").unwrap().deleted);
+        index.saw("p2", 17);
+        index.save().unwrap();
+
+        let mut again = SyncIndex::open(root.path(), "notes", me).unwrap();
+        assert_eq!(
+            (again.since(0, usize::MAX).0.len(), again.seen("p2")),
+            (3, 17)
+        );
+        // A page: the oldest changes first, and whether more follow.
+        let (page, more, _) = again.since(0, 2);
+        let sequences: Vec<u64> = page.iter().map(|(_, _, s)| *s).collect();
+        assert_eq!((sequences, more), (vec![3, 4], true));
+        assert!(!again.since(3, 2).1);
+        // The marker gone: nothing is scanned, no delete recorded.
+        fs::remove_file(notes.join(MARKER)).unwrap();
+        fs::remove_file(notes.join("b.txt")).unwrap();
+        assert!(again.scan(later()).is_err());
+        assert!(!again.get("b.txt").unwrap().deleted);
+    }
+}

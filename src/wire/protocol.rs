@@ -234,11 +234,9 @@ pub enum Request {
         /// How long to wait for a change when there is none.
         wait_ms: u32,
     },
-    /// `qnode/3`: introduce us to `peer`, which keeps a connection to the answerer (it cannot
-    /// be dialled: behind a NAT). The answerer asks `peer` to send a few datagrams to our
-    /// address as the answerer sees it, opening `peer`'s NAT toward us, then answers with
-    /// `peer`'s address as it sees it ([`Response::Introduced`]): we dial that, and the pinned
-    /// handshake decides whether it is `peer`.
+    /// `qnode/3`: introduce us to `peer`, which keeps a connection to the answerer (behind a
+    /// NAT): it is asked to open its NAT toward our address as the answerer sees it (`Punch`),
+    /// and we are told its address ([`Response::Introduced`]). The pin decides who answers.
     Introduce {
         /// Whom to reach.
         peer: String,

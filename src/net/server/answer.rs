@@ -33,7 +33,6 @@ pub(super) async fn handle(
     server: &Server,
     link: &Link,
 ) {
-    let sig = link.version.sig_kind();
     let request = match tokio::time::timeout(READ_TIMEOUT, exchange::read_request(recv)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
@@ -57,7 +56,28 @@ pub(super) async fn handle(
         respond(send, &Response::Error(err)).await;
         return;
     }
-    let outcome = match request {
+    let outcome = dispatch(request, send, recv, server, link).await;
+    match outcome {
+        Ok(summary) => info!("{kind} {summary}"),
+        Err(Failure::Refused(err)) => {
+            info!("{kind} refused: {}", err.message);
+            respond(send, &Response::Error(err)).await;
+        }
+        // The requester cancelled (e.g. another peer delivered that chunk first) or went away.
+        Err(Failure::Gone(why)) => debug!("{kind} abandoned: {why}"),
+    }
+}
+
+/// Runs `request`'s handler: what to log, or why it failed.
+async fn dispatch(
+    request: Request,
+    send: &mut impl Answering,
+    recv: &mut (impl AsyncRead + Unpin + Send),
+    server: &Server,
+    link: &Link,
+) -> Result<String, Failure> {
+    let sig = link.version.sig_kind();
+    match request {
         Request::List => handle_list(send, server, link).await,
         Request::Describe { name } => handle_describe(send, server, link, &name).await,
         Request::ReadChunk { name, offset, len } => {
@@ -124,15 +144,6 @@ pub(super) async fn handle(
             "punch is asked by an introducer of a peer that dialled it",
         )
         .into()),
-    };
-    match outcome {
-        Ok(summary) => info!("{kind} {summary}"),
-        Err(Failure::Refused(err)) => {
-            info!("{kind} refused: {}", err.message);
-            respond(send, &Response::Error(err)).await;
-        }
-        // The requester cancelled (e.g. another peer delivered that chunk first) or went away.
-        Err(Failure::Gone(why)) => debug!("{kind} abandoned: {why}"),
     }
 }
 

@@ -68,17 +68,39 @@ impl Present {
         }
     }
 
-    pub(super) fn of(&self, peer: &PeerId) -> Vec<Arc<dyn Reachable>> {
-        self.lock()
-            .get(peer)
+    /// Asks each open connection of `peer` at once (a peer has a few; only the one it keeps
+    /// for introductions answers) to punch toward `to`, where `asker` will dial from; the
+    /// address of the first that did, if one did within [`PUNCH_WAIT`].
+    pub(super) async fn punch(
+        &self,
+        peer: &PeerId,
+        asker: &PeerId,
+        to: SocketAddr,
+    ) -> Option<SocketAddr> {
+        let conns: Vec<Arc<dyn Reachable>> = (self.lock().get(peer))
             .map(|c| c.iter().map(|(_, r)| r.clone()).collect())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let asks = conns.into_iter().map(|c| {
+            Box::pin(async move {
+                match tokio::time::timeout(PUNCH_WAIT, c.punch(asker, to)).await {
+                    Ok(Ok(())) => Ok(c.remote()),
+                    _ => Err(()),
+                }
+            })
+        });
+        let asks: Vec<_> = asks.collect();
+        if asks.is_empty() {
+            return None;
+        }
+        futures_util::future::select_ok(asks)
+            .await
+            .ok()
+            .map(|(a, _)| a)
     }
 }
 
-/// `Introduce`: asks each open connection of `peer` to punch toward the asker (a peer's few
-/// connections, at once: only the one it keeps for introductions answers), and answers with the
-/// address of the first that did.
+/// `Introduce`: asks `peer` to punch toward the asker, and answers with the address of its
+/// connection that did.
 pub(super) async fn handle_introduce(
     send: &mut impl Answering,
     server: &Server,
@@ -91,28 +113,12 @@ pub(super) async fn handle_introduce(
     if peer == link.peer || peer == server.me {
         return Err(bad(format!("cannot introduce {} to {peer}", link.peer)));
     }
-    let conns = server.present.of(&peer);
-    let not_here = || {
+    let Some(addr) = server.present.punch(&peer, &link.peer, link.remote).await else {
         let why = format!(
             "{peer} keeps no connection to {} that answers introductions",
             server.me
         );
-        Failure::from(RemoteError::new(ErrorKind::NotFound, why))
-    };
-    if conns.is_empty() {
-        return Err(not_here());
-    }
-    let asks = conns.iter().map(|c| {
-        let (c, asker, at) = (c.clone(), link.peer.clone(), link.remote);
-        Box::pin(async move {
-            match tokio::time::timeout(PUNCH_WAIT, c.punch(&asker, at)).await {
-                Ok(Ok(())) => Ok(c.remote()),
-                _ => Err(()),
-            }
-        })
-    });
-    let Ok((addr, _)) = futures_util::future::select_ok(asks).await else {
-        return Err(not_here());
+        return Err(RemoteError::new(ErrorKind::NotFound, why).into());
     };
     respond(send, &Response::Introduced { addr }).await;
     Ok(format!(

@@ -14,7 +14,6 @@ use std::time::Duration;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
-use super::introduce::PUNCH_WAIT;
 use super::limits::RateLimit;
 use super::{Answering, Failure, Link, Server};
 use crate::model::peers::PeerId;
@@ -119,17 +118,12 @@ pub(super) async fn handle_relay(
         theirs.local_addr().map_err(io)?,
     );
     // The other peer opens its NAT toward its socket; its datagram tells us its address.
-    let conns = server.present.of(&peer);
-    let asks = conns.iter().map(|c| {
-        let (c, asker) = (c.clone(), link.peer.clone());
-        Box::pin(async move {
-            match tokio::time::timeout(PUNCH_WAIT, c.punch(&asker, at_theirs)).await {
-                Ok(Ok(())) => Ok(()),
-                _ => Err(()),
-            }
-        })
-    });
-    if conns.is_empty() || futures_util::future::select_ok(asks).await.is_err() {
+    if server
+        .present
+        .punch(&peer, &link.peer, at_theirs)
+        .await
+        .is_none()
+    {
         let why = format!("{peer} keeps no connection to {} that answers", server.me);
         return Err(refuse(ErrorKind::NotFound, why));
     }
