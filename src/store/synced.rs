@@ -571,7 +571,7 @@ mod tests {
     #[test]
     fn a_synced_folders_index_records_changes_and_needs_its_marker() {
         let root = tempfile::tempdir().unwrap();
-        let me: crate::model::peers::PeerId = "p1".parse().unwrap();
+        let me: PeerId = "p1".parse().unwrap();
         assert!(
             SyncIndex::open(root.path(), "notes", me.clone()).is_err(),
             "no folder yet"
