@@ -215,6 +215,11 @@ fn peers_behind_nats_are_introduced_and_punch_through() -> TestResult {
     );
     assert_eq!(util::share(&json, "p5"), data.len() as u64, "{json}");
     assert_eq!(json["routes"]["p5"], "punched (introduced by p1)", "{json}");
+    let listed = net.json("p4", &["list", "p5", "--json"])?;
+    assert_eq!(
+        listed["peers"][0]["route"], "punched (introduced by p1)",
+        "{listed}"
+    );
     s1.wait_for_log("introduce p4 to p5", WAIT)?;
     s5.wait_for_log("p1 introduces p4", WAIT)?;
     let _ = writeln!(

@@ -154,6 +154,7 @@ async fn list(node: &Node, args: &ListArgs) -> anyhow::Result<bool> {
                     })
                     .collect(),
                 error: None,
+                route: node.route(&peer),
             },
             Err(e) => PeerFiles {
                 peer: peer.to_string(),
@@ -162,6 +163,7 @@ async fn list(node: &Node, args: &ListArgs) -> anyhow::Result<bool> {
                 files: None,
                 incomplete: Vec::new(),
                 error: Some(e.to_string()),
+                route: None,
             },
         });
     }
@@ -188,7 +190,11 @@ async fn list(node: &Node, args: &ListArgs) -> anyhow::Result<bool> {
                 0 => String::new(),
                 n => format!(" ({n} incomplete)"),
             };
-            crate::outln!("{}: {} file{plural}{partial}", p.peer, files.len());
+            let route = p
+                .route
+                .as_ref()
+                .map_or_else(String::new, |r| format!(", {r}"));
+            crate::outln!("{}: {} file{plural}{partial}{route}", p.peer, files.len());
             for f in files {
                 crate::outln!(
                     "  {:<32} {:>12}  {}",
@@ -441,6 +447,9 @@ struct PeerFiles {
     incomplete: Vec<IncompleteOut>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    /// How a peer listed as `auto` was reached (as in `download --json`'s `routes`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    route: Option<String>,
 }
 
 #[derive(Serialize)]
