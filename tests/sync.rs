@@ -76,7 +76,7 @@ fn creates_edits_moves_and_deletes_travel_both_ways() -> TestResult {
     write(&n1, "sub/b.txt", "second note\n")?;
     std::fs::create_dir_all(&n2)?;
     let s1 = sync(&net, "p1")?;
-    let _s2 = sync(&net, "p2")?;
+    let s2 = sync(&net, "p2")?;
     until(&net, "p2", "a.txt", Some(b"first note\n"))?;
     until(&net, "p2", "sub/b.txt", Some(b"second note\n"))?;
 
@@ -91,6 +91,20 @@ fn creates_edits_moves_and_deletes_travel_both_ways() -> TestResult {
     std::fs::rename(n1.join("sub/b.txt"), n1.join("other/b2.txt"))?;
     until(&net, "p2", "other/b2.txt", Some(b"second note\n"))?;
     until(&net, "p2", "sub/b.txt", None)?;
+    // Said as one move on p2, its old name not as a removal of its own.
+    poll(Duration::from_secs(5), || {
+        Ok(s2
+            .stdout()
+            .contains("renamed other/b2.txt from p1")
+            .then_some(()))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}: {}", s2.stdout()))?;
+    assert!(s2.stdout().contains("(from sub/b.txt)"), "{}", s2.stdout());
+    assert!(
+        !s2.stdout().contains("removed sub/b.txt"),
+        "{}",
+        s2.stdout()
+    );
 
     std::fs::remove_file(n2.join("a.txt"))?;
     until(&net, "p1", "a.txt", None)?;

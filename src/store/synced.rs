@@ -186,6 +186,8 @@ impl SyncIndex {
         }
         let (mut changes, mut unsettled) = (Vec::new(), false);
         let mut present = std::collections::HashSet::new();
+        // The content of files new or changed in this scan: a file gone with one of them moved.
+        let mut arrived = std::collections::HashSet::new();
         let roots: Vec<PathBuf> = match within {
             None => vec![self.folder.clone()],
             Some(paths) => paths.iter().map(|p| self.folder.join(p)).collect(),
@@ -217,6 +219,9 @@ impl SyncIndex {
                 }
                 Looked::Changed => {}
             }
+            if let Some(k) = self.state.files.get(&path) {
+                arrived.insert(k.version.blake3);
+            }
             changes.push(Change::Changed(path));
         }
         // While a file is still being written, files gone wait too: a rename shows as a file
@@ -239,8 +244,9 @@ impl SyncIndex {
             .filter(|(p, _)| !self.writing.contains(*p))
             .map(|(p, _)| p.clone())
             .collect();
-        // A file is taken as deleted once it has been missing for SETTLE: the other half of a
-        // rename may come in a later batch of events.
+        // A file is taken as deleted once it has been missing for SETTLE (the other half of a
+        // rename may come in a later batch of events), or at once if its content has just
+        // arrived under another name: the move is recorded whole, in one page for the peers.
         let now_missing: std::collections::HashSet<&String> = gone.iter().collect();
         self.missing
             .retain(|p, _| now_missing.contains(p) || !looked_at(p));
@@ -248,7 +254,9 @@ impl SyncIndex {
         let gone: Vec<String> = (gone.iter())
             .filter(|p| {
                 let since = *self.missing.entry((*p).clone()).or_insert(now);
-                let long = since + SETTLE <= now;
+                let moved =
+                    (self.state.files.get(*p)).is_some_and(|k| arrived.contains(&k.version.blake3));
+                let long = moved || since + SETTLE <= now;
                 waiting |= !long;
                 long
             })

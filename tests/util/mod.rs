@@ -236,27 +236,34 @@ impl Net {
     /// Starts a command that serves (`serve`, `sync`) for `id` and waits until it listens.
     pub fn start(&self, id: &str, args: &[&str]) -> anyhow::Result<Server> {
         let mut cmd = self.cmd(id, args);
-        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn()?;
         let stderr = child.stderr.take().context("no stderr")?;
-        let log = Arc::new(Mutex::new(String::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
+        let stdout = child.stdout.take().context("no stdout")?;
         let server = Server {
             id: id.to_string(),
             child: Some(child),
-            log,
+            log: collect(stderr),
+            out: collect(stdout),
         };
         server.wait_for_log(" serving ", Duration::from_secs(30))?;
         Ok(server)
     }
+}
+
+/// The lines `from` gives, gathered as they come.
+fn collect(from: impl std::io::Read + Send + 'static) -> Arc<Mutex<String>> {
+    let text = Arc::new(Mutex::new(String::new()));
+    let sink = text.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines() {
+            let Ok(line) = line else { break };
+            let mut l = sink.lock().unwrap();
+            l.push_str(&line);
+            l.push('\n');
+        }
+    });
+    text
 }
 
 /// A running `qnode serve`, killed on drop.
@@ -264,11 +271,17 @@ pub struct Server {
     pub id: String,
     child: Option<Child>,
     log: Arc<Mutex<String>>,
+    out: Arc<Mutex<String>>,
 }
 
 impl Server {
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    /// What it printed on stdout so far (`sync`'s events).
+    pub fn stdout(&self) -> String {
+        self.out.lock().unwrap().clone()
     }
 
     pub fn pid(&self) -> i32 {

@@ -53,8 +53,8 @@ pub struct SyncOptions {
 /// One thing `sync` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncEvent {
-    /// `changed`, `deleted` (here), `created`, `updated`, `removed` (from a peer), `conflict`,
-    /// `in_sync`, `paused`, `refused`.
+    /// `changed`, `deleted` (here), `created`, `updated`, `renamed`, `removed` (from a peer),
+    /// `merged`, `conflict`, `in_sync`, `paused`, `refused`.
     pub event: &'static str,
     /// The file (or the folder, for `in_sync` and `paused`).
     pub name: String,
@@ -169,6 +169,7 @@ impl Pullers {
                     peer,
                     named: self.named.clone(),
                     on: self.on.clone(),
+                    moves: Default::default(),
                 };
                 pulling.push(puller.run(mine));
             }

@@ -13,6 +13,16 @@ pub(super) struct Puller {
     /// from all of them that hold it or are fetching it too, so a crowd swarms.
     pub(super) named: Arc<[PeerId]>,
     pub(super) on: On,
+    /// The page being applied: its deletes, and those that are the old names of files it
+    /// moved (said once, as `renamed`).
+    pub(super) moves: std::sync::Mutex<Moves>,
+}
+
+/// The moves of one page: a new name whose content is copied from a name the page deletes.
+#[derive(Debug, Default)]
+pub(super) struct Moves {
+    deleted: std::collections::HashSet<String>,
+    renamed: std::collections::HashSet<String>,
 }
 
 impl Puller {
@@ -56,6 +66,10 @@ impl Puller {
         }
     }
 
+    fn moves(&self) -> std::sync::MutexGuard<'_, Moves> {
+        self.moves.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn tell(&self, event: &'static str, name: String, bytes: u64, detail: String) {
         let peer = self.peer.to_string();
         (self.on)(SyncEvent {
@@ -93,6 +107,10 @@ impl Puller {
         // name is copied from the old one before the old one goes.
         let (edits, deletes): (Vec<_>, Vec<_>) =
             page.records.into_iter().partition(|r| !r.version.deleted);
+        *self.moves() = Moves {
+            deleted: deletes.iter().map(|r| r.path.as_str().to_owned()).collect(),
+            renamed: Default::default(),
+        };
         let applied: Vec<anyhow::Result<()>> = futures_util::stream::iter(edits)
             .map(|r| self.apply(r))
             .buffer_unordered(APPLIED_AT_ONCE)
@@ -346,14 +364,26 @@ impl Puller {
                     crate::store::displace(here, &seen.blake3)?;
                 }
                 self.record(path, version, None).await?;
-                self.tell("removed", path.to_owned(), 0, String::new());
+                // The old name of a move: said with its new name.
+                if !self.moves().renamed.contains(path) {
+                    self.tell("removed", path.to_owned(), 0, String::new());
+                }
                 return Ok(());
             }
             let existed = ours.is_some_and(|o| !o.deleted);
-            let (bytes, from) = self.fetch(path, here, &version).await?;
+            let got = self.fetch(path, here, &version).await?;
             self.record(path, version, Some(here)).await?;
-            let event = if existed { "updated" } else { "created" };
-            self.tell(event, path.to_owned(), bytes, from);
+            let moved = got.from.filter(|old| {
+                let mut moves = self.moves();
+                moves.deleted.contains(old) && moves.renamed.insert(old.clone())
+            });
+            match moved {
+                Some(old) => self.tell("renamed", path.to_owned(), 0, format!("from {old}")),
+                None => {
+                    let event = if existed { "updated" } else { "created" };
+                    self.tell(event, path.to_owned(), got.wire, got.detail);
+                }
+            }
             Ok(())
         }
         .await;
@@ -364,14 +394,8 @@ impl Puller {
     }
 
     /// Fetches `version` of `path` from the peer into `here`, atomically, the file there (if
-    /// any) kept in the displaced versions. The bytes that crossed the wire, and (for a large
-    /// version) which peers gave them.
-    async fn fetch(
-        &self,
-        path: &str,
-        here: &Path,
-        version: &Version,
-    ) -> anyhow::Result<(u64, String)> {
+    /// any) kept in the displaced versions.
+    async fn fetch(&self, path: &str, here: &Path, version: &Version) -> anyhow::Result<Got> {
         let name = self.name_of(path)?;
         let served = self.node.served_dir();
         let inside = FilePath::new(
@@ -401,16 +425,26 @@ impl Puller {
                 .node
                 .download(&req, std::future::pending(), |_| {})
                 .await?;
-            return Ok((got.wire_bytes, gave(&got)));
+            return Ok(Got {
+                wire: got.wire_bytes,
+                detail: gave(&got),
+                from: None,
+            });
         }
         // Content we hold under another name (a rename, a move, a copy) is copied, checked.
         let held = self.folder.lock().holding(&version.blake3);
         if let Some(from) = held.filter(|f| f != here) {
-            let (here2, blake3) = (here.to_owned(), version.blake3);
+            let (here2, blake3, at) = (here.to_owned(), version.blake3, from.clone());
             let copied =
-                tokio::task::spawn_blocking(move || copy_checked(&from, &here2, &blake3)).await?;
+                tokio::task::spawn_blocking(move || copy_checked(&at, &here2, &blake3)).await?;
             if copied.is_ok_and(|done| done) {
-                return Ok((0, String::new()));
+                let folder = self.folder.lock().folder().to_owned();
+                let old = from.strip_prefix(&folder).ok();
+                return Ok(Got {
+                    wire: 0,
+                    detail: String::new(),
+                    from: old.map(|o| o.to_string_lossy().into_owned()),
+                });
             }
         }
         let got = match version.size {
@@ -428,7 +462,11 @@ impl Puller {
         self.folder.lock().keep_object(&version.blake3, &got.data);
         let (here, blake3, wire) = (here.to_owned(), version.blake3, got.wire);
         tokio::task::spawn_blocking(move || put(&here, &got.data, &blake3)).await??;
-        Ok((wire, String::new()))
+        Ok(Got {
+            wire,
+            detail: String::new(),
+            from: None,
+        })
     }
 }
 
@@ -447,6 +485,14 @@ fn gave(got: &crate::node::Downloaded) -> String {
         _ => format!("shares: {}", shares.join(", ")),
     }
 }
+/// What a fetch did: the bytes that crossed the wire, a detail for its event (each peer's share
+/// of a large version), and the name in the folder its content was copied from, if it was.
+struct Got {
+    wire: u64,
+    detail: String,
+    from: Option<String>,
+}
+
 /// A peer's answer that breaks the rules (a bad index, content other than announced): said
 /// once, and nothing of it applied.
 #[derive(Debug)]
