@@ -222,6 +222,7 @@ fn peers_behind_nats_are_introduced_and_punch_through() -> TestResult {
     );
     s1.wait_for_log("introduce p4 to p5", WAIT)?;
     s5.wait_for_log("p1 introduces p4", WAIT)?;
+    s5.wait_for_log("punched (introduced by p1)", WAIT)?;
     let _ = writeln!(
         std::io::stderr(),
         "punched through two NATs: {:.2} s",
@@ -255,6 +256,7 @@ fn peers_behind_symmetric_nats_are_relayed_within_its_limits() -> TestResult {
     assert_eq!(json["routes"]["p5"], "relayed by p1", "{json}");
     assert!(took > Duration::from_millis(1500), "paced: {took:?}");
     s1.wait_for_log("relay p4 to p5 through", WAIT)?;
+    s5.wait_for_log("connected: qnode/3, compression auto, relayed by p1", WAIT)?;
     // The first relay is still there (until idle): a second is refused, and said so.
     let refused = net.fails("p4", &["download", "g.bin", "p5"])?;
     assert!(

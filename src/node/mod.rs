@@ -211,6 +211,7 @@ pub async fn serve_with(
             Arc::new(socket),
             Arc::new(identity),
             live.listed.subscribe(),
+            server.routes.clone(),
             stop.clone(),
         );
         tokio::spawn(reachable);

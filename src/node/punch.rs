@@ -16,6 +16,7 @@ use super::listed::Listed;
 use crate::model::peers::{PeerEntry, PeerId};
 use crate::net::client::{Client, ClientError};
 use crate::net::identity::Identity;
+use crate::net::server::introduce::Routes;
 use crate::net::tls;
 
 /// When the datagrams opening our NAT go out after the first (sent before we answer the
@@ -37,6 +38,7 @@ pub(super) async fn stay_reachable(
     socket: Arc<UdpSocket>,
     identity: Arc<Identity>,
     mut listed: watch::Receiver<Arc<Listed>>,
+    routes: Arc<Routes>,
     stop: CancellationToken,
 ) {
     let mut reaching = std::collections::HashSet::<PeerId>::new();
@@ -54,6 +56,7 @@ pub(super) async fn stay_reachable(
                 identity: identity.clone(),
                 listed: listed.clone(),
                 peer: entry.id.clone(),
+                routes: routes.clone(),
             };
             tasks.spawn(keep.run(stop.clone()));
         }
@@ -75,6 +78,8 @@ struct Keep {
     identity: Arc<Identity>,
     listed: watch::Receiver<Arc<Listed>>,
     peer: PeerId,
+    /// Where we expect connections from, and how they reach us (for the server's log).
+    routes: Arc<Routes>,
 }
 
 impl Keep {
@@ -101,10 +106,18 @@ impl Keep {
                 Ok(client) => {
                     backoff = Duration::from_secs(1);
                     tracing::info!("{} can introduce others to us", self.peer);
-                    let socket = self.socket.clone();
+                    let opened = |_: &str, to: SocketAddr| {
+                        // Toward the introducer's own address: one of its relays.
+                        let how = match to.ip() == addr.ip() {
+                            true => format!("relayed by {}", self.peer),
+                            false => format!("punched (introduced by {})", self.peer),
+                        };
+                        self.routes.expect(to, how);
+                        punch(&self.socket, to);
+                    };
                     tokio::select! {
                         () = stop.cancelled() => client.close(),
-                        () = client.answer_introductions(|_, to| punch(&socket, to)) => {}
+                        () = client.answer_introductions(opened) => {}
                     }
                 }
                 Err(e) => tracing::debug!("introducer {}: {e}", self.peer),

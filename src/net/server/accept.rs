@@ -126,7 +126,8 @@ async fn handle_connection(
         Version::V2 | Version::V3 => format!("compression {:?}", server.compression).to_lowercase(),
         Version::V1 => "no compression (the peer speaks qnode/1)".into(),
     };
-    info!(%peer, "connected: {}, {packing}", tls::alpn_name(version));
+    let route = server.routes.of(conn.remote_address());
+    info!(%peer, "connected: {}, {packing}, {route}", tls::alpn_name(version));
     // Known for introductions while it lasts.
     let _present = Present {
         server: server.clone(),

@@ -99,6 +99,29 @@ impl Present {
     }
 }
 
+/// The addresses we opened our NAT toward (introduced, or a relay), and how a connection from
+/// each reaches us: for the log line of the connection when it comes.
+#[derive(Debug, Default)]
+pub struct Routes(Mutex<HashMap<SocketAddr, (String, std::time::Instant)>>);
+
+/// How long an expected route is remembered.
+const EXPECTED_FOR: Duration = Duration::from_secs(60);
+
+impl Routes {
+    /// A connection from `from` is expected, reaching us `how`.
+    pub fn expect(&self, from: SocketAddr, how: String) {
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|_, (_, at)| at.elapsed() < EXPECTED_FOR);
+        all.insert(from, (how, std::time::Instant::now()));
+    }
+
+    /// How a connection from `from` reaches us: as expected, or `direct`.
+    pub fn of(&self, from: SocketAddr) -> String {
+        let all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        (all.get(&from)).map_or_else(|| "direct".to_owned(), |(how, _)| how.clone())
+    }
+}
+
 /// `Introduce`: asks `peer` to punch toward the asker, and answers with the address of its
 /// connection that did.
 pub(super) async fn handle_introduce(

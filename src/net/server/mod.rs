@@ -95,6 +95,8 @@ pub struct Server {
     pub present: introduce::Present,
     /// What relaying we offer, and the relays running.
     pub relays: Arc<relay::Relays>,
+    /// How connections we opened our NAT for reach us (`punched`, `relayed`), for the log.
+    pub routes: Arc<introduce::Routes>,
 }
 
 /// Refused handshakes logged in full per [`STATS_INTERVAL`]; the rest are counted in one line.
@@ -133,6 +135,7 @@ impl Server {
             synced: Arc::default(),
             present: introduce::Present::default(),
             relays: Arc::default(),
+            routes: Arc::default(),
         }
     }
 
