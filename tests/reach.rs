@@ -355,3 +355,31 @@ fn behind_nats(symmetric: bool, seed: u64) -> anyhow::Result<(util::netns::TestN
     net.put("p5", "f.bin", &data)?;
     Ok((tn, net, data))
 }
+
+/// A relayed download survives its introducer's restart: p1 (the relay, held to 128 KiB/s) is
+/// killed a few seconds in and started again; p5 reconnects to it, and p4's download, once its
+/// connection through the old relay is given up, asks p1 for a new relay and finishes whole.
+#[test]
+fn a_relayed_download_survives_the_introducers_restart() -> TestResult {
+    use util::netns;
+    if !netns::available("a_relayed_download_survives_the_introducers_restart") {
+        return Ok(());
+    }
+    let (_tn, net, _) = behind_nats(true, 83)?;
+    let data = util::random_bytes(2 << 20, 84);
+    net.put("p5", "big.bin", &data)?;
+    let slow = ["--relay-rate", "128K"];
+    let mut s1 = net.serve("p1", &slow)?;
+    let s5 = net.serve("p5", &[])?;
+    s5.wait_for_log("p1 can introduce others to us", WAIT)?;
+    let download = net.spawn("p4", &["download", "big.bin", "p5", "--json"])?;
+    s1.wait_for_log("relay p4 to p5 through", WAIT)?;
+    std::thread::sleep(Duration::from_secs(3));
+    s1.kill();
+    let s1 = net.serve("p1", &slow)?;
+    let out = util::Out::of(download)?;
+    assert!(out.success(), "{out}\np1:\n{}\np5:\n{}", s1.log(), s5.log());
+    assert_eq!(std::fs::read(net.served("p4").join("big.bin"))?, data);
+    assert!(s1.log().contains("relay p4 to p5 through"), "{}", s1.log());
+    Ok(())
+}

@@ -604,4 +604,33 @@ pub struct Redial {
     pub config: quinn::ClientConfig,
     /// The peer's address.
     pub addr: SocketAddr,
+    /// For a peer reached through a relay: the introducer to ask for a new one (the old one
+    /// may be gone with its introducer's restart).
+    pub via: Option<Via>,
+}
+
+/// An introducer that relays to a peer, and how to dial it.
+#[derive(Debug, Clone)]
+pub struct Via {
+    /// Who.
+    pub introducer: PeerId,
+    /// Where.
+    pub addr: SocketAddr,
+    /// The client configuration pinning its certificate.
+    pub config: quinn::ClientConfig,
+}
+
+impl Via {
+    /// Where to dial `peer` through a new relay of the introducer's.
+    pub async fn relay(
+        &self,
+        endpoint: &quinn::Endpoint,
+        peer: &PeerId,
+    ) -> Result<SocketAddr, ClientError> {
+        let config = self.config.clone();
+        let introducer = Client::connect(endpoint, config, &self.introducer, self.addr).await?;
+        let relay = introducer.relay(peer).await;
+        introducer.close();
+        relay
+    }
 }

@@ -125,11 +125,16 @@ impl PeerSource {
         let mut current = self.client.lock().await;
         if !current.is_open() {
             let peer = current.peer().clone();
+            let addr = match &self.redial.via {
+                // Relayed: a new relay (the old one may be gone with its introducer).
+                Some(via) => via.relay(&self.redial.endpoint, &peer).await?,
+                None => self.redial.addr,
+            };
             *current = Client::connect(
                 &self.redial.endpoint,
                 self.redial.config.clone(),
                 &peer,
-                self.redial.addr,
+                addr,
             )
             .await?;
             self.redialed

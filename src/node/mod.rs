@@ -261,6 +261,8 @@ pub struct Node {
     found: std::sync::Mutex<HashMap<PeerId, SocketAddr>>,
     /// How each of them was reached.
     routes: std::sync::Mutex<HashMap<PeerId, String>>,
+    /// The introducer relaying to each peer reached through a relay.
+    vias: std::sync::Mutex<HashMap<PeerId, crate::net::client::Via>>,
 }
 
 /// How long dialling a peer listed as `auto` waits to hear its announcement.
@@ -295,6 +297,7 @@ impl Node {
             lan: tokio::sync::OnceCell::new(),
             found: std::sync::Mutex::default(),
             routes: std::sync::Mutex::default(),
+            vias: std::sync::Mutex::default(),
         })
     }
 
@@ -404,10 +407,15 @@ impl Node {
         let config = tls::client_config(&self.identity, &entry.id, pinned)
             .map_err(|e| unreachable(e.to_string()))?;
         let endpoint = self.endpoints.for_addr(addr).map_err(unreachable)?;
+        let via = {
+            let vias = self.vias.lock().unwrap_or_else(|p| p.into_inner());
+            vias.get(&entry.id).cloned()
+        };
         Ok(Redial {
             endpoint,
             config,
             addr,
+            via: via.filter(|_| entry.addr.is_none()),
         })
     }
 

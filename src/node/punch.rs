@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::Node;
 use super::listed::Listed;
 use crate::model::peers::{PeerEntry, PeerId};
-use crate::net::client::{Client, ClientError};
+use crate::net::client::{Client, ClientError, Via};
 use crate::net::identity::Identity;
 use crate::net::server::introduce::Routes;
 use crate::net::tls;
@@ -170,6 +170,15 @@ impl Node {
         // No answer: a NAT that maps each destination anew. Through the introducer's relay.
         let relay = Box::pin(self.client(&by)).await?.relay(peer).await?;
         self.found_at(peer, relay);
+        if let (Some(at), Ok(by_dial)) = (by.addr, self.redial(&by)) {
+            let via = Via {
+                introducer: by.id.clone(),
+                addr: at,
+                config: by_dial.config,
+            };
+            let mut vias = self.vias.lock().unwrap_or_else(|p| p.into_inner());
+            vias.insert(peer.clone(), via);
+        }
         self.note_route(peer, format!("relayed by {}", by.id));
         tracing::info!("{peer}: no answer punched through; relayed by {}", by.id);
         Client::connect(&dial.endpoint, dial.config, peer, relay).await
