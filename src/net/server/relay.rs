@@ -190,3 +190,61 @@ impl Relay {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn socket() -> UdpSocket {
+        UdpSocket::bind("127.0.0.1:0").await.unwrap()
+    }
+
+    /// A relay carries only between the two addresses it learned (a stranger's datagrams go
+    /// nowhere), and a side that floods it is held to its rate.
+    #[tokio::test]
+    async fn a_relay_carries_only_its_two_sides_and_holds_a_flood_to_its_rate() {
+        let (ours, theirs) = (socket().await, socket().await);
+        let (at_ours, at_theirs) = (ours.local_addr().unwrap(), theirs.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let relay = Relay {
+            ours,
+            theirs,
+            rate: Some(Arc::new(RateLimit::new(64 << 10))),
+            stop: stop.clone(),
+        };
+        let running = tokio::spawn(relay.run());
+        let (asker, target, stranger) = (socket().await, socket().await, socket().await);
+        // The target punches first; then the asker's first datagram makes it the asker.
+        target.send_to(&[0], at_theirs).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        asker.send_to(b"hello", at_ours).await.unwrap();
+        let mut buf = vec![0u8; 2048];
+        let (n, from) = target.recv_from(&mut buf).await.unwrap();
+        assert_eq!((&buf[..n], from), (&b"hello"[..], at_theirs));
+        // The way back.
+        target.send_to(b"back", at_theirs).await.unwrap();
+        let (n, _) = asker.recv_from(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"back");
+        // A stranger is not carried.
+        stranger.send_to(b"junk", at_ours).await.unwrap();
+        let heard = tokio::time::timeout(Duration::from_millis(300), target.recv_from(&mut buf));
+        assert!(heard.await.is_err(), "a stranger's datagram was carried");
+        // A flood of 1 MB: within one second, at most about a second's worth gets through.
+        let flood = vec![7u8; 1000];
+        for _ in 0..1000 {
+            let _ = asker.send_to(&flood, at_ours).await;
+        }
+        let mut got = 0usize;
+        let second = tokio::time::Instant::now() + Duration::from_secs(1);
+        while let Ok(Ok((n, _))) = tokio::time::timeout_at(second, target.recv_from(&mut buf)).await
+        {
+            got += n;
+        }
+        assert!(
+            got <= 80_000,
+            "{got} bytes carried in one second at 64 KiB/s"
+        );
+        stop.cancel();
+        assert!(running.await.unwrap() >= 5 + 4 + got as u64);
+    }
+}
