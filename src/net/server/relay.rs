@@ -37,7 +37,12 @@ pub struct Relays {
     /// All of them together paced to this, if set.
     pub rate: Option<Arc<RateLimit>>,
     active: AtomicUsize,
+    /// Relays running per asker: one peer cannot take every place.
+    by_asker: std::sync::Mutex<std::collections::HashMap<PeerId, usize>>,
 }
+
+/// Relays one peer may have running at once.
+pub const RELAYS_PER_PEER: usize = 2;
 
 impl Default for Relays {
     fn default() -> Self {
@@ -56,26 +61,47 @@ impl Relays {
             max,
             rate: rate.map(|r| Arc::new(RateLimit::new(r))),
             active: AtomicUsize::new(0),
+            by_asker: Default::default(),
         }
     }
 
-    /// A place for one more relay, if there is one.
-    fn admit(self: &Arc<Self>) -> Option<Slot> {
+    fn askers(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<PeerId, usize>> {
+        self.by_asker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A place for one more relay asked by `asker`, if there is one: why not otherwise.
+    fn admit(self: &Arc<Self>, asker: &PeerId) -> Result<Slot, String> {
+        let mut askers = self.askers();
+        let mine = askers.entry(asker.clone()).or_default();
+        if *mine >= RELAYS_PER_PEER {
+            return Err(format!(
+                "{asker} has {RELAYS_PER_PEER} relays running already"
+            ));
+        }
         let taken = self.active.fetch_add(1, Ordering::AcqRel);
         if taken >= self.max {
             self.active.fetch_sub(1, Ordering::AcqRel);
-            return None;
+            return Err(format!("relays {} peers already", self.max));
         }
-        Some(Slot(self.clone()))
+        *mine += 1;
+        Ok(Slot(self.clone(), asker.clone()))
     }
 }
 
 /// One relay's place, given back when it ends.
-struct Slot(Arc<Relays>);
+#[derive(Debug)]
+struct Slot(Arc<Relays>, PeerId);
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::AcqRel);
+        let mut askers = self.0.askers();
+        if let Some(n) = askers.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                askers.remove(&self.1);
+            }
+        }
     }
 }
 
@@ -100,10 +126,8 @@ pub(super) async fn handle_relay(
         let why = format!("cannot relay {} to {peer}", link.peer);
         return Err(refuse(ErrorKind::BadRequest, why));
     }
-    let Some(slot) = server.relays.admit() else {
-        let why = format!("{} relays {} peers already", server.me, server.relays.max);
-        return Err(refuse(ErrorKind::Busy, why));
-    };
+    let slot = (server.relays.admit(&link.peer))
+        .map_err(|why| refuse(ErrorKind::Busy, format!("{}: {why}", server.me)))?;
     let ip = link.local.ok_or_else(|| {
         refuse(
             ErrorKind::Internal,
@@ -197,6 +221,21 @@ mod tests {
 
     async fn socket() -> UdpSocket {
         UdpSocket::bind("127.0.0.1:0").await.unwrap()
+    }
+
+    /// One asker gets at most [`RELAYS_PER_PEER`] relays, all of them at most `max`; a place
+    /// given back is free again.
+    #[test]
+    fn relays_are_capped_per_asker_and_in_all() {
+        let relays = Arc::new(Relays::new(true, 3, None));
+        let (p2, p3): (PeerId, PeerId) = ("p2".parse().unwrap(), "p3".parse().unwrap());
+        let a = relays.admit(&p2).unwrap();
+        let _b = relays.admit(&p2).unwrap();
+        assert!(relays.admit(&p2).unwrap_err().contains("p2 has 2 relays"));
+        let _c = relays.admit(&p3).unwrap();
+        assert!(relays.admit(&p3).unwrap_err().contains("relays 3 peers"));
+        drop(a);
+        assert!(relays.admit(&p3).is_ok());
     }
 
     /// A relay carries only between the two addresses it learned (a stranger's datagrams go
