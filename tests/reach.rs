@@ -198,7 +198,7 @@ fn peers_behind_nats_are_introduced_and_punch_through() -> TestResult {
     if !netns::available("peers_behind_nats_are_introduced_and_punch_through") {
         return Ok(());
     }
-    let (_tn, net, data) = behind_nats(false, 81)?;
+    let (tn, net, data) = behind_nats(false, 81)?;
     let s1 = net.serve("p1", &[])?;
     let s5 = net.serve("p5", &[])?;
     s5.wait_for_log("p1 can introduce others to us", WAIT)?;
@@ -223,6 +223,12 @@ fn peers_behind_nats_are_introduced_and_punch_through() -> TestResult {
     s1.wait_for_log("introduce p4 to p5", WAIT)?;
     s5.wait_for_log("p1 introduces p4", WAIT)?;
     s5.wait_for_log("punched (introduced by p1)", WAIT)?;
+    // p1 moved in the table: p5 closes the connection it kept to p1's old address.
+    std::fs::write(
+        net.root().join("peer_settings.txt"),
+        format!("p1 {} 47001\np4 auto\np5 auto\n", tn.ip(1)),
+    )?;
+    s5.wait_for_log("p1 is no longer listed so", WAIT)?;
     let _ = writeln!(
         std::io::stderr(),
         "punched through two NATs: {:.2} s",

@@ -32,7 +32,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Keeps a connection from `endpoint` (our server's) to every listed peer with an address,
 /// answering introductions with datagrams from `socket` (the same UDP socket), until `stop`.
-/// Peers added to the table are reached too; a removed peer's connection ends.
+/// Peers added to the table are reached too; a removed one's connection is closed.
 pub(super) async fn stay_reachable(
     endpoint: quinn::Endpoint,
     socket: Arc<UdpSocket>,
@@ -95,6 +95,7 @@ impl Keep {
             let (Some(addr), Some(cert)) = (addr, cert) else {
                 return;
             };
+            let cert_now = cert.clone();
             let connected = match tls::client_config(&self.identity, &self.peer, cert) {
                 Ok(config) => Client::connect(&self.endpoint, config, &self.peer, addr).await,
                 Err(e) => {
@@ -118,6 +119,10 @@ impl Keep {
                     tokio::select! {
                         () = stop.cancelled() => client.close(),
                         () = client.answer_introductions(opened) => {}
+                        () = self.moved(addr, &cert_now) => {
+                            tracing::info!("{} is no longer listed so: its connection for introductions closed", self.peer);
+                            client.close();
+                        }
                     }
                 }
                 Err(e) => tracing::debug!("introducer {}: {e}", self.peer),
@@ -127,6 +132,27 @@ impl Keep {
                 () = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+}
+
+impl Keep {
+    /// Resolves once the table no longer lists the introducer at `addr` with `cert` (removed,
+    /// moved or re-keyed): the connection made to it then goes.
+    async fn moved(&self, addr: SocketAddr, cert: &rustls::pki_types::CertificateDer<'static>) {
+        let mut listed = self.listed.clone();
+        loop {
+            {
+                let now = listed.borrow_and_update();
+                let same = now.table.get(&self.peer).and_then(|e| e.addr) == Some(addr)
+                    && now.certs.get(&self.peer) == Some(cert);
+                if !same {
+                    return;
+                }
+            }
+            if listed.changed().await.is_err() {
+                return std::future::pending().await;
+            }
         }
     }
 }
