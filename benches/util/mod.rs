@@ -188,15 +188,17 @@ impl Root {
         let extra = std::env::var("QNODE_BENCH_DL_ARGS").unwrap_or_default();
         args.extend(extra.split_whitespace());
         let started = Instant::now();
+        let errors = self.path().join(format!("{id}-download.err"));
         let child = self
             .cmd(ns, id, &args)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&errors)?)
             .spawn()?;
         let usage = wait_usage(child, started);
         let _ = std::fs::remove_file(&out);
         if !usage.ok {
-            bail!("download of {name} by {id} failed");
+            let said = std::fs::read_to_string(&errors).unwrap_or_default();
+            bail!("download of {name} by {id} failed: {}", said.trim());
         }
         Ok(usage)
     }

@@ -8,7 +8,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::net::UdpSocket;
@@ -36,12 +35,21 @@ pub struct Relays {
     pub max: usize,
     /// All of them together paced to this, if set.
     pub rate: Option<Arc<RateLimit>>,
-    active: AtomicUsize,
-    /// Relays running per asker: one peer cannot take every place.
-    by_asker: std::sync::Mutex<std::collections::HashMap<PeerId, usize>>,
+    running: std::sync::Mutex<Running>,
 }
 
-/// Relays one peer may have running at once.
+/// The relays running: how many, and each asker's, oldest first (each by its number and what
+/// stops it).
+#[derive(Debug, Default)]
+struct Running {
+    next: u64,
+    count: usize,
+    by_asker:
+        std::collections::HashMap<PeerId, std::collections::VecDeque<(u64, CancellationToken)>>,
+}
+
+/// Relays one peer may have running at once: a new one ends its oldest (a command run again
+/// while its last run's relay idles out), so one peer never takes more places than this.
 pub const RELAYS_PER_PEER: usize = 2;
 
 impl Default for Relays {
@@ -60,46 +68,61 @@ impl Relays {
             enabled,
             max,
             rate: rate.map(|r| Arc::new(RateLimit::new(r))),
-            active: AtomicUsize::new(0),
-            by_asker: Default::default(),
+            running: Default::default(),
         }
     }
 
-    fn askers(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<PeerId, usize>> {
-        self.by_asker.lock().unwrap_or_else(|p| p.into_inner())
+    fn running(&self) -> std::sync::MutexGuard<'_, Running> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A place for one more relay asked by `asker`, if there is one: why not otherwise.
-    fn admit(self: &Arc<Self>, asker: &PeerId) -> Result<Slot, String> {
-        let mut askers = self.askers();
-        let mine = askers.entry(asker.clone()).or_default();
-        if *mine >= RELAYS_PER_PEER {
-            return Err(format!(
-                "{asker} has {RELAYS_PER_PEER} relays running already"
-            ));
+    /// A place for one more relay asked by `asker` (ending its oldest if it has
+    /// [`RELAYS_PER_PEER`]), stopped by `stop` or the place's `stop`; why not if all are taken.
+    fn admit(self: &Arc<Self>, asker: &PeerId, stop: &CancellationToken) -> Result<Slot, String> {
+        let mut running = self.running();
+        let running = &mut *running;
+        let mine = running.by_asker.entry(asker.clone()).or_default();
+        if mine.len() >= RELAYS_PER_PEER
+            && let Some((_, oldest)) = mine.pop_front()
+        {
+            oldest.cancel();
+            running.count -= 1;
         }
-        let taken = self.active.fetch_add(1, Ordering::AcqRel);
-        if taken >= self.max {
-            self.active.fetch_sub(1, Ordering::AcqRel);
+        if running.count >= self.max {
             return Err(format!("relays {} peers already", self.max));
         }
-        *mine += 1;
-        Ok(Slot(self.clone(), asker.clone()))
+        let (n, token) = (running.next, stop.child_token());
+        running.next += 1;
+        running.count += 1;
+        mine.push_back((n, token.clone()));
+        Ok(Slot {
+            relays: self.clone(),
+            asker: asker.clone(),
+            n,
+            stop: token,
+        })
     }
 }
 
-/// One relay's place, given back when it ends.
+/// One relay's place, given back when it ends (unless a newer one of its asker's took it).
 #[derive(Debug)]
-struct Slot(Arc<Relays>, PeerId);
+struct Slot {
+    relays: Arc<Relays>,
+    asker: PeerId,
+    n: u64,
+    stop: CancellationToken,
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::AcqRel);
-        let mut askers = self.0.askers();
-        if let Some(n) = askers.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                askers.remove(&self.1);
+        let mut running = self.relays.running();
+        let running = &mut *running;
+        if let Some(mine) = running.by_asker.get_mut(&self.asker) {
+            let before = mine.len();
+            mine.retain(|(n, _)| *n != self.n);
+            running.count -= before - mine.len();
+            if mine.is_empty() {
+                running.by_asker.remove(&self.asker);
             }
         }
     }
@@ -126,7 +149,7 @@ pub(super) async fn handle_relay(
         let why = format!("cannot relay {} to {peer}", link.peer);
         return Err(refuse(ErrorKind::BadRequest, why));
     }
-    let slot = (server.relays.admit(&link.peer))
+    let slot = (server.relays.admit(&link.peer, &server.shutdown))
         .map_err(|why| refuse(ErrorKind::Busy, format!("{}: {why}", server.me)))?;
     let ip = link.local.ok_or_else(|| {
         refuse(
@@ -155,7 +178,7 @@ pub(super) async fn handle_relay(
         ours,
         theirs,
         rate: server.relays.rate.clone(),
-        stop: server.shutdown.clone(),
+        stop: slot.stop.clone(),
     };
     let between = format!("{} and {peer}", link.peer);
     tokio::spawn(async move {
@@ -187,16 +210,27 @@ impl Relay {
         let (mut asker, mut other): (Option<SocketAddr>, Option<SocketAddr>) = (None, None);
         let (mut a, mut b) = (vec![0u8; MAX_DATAGRAM], vec![0u8; MAX_DATAGRAM]);
         let mut carried = 0u64;
+        // One timer for the whole relay, pushed back at most every second (not one per datagram).
+        let idle = tokio::time::sleep(RELAY_IDLE);
+        tokio::pin!(idle);
+        let mut pushed = tokio::time::Instant::now();
+        let stop = self.stop.clone().cancelled_owned();
+        tokio::pin!(stop);
         loop {
             let got = tokio::select! {
-                () = self.stop.cancelled() => return carried,
-                () = tokio::time::sleep(RELAY_IDLE) => return carried,
+                () = &mut stop => return carried,
+                () = &mut idle => return carried,
                 r = self.ours.recv_from(&mut a) => r.map(|(n, from)| (true, n, from)),
                 r = self.theirs.recv_from(&mut b) => r.map(|(n, from)| (false, n, from)),
             };
             let Ok((from_asker, n, from)) = got else {
                 continue;
             };
+            let now = tokio::time::Instant::now();
+            if now.duration_since(pushed) >= Duration::from_secs(1) {
+                idle.as_mut().reset(now + RELAY_IDLE);
+                pushed = now;
+            }
             let (me, to, out, data) = match from_asker {
                 true => (&mut asker, other, &self.theirs, &a[..n]),
                 false => (&mut other, asker, &self.ours, &b[..n]),
@@ -223,19 +257,27 @@ mod tests {
         UdpSocket::bind("127.0.0.1:0").await.unwrap()
     }
 
-    /// One asker gets at most [`RELAYS_PER_PEER`] relays, all of them at most `max`; a place
-    /// given back is free again.
+    /// One asker has at most [`RELAYS_PER_PEER`] relays (a new one ends its oldest), all of
+    /// them at most `max`; a place given back is free again.
     #[test]
     fn relays_are_capped_per_asker_and_in_all() {
         let relays = Arc::new(Relays::new(true, 3, None));
+        let stop = CancellationToken::new();
         let (p2, p3): (PeerId, PeerId) = ("p2".parse().unwrap(), "p3".parse().unwrap());
-        let a = relays.admit(&p2).unwrap();
-        let _b = relays.admit(&p2).unwrap();
-        assert!(relays.admit(&p2).unwrap_err().contains("p2 has 2 relays"));
-        let _c = relays.admit(&p3).unwrap();
-        assert!(relays.admit(&p3).unwrap_err().contains("relays 3 peers"));
+        let a = relays.admit(&p2, &stop).unwrap();
+        let _b = relays.admit(&p2, &stop).unwrap();
+        let c = relays.admit(&p2, &stop).unwrap();
+        assert!(a.stop.is_cancelled(), "p2's oldest relay ends");
         drop(a);
-        assert!(relays.admit(&p3).is_ok());
+        let _d = relays.admit(&p3, &stop).unwrap();
+        assert!(
+            relays
+                .admit(&p3, &stop)
+                .unwrap_err()
+                .contains("relays 3 peers")
+        );
+        drop(c);
+        assert!(relays.admit(&p3, &stop).is_ok());
     }
 
     /// A relay carries only between the two addresses it learned (a stranger's datagrams go
