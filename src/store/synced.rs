@@ -230,6 +230,31 @@ impl SyncIndex {
         if unsettled {
             return Ok((changes, unsettled));
         }
+        let (gone, waiting) = self.gone(within, &present, &arrived, now);
+        if waiting {
+            unsettled = true;
+        }
+        let when = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        for path in gone {
+            self.missing.remove(&path);
+            let empty = *blake3::hash(b"").as_bytes();
+            self.change(&path, 0, empty, true, when, None);
+            changes.push(Change::Deleted(path));
+        }
+        Ok((changes, unsettled))
+    }
+
+    /// The files of `within` (all if `None`) the index knows and the scan did not find
+    /// (`present`) that are now taken as deleted, and whether others still wait for that.
+    fn gone(
+        &mut self,
+        within: Option<&[String]>,
+        present: &std::collections::HashSet<String>,
+        arrived: &std::collections::HashSet<Hash32>,
+        now: SystemTime,
+    ) -> (Vec<String>, bool) {
         let looked_at = |p: &str| {
             within.is_none_or(|w| {
                 w.iter().any(|r| {
@@ -262,19 +287,7 @@ impl SyncIndex {
             })
             .cloned()
             .collect();
-        if waiting {
-            unsettled = true;
-        }
-        let when = now
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        for path in gone {
-            self.missing.remove(&path);
-            let empty = *blake3::hash(b"").as_bytes();
-            self.change(&path, 0, empty, true, when, None);
-            changes.push(Change::Deleted(path));
-        }
-        Ok((changes, unsettled))
+        (gone, waiting)
     }
 
     /// Looks at the file `at` (the folder's `path`): the same as the index knows it, still being
