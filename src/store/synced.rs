@@ -390,9 +390,12 @@ impl SyncIndex {
     /// number, so peers that have not seen it learn it from us too.
     pub fn record(&mut self, path: &str, version: Version, at: Option<&Path>) {
         self.writing.remove(path);
+        // An edit here between our write and now must not pass for our write: a file of
+        // another size is left without an identity, so the next scan hashes it.
         let key = at
             .and_then(|p| fs::symlink_metadata(p).ok())
-            .map(|m| FileKey::of(&m));
+            .map(|m| FileKey::of(&m))
+            .filter(|k| version.deleted || k.size == version.size);
         self.insert(path, version, key);
     }
 
