@@ -320,7 +320,7 @@ impl Client {
     /// Answers the requests an introducer sends on this connection (we dialled it and keep
     /// the connection so that it can introduce others to us) until the connection ends: each
     /// `Punch` calls `punch` with the address to send datagrams to.
-    pub async fn answer_introductions(&self, punch: impl Fn(&str, SocketAddr)) {
+    pub async fn answer_introductions(&self, punch: impl Fn(SocketAddr)) {
         while let Ok((mut send, mut recv)) = self.conn.accept_bi().await {
             let answer = match exchange::read_request(&mut recv).await {
                 Ok(protocol::Request::Punch { peer, addr }) => {
@@ -328,7 +328,7 @@ impl Client {
                         "{} introduces {peer}: opening our NAT toward {addr}",
                         self.peer
                     );
-                    punch(&peer, addr);
+                    punch(addr);
                     protocol::Response::Punched
                 }
                 _ => protocol::Response::Error(RemoteError::new(

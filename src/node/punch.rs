@@ -107,7 +107,7 @@ impl Keep {
                 Ok(client) => {
                     backoff = Duration::from_secs(1);
                     tracing::info!("{} can introduce others to us", self.peer);
-                    let opened = |_: &str, to: SocketAddr| {
+                    let opened = |to: SocketAddr| {
                         // Toward the introducer's own address: one of its relays.
                         let how = match to.ip() == addr.ip() {
                             true => format!("relayed by {}", self.peer),

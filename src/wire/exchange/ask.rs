@@ -621,13 +621,8 @@ pub async fn introduce(
     recv: &mut (impl AsyncRead + Unpin),
     peer: &str,
 ) -> Result<std::net::SocketAddr, ExchangeError> {
-    let request = Request::Introduce {
-        peer: peer.to_owned(),
-    };
-    match ask(send, recv, &request, true).await? {
-        Response::Introduced { addr } => Ok(addr),
-        _ => Err(ExchangeError::Unexpected("introduce")),
-    }
+    let peer = peer.to_owned();
+    where_to_dial(send, recv, &Request::Introduce { peer }, "introduce").await
 }
 
 /// `Relay`: where to dial to reach `peer` through the answerer's relay.
@@ -636,12 +631,20 @@ pub async fn relay(
     recv: &mut (impl AsyncRead + Unpin),
     peer: &str,
 ) -> Result<std::net::SocketAddr, ExchangeError> {
-    let request = Request::Relay {
-        peer: peer.to_owned(),
-    };
-    match ask(send, recv, &request, true).await? {
+    let peer = peer.to_owned();
+    where_to_dial(send, recv, &Request::Relay { peer }, "relay").await
+}
+
+/// Asks `request` (an introduction or a relay) and reads the address it answers with.
+async fn where_to_dial(
+    send: &mut impl SendBytes,
+    recv: &mut (impl AsyncRead + Unpin),
+    request: &Request,
+    what: &'static str,
+) -> Result<std::net::SocketAddr, ExchangeError> {
+    match ask(send, recv, request, true).await? {
         Response::Introduced { addr } => Ok(addr),
-        _ => Err(ExchangeError::Unexpected("relay")),
+        _ => Err(ExchangeError::Unexpected(what)),
     }
 }
 
