@@ -237,6 +237,40 @@ fn peers_behind_nats_are_introduced_and_punch_through() -> TestResult {
     Ok(())
 }
 
+/// p5 is listed at its router's address (ip and port, no port forwarded): the router lets
+/// nothing in unasked. p5's server, on an address its host does not have, listens on any and
+/// keeps a connection to p1; p4's dial to the listed address gets no answer, so after a moment
+/// it asks p1, and the download goes through the NATs punched.
+#[test]
+fn a_peer_unreachable_at_its_listed_address_is_introduced() -> TestResult {
+    use util::netns;
+    if !netns::available("a_peer_unreachable_at_its_listed_address_is_introduced") {
+        return Ok(());
+    }
+    let (tn, net, data) = behind_nats(false, 84)?;
+    std::fs::write(
+        net.root().join("peer_settings.txt"),
+        format!("p1 {} 47000\np4 auto\np5 {} 47000\n", tn.ip(1), tn.ip(3)),
+    )?;
+    let s1 = net.serve("p1", &[])?;
+    let s5 = net.serve("p5", &[])?;
+    s5.wait_for_log("is not an address of this host", WAIT)?;
+    s5.wait_for_log("p1 can introduce others to us", WAIT)?;
+    let json = match net.json("p4", &["download", "f.bin", "p5", "--json"]) {
+        Ok(json) => json,
+        Err(e) => anyhow::bail!("{e}\np1:\n{}\np5:\n{}", s1.log(), s5.log()),
+    };
+    assert_eq!(std::fs::read(net.served("p4").join("f.bin"))?, data);
+    assert_eq!(json["routes"]["p5"], "punched (introduced by p1)", "{json}");
+    s1.wait_for_log("introduce p4 to p5", WAIT)?;
+    s5.wait_for_log("punched (introduced by p1)", WAIT)?;
+    // p1, listed at its own address, is dialled there as ever: no introduction asked.
+    net.put("p1", "g.bin", b"direct")?;
+    let json = net.json("p4", &["download", "g.bin", "p1", "--json"])?;
+    assert!(json["routes"].get("p1").is_none(), "{json}");
+    Ok(())
+}
+
 /// Both behind NATs that map each destination to a new port (`masquerade random`, as symmetric
 /// NATs do): the punched address gets no answer, and p1 relays. Its limits hold: paced to
 /// 512 KiB/s (1 MiB takes at least 1.5 s through it), and with `--max-relayed 1` a second relay

@@ -447,7 +447,8 @@ struct PeerFiles {
     incomplete: Vec<IncompleteOut>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
-    /// How a peer listed as `auto` was reached (as in `download --json`'s `routes`).
+    /// How a peer not dialled at its listed address was reached (as in `download --json`'s
+    /// `routes`).
     #[serde(skip_serializing_if = "Option::is_none")]
     route: Option<String>,
 }
@@ -540,8 +541,8 @@ struct DownloadOut {
     /// Bytes of the peers' replies that crossed the wire (fewer than they stand for where they
     /// were compressed).
     wire_bytes: u64,
-    /// How each peer listed as `auto` was reached (`found on the LAN`, `punched (introduced by
-    /// p1)`, `relayed by p1`); the others were dialled directly.
+    /// How each peer not dialled at its listed address was reached (`found on the LAN`,
+    /// `punched (introduced by p1)`, `relayed by p1`); the others were dialled directly.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     routes: BTreeMap<String, String>,
 }

@@ -175,9 +175,21 @@ pub async fn serve_with(
     let addr = (opts.listen)
         .or(peers.get(me).and_then(|e| e.addr))
         .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-    let (endpoint, capped, socket) =
-        tls::bind_punching(addr, Some(config), Some(tls::reset_key(&identity)))
-            .with_context(|| format!("listening on {addr}"))?;
+    let bind =
+        |addr| tls::bind_punching(addr, Some(config.clone()), Some(tls::reset_key(&identity)));
+    // Listed at an address this host does not have (its router's, behind a NAT): on its port,
+    // on any address, reachable through introductions where the router lets nothing in.
+    let (bound, behind) = match bind(addr) {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable && opts.listen.is_none() => {
+            let any = SocketAddr::new(unspecified(addr.ip()), addr.port());
+            tracing::info!(
+                "{addr} is not an address of this host: listening on {any}, reachable through introductions too"
+            );
+            (bind(any), true)
+        }
+        other => (other, false),
+    };
+    let (endpoint, capped, socket) = bound.with_context(|| format!("listening on {addr}"))?;
     if let Some(granted) = capped {
         tracing::warn!(
             "the kernel capped the UDP receive buffer at {granted} bytes (wanted {}); raise net.core.rmem_max for full speed",
@@ -205,7 +217,7 @@ pub async fn serve_with(
     let stop = tokio_util::sync::CancellationToken::new();
     // Listed as `auto`: we may be behind a NAT, so we keep connections others can be
     // introduced to us through.
-    if peers.get(me).is_some_and(|e| e.addr.is_none()) {
+    if behind || peers.get(me).is_some_and(|e| e.addr.is_none()) {
         let reachable = punch::stay_reachable(
             endpoint.clone(),
             Arc::new(socket),
@@ -221,6 +233,14 @@ pub async fn serve_with(
     stop.cancel();
     let _ = watching.await;
     Ok(())
+}
+
+/// The any-address of `ip`'s family.
+fn unspecified(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        std::net::IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    }
 }
 
 /// Announces us on the local network (mDNS) where the table lists a peer as `auto` (us or
@@ -257,12 +277,8 @@ pub struct Node {
     clients: tokio::sync::Mutex<HashMap<PeerId, Client>>,
     /// Announcements on the local network, heard once a peer listed as `auto` is dialled.
     lan: tokio::sync::OnceCell<Result<Arc<crate::net::lan::Lan>, String>>,
-    /// Where peers listed as `auto` were last found.
-    found: std::sync::Mutex<HashMap<PeerId, SocketAddr>>,
-    /// How each of them was reached.
-    routes: std::sync::Mutex<HashMap<PeerId, String>>,
-    /// The introducer relaying to each peer reached through a relay.
-    vias: std::sync::Mutex<HashMap<PeerId, crate::net::client::Via>>,
+    /// Where and how each peer reached other than at its listed address was reached.
+    reached: std::sync::Mutex<HashMap<PeerId, punch::Reached>>,
 }
 
 /// How long dialling a peer listed as `auto` waits to hear its announcement.
@@ -295,9 +311,7 @@ impl Node {
             endpoints: Endpoints::default(),
             clients: tokio::sync::Mutex::default(),
             lan: tokio::sync::OnceCell::new(),
-            found: std::sync::Mutex::default(),
-            routes: std::sync::Mutex::default(),
-            vias: std::sync::Mutex::default(),
+            reached: std::sync::Mutex::default(),
         })
     }
 
@@ -333,20 +347,34 @@ impl Node {
             if let Some(c) = clients.remove(peer) {
                 c.close();
             }
+            self.forget_route(peer);
         }
     }
 
-    /// A connection to `entry`, reused if one is open.
+    /// A connection to `entry`, reused if one is open. A peer that does not answer at its listed
+    /// address may be behind a NAT: it is looked for around it (see [`Node::dial`]).
     async fn client(&self, entry: &PeerEntry) -> Result<Client, ClientError> {
+        self.client_by(entry, true).await
+    }
+
+    /// A connection to `entry` at its listed address only (an introducer: never looked for
+    /// through the others, which could ask it in turn).
+    async fn client_direct(&self, entry: &PeerEntry) -> Result<Client, ClientError> {
+        self.client_by(entry, false).await
+    }
+
+    async fn client_by(&self, entry: &PeerEntry, around: bool) -> Result<Client, ClientError> {
+        let expected = self.reached_at(&entry.id).or(entry.addr);
         if let Some(c) = self.clients.lock().await.get(&entry.id)
             && c.is_open()
-            && entry.addr.is_none_or(|a| c.remote() == a)
+            && expected.is_none_or(|a| c.remote() == a)
         {
             return Ok(c.clone());
         }
         let client = match entry.addr {
+            Some(addr) if around => self.dial(entry, addr).await?,
             Some(addr) => {
-                let dial = self.redial(entry)?;
+                let dial = self.redial_at(entry, addr)?;
                 Client::connect(&dial.endpoint, dial.config, &entry.id, addr).await?
             }
             None => self.reach(entry).await?,
@@ -358,11 +386,11 @@ impl Node {
         Ok(client)
     }
 
-    /// How we reach each peer listed as `auto`: `found on the LAN`, `punched (introduced by
-    /// p1)`, `relayed by p1`.
+    /// How we reach a peer not reached at its listed address: `found on the LAN`, `punched
+    /// (introduced by p1)`, `relayed by p1`.
     pub fn route(&self, peer: &PeerId) -> Option<String> {
-        let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        routes.get(peer).cloned()
+        let reached = self.reached.lock().unwrap_or_else(|p| p.into_inner());
+        reached.get(peer).map(|r| r.route.clone())
     }
 
     /// Where `peer` (listed as `auto`) announced itself on the local network with its pinned
@@ -380,23 +408,25 @@ impl Node {
             .map_err(|e| not_found(e.clone()))?;
         let cert = identity::load_cert(&self.root, peer).map_err(|e| not_found(e.to_string()))?;
         let addr = lan.find(peer, &cert, LAN_WAIT).await.map_err(not_found)?;
-        let mut found = self.found.lock().unwrap_or_else(|p| p.into_inner());
-        found.insert(peer.clone(), addr);
         Ok(addr)
     }
 
-    /// What connecting to `entry` needs: our endpoint and a configuration pinning its certificate.
+    /// What connecting to `entry` needs: our endpoint and a configuration pinning its certificate,
+    /// at the address it was last reached at (its listed one unless reached around it).
     fn redial(&self, entry: &PeerEntry) -> Result<Redial, ClientError> {
-        let addr = match entry.addr {
-            Some(addr) => addr,
-            None => {
-                let found = self.found.lock().unwrap_or_else(|p| p.into_inner());
-                *found.get(&entry.id).ok_or_else(|| ClientError::NotFound {
-                    peer: entry.id.clone(),
-                    reason: "not heard on the local network yet".into(),
-                })?
-            }
-        };
+        let addr = self.reached_at(&entry.id).or(entry.addr);
+        let addr = addr.ok_or_else(|| ClientError::NotFound {
+            peer: entry.id.clone(),
+            reason: "not heard on the local network yet".into(),
+        })?;
+        let mut dial = self.redial_at(entry, addr)?;
+        let reached = self.reached.lock().unwrap_or_else(|p| p.into_inner());
+        dial.via = reached.get(&entry.id).and_then(|r| r.via.clone());
+        Ok(dial)
+    }
+
+    /// What connecting to `entry` at `addr` needs.
+    fn redial_at(&self, entry: &PeerEntry, addr: SocketAddr) -> Result<Redial, ClientError> {
         let unreachable = |reason: String| ClientError::Unreachable {
             peer: entry.id.clone(),
             addr,
@@ -407,15 +437,11 @@ impl Node {
         let config = tls::client_config(&self.identity, &entry.id, pinned)
             .map_err(|e| unreachable(e.to_string()))?;
         let endpoint = self.endpoints.for_addr(addr).map_err(unreachable)?;
-        let via = {
-            let vias = self.vias.lock().unwrap_or_else(|p| p.into_inner());
-            vias.get(&entry.id).cloned()
-        };
         Ok(Redial {
             endpoint,
             config,
             addr,
-            via: via.filter(|_| entry.addr.is_none()),
+            via: None,
         })
     }
 

@@ -1,8 +1,10 @@
-//! Across NATs: a node listed as `auto` keeps a connection from its server's UDP socket to each
-//! listed peer with an address (its introducers), and answers their introductions by sending a
-//! few datagrams from that socket toward whoever will dial it (opening its NAT to them). A node
-//! dialling an `auto` peer asks its introducers for it while it listens for it on the LAN, and
-//! dials the address the first one gives; the pinned handshake decides.
+//! Across NATs: a node listed as `auto`, or at an address that is not its host's (its router's),
+//! keeps a connection from its server's UDP socket to each listed peer with an address (its
+//! introducers), and answers their introductions by sending a few datagrams from that socket
+//! toward whoever will dial it (opening its NAT to them). A node dialling an `auto` peer asks
+//! its introducers for it while it listens for it on the LAN, and dials the address the first
+//! one gives; the pinned handshake decides. A peer listed at an address that does not answer
+//! there is asked of its introducers too.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -175,49 +177,122 @@ fn punch(socket: &Arc<UdpSocket>, to: SocketAddr) {
 /// How long a punched connection may take before the relay is asked.
 const PUNCH_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a peer listed at an address may take to answer there before its introducers are
+/// asked for it too (it may be behind a NAT that lets nothing in unasked).
+const DIRECT_WAIT: Duration = Duration::from_secs(1);
+
+/// Where and how a peer was reached other than at its listed address.
+#[derive(Debug, Clone)]
+pub(super) struct Reached {
+    pub(super) addr: SocketAddr,
+    /// `found on the LAN`, `punched (introduced by p1)`, `relayed by p1`.
+    pub(super) route: String,
+    /// For a relayed peer: the introducer to ask for a new relay.
+    pub(super) via: Option<Via>,
+}
+
 impl Node {
-    /// A connection to `entry`, listed as `auto`: where the LAN or an introducer says it is,
-    /// punched through; through the introducer's relay if that gets no answer within
-    /// [`PUNCH_WAIT`].
+    /// A connection to `entry`, listed as `auto`: where the LAN or an introducer says it is.
     pub(super) async fn reach(&self, entry: &PeerEntry) -> Result<Client, ClientError> {
-        let peer = &entry.id;
-        let (addr, by) = self.locate(peer).await?;
-        let dial = self.redial(entry)?;
-        let Some(by) = by else {
-            self.note_route(peer, "found on the LAN".into());
-            return Client::connect(&dial.endpoint, dial.config, peer, addr).await;
+        let (addr, by) = self.locate(&entry.id).await?;
+        match by {
+            Some(by) => self.through(entry, addr, &by).await,
+            None => {
+                let dial = self.redial_at(entry, addr)?;
+                let client = Client::connect(&dial.endpoint, dial.config, &entry.id, addr).await?;
+                self.note(&entry.id, addr, "found on the LAN".into(), None);
+                Ok(client)
+            }
+        }
+    }
+
+    /// A connection to `entry` at its listed `addr`. With no answer there within
+    /// [`DIRECT_WAIT`], its introducers are asked for it while the dial goes on; the first to
+    /// give an address ends the dial, and the peer is reached through that introduction. Where
+    /// no introducer has it, the dial's own outcome stands.
+    pub(super) async fn dial(
+        &self,
+        entry: &PeerEntry,
+        addr: SocketAddr,
+    ) -> Result<Client, ClientError> {
+        let dial = self.redial_at(entry, addr)?;
+        let direct = Client::connect(&dial.endpoint, dial.config, &entry.id, addr);
+        tokio::pin!(direct);
+        let answered = tokio::select! {
+            r = &mut direct => Some(r),
+            () = tokio::time::sleep(DIRECT_WAIT) => None,
         };
+        let outcome = match answered {
+            Some(r) => r,
+            None => tokio::select! {
+                r = &mut direct => r,
+                introduced = self.introduced(&entry.id) => match introduced {
+                    Ok((at, by)) => return self.through(entry, at, &by).await,
+                    Err(e) => {
+                        tracing::debug!("{}: {e}", entry.id);
+                        direct.await
+                    }
+                },
+            },
+        };
+        if outcome.is_ok() {
+            self.forget_route(&entry.id);
+        }
+        outcome
+    }
+
+    /// A connection to `entry` at `addr`, where `by` introduced it, punched through; through
+    /// `by`'s relay if that gets no answer within [`PUNCH_WAIT`].
+    async fn through(
+        &self,
+        entry: &PeerEntry,
+        addr: SocketAddr,
+        by: &PeerEntry,
+    ) -> Result<Client, ClientError> {
+        let peer = &entry.id;
+        let dial = self.redial_at(entry, addr)?;
         let punched =
             Client::connect_within(&dial.endpoint, dial.config.clone(), peer, addr, PUNCH_WAIT);
         if let Some(client) = punched.await? {
-            self.note_route(peer, format!("punched (introduced by {})", by.id));
+            self.note(
+                peer,
+                addr,
+                format!("punched (introduced by {})", by.id),
+                None,
+            );
             return Ok(client);
         }
         // No answer: a NAT that maps each destination anew. Through the introducer's relay.
-        let relay = Box::pin(self.client(&by)).await?.relay(peer).await?;
-        self.found_at(peer, relay);
-        if let (Some(at), Ok(by_dial)) = (by.addr, self.redial(&by)) {
-            let via = Via {
+        let relay = Box::pin(self.client_direct(by)).await?.relay(peer).await?;
+        let via = match by.addr.map(|at| (at, self.redial_at(by, at))) {
+            Some((at, Ok(by_dial))) => Some(Via {
                 introducer: by.id.clone(),
                 addr: at,
                 config: by_dial.config,
-            };
-            let mut vias = self.vias.lock().unwrap_or_else(|p| p.into_inner());
-            vias.insert(peer.clone(), via);
-        }
-        self.note_route(peer, format!("relayed by {}", by.id));
+            }),
+            _ => None,
+        };
+        self.note(peer, relay, format!("relayed by {}", by.id), via);
         tracing::info!("{peer}: no answer punched through; relayed by {}", by.id);
+        let dial = self.redial_at(entry, relay)?;
         Client::connect(&dial.endpoint, dial.config, peer, relay).await
     }
 
-    fn note_route(&self, peer: &PeerId, route: String) {
-        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        routes.insert(peer.clone(), route);
+    fn note(&self, peer: &PeerId, addr: SocketAddr, route: String, via: Option<Via>) {
+        let mut reached = self.reached.lock().unwrap_or_else(|p| p.into_inner());
+        reached.insert(peer.clone(), Reached { addr, route, via });
     }
 
-    fn found_at(&self, peer: &PeerId, addr: SocketAddr) {
-        let mut found = self.found.lock().unwrap_or_else(|p| p.into_inner());
-        found.insert(peer.clone(), addr);
+    /// Where `peer` was last reached other than at its listed address.
+    pub(super) fn reached_at(&self, peer: &PeerId) -> Option<SocketAddr> {
+        let reached = self.reached.lock().unwrap_or_else(|p| p.into_inner());
+        reached.get(peer).map(|r| r.addr)
+    }
+
+    /// `peer` is dialled at its listed address again.
+    pub(super) fn forget_route(&self, peer: &PeerId) {
+        let mut reached = self.reached.lock().unwrap_or_else(|p| p.into_inner());
+        reached.remove(peer);
     }
 
     /// Where `peer` (listed as `auto`) can be dialled: heard on the LAN, or introduced by a
@@ -252,7 +327,7 @@ impl Node {
             .collect();
         let asks = introducers.iter().map(|e| {
             Box::pin(async move {
-                let client = Box::pin(self.client(e)).await?;
+                let client = Box::pin(self.client_direct(e)).await?;
                 let addr = client.introduce(peer).await?;
                 Ok::<_, ClientError>((addr, e.clone()))
             })
@@ -269,7 +344,6 @@ impl Node {
         match futures_util::future::select_ok(asks).await {
             Ok(((addr, by), _)) => {
                 tracing::info!("{} introduced {peer} at {addr}", by.id);
-                self.found_at(peer, addr);
                 Ok((addr, by))
             }
             Err(e) => Err(not_found(format!("no introducer could reach it ({e})"))),
