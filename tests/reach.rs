@@ -397,8 +397,9 @@ fn behind_nats(symmetric: bool, seed: u64) -> anyhow::Result<(util::netns::TestN
 }
 
 /// A relayed download survives its introducer's restart: p1 (the relay, held to 128 KiB/s) is
-/// killed a few seconds in and started again; p5 reconnects to it, and p4's download, once its
-/// connection through the old relay is given up, asks p1 for a new relay and finishes whole.
+/// killed a few seconds in and started again; p5 reconnects to it, and p4's download gives up
+/// its connection through the old relay once its own connection to p1 is reset (p1's restart
+/// answers its next keep-alive so), asks p1 for a new relay and finishes whole.
 #[test]
 fn a_relayed_download_survives_the_introducers_restart() -> TestResult {
     use util::netns;
@@ -412,7 +413,12 @@ fn a_relayed_download_survives_the_introducers_restart() -> TestResult {
     let mut s1 = net.serve("p1", &slow)?;
     let s5 = net.serve("p5", &[])?;
     s5.wait_for_log("p1 can introduce others to us", WAIT)?;
-    let download = net.spawn("p4", &["download", "big.bin", "p5", "--json"])?;
+    let args = ["download", "big.bin", "p5", "--json"];
+    let child = (net.cmd("p4", &args).env("RUST_LOG", "info"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let download = ("p4 download big.bin p5 --json".to_owned(), child);
     s1.wait_for_log("relay p4 to p5 through", WAIT)?;
     std::thread::sleep(Duration::from_secs(3));
     s1.kill();
@@ -421,5 +427,11 @@ fn a_relayed_download_survives_the_introducers_restart() -> TestResult {
     assert!(out.success(), "{out}\np1:\n{}\np5:\n{}", s1.log(), s5.log());
     assert_eq!(std::fs::read(net.served("p4").join("big.bin"))?, data);
     assert!(s1.log().contains("relay p4 to p5 through"), "{}", s1.log());
+    // Given up as soon as its connection to p1 was reset, not at the idle timeout.
+    assert!(
+        out.stderr()
+            .contains("p5: the connection to p1 closed, and its relay with it"),
+        "{out}"
+    );
     Ok(())
 }

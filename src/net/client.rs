@@ -202,6 +202,11 @@ impl Client {
         self.conn.close_reason().is_none()
     }
 
+    /// Resolves once the connection is closed, by either side or by a timeout.
+    pub async fn closed(&self) {
+        self.conn.closed().await;
+    }
+
     /// Closes the connection politely (the caller should then `wait_idle` the endpoint).
     pub fn close(&self) {
         self.conn.close(CloseCode::Done.code().into(), b"done");
@@ -629,8 +634,26 @@ impl Via {
     ) -> Result<SocketAddr, ClientError> {
         let config = self.config.clone();
         let introducer = Client::connect(endpoint, config, &self.introducer, self.addr).await?;
-        let relay = introducer.relay(peer).await;
+        let mut waits = RELAY_RETRIES.iter();
+        let relay = loop {
+            match introducer.relay(peer).await {
+                Err(e) if e.remote_kind() == Some(ErrorKind::NotFound) => match waits.next() {
+                    Some(wait) => tokio::time::sleep(*wait).await,
+                    None => break Err(e),
+                },
+                other => break other,
+            }
+        };
         introducer.close();
         relay
     }
 }
+
+/// We ask again for a relay mostly because the introducer restarted, and `peer` may need a
+/// moment to connect to it again: an answer that it is not there is asked again after these.
+const RELAY_RETRIES: [Duration; 4] = [
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+    Duration::from_secs(8),
+];

@@ -263,7 +263,8 @@ impl Node {
             return Ok(client);
         }
         // No answer: a NAT that maps each destination anew. Through the introducer's relay.
-        let relay = Box::pin(self.client_direct(by)).await?.relay(peer).await?;
+        let introducer = Box::pin(self.client_direct(by)).await?;
+        let relay = introducer.relay(peer).await?;
         let via = match by.addr.map(|at| (at, self.redial_at(by, at))) {
             Some((at, Ok(by_dial))) => Some(Via {
                 introducer: by.id.clone(),
@@ -275,7 +276,9 @@ impl Node {
         self.note(peer, relay, format!("relayed by {}", by.id), via);
         tracing::info!("{peer}: no answer punched through; relayed by {}", by.id);
         let dial = self.redial_at(entry, relay)?;
-        Client::connect(&dial.endpoint, dial.config, peer, relay).await
+        let client = Client::connect(&dial.endpoint, dial.config, peer, relay).await?;
+        tokio::spawn(follow(introducer, client.clone()));
+        Ok(client)
     }
 
     fn note(&self, peer: &PeerId, addr: SocketAddr, route: String, via: Option<Via>) {
@@ -348,6 +351,25 @@ impl Node {
             }
             Err(e) => Err(not_found(format!("no introducer could reach it ({e})"))),
         }
+    }
+}
+
+/// Closes `relayed` when the connection to its relay's `introducer` closes: the relay went
+/// with it (a restart, say), and QUIC would otherwise notice only at its idle timeout. The
+/// next request dials again through a new relay (`Redial::via`).
+async fn follow(introducer: Client, relayed: Client) {
+    tokio::select! {
+        () = introducer.closed() => {
+            if relayed.is_open() {
+                tracing::info!(
+                    "{}: the connection to {} closed, and its relay with it: relayed again at the next request",
+                    relayed.peer(),
+                    introducer.peer()
+                );
+                relayed.close();
+            }
+        }
+        () = relayed.closed() => {}
     }
 }
 
