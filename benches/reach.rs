@@ -1,6 +1,7 @@
-//! Reach: two hosts in network namespaces on a bridge, links at `QNODE_BENCH_REACH_RATE`
-//! (default 100 Mbit/s) both ways (`tests/util/netns.rs`; tc here has no netem, so no added
-//! delay).
+//! Reach: hosts in network namespaces on a bridge, links at `QNODE_BENCH_REACH_RATE` (default
+//! 100 Mbit/s) both ways, and `QNODE_BENCH_REACH_RTT_MS` (default 20) between any two hosts on
+//! the bridge: each host's link holds every frame a quarter of it each way (tc here has no
+//! netem: `TestNet::delay` carries the frames through this process, `tests/util/netns.rs`).
 //!
 //! 1. Time to the first byte: `download` of a 1 KiB file (which ends with its first chunk) from
 //!    a peer listed at its address, and from the same peer listed as `auto` (found by mDNS).
@@ -59,10 +60,12 @@ fn main() -> anyhow::Result<()> {
     }
     let runs = env_u64("QNODE_BENCH_RUNS", 5).max(1) as usize;
     let rate = std::env::var("QNODE_BENCH_REACH_RATE").unwrap_or_else(|_| "100mbit".into());
-    let net = netns::TestNet::new(2)?;
+    let one_way = Duration::from_micros(env_u64("QNODE_BENCH_REACH_RTT_MS", 20) * 250);
+    let mut net = netns::TestNet::new(2)?;
     for i in 1..=2 {
         net.shape(i, &rate, "64kb")?;
         net.shape_in(i, &rate, "64kb")?;
+        net.delay(i, one_way)?;
     }
     let listed = format!(
         "p1 {} 47800\np2 {} 47800\np3 {} 47801\n",
@@ -78,7 +81,10 @@ fn main() -> anyhow::Result<()> {
     let peers: Vec<(&str, String)> = peers.iter().map(|(a, b)| (*a, b.clone())).collect();
     let root = Root::new(&peers)?;
     std::fs::write(root.served("p2").join("tiny.txt"), vec![b'x'; 1024])?;
-    println!("qnode reach: 2 hosts on a {rate} bridge; median (min–max) of {runs}");
+    println!(
+        "qnode reach: hosts on a {rate} bridge, {:.0} ms apart (RTT); median (min–max) of {runs}",
+        one_way.as_secs_f64() * 4e3
+    );
 
     // 1. Listed at its address, then as `auto`.
     let mut children = vec![root.serve(Some(net.ns(2)), "p2", &[], ("p1", Some(net.ns(1))))?];
@@ -134,8 +140,8 @@ fn main() -> anyhow::Result<()> {
 
     drop(net);
     let size = env_u64("QNODE_BENCH_REACH_SIZE", 256 << 20);
-    let punched = across_nats(false, &rate, runs, size)?;
-    let relayed = across_nats(true, &rate, runs, size)?;
+    let punched = across_nats(false, &rate, one_way, runs, size)?;
+    let relayed = across_nats(true, &rate, one_way, runs, size)?;
 
     let (d, dlo, dhi) = median(&mut direct);
     let (l, llo, lhi) = median(&mut lan);
@@ -178,14 +184,21 @@ struct Across {
 }
 
 /// p1 on the bridge, p4 and p5 behind routers (`symmetric`: a random port per destination);
-/// every link at `rate`.
-fn across_nats(symmetric: bool, rate: &str, runs: usize, size: u64) -> anyhow::Result<Across> {
+/// every link at `rate`, each link to the bridge holding frames `one_way`.
+fn across_nats(
+    symmetric: bool,
+    rate: &str,
+    one_way: Duration,
+    runs: usize,
+    size: u64,
+) -> anyhow::Result<Across> {
     let mut net = netns::TestNet::new(3)?;
     let behind4 = net.behind_nat(2, symmetric)?;
     let behind5 = net.behind_nat(3, symmetric)?;
     for i in 1..=3 {
         net.shape(i, rate, "64kb")?;
         net.shape_in(i, rate, "64kb")?;
+        net.delay(i, one_way)?;
     }
     let peers = [
         ("p1", format!("{} 47900", net.ip(1))),

@@ -60,6 +60,9 @@ fn sh_args(args: &[&str]) -> anyhow::Result<()> {
 pub struct TestNet {
     switch: Option<String>,
     hosts: Vec<String>,
+    /// The threads carrying delayed links ([`TestNet::delay`]), and what stops them.
+    cables: Vec<std::thread::JoinHandle<()>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A name prefix no other network of this process (or a concurrent one) uses.
@@ -80,6 +83,8 @@ impl TestNet {
         let net = Self {
             switch: None,
             hosts: vec![ns.clone()],
+            cables: Vec::new(),
+            stop: Default::default(),
         };
         sh(&format!("ip -n {ns} link set lo up"))?;
         Ok(net)
@@ -93,6 +98,8 @@ impl TestNet {
         let mut net = Self {
             switch: Some(switch.clone()),
             hosts: vec![],
+            cables: Vec::new(),
+            stop: Default::default(),
         };
         sh(&format!("ip -n {switch} link add br0 type bridge"))?;
         sh(&format!("ip -n {switch} link set br0 up"))?;
@@ -253,8 +260,193 @@ impl TestNet {
     }
 }
 
+impl TestNet {
+    /// Delays every frame crossing host `i`'s link by `one_way`, each way (tc here has no
+    /// netem): the switch's port toward it leaves the bridge, and this process carries frames
+    /// between it and a new port on the bridge, each held for `one_way`. Shaping set with
+    /// [`TestNet::shape_in`] still applies (frames are sent through the port's qdisc).
+    /// Offloads are turned off on the way so that a frame is one packet, checksums included.
+    pub fn delay(&mut self, i: usize, one_way: std::time::Duration) -> anyhow::Result<()> {
+        let switch = self
+            .switch
+            .clone()
+            .context("an isolated host has no link")?;
+        let host = self.ns(i).to_owned();
+        sh(&format!("ip -n {switch} link set p{i} nomaster"))?;
+        sh(&format!(
+            "ip -n {switch} link add d{i} type veth peer name e{i}"
+        ))?;
+        sh(&format!("ip -n {switch} link set e{i} master br0"))?;
+        for dev in [format!("d{i}"), format!("e{i}")] {
+            sh(&format!("ip -n {switch} link set {dev} up"))?;
+        }
+        let devs = [
+            (&host, "eth0".to_owned()),
+            (&switch, format!("p{i}")),
+            (&switch, format!("d{i}")),
+            (&switch, format!("e{i}")),
+        ];
+        for (ns, dev) in devs {
+            for feature in ["gso", "gro", "tso", "tx-udp-segmentation", "tx"] {
+                // One at a time: a device that cannot change one still changes the others.
+                let _ = sh(&format!(
+                    "ip netns exec {ns} ethtool -K {dev} {feature} off"
+                ));
+            }
+        }
+        // A frame carried must hold its checksums: every host computes them as it sends
+        // (a veth otherwise leaves them to its peer).
+        for ns in &self.hosts {
+            let _ = sh(&format!("ip netns exec {ns} ethtool -K eth0 tx off"));
+        }
+        let (port, new) = cable::open(&switch, &format!("p{i}"), &format!("d{i}"))?;
+        let (port, new) = (std::sync::Arc::new(port), std::sync::Arc::new(new));
+        for (from, to) in [(port.clone(), new.clone()), (new, port)] {
+            let threads = cable::carry(from, to, one_way, self.stop.clone());
+            self.cables.extend(threads);
+        }
+        Ok(())
+    }
+}
+
+/// A link's frames carried through this process, delayed: packet sockets on two ports.
+mod cable {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    use anyhow::Context;
+
+    /// Not in every libc crate version: frames we send are not read back.
+    const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+
+    /// Packet sockets on `a` and `b`, two devices of namespace `ns` (opened on a thread moved
+    /// into it; a socket stays in the namespace it was made in).
+    pub(super) fn open(ns: &str, a: &str, b: &str) -> anyhow::Result<(OwnedFd, OwnedFd)> {
+        let (ns, a, b) = (ns.to_owned(), a.to_owned(), b.to_owned());
+        let opened = std::thread::spawn(move || -> anyhow::Result<(OwnedFd, OwnedFd)> {
+            let file = std::fs::File::open(format!("/var/run/netns/{ns}"))?;
+            // SAFETY: setns on an open namespace file; it moves only this thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error()).context("setns");
+            }
+            Ok((socket(&a)?, socket(&b)?))
+        });
+        opened
+            .join()
+            .map_err(|_| anyhow::anyhow!("the cable's setup thread panicked"))?
+    }
+
+    fn socket(dev: &str) -> anyhow::Result<OwnedFd> {
+        let all = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: a plain socket call; the descriptor is owned at once.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(all)) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("packet socket");
+        }
+        // SAFETY: fd is a new descriptor no one else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let name = std::ffi::CString::new(dev)?;
+        // SAFETY: name is a NUL-terminated string.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        anyhow::ensure!(index != 0, "no device {dev}");
+        // SAFETY: sockaddr_ll is plain data; zero is a valid value for every field.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = all;
+        addr.sll_ifindex = index as i32;
+        // SAFETY: addr is a sockaddr_ll of the size given.
+        let bound = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if bound != 0 {
+            return Err(std::io::Error::last_os_error()).context("binding a packet socket");
+        }
+        let one: libc::c_int = 1;
+        let buffer: libc::c_int = 8 << 20;
+        let timeout = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
+        set(&fd, libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, &one)?;
+        set(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &buffer)?;
+        set(&fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &timeout)?;
+        Ok(fd)
+    }
+
+    fn set<T>(
+        fd: &OwnedFd,
+        level: libc::c_int,
+        name: libc::c_int,
+        value: &T,
+    ) -> anyhow::Result<()> {
+        // SAFETY: value points to a T of the size given.
+        let r = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                level,
+                name,
+                (value as *const T).cast(),
+                size_of::<T>() as u32,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error()).context("setsockopt");
+        }
+        Ok(())
+    }
+
+    /// Frames read on `from` are sent on `to` `delay` later, in order, until `stop`: one thread
+    /// reads, one sends.
+    pub(super) fn carry(
+        from: Arc<OwnedFd>,
+        to: Arc<OwnedFd>,
+        delay: Duration,
+        stop: Arc<AtomicBool>,
+    ) -> [std::thread::JoinHandle<()>; 2] {
+        let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+        let stop_reading = stop.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            while !stop_reading.load(Ordering::Relaxed) {
+                // SAFETY: buf is writable for its length.
+                let n =
+                    unsafe { libc::recv(from.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                let Ok(n) = usize::try_from(n) else { continue };
+                if tx
+                    .send((Instant::now() + delay, buf[..n].to_vec()))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let sender = std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((at, frame)) = rx.recv_timeout(Duration::from_millis(100)) else {
+                    continue;
+                };
+                std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                // SAFETY: frame is readable for its length. A frame the qdisc drops is lost,
+                // as on a wire.
+                unsafe { libc::send(to.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+            }
+        });
+        [reader, sender]
+    }
+}
+
 impl Drop for TestNet {
     fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for cable in self.cables.drain(..) {
+            let _ = cable.join();
+        }
         for ns in self.hosts.iter().chain(self.switch.as_ref()) {
             let _ = Command::new("ip")
                 .args(["netns", "del", ns])
