@@ -12,7 +12,9 @@
 //!    punched; with a random port per destination (symmetric) p1 relays. First byte (a 1 KiB
 //!    file) and the throughput of a `QNODE_BENCH_REACH_SIZE` file (default 256 MiB) from p5,
 //!    punched and relayed, against the same download by p4 from p1 (listed at its address:
-//!    direct); the relay's CPU per GiB carried.
+//!    direct); the relay's CPU per GiB carried. The relay's reference: the same download from p6
+//!    (host 4, on the bridge), listed at p1's address where p1's kernel forwards to it: the
+//!    same links, no relay process.
 //!
 //! Median (min–max) of `QNODE_BENCH_RUNS` (default 5). `cargo bench --bench reach` (root, `ip`,
 //! `tc`; skipped with a note otherwise).
@@ -158,6 +160,7 @@ fn main() -> anyhow::Result<()> {
         size >> 20
     );
     println!("|---|---|---|---|---|---|---|");
+    let (reference, relayed_bulk) = (relayed.forwarded, relayed.bulk_reached);
     for (name, mut f) in [("punched", punched), ("relayed", relayed)] {
         let (fd, _, _) = median(&mut f.first_direct);
         let (fr, _, _) = median(&mut f.first_reached);
@@ -171,6 +174,15 @@ fn main() -> anyhow::Result<()> {
                 .map_or_else(|| "–".to_owned(), |c| format!("{c:.2}"))
         );
     }
+    if let Some(k) = reference {
+        println!();
+        println!(
+            "the same {} MiB forwarded by p1's kernel over the relay's links: {:.1} MB/s (relayed / forwarded: {:.2})",
+            size >> 20,
+            size as f64 / 1e6 / k,
+            k / relayed_bulk
+        );
+    }
     Ok(())
 }
 
@@ -181,6 +193,8 @@ struct Across {
     bulk_direct: f64,
     bulk_reached: f64,
     relay_cpu_per_gib: Option<f64>,
+    /// Seconds of the same download forwarded by p1's kernel instead of relayed.
+    forwarded: Option<f64>,
 }
 
 /// p1 on the bridge, p4 and p5 behind routers (`symmetric`: a random port per destination);
@@ -192,10 +206,10 @@ fn across_nats(
     runs: usize,
     size: u64,
 ) -> anyhow::Result<Across> {
-    let mut net = netns::TestNet::new(3)?;
+    let mut net = netns::TestNet::new(4)?;
     let behind4 = net.behind_nat(2, symmetric)?;
     let behind5 = net.behind_nat(3, symmetric)?;
-    for i in 1..=3 {
+    for i in 1..=4 {
         net.shape(i, rate, "64kb")?;
         net.shape_in(i, rate, "64kb")?;
         net.delay(i, one_way)?;
@@ -204,14 +218,19 @@ fn across_nats(
         ("p1", format!("{} 47900", net.ip(1))),
         ("p4", "127.0.0.1 1".to_owned()),
         ("p5", "127.0.0.1 2".to_owned()),
+        ("p6", "127.0.0.1 3".to_owned()),
     ];
     let peers: Vec<(&str, String)> = peers.iter().map(|(a, b)| (*a, b.clone())).collect();
     let root = Root::new(&peers)?;
+    // p6 (host 4, on the bridge) is listed at p1's address, where p1's kernel forwards to it.
     table(
         &root,
-        &format!("p1 {} 47900\np4 auto\np5 auto\n", net.ip(1)),
+        &format!(
+            "p1 {ip1} 47900\np4 auto\np5 auto\np6 {ip1} {FORWARDED}\n",
+            ip1 = net.ip(1)
+        ),
     )?;
-    for id in ["p1", "p5"] {
+    for id in ["p1", "p5", "p6"] {
         std::fs::write(root.served(id).join("tiny.txt"), vec![b'x'; 1024])?;
         util::random_file(&root.served(id).join("big.bin"), size)?;
     }
@@ -240,6 +259,14 @@ fn across_nats(
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let cpu = (cpu_ticks(relay) - before) as f64 / hz;
+    let forwarded = match symmetric {
+        true => {
+            forward(&net)?;
+            children.push(root.serve(Some(net.ns(4)), "p6", &[], ("p4", Some(&behind4)))?);
+            Some(from("p6", "big.bin")?)
+        }
+        false => None,
+    };
     stop(&mut children);
     Ok(Across {
         first_direct,
@@ -247,5 +274,44 @@ fn across_nats(
         bulk_direct,
         bulk_reached,
         relay_cpu_per_gib: symmetric.then(|| cpu / (size as f64 / f64::from(1u32 << 30))),
+        forwarded,
     })
+}
+
+/// The port on p1 where its kernel forwards to p6.
+const FORWARDED: u16 = 47950;
+
+/// The relay's reference: p1's kernel forwarding UDP to [`FORWARDED`] on to host 4 (DNAT, and
+/// masquerade so that the answers come back through p1), over the same links a relayed
+/// datagram crosses.
+fn forward(net: &netns::TestNet) -> anyhow::Result<()> {
+    let ns = net.ns(1);
+    let to = net.ip(4);
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let status = std::process::Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .stdout(Stdio::null())
+            .status()?;
+        anyhow::ensure!(status.success(), "{} failed", args.join(" "));
+        Ok(())
+    };
+    run(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
+    run(&["nft", "add", "table", "ip", "qbfwd"])?;
+    let pre = "{ type nat hook prerouting priority -100 ; }";
+    let post = "{ type nat hook postrouting priority 100 ; }";
+    run(&["nft", "add", "chain", "ip", "qbfwd", "pre", pre])?;
+    run(&["nft", "add", "chain", "ip", "qbfwd", "post", post])?;
+    let dnat = format!("udp dport {FORWARDED} dnat to {to}:{FORWARDED}");
+    let rule = |chain: &str, text: &str| {
+        let mut args = vec!["nft", "add", "rule", "ip", "qbfwd", chain];
+        args.extend(text.split_whitespace());
+        run(&args)
+    };
+    rule("pre", &dnat)?;
+    rule(
+        "post",
+        &format!("ip daddr {to} udp dport {FORWARDED} masquerade"),
+    )?;
+    Ok(())
 }

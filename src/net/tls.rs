@@ -233,13 +233,9 @@ pub fn bind_endpoint(
     Ok((endpoint, capped))
 }
 
-/// [`bind_endpoint`], and a handle on the same UDP socket to send datagrams from that quinn
-/// ignores: they open a NAT toward a peer about to dial us (hole punching).
-pub fn bind_punching(
-    addr: SocketAddr,
-    server: Option<quinn::ServerConfig>,
-    reset_key: Option<[u8; 32]>,
-) -> std::io::Result<(quinn::Endpoint, Option<usize>, std::net::UdpSocket)> {
+/// A UDP socket bound to `addr` with buffers of [`UDP_BUFFER`] where the kernel grants them
+/// (else the size it granted, second); dual-stack where `addr` is IPv6.
+pub fn udp_socket(addr: SocketAddr) -> std::io::Result<(socket2::Socket, Option<usize>)> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
@@ -251,7 +247,17 @@ pub fn bind_punching(
     socket.bind(&addr.into())?;
     // Linux reports twice the usable size it granted.
     let granted = socket.recv_buffer_size().unwrap_or(0) / 2;
-    let capped = (granted < UDP_BUFFER).then_some(granted);
+    Ok((socket, (granted < UDP_BUFFER).then_some(granted)))
+}
+
+/// [`bind_endpoint`], and a handle on the same UDP socket to send datagrams from that quinn
+/// ignores: they open a NAT toward a peer about to dial us (hole punching).
+pub fn bind_punching(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    reset_key: Option<[u8; 32]>,
+) -> std::io::Result<(quinn::Endpoint, Option<usize>, std::net::UdpSocket)> {
+    let (socket, capped) = udp_socket(addr)?;
     let config = match reset_key {
         Some(key) => {
             let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);

@@ -157,7 +157,13 @@ pub(super) async fn handle_relay(
             "our address on this link is unknown".into(),
         )
     })?;
-    let bind = |ip: IpAddr| async move { UdpSocket::bind(SocketAddr::new(ip, 0)).await };
+    // Buffers as large as an endpoint's: a relay that drops on its own socket when it is
+    // scheduled late looks like a lossy link to both sides.
+    let bind = |ip: IpAddr| async move {
+        let (socket, _) = crate::net::tls::udp_socket(SocketAddr::new(ip, 0))?;
+        socket.set_nonblocking(true)?;
+        UdpSocket::from_std(socket.into())
+    };
     let io = |e: std::io::Error| refuse(ErrorKind::Internal, format!("relay socket: {e}"));
     let (ours, theirs) = (bind(ip).await.map_err(io)?, bind(ip).await.map_err(io)?);
     let (at_ours, at_theirs) = (
