@@ -261,7 +261,8 @@ fn across_nats(
     let cpu = (cpu_ticks(relay) - before) as f64 / hz;
     let forwarded = match symmetric {
         true => {
-            forward(&net)?;
+            // The relay's reference: the same links a relayed datagram crosses, no relay.
+            net.forward_udp(1, FORWARDED, 4)?;
             children.push(root.serve(Some(net.ns(4)), "p6", &[], ("p4", Some(&behind4)))?);
             Some(from("p6", "big.bin")?)
         }
@@ -280,38 +281,3 @@ fn across_nats(
 
 /// The port on p1 where its kernel forwards to p6.
 const FORWARDED: u16 = 47950;
-
-/// The relay's reference: p1's kernel forwarding UDP to [`FORWARDED`] on to host 4 (DNAT, and
-/// masquerade so that the answers come back through p1), over the same links a relayed
-/// datagram crosses.
-fn forward(net: &netns::TestNet) -> anyhow::Result<()> {
-    let ns = net.ns(1);
-    let to = net.ip(4);
-    let run = |args: &[&str]| -> anyhow::Result<()> {
-        let status = std::process::Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(args)
-            .stdout(Stdio::null())
-            .status()?;
-        anyhow::ensure!(status.success(), "{} failed", args.join(" "));
-        Ok(())
-    };
-    run(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
-    run(&["nft", "add", "table", "ip", "qbfwd"])?;
-    let pre = "{ type nat hook prerouting priority -100 ; }";
-    let post = "{ type nat hook postrouting priority 100 ; }";
-    run(&["nft", "add", "chain", "ip", "qbfwd", "pre", pre])?;
-    run(&["nft", "add", "chain", "ip", "qbfwd", "post", post])?;
-    let dnat = format!("udp dport {FORWARDED} dnat to {to}:{FORWARDED}");
-    let rule = |chain: &str, text: &str| {
-        let mut args = vec!["nft", "add", "rule", "ip", "qbfwd", chain];
-        args.extend(text.split_whitespace());
-        run(&args)
-    };
-    rule("pre", &dnat)?;
-    rule(
-        "post",
-        &format!("ip daddr {to} udp dport {FORWARDED} masquerade"),
-    )?;
-    Ok(())
-}

@@ -336,12 +336,7 @@ fn an_introducer_that_lies_about_an_address_is_refused_by_the_pin() -> TestResul
     let (ready, up) = std::sync::mpsc::channel();
     // The fake introducer runs on a thread moved into host 1's namespace.
     std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
-        let Ok(file) = std::fs::File::open(format!("/var/run/netns/{ns}")) else {
-            return;
-        };
-        // SAFETY: setns on an open namespace file; it moves only this thread.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        if netns::enter(&ns).is_err() {
             return;
         }
         let Ok(rt) = tokio::runtime::Builder::new_current_thread()

@@ -373,10 +373,7 @@ impl Node {
         }
         let client = match entry.addr {
             Some(addr) if around => self.dial(entry, addr).await?,
-            Some(addr) => {
-                let dial = self.redial_at(entry, addr)?;
-                Client::connect(&dial.endpoint, dial.config, &entry.id, addr).await?
-            }
+            Some(addr) => self.connect_at(entry, addr).await?,
             None => self.reach(entry).await?,
         };
         self.clients
@@ -414,15 +411,25 @@ impl Node {
     /// What connecting to `entry` needs: our endpoint and a configuration pinning its certificate,
     /// at the address it was last reached at (its listed one unless reached around it).
     fn redial(&self, entry: &PeerEntry) -> Result<Redial, ClientError> {
-        let addr = self.reached_at(&entry.id).or(entry.addr);
-        let addr = addr.ok_or_else(|| ClientError::NotFound {
-            peer: entry.id.clone(),
-            reason: "not heard on the local network yet".into(),
+        let reached = {
+            let reached = self.reached.lock().unwrap_or_else(|p| p.into_inner());
+            reached.get(&entry.id).cloned()
+        };
+        let addr = (reached.as_ref().map(|r| r.addr).or(entry.addr)).ok_or_else(|| {
+            ClientError::NotFound {
+                peer: entry.id.clone(),
+                reason: "not heard on the local network yet".into(),
+            }
         })?;
         let mut dial = self.redial_at(entry, addr)?;
-        let reached = self.reached.lock().unwrap_or_else(|p| p.into_inner());
-        dial.via = reached.get(&entry.id).and_then(|r| r.via.clone());
+        dial.via = reached.and_then(|r| r.via);
         Ok(dial)
+    }
+
+    /// A new connection to `entry` at `addr`.
+    async fn connect_at(&self, entry: &PeerEntry, addr: SocketAddr) -> Result<Client, ClientError> {
+        let dial = self.redial_at(entry, addr)?;
+        Client::connect(&dial.endpoint, dial.config, &entry.id, addr).await
     }
 
     /// What connecting to `entry` at `addr` needs.

@@ -198,8 +198,7 @@ impl Node {
         match by {
             Some(by) => self.through(entry, addr, &by).await,
             None => {
-                let dial = self.redial_at(entry, addr)?;
-                let client = Client::connect(&dial.endpoint, dial.config, &entry.id, addr).await?;
+                let client = self.connect_at(entry, addr).await?;
                 self.note(&entry.id, addr, "found on the LAN".into(), None);
                 Ok(client)
             }
@@ -215,8 +214,7 @@ impl Node {
         entry: &PeerEntry,
         addr: SocketAddr,
     ) -> Result<Client, ClientError> {
-        let dial = self.redial_at(entry, addr)?;
-        let direct = Client::connect(&dial.endpoint, dial.config, &entry.id, addr);
+        let direct = self.connect_at(entry, addr);
         tokio::pin!(direct);
         let answered = tokio::select! {
             r = &mut direct => Some(r),
@@ -265,18 +263,14 @@ impl Node {
         // No answer: a NAT that maps each destination anew. Through the introducer's relay.
         let introducer = Box::pin(self.client_direct(by)).await?;
         let relay = introducer.relay(peer).await?;
-        let via = match by.addr.map(|at| (at, self.redial_at(by, at))) {
-            Some((at, Ok(by_dial))) => Some(Via {
-                introducer: by.id.clone(),
-                addr: at,
-                config: by_dial.config,
-            }),
-            _ => None,
-        };
+        let via = (by.addr.and_then(|at| self.redial_at(by, at).ok())).map(|d| Via {
+            introducer: by.id.clone(),
+            addr: d.addr,
+            config: d.config,
+        });
         self.note(peer, relay, format!("relayed by {}", by.id), via);
         tracing::info!("{peer}: no answer punched through; relayed by {}", by.id);
-        let dial = self.redial_at(entry, relay)?;
-        let client = Client::connect(&dial.endpoint, dial.config, peer, relay).await?;
+        let client = self.connect_at(entry, relay).await?;
         tokio::spawn(follow(introducer, client.clone()));
         Ok(client)
     }

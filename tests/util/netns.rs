@@ -261,6 +261,29 @@ impl TestNet {
 }
 
 impl TestNet {
+    /// Host `i`'s kernel forwards UDP sent to its `port` on to the same port of host `to`
+    /// (nftables DNAT, and masquerade so that the answers come back through `i`).
+    pub fn forward_udp(&self, i: usize, port: u16, to: usize) -> anyhow::Result<()> {
+        let ns = self.ns(i);
+        let to = self.ip(to);
+        sh(&format!(
+            "ip netns exec {ns} sysctl -q -w net.ipv4.ip_forward=1"
+        ))?;
+        sh(&format!("ip netns exec {ns} nft add table ip qtfwd"))?;
+        for (chain, hook, priority) in [("pre", "prerouting", -100), ("post", "postrouting", 100)] {
+            let spec = format!("{{ type nat hook {hook} priority {priority} ; }}");
+            sh_args(&[
+                "ip", "netns", "exec", ns, "nft", "add", "chain", "ip", "qtfwd", chain, &spec,
+            ])?;
+        }
+        sh(&format!(
+            "ip netns exec {ns} nft add rule ip qtfwd pre udp dport {port} dnat to {to}:{port}"
+        ))?;
+        sh(&format!(
+            "ip netns exec {ns} nft add rule ip qtfwd post ip daddr {to} udp dport {port} masquerade"
+        ))
+    }
+
     /// Delays every frame crossing host `i`'s link by `one_way`, each way (tc here has no
     /// netem): the switch's port toward it leaves the bridge, and this process carries frames
     /// between it and a new port on the bridge, each held for `one_way`. Shaping set with
@@ -309,6 +332,18 @@ impl TestNet {
     }
 }
 
+/// Moves the calling thread (only it) into namespace `ns`: sockets it makes from then on are
+/// that namespace's.
+pub fn enter(ns: &str) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(format!("/var/run/netns/{ns}"))?;
+    // SAFETY: setns on an open namespace file; it moves only this thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("setns");
+    }
+    Ok(())
+}
+
 /// A link's frames carried through this process, delayed: packet sockets on two ports.
 mod cable {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -326,11 +361,7 @@ mod cable {
     pub(super) fn open(ns: &str, a: &str, b: &str) -> anyhow::Result<(OwnedFd, OwnedFd)> {
         let (ns, a, b) = (ns.to_owned(), a.to_owned(), b.to_owned());
         let opened = std::thread::spawn(move || -> anyhow::Result<(OwnedFd, OwnedFd)> {
-            let file = std::fs::File::open(format!("/var/run/netns/{ns}"))?;
-            // SAFETY: setns on an open namespace file; it moves only this thread.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error()).context("setns");
-            }
+            super::enter(&ns)?;
             Ok((socket(&a)?, socket(&b)?))
         });
         opened
